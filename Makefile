@@ -1,0 +1,29 @@
+# Two commands for a fresh machine: `make demo` and `make test` (both set up .venv first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check -q
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo proto manifests bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements-dev.txt -c constraints.txt
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+demo: setup
+	$(PY) -m phasesplit.demo
+
+proto: setup
+	$(PY) proto/generate.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""The phasesplit Kubernetes operator (import name: phasesplit.operator)."""

@@ -1,0 +1,1 @@
+"""phasesplit: phase-split LLM inference (prompt and token pools) on Kubernetes."""

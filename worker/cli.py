@@ -1,0 +1,36 @@
+"""`phasesplit` console script: one subcommand per component, each imported only when used."""
+
+import importlib
+import sys
+
+COMMANDS = {
+    "make-tiny-model": ("phasesplit.tiny_model", "create a random-weight Llama checkpoint with a real tokenizer"),
+    "generate": ("phasesplit.generate", "one-shot generation with the engine"),
+    "worker": ("phasesplit.serve_worker", "run a prompt, token or mixed worker (gRPC)"),
+    "router": ("phasesplit.router.main", "run the OpenAI-compatible router (HTTP)"),
+    "local": ("phasesplit.local", "run a SplitInference as local processes"),
+    "operator": ("phasesplit.operator.main", "run the Kubernetes operator (kopf)"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: phasesplit COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<16} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"phasesplit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return module.main(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The inference engine: Llama-family model, paged KV cache, continuous batching."""

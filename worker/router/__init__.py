@@ -1,0 +1,1 @@
+"""The OpenAI-compatible router: the cluster-level scheduler of the two pools."""
