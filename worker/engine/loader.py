@@ -1,0 +1,92 @@
+"""`load_model`: a Hugging Face model directory (config.json + *.safetensors) into `LlamaForCausalLM`."""
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from phasesplit.engine.config import ModelConfig
+from phasesplit.engine.model import LlamaForCausalLM
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig | None = None) -> torch.dtype:
+    """A dtype setting (name, torch.dtype, or None for the checkpoint's own) as a torch.dtype."""
+    if dtype is None or dtype == "auto":
+        dtype = config.torch_dtype if config is not None else "float32"
+    if isinstance(dtype, torch.dtype):
+        if dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16")
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported: use float32, bfloat16 or float16")
+    return DTYPES[name]
+
+
+def weight_files(model_dir: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it (one file, or several with an index)."""
+    index_path = model_dir / INDEX_FILE
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index_path}: missing field 'weight_map'")
+        files = {name: model_dir / file for name, file in weight_map.items()}
+        for path in set(files.values()):
+            if not path.is_file():
+                raise FileNotFoundError(f"safetensors file {path.name} listed in {INDEX_FILE} not found in {model_dir}")
+        return files
+    paths = sorted(model_dir.glob("*.safetensors"))
+    if not paths:
+        raise FileNotFoundError(f"no *.safetensors weights found in model directory {model_dir}")
+    files = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            files.update({name: path for name in f.keys()})
+    return files
+
+
+def load_model(model_dir, dtype: str | torch.dtype | None = None, device="cpu") -> tuple[ModelConfig, LlamaForCausalLM]:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} not found")
+    config = ModelConfig.from_dir(model_dir)
+    torch_dtype = resolve_dtype(dtype, config)
+    device = torch.device(device)
+    files = weight_files(model_dir)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    expected = dict(model.named_parameters())  # tied lm_head.weight appears once, as embed_tokens
+    missing = [name for name in expected if name not in files]
+    if missing:
+        raise ValueError(f"tensor {missing[0]!r} missing from the weights in {model_dir} ({len(missing)} missing)")
+    by_file: dict[Path, list[str]] = {}
+    for name in expected:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tuple(tensor.shape) != tuple(expected[name].shape):
+                    raise ValueError(
+                        f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
+                        f"the config needs {tuple(expected[name].shape)}"
+                    )
+                _set_parameter(model, name, tensor.to(device=device, dtype=torch_dtype))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return config, model.eval()
+
+
+def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    module_name, _, param_name = name.rpartition(".")
+    setattr(model.get_submodule(module_name), param_name, nn.Parameter(tensor, requires_grad=False))
