@@ -1,0 +1,281 @@
+"""The scaling policy for the prompt and token pools: pure, deterministic, no I/O.
+
+One evaluation per pool takes the pool's knobs, its current metrics, its current replica count
+and a small history (`PoolState`), and returns a `Decision`. The operator's timer and local mode
+both call it; `PoolScaler` and `SplitScaler` hold the state for callers that keep it in memory.
+
+The rules, in order:
+  1. the primary metric is missing: keep the current count (reason says so);
+  2. raw recommendation, as HPA does: totals (queue, in-flight) give ceil(value / target);
+     kvUtilization is a pool average and gives ceil(current * value / target); within
+     `TOLERANCE` of the target nothing changes;
+  3. an SLO miss (TTFT or TBT P90 above its target) asks for at least one more replica and
+     forbids a scale-down;
+  4. scale-up is capped at `scale_up_max_step` replicas per evaluation (a burst goes in one step);
+  5. scale-down uses the highest recommendation seen within the stabilization window;
+  6. no change within `cooldown_seconds` of the previous change;
+  7. the result is clamped to [min_replicas, max_replicas] (a count outside the bounds is brought
+     back even during a cooldown);
+  8. across pools, `SplitScaler` raises the smaller side to keep prompt:token within its bounds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping
+
+METRICS = ("queueTokens", "queueRequests", "inflightRequests", "kvUtilization")
+AVERAGE_METRICS = ("kvUtilization",)
+TOLERANCE = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKnobs:
+    min_replicas: int = 1
+    max_replicas: int = 1
+    metric: str = "queueTokens"
+    target_per_replica: float = 512.0
+    scale_up_max_step: int = 4
+    scale_down_stabilization_seconds: float = 300.0
+    cooldown_seconds: float = 30.0
+    ttft_slo_seconds: float | None = None
+    tbt_slo_seconds: float | None = None
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ValueError(f"autoscaling.metric: {self.metric!r} is not one of {', '.join(METRICS)}")
+        if self.min_replicas < 0:
+            raise ValueError(f"autoscaling.minReplicas: must be >= 0, got {self.min_replicas}")
+        if self.max_replicas < max(self.min_replicas, 1):
+            raise ValueError(f"autoscaling.maxReplicas: must be >= minReplicas and >= 1, got {self.max_replicas}")
+        if not self.target_per_replica > 0:
+            raise ValueError(f"autoscaling.targetPerReplica: must be > 0, got {self.target_per_replica}")
+        if self.scale_up_max_step < 1:
+            raise ValueError(f"autoscaling.scaleUpMaxStep: must be >= 1, got {self.scale_up_max_step}")
+        if self.scale_down_stabilization_seconds < 0:
+            raise ValueError("autoscaling.scaleDownStabilizationSeconds: must be >= 0, "
+                             f"got {self.scale_down_stabilization_seconds}")
+        if self.cooldown_seconds < 0:
+            raise ValueError(f"autoscaling.cooldownSeconds: must be >= 0, got {self.cooldown_seconds}")
+        for name, slo in (("ttftSloSeconds", self.ttft_slo_seconds), ("tbtSloSeconds", self.tbt_slo_seconds)):
+            if slo is not None and not slo > 0:
+                raise ValueError(f"autoscaling.{name}: must be > 0 when set, got {slo}")
+
+    @classmethod
+    def from_spec(cls, autoscaling: Mapping[str, Any] | Any) -> PoolKnobs:
+        """From a pool's `autoscaling` block: a camelCase dict, or a pydantic model of it."""
+        if hasattr(autoscaling, "model_dump"):
+            autoscaling = autoscaling.model_dump(by_alias=True, exclude_none=True)
+        # Keys that are not knobs (validated by phasesplit.spec) are not the policy's business.
+        spec_names = {_camel(f.name): f.name for f in fields(cls)}
+        return cls(**{spec_names[k]: v for k, v in autoscaling.items() if k in spec_names and v is not None})
+
+
+@dataclass(frozen=True, slots=True)
+class PoolMetrics:
+    """What the router reports about one pool; None means the metric was not available."""
+    queue_requests: float | None = None
+    queue_tokens: float | None = None
+    inflight_requests: float | None = None
+    kv_utilization: float | None = None
+    ttft_p90_seconds: float | None = None
+    tbt_p90_seconds: float | None = None
+
+    def value(self, metric: str) -> float | None:
+        return getattr(self, _snake(metric))
+
+
+@dataclass(slots=True)
+class PoolState:
+    """History one pool's evaluations need; `to_dict`/`from_dict` make it fit in status or JSON."""
+    recommendations: list[tuple[float, int]] = field(default_factory=list)
+    last_change_time: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"recommendations": [list(r) for r in self.recommendations], "lastChangeTime": self.last_change_time}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> PoolState:
+        data = data or {}
+        recs = [(float(t), int(n)) for t, n in data.get("recommendations", [])]
+        return cls(recommendations=recs, last_change_time=data.get("lastChangeTime"))
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    desired: int
+    current: int
+    metric: str
+    metric_value: float | None
+    reason: str
+    time: float
+
+    @property
+    def changed(self) -> bool:
+        return self.desired != self.current
+
+    def to_status(self) -> dict:
+        """The `status.autoscaling.<pool>` entry (time as seconds since the epoch)."""
+        return {"desired": self.desired, "current": self.current, "metric": self.metric,
+                "value": self.metric_value, "reason": self.reason, "time": self.time}
+
+
+def decide(knobs: PoolKnobs, metrics: PoolMetrics, current: int, state: PoolState, now: float) -> Decision:
+    """One evaluation of one pool; updates `state` in place (history and last change)."""
+    value = metrics.value(knobs.metric)
+    desired, reason = _recommend(knobs, metrics, value, current, state, now)
+    if desired != current:
+        state.last_change_time = now
+    return Decision(desired, current, knobs.metric, value, reason, now)
+
+
+def _recommend(knobs: PoolKnobs, metrics: PoolMetrics, value: float | None, current: int,
+               state: PoolState, now: float) -> tuple[int, str]:
+    bounded = _clamp(current, knobs)
+    if bounded != current:
+        return bounded, f"{current} replicas is outside [{knobs.min_replicas}, {knobs.max_replicas}]"
+    if value is None:
+        return current, f"metric {knobs.metric} missing: keeping {current}"
+    raw = _raw_recommendation(knobs, value, current)
+    raw, slo_miss = _apply_slo(knobs, metrics, raw, current)
+    raw = _clamp(raw, knobs)
+    _remember(state, now, raw, knobs.scale_down_stabilization_seconds)
+    what = slo_miss or f"{knobs.metric}={value:g} (target {knobs.target_per_replica:g}/replica)"
+    if raw > current:
+        desired = min(raw, current + knobs.scale_up_max_step)
+        capped = f", capped at +{knobs.scale_up_max_step}" if desired < raw else ""
+        verdict = f"scale up to {desired}{capped}"
+    elif raw < current:
+        desired = max(r for _, r in state.recommendations)
+        if desired >= current:
+            return current, f"{what}: wants {raw}, held at {current} by the {knobs.scale_down_stabilization_seconds:g}s stabilization window"
+        verdict = f"scale down to {desired}"
+    else:
+        return current, f"{what}: {current} is right"
+    if _in_cooldown(knobs, state, now):
+        return current, f"{what}: would {verdict}, in cooldown ({knobs.cooldown_seconds:g}s after the last change)"
+    return desired, f"{what}: {verdict}"
+
+
+def _raw_recommendation(knobs: PoolKnobs, value: float, current: int) -> int:
+    if knobs.metric in AVERAGE_METRICS:
+        ratio = value / knobs.target_per_replica
+        if current > 0 and abs(ratio - 1.0) <= TOLERANCE:
+            return current
+        return math.ceil(max(current, 1) * ratio)
+    wanted = value / knobs.target_per_replica
+    if current > 0 and abs(wanted / current - 1.0) <= TOLERANCE:
+        return current
+    return math.ceil(wanted)
+
+
+def _apply_slo(knobs: PoolKnobs, metrics: PoolMetrics, raw: int, current: int) -> tuple[int, str | None]:
+    checks = (("TTFT", knobs.ttft_slo_seconds, metrics.ttft_p90_seconds),
+              ("TBT", knobs.tbt_slo_seconds, metrics.tbt_p90_seconds))
+    for name, slo, p90 in checks:
+        if slo is not None and p90 is not None and p90 > slo:
+            return max(raw, current + 1), f"{name} P90 {p90:.3g}s above the {slo:g}s SLO"
+    return raw, None
+
+
+def _remember(state: PoolState, now: float, raw: int, window: float) -> None:
+    state.recommendations = [(t, r) for t, r in state.recommendations if now - t < window] + [(now, raw)]
+
+
+def _in_cooldown(knobs: PoolKnobs, state: PoolState, now: float) -> bool:
+    return state.last_change_time is not None and now - state.last_change_time < knobs.cooldown_seconds
+
+
+def _clamp(n: int, knobs: PoolKnobs) -> int:
+    return max(knobs.min_replicas, min(knobs.max_replicas, n))
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w.title() for w in rest)
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
+@dataclass(frozen=True, slots=True)
+class RatioBounds:
+    """Bounds on prompt replicas / token replicas (`spec.autoscaling.promptToTokenRatio`)."""
+    min: float | None = None
+    max: float | None = None
+
+    def __post_init__(self):
+        for name in ("min", "max"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ValueError(f"autoscaling.promptToTokenRatio.{name}: must be > 0, got {v}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"autoscaling.promptToTokenRatio: min {self.min} is above max {self.max}")
+
+
+def apply_ratio(prompt: Decision, token: Decision, bounds: RatioBounds,
+                prompt_knobs: PoolKnobs, token_knobs: PoolKnobs) -> tuple[Decision, Decision]:
+    """Raise the smaller side (never lower one: a raise cannot fail a request) into the ratio bounds."""
+    p, t = prompt.desired, token.desired
+    if bounds.min is not None and t > 0 and p / t < bounds.min:
+        wanted = math.ceil(bounds.min * t - 1e-9)
+        new_p = min(wanted, prompt_knobs.max_replicas)
+        prompt = _raised(prompt, new_p, f"prompt:token {p}:{t} below {bounds.min:g}")
+    if bounds.max is not None and t > 0 and p / t > bounds.max:
+        wanted = math.ceil(p / bounds.max - 1e-9)
+        new_t = min(wanted, token_knobs.max_replicas)
+        token = _raised(token, new_t, f"prompt:token {p}:{t} above {bounds.max:g}")
+    return prompt, token
+
+
+def _raised(d: Decision, desired: int, why: str) -> Decision:
+    if desired <= d.desired:
+        return d
+    return Decision(desired, d.current, d.metric, d.metric_value, f"{why}: raised to {desired} ({d.reason})", d.time)
+
+
+class PoolScaler:
+    """One pool's knobs and history, for callers that keep the state in memory (local mode)."""
+
+    def __init__(self, knobs: PoolKnobs, state: PoolState | None = None):
+        self.knobs = knobs
+        self.state = state or PoolState()
+
+    def evaluate(self, metrics: PoolMetrics, current: int, now: float) -> Decision:
+        return decide(self.knobs, metrics, current, self.state, now)
+
+
+class SplitScaler:
+    """All pools of one SplitInference: per-pool decisions, then the prompt:token ratio bounds."""
+
+    def __init__(self, knobs: Mapping[str, PoolKnobs], ratio: RatioBounds | None = None,
+                 states: Mapping[str, PoolState] | None = None):
+        states = states or {}
+        self.pools = {name: PoolScaler(k, states.get(name)) for name, k in knobs.items()}
+        self.ratio = ratio or RatioBounds()
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> SplitScaler:
+        """From a SplitInference `spec` dict: pools with an `autoscaling` block are scaled."""
+        knobs = {name: PoolKnobs.from_spec(pool["autoscaling"])
+                 for name, pool in (spec.get("pools") or {}).items() if pool and pool.get("autoscaling")}
+        ratio = (spec.get("autoscaling") or {}).get("promptToTokenRatio") or {}
+        return cls(knobs, RatioBounds(min=ratio.get("min"), max=ratio.get("max")))
+
+    def evaluate(self, metrics: Mapping[str, PoolMetrics], current: Mapping[str, int],
+                 now: float) -> dict[str, Decision]:
+        decisions = {name: s.evaluate(metrics.get(name, PoolMetrics()), current[name], now)
+                     for name, s in self.pools.items() if name in current}
+        if "prompt" in decisions and "token" in decisions:
+            p, t = apply_ratio(decisions["prompt"], decisions["token"], self.ratio,
+                               self.pools["prompt"].knobs, self.pools["token"].knobs)
+            for name, d in (("prompt", p), ("token", t)):
+                if d.desired != decisions[name].desired and d.changed:
+                    self.pools[name].state.last_change_time = now
+                decisions[name] = d
+        return decisions
+
+    def states(self) -> dict[str, dict]:
+        return {name: s.state.to_dict() for name, s in self.pools.items()}
