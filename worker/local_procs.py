@@ -1,0 +1,145 @@
+"""Child processes for local mode: started in their own process group, tied to the launcher's
+life, checked for readiness over their real interfaces, and stopped without leaving anything behind."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+PR_SET_PDEATHSIG = 1
+
+
+class ProcessFailed(RuntimeError):
+    """A child exited, or never became ready; the message carries the end of its log."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent(parent_pid: int):
+    """preexec_fn: the kernel sends SIGTERM to the child when the launcher dies, however it dies."""
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
+class ManagedProcess:
+    """One `phasesplit ...` child: its own process group (so stopping it stops all it started),
+    output to a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: pathlib.Path, env: dict | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        self.env = env
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> "ManagedProcess":
+        log = open(self.log_path, "ab")
+        try:
+            self.popen = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()), env=self.env)
+        finally:
+            log.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def fail(self, why: str) -> ProcessFailed:
+        return ProcessFailed(f"{self.name} {why} (log {self.log_path}):\n{self.log_tail()}")
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, timeout: float) -> int | None:
+        """SIGTERM the group, wait up to `timeout`, then SIGKILL it. Returns the exit code."""
+        if self.popen is None:
+            return None
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait()
+        self._kill_leftovers()
+        return self.popen.returncode
+
+    def _kill_leftovers(self) -> None:
+        # Anything the child started lives in its group; the leader's exit does not end them.
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def phasesplit_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "phasesplit.cli", *args]
+
+
+def wait_grpc_serving(proc: ManagedProcess, address: str, timeout: float) -> None:
+    """Polls the standard gRPC health service until it answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if not proc.alive():
+                raise proc.fail(f"exited with code {proc.popen.returncode} before it was ready")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise proc.fail(f"not SERVING at {address} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+
+def wait_http_ok(proc: ManagedProcess, url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise proc.fail(f"exited with code {proc.popen.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise proc.fail(f"{url} not 200 after {timeout:.0f} s")
+        time.sleep(0.2)
