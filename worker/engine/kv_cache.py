@@ -1,0 +1,133 @@
+"""The paged KV pool (`KVCache`), its block accounting (`BlockManager`) and paged attention."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from phasesplit.engine.sequence import Sequence
+
+
+class KVCapacityError(RuntimeError):
+    """The cache has too few free blocks for the request."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KVLayout:
+    """What two engines must agree on before KV blocks can move between them."""
+
+    model: str
+    dtype: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+
+    def differences(self, other: KVLayout) -> list[str]:
+        """Names and values of the fields that differ, e.g. `["head_dim: 64 != 128"]`."""
+        return [
+            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(other, f.name)
+        ]
+
+
+class BlockManager:
+    """Free list and block tables for `num_blocks` fixed-size blocks."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.free_block_ids: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_block_ids)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free_block_ids)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self.blocks_for(seq.num_tokens) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> None:
+        assert not seq.block_table, f"{seq.request_id} already holds blocks"
+        seq.block_table = self.take(self.blocks_for(seq.num_tokens))
+
+    def take(self, n: int) -> list[int]:
+        if n > self.num_free_blocks:
+            raise KVCapacityError(f"need {n} KV blocks, {self.num_free_blocks} free of {self.num_blocks}")
+        return [self.free_block_ids.popleft() for _ in range(n)]
+
+    def deallocate(self, seq: Sequence) -> None:
+        self.free_block_ids.extend(seq.block_table)
+        seq.block_table = []
+
+    def can_append(self, seq: Sequence) -> bool:
+        """Whether the token about to be computed for `seq` has a slot (a new block may be needed)."""
+        return len(seq.block_table) >= self.blocks_for(seq.num_tokens) or self.num_free_blocks > 0
+
+    def may_append(self, seq: Sequence) -> None:
+        if len(seq.block_table) < self.blocks_for(seq.num_tokens):
+            seq.block_table.extend(self.take(1))
+
+
+class KVCache:
+    """For every layer a preallocated k and v tensor [num_blocks, block_size, num_kv_heads, head_dim]."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, dtype: torch.dtype, device: torch.device | str):
+        shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self.layout = layout
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layout.num_layers)]
+
+    def write(self, layer: int, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+        # k, v: [T, Hkv, D]; slot = block_id * block_size + offset
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+    def gather(self, layer: int, block_tables: Tensor) -> tuple[Tensor, Tensor]:
+        """block_tables [B, max_blocks] -> k, v [B, Hkv, max_blocks * block_size, D]."""
+        k = self.k[layer][block_tables]  # [B, NB, BS, Hkv, D]
+        v = self.v[layer][block_tables]
+        b, nb, bs, h, d = k.shape
+        return k.view(b, nb * bs, h, d).transpose(1, 2), v.view(b, nb * bs, h, d).transpose(1, 2)
+
+
+def bytes_per_block(layout: KVLayout, dtype: torch.dtype) -> int:
+    elem = torch.empty((), dtype=dtype).element_size()
+    return 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim * elem
+
+
+def prefill_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: list[int]) -> Tensor:
+    """Causal attention within each packed sequence (no cached prefix).
+
+    q [T, H, D], k/v [T, Hkv, D], cu_seqlens [0, n0, n0+n1, ...] -> [T, H, D]
+    """
+    out = torch.empty_like(q)
+    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+        ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
+        vs = v[start:end].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+    return out
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """One new token per sequence over its gathered, padded context.
+
+    q [B, H, D], k/v [B, Hkv, L, D], mask [B, 1, 1, L] (True = attend) -> [B, H, D]
+    """
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
+    return o.squeeze(2)

@@ -1,0 +1,115 @@
+"""Continuous batching: waiting and running queues, a prefill token budget, preemption by recompute."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from phasesplit.engine.kv_cache import BlockManager
+from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int, eos_token_ids: set[int]):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_ids = eos_token_ids
+        self.waiting: deque[Sequence] = deque()
+        self.running: deque[Sequence] = deque()
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence whose prompt K/V are already in its blocks: it joins the next decode step."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """The next batch and whether it is a prefill. Prefill goes first; otherwise every running
+        sequence decodes, preempting the newest ones while blocks run out."""
+        seqs = self._schedule_prefill()
+        if seqs:
+            return seqs, True
+        return self._schedule_decode(), False
+
+    def _schedule_prefill(self) -> list[Sequence]:
+        seqs: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            # A prompt larger than the whole budget still runs, alone.
+            if seqs and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
+                break
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.block_manager.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(self.waiting.popleft())
+            seqs.append(seq)
+            num_tokens += seq.num_tokens
+        return seqs
+
+    def _schedule_decode(self) -> list[Sequence]:
+        seqs: list[Sequence] = []
+        while self.running:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self.preempt(self.running.pop())
+                else:
+                    self.preempt(seq)
+                    break
+            else:
+                self.block_manager.may_append(seq)
+                seqs.append(seq)
+        self.running.extend(seqs)
+        return seqs
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks; it is prefilled again (prompt and output so far) later."""
+        self.block_manager.deallocate(seq)
+        seq.num_cached_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+        for seq, token_id in zip(seqs, token_ids):
+            seq.num_cached_tokens = seq.num_tokens
+            seq.append_token(token_id)
+            seq.finish_reason = self._finish_reason(seq, token_id)
+            if seq.finish_reason or seq.prefill_only:
+                self._finish(seq)
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        if token_id in self.eos_token_ids and not seq.params.ignore_eos:
+            return "stop"
+        if push_text(seq, seq.detokenizer.push(token_id)):
+            return "stop"
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _finish(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.prefill_only:
+            seq.status = SequenceStatus.HELD
+        else:
+            seq.status = SequenceStatus.FINISHED
+            self.block_manager.deallocate(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        for queue in (self.waiting, self.running):
+            if seq in queue:
+                queue.remove(seq)
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"

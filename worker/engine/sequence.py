@@ -1,0 +1,105 @@
+"""`Sequence`: one request's token ids, block table and sampling state."""
+
+from __future__ import annotations
+
+import enum
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from phasesplit.engine.sampler import SamplingParams
+    from phasesplit.engine.tokenizer import IncrementalDetokenizer
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    HELD = enum.auto()  # prefill-only, finished, blocks kept for export
+    FINISHED = enum.auto()
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 detokenizer: IncrementalDetokenizer, generator: torch.Generator | None,
+                 prefill_only: bool = False):
+        self.request_id = request_id
+        self.token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.detokenizer = detokenizer
+        self.generator = generator
+        self.prefill_only = prefill_only
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        # Tokens whose K/V are in the cache; the rest are computed by the next step.
+        self.num_cached_tokens = 0
+        self.output_text = ""
+        self.num_emitted_chars = 0
+        self.finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status in (SequenceStatus.FINISHED, SequenceStatus.HELD)
+
+    def slot(self, position: int, block_size: int) -> int:
+        return self.block_table[position // block_size] * block_size + position % block_size
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={self.num_tokens}, cached={self.num_cached_tokens}, "
+                f"blocks={len(self.block_table)}, {self.status.name})")
+
+
+def push_text(seq: Sequence, delta: str) -> bool:
+    """Add detokenized text; True when a stop string appeared (the text is cut where it starts)."""
+    stops = seq.params.stop
+    if not stops:
+        seq.output_text += delta
+        return False
+    start = max(0, len(seq.output_text) - max(map(len, stops)) + 1)
+    seq.output_text += delta
+    hits = [i for i in (seq.output_text.find(s, start) for s in stops) if i >= 0]
+    if hits:
+        seq.output_text = seq.output_text[: min(hits)]
+    return bool(hits)
+
+
+def take_text(seq: Sequence) -> str:
+    """The text not yet returned, minus a tail that might still grow into a stop string."""
+    end = len(seq.output_text)
+    if not seq.is_finished:
+        end -= _stop_prefix_len(seq.output_text, seq.params.stop)
+    delta = seq.output_text[seq.num_emitted_chars:end]
+    seq.num_emitted_chars = max(seq.num_emitted_chars, end)
+    return delta
+
+
+def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+    for n in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
+        if any(s.startswith(text[-n:]) for s in stops):
+            return n
+    return 0
