@@ -83,7 +83,7 @@ class PoolMetrics:
     tbt_p90_seconds: float | None = None
 
     def value(self, metric: str) -> float | None:
-        return getattr(self, _snake(metric))
+        return getattr(self, metric_field(metric))
 
 
 @dataclass(slots=True)
@@ -196,7 +196,8 @@ def _camel(name: str) -> str:
     return head + "".join(w.title() for w in rest)
 
 
-def _snake(name: str) -> str:
+def metric_field(name: str) -> str:
+    """Spec metric name (camelCase) -> `PoolMetrics` field."""
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
 
 

@@ -1,0 +1,11 @@
+import pytest_asyncio
+
+from routermetrics import FakeRouterMetrics
+
+
+@pytest_asyncio.fixture
+async def router_metrics():
+    fake = FakeRouterMetrics()
+    fake.url = await fake.start()
+    yield fake
+    await fake.stop()
