@@ -1,0 +1,336 @@
+"""The SplitInference spec as pydantic models: defaults, bounds and cross-field rules.
+
+One source for the operator, its CRD (phasesplit.operator.crd turns these models into the
+OpenAPI schema; each `cel(...)` rule becomes an `x-kubernetes-validations` entry) and local mode.
+Every cross-field rule is written twice, as CEL for the API server and as a validator here, and a
+test checks that both reject the same specs. Keep this module free of kopf and kubernetes imports.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "phasesplit.io"
+API_VERSION = "v1alpha1"
+KIND = "SplitInference"
+PLURAL = "splitinferences"
+POOL_ROLES = ("prompt", "token", "mixed")
+DEFAULT_IMAGE = "phasesplit/worker:0.1.0"
+
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$")
+_DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict:
+    """One CEL rule for the CRD (`x-kubernetes-validations`); fieldPath names the offending field."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def _validations(*rules: dict) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"x-kubernetes-validations": list(rules)})
+
+
+def _check_quantity(value: int | float | str) -> int | float | str:
+    if isinstance(value, str) and not _QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 500m, 2, 4Gi)")
+    return value
+
+
+Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True,
+                                                "anyOf": [{"type": "integer"}, {"type": "string"}]})]
+# Kubernetes objects passed through to the pod spec as they are (the API server checks them there).
+FreeObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object",
+                                                       "x-kubernetes-preserve-unknown-fields": True})]
+
+
+class Spec(BaseModel):
+    """Base: camelCase on the wire, unknown fields rejected."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+# --- the model -------------------------------------------------------------------------------
+
+class PvcSource(Spec):
+    claim_name: str = Field(min_length=1, max_length=253, description="PersistentVolumeClaim holding the model")
+    path: str = Field("", max_length=1024, description="directory of the model inside the volume")
+
+
+class HostPathSource(Spec):
+    path: str = Field(min_length=2, max_length=1024, pattern=r"^/", description="absolute model directory on the node")
+
+
+class ImageSource(Spec):
+    reference: str = Field(min_length=1, max_length=512, description="OCI image holding the model files")
+    path: str = Field("", max_length=1024, description="directory of the model inside the image")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+
+
+class ModelSource(Spec):
+    model_config = _validations(cel(
+        "(has(self.pvc) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + (has(self.image) ? 1 : 0) == 1",
+        "exactly one of pvc, hostPath or image must be set"))
+    pvc: PvcSource | None = None
+    host_path: HostPathSource | None = None
+    image: ImageSource | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if sum(s is not None for s in (self.pvc, self.host_path, self.image)) != 1:
+            raise ValueError("exactly one of pvc, hostPath or image must be set")
+        return self
+
+
+class Model(Spec):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+                      description="served model name (the `model` field of OpenAI requests)")
+    source: ModelSource
+    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    max_model_len: int | None = Field(None, ge=16, le=1048576, description="longest prompt plus output, in tokens")
+
+
+# --- shared building blocks ------------------------------------------------------------------
+
+class Resources(Spec):
+    requests: dict[str, Quantity] = Field(default_factory=dict)
+    limits: dict[str, Quantity] = Field(default_factory=dict)
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _quantities(cls, value: dict) -> dict:
+        for amount in value.values():
+            _check_quantity(amount)
+        return value
+
+
+class EnvVar(Spec):
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    value_from: FreeObject | None = None
+
+
+class Images(Spec):
+    worker: str = Field(DEFAULT_IMAGE, min_length=1, description="image running `phasesplit worker`")
+    router: str = Field(DEFAULT_IMAGE, min_length=1, description="image running `phasesplit router`")
+    pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    pull_secrets: list[str] = Field(default_factory=list, description="names of image pull Secrets")
+
+
+# --- the router ------------------------------------------------------------------------------
+
+class RouterService(Spec):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class SecretKeyRef(Spec):
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field("api-key", min_length=1, max_length=253)
+
+
+def _router_resources() -> Resources:
+    return Resources(requests={"cpu": "500m", "memory": "512Mi"}, limits={"memory": "1Gi"})
+
+
+class Router(Spec):
+    replicas: int = Field(1, ge=0, le=100)
+    service: RouterService = Field(default_factory=RouterService)
+    api_key_secret: SecretKeyRef | None = Field(None, description="Secret whose key is the required bearer token")
+    resources: Resources = Field(default_factory=_router_resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[FreeObject] = Field(default_factory=list)
+    affinity: FreeObject | None = None
+
+
+# --- the pools -------------------------------------------------------------------------------
+
+class PoolAutoscaling(Spec):
+    model_config = _validations(
+        cel("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas", ".minReplicas"),
+        cel("self.metric != 'kvUtilization' || self.targetPerReplica <= 1.0",
+            "targetPerReplica is a fraction (<= 1) when metric is kvUtilization", ".targetPerReplica"))
+    min_replicas: int = Field(1, ge=0, le=1000)
+    max_replicas: int = Field(4, ge=1, le=1000)
+    metric: Literal["queueTokens", "queueRequests", "inflightRequests", "kvUtilization"] = "queueTokens"
+    target_per_replica: float = Field(1024.0, gt=0, description="metric value one replica should carry")
+    scale_up_max_step: int = Field(2, ge=1, le=100)
+    scale_down_stabilization_seconds: int = Field(300, ge=0, le=86400)
+    cooldown_seconds: int = Field(60, ge=0, le=86400)
+    ttft_slo_seconds: float | None = Field(None, gt=0, description="time-to-first-token objective")
+    tbt_slo_seconds: float | None = Field(None, gt=0, description="time-between-tokens objective")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> PoolAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})")
+        if self.metric == "kvUtilization" and self.target_per_replica > 1.0:
+            raise ValueError("targetPerReplica is a fraction (<= 1) when metric is kvUtilization")
+        return self
+
+
+class EngineSettings(Spec):
+    model_config = _validations(cel(
+        "!(has(self.numKvBlocks) && has(self.kvMemoryFraction))",
+        "set at most one of numKvBlocks and kvMemoryFraction", ".numKvBlocks"))
+    max_num_batched_tokens: int = Field(2048, ge=1, le=1048576, description="prefill token budget per batch")
+    max_num_seqs: int = Field(64, ge=1, le=4096, description="largest batch")
+    num_kv_blocks: int | None = Field(None, ge=1, le=16777216, description="KV cache size in blocks")
+    kv_memory_fraction: float | None = Field(None, gt=0, le=1, description="KV cache size as a share of free memory")
+    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda when the pool requests a GPU")
+
+    @model_validator(mode="after")
+    def _one_kv_size(self) -> EngineSettings:
+        if self.num_kv_blocks is not None and self.kv_memory_fraction is not None:
+            raise ValueError("set at most one of numKvBlocks and kvMemoryFraction")
+        return self
+
+
+class Pool(Spec):
+    model_config = _validations(cel(
+        "self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas",
+        "replicas must lie within autoscaling.minReplicas..maxReplicas", ".replicas"))
+    replicas: int = Field(1, ge=0, le=1000, description="initial replicas (the autoscaler owns them afterwards)")
+    autoscaling: PoolAutoscaling = Field(default_factory=PoolAutoscaling)
+    resources: Resources = Field(default_factory=Resources)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[FreeObject] = Field(default_factory=list)
+    affinity: FreeObject | None = None
+    env: list[EnvVar] = Field(default_factory=list)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @model_validator(mode="after")
+    def _replicas_in_bounds(self) -> Pool:
+        low, high = self.autoscaling.min_replicas, self.autoscaling.max_replicas
+        if not low <= self.replicas <= high:
+            raise ValueError(f"replicas ({self.replicas}) must lie within autoscaling.minReplicas..maxReplicas "
+                             f"({low}..{high})")
+        return self
+
+
+class Pools(Spec):
+    model_config = _validations(
+        cel("(has(self.prompt) && has(self.token)) || has(self.mixed)",
+            "set both prompt and token pools (or a mixed pool)"),
+        cel("!has(self.prompt) || !has(self.token) || self.prompt.engine.blockSize == self.token.engine.blockSize",
+            "prompt and token pools must use the same engine.blockSize (the KV layout must match)",
+            ".token"))
+    prompt: Pool | None = None
+    token: Pool | None = None
+    mixed: Pool | None = None
+
+    @model_validator(mode="after")
+    def _roles(self) -> Pools:
+        if not ((self.prompt and self.token) or self.mixed):
+            raise ValueError("set both prompt and token pools (or a mixed pool)")
+        if self.prompt and self.token and self.prompt.engine.block_size != self.token.engine.block_size:
+            raise ValueError("prompt and token pools must use the same engine.blockSize (the KV layout must match)")
+        return self
+
+    def items(self) -> list[tuple[str, Pool]]:
+        """The pools that are set, by role."""
+        return [(role, pool) for role in POOL_ROLES if (pool := getattr(self, role)) is not None]
+
+
+# --- KV transfer and autoscaling -------------------------------------------------------------
+
+class NcclSettings(Spec):
+    socket_ifname: str | None = Field(None, max_length=64, description="NCCL_SOCKET_IFNAME")
+    ib_hca: str | None = Field(None, max_length=256, description="NCCL_IB_HCA")
+    port: int = Field(29500, ge=1024, le=65535, description="first port of the process-group stores")
+
+
+class KvTransfer(Spec):
+    backend: Literal["grpc", "nccl"] = "grpc"
+    layerwise: bool = True
+    timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    lease_seconds: float = Field(60.0, gt=0, le=3600)
+    nccl: NcclSettings = Field(default_factory=NcclSettings)
+
+
+class Prometheus(Spec):
+    url: str | None = Field(None, pattern=r"^https?://", description="Prometheus for the hpa/keda modes")
+
+
+class PromptToTokenRatio(Spec):
+    model_config = _validations(cel("!has(self.min) || !has(self.max) || self.min <= self.max",
+                                    "min must be <= max", ".min"))
+    min: float | None = Field(None, gt=0)
+    max: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> PromptToTokenRatio:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+
+class Autoscaling(Spec):
+    model_config = _validations(cel("self.mode != 'keda' || has(self.prometheus.url)",
+                                    "mode keda needs prometheus.url", ".prometheus"))
+    mode: Literal["builtin", "hpa", "keda", "none"] = "builtin"
+    interval_seconds: int = Field(15, ge=1, le=3600)
+    prometheus: Prometheus = Field(default_factory=Prometheus)
+    prompt_to_token_ratio: PromptToTokenRatio = Field(default_factory=PromptToTokenRatio)
+
+    @model_validator(mode="after")
+    def _keda_needs_prometheus(self) -> Autoscaling:
+        if self.mode == "keda" and not self.prometheus.url:
+            raise ValueError("mode keda needs prometheus.url")
+        return self
+
+
+# --- the resource ----------------------------------------------------------------------------
+
+class SplitInferenceSpec(Spec):
+    model: Model
+    images: Images = Field(default_factory=Images)
+    router: Router = Field(default_factory=Router)
+    pools: Pools
+    kv_transfer: KvTransfer = Field(default_factory=KvTransfer)
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=45, pattern=_DNS_LABEL)
+    namespace: str | None = None
+
+
+class SplitInference(Spec):
+    """A whole SplitInference document (apiVersion, kind, metadata, spec); status is ignored."""
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+    api_version: Literal["phasesplit.io/v1alpha1"] = "phasesplit.io/v1alpha1"
+    kind: Literal["SplitInference"] = "SplitInference"
+    metadata: Metadata
+    spec: SplitInferenceSpec
+
+
+def feasibility_problems(spec: SplitInferenceSpec) -> list[str]:
+    """What makes a schema-valid spec unable to work, one sentence each naming the field."""
+    problems = []
+    for role, pool in spec.pools.items():
+        engine = pool.engine
+        if spec.model.max_model_len and engine.num_kv_blocks is not None and role != "prompt":
+            capacity = engine.num_kv_blocks * engine.block_size
+            if capacity < spec.model.max_model_len:
+                problems.append(
+                    f"pools.{role}.engine.numKvBlocks: {engine.num_kv_blocks} blocks of {engine.block_size} tokens "
+                    f"hold {capacity} tokens, fewer than model.maxModelLen ({spec.model.max_model_len})")
+        if spec.kv_transfer.backend == "nccl" and role in ("prompt", "token") and not requests_gpu(pool.resources):
+            problems.append(f"pools.{role}.resources: kvTransfer.backend nccl needs GPUs, "
+                            f"but the pool requests no nvidia.com/gpu")
+        if engine.device == "cuda" and not requests_gpu(pool.resources):
+            problems.append(f"pools.{role}.engine.device: cuda needs a GPU, but the pool requests no nvidia.com/gpu")
+    return problems
+
+
+def requests_gpu(resources: Resources) -> bool:
+    return any(key.endswith("/gpu") and str(amount) not in ("0", "") for key, amount in
+               {**resources.requests, **resources.limits}.items())
