@@ -35,6 +35,7 @@ class EngineLoop:
         self._outputs: dict[str, Callable[[Any], None]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.stats = engine.stats()  # refreshed by the engine thread after every command batch and step
 
     def start(self) -> "EngineLoop":
         self._thread.start()
@@ -84,16 +85,19 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_unfinished())
-            if self._stop.is_set() or not self.engine.has_unfinished():
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
-                log.exception("engine step failed; aborting the batch's requests")
-                self._fail_all(f"engine step failed: {exc}")
-                continue
-            for out in outputs:
-                self._deliver(out)
+            if not self._stop.is_set() and self.engine.has_unfinished():
+                self._step()
+            self.stats = self.engine.stats()
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
+            log.exception("engine step failed; aborting the batch's requests")
+            self._fail_all(f"engine step failed: {exc}")
+            return
+        for out in outputs:
+            self._deliver(out)
 
     def _drain(self, block: bool) -> None:
         try:

@@ -1,0 +1,236 @@
+"""`phasesplit local FILE.yaml [--model DIR] [--port N]`: a SplitInference as local processes.
+
+The router and every pool's workers run as `phasesplit` child processes on 127.0.0.1. Pools can
+grow and shrink while it runs (`LocalCluster.add_worker` / `remove_worker`), which is what the
+autoscaling policy drives. Ctrl-C or SIGTERM stops everything; children also die with the
+launcher if it is killed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pathlib
+import signal
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+
+from phasesplit import local_plan
+from phasesplit.local_procs import (ManagedProcess, ProcessFailed, free_port, phasesplit_argv,
+                                    wait_grpc_serving, wait_http_ok)
+from phasesplit.v1 import worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("phasesplit.local")
+HOST = "127.0.0.1"
+
+
+@dataclass(slots=True)
+class WorkerHandle:
+    pool: str
+    address: str
+    proc: ManagedProcess
+
+
+class LocalCluster:
+    def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0):
+        self.plan = plan
+        self.log_dir = log_dir
+        self.ready_timeout = ready_timeout
+        self.workers: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
+        self.router: ManagedProcess | None = None
+        self.router_port = plan.router_port or free_port()
+        self._serial = 0
+        self._lock = threading.RLock()
+        self._retiring: list[threading.Thread] = []
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.router_port}/v1"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.router_port}"
+
+    # ---- start and stop ----
+
+    def start(self) -> None:
+        started = [self._spawn_worker(pool.name) for pool in self.plan.pools.values() for _ in range(pool.replicas)]
+        for handle in started:
+            wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
+            self.workers[handle.pool].append(handle)
+        self.router = ManagedProcess("router", self._router_argv(), self.log_dir).start()
+        wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Router first (no new work), then every worker at once: SIGTERM, wait, SIGKILL."""
+        timeout = self.plan.drain_timeout + 5 if timeout is None else timeout
+        if self.router is not None:
+            self.router.stop(10)
+        with self._lock:
+            handles = [h for pool in self.workers.values() for h in pool]
+        stoppers = [threading.Thread(target=h.proc.stop, args=(timeout,)) for h in handles]
+        for t in stoppers:
+            t.start()
+        for t in stoppers + self._retiring:
+            t.join()
+
+    def processes(self) -> list[ManagedProcess]:
+        with self._lock:
+            procs = [h.proc for pool in self.workers.values() for h in pool]
+        return procs + ([self.router] if self.router else [])
+
+    # ---- run-time pool changes ----
+
+    def add_worker(self, pool: str) -> WorkerHandle:
+        handle = self._spawn_worker(pool)
+        try:
+            wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
+        except ProcessFailed:
+            handle.proc.stop(5)
+            raise
+        with self._lock:
+            self.workers[pool].append(handle)
+            self._publish(pool)
+        return handle
+
+    def remove_worker(self, pool: str, handle: WorkerHandle | None = None) -> WorkerHandle:
+        """Takes a worker out of the router first, then lets it drain and exit (in the background)."""
+        with self._lock:
+            handle = handle or self._least_loaded(pool)
+            self.workers[pool].remove(handle)
+            self._publish(pool)
+        retire = threading.Thread(target=handle.proc.stop, args=(self.plan.drain_timeout + 5,),
+                                  name=f"retire-{handle.proc.name}")
+        retire.start()
+        self._retiring.append(retire)
+        return handle
+
+    def replace_dead(self) -> list[str]:
+        """Restarts workers that exited on their own (as a Deployment would). Returns their names."""
+        with self._lock:
+            dead = [h for pool in self.workers.values() for h in pool if not h.proc.alive()]
+        for handle in dead:
+            log.warning("%s exited with code %s; starting a new one", handle.proc.name, handle.proc.popen.returncode)
+            with self._lock:
+                self.workers[handle.pool].remove(handle)
+                self._publish(handle.pool)
+            self.add_worker(handle.pool)
+        return [h.proc.name for h in dead]
+
+    def addresses(self, pool: str) -> list[str]:
+        with self._lock:
+            return [h.address for h in self.workers.get(pool, [])]
+
+    # ---- helpers ----
+
+    def _spawn_worker(self, pool: str) -> WorkerHandle:
+        with self._lock:
+            self._serial += 1
+            name = f"{pool}-{self._serial}"
+        port = free_port()
+        argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port))
+        return WorkerHandle(pool, f"{HOST}:{port}", ManagedProcess(name, argv, self.log_dir).start())
+
+    def _router_argv(self) -> list[str]:
+        argv = phasesplit_argv("router", "--model", self.plan.model_dir, "--served-model-name",
+                               self.plan.served_model_name, "--host", HOST, "--port", str(self.router_port))
+        for pool in self.plan.pools:
+            argv += [f"--{pool}-workers", ",".join(self.addresses(pool))]
+        return argv
+
+    def _publish(self, pool: str) -> None:
+        if self.router is None:
+            return
+        body = json.dumps({"workers": self.addresses(pool)}).encode()
+        request = urllib.request.Request(f"{self.base_url}/admin/pools/{pool}", data=body, method="PUT",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            reply.read()
+
+    def _least_loaded(self, pool: str) -> WorkerHandle:
+        handles = self.workers[pool]
+        if not handles:
+            raise ValueError(f"pool {pool!r} has no worker to remove")
+        return min(reversed(handles), key=lambda h: _load(h.address))
+
+
+def _load(address: str) -> int:
+    """Requests and KV a worker holds; a worker that does not answer counts as idle."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            load = worker_pb2_grpc.WorkerStub(channel).Load(worker_pb2.LoadRequest(), timeout=2)
+        return load.waiting_requests + load.running_requests + load.pending_transfers
+    except grpc.RpcError:
+        return 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signal.Signals(signum).name)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="phasesplit local", description=__doc__.split("\n\n")[0])
+    p.add_argument("file", help="SplitInference YAML (the same manifest you would kubectl apply)")
+    p.add_argument("--model", help="model directory; overrides spec.model.source")
+    p.add_argument("--port", type=int, help="router port (default: spec.router.service.port; 0 picks a free one)")
+    p.add_argument("--device", help="torch device for every worker (default: the worker's own choice)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a stopped worker may finish its work")
+    p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each process to be ready")
+    p.add_argument("--log-dir", help="where each process writes its log (default: a new temporary directory)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        the_plan = local_plan.plan(local_plan.read_manifest(args.file), args.model, args.port,
+                                   args.drain_timeout, args.device)
+    except (OSError, ValueError) as exc:
+        print(f"phasesplit local: {exc}", file=sys.stderr)
+        return 2
+    log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix="phasesplit-local-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGINT, _raise_stop)
+    code = 0
+    try:
+        print(f"phasesplit local: logs in {log_dir}", flush=True)
+        cluster.start()
+        pools = ", ".join(f"{name}={len(cluster.addresses(name))}" for name in the_plan.pools)
+        print(f"phasesplit local: ready ({pools}); OpenAI endpoint {cluster.endpoint}", flush=True)
+        _watch(cluster)
+    except _Stop as stop:
+        print(f"phasesplit local: {stop}, stopping", flush=True)
+    except ProcessFailed as exc:
+        print(f"phasesplit local: {exc}", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        cluster.stop()
+        print("phasesplit local: stopped", flush=True)
+    return code
+
+
+def _watch(cluster: LocalCluster) -> None:
+    while True:
+        time.sleep(1.0)
+        if not cluster.router.alive():
+            raise cluster.router.fail(f"exited with code {cluster.router.popen.returncode}")
+        cluster.replace_dead()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Proto messages <-> engine objects, one function each way."""
+
+from __future__ import annotations
+
+from phasesplit.engine.kv_cache import KVLayout
+from phasesplit.engine.sampler import SamplingParams
+from phasesplit.v1 import worker_pb2 as pb
+
+
+def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Raises ValueError naming the bad field. proto3 cannot tell an unset top_p from 0: 0 means 1."""
+    return SamplingParams(
+        temperature=float(msg.temperature),
+        top_p=float(msg.top_p) if msg.top_p else 1.0,
+        top_k=int(msg.top_k),
+        seed=int(msg.seed) if msg.HasField("seed") else None,
+        max_tokens=int(msg.max_tokens),
+        stop=tuple(msg.stop),
+        ignore_eos=bool(msg.ignore_eos),
+    )
+
+
+def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                            max_tokens=params.max_tokens, stop=list(params.stop), ignore_eos=params.ignore_eos)
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
+    return pb.KVLayout(model=layout.model, dtype=layout.dtype, num_layers=layout.num_layers,
+                       num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, block_size=layout.block_size)
+
+
+def layout_from_proto(msg: pb.KVLayout) -> KVLayout:
+    return KVLayout(model=msg.model, dtype=msg.dtype, num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads,
+                    head_dim=msg.head_dim, block_size=msg.block_size)

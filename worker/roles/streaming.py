@@ -1,0 +1,50 @@
+"""One request's engine outputs as a stream of TokenEvents (token and mixed roles)."""
+
+from __future__ import annotations
+
+import queue
+from typing import Callable, Iterator
+
+import grpc
+
+from phasesplit.engine.kv_cache import KVCapacityError
+from phasesplit.roles.core import WorkerCore
+from phasesplit.roles.engine_loop import Finished
+from phasesplit.v1 import worker_pb2 as pb
+
+
+def submit_or_abort(core: WorkerCore, context: grpc.ServicerContext, request_id: str,
+                    on_output: Callable, add: Callable) -> None:
+    """Adds a request on the engine thread; bad input ends the RPC with INVALID_ARGUMENT."""
+    try:
+        core.loop.submit(request_id, on_output, add).result()
+    except ValueError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    except KVCapacityError as exc:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+
+def stream_tokens(core: WorkerCore, context: grpc.ServicerContext, request_id: str,
+                  add: Callable) -> Iterator[pb.TokenEvent]:
+    """Runs add() on the engine thread, then yields a TokenEvent per output until the request ends.
+    A client that goes away aborts the request."""
+    outputs: queue.SimpleQueue = queue.SimpleQueue()
+    submit_or_abort(core, context, request_id, outputs.put, add)
+    done = False
+
+    def on_rpc_end():
+        if not done:
+            core.loop.abort(request_id)
+
+    if not context.add_callback(on_rpc_end):
+        on_rpc_end()
+    while True:
+        out = outputs.get()
+        if isinstance(out, Finished) and out.finish_reason == "error":
+            done = True
+            context.abort(grpc.StatusCode.INTERNAL, out.error)
+        if out.finished:
+            done = True
+        yield pb.TokenEvent(token_ids=list(out.token_ids), text=out.text, finish_reason=out.finish_reason or "")
+        if out.finished:
+            return
