@@ -32,13 +32,14 @@ TOLERANCE = 0.1
 
 @dataclass(frozen=True, slots=True)
 class PoolKnobs:
+    # defaults as in phasesplit.spec.PoolAutoscaling
     min_replicas: int = 1
-    max_replicas: int = 1
+    max_replicas: int = 4
     metric: str = "queueTokens"
-    target_per_replica: float = 512.0
-    scale_up_max_step: int = 4
+    target_per_replica: float = 1024.0
+    scale_up_max_step: int = 2
     scale_down_stabilization_seconds: float = 300.0
-    cooldown_seconds: float = 30.0
+    cooldown_seconds: float = 60.0
     ttft_slo_seconds: float | None = None
     tbt_slo_seconds: float | None = None
 
@@ -258,8 +259,11 @@ class SplitScaler:
         self.ratio = ratio or RatioBounds()
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any]) -> SplitScaler:
-        """From a SplitInference `spec` dict: pools with an `autoscaling` block are scaled."""
+    def from_spec(cls, spec: Mapping[str, Any] | Any) -> SplitScaler:
+        """From a SplitInference spec (camelCase dict or `phasesplit.spec.SplitInferenceSpec`):
+        pools with an `autoscaling` block are scaled (the pydantic model gives every pool one)."""
+        if hasattr(spec, "model_dump"):
+            spec = spec.model_dump(by_alias=True, exclude_none=True)
         knobs = {name: PoolKnobs.from_spec(pool["autoscaling"])
                  for name, pool in (spec.get("pools") or {}).items() if pool and pool.get("autoscaling")}
         ratio = (spec.get("autoscaling") or {}).get("promptToTokenRatio") or {}

@@ -132,7 +132,8 @@ def test_ratio_bounds_raise_the_smaller_side(bounds, p, t, expected):
 def test_split_scaler_scales_pools_independently_from_the_spec_dict():
     spec = {"pools": {
         "prompt": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "metric": "queueTokens",
-                                   "targetPerReplica": 512, "cooldownSeconds": 0}},
+                                   "targetPerReplica": 512, "cooldownSeconds": 0,
+                                   "scaleUpMaxStep": 4}},
         "token": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "metric": "inflightRequests",
                                   "targetPerReplica": 8}}},
         "autoscaling": {"mode": "builtin", "promptToTokenRatio": {"min": 0.25, "max": 4}}}
@@ -161,3 +162,18 @@ def test_pool_scaler_keeps_state_between_calls():
     assert s.evaluate(PoolMetrics(queue_tokens=300), 1, now=0).desired == 3
     assert s.evaluate(PoolMetrics(queue_tokens=900), 3, now=10).desired == 3  # cooldown holds
     assert s.evaluate(PoolMetrics(queue_tokens=900), 3, now=101).desired == 7
+
+
+def test_split_scaler_from_the_pydantic_spec_uses_its_defaults():
+    import pathlib
+
+    import yaml
+
+    from phasesplit.spec import SplitInferenceSpec
+
+    doc = yaml.safe_load((pathlib.Path(__file__).resolve().parents[2] / "manifests/examples/tiny-cpu.yaml").read_text())
+    s = SplitScaler.from_spec(SplitInferenceSpec.model_validate(doc["spec"]))
+    assert set(s.pools) == {"prompt", "token"}
+    prompt = s.pools["prompt"].knobs
+    assert (prompt.metric, prompt.target_per_replica, prompt.max_replicas) == ("queueTokens", 512, 3)
+    assert (prompt.scale_up_max_step, prompt.cooldown_seconds) == (2, 60)   # spec defaults
