@@ -11,6 +11,10 @@ from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
                  max_model_len: int, eos_token_ids: set[int]):
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if max_model_len > capacity:
+            # Otherwise a lone sequence could outgrow the whole cache and wait forever.
+            raise ValueError(f"max_model_len: {max_model_len} exceeds the KV cache ({capacity} tokens)")
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -85,18 +89,22 @@ class Scheduler:
         for seq, token_id in zip(seqs, token_ids):
             seq.num_cached_tokens = seq.num_tokens
             seq.append_token(token_id)
-            seq.finish_reason = self._finish_reason(seq, token_id)
+            seq.finish_reason = self.finish_reason(seq, token_id)
             if seq.finish_reason or seq.prefill_only:
                 self._finish(seq)
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+    def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        """Why `seq` ends after `token_id` was appended, or None; detokenizes the token."""
         if token_id in self.eos_token_ids and not seq.params.ignore_eos:
+            reason = "stop"
+        elif push_text(seq, seq.detokenizer.push(token_id)):
             return "stop"
-        if push_text(seq, seq.detokenizer.push(token_id)):
-            return "stop"
-        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            reason = "length"
+        else:
+            return None
+        push_text(seq, seq.detokenizer.flush())
+        return reason
 
     def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -1,0 +1,316 @@
+"""`LLMEngine`: the API the worker roles call (add a request, step, abort, and the split handoff)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from phasesplit.engine.kv_cache import (BlockManager, KVCache, KVCapacityError, KVLayout, bytes_per_block,
+                                        decode_attention, prefill_attention)
+from phasesplit.engine.loader import load_model, resolve_dtype
+from phasesplit.engine.sampler import SamplingParams, make_generator, sample
+from phasesplit.engine.scheduler import Scheduler
+from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text, take_text
+from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+
+__all__ = ["EngineConfig", "EngineStats", "KVCapacityError", "KVExport", "KVLayout", "LLMEngine",
+           "SamplingParams", "StepOutput"]
+
+CPU_KV_BYTES = 512 * 2**20  # default KV pool on CPU, where free memory is not a meaningful budget
+
+
+@dataclasses.dataclass(slots=True)
+class EngineConfig:
+    model_dir: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_memory_fraction: float = 0.8  # of the device memory free after loading the model (CUDA)
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    served_model_name: str | None = None
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, must be an integer > 0")
+        for name in ("num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}: got {value!r}, must be an integer > 0 or unset")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction: got {self.kv_memory_fraction!r}, must be in (0, 1]")
+
+
+@dataclasses.dataclass(slots=True)
+class StepOutput:
+    request_id: str
+    token_ids: list[int]  # the tokens this step produced for the request (usually one)
+    text: str  # the detokenized text they add
+    finished: bool
+    # "stop" | "length" | "abort"; None while running, and for a prefill-only request that
+    # finished here but continues elsewhere.
+    finish_reason: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KVExport:
+    prompt_token_ids: list[int]
+    first_token: int | None  # None while the prefill is still running (e.g. inside layer_hook)
+    block_ids: list[int]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineStats:
+    waiting_requests: int
+    waiting_tokens: int  # tokens the waiting requests still have to prefill
+    running_requests: int
+    held_requests: int  # prefill-only requests whose blocks await export
+    reserved_requests: int  # blocks reserved for KV arriving from a prompt worker
+    pending_output_tokens: int  # at most this many tokens are still to generate
+    used_blocks: int
+    free_blocks: int
+    total_blocks: int
+    num_preemptions: int
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config.dtype)
+        self.model_config, self.model = load_model(config.model_dir, self.dtype, self.device)
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        mc = self.model_config
+        self.layout = KVLayout(
+            model=config.served_model_name or os.path.basename(os.path.normpath(config.model_dir)),
+            dtype=str(self.dtype).removeprefix("torch."), num_layers=mc.num_layers,
+            num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, block_size=config.block_size)
+        model_limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+        if config.max_model_len is not None and config.max_model_len > model_limit:
+            raise ValueError(f"max_model_len: got {config.max_model_len}, the model allows at most {model_limit}")
+        self.max_model_len = config.max_model_len or model_limit
+        num_blocks = self._num_kv_blocks()
+        self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
+        self.kv_cache = KVCache(self.layout, num_blocks, self.dtype, self.device)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, eos)
+        self.requests: dict[str, Sequence] = {}
+        self.reserved: dict[str, list[int]] = {}
+        self.pending: list[StepOutput] = []
+        self.layer_hook: Callable[[int, list[str]], None] | None = None
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks is not None:
+            if cfg.max_model_len is not None and cfg.num_kv_blocks * cfg.block_size < cfg.max_model_len:
+                raise ValueError(f"num_kv_blocks: {cfg.num_kv_blocks} blocks of {cfg.block_size} tokens cannot hold "
+                                 f"one sequence of max_model_len={cfg.max_model_len}")
+            return cfg.num_kv_blocks
+        per_block = bytes_per_block(self.layout, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(1, int(free * cfg.kv_memory_fraction) // per_block)
+        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        return max(blocks_per_seq, min(CPU_KV_BYTES // per_block, cfg.max_num_seqs * blocks_per_seq))
+
+    # ---- requests ----
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prefill_only: bool = False) -> None:
+        seq = self._new_sequence(request_id, prompt_token_ids, params, prefill_only)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request_id, prompt_token_ids, params, prefill_only=False) -> Sequence:
+        self._check_new_id(request_id)
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params: got {type(params).__name__}, must be SamplingParams")
+        ids = list(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        if not ids or not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt: must be a non-empty list of token ids in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt: {len(ids)} tokens is too long: max_model_len is {self.max_model_len} "
+                             "(prompt plus at least one generated token)")
+        return Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer, ids),
+                        make_generator(params.seed, self.device), prefill_only)
+
+    def _check_new_id(self, request_id: str) -> None:
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id: got {request_id!r}, must be a non-empty string")
+        if request_id in self.requests or request_id in self.reserved:
+            raise ValueError(f"request_id: {request_id!r} is already in use")
+
+    def abort(self, request_id: str) -> bool:
+        if request_id in self.reserved:
+            return self.release(request_id)
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.abort(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self.pending)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.block_manager.num_used_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.block_manager.num_blocks
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        live = [*s.waiting, *s.running]
+        return EngineStats(
+            waiting_requests=len(s.waiting),
+            waiting_tokens=sum(seq.num_tokens for seq in s.waiting),
+            running_requests=len(s.running),
+            held_requests=sum(seq.status is SequenceStatus.HELD for seq in self.requests.values()),
+            reserved_requests=len(self.reserved),
+            pending_output_tokens=sum(seq.params.max_tokens - seq.num_output_tokens for seq in live),
+            used_blocks=self.num_used_blocks, free_blocks=self.num_free_blocks,
+            total_blocks=self.num_total_blocks, num_preemptions=s.num_preemptions)
+
+    # ---- the split handoff ----
+
+    def export_kv(self, request_id: str) -> KVExport:
+        seq = self.requests.get(request_id)
+        if seq is None or not seq.block_table:
+            raise ValueError(f"request_id: {request_id!r} holds no KV blocks")
+        first = seq.output_token_ids[0] if seq.num_output_tokens else None
+        return KVExport(seq.prompt_token_ids, first, list(seq.block_table))
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks of a prefill-only request or of a reservation."""
+        if request_id in self.reserved:
+            self.block_manager.free_block_ids.extend(self.reserved.pop(request_id))
+            return True
+        seq = self.requests.get(request_id)
+        if seq is None or seq.status is not SequenceStatus.HELD:
+            return False
+        del self.requests[request_id]
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.FINISHED
+        return True
+
+    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int]:
+        """Blocks to receive `num_tokens` tokens of prompt KV; raises KVCapacityError when full."""
+        self._check_new_id(request_id)
+        if not isinstance(num_tokens, int) or not 0 < num_tokens < self.max_model_len:
+            raise ValueError(f"num_tokens: got {num_tokens!r}, must be in [1, {self.max_model_len - 1}]")
+        blocks = self.block_manager.take(self.block_manager.blocks_for(num_tokens))
+        self.reserved[request_id] = blocks
+        return list(blocks)
+
+    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
+                      params: SamplingParams) -> None:
+        """Decode, from its reserved blocks, a request whose prompt KV was imported into the cache."""
+        blocks = self.reserved.get(request_id)
+        if blocks is None:
+            raise ValueError(f"request_id: {request_id!r} has no reserved KV blocks (call reserve_kv first)")
+        if len(blocks) != self.block_manager.blocks_for(len(prompt_token_ids)):
+            raise ValueError(f"prompt_token_ids: {len(prompt_token_ids)} tokens do not match the "
+                             f"{len(blocks)} blocks reserved for {request_id!r}")
+        if not isinstance(first_token, int) or not 0 <= first_token < self.model_config.vocab_size:
+            raise ValueError(f"first_token: got {first_token!r}, must be a token id")
+        del self.reserved[request_id]
+        try:
+            seq = self._new_sequence(request_id, prompt_token_ids, params)
+        except ValueError:
+            self.block_manager.free_block_ids.extend(blocks)
+            raise
+        seq.block_table = blocks
+        seq.num_cached_tokens = seq.num_tokens
+        seq.append_token(first_token)
+        # The prompt worker already returned the first token and its text.
+        seq.finish_reason = self.scheduler.finish_reason(seq, first_token)
+        seq.num_emitted_chars = len(seq.output_text)
+        if seq.finish_reason:
+            self.block_manager.deallocate(seq)
+            seq.status = SequenceStatus.FINISHED
+            self.pending.append(StepOutput(request_id, [], "", True, seq.finish_reason))
+            return
+        self.requests[request_id] = seq
+        self.scheduler.add_running(seq)
+
+    # ---- steps ----
+
+    def step(self) -> list[StepOutput]:
+        outputs, self.pending = self.pending, []
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return outputs
+        token_ids = self.prefill(seqs) if is_prefill else self.decode_one_token(seqs)
+        self.scheduler.postprocess(seqs, token_ids)
+        return outputs + [self._output(seq) for seq in seqs]
+
+    def _output(self, seq: Sequence) -> StepOutput:
+        if seq.status is SequenceStatus.FINISHED:
+            del self.requests[seq.request_id]
+        return StepOutput(seq.request_id, [seq.last_token], take_text(seq), seq.is_finished, seq.finish_reason)
+
+    @torch.inference_mode()
+    def prefill(self, seqs: list[Sequence]) -> list[int]:
+        """Every token of each sequence (none cached) in one flat batch; returns the next token of each."""
+        bs = self.config.block_size
+        positions = [torch.arange(seq.num_tokens) for seq in seqs]
+        slots = [torch.tensor(seq.block_table)[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
+        cu_seqlens = [0]
+        for seq in seqs:
+            cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens)
+        input_ids = self._tensor([t for seq in seqs for t in seq.token_ids])
+        slot_mapping = torch.cat(slots).to(self.device)
+        request_ids = [seq.request_id for seq in seqs]
+
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            self.kv_cache.write(layer, k, v, slot_mapping)
+            if self.layer_hook is not None:
+                self.layer_hook(layer, request_ids)
+            return prefill_attention(q, k, v, cu_seqlens)
+
+        hidden = self.model(input_ids, torch.cat(positions).to(self.device), attention)
+        last = self._tensor([end - 1 for end in cu_seqlens[1:]])
+        return self._sample(hidden[last], seqs)
+
+    @torch.inference_mode()
+    def decode_one_token(self, seqs: list[Sequence]) -> list[int]:
+        """The last token of each sequence, attending over its cached context; returns the next ones."""
+        bs = self.config.block_size
+        positions = self._tensor([seq.num_tokens - 1 for seq in seqs])
+        slot_mapping = self._tensor([seq.slot(seq.num_tokens - 1, bs) for seq in seqs])
+        max_blocks = max(len(seq.block_table) for seq in seqs)
+        block_tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
+        context_lens = self._tensor([seq.num_tokens for seq in seqs])
+        mask = torch.arange(max_blocks * bs, device=self.device)[None, :] < context_lens[:, None]
+        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            self.kv_cache.write(layer, k, v, slot_mapping)
+            k_ctx, v_ctx = self.kv_cache.gather(layer, block_tables)
+            return decode_attention(q, k_ctx, v_ctx, mask)
+
+        hidden = self.model(self._tensor([seq.last_token for seq in seqs]), positions, attention)
+        return self._sample(hidden, seqs)
+
+    def _sample(self, hidden: Tensor, seqs: list[Sequence]) -> list[int]:
+        logits = self.model.compute_logits(hidden)  # [B, vocab] float32
+        return sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+
+    def _tensor(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
