@@ -1,0 +1,242 @@
+"""The router's HTTP API (aiohttp): OpenAI endpoints, health, metrics and pool administration."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from phasesplit.router.dispatch import Delta, Dispatcher, Job
+from phasesplit.router.metrics import POOLS, RouterMetrics
+from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from phasesplit.router.pools import Pools, WorkerSpec
+from phasesplit.router.prompts import check_prompt_length, chat_prompt_ids, completion_prompt_ids, sampling_params
+from phasesplit.router.responses import Shape
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RouterSettings:
+    served_model_name: str
+    max_model_len: int
+    api_key: str | None = None
+    workers: dict[str, list[WorkerSpec]] = field(default_factory=dict)   # pool -> entries
+    poll_interval: float = 0.5
+    dns_interval: float = 5.0
+
+
+@dataclass
+class Router:
+    settings: RouterSettings
+    tokenizer: object
+    metrics: RouterMetrics
+    pools: Pools
+    dispatcher: Dispatcher
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+ROUTER = web.AppKey("router", Router)
+
+
+def create_app(settings: RouterSettings, tokenizer) -> web.Application:
+    metrics = RouterMetrics()
+    pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
+                  dns_interval=settings.dns_interval)
+    app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=64 * 1024 * 1024)
+    app[ROUTER] = Router(settings, tokenizer, metrics, pools, Dispatcher(pools, metrics))
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/admin/pools", list_pools)
+    app.router.add_put("/admin/pools/{pool}", put_pool)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    await app[ROUTER].pools.start()
+
+
+async def _stop(app: web.Application) -> None:
+    router = app[ROUTER]
+    await router.dispatcher.drain_cleanup()
+    await router.pools.stop()
+
+
+# ---- middleware ----
+@web.middleware
+async def openai_errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except APIError as e:
+        return web.json_response(e.body(), status=e.status)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        error = APIError(e.status, f"{request.method} {request.path}: {e.reason}",
+                         type="invalid_request_error" if e.status < 500 else "server_error")
+        return web.json_response(error.body(), status=e.status)
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        error = APIError(500, "internal error in the router", type="server_error")
+        return web.json_response(error.body(), status=500)
+
+
+@web.middleware
+async def require_api_key(request: web.Request, handler):
+    key = request.app[ROUTER].settings.api_key
+    if key and request.path.startswith(("/v1/", "/admin/")):
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+    return await handler(request)
+
+
+# ---- OpenAI endpoints ----
+async def completions(request: web.Request) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    with _rejections(router):
+        req = parse_body(CompletionRequest, await request.read())
+        _check_model(router, req.model)
+        ids = completion_prompt_ids(req, router.tokenizer)
+        check_prompt_length(ids, router.settings.max_model_len, "prompt")
+        job = Job(f"cmpl-{uuid.uuid4().hex}", ids, sampling_params(req, len(ids), router.settings.max_model_len))
+    return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=False))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    router = request.app[ROUTER]
+    with _rejections(router):
+        req = parse_body(ChatCompletionRequest, await request.read())
+        _check_model(router, req.model)
+        ids = chat_prompt_ids(req, router.tokenizer)
+        check_prompt_length(ids, router.settings.max_model_len, "messages")
+        job = Job(f"chatcmpl-{uuid.uuid4().hex}", ids,
+                  sampling_params(req, len(ids), router.settings.max_model_len))
+    return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=True))
+
+
+async def models(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    card = {"id": router.settings.served_model_name, "object": "model", "created": router.created,
+            "owned_by": "phasesplit", "max_model_len": router.settings.max_model_len}
+    return web.json_response({"object": "list", "data": [card]})
+
+
+class _rejections:
+    """Counts a request refused before dispatch as `rejected`."""
+
+    def __init__(self, router: Router):
+        self.router = router
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if isinstance(error, APIError):
+            self.router.metrics.requests.labels(outcome="rejected").inc()
+        return False
+
+
+def _check_model(router: Router, model: str) -> None:
+    if model != router.settings.served_model_name:
+        raise APIError(404, f"model: the model {model!r} does not exist; this router serves "
+                            f"{router.settings.served_model_name!r}", param="model", code="model_not_found")
+
+
+async def _answer(request: web.Request, router: Router, req, job: Job, shape: Shape) -> web.StreamResponse:
+    async with aclosing(router.dispatcher.run(job)) as deltas:
+        if req.stream:
+            return await _stream(request, deltas, shape, len(job.prompt_token_ids), req.include_usage)
+        texts, completion_tokens, finish_reason = [], 0, ""
+        async for delta in deltas:
+            texts.append(delta.text)
+            completion_tokens += len(delta.token_ids)
+            finish_reason = delta.finish_reason or finish_reason
+        body = shape.full("".join(texts), finish_reason, len(job.prompt_token_ids), completion_tokens)
+        return web.json_response(body)
+
+
+async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int,
+                  include_usage: bool) -> web.StreamResponse:
+    first: Delta = await anext(deltas)   # errors before the first token are answered with their HTTP status
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+
+    async def send(obj) -> None:
+        await response.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+
+    completion_tokens, delta = 0, first
+    try:
+        if shape.chat:
+            await send(shape.chunk("", None, include_usage, role=True))
+        while True:
+            completion_tokens += len(delta.token_ids)
+            if delta.text or delta.finish_reason:
+                await send(shape.chunk(delta.text, delta.finish_reason or None, include_usage))
+            if delta.finish_reason:
+                break
+            delta = await anext(deltas)
+        if include_usage:
+            await send(shape.usage_chunk(prompt_tokens, completion_tokens))
+        await send(b"[DONE]")
+    except APIError as e:
+        try:
+            await send(e.body())
+            await send(b"[DONE]")
+        except ConnectionResetError:
+            return response
+    except ConnectionResetError:
+        log.debug("client of %s went away mid-stream", shape.id)
+        return response   # leaving `deltas` unfinished cancels the request on the workers
+    await response.write_eof()
+    return response
+
+
+# ---- operations ----
+async def health(request: web.Request) -> web.Response:
+    pools = request.app[ROUTER].pools
+    route = pools.route()
+    if route is None:
+        return web.json_response({"status": "unavailable", "reason": pools.why_not()}, status=503)
+    return web.json_response({"status": "ok", "route": route})
+
+
+async def metrics_text(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[ROUTER].metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+class PoolMembers(BaseModel):
+    workers: list[str]
+
+
+async def list_pools(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ROUTER].pools.describe())
+
+
+async def put_pool(request: web.Request) -> web.Response:
+    name = request.match_info["pool"]
+    if name not in POOLS:
+        raise APIError(404, f"pool: unknown pool {name!r}; allowed: {', '.join(POOLS)}", param="pool")
+    body = parse_body(PoolMembers, await request.read())
+    specs = []
+    for i, entry in enumerate(body.workers):
+        try:
+            specs.append(WorkerSpec.parse(entry))
+        except ValueError as e:
+            raise APIError(400, f"workers[{i}]: {e}", param=f"workers[{i}]") from None
+    pool = await request.app[ROUTER].pools.set_members(name, specs)
+    return web.json_response({"pool": name} | pool.describe())

@@ -1,0 +1,94 @@
+"""`phasesplit router`: the OpenAI-compatible HTTP router in front of the prompt, token and mixed pools."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from aiohttp import web
+
+from phasesplit.router.app import RouterSettings, create_app
+from phasesplit.router.pools import parse_worker_list
+
+log = logging.getLogger("phasesplit.router")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="phasesplit router", description=__doc__)
+    p.add_argument("--model", required=True, help="model directory (tokenizer and config.json)")
+    p.add_argument("--served-model-name", help="the name clients send as `model` (default: the directory name)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--prompt-workers", default="", help="comma-separated host:port or dns:NAME:PORT")
+    p.add_argument("--token-workers", default="", help="comma-separated host:port or dns:NAME:PORT")
+    p.add_argument("--mixed-workers", default="", help="comma-separated host:port or dns:NAME:PORT")
+    p.add_argument("--max-model-len", type=int, help="default: max_position_embeddings of the model's config.json")
+    p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between worker load polls")
+    p.add_argument("--dns-interval", type=float, default=5.0, help="seconds between re-resolving dns: entries")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def model_max_len(model_dir: Path) -> int:
+    config_path = model_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+        return int(config["max_position_embeddings"])
+    except FileNotFoundError:
+        raise SystemExit(f"phasesplit router: --model: {config_path} does not exist") from None
+    except (KeyError, TypeError, ValueError):
+        raise SystemExit(f"phasesplit router: {config_path} has no integer max_position_embeddings; "
+                         "pass --max-model-len") from None
+
+
+def settings_from_args(args: argparse.Namespace) -> RouterSettings:
+    model_dir = Path(args.model)
+    max_model_len = args.max_model_len or model_max_len(model_dir)
+    if max_model_len < 2:
+        raise SystemExit("phasesplit router: --max-model-len must be at least 2")
+    try:
+        workers = {"prompt": parse_worker_list(args.prompt_workers), "token": parse_worker_list(args.token_workers),
+                   "mixed": parse_worker_list(args.mixed_workers)}
+    except ValueError as e:
+        raise SystemExit(f"phasesplit router: {e}") from None
+    return RouterSettings(served_model_name=args.served_model_name or model_dir.resolve().name,
+                          max_model_len=max_model_len, api_key=os.environ.get("PHASESPLIT_API_KEY") or None,
+                          workers=workers, poll_interval=args.poll_interval, dns_interval=args.dns_interval)
+
+
+async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Serves `app`; a client that disconnects cancels its handler (and so its request on the workers)."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return runner, bound
+
+
+async def serve(settings: RouterSettings, tokenizer, host: str, port: int) -> None:
+    runner, bound = await start_server(create_app(settings, tokenizer), host, port)
+    print(f"phasesplit router serving {settings.served_model_name!r} on http://{host}:{bound}/v1", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping")
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from_args(args)
+    from phasesplit.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(args.model)
+    asyncio.run(serve(settings, tokenizer, args.host, args.port))
+    return 0

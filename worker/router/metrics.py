@@ -1,0 +1,101 @@
+"""The router's Prometheus metrics: the names the autoscaler reads (docs/architecture.md).
+
+Per pool (`prompt`, `token`, `mixed`), as the router sees its own traffic:
+- inflight_requests: requests in that pool's phase (sent to a worker, not finished there);
+- queue_requests: of those, the ones the pool has not started answering yet
+  (prompt: Prefill unanswered; token, mixed: no token received yet);
+- queue_tokens: prompt pool and mixed pool: prompt tokens not yet prefilled;
+  token pool: tokens still to generate.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+POOLS = ("prompt", "token", "mixed")
+OUTCOMES = ("success", "error", "cancelled", "rejected")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_requests = Gauge("phasesplit_queue_requests", "Requests waiting for a worker of the pool",
+                                    ["pool"], registry=r)
+        self.queue_tokens = Gauge("phasesplit_queue_tokens",
+                                  "Prompt tokens waiting (prompt, mixed pools); tokens still to generate (token pool)",
+                                  ["pool"], registry=r)
+        self.inflight_requests = Gauge("phasesplit_inflight_requests", "Requests in the pool's phase",
+                                       ["pool"], registry=r)
+        self.pool_workers = Gauge("phasesplit_pool_workers", "Workers in the pool", ["pool"], registry=r)
+        self.kv_blocks_used = Gauge("phasesplit_kv_blocks_used", "KV cache blocks in use", ["worker"], registry=r)
+        self.kv_blocks_free = Gauge("phasesplit_kv_blocks_free", "KV cache blocks free", ["worker"], registry=r)
+        self.kv_utilization = Gauge("phasesplit_kv_utilization", "Used over total KV blocks in the pool",
+                                    ["pool"], registry=r)
+        self.ttft = Histogram("phasesplit_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tbt = Histogram("phasesplit_time_between_tokens_seconds", "Time between output tokens",
+                             buckets=_TBT_BUCKETS, registry=r)
+        self.latency = Histogram("phasesplit_request_latency_seconds", "End-to-end request latency",
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.kv_transfer_bytes = Counter("phasesplit_kv_transfer_bytes", "KV bytes moved prompt -> token",
+                                         registry=r)
+        self.kv_transfer_seconds = Counter("phasesplit_kv_transfer_seconds", "Seconds spent moving KV",
+                                           registry=r)
+        self.requests = Counter("phasesplit_requests", "Requests by outcome", ["outcome"], registry=r)
+        for pool in POOLS:
+            for gauge in (self.queue_requests, self.queue_tokens, self.inflight_requests, self.pool_workers,
+                          self.kv_utilization):
+                gauge.labels(pool=pool).set(0)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def phase(self, pool: str, queued_tokens: int) -> "Phase":
+        return Phase(self, pool, queued_tokens)
+
+    def set_worker_kv(self, worker: str, used: int, free: int) -> None:
+        self.kv_blocks_used.labels(worker=worker).set(used)
+        self.kv_blocks_free.labels(worker=worker).set(free)
+
+    def forget_worker(self, worker: str) -> None:
+        for gauge in (self.kv_blocks_used, self.kv_blocks_free):
+            try:
+                gauge.remove(worker)
+            except KeyError:
+                pass
+
+
+class Phase:
+    """One request's stay in one pool's phase, kept in the queue and in-flight gauges."""
+
+    def __init__(self, metrics: RouterMetrics, pool: str, queued_tokens: int):
+        self._queue_requests = metrics.queue_requests.labels(pool=pool)
+        self._queue_tokens = metrics.queue_tokens.labels(pool=pool)
+        self._inflight = metrics.inflight_requests.labels(pool=pool)
+        self._queued, self._tokens, self._open = True, queued_tokens, True
+        self._inflight.inc()
+        self._queue_requests.inc()
+        self._queue_tokens.inc(queued_tokens)
+
+    def started(self) -> None:
+        if self._queued:
+            self._queued = False
+            self._queue_requests.dec()
+
+    def consume(self, tokens: int) -> None:
+        tokens = min(tokens, self._tokens)
+        self._tokens -= tokens
+        self._queue_tokens.dec(tokens)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self.started()
+            self.consume(self._tokens)
+            self._inflight.dec()

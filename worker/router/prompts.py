@@ -1,0 +1,60 @@
+"""From a validated OpenAI body to prompt token ids and the workers' sampling parameters."""
+
+from __future__ import annotations
+
+from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest
+from phasesplit.v1 import worker_pb2 as pb
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+
+
+def completion_prompt_ids(req: CompletionRequest, tokenizer) -> list[int]:
+    if isinstance(req.prompt, str):
+        ids = tokenizer.encode(req.prompt)
+    else:
+        ids = list(req.prompt)
+        vocab = getattr(tokenizer, "vocab_size", None)
+        if vocab and max(ids) >= vocab:
+            raise APIError(400, f"prompt: token id {max(ids)} is outside the vocabulary (0..{vocab - 1})",
+                           param="prompt")
+    if not ids:
+        raise APIError(400, "prompt: must not be empty", param="prompt")
+    return ids
+
+
+def chat_prompt_ids(req: ChatCompletionRequest, tokenizer) -> list[int]:
+    try:
+        text = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True)
+    except Exception as e:  # the template is user-supplied jinja: any failure is the request's
+        raise APIError(400, f"messages: the chat template cannot render them: {e}", param="messages") from None
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if not ids:
+        raise APIError(400, "messages: render to an empty prompt", param="messages")
+    return ids
+
+
+def check_prompt_length(ids: list[int], max_model_len: int, param: str) -> None:
+    if len(ids) >= max_model_len:
+        raise APIError(400, f"{param}: this model's maximum context length is {max_model_len} tokens, "
+                            f"and the prompt has {len(ids)} tokens (at least one must remain for the output)",
+                       param=param, code="context_length_exceeded")
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: int,
+                    max_model_len: int) -> pb.SamplingParams:
+    room = max_model_len - prompt_len
+    requested = req.requested_max_tokens
+    if requested is None:
+        max_tokens = min(COMPLETION_DEFAULT_MAX_TOKENS, room) if isinstance(req, CompletionRequest) else room
+    elif requested > room:
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+        raise APIError(400, f"{param}: this model's maximum context length is {max_model_len} tokens; the prompt "
+                            f"has {prompt_len}, so at most {room} can be generated, not {requested}",
+                       param=param, code="context_length_exceeded")
+    else:
+        max_tokens = requested
+    params = pb.SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=max(req.top_k, 0),
+                               max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
+    if req.seed is not None:
+        params.seed = req.seed
+    return params

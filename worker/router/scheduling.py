@@ -1,0 +1,38 @@
+"""Join-the-shortest-queue: which worker of a pool gets the next request."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+
+from phasesplit.router.workers import WorkerState
+
+_picks = itertools.count(1)
+
+
+def _mark(worker: WorkerState | None) -> WorkerState | None:
+    if worker is not None:
+        worker.last_picked = next(_picks)
+    return worker
+
+
+def pick_prompt_worker(workers: Iterable[WorkerState], exclude: Iterable[str] = ()) -> WorkerState | None:
+    """Fewest pending prompt tokens (the router's own and the worker's polled queue)."""
+    excluded = set(exclude)
+    candidates = [w for w in workers if w.routable and w.address not in excluded]
+    return _mark(min(candidates, key=lambda w: (w.queued_prompt_tokens, w.inflight, w.last_picked), default=None))
+
+
+def pick_token_worker(workers: Iterable[WorkerState], exclude: Iterable[str] = ()) -> WorkerState | None:
+    """Most free KV blocks (polled, less the router's reservations)."""
+    excluded = set(exclude)
+    candidates = [w for w in workers if w.routable and w.address not in excluded]
+    return _mark(min(candidates, key=lambda w: (-w.free_blocks, w.inflight, w.last_picked), default=None))
+
+
+def pick_mixed_worker(workers: Iterable[WorkerState], exclude: Iterable[str] = ()) -> WorkerState | None:
+    """Fewest pending prompt tokens, then fewest requests in flight, then most free KV blocks."""
+    excluded = set(exclude)
+    candidates = [w for w in workers if w.routable and w.address not in excluded]
+    return _mark(min(candidates, key=lambda w: (w.queued_prompt_tokens, w.inflight, -w.free_blocks,
+                                                 w.last_picked), default=None))

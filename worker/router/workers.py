@@ -1,0 +1,116 @@
+"""One worker as the router sees it: its gRPC stubs, its polled load and the router's own accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+class WorkerState:
+    def __init__(self, address: str, pool: str):
+        self.address, self.pool = address, pool
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.prompt = pb_grpc.PromptWorkerStub(self.channel)
+        self.token = pb_grpc.TokenWorkerStub(self.channel)
+        self.worker = pb_grpc.WorkerStub(self.channel)
+        self.info: pb.WorkerInfo | None = None
+        self.load: pb.WorkerLoad | None = None
+        self.error = "not polled yet"
+        self.pending_tokens = 0          # prompt tokens sent by this router and not answered
+        self.inflight = 0                # this router's requests on the worker
+        self.last_picked = 0             # tie-break: least recently picked first
+        self.polls = 0
+        self._reserved: dict[str, int] = {}   # request id -> KV blocks not yet visible in `load`
+        self._settling: dict[str, int] = {}   # request id -> poll count when its KV landed
+
+    # ---- state the scheduler reads ----
+    @property
+    def routable(self) -> bool:
+        return self.info is not None and self.load is not None and not self.load.draining and self.serves_pool
+
+    @property
+    def serves_pool(self) -> bool:
+        return self.info is None or self.info.role in (self.pool, "mixed")
+
+    @property
+    def queued_prompt_tokens(self) -> int:
+        polled = self.load.waiting_tokens if self.load else 0
+        return max(self.pending_tokens, polled)
+
+    @property
+    def free_blocks(self) -> int:
+        polled = self.load.kv_blocks_free if self.load else 0
+        return polled - sum(self._reserved.values())
+
+    @property
+    def block_size(self) -> int:
+        return (self.info.layout.block_size if self.info else 0) or 16
+
+    # ---- the router's KV reservations ----
+    def reserve(self, request_id: str, blocks: int) -> None:
+        self._reserved[request_id] = blocks
+
+    def settle(self, request_id: str) -> None:
+        """The KV has landed: drop the reservation once a later poll counts it."""
+        if request_id in self._reserved:
+            self._settling[request_id] = self.polls
+
+    def unreserve(self, request_id: str) -> None:
+        self._reserved.pop(request_id, None)
+        self._settling.pop(request_id, None)
+
+    # ---- polling ----
+    async def poll(self, timeout: float) -> None:
+        polls = self.polls
+        try:
+            if self.info is None:
+                self.info = await self.worker.Info(pb.InfoRequest(), timeout=timeout)
+                if not self.serves_pool:
+                    log.warning("worker %s has role %r and cannot serve the %s pool",
+                                self.address, self.info.role, self.pool)
+            self.load = await self.worker.Load(pb.LoadRequest(), timeout=timeout)
+            self.error = "draining" if self.load.draining else ""
+        except grpc.aio.AioRpcError as e:
+            self.load, self.error = None, f"{e.code().name}: {e.details()}"
+        self.polls = polls + 1
+        for rid, seen in list(self._settling.items()):
+            if seen < polls:
+                self.unreserve(rid)
+
+    async def abort(self, request_id: str, timeout: float = 2.0) -> None:
+        try:
+            await self.worker.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            log.debug("abort of %s on %s failed: %s", request_id, self.address, e.code().name)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    def describe(self) -> dict:
+        load = self.load
+        return {
+            "address": self.address,
+            "role": self.info.role if self.info else None,
+            "routable": self.routable,
+            "error": self.error or None,
+            "inflight": self.inflight,
+            "kv_blocks_used": load.kv_blocks_used if load else None,
+            "kv_blocks_free": load.kv_blocks_free if load else None,
+            "waiting_tokens": load.waiting_tokens if load else None,
+        }
+
+
+async def gather_quietly(*aws) -> None:
+    await asyncio.gather(*aws, return_exceptions=True)
