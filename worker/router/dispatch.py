@@ -123,7 +123,8 @@ class Dispatcher:
                 self._abort_later(token_w, job.request_id)  # frees KV that no Generate will claim
                 return
             remaining = max(job.sampling.max_tokens - 1, 0)
-            request = pb.GenerateRequest(request_id=job.request_id, sampling=job.sampling)
+            request = pb.GenerateRequest(request_id=job.request_id, sampling=job.sampling,
+                                         first_token=reply.first_token)
             async with aclosing(self._generate(token_w, "token", request, remaining)) as events:
                 async for delta in events:
                     finished = bool(delta.finish_reason)
