@@ -69,6 +69,13 @@ def load_model(model_dir, dtype: str | torch.dtype | None = None, device="cpu") 
     missing = [name for name in expected if name not in files]
     if missing:
         raise ValueError(f"tensor {missing[0]!r} missing from the weights in {model_dir} ({len(missing)} missing)")
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = [n for n in files if n not in expected and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
+    if unexpected:
+        raise ValueError(
+            f"tensor {unexpected[0]!r} in the weights in {model_dir} has no place in a {config.architecture} with "
+            f"this config.json ({len(unexpected)} unexpected)"
+        )
     by_file: dict[Path, list[str]] = {}
     for name in expected:
         by_file.setdefault(files[name], []).append(name)
