@@ -1,0 +1,71 @@
+"""Fixtures: fake workers on real gRPC ports and the real router app on a real HTTP port."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aiohttp
+import pytest
+from fake_worker import MODEL, FakeWorker
+from prometheus_client.parser import text_string_to_metric_families
+
+from phasesplit.engine.tokenizer import Tokenizer
+from phasesplit.router.app import ROUTER, Router, RouterSettings, create_app
+from phasesplit.router.main import start_server
+from phasesplit.router.pools import WorkerSpec
+
+
+
+@dataclass
+class Cluster:
+    url: str
+    router: Router
+    workers: dict[str, list[FakeWorker]] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    def all_workers(self) -> list[FakeWorker]:
+        return [w for ws in self.workers.values() for w in ws]
+
+    async def metrics(self) -> dict[tuple[str, tuple], float]:
+        """{(sample name, sorted labels): value} from GET /metrics, parsed by prometheus_client."""
+        async with aiohttp.ClientSession() as session, session.get(self.url + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    return Tokenizer.from_dir(tiny_model_dir)
+
+
+@pytest.fixture
+async def make_cluster(tokenizer):
+    started: list = []
+
+    async def make(prompt: int = 1, token: int = 1, mixed: int = 0, api_key: str | None = None,
+                   max_model_len: int = 2048, worker_options: dict | None = None,
+                   extra_specs: dict[str, list[str]] | None = None) -> Cluster:
+        workers: dict[str, list[FakeWorker]] = {}
+        for pool, count in (("prompt", prompt), ("token", token), ("mixed", mixed)):
+            workers[pool] = [FakeWorker(pool, tokenizer, **(worker_options or {})) for _ in range(count)]
+            for w in workers[pool]:
+                await w.start()
+                started.append(w)
+        specs = {pool: [WorkerSpec.parse(w.address) for w in ws] for pool, ws in workers.items()}
+        for pool, entries in (extra_specs or {}).items():
+            specs[pool] += [WorkerSpec.parse(e) for e in entries]
+        settings = RouterSettings(served_model_name=MODEL, max_model_len=max_model_len, api_key=api_key,
+                                  workers=specs, poll_interval=0.1, dns_interval=0.2)
+        app = create_app(settings, tokenizer)
+        runner, port = await start_server(app, "127.0.0.1", 0)
+        started.append(runner)
+        return Cluster(f"http://127.0.0.1:{port}", app[ROUTER], workers)
+
+    yield make
+    for thing in reversed(started):
+        await (thing.cleanup() if hasattr(thing, "cleanup") else thing.stop())
