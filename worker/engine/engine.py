@@ -12,7 +12,7 @@ from torch import Tensor
 from phasesplit.engine.kv_cache import (BlockManager, KVCache, KVCapacityError, KVLayout, bytes_per_block,
                                         decode_attention, prefill_attention)
 from phasesplit.engine.loader import load_model, resolve_dtype
-from phasesplit.engine.sampler import SamplingParams, make_generator, sample
+from phasesplit.engine.sampler import SamplingParams, make_generator, sample, skip_draw
 from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text, take_text
 from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -241,6 +241,8 @@ class LLMEngine:
         # The prompt worker already returned the first token and its text.
         seq.finish_reason = self.scheduler.finish_reason(seq, first_token)
         seq.num_emitted_chars = len(seq.output_text)
+        if seq.generator is not None and not params.greedy:
+            skip_draw(seq.generator, self.model_config.vocab_size)  # the draw that chose first_token
         if seq.finish_reason:
             self.block_manager.deallocate(seq)
             seq.status = SequenceStatus.FINISHED
@@ -258,7 +260,7 @@ class LLMEngine:
             return outputs
         token_ids = self.prefill(seqs) if is_prefill else self.decode_one_token(seqs)
         self.scheduler.postprocess(seqs, token_ids)
-        return outputs + [self._output(seq) for seq in seqs]
+        return outputs + [self._output(seq) for seq in seqs if seq.finish_reason != "abort"]
 
     def _output(self, seq: Sequence) -> StepOutput:
         if seq.status is SequenceStatus.FINISHED:

@@ -93,3 +93,8 @@ def _draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
         if gen is not None:
             noise[i].exponential_(generator=gen)
     return (probs / noise).argmax(dim=-1)
+
+
+def skip_draw(generator: torch.Generator, vocab_size: int) -> None:
+    """Advance a generator past one token's draw, as if `sample` had used it."""
+    torch.empty(vocab_size, dtype=torch.float32, device=generator.device).exponential_(generator=generator)

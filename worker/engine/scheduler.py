@@ -87,6 +87,8 @@ class Scheduler:
 
     def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
         for seq, token_id in zip(seqs, token_ids):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted during the step (e.g. from a layer hook)
             seq.num_cached_tokens = seq.num_tokens
             seq.append_token(token_id)
             seq.finish_reason = self.finish_reason(seq, token_id)
