@@ -1,0 +1,167 @@
+"""The token worker's side of a KV transfer: the transport's `KVSink` over the engine's paged cache.
+
+A transfer reserves blocks (engine thread), then the transport writes each verified chunk straight
+into those blocks (transport thread: the engine never touches reserved blocks), then commits.
+Generate claims committed KV and hands its blocks to the engine (`add_prefilled`). KV that is not
+claimed within the lease, and transfers that stall past the transfer timeout, are freed."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from phasesplit.engine.kv_cache import KVCapacityError
+from phasesplit.roles.core import WorkerCore
+from phasesplit.transport import base, blocks
+from phasesplit.v1 import worker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+RECEIVING, READY, CLAIMED, FAILED = "receiving", "ready", "claimed", "failed"
+
+
+class ReceivedKV(base.KVDestination):
+    """One request's KV arriving into (or held in) reserved cache blocks."""
+
+    def __init__(self, inbox: KVInbox, header: pb.KVHeader, block_ids: list[int]):
+        self.inbox = inbox
+        self.request_id = header.request_id
+        self.prompt_token_ids = list(header.prompt_token_ids)
+        self.first_token = header.first_token if header.HasField("first_token") else None
+        self.block_ids = block_ids
+        self.state = RECEIVING
+        self.error = ""
+        self.touched = time.monotonic()
+        self.lock = threading.Lock()  # a write and the release of its blocks never overlap
+        self.settled = threading.Event()  # READY or FAILED
+
+    def write(self, layer: int, kind: int, block_start: int, block_count: int, data: memoryview) -> None:
+        with self.lock:
+            if self.state != RECEIVING:
+                raise base.TransferAborted(f"request {self.request_id}: transfer is {self.state}: {self.error}")
+            if block_start + block_count > len(self.block_ids):
+                raise base.KVDataLoss(f"request {self.request_id}: blocks [{block_start}, {block_start + block_count})"
+                                      f" outside the {len(self.block_ids)} reserved")
+            cache = self.inbox.engine.kv_cache.k[layer] if kind == base.K else self.inbox.engine.kv_cache.v[layer]
+            blocks.write_blocks(cache, self.block_ids[block_start:block_start + block_count], data)
+            self.touched = time.monotonic()
+
+    def commit(self) -> None:
+        with self.lock:
+            if self.state != RECEIVING:
+                raise base.TransferAborted(f"request {self.request_id}: transfer is {self.state}: {self.error}")
+            self.state = READY
+            self.touched = time.monotonic()
+        self.settled.set()
+
+    def abort(self, error: str = "aborted by the sender") -> None:
+        self.fail(error)
+
+    def fail(self, error: str) -> bool:
+        """Frees the blocks unless Generate already owns them. True when this call freed them."""
+        with self.lock:
+            if self.state in (CLAIMED, FAILED):
+                return False
+            self.state, self.error = FAILED, error
+            self.inbox.release_blocks(self.request_id)
+            self.touched = time.monotonic()
+        self.settled.set()
+        return True
+
+    def claim(self) -> bool:
+        with self.lock:
+            if self.state != READY:
+                return False
+            self.state = CLAIMED
+            return True
+
+
+class KVInbox(base.KVSink):
+    def __init__(self, core: WorkerCore, transfer_timeout: float, lease: float, reap_interval: float = 0.5):
+        self.core = core
+        self.engine = core.engine
+        self.transfer_timeout = transfer_timeout
+        self.lease = lease
+        self._entries: dict[str, ReceivedKV] = {}
+        self._changed = threading.Condition()
+        self._stop = threading.Event()
+        self._reaper = threading.Thread(target=self._reap_forever, args=(reap_interval,), name="kv-reaper",
+                                        daemon=True)
+
+    def start(self) -> KVInbox:
+        self._reaper.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- KVSink (transport threads) ----
+
+    def begin(self, header: pb.KVHeader) -> ReceivedKV:
+        base.check_layout(self.engine.layout, header.layout)
+        if self.core.draining.is_set():
+            raise base.CapacityError("token worker is draining and takes no new KV")
+        try:
+            block_ids = self.core.loop.run(self.engine.reserve_kv, header.request_id, len(header.prompt_token_ids))
+        except KVCapacityError as exc:
+            raise base.CapacityError(f"request {header.request_id}: {exc}") from exc
+        except ValueError as exc:
+            raise base.TransferError(f"request {header.request_id}: {exc}") from exc
+        entry = ReceivedKV(self, header, block_ids)
+        with self._changed:
+            self._entries[header.request_id] = entry
+            self._changed.notify_all()
+        return entry
+
+    # ---- Generate and Abort (gRPC threads) ----
+
+    def wait(self, request_id: str, timeout: float) -> ReceivedKV | None:
+        """The request's KV once it is READY or FAILED; None if no transfer settles within timeout."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            if not self._changed.wait_for(lambda: request_id in self._entries, timeout):
+                return None
+            entry = self._entries[request_id]
+        left = max(0.0, deadline - time.monotonic())
+        return entry if entry.settled.wait(left) else None
+
+    def forget(self, request_id: str) -> None:
+        with self._changed:
+            self._entries.pop(request_id, None)
+
+    def abort(self, request_id: str) -> bool:
+        with self._changed:
+            entry = self._entries.pop(request_id, None)
+        return entry is not None and entry.fail("aborted")
+
+    def pending(self) -> int:
+        """Transfers receiving or KV waiting for Generate."""
+        with self._changed:
+            return sum(e.state in (RECEIVING, READY) for e in self._entries.values())
+
+    def release_blocks(self, request_id: str) -> None:
+        self.core.loop.run(self.engine.release, request_id)
+
+    # ---- lease and stall ----
+
+    def reap(self) -> None:
+        now = time.monotonic()
+        with self._changed:
+            entries = list(self._entries.values())
+        for entry in entries:
+            if entry.state == RECEIVING and now - entry.touched > self.transfer_timeout:
+                if entry.fail(f"transfer stalled: no data for {self.transfer_timeout:g} s"):
+                    log.warning("request %s: KV transfer stalled, blocks freed", entry.request_id)
+            elif entry.state == READY and now - entry.touched > self.lease:
+                if entry.fail(f"KV not claimed by Generate within the {self.lease:g} s lease"):
+                    log.warning("request %s: KV lease expired, blocks freed", entry.request_id)
+            elif entry.state in (FAILED, CLAIMED) and now - entry.touched > self.lease:
+                self.forget(entry.request_id)
+
+    def _reap_forever(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.reap()
+            except Exception:  # noqa: BLE001 - the reaper must keep running
+                log.exception("KV reaper")

@@ -1,0 +1,193 @@
+"""`PromptWorker.Prefill`: the prompt phase, with the KV streamed to the token worker layer by layer.
+
+The request joins the engine's batches as a prefill-only request. While the batch runs, the
+engine's `layer_hook` hands each finished layer's blocks to the request's KV sender, so the
+transfer overlaps the rest of the prefill. The blocks stay held until the token worker has
+acknowledged every chunk (or the transfer is aborted), then they are released."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from phasesplit.roles.convert import layout_to_proto, sampling_from_proto
+from phasesplit.roles.core import WorkerCore
+from phasesplit.roles.engine_loop import Finished
+from phasesplit.roles.streaming import submit_or_abort
+from phasesplit.transport.base import (CapacityError, KVDataLoss, KVSender, LayoutMismatch, TransferAborted,
+                                       TransferError, TransferTimeout)
+from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TRANSFER_STATUS = {
+    LayoutMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    KVDataLoss: grpc.StatusCode.DATA_LOSS,
+    TransferTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    TransferAborted: grpc.StatusCode.ABORTED,
+}
+
+
+@dataclass(slots=True)
+class PrefillTiming:
+    """perf_counter() instants of one request's prompt phase and transfer."""
+    arrived: float
+    first_layer: float = 0.0
+    last_layer: float = 0.0
+    first_token: float = 0.0
+    transfer_opened: float = 0.0
+    acknowledged: float = 0.0
+    kv_bytes: int = 0
+    layers_sent: list = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Transfer:
+    timing: PrefillTiming
+    layerwise: bool
+    sender: KVSender | None = None
+
+
+class PromptService(pb_grpc.PromptWorkerServicer):
+    def __init__(self, core: WorkerCore, transport, on_timing=None):
+        self.core = core
+        self.transport = transport
+        self.on_timing = on_timing  # called with (request_id, PrefillTiming) after each Prefill
+        self._transfers: dict[str, _Transfer] = {}
+        self._lock = threading.Lock()
+        core.engine.layer_hook = self._on_layer
+
+    # ---- engine thread ----
+
+    def _on_layer(self, layer: int, request_ids: list[str]) -> None:
+        now = time.perf_counter()
+        engine = self.core.engine
+        for rid in request_ids:
+            transfer = self._transfers.get(rid)
+            if transfer is None:
+                continue
+            if layer == 0:
+                transfer.timing.first_layer = now
+            transfer.timing.last_layer = now
+            if transfer.layerwise and transfer.sender is not None:
+                block_ids = engine.requests[rid].block_table
+                transfer.sender.send_layer(layer, engine.kv_cache.k[layer], engine.kv_cache.v[layer], block_ids)
+
+    # ---- gRPC threads ----
+
+    def Prefill(self, request, context):
+        self.core.refuse_if_draining(context)
+        with self.core.tracked():
+            return self._prefill(request, context)
+
+    def _prefill(self, request, context) -> pb.PrefillReply:
+        timing = PrefillTiming(arrived=time.perf_counter())
+        rid = request.request_id
+        params = self._validate(request, context)
+        ids = list(request.prompt_token_ids)
+        transfer = _Transfer(timing, self.core.settings.layerwise)
+        with self._lock:
+            self._transfers[rid] = transfer
+        if transfer.layerwise:
+            self._open(request, context, transfer, first_token=None)
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        engine = self.core.engine
+        try:
+            submit_or_abort(self.core, context, rid, outputs.put,
+                            lambda: engine.add_request(rid, ids, params, prefill_only=True))
+        except BaseException:
+            self._drop(rid, abort_sender=True)
+            raise
+        done = threading.Event()
+        if not context.add_callback(lambda: done.is_set() or self.abort(rid)):
+            self.abort(rid)
+        try:
+            out = outputs.get()
+            timing.first_token = time.perf_counter()
+            if isinstance(out, Finished):
+                self._drop(rid, abort_sender=True)
+                code = grpc.StatusCode.CANCELLED if out.finish_reason == "abort" else grpc.StatusCode.INTERNAL
+                context.abort(code, out.error or f"request {rid} was aborted")
+            first_token = out.token_ids[0]
+            if out.finish_reason:  # ends at its first token: no token phase, no KV to move
+                self._drop(rid, abort_sender=True)
+            else:
+                if transfer.sender is None:
+                    self._open(request, context, transfer, first_token=first_token)
+                    self._send_all_layers(rid, transfer)
+                self._finish(rid, transfer, context, timing)
+            reply = pb.PrefillReply(first_token=first_token, first_text=out.text, finish_reason=out.finish_reason or "",
+                                    queue_seconds=max(0.0, (timing.first_layer or timing.first_token) - timing.arrived),
+                                    prefill_seconds=timing.first_token - (timing.first_layer or timing.arrived),
+                                    transfer_seconds=max(0.0, timing.acknowledged - timing.transfer_opened),
+                                    kv_bytes=timing.kv_bytes)
+        finally:
+            done.set()
+            self._release(rid)
+        if self.on_timing is not None:
+            self.on_timing(rid, timing)
+        return reply
+
+    def abort(self, request_id: str) -> bool:
+        """Stops the request's transfer (the token worker frees its side), then frees it here."""
+        found = self._drop(request_id, abort_sender=True)
+        return self.core.loop.abort(request_id).result() or found
+
+    # ---- helpers ----
+
+    def _validate(self, request, context):
+        if not request.request_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
+        if not request.token_worker:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_worker: must be host:port of the token worker")
+        try:
+            return sampling_from_proto(request.sampling)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}")
+
+    def _open(self, request, context, transfer: _Transfer, first_token: int | None) -> None:
+        header = pb.KVHeader(request_id=request.request_id, layout=layout_to_proto(self.core.engine.layout),
+                             prompt_token_ids=request.prompt_token_ids, sampling=request.sampling)
+        if first_token is not None:
+            header.first_token = first_token
+        transfer.timing.transfer_opened = time.perf_counter()
+        try:
+            transfer.sender = self.transport.open(request.token_worker, header)
+        except (ValueError, TransferError) as exc:
+            self._drop(request.request_id, abort_sender=False)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer to {request.token_worker}: {exc}")
+
+    def _send_all_layers(self, rid: str, transfer: _Transfer) -> None:
+        """Serialized transfer: every layer after the prompt phase (the blocks are held, untouched)."""
+        engine = self.core.engine
+        block_ids = self.core.loop.run(lambda: engine.export_kv(rid).block_ids)
+        for layer in range(engine.layout.num_layers):
+            transfer.sender.send_layer(layer, engine.kv_cache.k[layer], engine.kv_cache.v[layer], block_ids)
+
+    def _finish(self, rid: str, transfer: _Transfer, context, timing: PrefillTiming) -> None:
+        try:
+            result = transfer.sender.finish()
+        except TransferError as exc:
+            self._drop(rid, abort_sender=True)
+            context.abort(TRANSFER_STATUS.get(type(exc), grpc.StatusCode.UNAVAILABLE), str(exc))
+        timing.acknowledged = time.perf_counter()
+        timing.kv_bytes = result.bytes
+        self._drop(rid, abort_sender=False)
+
+    def _drop(self, rid: str, abort_sender: bool) -> bool:
+        with self._lock:
+            transfer = self._transfers.pop(rid, None)
+        if transfer is not None and transfer.sender is not None and abort_sender:
+            transfer.sender.abort()
+        return transfer is not None
+
+    def _release(self, rid: str) -> None:
+        # Only after the sender stopped reading the blocks (finish or abort returned).
+        self.core.loop.run(self.core.engine.release, rid)

@@ -1,0 +1,72 @@
+"""`TokenWorker`: PushKV into the paged cache; Generate decodes from it (or, on a mixed worker,
+runs both phases for a request that brings its prompt)."""
+
+from __future__ import annotations
+
+import grpc
+
+from phasesplit.roles.convert import sampling_from_proto
+from phasesplit.roles.core import WorkerCore
+from phasesplit.roles.kv_inbox import FAILED, KVInbox
+from phasesplit.roles.streaming import stream_tokens
+from phasesplit.transport.grpc_kv import handle_push_kv
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+
+class TokenService(pb_grpc.TokenWorkerServicer):
+    def __init__(self, core: WorkerCore, inbox: KVInbox):
+        self.core = core
+        self.inbox = inbox
+
+    def PushKV(self, request_iterator, context):
+        with self.core.tracked():
+            return handle_push_kv(request_iterator, context, self.inbox, timeout=self.core.settings.kv_transfer_timeout)
+
+    def Generate(self, request, context):
+        with self.core.tracked():
+            if not request.request_id:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
+            try:
+                params = sampling_from_proto(request.sampling)
+            except ValueError as exc:
+                self.inbox.abort(request.request_id)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}")
+            if request.prompt_token_ids:
+                yield from self._both_phases(request, params, context)
+            else:
+                yield from self._from_received_kv(request, params, context)
+
+    def _both_phases(self, request, params, context):
+        if self.core.role != "mixed":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "prompt_token_ids: only a mixed worker runs the prompt phase in Generate; "
+                          "a token worker decodes KV pushed by a prompt worker")
+        self.core.refuse_if_draining(context)
+        rid, ids, engine = request.request_id, list(request.prompt_token_ids), self.core.engine
+        yield from stream_tokens(self.core, context, rid, lambda: engine.add_request(rid, ids, params))
+
+    def _from_received_kv(self, request, params, context):
+        rid, engine = request.request_id, self.core.engine
+        timeout = self.core.settings.kv_transfer_timeout
+        entry = self.inbox.wait(rid, timeout)
+        if entry is None:
+            self.inbox.abort(rid)
+            context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no KV for {rid!r} arrived within {timeout:g} s")
+        if entry.state == FAILED:
+            context.abort(grpc.StatusCode.ABORTED, f"request {rid}: KV transfer failed: {entry.error}")
+        first_token = request.first_token if request.HasField("first_token") else entry.first_token
+        if first_token is None:
+            self.inbox.abort(rid)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "first_token: required (the prompt worker's first token) when the KV header lacks it")
+        if not entry.claim():
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"request {rid}: KV is {entry.state}: {entry.error}")
+
+        def add():
+            try:
+                engine.add_prefilled(rid, entry.prompt_token_ids, first_token, params)
+            except BaseException:
+                engine.release(rid)
+                raise
+
+        yield from stream_tokens(self.core, context, rid, add)

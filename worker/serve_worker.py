@@ -1,0 +1,174 @@
+"""`phasesplit worker --role prompt|token|mixed --model DIR ...`: one worker as a gRPC server.
+
+Serves `Worker` plus `PromptWorker` (prompt, mixed) and/or `TokenWorker` (token, mixed), and the
+standard gRPC health service (SERVING once the model is loaded). SIGTERM or SIGINT drains: new
+work is refused with UNAVAILABLE, what is in flight finishes within --drain-timeout, exit 0."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from phasesplit.roles.control import WorkerService
+from phasesplit.roles.core import WorkerCore, WorkerSettings
+from phasesplit.roles.kv_inbox import KVInbox
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger("phasesplit.worker")
+ROLES = ("prompt", "token", "mixed")
+SERVICES = {"prompt": ("phasesplit.v1.PromptWorker",), "token": ("phasesplit.v1.TokenWorker",),
+            "mixed": ("phasesplit.v1.PromptWorker", "phasesplit.v1.TokenWorker")}
+
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="phasesplit worker", description=__doc__.split("\n\n")[0])
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--served-model-name", help="model name clients use (default: the directory's name)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int)
+    p.add_argument("--kv-memory-fraction", type=float, default=0.8)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int)
+    p.add_argument("--kv-backend", default="grpc", choices=("grpc", "nccl"))
+    p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds a transfer may stall")
+    p.add_argument("--kv-lease", type=float, default=30.0, help="seconds received KV waits for its Generate")
+    p.add_argument("--no-layerwise", dest="layerwise", action="store_false",
+                   help="send the KV after the prompt phase instead of layer by layer during it")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--grpc-threads", type=int, help="gRPC handler threads (default: enough for --max-num-seqs)")
+    args = p.parse_args(argv)
+    for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(args, name)}")
+    return args
+
+
+def make_transport(backend: str, timeout: float):
+    if backend == "nccl":
+        from phasesplit.transport import nccl_kv
+        return nccl_kv.NcclKVTransport(timeout=timeout)
+    from phasesplit.transport.grpc_kv import GrpcKVTransport
+    return GrpcKVTransport(timeout=timeout)
+
+
+def load_engine(args: argparse.Namespace):
+    from phasesplit.engine.engine import EngineConfig, LLMEngine
+    return LLMEngine(EngineConfig(
+        model_dir=args.model, dtype=args.dtype, device=args.device or default_device(),
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, served_model_name=args.served_model_name))
+
+
+class WorkerServer:
+    """The engine, its roles' services and the gRPC server around them."""
+
+    def __init__(self, engine, args: argparse.Namespace, transport=None):
+        from phasesplit.transport import grpc_kv
+        name = args.served_model_name or engine.layout.model
+        self.settings = WorkerSettings(role=args.role, served_model_name=name,
+                                       kv_transfer_timeout=args.kv_transfer_timeout, kv_lease=args.kv_lease,
+                                       drain_timeout=args.drain_timeout, layerwise=args.layerwise)
+        self.core = WorkerCore(engine, self.settings)
+        self.transport = transport
+        self.inbox = KVInbox(self.core, args.kv_transfer_timeout, args.kv_lease)
+        self.health = health.HealthServicer()
+        threads = args.grpc_threads or 2 * args.max_num_seqs + 16
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                                  options=list(grpc_kv.SERVER_OPTIONS))
+        aborts = []
+        self.prompt = None
+        if args.role in ("prompt", "mixed"):
+            from phasesplit.roles.prompt import PromptService
+            self.transport = transport or make_transport(args.kv_backend, args.kv_transfer_timeout)
+            self.prompt = PromptService(self.core, self.transport)
+            pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
+            aborts.append(self.prompt.abort)
+        if args.role in ("token", "mixed"):
+            from phasesplit.roles.token import TokenService
+            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox), self.server)
+            aborts.append(self.inbox.abort)
+        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(f"{args.host}:{args.port}")
+        if not self.port:
+            raise OSError(f"--port: cannot listen on {args.host}:{args.port}")
+        self.core.on_drain.append(self._not_serving)
+
+    def start(self) -> "WorkerServer":
+        self.core.loop.start()
+        self.inbox.start()
+        self.server.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def drain_and_stop(self) -> bool:
+        """Refuses new work, waits for in-flight requests (and KV awaiting Generate); True if all finished."""
+        self.core.drain()
+        finished = self.core.wait_idle(self.settings.drain_timeout, self.inbox.pending)
+        self.stop()
+        return finished
+
+    def stop(self) -> None:
+        self.server.stop(grace=1.0).wait()
+        self.inbox.stop()
+        self.core.loop.stop()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _not_serving(self) -> None:
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set_health(self, status) -> None:
+        for service in ("", "phasesplit.v1.Worker", *SERVICES[self.settings.role]):
+            self.health.set(service, status)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        from phasesplit.transport.malloc import tune_malloc
+        tune_malloc()
+    except ImportError:
+        pass
+    try:
+        engine = load_engine(args)
+        server = WorkerServer(engine, args).start()
+    except (OSError, ValueError) as exc:
+        print(f"phasesplit worker: {exc}", file=sys.stderr)
+        return 2
+    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s)", args.role,
+             server.settings.served_model_name, args.host, server.port, engine.num_total_blocks,
+             engine.layout.block_size, engine.device)
+    while not stop.wait(1.0):
+        pass
+    log.info("draining (up to %g s)", args.drain_timeout)
+    finished = server.drain_and_stop()
+    log.info("stopped%s", "" if finished else ": drain timeout, in-flight requests were cut off")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
