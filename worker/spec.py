@@ -192,16 +192,22 @@ class EngineSettings(Spec):
         return self
 
 
+def _pool_resources() -> Resources:
+    return Resources(requests={"cpu": "1", "memory": "2Gi"})
+
+
 class Pool(Spec):
     model_config = _validations(cel(
         "self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas",
         "replicas must lie within autoscaling.minReplicas..maxReplicas", ".replicas"))
     replicas: int = Field(1, ge=0, le=1000, description="initial replicas (the autoscaler owns them afterwards)")
     autoscaling: PoolAutoscaling = Field(default_factory=PoolAutoscaling)
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=_pool_resources)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[FreeObject] = Field(default_factory=list)
     affinity: FreeObject | None = None
+    drain_timeout_seconds: int = Field(60, ge=0, le=3600,
+                                       description="on SIGTERM, time to finish in-flight sequences")
     env: list[EnvVar] = Field(default_factory=list)
     engine: EngineSettings = Field(default_factory=EngineSettings)
 

@@ -1,0 +1,384 @@
+"""Pure builders: a SplitInference spec in, the Kubernetes objects that serve it out.
+
+No I/O and no clock: the same spec always gives the same dicts (names, labels, owner references),
+so they are tested without a server and applied idempotently by the handlers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from phasesplit import spec as si
+
+WORKER_PORT = 50051
+ROUTER_PORT = 8000
+MODEL_DIR = "/models/model"
+MANAGED_BY = "phasesplit-operator"
+ROLE_LABEL = "phasesplit.io/role"
+CONFIG_HASH = "phasesplit.io/config-hash"
+RUN_AS = 10001
+# glibc keeps large KV buffers mapped instead of faulting fresh pages (see the KV transport notes).
+MALLOC_ENV = [{"name": "MALLOC_MMAP_THRESHOLD_", "value": "134217728"},
+              {"name": "MALLOC_TRIM_THRESHOLD_", "value": "1073741824"}]
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """The SplitInference that owns the children."""
+    name: str
+    namespace: str
+    uid: str
+
+    def reference(self) -> dict:
+        return {"apiVersion": f"{si.API_GROUP}/{si.API_VERSION}", "kind": si.KIND, "name": self.name,
+                "uid": self.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+# --- names and labels ------------------------------------------------------------------------
+
+def router_name(owner: Owner) -> str:
+    return f"{owner.name}-router"
+
+
+def service_name(owner: Owner) -> str:
+    return owner.name
+
+
+def pool_name(owner: Owner, role: str) -> str:
+    return f"{owner.name}-{role}"
+
+
+def config_name(owner: Owner) -> str:
+    return f"{owner.name}-engine"
+
+
+def network_policy_name(owner: Owner) -> str:
+    return f"{owner.name}-workers"
+
+
+def endpoint(owner: Owner, spec: si.SplitInferenceSpec) -> str:
+    return f"http://{service_name(owner)}.{owner.namespace}.svc.cluster.local:{spec.router.service.port}"
+
+
+def selector_labels(owner: Owner, role: str) -> dict:
+    return {"app.kubernetes.io/name": "phasesplit", "app.kubernetes.io/instance": owner.name, ROLE_LABEL: role}
+
+
+def labels(owner: Owner, role: str) -> dict:
+    return {**selector_labels(owner, role), "app.kubernetes.io/component": role,
+            "app.kubernetes.io/part-of": "phasesplit", "app.kubernetes.io/managed-by": MANAGED_BY}
+
+
+def metadata(owner: Owner, name: str, role: str, annotations: dict | None = None) -> dict:
+    meta = {"name": name, "namespace": owner.namespace, "labels": labels(owner, role),
+            "ownerReferences": [owner.reference()]}
+    if annotations:
+        meta["annotations"] = annotations
+    return meta
+
+
+# --- the engine settings ---------------------------------------------------------------------
+
+def _env_key(role: str, setting: str) -> str:
+    return f"{role.upper()}_{setting}"
+
+
+def engine_settings(spec: si.SplitInferenceSpec) -> dict[str, str]:
+    """ConfigMap data: the settings every worker reads, one key per role and flag."""
+    data = {"DTYPE": spec.model.dtype, "KV_BACKEND": spec.kv_transfer.backend,
+            "KV_TRANSFER_TIMEOUT": _num(spec.kv_transfer.timeout_seconds),
+            "KV_LEASE": _num(spec.kv_transfer.lease_seconds)}
+    if spec.model.max_model_len:
+        data["MAX_MODEL_LEN"] = str(spec.model.max_model_len)
+    for role, pool in spec.pools.items():
+        for setting, value in _engine_values(pool).items():
+            data[_env_key(role, setting)] = value
+    return data
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _engine_values(pool: si.Pool) -> dict[str, str]:
+    engine = pool.engine
+    values = {"MAX_NUM_BATCHED_TOKENS": str(engine.max_num_batched_tokens), "MAX_NUM_SEQS": str(engine.max_num_seqs),
+              "BLOCK_SIZE": str(engine.block_size), "DEVICE": engine.device or _device(pool)}
+    if engine.num_kv_blocks is not None:
+        values["NUM_KV_BLOCKS"] = str(engine.num_kv_blocks)
+    if engine.kv_memory_fraction is not None:
+        values["KV_MEMORY_FRACTION"] = _num(engine.kv_memory_fraction)
+    return values
+
+
+def _device(pool: si.Pool) -> str:
+    return "cuda" if si.requests_gpu(pool.resources) else "cpu"
+
+
+def build_config_map(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner), "config"),
+            "data": engine_settings(spec)}
+
+
+def config_hash(spec: si.SplitInferenceSpec) -> str:
+    """Changes whenever the engine settings do, so that pods roll when the ConfigMap changes."""
+    return hashlib.sha256(json.dumps(engine_settings(spec), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- pods ------------------------------------------------------------------------------------
+
+def model_volume(spec: si.SplitInferenceSpec) -> tuple[dict, dict]:
+    """The model volume and its read-only mount at MODEL_DIR."""
+    source = spec.model.source
+    mount = {"name": "model", "mountPath": MODEL_DIR, "readOnly": True}
+    if source.pvc:
+        volume = {"name": "model", "persistentVolumeClaim": {"claimName": source.pvc.claim_name, "readOnly": True}}
+        sub_path = source.pvc.path
+    elif source.host_path:
+        volume = {"name": "model", "hostPath": {"path": source.host_path.path, "type": "Directory"}}
+        sub_path = ""
+    else:
+        volume = {"name": "model", "image": {"reference": source.image.reference,
+                                             "pullPolicy": source.image.pull_policy}}
+        sub_path = source.image.path
+    if sub_path.strip("/"):
+        mount["subPath"] = sub_path.strip("/")
+    return volume, mount
+
+
+def container_security() -> dict:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def pod_security() -> dict:
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _scratch_volumes(shm: bool) -> tuple[list[dict], list[dict]]:
+    """Writable /tmp (the root filesystem is read-only) and, for workers, a larger /dev/shm."""
+    volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    if shm:
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}})
+        mounts.append({"name": "shm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def _placement(node_selector: dict, tolerations: list, affinity: dict | None) -> dict:
+    out = {}
+    if node_selector:
+        out["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        out["tolerations"] = [dict(t) for t in tolerations]
+    if affinity:
+        out["affinity"] = dict(affinity)
+    return out
+
+
+def _resources(resources: si.Resources) -> dict:
+    return {key: dict(value) for key, value in (("requests", resources.requests), ("limits", resources.limits))
+            if value}
+
+
+def _pod_spec(spec: si.SplitInferenceSpec, container: dict, placement: dict, grace: int, shm: bool) -> dict:
+    volume, mount = model_volume(spec)
+    scratch, scratch_mounts = _scratch_volumes(shm)
+    container["volumeMounts"] = [mount, *scratch_mounts]
+    pod = {"automountServiceAccountToken": False, "enableServiceLinks": False,
+           "securityContext": pod_security(), "terminationGracePeriodSeconds": grace,
+           "containers": [container], "volumes": [volume, *scratch], **placement}
+    if spec.images.pull_secrets:
+        pod["imagePullSecrets"] = [{"name": name} for name in spec.images.pull_secrets]
+    return pod
+
+
+def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dict, pod_annotations: dict) -> dict:
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": metadata(owner, name, role),
+        "spec": {
+            "replicas": replicas,
+            "revisionHistoryLimit": 3,
+            "progressDeadlineSeconds": 1800,  # model loading can take many minutes
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "selector": {"matchLabels": selector_labels(owner, role)},
+            "template": {"metadata": {"labels": labels(owner, role), "annotations": pod_annotations},
+                         "spec": pod_spec},
+        },
+    }
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[str]:
+    """`phasesplit worker` arguments; engine settings come from the ConfigMap as $(VAR) references."""
+    args = ["worker", "--role", role, "--model", MODEL_DIR, "--served-model-name", spec.model.name,
+            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--drain-timeout", str(pool.drain_timeout_seconds)]
+    shared = [("--dtype", "DTYPE"), ("--kv-backend", "KV_BACKEND"), ("--kv-transfer-timeout", "KV_TRANSFER_TIMEOUT"),
+              ("--kv-lease", "KV_LEASE")]
+    if spec.model.max_model_len:
+        shared.append(("--max-model-len", "MAX_MODEL_LEN"))
+    flags = {"MAX_NUM_BATCHED_TOKENS": "--max-num-batched-tokens", "MAX_NUM_SEQS": "--max-num-seqs",
+             "BLOCK_SIZE": "--block-size", "DEVICE": "--device", "NUM_KV_BLOCKS": "--num-kv-blocks",
+             "KV_MEMORY_FRACTION": "--kv-memory-fraction"}
+    for flag, key in shared:
+        args += [flag, f"$({key})"]
+    for setting in _engine_values(pool):
+        args += [flags[setting], f"$({_env_key(role, setting)})"]
+    if not spec.kv_transfer.layerwise:
+        args.append("--no-layerwise")
+    return args
+
+
+def _nccl_env(spec: si.SplitInferenceSpec) -> list[dict]:
+    nccl = spec.kv_transfer.nccl
+    env = []
+    if nccl.socket_ifname:
+        env.append({"name": "NCCL_SOCKET_IFNAME", "value": nccl.socket_ifname})
+    if nccl.ib_hca:
+        env.append({"name": "NCCL_IB_HCA", "value": nccl.ib_hca})
+    return env
+
+
+def _grpc_probe(period: int, failures: int) -> dict:
+    return {"grpc": {"port": WORKER_PORT}, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
+
+
+def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool: si.Pool) -> dict:
+    env = [*MALLOC_ENV, {"name": "HOME", "value": "/tmp"}, *_nccl_env(spec),
+           *(e.model_dump(by_alias=True, exclude_none=True) for e in pool.env)]
+    ports = [{"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"}]
+    if spec.kv_transfer.backend == "nccl":
+        ports.append({"name": "nccl", "containerPort": spec.kv_transfer.nccl.port, "protocol": "TCP"})
+    container = {
+        "name": "worker", "image": spec.images.worker, "imagePullPolicy": spec.images.pull_policy,
+        "args": worker_args(spec, role, pool),
+        "envFrom": [{"configMapRef": {"name": config_name(owner)}}],
+        "env": env, "ports": ports,
+        # SERVING on the gRPC health service only once the model is loaded.
+        "startupProbe": _grpc_probe(period=5, failures=360),
+        "readinessProbe": _grpc_probe(period=5, failures=2),
+        "livenessProbe": _grpc_probe(period=10, failures=6),
+        # Let endpoints drop the pod before SIGTERM starts the drain.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "securityContext": container_security(),
+    }
+    if resources := _resources(pool.resources):
+        container["resources"] = resources
+    return container
+
+
+def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) -> dict:
+    pool = getattr(spec.pools, role)
+    container = worker_container(spec, owner, role, pool)
+    placement = _placement(pool.node_selector, pool.tolerations, pool.affinity)
+    grace = pool.drain_timeout_seconds + 15  # preStop sleep plus slack beyond the drain timeout
+    pod_spec = _pod_spec(spec, container, placement, grace, shm=True)
+    return _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec,
+                       {CONFIG_HASH: config_hash(spec)})
+
+
+def build_pool_service(owner: Owner, role: str) -> dict:
+    """Headless: the router resolves it to every ready worker (`dns:` worker lists)."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, pool_name(owner, role), role),
+            "spec": {"clusterIP": "None", "selector": selector_labels(owner, role),
+                     "ports": [{"name": "grpc", "port": WORKER_PORT, "targetPort": "grpc", "protocol": "TCP",
+                                "appProtocol": "grpc"}]}}
+
+
+# --- the router ------------------------------------------------------------------------------
+
+def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
+    args = ["router", "--model", MODEL_DIR, "--served-model-name", spec.model.name,
+            "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+    for role, _ in spec.pools.items():
+        dns = f"dns:{pool_name(owner, role)}.{owner.namespace}.svc.cluster.local:{WORKER_PORT}"
+        args += [f"--{role}-workers", dns]
+    return args
+
+
+def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
+    env = [{"name": "HOME", "value": "/tmp"}]
+    if secret := spec.router.api_key_secret:
+        env.append({"name": "PHASESPLIT_API_KEY",
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
+    http_get = {"path": "/health", "port": "http"}
+    container = {
+        "name": "router", "image": spec.images.router, "imagePullPolicy": spec.images.pull_policy,
+        "args": router_args(owner, spec), "env": env,
+        "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
+        "startupProbe": {"httpGet": http_get, "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {"httpGet": http_get, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": http_get, "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": container_security(),
+    }
+    if resources := _resources(spec.router.resources):
+        container["resources"] = resources
+    return container
+
+
+def build_router_deployment(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
+    router = spec.router
+    placement = _placement(router.node_selector, router.tolerations, router.affinity)
+    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=30, shm=False)
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT), "prometheus.io/path": "/metrics"}
+    return _deployment(owner, router_name(owner), "router", router.replicas, pod_spec, scrape)
+
+
+def build_router_service(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
+    service = spec.router.service
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata(owner, service_name(owner), "router"),
+            "spec": {"type": service.type, "selector": selector_labels(owner, "router"),
+                     "ports": [{"name": "http", "port": service.port, "targetPort": "http", "protocol": "TCP",
+                                "appProtocol": "http"}]}}
+
+
+# --- network policy --------------------------------------------------------------------------
+
+def build_network_policy(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
+    """Only this SplitInference's router and workers reach the worker ports."""
+    roles = [role for role, _ in spec.pools.items()]
+    members = {"app.kubernetes.io/name": "phasesplit", "app.kubernetes.io/instance": owner.name}
+    workers = {"matchLabels": members, "matchExpressions": [{"key": ROLE_LABEL, "operator": "In", "values": roles}]}
+    ingress = [{"from": [{"podSelector": {"matchLabels": members}}],
+                "ports": [{"protocol": "TCP", "port": WORKER_PORT}]}]
+    if spec.kv_transfer.backend == "nccl":
+        # NCCL opens its own ephemeral ports between prompt and token workers.
+        ingress.append({"from": [{"podSelector": workers}]})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": metadata(owner, network_policy_name(owner), "network"),
+            "spec": {"podSelector": workers, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+# --- everything ------------------------------------------------------------------------------
+
+def build_children(owner: Owner, spec: si.SplitInferenceSpec) -> list[dict]:
+    """Every child object of a SplitInference, in the order to create them."""
+    children = [build_config_map(owner, spec)]
+    for role, _ in spec.pools.items():
+        children += [build_pool_service(owner, role), build_pool_deployment(owner, spec, role)]
+    children += [build_router_service(owner, spec), build_router_deployment(owner, spec),
+                 build_network_policy(owner, spec)]
+    children += build_scaling_objects(owner, spec)
+    return children
+
+
+def build_scaling_objects(owner: Owner, spec: si.SplitInferenceSpec) -> list[dict]:
+    """HPA or KEDA objects for the worker pools when the cluster's metrics pipeline scales them."""
+    mode = spec.autoscaling.mode
+    if mode not in ("hpa", "keda"):
+        return []
+    from phasesplit.operator import autoscaling_objects
+    body = {"apiVersion": f"{si.API_GROUP}/{si.API_VERSION}", "kind": si.KIND,
+            "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
+            "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json")}
+    build = autoscaling_objects.build_hpa if mode == "hpa" else autoscaling_objects.build_scaled_object
+    return [build(body, role) for role, _ in spec.pools.items()]
+
+
+def autoscaler_owns_replicas(spec: si.SplitInferenceSpec) -> bool:
+    return spec.autoscaling.mode != "none"

@@ -1,0 +1,80 @@
+"""kopf handlers: thin wrappers that call phasesplit.operator.reconcile.
+
+Loaded by `phasesplit operator` next to phasesplit.operator.autoscaler (which owns pool replicas
+once created, unless `spec.autoscaling.mode` is `none`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import kopf
+
+from phasesplit import spec as si
+from phasesplit.operator import builders, reconcile
+from phasesplit.operator.kube import Kube, KubeError
+
+RESYNC_SECONDS = 60.0
+CHILD_LABELS = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=si.API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=si.API_GROUP)
+    settings.posting.level = logging.WARNING  # Events for problems, not for every handler run
+    settings.execution.max_workers = 8
+    settings.persistence.finalizer = f"{si.API_GROUP}/finalizer"
+    memo.kube = Kube.from_environment()
+    if not settings.peering.standalone:
+        ensure_peering(memo.kube, settings.peering.name, settings.peering.clusterwide)
+
+
+def ensure_peering(kube: Kube, name: str, clusterwide: bool) -> None:
+    """kopf pauses replicas only through an existing peering object: create it once."""
+    obj = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering" if clusterwide else "KopfPeering",
+           "metadata": {"name": name}}
+    if not clusterwide:
+        obj["metadata"]["namespace"] = kube_namespace()
+    try:
+        kube.create(obj)
+    except KubeError as e:
+        if e.status != 409:
+            raise
+
+
+def kube_namespace() -> str:
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip()
+    except OSError:
+        return "default"
+
+
+def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger) -> None:
+    changed = {k: v for k, v in outcome.applied.items() if v != "unchanged"}
+    if changed:
+        logger.info(f"applied {changed}")
+    if outcome.newly_invalid:
+        # A spec that cannot work is reported once; retrying would not fix it.
+        kopf.warn(body, reason="InvalidSpec", message=reconcile.status.ready_condition(outcome.status)["message"])
+
+
+@kopf.on.resume(si.API_GROUP, si.API_VERSION, si.PLURAL)
+@kopf.on.create(si.API_GROUP, si.API_VERSION, si.PLURAL)
+@kopf.on.update(si.API_GROUP, si.API_VERSION, si.PLURAL)
+def reconcile_fn(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    _report(reconcile.reconcile(memo.kube, dict(body)), body, logger)
+
+
+@kopf.timer(si.API_GROUP, si.API_VERSION, si.PLURAL, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS)
+def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    """Heals drift (a deleted or edited child) and notices a Secret or PVC that appeared later."""
+    _report(reconcile.reconcile(memo.kube, dict(body)), body, logger)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
+def child_deployment_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_) -> None:
+    name = labels.get("app.kubernetes.io/instance")
+    if name:
+        reconcile.refresh_status(memo.kube, namespace, name)

@@ -1,0 +1,121 @@
+"""One reconciliation pass of a SplitInference: check the spec, apply the children, write status.
+
+Plain functions over a `Kube` client, called by the kopf handlers; a pass that finds everything
+as wanted sends no writes at all.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass, field
+
+import pydantic
+
+from phasesplit import spec as si
+from phasesplit.operator import builders, checks, status
+from phasesplit.operator.apply import apply
+from phasesplit.operator.kube import Kube, path
+
+REPLICAS = ("spec", "replicas")
+
+
+@dataclass(slots=True)
+class Outcome:
+    applied: dict[str, str] = field(default_factory=dict)  # "Kind/name" -> created | patched | unchanged
+    problems: list[str] = field(default_factory=list)
+    status: dict = field(default_factory=dict)
+    status_written: bool = False
+    newly_invalid: bool = False
+
+
+def owner_of(body: dict) -> builders.Owner:
+    meta = body["metadata"]
+    return builders.Owner(name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""))
+
+
+def parse(body: dict) -> tuple[si.SplitInferenceSpec | None, list[str]]:
+    """The typed spec, or the problems that make it unusable (named by field)."""
+    try:
+        return si.SplitInferenceSpec.model_validate(body.get("spec") or {}), []
+    except pydantic.ValidationError as e:
+        return None, [f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+
+
+def plan(kube: Kube, body: dict) -> tuple[si.SplitInferenceSpec | None, list[dict], list[str]]:
+    """The spec, its children and every problem found (schema, feasibility, the cluster)."""
+    spec, problems = parse(body)
+    if spec is None:
+        return None, [], problems
+    problems = si.feasibility_problems(spec) + checks.cluster_problems(kube, owner_of(body), spec)
+    try:
+        children = builders.build_children(owner_of(body), spec)
+    except ValueError as e:
+        return spec, [], [*problems, str(e)]
+    return spec, children, problems
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _deployments(kube: Kube, owner: builders.Owner, roles: list[str]) -> dict[str, dict | None]:
+    names = {"router": builders.router_name(owner), **{r: builders.pool_name(owner, r) for r in roles}}
+    return {role: kube.get(path("apps/v1", "Deployment", owner.namespace, name)) for role, name in names.items()}
+
+
+def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
+    if spec is not None:
+        return [role for role, _ in spec.pools.items()]
+    pools = (body.get("spec") or {}).get("pools") or {}
+    return [role for role in si.POOL_ROLES if pools.get(role)]
+
+
+def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
+                 outcome: Outcome) -> None:
+    owner = owner_of(body)
+    roles = _roles(spec, body)
+    port = spec.router.service.port if spec else 8000
+    endpoint = f"http://{builders.service_name(owner)}.{owner.namespace}.svc.cluster.local:{port}"
+    previous = body.get("status") or {}
+    generation = int(body["metadata"].get("generation") or 0)
+    new = status.build_status(owner, roles, endpoint, _deployments(kube, owner, roles), problems, previous,
+                              generation, _now())
+    outcome.status = new
+    was = status.ready_condition(previous)
+    outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
+        "InvalidSpec", status.ready_condition(new)["message"])
+    if any(previous.get(key) != value for key, value in new.items()):
+        kube.patch(path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, owner.namespace, owner.name, "status"),
+                   {"status": new})
+        outcome.status_written = True
+
+
+def reconcile(kube: Kube, body: dict) -> Outcome:
+    """Apply every child (unless the spec cannot work) and write the status."""
+    outcome = Outcome()
+    spec, children, problems = plan(kube, body)
+    outcome.problems = problems
+    if not problems:
+        for child in children:
+            unowned = (REPLICAS,) if _autoscaled(child, spec) else ()
+            action, _ = apply(kube, child, unowned)
+            outcome.applied[f"{child['kind']}/{child['metadata']['name']}"] = action
+    write_status(kube, body, spec, problems, outcome)
+    return outcome
+
+
+def refresh_status(kube: Kube, namespace: str, name: str) -> Outcome | None:
+    """Recompute the status of one SplitInference after a child changed; None if it is gone."""
+    body = kube.get(path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, namespace, name))
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    outcome = Outcome()
+    spec, _, problems = plan(kube, body)
+    outcome.problems = problems
+    write_status(kube, body, spec, problems, outcome)
+    return outcome
+
+
+def _autoscaled(child: dict, spec: si.SplitInferenceSpec) -> bool:
+    role = child["metadata"]["labels"].get(builders.ROLE_LABEL)
+    return child["kind"] == "Deployment" and role in si.POOL_ROLES and builders.autoscaler_owns_replicas(spec)
