@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+HELM := $(VENV)/bin/helm
 
 .PHONY: setup test demo proto manifests bench clean
 
@@ -16,11 +17,17 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PIP) install --no-deps --no-build-isolation -e .
 	touch $@
 
-test: setup
+$(HELM): $(STAMP) hack/install-helm.sh
+	VENV=$(VENV) sh hack/install-helm.sh
+
+test: setup $(HELM)
 	$(PY) -m pytest -q
 
 demo: setup
 	$(PY) -m phasesplit.demo
+
+manifests: setup $(HELM)
+	$(PY) hack/render_manifests.py
 
 proto: setup
 	$(PY) proto/generate.py
