@@ -1,0 +1,53 @@
+"""`phasesplit generate`: one-shot generation with the engine, streamed to stdout or as one JSON object."""
+
+import argparse
+import json
+import sys
+
+from phasesplit.engine.engine import EngineConfig, LLMEngine, SamplingParams
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="phasesplit generate", description=__doc__.splitlines()[0])
+    p.add_argument("prompt", metavar="PROMPT")
+    p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 means off")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens even past EOS")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text, finish_reason")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+        engine = LLMEngine(EngineConfig(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1))
+        engine.add_request("generate", engine.tokenizer.encode(args.prompt), params)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"phasesplit generate: error: {exc}", file=sys.stderr)
+        return 2
+    token_ids, text, finish_reason = [], [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            token_ids += out.token_ids
+            text.append(out.text)
+            finish_reason = out.finish_reason
+            if not args.json:
+                print(out.text, end="", flush=True)
+    if args.json:
+        print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason": finish_reason}))
+    else:
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
