@@ -1,0 +1,129 @@
+"""A real gRPC token-worker-like server whose KVSink holds plain tensors (test fixture)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import torch
+
+from phasesplit.transport.base import CapacityError, check_layout, num_prompt_blocks
+from phasesplit.transport.blocks import write_blocks
+from phasesplit.transport.grpc_kv import SERVER_OPTIONS, add_token_worker_to_server, handle_push_kv
+from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1 import worker_pb2_grpc
+
+
+def make_layout(dtype="float32", *, num_layers=3, num_kv_heads=2, head_dim=8, block_size=4, model="tiny"):
+    return pb.KVLayout(model=model, dtype=dtype, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                       head_dim=head_dim, block_size=block_size)
+
+
+def make_header(layout, num_tokens, request_id="req-1"):
+    return pb.KVHeader(request_id=request_id, layout=layout, prompt_token_ids=list(range(1, num_tokens + 1)),
+                       first_token=7, sampling=pb.SamplingParams(max_tokens=4))
+
+
+def make_cache(layout, num_blocks, *, seed=0, device="cpu"):
+    """[num_layers] lists of K and V caches filled with random values."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, layout.dtype)
+    shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    k = [torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(layout.num_layers)]
+    v = [torch.randn(shape, generator=gen).to(dtype).to(device) for _ in range(layout.num_layers)]
+    return k, v
+
+
+class TensorDestination:
+    def __init__(self, sink: TensorSink, request_id: str, block_ids: list[int]):
+        self.sink, self.request_id, self.block_ids = sink, request_id, block_ids
+        self.state = "open"
+        self.writes = 0
+
+    def write(self, layer, kind, block_start, block_count, data):
+        assert self.state == "open", f"write after {self.state}"
+        self.sink.before_write(self)
+        cache = (self.sink.k if kind == 0 else self.sink.v)[layer]
+        write_blocks(cache, self.block_ids[block_start:block_start + block_count], data)
+        self.writes += 1
+
+    def commit(self):
+        assert self.state == "open"
+        self.state = "committed"
+        self.sink.committed[self.request_id] = self.block_ids
+
+    def abort(self):
+        if self.state == "open":
+            self.state = "aborted"
+            self.sink.aborted_at = time.monotonic()
+            with self.sink.lock:
+                self.sink.free.extend(self.block_ids)
+
+
+class TensorSink:
+    """Paged K/V caches as plain tensors; hands out blocks in a scrambled (non-contiguous) order."""
+
+    def __init__(self, layout, num_blocks=64, device="cpu", share_layers=False):
+        self.layout = layout
+        if share_layers:  # one tensor stands for every layer: for tests of many layers
+            one = pb.KVLayout()
+            one.CopyFrom(layout)
+            one.num_layers = 1
+            k, v = make_cache(one, num_blocks, seed=99, device=device)
+            self.k, self.v = k * layout.num_layers, v * layout.num_layers
+        else:
+            self.k, self.v = make_cache(layout, num_blocks, seed=99, device=device)
+        self.num_blocks = num_blocks
+        self.free = list(range(num_blocks - 1, -1, -2)) + list(range(num_blocks - 2, -1, -2))
+        self.lock = threading.Lock()
+        self.destinations: list[TensorDestination] = []
+        self.committed: dict[str, list[int]] = {}
+        self.aborted_at: float | None = None
+        self.gate = threading.Event()  # cleared: write() blocks (a slow token worker)
+        self.gate.set()
+
+    def begin(self, header):
+        check_layout(self.layout, header.layout)
+        needed = num_prompt_blocks(header)
+        with self.lock:
+            if needed > len(self.free):
+                raise CapacityError(f"need {needed} KV blocks, {len(self.free)} free")
+            ids, self.free = self.free[:needed], self.free[needed:]
+        dest = TensorDestination(self, header.request_id, ids)
+        self.destinations.append(dest)
+        return dest
+
+    def before_write(self, dest):
+        self.gate.wait()
+
+
+class KVServicer(worker_pb2_grpc.TokenWorkerServicer):
+    def __init__(self, sink, timeout):
+        self.sink, self.timeout = sink, timeout
+
+    def PushKV(self, request_iterator, context):
+        return handle_push_kv(request_iterator, context, self.sink, timeout=self.timeout)
+
+
+class KVServer:
+    def __init__(self, sink, *, timeout=10.0, generated_registration=False):
+        self.sink = sink
+        self.executor = futures.ThreadPoolExecutor(max_workers=4)
+        self.server = grpc.server(self.executor, options=SERVER_OPTIONS)
+        servicer = KVServicer(sink, timeout)
+        if generated_registration:
+            worker_pb2_grpc.add_TokenWorkerServicer_to_server(servicer, self.server)
+        else:
+            add_token_worker_to_server(servicer, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.addr = f"127.0.0.1:{self.port}"
+        self.server.start()
+
+    def stop(self):
+        self.sink.gate.set()
+        self.server.stop(None).wait()
+        self.executor.shutdown(wait=True)
+
+

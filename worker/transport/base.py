@@ -1,0 +1,154 @@
+"""The KV transport interface: what a prompt worker sends through and what a token worker receives into.
+
+Two implementations share it: `grpc_kv` (a client stream of chunks) and, later, `nccl_kv`
+(gRPC for the handshake, tensors over a process group). Both are synchronous and thread based:
+
+    sender = transport.open(token_worker_addr, header)   # header: phasesplit.v1.KVHeader
+    sender.send_layer(layer, k, v, block_ids)            # engine thread, cheap; bounded queue
+    sender.finish() -> TransferResult                    # waits for the token worker's ack
+    sender.abort()
+
+On the token worker a `KVSink` turns a header into a `KVDestination` whose `write` copies each
+chunk straight into the paged cache. Errors are `TransferError` subclasses, each mapped 1:1 onto
+a gRPC status code by `grpc_kv`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from phasesplit.v1 import worker_pb2 as pb
+
+K, V = 0, 1  # KVChunk.kind
+
+LAYOUT_FIELDS = ("model", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TransferError(RuntimeError):
+    """A KV transfer failed; the destination was (or must be) freed."""
+
+
+class LayoutMismatch(TransferError):
+    """The two workers' KV layouts differ; `fields` maps each differing field to (ours, theirs)."""
+
+    def __init__(self, fields: dict[str, tuple[object, object]] | None = None, message: str | None = None):
+        self.fields = dict(fields or {})
+        if message is None:
+            diffs = ", ".join(f"{name}: {ours!r} here, {theirs!r} from the sender"
+                              for name, (ours, theirs) in self.fields.items())
+            message = f"KV layout mismatch ({diffs})"
+        super().__init__(message)
+
+
+class CapacityError(TransferError):
+    """The token worker cannot hold the KV (not enough free blocks, or draining)."""
+
+
+class KVDataLoss(TransferError):
+    """A chunk failed its checksum, or the stream ended before every block arrived."""
+
+
+class TransferTimeout(TransferError):
+    """No progress within the transfer timeout."""
+
+
+class TransferAborted(TransferError):
+    """The transfer was aborted by the sender or the receiver."""
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    bytes: int      # KV payload bytes acknowledged by the receiver
+    seconds: float  # from open() to the acknowledgement
+
+
+class KVSender(Protocol):
+    def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                   block_ids: list[int] | None = None) -> None:
+        """Queue one layer's K and V. k, v: [n_blocks, block_size, kv_heads, head_dim], the
+        sequence's blocks in order; or, with `block_ids`, whole layer caches [num_blocks, ...]
+        from which blocks `block_ids` are sent in that order. The tensors are read later, by the
+        sender's thread: leave those blocks untouched until finish() or abort() returns.
+        Blocks while the queue is full (backpressure). Never raises for a failed transfer:
+        finish() reports it."""
+
+    def finish(self) -> TransferResult:
+        """Wait until the receiver holds every block; raises a TransferError otherwise."""
+
+    def abort(self) -> None:
+        """Stop sending; the receiver frees what it reserved. Idempotent."""
+
+
+class KVTransport(Protocol):
+    name: str
+
+    def open(self, addr: str, header: pb.KVHeader) -> KVSender: ...
+
+    def close(self) -> None: ...
+
+
+class KVDestination(Protocol):
+    def write(self, layer: int, kind: int, block_start: int, block_count: int, data: memoryview) -> None:
+        """Copy blocks [block_start, block_start + block_count) of the sequence (positions in its
+        block table) of `layer`'s K (kind 0) or V (kind 1) from `data`, raw bytes of
+        [block_count, block_size, kv_heads, head_dim] in the layout's dtype (see blocks.write_blocks)."""
+
+    def commit(self) -> None:
+        """Every block arrived and was verified: make the KV ready for Generate."""
+
+    def abort(self) -> None:
+        """Free everything reserved by begin(). Idempotent."""
+
+
+class KVSink(Protocol):
+    def begin(self, header: pb.KVHeader) -> KVDestination:
+        """Check the layout (raise LayoutMismatch, see check_layout) and reserve blocks for
+        header.prompt_token_ids (raise CapacityError when they do not fit)."""
+
+
+def layout_to_proto(layout) -> pb.KVLayout:
+    """Any object with the layout fields (the engine's KVLayout, a dict, a KVLayout message)."""
+    if isinstance(layout, pb.KVLayout):
+        return layout
+    get = layout.get if isinstance(layout, dict) else lambda name: getattr(layout, name)
+    return pb.KVLayout(**{name: get(name) for name in LAYOUT_FIELDS})
+
+
+def layout_fingerprint(layout) -> tuple:
+    """The fields two workers must agree on, as a comparable tuple."""
+    msg = layout_to_proto(layout)
+    return tuple(getattr(msg, name) for name in LAYOUT_FIELDS)
+
+
+def check_layout(ours, theirs) -> None:
+    """Raise LayoutMismatch naming every field where `theirs` (the sender's) differs from `ours`."""
+    fields = {name: (a, b) for name, a, b in zip(LAYOUT_FIELDS, layout_fingerprint(ours), layout_fingerprint(theirs))
+              if a != b}
+    if fields:
+        raise LayoutMismatch(fields)
+
+
+def validate_layout(layout: pb.KVLayout) -> None:
+    """Raise ValueError naming the first field of a KVLayout that no worker could hold."""
+    if layout.dtype not in DTYPES:
+        raise ValueError(f"layout.dtype must be one of {sorted(DTYPES)}, got {layout.dtype!r}")
+    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+        if getattr(layout, name) < 1:
+            raise ValueError(f"layout.{name} must be >= 1, got {getattr(layout, name)}")
+
+
+def block_bytes(layout: pb.KVLayout) -> int:
+    """Bytes of one block of one layer's K (or V)."""
+    itemsize = DTYPES[layout.dtype].itemsize
+    return layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
+
+
+def num_prompt_blocks(header: pb.KVHeader) -> int:
+    """Blocks holding the prompt's KV: what a transfer moves for each layer's K and V."""
+    return math.ceil(len(header.prompt_token_ids) / header.layout.block_size)

@@ -1,0 +1,290 @@
+"""KV over gRPC: `TokenWorker.PushKV`, a client stream of ~1 MiB KVChunks (sending side here,
+receiving side in `grpc_receive`, re-exported).
+
+Synchronous gRPC throughout: the prompt worker's engine thread calls `send_layer`, which only
+queues the layer; gRPC's request thread reads the blocks, checksums them and encodes each chunk
+(one copy, see `wire`) as the stream takes it. The queue is bounded in chunks: a slow token
+worker blocks `send_layer` (backpressure), never memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from phasesplit.transport import wire
+from phasesplit.transport.base import (
+    DTYPES, K, V, CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError,
+    TransferResult, TransferTimeout, block_bytes, num_prompt_blocks, validate_layout,
+)
+from phasesplit.transport.blocks import read_pieces, to_host
+from phasesplit.transport.grpc_receive import handle_push_kv  # noqa: F401  (re-exported)
+from phasesplit.v1 import worker_pb2 as pb
+
+DEFAULT_CHUNK_BYTES = 1 << 20
+DEFAULT_MAX_QUEUED_CHUNKS = 256
+DEFAULT_TIMEOUT = 30.0
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = (("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES))
+SERVER_OPTIONS = CHANNEL_OPTIONS  # pass to grpc.server(options=...) on a token worker
+
+_SERVICE = "phasesplit.v1.TokenWorker"
+_PUSH_KV = f"/{_SERVICE}/PushKV"
+
+_ERRORS = {
+    grpc.StatusCode.FAILED_PRECONDITION: LayoutMismatch,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
+    grpc.StatusCode.DATA_LOSS: KVDataLoss,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TransferTimeout,
+    grpc.StatusCode.CANCELLED: TransferAborted,
+}
+
+
+def error_from_status(code: grpc.StatusCode, details: str) -> TransferError:
+    """The TransferError a PushKV status stands for."""
+    kind = _ERRORS.get(code, TransferError)
+    message = f"token worker refused the KV ({code.name}): {details}"
+    return kind(message=message) if kind is LayoutMismatch else kind(message)
+
+
+def add_token_worker_to_server(servicer, server: grpc.Server) -> None:
+    """Like the generated add_TokenWorkerServicer_to_server, but PushKV gets raw chunk bytes
+    (decoded by `handle_push_kv` without copying the payload)."""
+    handlers = {
+        "PushKV": grpc.stream_unary_rpc_method_handler(
+            servicer.PushKV, request_deserializer=None,
+            response_serializer=pb.PushKVReply.SerializeToString),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=pb.GenerateRequest.FromString,
+            response_serializer=pb.TokenEvent.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
+
+
+@dataclass(slots=True)
+class _Layer:
+    layer: int
+    k: torch.Tensor
+    v: torch.Tensor
+    ids: list[int]
+    ready: object | None  # accelerator event recorded after the layer was written
+
+
+class GrpcKVSender:
+    """One PushKV stream; made by GrpcKVTransport.open()."""
+
+    def __init__(self, channel: grpc.Channel, header: pb.KVHeader, *, chunk_bytes: int,
+                 max_queued_chunks: int, timeout: float):
+        validate_layout(header.layout)
+        if not header.request_id:
+            raise ValueError("header.request_id must not be empty")
+        if not header.prompt_token_ids:
+            raise ValueError("header.prompt_token_ids must not be empty")
+        layout = header.layout
+        self._header = pb.KVHeader()
+        self._header.CopyFrom(header)
+        self._num_layers = layout.num_layers
+        self._num_blocks = num_prompt_blocks(header)
+        self._per_chunk = max(1, chunk_bytes // block_bytes(layout))
+        self._chunks_per_layer = 2 * math.ceil(self._num_blocks / self._per_chunk)
+        if not self._header.num_chunks:
+            self._header.num_chunks = self._num_layers * self._chunks_per_layer
+        self._block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
+        self._dtype = DTYPES[layout.dtype]
+        self._max_queued = max_queued_chunks
+        self._timeout = timeout
+
+        self._cond = threading.Condition()
+        self._pending: collections.deque[_Layer] = collections.deque()
+        self._queued = 0           # chunks of queued layers not yet handed to gRPC
+        self._layers_seen: set[int] = set()
+        self._closing = False      # finish() called: end the stream once the queue drains
+        self._error: TransferError | None = None
+        self._bytes_sent = 0
+        self._progress = time.monotonic()
+        self._started = time.perf_counter()
+        self._done = threading.Event()
+        push_kv = channel.stream_unary(_PUSH_KV, request_serializer=None,
+                                       response_deserializer=pb.PushKVReply.FromString)
+        self._call = push_kv.future(self._requests())
+        self._call.add_done_callback(self._on_done)
+
+    @property
+    def error(self) -> TransferError | None:
+        """Why the transfer failed, as soon as it is known (finish() raises it)."""
+        return self._error
+
+    @property
+    def queued_chunks(self) -> int:
+        return self._queued
+
+    def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                   block_ids: list[int] | None = None) -> None:
+        ids = self._check_layer(layer, k, v, block_ids)
+        ready = None
+        if k.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        item = _Layer(layer, k, v, ids, ready)
+        with self._cond:
+            self._layers_seen.add(layer)
+            deadline = time.monotonic() + self._timeout
+            while self._error is None and self._queued and self._queued + self._chunks_per_layer > self._max_queued:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            else:
+                if self._error is None:
+                    self._pending.append(item)
+                    self._queued += self._chunks_per_layer
+                    self._progress = time.monotonic()
+                    self._cond.notify_all()
+                return
+        self._fail(TransferTimeout(f"send_layer: the token worker took no chunk for {self._timeout:g}s"))
+
+    def finish(self) -> TransferResult:
+        with self._cond:
+            missing = sorted(set(range(self._num_layers)) - self._layers_seen)
+            self._closing = True
+            self._cond.notify_all()
+        if missing:
+            self._fail(KVDataLoss(f"finish() before send_layer() for layers {missing}"))
+        self._wait_done()
+        if self._error is not None:
+            raise self._error
+        reply = self._call.result()
+        return TransferResult(bytes=reply.bytes_received, seconds=time.perf_counter() - self._started)
+
+    def abort(self) -> None:
+        self._fail(TransferAborted("transfer aborted by the prompt worker"))
+        self._done.wait(self._timeout)
+
+    def _check_layer(self, layer, k, v, block_ids) -> list[int]:
+        if not 0 <= layer < self._num_layers:
+            raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
+        if layer in self._layers_seen:
+            raise ValueError(f"layer {layer} was already sent")
+        for name, t in (("k", k), ("v", v)):
+            if t.dtype != self._dtype or tuple(t.shape[1:]) != self._block_shape or t.dim() != 4:
+                raise ValueError(f"{name} must be {self._dtype} [blocks, {', '.join(map(str, self._block_shape))}]"
+                                 f", got {t.dtype} {list(t.shape)}")
+        if k.shape[0] != v.shape[0]:
+            raise ValueError(f"k and v must hold the same blocks, got {k.shape[0]} and {v.shape[0]}")
+        if block_ids is None:
+            if k.shape[0] < self._num_blocks:
+                raise ValueError(f"k holds {k.shape[0]} blocks, the prompt needs {self._num_blocks}")
+            return list(range(self._num_blocks))
+        ids = [int(i) for i in block_ids[:self._num_blocks]]
+        if len(ids) < self._num_blocks:
+            raise ValueError(f"block_ids has {len(ids)} ids, the prompt needs {self._num_blocks}")
+        if min(ids) < 0 or max(ids) >= k.shape[0]:
+            raise ValueError(f"block_ids must be in [0, {k.shape[0]}), got {ids}")
+        return ids
+
+    def _requests(self):
+        yield wire.encode_header(self._header)
+        while (item := self._next_layer()) is not None:
+            try:
+                chunks = list(self._plan(item))
+                for kind, host, ids, start, count in chunks:
+                    data = wire.encode_data(item.layer, kind, start, count, read_pieces(host, ids, start, count))
+                    if self._error is not None:
+                        return
+                    yield data
+                    with self._cond:
+                        self._queued -= 1
+                        self._bytes_sent += len(data)
+                        self._progress = time.monotonic()
+                        self._cond.notify_all()
+            except Exception as exc:  # reading the source tensors failed: end the stream
+                self._fail(TransferError(f"reading layer {item.layer} failed: {exc}"))
+                return
+
+    def _plan(self, item: _Layer):
+        for kind, cache in ((K, item.k), (V, item.v)):
+            host, ids = to_host(cache, item.ids, item.ready)
+            for start in range(0, self._num_blocks, self._per_chunk):
+                yield kind, host, ids, start, min(self._per_chunk, self._num_blocks - start)
+
+    def _next_layer(self) -> _Layer | None:
+        with self._cond:
+            while not self._pending and not self._closing and self._error is None:
+                self._cond.wait()
+            if self._error is not None or not self._pending:
+                return None
+            return self._pending.popleft()
+
+    def _fail(self, error: TransferError) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = error
+            self._pending.clear()
+            self._cond.notify_all()
+        self._call.cancel()
+
+    def _on_done(self, call) -> None:
+        code = call.code()
+        if code != grpc.StatusCode.OK:
+            with self._cond:
+                if self._error is None:
+                    self._error = error_from_status(code, call.details() or "")
+                self._pending.clear()
+                self._cond.notify_all()
+        self._done.set()
+
+    def _wait_done(self) -> None:
+        while not self._done.wait(min(0.1, self._timeout)):
+            with self._cond:
+                stalled = time.monotonic() - self._progress > self._timeout
+            if stalled:
+                self._fail(TransferTimeout(f"no progress for {self._timeout:g}s: the token worker stalled"))
+                self._done.wait(self._timeout)
+                return
+
+
+class GrpcKVTransport:
+    """Opens PushKV streams; keeps one channel per token worker address until close()."""
+
+    name = "grpc"
+
+    def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 max_queued_chunks: int = DEFAULT_MAX_QUEUED_CHUNKS, timeout: float = DEFAULT_TIMEOUT):
+        if not 4096 <= chunk_bytes <= MAX_MESSAGE_BYTES // 2:
+            raise ValueError(f"chunk_bytes must be in [4096, {MAX_MESSAGE_BYTES // 2}], got {chunk_bytes}")
+        if max_queued_chunks < 1:
+            raise ValueError(f"max_queued_chunks must be >= 1, got {max_queued_chunks}")
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        self._options = dict(chunk_bytes=chunk_bytes, max_queued_chunks=max_queued_chunks, timeout=timeout)
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def open(self, addr: str, header: pb.KVHeader) -> GrpcKVSender:
+        return GrpcKVSender(self._channel(addr), header, **self._options)
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
+
+    def __enter__(self) -> GrpcKVTransport:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _channel(self, addr: str) -> grpc.Channel:
+        with self._lock:
+            if addr not in self._channels:
+                self._channels[addr] = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+            return self._channels[addr]

@@ -1,0 +1,168 @@
+"""The token worker's side of PushKV: header check, verified writes into a KVDestination, completeness.
+
+A TokenWorker servicer (sync gRPC server) implements PushKV as
+
+    def PushKV(self, request_iterator, context):
+        return handle_push_kv(request_iterator, context, self.sink, timeout=...)
+
+Status codes the sender sees: FAILED_PRECONDITION (layout mismatch, naming the field),
+RESOURCE_EXHAUSTED (capacity), DATA_LOSS (checksum or missing blocks), INVALID_ARGUMENT
+(malformed chunk), CANCELLED (no chunk within `timeout`: the receiver gave up).
+Whatever ends a transfer short of commit aborts the destination exactly once.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from phasesplit.transport import wire
+from phasesplit.transport.base import (
+    CapacityError, KVDestination, KVSink, LayoutMismatch, block_bytes, num_prompt_blocks, validate_layout,
+)
+from phasesplit.v1 import worker_pb2 as pb
+
+_KIND_NAMES = ("K", "V")
+
+
+def handle_push_kv(request_iterator, context: grpc.ServicerContext, sink: KVSink, *,
+                   timeout: float = 30.0) -> pb.PushKVReply:
+    """Receive one PushKV stream (raw chunk bytes or parsed KVChunk messages) into `sink`."""
+    return _Receiver(context, sink, timeout).run(request_iterator)
+
+
+class _Receiver:
+    def __init__(self, context: grpc.ServicerContext, sink: KVSink, timeout: float):
+        self._context = context
+        self._sink = sink
+        self._timeout = timeout
+        self._lock = threading.RLock()
+        self._dest: KVDestination | None = None
+        self._ended = False
+        self._progress = time.monotonic()
+        self._finished = threading.Event()
+        self._bytes = 0
+        self._chunks = 0
+
+    def run(self, requests) -> pb.PushKVReply:
+        watchdog = threading.Thread(target=self._watch, name="kv-receive-watchdog", daemon=True)
+        watchdog.start()
+        self._context.add_callback(self._end)
+        try:
+            return self._receive(iter(requests))
+        except BaseException:
+            self._end()
+            raise
+        finally:
+            self._finished.set()
+            watchdog.join()
+
+    def _receive(self, requests) -> pb.PushKVReply:
+        first = next(requests, None)
+        header = None if first is None else self._decode(first).header
+        if header is None:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
+        try:
+            validate_layout(header.layout)
+            if not header.prompt_token_ids:
+                raise ValueError("header.prompt_token_ids must not be empty")
+        except ValueError as exc:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self._begin(header)
+        layout = header.layout
+        num_blocks = num_prompt_blocks(header)
+        received = np.zeros((layout.num_layers, 2, num_blocks), dtype=bool)
+        size = block_bytes(layout)
+        for raw in requests:
+            chunk = self._decode(raw)
+            with self._lock:
+                self._check_alive()
+                self._apply(chunk, received, size)
+                self._progress = time.monotonic()
+        with self._lock:
+            self._check_alive()
+            missing = np.argwhere(~received)
+            if len(missing):
+                layer, kind, block = missing[0]
+                self._refuse(grpc.StatusCode.DATA_LOSS,
+                             f"incomplete KV: the stream ended without layer {layer} {_KIND_NAMES[kind]} "
+                             f"block {block} ({len(missing)} blocks missing)")
+            self._dest.commit()
+            self._ended = True
+        return pb.PushKVReply(bytes_received=self._bytes, chunks_received=self._chunks)
+
+    def _begin(self, header: pb.KVHeader) -> None:
+        try:
+            dest = self._sink.begin(header)
+        except LayoutMismatch as exc:
+            self._refuse(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except CapacityError as exc:
+            self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        with self._lock:
+            if self._ended:  # the watchdog or a cancellation got here first
+                dest.abort()
+                self._context.abort(grpc.StatusCode.CANCELLED, "transfer ended while reserving blocks")
+            self._dest = dest
+            self._progress = time.monotonic()
+
+    def _apply(self, chunk: wire.Chunk, received: np.ndarray, size: int) -> None:
+        num_layers, _, num_blocks = received.shape
+        start, end = chunk.block_start, chunk.block_start + chunk.block_count
+        where = f"layer {chunk.layer} {_KIND_NAMES[chunk.kind] if chunk.kind < 2 else chunk.kind} blocks [{start}, {end})"
+        if chunk.header is not None:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, "only the first KVChunk may carry a header")
+        if chunk.layer >= num_layers:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk.layer must be < {num_layers}, got {chunk.layer}")
+        if chunk.kind > 1:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk.kind must be 0 (K) or 1 (V), got {chunk.kind}")
+        if chunk.block_count < 1 or end > num_blocks:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"chunk.block_start/block_count: {where} is outside the prompt's {num_blocks} blocks")
+        if len(chunk.data) != chunk.block_count * size:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"chunk.data: {where} holds {len(chunk.data)} bytes, expected {chunk.block_count * size}")
+        if received[chunk.layer, chunk.kind, start:end].any():
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk repeats {where}")
+        if wire.checksum((chunk.data,)) != chunk.checksum:
+            self._refuse(grpc.StatusCode.DATA_LOSS, f"checksum mismatch in {where}")
+        self._dest.write(chunk.layer, chunk.kind, start, chunk.block_count, chunk.data)
+        received[chunk.layer, chunk.kind, start:end] = True
+        self._bytes += len(chunk.data)
+        self._chunks += 1
+
+    def _decode(self, raw) -> wire.Chunk:
+        try:
+            return wire.decode(raw)
+        except wire.WireError as exc:
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed KVChunk: {exc}")
+
+    def _check_alive(self) -> None:
+        if self._ended:  # the watchdog or a cancellation ended it; the RPC is already over
+            self._context.abort(grpc.StatusCode.CANCELLED, "transfer ended")
+
+    def _refuse(self, code: grpc.StatusCode, message: str):
+        self._end()
+        self._context.abort(code, message)
+
+    def _end(self) -> None:
+        """Abort the destination unless it was committed; idempotent, any thread."""
+        with self._lock:
+            if self._ended:
+                return
+            self._ended = True
+            dest = self._dest
+        if dest is not None:
+            dest.abort()
+
+    def _watch(self) -> None:
+        poll = min(max(self._timeout / 10, 0.01), 1.0)
+        while not self._finished.wait(poll):
+            with self._lock:
+                stalled = not self._ended and time.monotonic() - self._progress > self._timeout
+            if stalled:
+                self._end()
+                self._context.cancel()
+                return
