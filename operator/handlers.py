@@ -15,6 +15,7 @@ from phasesplit.operator import builders, reconcile
 from phasesplit.operator.kube import Kube, KubeError
 
 RESYNC_SECONDS = 60.0
+WATCHED_NAMESPACES: list[str] = []  # set by phasesplit.operator.main; empty: cluster-wide
 CHILD_LABELS = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 
 
@@ -27,28 +28,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.persistence.finalizer = f"{si.API_GROUP}/finalizer"
     memo.kube = Kube.from_environment()
     if not settings.peering.standalone:
-        ensure_peering(memo.kube, settings.peering.name, settings.peering.clusterwide)
+        for namespace in WATCHED_NAMESPACES or [None]:
+            ensure_peering(memo.kube, settings.peering.name, namespace)
 
 
-def ensure_peering(kube: Kube, name: str, clusterwide: bool) -> None:
+def ensure_peering(kube: Kube, name: str, namespace: str | None) -> None:
     """kopf pauses replicas only through an existing peering object: create it once."""
-    obj = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering" if clusterwide else "KopfPeering",
-           "metadata": {"name": name}}
-    if not clusterwide:
-        obj["metadata"]["namespace"] = kube_namespace()
+    obj = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering" if namespace else "ClusterKopfPeering",
+           "metadata": {"name": name, **({"namespace": namespace} if namespace else {})}}
     try:
         kube.create(obj)
     except KubeError as e:
         if e.status != 409:
             raise
-
-
-def kube_namespace() -> str:
-    try:
-        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
-            return f.read().strip()
-    except OSError:
-        return "default"
 
 
 def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger) -> None:

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
     # Registering the handlers is importing them.
     from phasesplit.operator import autoscaler, handlers  # noqa: F401
+    handlers.WATCHED_NAMESPACES[:] = args.namespace
 
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
     kopf.configure(verbose=args.verbose)
