@@ -31,9 +31,9 @@ class WorkerState:
         self.pending_tokens = 0          # prompt tokens sent by this router and not answered
         self.inflight = 0                # this router's requests on the worker
         self.last_picked = 0             # tie-break: least recently picked first
-        self.polls = 0
+        self.polls = 0                   # Load polls begun
         self._reserved: dict[str, int] = {}   # request id -> KV blocks not yet visible in `load`
-        self._settling: dict[str, int] = {}   # request id -> poll count when its KV landed
+        self._settling: dict[str, int] = {}   # request id -> polls begun before its KV landed
 
     # ---- state the scheduler reads ----
     @property
@@ -63,7 +63,7 @@ class WorkerState:
         self._reserved[request_id] = blocks
 
     def settle(self, request_id: str) -> None:
-        """The KV has landed: drop the reservation once a later poll counts it."""
+        """The KV has landed: drop the reservation once a poll begun after now has answered."""
         if request_id in self._reserved:
             self._settling[request_id] = self.polls
 
@@ -73,7 +73,8 @@ class WorkerState:
 
     # ---- polling ----
     async def poll(self, timeout: float) -> None:
-        polls = self.polls
+        self.polls += 1
+        index = self.polls
         try:
             if self.info is None:
                 self.info = await self.worker.Info(pb.InfoRequest(), timeout=timeout)
@@ -84,9 +85,8 @@ class WorkerState:
             self.error = "draining" if self.load.draining else ""
         except grpc.aio.AioRpcError as e:
             self.load, self.error = None, f"{e.code().name}: {e.details()}"
-        self.polls = polls + 1
-        for rid, seen in list(self._settling.items()):
-            if seen < polls:
+        for rid, begun_before in list(self._settling.items()):
+            if begun_before < index:
                 self.unreserve(rid)
 
     async def abort(self, request_id: str, timeout: float = 2.0) -> None:
