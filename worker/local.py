@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -148,8 +149,11 @@ class LocalCluster:
         if self.router is None:
             return
         body = json.dumps({"workers": self.addresses(pool)}).encode()
+        headers = {"Content-Type": "application/json"}
+        if os.environ.get("PHASESPLIT_API_KEY"):
+            headers["Authorization"] = f"Bearer {os.environ['PHASESPLIT_API_KEY']}"
         request = urllib.request.Request(f"{self.base_url}/admin/pools/{pool}", data=body, method="PUT",
-                                         headers={"Content-Type": "application/json"})
+                                         headers=headers)
         with urllib.request.urlopen(request, timeout=10) as reply:
             reply.read()
 
