@@ -21,7 +21,8 @@ PLURAL = "splitinferences"
 POOL_ROLES = ("prompt", "token", "mixed")
 DEFAULT_IMAGE = "phasesplit/worker:0.1.0"
 
-_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$")
+_QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$"
+_QUANTITY = re.compile(_QUANTITY_PATTERN)
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
@@ -43,7 +44,7 @@ def _check_quantity(value: int | float | str) -> int | float | str:
     return value
 
 
-Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True,
+Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True, "pattern": _QUANTITY_PATTERN,
                                                 "anyOf": [{"type": "integer"}, {"type": "string"}]})]
 # Kubernetes objects passed through to the pod spec as they are (the API server checks them there).
 FreeObject = Annotated[dict[str, Any], WithJsonSchema({"type": "object",

@@ -1,0 +1,127 @@
+"""The CRD (schema, defaults and CEL rules, as the API server applies them) and the pydantic spec
+accept every example and reject the same invalid specs, each naming the offending field."""
+
+import copy
+
+import pydantic
+import pytest
+from conftest import EXAMPLES, load_example
+
+from phasesplit import spec as si
+from phasesplit.operator import crd
+from tests.tools.crd_validator import validate
+
+CRD = crd.build_crd()
+
+
+def _set(doc, dotted, value):
+    *parents, leaf = dotted.split(".")
+    node = doc
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is DELETE:
+        node.pop(leaf, None)
+    else:
+        node[leaf] = value
+
+
+DELETE = object()
+
+# (what is wrong, [(field, value), ...], the field the error must name)
+INVALID = [
+    ("negative replicas", [("spec.pools.prompt.replicas", -1)], "spec.pools.prompt.replicas"),
+    ("min > max", [("spec.pools.token.autoscaling.minReplicas", 3), ("spec.pools.token.autoscaling.maxReplicas", 2),
+                   ("spec.pools.token.replicas", 2)], "spec.pools.token.autoscaling.minReplicas"),
+    ("replicas above max", [("spec.pools.prompt.replicas", 9)], "spec.pools.prompt.replicas"),
+    ("unknown backend", [("spec.kvTransfer.backend", "tcp")], "spec.kvTransfer.backend"),
+    ("missing model source", [("spec.model.source", {})], "spec.model.source"),
+    ("two model sources", [("spec.model.source.pvc", {"claimName": "models"})], "spec.model.source"),
+    ("relative host path", [("spec.model.source.hostPath.path", "models/tiny")], "spec.model.source.hostPath.path"),
+    ("missing model name", [("spec.model.name", DELETE)], "spec.model.name"),
+    ("unknown dtype", [("spec.model.dtype", "int4")], "spec.model.dtype"),
+    ("tiny maxModelLen", [("spec.model.maxModelLen", 0)], "spec.model.maxModelLen"),
+    ("port out of range", [("spec.router.service.port", 70000)], "spec.router.service.port"),
+    ("unknown service type", [("spec.router.service.type", "External")], "spec.router.service.type"),
+    ("unknown metric", [("spec.pools.token.autoscaling.metric", "gpuUtilization")],
+     "spec.pools.token.autoscaling.metric"),
+    ("utilization target above 1", [("spec.pools.token.autoscaling.metric", "kvUtilization")],
+     "spec.pools.token.autoscaling.targetPerReplica"),
+    ("two KV sizes", [("spec.pools.prompt.engine.kvMemoryFraction", 0.5)], "spec.pools.prompt.engine.numKvBlocks"),
+    ("KV fraction above 1", [("spec.pools.token.engine.numKvBlocks", DELETE),
+                             ("spec.pools.token.engine.kvMemoryFraction", 1.5)],
+     "spec.pools.token.engine.kvMemoryFraction"),
+    ("block sizes differ", [("spec.pools.token.engine.blockSize", 32)], "spec.pools.token"),
+    ("no token pool", [("spec.pools.token", DELETE)], "spec.pools"),
+    ("unknown autoscaling mode", [("spec.autoscaling.mode", "vpa")], "spec.autoscaling.mode"),
+    ("keda without prometheus", [("spec.autoscaling.mode", "keda")], "spec.autoscaling.prometheus"),
+    ("ratio min > max", [("spec.autoscaling.promptToTokenRatio", {"min": 2.0, "max": 1.0})],
+     "spec.autoscaling.promptToTokenRatio.min"),
+    ("zero KV timeout", [("spec.kvTransfer.timeoutSeconds", 0)], "spec.kvTransfer.timeoutSeconds"),
+    ("negative drain timeout", [("spec.pools.token.drainTimeoutSeconds", -5)], "spec.pools.token.drainTimeoutSeconds"),
+    ("bad quantity", [("spec.pools.prompt.resources.requests", {"cpu": "lots"})], "spec.pools.prompt.resources"),
+]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_crd_and_models_accept_every_example(path):
+    doc = load_example(path.stem)
+    assert validate(CRD, doc) == []
+    si.SplitInference.model_validate(doc)
+
+
+@pytest.mark.parametrize("what,changes,field", INVALID, ids=[case[0] for case in INVALID])
+def test_crd_and_models_reject_invalid_spec_naming_the_field(what, changes, field):
+    doc = copy.deepcopy(load_example("tiny-cpu"))
+    for dotted, value in changes:
+        _set(doc, dotted, value)
+    crd_errors = validate(CRD, doc)
+    parent, leaf = field.rsplit(".", 1)
+    # a missing required field is reported on its parent, naming the field
+    assert any(e.startswith(field) or (e.startswith(parent + ":") and leaf in e) for e in crd_errors), crd_errors
+    with pytest.raises(pydantic.ValidationError) as raised:
+        si.SplitInference.model_validate(doc)
+    assert leaf in str(raised.value), str(raised.value)
+
+
+def test_quantities_accept_kubernetes_forms():
+    resources = {"requests": {"cpu": "500m", "memory": "4Gi", "nvidia.com/gpu": 1, "ephemeral-storage": "1e9"}}
+    assert si.Resources.model_validate(resources)
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["prompt"]["resources"] = resources
+    assert validate(CRD, doc) == []
+
+
+def test_metadata_name_length_is_bounded_for_child_names():
+    doc = load_example("tiny-cpu")
+    doc["metadata"]["name"] = "x" * 46
+    assert any("metadata.name" in e for e in validate(CRD, doc))
+    with pytest.raises(pydantic.ValidationError, match="name"):
+        si.SplitInference.model_validate(doc)
+
+
+def test_crd_defaults_match_the_models():
+    """What the API server fills in equals what pydantic fills in."""
+    from tests.tools.crd_validator import apply_defaults
+    doc = load_example("tiny-cpu")
+    schema = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    defaulted = apply_defaults(schema, copy.deepcopy(doc))["spec"]
+    model = si.SplitInferenceSpec.model_validate(doc["spec"]).model_dump(by_alias=True, exclude_none=True, mode="json")
+    # pydantic also fills empty lists and maps that the API server leaves absent
+    prune = lambda x: {k: prune(v) for k, v in x.items() if v not in ({}, [])} if isinstance(x, dict) else x  # noqa: E731
+    assert prune(defaulted) == prune(model)
+
+
+def test_crd_has_status_subresource_printer_columns_and_short_name():
+    version = CRD["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Prompt", "Token", "Ready", "Endpoint", "Age"}
+    assert CRD["spec"]["names"]["shortNames"] == ["si"]
+
+
+def test_feasibility_problems_name_the_field():
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["token"]["engine"]["numKvBlocks"] = 8  # 128 tokens < maxModelLen 1024
+    doc["spec"]["kvTransfer"]["backend"] = "nccl"
+    problems = si.feasibility_problems(si.SplitInference.model_validate(doc).spec)
+    assert any(p.startswith("pools.token.engine.numKvBlocks") for p in problems), problems
+    assert any(p.startswith("pools.prompt.resources") and "nccl" in p for p in problems), problems
