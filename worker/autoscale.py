@@ -284,3 +284,15 @@ class SplitScaler:
 
     def states(self) -> dict[str, dict]:
         return {name: s.state.to_dict() for name, s in self.pools.items()}
+
+
+def deletion_costs(worker_hosts: Mapping[str, str], worker_load: Mapping[str, float]) -> dict[str, int]:
+    """Removal order for a scale-down, as `controller.kubernetes.io/pod-deletion-cost` values: a
+    worker's cost is the load the router reports for its address (KV blocks held), so the
+    least-loaded go first. `worker_hosts` maps a worker (pod name) to its host or IP; the router's
+    `worker_load` is keyed by "host:port". A worker the router does not report costs 0."""
+    load_by_host: dict[str, float] = {}
+    for addr, load in worker_load.items():
+        host = addr.rsplit(":", 1)[0]
+        load_by_host[host] = load_by_host.get(host, 0.0) + load
+    return {worker: int(round(load_by_host.get(host, 0.0))) for worker, host in worker_hosts.items()}

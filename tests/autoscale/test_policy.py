@@ -177,3 +177,12 @@ def test_split_scaler_from_the_pydantic_spec_uses_its_defaults():
     prompt = s.pools["prompt"].knobs
     assert (prompt.metric, prompt.target_per_replica, prompt.max_replicas) == ("queueTokens", 512, 3)
     assert (prompt.scale_up_max_step, prompt.cooldown_seconds) == (2, 60)   # spec defaults
+
+
+def test_deletion_costs_put_the_least_loaded_worker_first():
+    pods = {"tiny-token-a": "10.0.0.7", "tiny-token-b": "10.0.0.8", "tiny-token-c": "10.0.0.9"}
+    load = {"10.0.0.7:50051": 40, "10.0.0.8:50051": 3}
+    from phasesplit.autoscale import deletion_costs
+    costs = deletion_costs(pods, load)
+    assert costs == {"tiny-token-a": 40, "tiny-token-b": 3, "tiny-token-c": 0}
+    assert min(costs, key=costs.get) == "tiny-token-c"
