@@ -14,12 +14,12 @@ import os
 import time
 
 import kopf
-import kubernetes
 
 from phasesplit.autoscale import Decision, PoolState, SplitScaler, deletion_costs
 from phasesplit.spec import SplitInferenceSpec
 
-from .autoscaling_objects import pool_deployment_name
+from .builders import Owner, pool_name, service_name
+from .kube import Kube, KubeError, path
 from .metrics_source import MetricsUnavailable, PrometheusQuery, RouterScrape, Snapshot, router_selector
 
 TICK_SECONDS = float(os.environ.get("PHASESPLIT_AUTOSCALE_TICK_SECONDS", "5"))
@@ -27,20 +27,17 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 CONDITION = "MetricsAvailable"
 
 
-class Kube:
-    """The two API groups the autoscaler writes to, made once per process from the ambient config."""
-    _apis: tuple | None = None
+def _kube(memo: kopf.Memo) -> Kube:
+    """The operator's client (made at startup by phasesplit.operator.handlers), or one of our own."""
+    global _own_kube
+    if memo.get("kube") is not None:
+        return memo["kube"]
+    if _own_kube is None:
+        _own_kube = Kube.from_environment()
+    return _own_kube
 
-    @classmethod
-    def apis(cls) -> tuple[kubernetes.client.AppsV1Api, kubernetes.client.CoreV1Api]:
-        if cls._apis is None:
-            try:
-                kubernetes.config.load_incluster_config()
-            except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
-            client = kubernetes.client.ApiClient()
-            cls._apis = (kubernetes.client.AppsV1Api(client), kubernetes.client.CoreV1Api(client))
-        return cls._apis
+
+_own_kube: Kube | None = None
 
 
 @kopf.timer("phasesplit.io", "v1alpha1", "splitinferences", interval=TICK_SECONDS)
@@ -54,62 +51,54 @@ async def autoscale_timer(body: kopf.Body, spec: kopf.Spec, status: kopf.Status,
         return
     memo["autoscale_last"] = now
     scaler = _scaler(memo, parsed, status)
-    namespace, name = meta["namespace"], meta["name"]
+    owner = Owner(meta["name"], meta["namespace"], meta.get("uid", ""))
     try:
-        snapshot = await _source(memo, parsed, namespace, name).read()
+        snapshot = await _source(memo, parsed, owner).read()
     except MetricsUnavailable as e:
         logger.warning(f"metrics unavailable, keeping replicas: {e}")
-        _set_condition(body, status, patch, False, "ScrapeFailed", str(e), meta)
+        _set_condition(body, status, patch, memo, False, "ScrapeFailed", str(e), meta)
         return
-    _set_condition(body, status, patch, True, "Scraped", "router metrics read", meta)
-    decisions = await evaluate(scaler, snapshot, namespace, name, now, logger)
+    _set_condition(body, status, patch, memo, True, "Scraped", "router metrics read", meta)
+    try:
+        decisions = await asyncio.to_thread(evaluate, _kube(memo), scaler, snapshot, owner, now, logger)
+    except KubeError as e:
+        raise kopf.TemporaryError(f"scaling {owner.namespace}/{owner.name}: {e}", delay=10) from e
     _record(body, patch, decisions, scaler)
 
 
-async def evaluate(scaler: SplitScaler, snapshot: Snapshot, namespace: str, name: str, now: float,
-                   logger) -> dict[str, Decision]:
+def evaluate(kube: Kube, scaler: SplitScaler, snapshot: Snapshot, owner: Owner, now: float,
+             logger) -> dict[str, Decision]:
     """Apply the policy to each pool whose Deployment exists, and scale those that must change."""
-    apps, core = Kube.apis()
-    current = {}
-    deployments = {}
-    for pool in scaler.pools:
-        deployment = await _read_deployment(apps, namespace, pool_deployment_name({"metadata": {"name": name}}, pool))
-        if deployment is not None:
-            deployments[pool] = deployment
-            current[pool] = deployment.spec.replicas if deployment.spec.replicas is not None else 1
+    deployments = {pool: d for pool in scaler.pools
+                   if (d := kube.get(path("apps/v1", "Deployment", owner.namespace, pool_name(owner, pool))))}
+    current = {pool: int(d.get("spec", {}).get("replicas", 1)) for pool, d in deployments.items()}
     decisions = scaler.evaluate(snapshot.pools, current, now)
     for pool, decision in decisions.items():
         if not decision.changed:
             continue
         deployment = deployments[pool]
         if decision.desired < decision.current:
-            await _mark_removal_order(core, namespace, deployment, snapshot.worker_load, logger)
-        await asyncio.to_thread(apps.patch_namespaced_deployment_scale, deployment.metadata.name, namespace,
-                                {"spec": {"replicas": decision.desired}})
+            _mark_removal_order(kube, deployment, snapshot.worker_load, logger)
+        name = deployment["metadata"]["name"]
+        kube.patch(path("apps/v1", "Deployment", owner.namespace, name, "scale"),
+                   {"spec": {"replicas": decision.desired}})
         logger.info(f"{pool} pool: {decision.current} -> {decision.desired} replicas ({decision.reason})")
     return decisions
 
 
-async def _read_deployment(apps, namespace: str, name: str):
-    try:
-        return await asyncio.to_thread(apps.read_namespaced_deployment, name, namespace)
-    except kubernetes.client.ApiException as e:
-        if e.status == 404:
-            return None
-        raise kopf.TemporaryError(f"reading Deployment {namespace}/{name}: {e.status} {e.reason}", delay=10)
-
-
-async def _mark_removal_order(core, namespace: str, deployment, worker_load: dict[str, float], logger) -> None:
+def _mark_removal_order(kube: Kube, deployment: dict, worker_load: dict[str, float], logger) -> None:
     """Annotate the pool's pods with their load before a scale-down, so the least-loaded go first."""
-    selector = deployment.spec.selector.match_labels or {}
+    namespace = deployment["metadata"]["namespace"]
+    selector = deployment["spec"]["selector"].get("matchLabels") or {}
     label_selector = ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
-    pods = await asyncio.to_thread(core.list_namespaced_pod, namespace, label_selector=label_selector)
-    hosts = {p.metadata.name: p.status.pod_ip for p in pods.items
-             if p.status and p.status.pod_ip and _matches(p.metadata.labels, selector)}
+    pods = kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
+                        query=[("labelSelector", label_selector)]).get("items", [])
+    hosts = {p["metadata"]["name"]: p["status"]["podIP"] for p in pods
+             if (p.get("status") or {}).get("podIP") and _matches(p["metadata"].get("labels"), selector)}
     for pod, cost in deletion_costs(hosts, worker_load).items():
-        body = {"metadata": {"annotations": {DELETION_COST: str(cost)}}}
-        await asyncio.to_thread(core.patch_namespaced_pod, pod, namespace, body)
-    logger.debug(f"pod-deletion-cost set on {len(hosts)} pods of {deployment.metadata.name}")
+        kube.patch(f"/api/v1/namespaces/{namespace}/pods/{pod}",
+                   {"metadata": {"annotations": {DELETION_COST: str(cost)}}})
+    logger.debug(f"pod-deletion-cost set on {len(hosts)} pods of {deployment['metadata']['name']}")
 
 
 def _matches(labels: dict | None, selector: dict) -> bool:
@@ -133,13 +122,13 @@ def _scaler(memo: kopf.Memo, parsed: SplitInferenceSpec, status: kopf.Status) ->
     return fresh
 
 
-def _source(memo: kopf.Memo, parsed: SplitInferenceSpec, namespace: str, name: str):
+def _source(memo: kopf.Memo, parsed: SplitInferenceSpec, owner: Owner):
     url = parsed.autoscaling.prometheus.url
     if url:
-        key, make = f"prometheus:{url}", lambda: PrometheusQuery(url, router_selector(namespace, name))
+        key, make = f"prometheus:{url}", lambda: PrometheusQuery(url, router_selector(owner.namespace, service_name(owner)))
     else:
         port = parsed.router.service.port
-        target = f"http://{name}-router.{namespace}.svc:{port}/metrics"
+        target = f"http://{service_name(owner)}.{owner.namespace}.svc:{port}/metrics"
         key, make = f"router:{target}", lambda: RouterScrape(target)
     if memo.get("autoscale_source_key") != key:
         memo["autoscale_source_key"], memo["autoscale_source"] = key, make()
@@ -157,20 +146,19 @@ def _record(body: kopf.Body, patch: kopf.Patch, decisions: dict[str, Decision], 
     patch.status["autoscaling"] = entries
 
 
-def _set_condition(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, ok: bool, reason: str,
-                   message: str, meta: kopf.Meta) -> None:
-    """Set `MetricsAvailable` in status.conditions (the list is written whole: a merge patch replaces lists)."""
+def _set_condition(body: kopf.Body, status: kopf.Status, patch: kopf.Patch, memo: kopf.Memo, ok: bool,
+                   reason: str, message: str, meta: kopf.Meta) -> None:
+    """Set `MetricsAvailable` in status.conditions (the list is written whole: a merge patch replaces lists);
+    an Event on each change of availability (and when they are first found missing)."""
+    if memo.get("metrics_ok", True) != ok:
+        kopf.event(body, type="Normal" if ok else "Warning", reason="MetricsAvailable" if ok else "MetricsUnavailable",
+                   message=message)
+    memo["metrics_ok"] = ok
     conditions = list((status or {}).get("conditions") or [])
-    pending = patch.status.get("conditions")
-    if pending is not None:
-        conditions = list(pending)
     old = next((c for c in conditions if c.get("type") == CONDITION), None)
     value = "True" if ok else "False"
     if old is not None and old.get("status") == value and old.get("reason") == reason:
         return
-    if old is None or old.get("status") != value:
-        kopf.event(body, type="Normal" if ok else "Warning", reason="MetricsAvailable" if ok else "MetricsUnavailable",
-                   message=message)
     changed_at = old["lastTransitionTime"] if old and old.get("status") == value else _rfc3339(time.time())
     new = {"type": CONDITION, "status": value, "reason": reason, "message": message[:1024],
            "lastTransitionTime": changed_at, "observedGeneration": meta.get("generation")}

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 from phasesplit.autoscale import AVERAGE_METRICS, PoolKnobs
 
+from . import builders
 from .metrics_source import POOL_GAUGES, router_selector
-
-GROUP = "phasesplit.io"
-VERSION = "v1alpha1"
 MAX_HPA_WINDOW = 3600  # HPA validation: stabilizationWindowSeconds
 MAX_HPA_PERIOD = 1800  # HPA validation: policies[].periodSeconds
 
 
+def _owner(si: dict) -> builders.Owner:
+    meta = si["metadata"]
+    return builders.Owner(meta["name"], meta.get("namespace") or "default", meta.get("uid") or "")
+
+
 def pool_deployment_name(si: dict, pool: str) -> str:
-    return f"{si['metadata']['name']}-{pool}"
+    return builders.pool_name(_owner(si), pool)
 
 
 def _knobs(si: dict, pool: str) -> PoolKnobs:
@@ -37,19 +40,7 @@ def _knobs(si: dict, pool: str) -> PoolKnobs:
 
 
 def _metadata(si: dict, pool: str) -> dict:
-    meta = si["metadata"]
-    out = {
-        "name": pool_deployment_name(si, pool),
-        "labels": {"app.kubernetes.io/name": "phasesplit", "app.kubernetes.io/instance": meta["name"],
-                   "app.kubernetes.io/component": pool, "app.kubernetes.io/managed-by": "phasesplit-operator"},
-    }
-    if meta.get("namespace"):
-        out["namespace"] = meta["namespace"]
-    if meta.get("uid"):
-        out["ownerReferences"] = [{"apiVersion": f"{GROUP}/{VERSION}", "kind": "SplitInference",
-                                   "name": meta["name"], "uid": meta["uid"],
-                                   "controller": True, "blockOwnerDeletion": True}]
-    return out
+    return builders.metadata(_owner(si), pool_deployment_name(si, pool), pool)
 
 
 def _scale_target(si: dict, pool: str) -> dict:
@@ -93,8 +84,7 @@ def _quantity(x: float) -> str:
 def build_hpa(si: dict, pool: str) -> dict:
     """An autoscaling/v2 HorizontalPodAutoscaler for one pool, on an External metric from the adapter."""
     knobs = _knobs(si, pool)
-    meta = si["metadata"]
-    selector = {"pool": pool, "service": f"{meta['name']}-router"}
+    selector = {"pool": pool, "service": builders.service_name(_owner(si))}
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
@@ -116,8 +106,8 @@ def prometheus_url(si: dict) -> str | None:
 
 
 def keda_query(si: dict, pool: str, metric: str) -> str:
-    meta = si["metadata"]
-    selector = router_selector(meta.get("namespace", "default"), meta["name"]) + f',pool="{pool}"'
+    owner = _owner(si)
+    selector = router_selector(owner.namespace, builders.service_name(owner)) + f',pool="{pool}"'
     agg = "avg" if metric in AVERAGE_METRICS else "sum"
     return f"{agg}({POOL_GAUGES[metric]}{{{selector}}})"
 

@@ -108,10 +108,11 @@ def _pool_metrics(gauges: dict[str, dict[str, float]], ttft: float | None, tbt: 
     return out
 
 
-def router_selector(namespace: str, name: str) -> str:
-    """The label matchers that pick one SplitInference's router series in Prometheus
-    (the labels a Prometheus Operator ServiceMonitor on the `<name>-router` Service attaches)."""
-    return f'namespace="{namespace}",service="{name}-router"'
+def router_selector(namespace: str, service: str) -> str:
+    """The label matchers that pick one SplitInference's router series in Prometheus: the labels a
+    Prometheus Operator ServiceMonitor (or the usual `kubernetes-service-endpoints` scrape job)
+    attaches for the router Service."""
+    return f'namespace="{namespace}",service="{service}"'
 
 
 def pool_query(metric: str, selector: str) -> str:

@@ -37,7 +37,7 @@ def test_hpa_follows_the_pool_knobs(si):
     prompt, token = build_hpa(si, "prompt")["spec"], build_hpa(si, "token")["spec"]
     metric = prompt["metrics"][0]["external"]
     assert metric["metric"] == {"name": "phasesplit_queue_tokens",
-                                "selector": {"matchLabels": {"pool": "prompt", "service": "tiny-router"}}}
+                                "selector": {"matchLabels": {"pool": "prompt", "service": "tiny"}}}
     assert metric["target"] == {"type": "AverageValue", "averageValue": "512"}
     assert (prompt["minReplicas"], prompt["maxReplicas"]) == (1, 3)
     # kvUtilization is a pool average: a Value target, in milli-units
@@ -61,13 +61,13 @@ def test_scaled_object_validates_against_the_keda_schema(si, pool):
     assert trigger["type"] == "prometheus"
     assert trigger["metadata"]["serverAddress"] == "http://prometheus.monitoring:9090"
     assert f'pool="{pool}"' in trigger["metadata"]["query"]
-    assert 'namespace="ml",service="tiny-router"' in trigger["metadata"]["query"]
+    assert 'namespace="ml",service="tiny"' in trigger["metadata"]["query"]
 
 
 def test_scaled_object_uses_the_pool_knobs(si):
     prompt, token = build_scaled_object(si, "prompt")["spec"], build_scaled_object(si, "token")["spec"]
     assert prompt["triggers"][0]["metadata"]["query"] == \
-        'sum(phasesplit_queue_tokens{namespace="ml",service="tiny-router",pool="prompt"})'
+        'sum(phasesplit_queue_tokens{namespace="ml",service="tiny",pool="prompt"})'
     assert (prompt["triggers"][0]["metricType"], prompt["triggers"][0]["metadata"]["threshold"]) == ("AverageValue", "512")
     assert (token["triggers"][0]["metricType"], token["triggers"][0]["metadata"]["threshold"]) == ("Value", "0.75")
     assert (prompt["minReplicaCount"], prompt["maxReplicaCount"], prompt["pollingInterval"]) == (1, 3, 15)

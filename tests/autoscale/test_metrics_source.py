@@ -86,7 +86,7 @@ async def test_prometheus_query_sends_per_pool_queries_and_reads_vectors():
     assert snap.pools["prompt"].ttft_p90_seconds == 0.8 and snap.pools["token"].tbt_p90_seconds is None
     assert snap.pools["prompt"].queue_requests is None
     assert snap.worker_load == {"10.0.0.9:50051": 7}
-    assert 'sum by (pool) (phasesplit_queue_tokens{namespace="ml",service="tiny-router"})' in seen
+    assert 'sum by (pool) (phasesplit_queue_tokens{namespace="ml",service="tiny"})' in seen
 
 
 async def test_prometheus_down_is_unavailable():

@@ -7,11 +7,14 @@ import time
 
 import kmock
 import kopf
+import kubernetes
 import pytest
 import yaml
-from conftest import Cluster, running_operator, server_metadata
+from harness import Cluster, declare, running_operator, server_metadata
 
-from phasesplit.operator import autoscaler
+from phasesplit.operator import autoscaler, builders
+from phasesplit.operator.kube import Kube
+from phasesplit.spec import SplitInferenceSpec
 
 pytestmark = pytest.mark.kmock(cls=Cluster)
 
@@ -23,27 +26,28 @@ TIMER = (autoscaler.autoscale_timer,
          functools.partial(kopf.timer, "phasesplit.io", "v1alpha1", "splitinferences", interval=0.3))
 
 
-def split_inference(port: int) -> dict:
+def split_inference(port: int, mode: str = "builtin") -> dict:
     body = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
     body["metadata"] = server_metadata("tiny", NS)
     body["spec"]["router"]["service"]["port"] = port
-    body["spec"]["autoscaling"]["intervalSeconds"] = 1
+    body["spec"]["autoscaling"].update(intervalSeconds=1, mode=mode)
     for pool in ("prompt", "token"):
         body["spec"]["pools"][pool]["autoscaling"].update(cooldownSeconds=0, scaleDownStabilizationSeconds=0)
     return body
 
 
-def deployment(pool: str) -> dict:
-    labels = {"app.kubernetes.io/instance": "tiny", "app.kubernetes.io/component": pool}
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": server_metadata(f"tiny-{pool}", NS),
-            "spec": {"replicas": 1, "selector": {"matchLabels": labels},
-                     "template": {"metadata": {"labels": labels}, "spec": {"containers": []}}}}
+def deployment(body: dict, pool: str) -> dict:
+    """The pool Deployment exactly as the operator's builders render it."""
+    owner = builders.Owner("tiny", NS, body["metadata"]["uid"])
+    d = builders.build_pool_deployment(owner, SplitInferenceSpec.model_validate(body["spec"]), pool)
+    d["metadata"].update(server_metadata(d["metadata"]["name"], NS))
+    return d
 
 
 def pod(name: str, pool: str, ip: str) -> dict:
-    labels = {"app.kubernetes.io/instance": "tiny", "app.kubernetes.io/component": pool}
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": server_metadata(name, NS, labels=labels),
-            "status": {"podIP": ip, "phase": "Running"}}
+    owner = builders.Owner("tiny", NS, "")
+    meta = server_metadata(name, NS, labels=builders.labels(owner, pool))
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": {"podIP": ip, "phase": "Running"}}
 
 
 def replicas(cluster, pool: str) -> int:
@@ -74,27 +78,48 @@ async def until(check, timeout=8.0):
 
 
 @pytest.fixture
-def cluster(kube, router_metrics):
-    kube.objects[SI, NS, "tiny"] = split_inference(router_metrics.port)
+def cluster(kmock, router_metrics, tmp_path):
+    declare(kmock)
+    body = split_inference(router_metrics.port)
+    kmock.objects[SI, NS, "tiny"] = body
     for pool in ("prompt", "token"):
-        kube.objects[DEPLOY, NS, f"tiny-{pool}"] = deployment(pool)
+        kmock.objects[DEPLOY, NS, f"tiny-{pool}"] = deployment(body, pool)
+    kmock.objects[DEPLOY, NS, "tiny-token"].raw["metadata"]["name"]  # both exist
     for i, ip in enumerate(["10.0.0.10", "10.0.0.11", "10.0.0.12"]):
-        kube.objects["v1/pods", NS, f"tiny-prompt-{i}"] = pod(f"tiny-prompt-{i}", "prompt", ip)
-    autoscaler.Kube._apis = None  # the kubeconfig points at this test's server
-    return kube
+        kmock.objects["v1/pods", NS, f"tiny-prompt-{i}"] = pod(f"tiny-prompt-{i}", "prompt", ip)
+    kmock.objects["v1/pods", NS, "tiny-token-0"] = pod("tiny-token-0", "token", "10.0.0.20")
+    return kmock
+
+
+@pytest.fixture
+def operator(cluster, tmp_path):
+    """The autoscaler timer alone in a kopf operator; `memo.kube` made at startup as the operator's handlers do."""
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+        "clusters": [{"name": "kmock", "cluster": {"server": str(cluster.url).rstrip("/")}}],
+        "users": [{"name": "kmock", "user": {"token": "test"}}],
+        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
+
+    def startup(memo: kopf.Memo, **_):
+        config = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(config_file=str(kubeconfig), client_configuration=config)
+        memo.kube = Kube(kubernetes.client.ApiClient(config))
+
+    return functools.partial(running_operator, cluster.url, TIMER, startup=startup)
 
 
 @pytest.fixture
 async def router_dns(router_metrics):
-    """`tiny-router.ml.svc` resolves to the fixture router, as cluster DNS would."""
-    async with kmock.AiohttpInterceptor("127.0.0.1", extra="tiny-router.ml.svc"):
+    """The router Service `tiny.ml.svc` resolves to the fixture router, as cluster DNS would."""
+    async with kmock.AiohttpInterceptor("127.0.0.1", extra="tiny.ml.svc"):
         yield
 
 
-async def test_pool_replicas_follow_their_own_metrics(cluster, router_metrics, router_dns):
+async def test_pool_replicas_follow_their_own_metrics(cluster, operator, router_metrics, router_dns):
     router_metrics.set_pool("prompt", queue_tokens=1500)   # 512 per replica -> 3
     router_metrics.set_pool("token", inflight=2)           # 8 per replica -> 1
-    async with running_operator(cluster.url, TIMER):
+    async with operator():
         await until(lambda: replicas(cluster, "prompt") == 3)
         assert replicas(cluster, "token") == 1
         await until(lambda: status(cluster).get("autoscaling", {}).get("prompt", {}).get("desired") == 3)
@@ -121,10 +146,10 @@ async def test_pool_replicas_follow_their_own_metrics(cluster, router_metrics, r
         assert any("prompt pool 3 -> 1" in e["message"] for e in events(cluster, "ScaledDown"))
 
 
-async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, router_metrics, router_dns):
+async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, operator, router_metrics, router_dns):
     router_metrics.set_pool("prompt", queue_tokens=0)
     router_metrics.set_pool("token", inflight=0)
-    async with running_operator(cluster.url, TIMER):
+    async with operator():
         await until(lambda: condition(cluster) == "True")
         router_metrics.status = 503
         router_metrics.set_pool("prompt", queue_tokens=5000)   # would scale up, but cannot be read
@@ -140,13 +165,11 @@ async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, route
         await until(lambda: condition(cluster) == "True" and replicas(cluster, "prompt") == 3)
 
 
-async def test_other_modes_leave_replicas_alone(cluster, router_metrics, router_dns):
-    cluster.objects[SI, NS, "tiny"].raw  # exists
-    body = split_inference(router_metrics.port)
-    body["spec"]["autoscaling"]["mode"] = "none"
-    cluster.objects[SI, NS, "tiny"] = body
+@pytest.mark.parametrize("mode", ["none", "hpa"])
+async def test_other_modes_leave_replicas_alone(cluster, operator, router_metrics, router_dns, mode):
+    cluster.objects[SI, NS, "tiny"] = split_inference(router_metrics.port, mode=mode)
     router_metrics.set_pool("prompt", queue_tokens=5000)
-    async with running_operator(cluster.url, TIMER):
+    async with operator():
         await asyncio.sleep(2.5)
     assert router_metrics.scrapes == 0
     assert replicas(cluster, "prompt") == 1

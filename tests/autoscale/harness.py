@@ -1,0 +1,72 @@
+"""kopf in the test's event loop against the project's kmock emulator (tests/tools/kube_emulator.py)."""
+
+import asyncio
+import contextlib
+import datetime
+import itertools
+import pathlib
+import sys
+import uuid
+
+import kmock
+import kopf
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # tests.tools
+from tests.tools.kube_emulator import RESOURCES, VERBS, Emulator, register_crd  # noqa: E402
+
+from phasesplit.operator.crd import build_crd  # noqa: E402
+
+_versions = itertools.count(1)
+
+
+class Cluster(Emulator):
+    """The project's emulator, plus `generateName` (kopf posts its Events with it)."""
+
+    def _fill_create(self, request) -> None:
+        meta = request.data.setdefault("metadata", {})
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:6]
+        super()._fill_create(request)
+
+
+def declare(cluster: kmock.KubernetesEmulator) -> None:
+    for resource, info in RESOURCES.items():
+        cluster.resources[resource] = dict(verbs=VERBS, **info)
+    cluster.resources["v1/pods"] = dict(kind="Pod", namespaced=True, verbs=VERBS)
+    register_crd(cluster, build_crd())
+
+
+def server_metadata(name: str, namespace: str | None, **extra) -> dict:
+    """What the API server fills in on create, for objects put straight into the emulator."""
+    meta = {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": str(next(_versions)),
+            "creationTimestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "generation": 1, **extra}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
+@contextlib.asynccontextmanager
+async def running_operator(server, *handlers, startup=None):
+    """kopf in this event loop, logged in to `server`, with only `handlers`: (function, decorator) pairs."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_):
+        return kopf.ConnectionInfo(server=str(server).rstrip("/"), token="test")
+
+    if startup is not None:
+        kopf.on.startup(registry=registry)(startup)
+    for fn, decorator in handlers:
+        decorator(registry=registry)(fn)
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 10
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, clusterwide=True,
+                                             standalone=True, stop_flag=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=10)
