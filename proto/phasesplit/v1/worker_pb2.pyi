@@ -197,3 +197,41 @@ class DrainReply(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     in_flight: int
     def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
+
+class KVGroupConnect(_message.Message):
+    __slots__ = ("group_id", "backend", "layout", "host")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    backend: str
+    layout: KVLayout
+    host: str
+    def __init__(self, group_id: _Optional[str] = ..., backend: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., host: _Optional[str] = ...) -> None: ...
+
+class KVGroupEndpoint(_message.Message):
+    __slots__ = ("store_port",)
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    store_port: int
+    def __init__(self, store_port: _Optional[int] = ...) -> None: ...
+
+class KVGroupPush(_message.Message):
+    __slots__ = ("group_id", "transfer_id", "header")
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    transfer_id: int
+    header: KVHeader
+    def __init__(self, group_id: _Optional[str] = ..., transfer_id: _Optional[int] = ..., header: _Optional[_Union[KVHeader, _Mapping]] = ...) -> None: ...
+
+class KVGroupEvent(_message.Message):
+    __slots__ = ("accepted", "committed", "bytes_received")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    committed: bool
+    bytes_received: int
+    def __init__(self, accepted: _Optional[bool] = ..., committed: _Optional[bool] = ..., bytes_received: _Optional[int] = ...) -> None: ...

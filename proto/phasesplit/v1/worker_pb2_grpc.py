@@ -413,3 +413,118 @@ class Worker:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class KVGroupStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Connect = channel.unary_unary(
+                '/phasesplit.v1.KVGroup/Connect',
+                request_serializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupConnect.SerializeToString,
+                response_deserializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupEndpoint.FromString,
+                _registered_method=True)
+        self.Push = channel.unary_stream(
+                '/phasesplit.v1.KVGroup/Push',
+                request_serializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupPush.SerializeToString,
+                response_deserializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupEvent.FromString,
+                _registered_method=True)
+
+
+class KVGroupServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Connect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Push(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_KVGroupServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Connect': grpc.unary_unary_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupConnect.FromString,
+                    response_serializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupEndpoint.SerializeToString,
+            ),
+            'Push': grpc.unary_stream_rpc_method_handler(
+                    servicer.Push,
+                    request_deserializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupPush.FromString,
+                    response_serializer=phasesplit_dot_v1_dot_worker__pb2.KVGroupEvent.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'phasesplit.v1.KVGroup', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('phasesplit.v1.KVGroup', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class KVGroup:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Connect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/phasesplit.v1.KVGroup/Connect',
+            phasesplit_dot_v1_dot_worker__pb2.KVGroupConnect.SerializeToString,
+            phasesplit_dot_v1_dot_worker__pb2.KVGroupEndpoint.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Push(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/phasesplit.v1.KVGroup/Push',
+            phasesplit_dot_v1_dot_worker__pb2.KVGroupPush.SerializeToString,
+            phasesplit_dot_v1_dot_worker__pb2.KVGroupEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
