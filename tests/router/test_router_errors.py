@@ -1,5 +1,7 @@
 """Bad requests get OpenAI's error JSON with the right status, and the router keeps serving."""
 
+import json
+
 import aiohttp
 import openai
 import pytest
@@ -111,3 +113,20 @@ async def test_unknown_path_is_an_openai_404(make_cluster):
     async with aiohttp.ClientSession() as s, s.get(cluster.url + "/v1/nothing") as resp:
         assert resp.status == 404
         assert_openai_error(await resp.json())
+
+
+async def test_worker_dying_mid_stream_ends_the_stream_with_an_error(make_cluster):
+    cluster = await make_cluster(worker_options={"token_delay": 0.05})
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    events = []
+    async with aiohttp.ClientSession() as s, s.post(cluster.url + "/v1/completions", json=body) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+                if len(events) == 3:
+                    await cluster.workers["token"][0].stop()
+    assert events[-1] == b"[DONE]"
+    assert_openai_error(json.loads(events[-2]))
+    metrics = await cluster.metrics()
+    assert metrics[("phasesplit_requests_total", (("outcome", "error"),))] == 1
+    assert metrics[("phasesplit_inflight_requests", (("pool", "token"),))] == 0

@@ -52,6 +52,10 @@ async def test_streamed_completion_ends_with_usage(make_cluster, tokenizer):
     assert text_chunks[-1].choices[0].finish_reason == "length"
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
+    metrics = await cluster.metrics()
+    assert metrics[("phasesplit_requests_total", (("outcome", "success"),))] == 1
+    assert metrics[("phasesplit_request_latency_seconds_count", ())] == 1
+    assert cluster.workers["token"][0].aborted == [] and cluster.workers["prompt"][0].aborted == []
 
 
 async def test_chat_completion_uses_the_chat_template(make_cluster, tokenizer):

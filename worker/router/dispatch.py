@@ -45,6 +45,7 @@ class Timing:
     first_token: float | None = None
     last_token: float | None = None
     completion_tokens: int = 0
+    prefill: str = "-"   # the prompt worker's own queue/prefill/transfer seconds
 
 
 def worker_error(e: grpc.aio.AioRpcError, worker: WorkerState) -> APIError:
@@ -74,10 +75,12 @@ class Dispatcher:
             async with aclosing(steps):
                 async for delta in steps:
                     self._observe(job, timing, delta)
+                    if delta.finish_reason:
+                        outcome = "success"   # even if the caller closes us right after this last delta
                     yield delta
-            outcome = "success"
         except (asyncio.CancelledError, GeneratorExit):
-            outcome = "cancelled"
+            if outcome != "success":
+                outcome = "cancelled"
             raise
         finally:
             self.metrics.requests.labels(outcome=outcome).inc()
@@ -85,10 +88,11 @@ class Dispatcher:
             if outcome == "success":
                 self.metrics.latency.observe(elapsed)
             log.debug("request %s %s route=%s prompt_worker=%s token_worker=%s prompt_tokens=%d "
-                      "completion_tokens=%d ttft=%s e2e=%.4f", job.request_id, outcome, route,
+                      "completion_tokens=%d ttft=%s e2e=%.4f prompt_phase=[%s]", job.request_id, outcome, route,
                       timing.prompt_worker, timing.token_worker, len(job.prompt_token_ids),
                       timing.completion_tokens,
-                      f"{timing.first_token - job.arrival:.4f}" if timing.first_token else "-", elapsed)
+                      f"{timing.first_token - job.arrival:.4f}" if timing.first_token else "-", elapsed,
+                      timing.prefill)
 
     def _observe(self, job: Job, timing: Timing, delta: Delta) -> None:
         n = len(delta.token_ids)
@@ -168,6 +172,8 @@ class Dispatcher:
                 if not answered:
                     call.cancel()
                     self._abort_later(prompt_w, job.request_id)
+            timing.prefill = (f"queue={reply.queue_seconds:.4f} prefill={reply.prefill_seconds:.4f} "
+                              f"transfer={reply.transfer_seconds:.4f} kv_bytes={reply.kv_bytes}")
             self.metrics.kv_transfer_bytes.inc(reply.kv_bytes)
             self.metrics.kv_transfer_seconds.inc(reply.transfer_seconds)
             return reply

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -110,7 +109,3 @@ class WorkerState:
             "kv_blocks_free": load.kv_blocks_free if load else None,
             "waiting_tokens": load.waiting_tokens if load else None,
         }
-
-
-async def gather_quietly(*aws) -> None:
-    await asyncio.gather(*aws, return_exceptions=True)
