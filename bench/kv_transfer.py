@@ -1,0 +1,202 @@
+"""KV transfer throughput: the project's transport against plain loopback TCP, in the same run.
+
+A prompt-worker-like process (this one) sends KV-shaped tensors to a token-worker-like process
+(a child) twice per round: through the transport (a real KVSink writing into preallocated
+caches) and as the same bytes over a plain TCP socket (`sendall` -> `recv_into` the same
+preallocated caches). Every transfer is verified (CRC32C of the destination blocks against the
+source). Prints GB/s of each and the ratio of medians.
+
+    python bench/kv_transfer.py [--gib 1] [--layers 32] [--rounds 3] [--backend grpc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import socket
+import statistics
+import time
+
+import torch
+
+from phasesplit.transport import BACKENDS, make_transport
+from phasesplit.transport.base import check_layout
+from phasesplit.transport.blocks import byte_view, write_blocks
+from phasesplit.transport.malloc import tune_malloc
+from phasesplit.transport.wire import checksum
+from phasesplit.v1 import worker_pb2 as pb
+
+BLOCK_SIZE, KV_HEADS, HEAD_DIM = 16, 8, 128
+
+
+def layer_crcs(k: list[torch.Tensor], v: list[torch.Tensor]) -> list[int]:
+    return [checksum((byte_view(t),)) for pair in zip(k, v) for t in pair]
+
+
+def make_caches(layout: pb.KVLayout, num_blocks: int, fill: bool) -> tuple[list, list]:
+    shape = (num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+    caches = []
+    for _ in range(2):
+        layers = []
+        for _ in range(layout.num_layers):
+            t = torch.empty(shape, dtype=torch.bfloat16)
+            if fill:  # random bytes, bf16 viewed as raw
+                t.view(torch.int16).random_(-(1 << 15), 1 << 15)
+            else:  # touch every page now, not during the transfer
+                t.zero_()
+            layers.append(t)
+        caches.append(layers)
+    return caches[0], caches[1]
+
+
+class BenchSink:
+    """The token worker's part: check the layout, write into preallocated caches, report on commit."""
+
+    def __init__(self, layout, k, v):
+        self.layout, self.k, self.v = layout, k, v
+        self.committed = False
+
+    def begin(self, header):
+        check_layout(self.layout, header.layout)
+        sink = self
+
+        class Destination:
+            def write(self, layer, kind, block_start, block_count, data):
+                cache = (sink.k if kind == 0 else sink.v)[layer]
+                write_blocks(cache, range(block_start, block_start + block_count), data)
+
+            def commit(self):
+                sink.committed = True
+
+            def abort(self):
+                sink.committed = False
+
+        return Destination()
+
+
+def token_worker(layout_bytes: bytes, num_blocks: int, conn) -> None:
+    """The receiving process: a gRPC server with the KV sink, and a plain TCP listener."""
+    from concurrent import futures
+
+    import grpc
+
+    from phasesplit.transport.grpc_kv import SERVER_OPTIONS, add_token_worker_to_server, handle_push_kv
+    from phasesplit.v1 import worker_pb2_grpc
+
+    tune_malloc()
+    layout = pb.KVLayout.FromString(layout_bytes)
+    k, v = make_caches(layout, num_blocks, fill=False)
+    sink = BenchSink(layout, k, v)
+
+    class Servicer(worker_pb2_grpc.TokenWorkerServicer):
+        def PushKV(self, request_iterator, context):
+            return handle_push_kv(request_iterator, context, sink, timeout=60)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
+    add_token_worker_to_server(Servicer(), server)
+    grpc_port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    listener = socket.create_server(("127.0.0.1", 0))
+    conn.send((grpc_port, listener.getsockname()[1]))
+    while (command := conn.recv()) != "stop":
+        if command == "tcp":
+            tcp_receive(listener, k, v)
+        done = command == "tcp" or sink.committed
+        crcs = layer_crcs(k, v) if done else None
+        for t in k + v:  # the next round must write every byte again
+            t.zero_()
+        sink.committed = False
+        conn.send((command, crcs))
+    listener.close()
+    server.stop(None).wait()
+
+
+def tcp_receive(listener: socket.socket, k, v) -> None:
+    peer, _ = listener.accept()
+    with peer:
+        for pair in zip(k, v):
+            for t in pair:
+                view, got = byte_view(t), 0
+                while got < len(view):
+                    n = peer.recv_into(view[got:])
+                    if not n:
+                        raise ConnectionError("sender closed early")
+                    got += n
+        peer.sendall(b"\x01")
+
+
+def tcp_send(port: int, k, v) -> float:
+    start = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        for pair in zip(k, v):
+            for t in pair:
+                s.sendall(byte_view(t))
+        if s.recv(1) != b"\x01":
+            raise ConnectionError("no acknowledgement")
+    return time.perf_counter() - start
+
+
+def transport_send(transport, port: int, header: pb.KVHeader, k, v) -> float:
+    start = time.perf_counter()
+    sender = transport.open(f"127.0.0.1:{port}", header)
+    for layer, (kl, vl) in enumerate(zip(k, v)):
+        sender.send_layer(layer, kl, vl)
+    sender.finish()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gib", type=float, default=1.0, help="KV bytes per transfer, GiB")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--chunk-kib", type=int, default=1024)
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="grpc")
+    args = parser.parse_args(argv)
+
+    tune_malloc()
+    block_bytes = BLOCK_SIZE * KV_HEADS * HEAD_DIM * 2
+    num_blocks = max(1, int(args.gib * (1 << 30)) // (2 * args.layers * block_bytes))
+    total = 2 * args.layers * num_blocks * block_bytes
+    layout = pb.KVLayout(model="bench", dtype="bfloat16", num_layers=args.layers, num_kv_heads=KV_HEADS,
+                         head_dim=HEAD_DIM, block_size=BLOCK_SIZE)
+    header = pb.KVHeader(request_id="bench", layout=layout, prompt_token_ids=[1] * (num_blocks * BLOCK_SIZE))
+    print(f"{total / 2**30:.2f} GiB per transfer: {args.layers} layers x K,V x {num_blocks} blocks "
+          f"of bfloat16 [{BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM}]; backend {args.backend}, "
+          f"{args.chunk_kib} KiB chunks, {args.rounds} rounds")
+    k, v = make_caches(layout, num_blocks, fill=True)
+    expected = layer_crcs(k, v)
+
+    ctx = mp.get_context("spawn")
+    conn, child_conn = ctx.Pipe()
+    child = ctx.Process(target=token_worker, args=(layout.SerializeToString(), num_blocks, child_conn))
+    child.start()
+    grpc_port, tcp_port = conn.recv()
+    times: dict[str, list[float]] = {"tcp": [], args.backend: []}
+    with make_transport(args.backend, chunk_bytes=args.chunk_kib << 10, timeout=60) as transport:
+        for _ in range(args.rounds):
+            conn.send("tcp")
+            times["tcp"].append(tcp_send(tcp_port, k, v))
+            _check(conn.recv(), "tcp", expected)
+            times[args.backend].append(transport_send(transport, grpc_port, header, k, v))
+            conn.send(args.backend)
+            _check(conn.recv(), args.backend, expected)
+    conn.send("stop")
+    child.join(30)
+
+    rates = {name: [total / t / 1e9 for t in ts] for name, ts in times.items()}
+    for name, rs in rates.items():
+        print(f"{name:>6}: median {statistics.median(rs):.2f} GB/s  (rounds: {', '.join(f'{r:.2f}' for r in rs)})")
+    ratio = statistics.median(rates[args.backend]) / statistics.median(rates["tcp"])
+    print(f"ratio {args.backend} / plain TCP: {ratio:.2f} (target >= 0.85); all transfers verified")
+    return 0
+
+
+def _check(reply, path: str, expected: list[int]) -> None:
+    name, crcs = reply
+    if name != path or crcs != expected:
+        raise SystemExit(f"{path}: received bytes differ from the sent bytes")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
