@@ -3,6 +3,7 @@ life, checked for readiness over their real interfaces, and stopped without leav
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import os
 import pathlib
@@ -18,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 PR_SET_PDEATHSIG = 1
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
 
 
 class ProcessFailed(RuntimeError):
@@ -52,14 +54,15 @@ class ManagedProcess:
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> "ManagedProcess":
-        log = open(self.log_path, "ab")
-        try:
-            self.popen = subprocess.Popen(
+        # The death signal fires when the *thread* that forked exits: fork from one long-lived thread.
+        self.popen = _SPAWNER.submit(self._spawn).result()
+        return self
+
+    def _spawn(self) -> subprocess.Popen:
+        with open(self.log_path, "ab") as log:
+            return subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True, preexec_fn=_die_with_parent(os.getpid()), env=self.env)
-        finally:
-            log.close()
-        return self
 
     @property
     def pid(self) -> int:
