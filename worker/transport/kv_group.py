@@ -1,0 +1,144 @@
+"""A 2-rank torch.distributed process group per prompt/token worker pair, and the frames sent over it.
+
+The token worker hosts a TCPStore (rank 0); each pair gets a standalone ProcessGroupNCCL (CUDA
+caches) or ProcessGroupGloo (CPU caches) over a PrefixStore named by its group id, never the
+default global group. Every wait has a deadline: a peer that dies or hangs makes the wait raise
+`GroupBroken`, and a broken group is discarded (the next transfer builds a new one).
+
+Over the group, the prompt worker (rank 1) sends to the token worker (rank 0) a stream of frames:
+a meta tensor `[transfer_id, layer, num_blocks, op]`, followed for DATA frames by one tensor
+`[2, num_blocks, block_size, kv_heads, head_dim]` (K then V) in the layout's dtype.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+from phasesplit.transport.base import DTYPES, TransferError
+
+TOKEN_RANK, PROMPT_RANK = 0, 1
+DATA, ABORT, CLOSE = 0, 1, 2  # frame ops
+META_LEN = 4
+_TAG = 0
+
+
+class GroupBroken(TransferError):
+    """The pair's process group failed (peer gone, timeout); it must be discarded."""
+
+
+def backend_for(device: torch.device | str) -> str:
+    """The process-group backend for KV caches on `device`: NCCL on CUDA, gloo elsewhere."""
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def local_address_towards(host: str) -> str:
+    """The local IP address this machine uses to reach `host` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
+
+
+def host_store(port: int, timeout: float) -> dist.TCPStore:
+    """The token worker's rendezvous store, listening on every interface (port 0: any free port)."""
+    return dist.TCPStore("0.0.0.0", port, None, True, datetime.timedelta(seconds=timeout),
+                         wait_for_workers=False)
+
+
+def connect_store(host: str, port: int, timeout: float) -> dist.TCPStore:
+    try:
+        return dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=timeout))
+    except (RuntimeError, dist.DistError) as exc:
+        raise GroupBroken(f"cannot reach the KV rendezvous store at {host}:{port}: {exc}") from exc
+
+
+def make_group(backend: str, store: dist.Store, group_id: str, rank: int, bind_host: str,
+               timeout: float) -> dist.ProcessGroup:
+    """This side of the pair's group; blocks until the peer joins (at most `timeout` seconds)."""
+    prefixed = dist.PrefixStore(f"phasesplit/kv/{group_id}/", store)
+    delta = datetime.timedelta(seconds=timeout)
+    try:
+        if backend == "nccl":
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = delta
+            return dist.ProcessGroupNCCL(prefixed, rank, 2, opts)
+        if backend != "gloo":
+            raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = delta
+        ifname = os.environ.get("GLOO_SOCKET_IFNAME")
+        device = (dist.ProcessGroupGloo.create_device(interface=ifname) if ifname
+                  else dist.ProcessGroupGloo.create_device(hostname=bind_host))
+        opts._devices = [device]
+        return dist.ProcessGroupGloo(prefixed, rank, 2, opts)
+    except (RuntimeError, dist.DistError) as exc:
+        raise GroupBroken(f"KV process group {group_id} ({backend}) was not formed: {exc}") from exc
+
+
+def discard(group: dist.ProcessGroup | None) -> None:
+    """Tear a group down without waiting on its peer."""
+    if group is None:
+        return
+    for method in ("abort", "shutdown"):
+        fn = getattr(group, method, None)
+        if fn is not None:
+            try:
+                fn()
+                return
+            except Exception:  # noqa: BLE001 - a broken group may refuse; it is dropped anyway
+                continue
+
+
+def wait(work, timeout: float, what: str, cuda: bool = False) -> None:
+    """Wait for one send/recv; raise GroupBroken on error or after `timeout` seconds."""
+    try:
+        if cuda:
+            _poll(work, timeout, what)
+        else:
+            work.wait(datetime.timedelta(seconds=timeout))
+    except GroupBroken:
+        raise
+    except Exception as exc:  # noqa: BLE001 - gloo raises RuntimeError and DistError subclasses
+        raise GroupBroken(f"{what} failed: {exc}") from exc
+
+
+def _poll(work, timeout: float, what: str) -> None:
+    # NCCL work.wait() only orders streams; poll for completion to keep a deadline on the host.
+    deadline = time.monotonic() + timeout
+    pause = 0.0002
+    while not work.is_completed():
+        if time.monotonic() > deadline:
+            raise GroupBroken(f"{what}: no completion within {timeout:g} s")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    work.wait()
+    torch.cuda.current_stream().synchronize()
+
+
+def send(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: float, what: str) -> None:
+    wait(group.send([tensor], peer, _TAG), timeout, what, cuda=tensor.device.type == "cuda")
+
+
+def recv(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: float, what: str) -> None:
+    wait(group.recv([tensor], peer, _TAG), timeout, what, cuda=tensor.device.type == "cuda")
+
+
+def meta(transfer_id: int, layer: int, num_blocks: int, op: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([transfer_id, layer, num_blocks, op], dtype=torch.int64, device=device)
+
+
+def frame_shape(layout, num_blocks: int) -> tuple[int, ...]:
+    return (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
+
+
+def frame_dtype(layout) -> torch.dtype:
+    return DTYPES[layout.dtype]

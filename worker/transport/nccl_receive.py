@@ -1,0 +1,265 @@
+"""The token worker's side of process-group KV transfers: the `KVGroup` service.
+
+`Connect` checks the backend and the layout fingerprint, then this side (rank 0) of a new pair
+group forms in a thread over the store this service hosts. Each group has one receiving thread:
+it reads frames (see `kv_group`) and writes each layer's K and V into the transfer's
+`KVDestination`. `Push` reserves the blocks (`KVSink.begin`), answers `accepted`, and answers
+`committed` once every layer arrived; a stall past the timeout, a cancelled call, an ABORT frame
+or a broken group frees the blocks instead. Frames of a transfer that already ended are read
+and dropped, so the group stays usable.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+import torch
+
+from phasesplit.transport import blocks, kv_group
+from phasesplit.transport.base import (
+    K, V, CapacityError, KVDestination, KVSink, LayoutMismatch, TransferError, check_layout, num_prompt_blocks,
+    validate_layout,
+)
+from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+IDLE_TIMEOUT = 3600.0  # an idle group is discarded after this long; its peer makes a new one
+
+
+class _Incoming:
+    """One transfer's progress: which layers arrived into its destination."""
+
+    def __init__(self, dest: KVDestination, header: pb.KVHeader):
+        self.dest = dest
+        self.request_id = header.request_id
+        self.num_layers = header.layout.num_layers
+        self.num_blocks = num_prompt_blocks(header)
+        self.layers: set[int] = set()
+        self.bytes = 0
+        self.error = ""
+        self.progress = time.monotonic()
+        self.cond = threading.Condition()
+        self.ended = False  # committed or failed: the destination is no longer ours to touch
+
+    def complete(self) -> bool:
+        return len(self.layers) == self.num_layers
+
+    def write(self, layer: int, frame: torch.Tensor) -> None:
+        """frame: [2, num_blocks, block_size, kv_heads, head_dim] (K, V) of `layer`."""
+        with self.cond:
+            if self.ended:
+                return
+            if frame.shape[1] != self.num_blocks or not 0 <= layer < self.num_layers or layer in self.layers:
+                self._fail(f"bad frame: layer {layer} with {frame.shape[1]} blocks "
+                           f"(expected each of {self.num_layers} layers once, {self.num_blocks} blocks)")
+                return
+        try:
+            for kind in (K, V):
+                _write(self.dest, layer, kind, frame[kind])
+        except Exception as exc:  # noqa: BLE001 - the destination refused (freed, aborted): drop the frame
+            self.fail(f"writing layer {layer} failed: {exc}")
+            return
+        with self.cond:
+            self.layers.add(layer)
+            self.bytes += frame.numel() * frame.element_size()
+            self.progress = time.monotonic()
+            self.cond.notify_all()
+
+    def commit(self) -> bool:
+        with self.cond:
+            if self.ended:
+                return False
+            self.ended = True
+        self.dest.commit()
+        return True
+
+    def fail(self, error: str) -> None:
+        with self.cond:
+            self._fail(error)
+
+    def _fail(self, error: str) -> None:
+        if self.ended:
+            return
+        self.ended, self.error = True, error
+        self.cond.notify_all()
+        self.dest.abort()
+
+
+def _write(dest: KVDestination, layer: int, kind: int, blocks_: torch.Tensor) -> None:
+    write_tensor = getattr(dest, "write_tensor", None)
+    if write_tensor is not None:
+        write_tensor(layer, kind, 0, blocks_)
+    else:
+        dest.write(layer, kind, 0, blocks_.shape[0], blocks.byte_view(blocks_.contiguous().cpu()))
+
+
+class _Group:
+    """The token worker's side of one pair group and its receiving thread."""
+
+    def __init__(self, service: KVGroupService, group_id: str, bind_host: str):
+        self.service = service
+        self.group_id = group_id
+        self.bind_host = bind_host
+        self.transfers: dict[int, _Incoming] = {}
+        self.lock = threading.Lock()
+        self.error = ""
+        self.pg = None
+        self.thread = threading.Thread(target=self._run, name=f"kv-group-{group_id[:8]}", daemon=True)
+
+    def expect(self, transfer_id: int, incoming: _Incoming) -> bool:
+        with self.lock:
+            if self.error:
+                return False
+            self.transfers[transfer_id] = incoming
+            return True
+
+    def forget(self, transfer_id: int) -> None:
+        with self.lock:
+            self.transfers.pop(transfer_id, None)
+
+    def _run(self) -> None:
+        service = self.service
+        try:
+            self.pg = kv_group.make_group(service.backend, service.store, self.group_id, kv_group.TOKEN_RANK,
+                                          self.bind_host, service.timeout)
+            self._receive()
+        except kv_group.GroupBroken as exc:
+            self._broken(str(exc))
+        finally:
+            service.drop(self)
+            kv_group.discard(self.pg)
+
+    def _receive(self) -> None:
+        service = self.service
+        meta = torch.empty(kv_group.META_LEN, dtype=torch.int64, device=service.device)
+        while True:
+            kv_group.recv(self.pg, meta, kv_group.PROMPT_RANK, service.idle_timeout, "waiting for a KV frame")
+            transfer_id, layer, num_blocks, op = meta.tolist()
+            if op == kv_group.CLOSE:
+                self._broken("the prompt worker closed the KV group")
+                return
+            with self.lock:
+                incoming = self.transfers.get(transfer_id)
+            if op == kv_group.ABORT:
+                if incoming is not None:
+                    incoming.fail("aborted by the prompt worker")
+                continue
+            frame = torch.empty(kv_group.frame_shape(service.layout, num_blocks),
+                                dtype=kv_group.frame_dtype(service.layout), device=service.device)
+            kv_group.recv(self.pg, frame, kv_group.PROMPT_RANK, service.timeout, f"receiving layer {layer}")
+            if incoming is not None:
+                incoming.write(layer, frame)
+
+    def _broken(self, error: str) -> None:
+        with self.lock:
+            self.error = error
+            transfers, self.transfers = list(self.transfers.values()), {}
+        for incoming in transfers:
+            incoming.fail(f"KV group failed: {error}")
+
+
+class KVGroupService(pb_grpc.KVGroupServicer):
+    """Serves `KVGroup` on a token (or mixed) worker; hosts the rendezvous store on `store_port`."""
+
+    def __init__(self, sink: KVSink, layout, device: str | torch.device, *, timeout: float = 30.0,
+                 store_port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
+        if not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if not 0 <= store_port <= 65535:
+            raise ValueError(f"store_port must be in [0, 65535], got {store_port}")
+        self.sink = sink
+        self.layout = layout
+        self.device = torch.device(device)
+        self.backend = kv_group.backend_for(self.device)
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        try:
+            self.store = kv_group.host_store(store_port, timeout)
+        except (RuntimeError, OSError) as exc:
+            raise OSError(f"cannot host the KV rendezvous store on port {store_port}: {exc}") from exc
+        self._groups: dict[str, _Group] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def store_port(self) -> int:
+        return self.store.port
+
+    def groups(self) -> int:
+        with self._lock:
+            return len(self._groups)
+
+    def drop(self, group: _Group) -> None:
+        with self._lock:
+            if self._groups.get(group.group_id) is group:
+                del self._groups[group.group_id]
+
+    def Connect(self, request: pb.KVGroupConnect, context) -> pb.KVGroupEndpoint:
+        if request.backend != self.backend:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"backend: this token worker's KV cache is on {self.device}, which takes "
+                          f"{self.backend!r}, got {request.backend!r}")
+        if not request.group_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "group_id: must not be empty")
+        try:
+            check_layout(self.layout, request.layout)
+        except LayoutMismatch as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        group = _Group(self, request.group_id, request.host or "127.0.0.1")
+        with self._lock:
+            if request.group_id in self._groups:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"group_id: {request.group_id} is in use")
+            self._groups[request.group_id] = group
+        group.thread.start()
+        return pb.KVGroupEndpoint(store_port=self.store_port)
+
+    def Push(self, request: pb.KVGroupPush, context):
+        with self._lock:
+            group = self._groups.get(request.group_id)
+        if group is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"group_id: no KV group {request.group_id!r} on this worker")
+        header = request.header
+        try:
+            validate_layout(header.layout)
+            if not header.prompt_token_ids:
+                raise ValueError("header.prompt_token_ids must not be empty")
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        incoming = self._begin(header, context)
+        context.add_callback(lambda: incoming.fail("the prompt worker cancelled the transfer"))
+        if not group.expect(request.transfer_id, incoming):
+            incoming.fail(group.error)
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"KV group failed: {group.error}")
+        try:
+            yield pb.KVGroupEvent(accepted=True)
+            self._wait(incoming, context)
+            yield pb.KVGroupEvent(committed=True, bytes_received=incoming.bytes)
+        finally:
+            group.forget(request.transfer_id)
+            incoming.fail("the transfer ended before every layer arrived")
+
+    def _begin(self, header: pb.KVHeader, context) -> _Incoming:
+        try:
+            return _Incoming(self.sink.begin(header), header)
+        except LayoutMismatch as exc:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except CapacityError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TransferError as exc:
+            context.abort(grpc.StatusCode.ABORTED, str(exc))
+
+    def _wait(self, incoming: _Incoming, context) -> None:
+        with incoming.cond:
+            while not incoming.ended and not incoming.complete():
+                if time.monotonic() - incoming.progress > self.timeout:
+                    incoming._fail(f"no KV data for {self.timeout:g} s")
+                    break
+                incoming.cond.wait(min(0.5, self.timeout / 4))
+        if incoming.complete() and incoming.commit():
+            return
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if incoming.error.startswith("no KV data") else grpc.StatusCode.ABORTED
+        context.abort(code, f"request {incoming.request_id}: KV transfer failed: {incoming.error}")
