@@ -48,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-backend", default="grpc", choices=("grpc", "nccl"))
+    p.add_argument("--nccl-port", type=int, default=0,
+                   help="token side of --kv-backend nccl: port of the process-group rendezvous store (0: any free port)")
     p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds a transfer may stall")
     p.add_argument("--kv-lease", type=float, default=30.0, help="seconds received KV waits for its Generate")
     p.add_argument("--no-layerwise", dest="layerwise", action="store_false",
@@ -61,10 +63,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def make_transport(backend: str, timeout: float):
+def make_transport(backend: str, timeout: float, device="cpu"):
     if backend == "nccl":
         from phasesplit.transport import nccl_kv
-        return nccl_kv.NcclKVTransport(timeout=timeout)
+        return nccl_kv.NcclKVTransport(device=device, timeout=timeout)
     from phasesplit.transport.grpc_kv import GrpcKVTransport
     return GrpcKVTransport(timeout=timeout)
 
@@ -98,7 +100,7 @@ class WorkerServer:
         self.prompt = None
         if args.role in ("prompt", "mixed"):
             from phasesplit.roles.prompt import PromptService
-            self.transport = transport or make_transport(args.kv_backend, args.kv_transfer_timeout)
+            self.transport = transport or make_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
             self.prompt = PromptService(self.core, self.transport)
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
@@ -106,6 +108,11 @@ class WorkerServer:
             from phasesplit.roles.token import TokenService
             grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox), self.server)
             aborts.append(self.inbox.abort)
+            if getattr(args, "kv_backend", "grpc") == "nccl":
+                from phasesplit.transport.nccl_receive import KVGroupService
+                self.kv_groups = KVGroupService(self.inbox, engine.layout, engine.device,
+                                                timeout=args.kv_transfer_timeout, store_port=getattr(args, "nccl_port", 0))
+                pb_grpc.add_KVGroupServicer_to_server(self.kv_groups, self.server)
         pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{args.host}:{args.port}")

@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+import torch
+
 from phasesplit.engine.kv_cache import KVCapacityError
 from phasesplit.roles.core import WorkerCore
 from phasesplit.transport import base, blocks
@@ -45,6 +47,20 @@ class ReceivedKV(base.KVDestination):
                                       f" outside the {len(self.block_ids)} reserved")
             cache = self.inbox.engine.kv_cache.k[layer] if kind == base.K else self.inbox.engine.kv_cache.v[layer]
             blocks.write_blocks(cache, self.block_ids[block_start:block_start + block_count], data)
+            self.touched = time.monotonic()
+
+    def write_tensor(self, layer: int, kind: int, block_start: int, src) -> None:
+        """Like write, from a tensor [block_count, block_size, kv_heads, head_dim] on any device (no host copy
+        when it is on the cache's device: process-group transports)."""
+        with self.lock:
+            if self.state != RECEIVING:
+                raise base.TransferAborted(f"request {self.request_id}: transfer is {self.state}: {self.error}")
+            ids = self.block_ids[block_start:block_start + src.shape[0]]
+            if len(ids) != src.shape[0]:
+                raise base.KVDataLoss(f"request {self.request_id}: blocks [{block_start}, {block_start + src.shape[0]})"
+                                      f" outside the {len(self.block_ids)} reserved")
+            cache = self.inbox.engine.kv_cache.k[layer] if kind == base.K else self.inbox.engine.kv_cache.v[layer]
+            cache.index_copy_(0, torch.tensor(ids, device=cache.device), src.to(cache.device))
             self.touched = time.monotonic()
 
     def commit(self) -> None:
