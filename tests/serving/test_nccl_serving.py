@@ -1,0 +1,141 @@
+"""Split serving with `--kv-backend nccl` (gloo on CPU): real worker processes driven over their gRPC API.
+
+One prompt worker and two token workers on the process-group backend, one mixed worker as the
+reference: greedy tokens must match token for token, no worker may keep KV blocks afterwards,
+and a token worker killed during a transfer must not take the prompt worker down with it."""
+
+from __future__ import annotations
+
+import random
+import signal
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+
+from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+from conftest import start_worker, worker_load
+from serving_helpers import WORDS
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 5.0  # --kv-transfer-timeout of every worker here
+NCCL = ("--kv-backend", "nccl", "--kv-transfer-timeout", str(TIMEOUT))
+
+
+@pytest.fixture(scope="module")
+def workers(tiny_model_dir, tmp_path_factory):
+    """{name: (process, address)} for prompt, token_a, token_b (nccl backend) and mixed (grpc)."""
+    logs = tmp_path_factory.mktemp("nccl-serving-logs")
+    specs = {"prompt": ("prompt", *NCCL), "token_a": ("token", *NCCL), "token_b": ("token", *NCCL),
+             "mixed": ("mixed",)}
+    with futures.ThreadPoolExecutor(len(specs)) as pool:
+        jobs = {name: pool.submit(start_worker, tiny_model_dir, logs / name, *args) for name, args in specs.items()}
+    started = {name: job.result() for name, job in jobs.items() if job.exception() is None}
+    try:
+        for job in jobs.values():
+            job.result()
+        yield started
+    finally:
+        for proc, _ in started.values():
+            proc.stop(10)
+
+
+def tokenize(tiny_model_dir, n: int, seed: int) -> list[list[int]]:
+    from phasesplit.engine.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_model_dir)
+    rng = random.Random(seed)
+    return [tok.encode(" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 120)))) for _ in range(n)]
+
+
+def greedy(max_tokens: int) -> pb.SamplingParams:
+    return pb.SamplingParams(temperature=0.0, top_p=1.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def split_generate(prompt_addr: str, token_addr: str, rid: str, ids: list[int], max_tokens: int,
+                   timeout: float = 60) -> list[int]:
+    with grpc.insecure_channel(prompt_addr) as pc, grpc.insecure_channel(token_addr) as tc:
+        reply = pb_grpc.PromptWorkerStub(pc).Prefill(
+            pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=greedy(max_tokens),
+                              token_worker=token_addr), timeout=timeout)
+        tokens = [reply.first_token]
+        if reply.finish_reason:
+            return tokens
+        events = pb_grpc.TokenWorkerStub(tc).Generate(
+            pb.GenerateRequest(request_id=rid, sampling=greedy(max_tokens), first_token=reply.first_token),
+            timeout=timeout)
+        for event in events:
+            tokens += list(event.token_ids)
+    return tokens
+
+
+def mixed_generate(addr: str, rid: str, ids: list[int], max_tokens: int) -> list[int]:
+    with grpc.insecure_channel(addr) as channel:
+        events = pb_grpc.TokenWorkerStub(channel).Generate(
+            pb.GenerateRequest(request_id=rid, sampling=greedy(max_tokens), prompt_token_ids=ids), timeout=60)
+        return [t for event in events for t in event.token_ids]
+
+
+def wait_no_kv(addresses: list[str], timeout: float = 15.0) -> dict[str, tuple]:
+    """Polls until no worker holds KV blocks or pending transfers; returns what each holds at the end."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = {}
+        for addr in addresses:
+            load = worker_load(addr)
+            held[addr] = (load.kv_blocks_used, load.pending_transfers, load.running_requests)
+        if all(v == (0, 0, 0) for v in held.values()) or time.monotonic() > deadline:
+            return held
+
+
+def test_concurrent_greedy_requests_match_a_mixed_worker_and_free_every_block(workers, tiny_model_dir):
+    (_, prompt), (_, token_a), (_, token_b), (_, mixed) = (workers[n] for n in ("prompt", "token_a", "token_b",
+                                                                                 "mixed"))
+    prompts = tokenize(tiny_model_dir, 16, seed=3)
+    lengths = [4 + i % 9 for i in range(len(prompts))]
+    with futures.ThreadPoolExecutor(16) as pool:
+        split = list(pool.map(lambda i: split_generate(prompt, (token_a, token_b)[i % 2], f"s{i}", prompts[i],
+                                                         lengths[i]), range(len(prompts))))
+        want = list(pool.map(lambda i: mixed_generate(mixed, f"m{i}", prompts[i], lengths[i]),
+                             range(len(prompts))))
+    for i, (got, ref) in enumerate(zip(split, want)):
+        assert got == ref, f"request {i}: split {got} != mixed {ref}"
+        assert len(got) == lengths[i]
+    assert wait_no_kv([prompt, token_a, token_b, mixed]) == {a: (0, 0, 0) for a in (prompt, token_a, token_b, mixed)}
+
+
+def test_a_killed_token_worker_leaves_the_prompt_worker_serving(workers, tiny_model_dir):
+    (_, prompt), (victim, token_a), (_, token_b), (_, mixed) = (workers[n] for n in ("prompt", "token_a",
+                                                                                      "token_b", "mixed"))
+    ids = tokenize(tiny_model_dir, 2, seed=11)
+    split_generate(prompt, token_a, "warm", ids[0], 4)  # the prompt/token_a group now exists
+
+    victim.signal(signal.SIGSTOP)  # frozen mid-transfer: only timeouts can notice ...
+    outcome: dict = {}
+
+    def doomed():
+        started = time.monotonic()
+        try:
+            split_generate(prompt, token_a, "doomed", ids[1], 8)
+            outcome["error"] = None
+        except grpc.RpcError as exc:
+            outcome["error"] = exc.code()
+        outcome["seconds"] = time.monotonic() - started
+
+    thread = threading.Thread(target=doomed)
+    thread.start()
+    time.sleep(1.0)
+    victim.signal(signal.SIGKILL)  # ... then gone for good
+    thread.join(3 * TIMEOUT)
+    assert not thread.is_alive(), "Prefill to a killed token worker hung"
+    assert outcome["error"] is not None, "a transfer to a dead token worker cannot succeed"
+    assert outcome["seconds"] < 2 * TIMEOUT + 2
+
+    # The next request, to a healthy token worker, is served and exact.
+    got = split_generate(prompt, token_b, "after", ids[1], 8)
+    assert got == mixed_generate(mixed, "after-ref", ids[1], 8)
+    assert wait_no_kv([prompt, token_b]) == {prompt: (0, 0, 0), token_b: (0, 0, 0)}
