@@ -125,11 +125,19 @@ def _poll(work, timeout: float, what: str) -> None:
 
 
 def send(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: float, what: str) -> None:
-    wait(group.send([tensor], peer, _TAG), timeout, what, cuda=tensor.device.type == "cuda")
+    try:
+        work = group.send([tensor], peer, _TAG)
+    except Exception as exc:  # noqa: BLE001 - a group whose peer is gone refuses new work
+        raise GroupBroken(f"{what} failed: {exc}") from exc
+    wait(work, timeout, what, cuda=tensor.device.type == "cuda")
 
 
 def recv(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: float, what: str) -> None:
-    wait(group.recv([tensor], peer, _TAG), timeout, what, cuda=tensor.device.type == "cuda")
+    try:
+        work = group.recv([tensor], peer, _TAG)
+    except Exception as exc:  # noqa: BLE001 - a group whose peer is gone refuses new work
+        raise GroupBroken(f"{what} failed: {exc}") from exc
+    wait(work, timeout, what, cuda=tensor.device.type == "cuda")
 
 
 def meta(transfer_id: int, layer: int, num_blocks: int, op: int, device: torch.device) -> torch.Tensor:

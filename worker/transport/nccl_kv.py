@@ -161,8 +161,8 @@ class NcclKVSender:
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
-            if code == grpc.StatusCode.NOT_FOUND:
-                self._pair.broken(kv_group.GroupBroken(f"the token worker no longer knows this KV group: {details}"))
+            if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):  # the peer restarted or is gone
+                self._pair.broken(kv_group.GroupBroken(f"token worker {self._pair.addr}: {details}"))
             with self._cond:
                 if self._error is None:
                     self._error = error_from_status(code, details)
@@ -258,7 +258,6 @@ class _Pair:
                 self._queue.append(("close",))
                 self._cond.notify_all()
         self._thread.join(self.timeout)
-        kv_group.discard(self.group)
 
     def _connect(self, host: str, layout: pb.KVLayout):
         request = pb.KVGroupConnect(group_id=self.group_id, backend=self.backend, layout=layout, host=host)
@@ -294,8 +293,8 @@ class _Pair:
         except kv_group.GroupBroken as exc:
             log.warning("KV group with %s broken, discarding it: %s", self.addr, exc)
             self.broken(exc)
-            kv_group.discard(self.group)
         self._fail_all()
+        kv_group.discard(self.group)
 
     def _send_layer(self, sender: NcclKVSender, layer: int, k, v, ids: list[int], ready) -> None:
         if not sender.wants_data() or not sender.wait_accepted():
