@@ -19,7 +19,8 @@ from phasesplit.local_procs import ManagedProcess, free_port, phasesplit_argv, w
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
-ENGINE = {"numKvBlocks": 256, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048}
+ENGINE = {"numKvBlocks": 2048, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048}
+MAX_MODEL_LEN = 2048
 
 
 def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:
@@ -27,7 +28,7 @@ def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:
         "apiVersion": "phasesplit.io/v1alpha1", "kind": "SplitInference", "metadata": {"name": name},
         "spec": {
             "model": {"name": "tiny", "source": {"hostPath": {"path": "/unused"}}, "dtype": "float32",
-                      "maxModelLen": 512},
+                      "maxModelLen": MAX_MODEL_LEN},
             "pools": {pool: {"replicas": n, "autoscaling": {"minReplicas": n, "maxReplicas": max(n, 1)},
                              "engine": ENGINE} for pool, n in pools.items()},
             "kvTransfer": {"timeoutSeconds": 10, "leaseSeconds": lease},
