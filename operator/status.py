@@ -59,6 +59,8 @@ def build_status(owner: builders.Owner, roles: list[str], endpoint: str, deploym
     else:
         ready = (True, "AllComponentsReady", f"serving at {endpoint}")
     conditions.insert(0, condition("Ready", *ready, old_conditions, generation, now))
+    ours = {"Ready", *CONDITION_TYPES.values()}
+    conditions += [c for c in old_conditions if c.get("type") not in ours]  # e.g. the autoscaler's
     phase = "Failed" if problems else "Running" if ready[0] else "Pending"
     return {
         "observedGeneration": generation,

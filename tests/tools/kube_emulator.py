@@ -16,6 +16,7 @@ import pathlib
 import threading
 import uuid
 
+import jsonpatch
 import kmock
 import yaml
 from kmock._internal import enums
@@ -43,6 +44,8 @@ class Emulator(kmock.KubernetesEmulator):
         meta = request.data.setdefault("metadata", {})
         if request.namespace:
             meta.setdefault("namespace", request.namespace)
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = str(next(self.versions))
         meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -50,7 +53,19 @@ class Emulator(kmock.KubernetesEmulator):
         if request.data.get("kind") == "CustomResourceDefinition":
             register_crd(self, request.data)
 
+    def _json_patch(self, request) -> None:
+        """A failed `test` op is 422 on a real server (kopf tests resourceVersion); writes bump it."""
+        key = (request.resource, request.namespace, request.name)
+        current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
+        try:
+            jsonpatch.apply_patch(current, [op for op in request.data if op.get("op") == "test"])
+        except jsonpatch.JsonPatchTestFailed as e:
+            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from None
+        request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(self.versions))})
+
     def _fill_update(self, request) -> None:
+        if isinstance(request.data, list):
+            return self._json_patch(request)
         if not isinstance(request.data, dict):
             return
         key = (request.resource, request.namespace, request.name)
@@ -66,7 +81,7 @@ class Emulator(kmock.KubernetesEmulator):
                 meta["generation"] = int(current.raw.get("metadata", {}).get("generation", 1)) + 1
 
     async def _handle(self, request):
-        if request.resource is not None and isinstance(request.data, dict):
+        if request.resource is not None and isinstance(request.data, (dict, list)):
             if request.action == enums.action.CREATE:
                 self._fill_create(request)
             elif request.action == enums.action.UPDATE:

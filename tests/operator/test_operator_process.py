@@ -1,0 +1,195 @@
+"""`phasesplit operator` as a real process (kopf) against the kmock Kubernetes emulator.
+
+One operator and one emulator for the module; the tests run in order, as a user's session would.
+"""
+
+import copy
+import json
+
+import pytest
+from conftest import load_example
+
+from phasesplit.operator import builders, crd
+from phasesplit.operator.apply import LAST_APPLIED, matches
+from phasesplit.operator.kube import path
+from tests.tools.kube_emulator import EmulatorThread
+from tests.tools.operator_harness import kube_client, start_operator, stop_operator, wait_for
+
+NS = "default"
+SI = ("phasesplit.io/v1alpha1", "SplitInference")
+KINDS = {"ConfigMap": "v1", "Service": "v1", "Deployment": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("operator")
+    with EmulatorThread([crd.build_crd()]) as emulator:
+        kubeconfig = emulator.kubeconfig(tmp / "kubeconfig")
+        state = {"emulator": emulator, "kube": kube_client(emulator.url), "kubeconfig": kubeconfig,
+                 "log": tmp / "operator.log"}
+        state["proc"] = start_operator(kubeconfig, state["log"])
+        yield state
+        if state["proc"].poll() is None:
+            stop_operator(state["proc"])
+
+
+def si_path(name):
+    return path(*SI, NS, name)
+
+
+def get_si(kube, name):
+    return kube.get(si_path(name))
+
+
+def live_children(kube, name):
+    out = {}
+    for kind, version in KINDS.items():
+        for obj in kube.list(version, kind, NS):
+            if obj["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == name:
+                out[f"{kind}/{obj['metadata']['name']}"] = obj
+    return out
+
+
+def rendered(body):
+    from phasesplit import spec as si
+    return builders.build_children(builders.Owner(body["metadata"]["name"], NS, body["metadata"]["uid"]),
+                                   si.SplitInferenceSpec.model_validate(body["spec"]))
+
+
+def ready_condition(body):
+    return next((c for c in (body.get("status") or {}).get("conditions", []) if c["type"] == "Ready"), None)
+
+
+def test_apply_creates_every_child_with_owner_and_rendered_spec(cluster):
+    kube = cluster["kube"]
+    doc = load_example("tiny-cpu")
+    doc["metadata"]["namespace"] = NS
+    kube.create(doc)
+    body = get_si(kube, "tiny")
+    want = rendered(body)
+    children = wait_for(lambda: (c := live_children(kube, "tiny")) and len(c) == len(want) and c,
+                        what="all children")
+    for obj in want:
+        live = children[f"{obj['kind']}/{obj['metadata']['name']}"]
+        assert live["metadata"]["ownerReferences"] == [builders.Owner("tiny", NS, body["metadata"]["uid"]).reference()]
+        assert matches(obj, live), obj["metadata"]["name"]
+
+
+def test_status_follows_the_deployments(cluster):
+    kube = cluster["kube"]
+    status = wait_for(lambda: (get_si(kube, "tiny").get("status") or {}).get("pools"), what="status")
+    assert status["prompt"]["ready"] == "0/1"
+    body = get_si(kube, "tiny")
+    assert ready_condition(body)["status"] == "False" and body["status"]["phase"] == "Pending"
+    for name in ("tiny-router", "tiny-prompt", "tiny-token"):  # what the Deployment controller would report
+        kube.patch(path("apps/v1", "Deployment", NS, name, "status"), {"status": {"replicas": 1, "readyReplicas": 1}})
+    body = wait_for(lambda: (b := get_si(kube, "tiny")) and ready_condition(b)["status"] == "True" and b,
+                    what="Ready=True")
+    assert body["status"]["phase"] == "Running"
+    assert body["status"]["pools"]["token"] == {"replicas": 1, "readyReplicas": 1, "ready": "1/1"}
+    assert body["status"]["endpoint"] == "http://tiny.default.svc.cluster.local:8000"
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
+    kinds = {c["type"]: c["status"] for c in body["status"]["conditions"] if c["type"].endswith("Ready")}
+    assert kinds == {"Ready": "True", "RouterReady": "True", "PromptPoolReady": "True", "TokenPoolReady": "True"}
+
+
+def test_update_patches_children_but_leaves_autoscaled_replicas(cluster):
+    kube = cluster["kube"]
+    deployment = path("apps/v1", "Deployment", NS, "tiny-prompt")
+    kube.patch(deployment, {"spec": {"replicas": 3}})  # the autoscaler scaled the pool up
+    before = live_children(kube, "tiny")
+    kube.patch(si_path("tiny"), {"spec": {"pools": {
+        "prompt": {"engine": {"maxNumSeqs": 8}},
+        "token": {"nodeSelector": {"pool": "token"}}}}})
+    config = wait_for(lambda: (c := kube.get(path("v1", "ConfigMap", NS, "tiny-engine")))
+                      and c["data"]["PROMPT_MAX_NUM_SEQS"] == "8" and c, what="ConfigMap patched")
+    assert config["data"]["PROMPT_MAX_NUM_SEQS"] == "8"
+    token = wait_for(lambda: (d := kube.get(path("apps/v1", "Deployment", NS, "tiny-token")))
+                     and d["spec"]["template"]["spec"].get("nodeSelector") and d, what="token nodeSelector")
+    assert token["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "token"}
+    prompt = kube.get(deployment)
+    assert prompt["spec"]["replicas"] == 3, "the operator overwrote replicas the autoscaler owns"
+    old_hash = before["Deployment/tiny-prompt"]["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH]
+    assert prompt["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH] != old_hash  # pods roll
+    unchanged = before["Service/tiny"]["metadata"]["resourceVersion"]
+    assert kube.get(path("v1", "Service", NS, "tiny"))["metadata"]["resourceVersion"] == unchanged
+    # Removing the nodeSelector from the spec removes it from the Deployment.
+    kube.patch(si_path("tiny"), {"spec": {"pools": {"token": {"nodeSelector": None}}}})
+    wait_for(lambda: not kube.get(path("apps/v1", "Deployment", NS, "tiny-token"))["spec"]["template"]["spec"]
+             .get("nodeSelector"), what="nodeSelector removed")
+    body = wait_for(lambda: (b := get_si(kube, "tiny"))
+                    and b["status"]["observedGeneration"] == b["metadata"]["generation"] and b,
+                    what="observedGeneration")
+    assert body["metadata"]["generation"] >= 3
+
+
+def test_restarted_operator_duplicates_and_changes_nothing(cluster):
+    kube = cluster["kube"]
+    stop_operator(cluster["proc"])
+    before = {k: v["metadata"]["resourceVersion"] for k, v in live_children(kube, "tiny").items()}
+    status_before = copy.deepcopy(get_si(kube, "tiny")["status"])
+    mark = cluster["log"].stat().st_size
+    cluster["proc"] = start_operator(cluster["kubeconfig"], cluster["log"])
+    wait_for(lambda: "Handler 'reconcile_fn' succeeded" in cluster["log"].read_text()[mark:], timeout=30,
+             what="the resumed reconcile")
+    after = {k: v["metadata"]["resourceVersion"] for k, v in live_children(kube, "tiny").items()}
+    assert after == before
+    assert get_si(kube, "tiny")["status"] == status_before
+
+
+def test_spec_that_cannot_work_reports_once_and_creates_nothing(cluster):
+    kube = cluster["kube"]
+    doc = load_example("tiny-cpu")
+    doc["metadata"].update(name="too-small", namespace=NS)
+    doc["spec"]["pools"]["token"]["engine"]["numKvBlocks"] = 4  # 64 tokens cannot hold maxModelLen 1024
+    kube.create(doc)
+    body = wait_for(lambda: (b := get_si(kube, "too-small")) and ready_condition(b) and b, what="status")
+    ready = ready_condition(body)
+    assert ready["status"] == "False" and ready["reason"] == "InvalidSpec"
+    assert "pools.token.engine.numKvBlocks" in ready["message"] and body["status"]["phase"] == "Failed"
+
+    def warnings():
+        return [e for e in kube.list("v1", "Event", NS) if e.get("reason") == "InvalidSpec"
+                and e.get("involvedObject", {}).get("name") == "too-small"]
+    events = wait_for(warnings, what="an InvalidSpec event")
+    assert "numKvBlocks" in events[0]["message"] and events[0]["type"] == "Warning"
+    import time
+    time.sleep(3)  # no retry storm: nothing is re-reported, the condition stays as it was
+    assert len(warnings()) == 1
+    assert ready_condition(get_si(kube, "too-small")) == ready
+    assert live_children(kube, "too-small") == {}
+
+
+def test_fixing_the_spec_brings_it_up(cluster):
+    kube = cluster["kube"]
+    kube.patch(si_path("too-small"), {"spec": {"pools": {"token": {"engine": {"numKvBlocks": 512}}}}})
+    wait_for(lambda: len(live_children(kube, "too-small")) == 8, what="children after the fix")
+    body = wait_for(lambda: (b := get_si(kube, "too-small")) and ready_condition(b)["reason"] != "InvalidSpec" and b,
+                    what="InvalidSpec cleared")
+    assert body["status"]["phase"] == "Pending"
+
+
+def test_deletion_is_clean(cluster):
+    kube = cluster["kube"]
+    for name in ("tiny", "too-small"):
+        kube.delete(si_path(name))
+    wait_for(lambda: get_si(kube, "tiny") is None and get_si(kube, "too-small") is None, what="deletion")
+    # The garbage collector removes children (kmock has none): the operator must not trip over that.
+    for key, obj in live_children(kube, "tiny").items():
+        kube.delete(path(obj["apiVersion"], obj["kind"], NS, obj["metadata"]["name"]))
+    import time
+    time.sleep(1)
+    assert cluster["proc"].poll() is None
+    assert get_si(kube, "tiny") is None
+    log = cluster["log"].read_text()
+    assert "Traceback" not in log and "[ERROR" not in log, log[-3000:]
+
+
+def test_last_applied_annotation_records_only_what_the_operator_owns():
+    doc = load_example("tiny-cpu")
+    from phasesplit.operator.apply import _record, _without
+    from phasesplit.operator.reconcile import REPLICAS
+    obj = rendered({**doc, "metadata": {"name": "tiny", "uid": "u"}})[2]
+    recorded = json.loads(_record(_without(obj, (REPLICAS,)), _without(obj, (REPLICAS,)))["metadata"]["annotations"]
+                          [LAST_APPLIED])
+    assert "replicas" not in recorded["spec"] and recorded["kind"] == "Deployment"
