@@ -6,7 +6,10 @@ caches) and as the same bytes over a plain TCP socket (`sendall` -> `recv_into` 
 preallocated caches). Every transfer is verified (CRC32C of the destination blocks against the
 source). Prints GB/s of each and the ratio of medians.
 
-    python bench/kv_transfer.py [--gib 1] [--layers 32] [--rounds 3] [--backend grpc]
+    python bench/kv_transfer.py [--gib 1] [--layers 32] [--rounds 3] [--backend grpc|gloo]
+
+`--backend gloo` (the nccl backend's code path on CPU: gRPC control, tensors over a gloo
+process group) measures gloo, gRPC and plain TCP in the same run.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class BenchSink:
         return Destination()
 
 
-def token_worker(layout_bytes: bytes, num_blocks: int, conn) -> None:
+def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = False) -> None:
     """The receiving process: a gRPC server with the KV sink, and a plain TCP listener."""
     from concurrent import futures
 
@@ -94,6 +97,9 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn) -> None:
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     add_token_worker_to_server(Servicer(), server)
+    if groups:  # the process-group backend's control service, over the same sink
+        from phasesplit.transport.nccl_receive import KVGroupService
+        worker_pb2_grpc.add_KVGroupServicer_to_server(KVGroupService(sink, layout, "cpu", timeout=60), server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -151,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk-kib", type=int, default=1024)
-    parser.add_argument("--backend", choices=sorted(BACKENDS), default="grpc")
+    parser.add_argument("--backend", choices=sorted({*BACKENDS, "gloo"}), default="grpc",
+                        help="gloo: the nccl backend on CPU, measured against grpc and plain TCP")
     args = parser.parse_args(argv)
 
     tune_malloc()
@@ -169,26 +176,41 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    child = ctx.Process(target=token_worker, args=(layout.SerializeToString(), num_blocks, child_conn))
+    gloo = args.backend == "gloo"
+    child = ctx.Process(target=token_worker, args=(layout.SerializeToString(), num_blocks, child_conn, gloo))
     child.start()
     grpc_port, tcp_port = conn.recv()
-    times: dict[str, list[float]] = {"tcp": [], args.backend: []}
-    with make_transport(args.backend, chunk_bytes=args.chunk_kib << 10, timeout=60) as transport:
+    backends = ["grpc", "gloo"] if gloo else [args.backend]
+    transports = {name: make_transport(name, chunk_bytes=args.chunk_kib << 10, timeout=60) for name in backends
+                  if name != "gloo"}
+    if gloo:
+        from phasesplit.transport.nccl_kv import NcclKVTransport
+        transports["gloo"] = NcclKVTransport(device="cpu", timeout=60)
+    times: dict[str, list[float]] = {name: [] for name in ("tcp", *backends)}
+    try:
         for _ in range(args.rounds):
             conn.send("tcp")
             times["tcp"].append(tcp_send(tcp_port, k, v))
             _check(conn.recv(), "tcp", expected)
-            times[args.backend].append(transport_send(transport, grpc_port, header, k, v))
-            conn.send(args.backend)
-            _check(conn.recv(), args.backend, expected)
+            for name, transport in transports.items():
+                times[name].append(transport_send(transport, grpc_port, header, k, v))
+                conn.send(name)
+                _check(conn.recv(), name, expected)
+    finally:
+        for transport in transports.values():
+            transport.close()
     conn.send("stop")
     child.join(30)
 
     rates = {name: [total / t / 1e9 for t in ts] for name, ts in times.items()}
     for name, rs in rates.items():
         print(f"{name:>6}: median {statistics.median(rs):.2f} GB/s  (rounds: {', '.join(f'{r:.2f}' for r in rs)})")
-    ratio = statistics.median(rates[args.backend]) / statistics.median(rates["tcp"])
-    print(f"ratio {args.backend} / plain TCP: {ratio:.2f} (target >= 0.85); all transfers verified")
+    for name in backends:
+        ratio = statistics.median(rates[name]) / statistics.median(rates["tcp"])
+        print(f"ratio {name} / plain TCP: {ratio:.2f} (target >= 0.85)")
+    if gloo:
+        print(f"ratio gloo / grpc: {statistics.median(rates['gloo']) / statistics.median(rates['grpc']):.2f}")
+    print("all transfers verified")
     return 0
 
 
