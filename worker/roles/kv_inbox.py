@@ -71,7 +71,7 @@ class ReceivedKV(base.KVDestination):
             self.touched = time.monotonic()
         self.settled.set()
 
-    def abort(self, error: str = "aborted by the sender") -> None:
+    def abort(self, error: str = "the transfer ended before every block arrived") -> None:
         self.fail(error)
 
     def fail(self, error: str) -> bool:
