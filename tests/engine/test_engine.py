@@ -142,7 +142,7 @@ def test_split_handoff_decodes_the_same_tokens(make_engine):
                                                                       ignore_eos=True)),
     }
     expected = run(full, requests)
-    token_engine = make_engine(num_kv_blocks=64)
+    token_engine = make_engine(num_kv_blocks=64, max_num_seqs=2)  # one request waits for a decode slot
     token_engine.reserve_kv("occupant", 40)  # so block ids differ between the two caches
     assert handoff(make_engine(), token_engine, requests) == expected
     assert token_engine.release("occupant") and token_engine.num_used_blocks == 0

@@ -176,11 +176,11 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         s = self.scheduler
-        live = [*s.waiting, *s.running]
+        live = [*s.waiting, *s.running, *s.ready]
         return EngineStats(
             waiting_requests=len(s.waiting),
             waiting_tokens=sum(seq.num_tokens for seq in s.waiting),
-            running_requests=len(s.running),
+            running_requests=len(s.running) + len(s.ready),
             held_requests=sum(seq.status is SequenceStatus.HELD for seq in self.requests.values()),
             reserved_requests=len(self.reserved),
             pending_output_tokens=sum(seq.params.max_tokens - seq.num_output_tokens for seq in live),
@@ -249,7 +249,7 @@ class LLMEngine:
             self.pending.append(StepOutput(request_id, [], "", True, seq.finish_reason))
             return
         self.requests[request_id] = seq
-        self.scheduler.add_running(seq)
+        self.scheduler.add_ready(seq)
 
     # ---- steps ----
 

@@ -22,19 +22,20 @@ class Scheduler:
         self.eos_token_ids = eos_token_ids
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
+        self.ready: deque[Sequence] = deque()  # K/V imported, waiting for a decode slot
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
-    def add_running(self, seq: Sequence) -> None:
-        """A sequence whose prompt K/V are already in its blocks: it joins the next decode step."""
+    def add_ready(self, seq: Sequence) -> None:
+        """A sequence whose prompt K/V are already in its blocks: it decodes once a slot is free."""
         seq.status = SequenceStatus.RUNNING
-        self.running.append(seq)
+        self.ready.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.ready)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
         """The next batch and whether it is a prefill. Prefill goes first; otherwise every running
@@ -42,6 +43,8 @@ class Scheduler:
         seqs = self._schedule_prefill()
         if seqs:
             return seqs, True
+        while self.ready and len(self.running) < self.max_num_seqs:
+            self.running.append(self.ready.popleft())
         return self._schedule_decode(), False
 
     def _schedule_prefill(self) -> list[Sequence]:
@@ -117,7 +120,7 @@ class Scheduler:
             self.block_manager.deallocate(seq)
 
     def abort(self, seq: Sequence) -> None:
-        for queue in (self.waiting, self.running):
+        for queue in (self.waiting, self.running, self.ready):
             if seq in queue:
                 queue.remove(seq)
         self.block_manager.deallocate(seq)
