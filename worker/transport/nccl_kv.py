@@ -302,7 +302,9 @@ class _Pair:
         if ready is not None:
             torch.cuda.current_stream(k.device).wait_event(ready)
         index = torch.tensor(ids, device=k.device)
-        frame = torch.stack((k.index_select(0, index), v.index_select(0, index)))  # [2, n, bs, heads, dim]
+        frame = torch.empty((2, len(ids), *k.shape[1:]), dtype=k.dtype, device=k.device)  # [2, n, bs, heads, dim]
+        torch.index_select(k, 0, index, out=frame[0])
+        torch.index_select(v, 0, index, out=frame[1])
         self._send_frame(sender.transfer_id, layer, len(ids), kv_group.DATA)
         kv_group.send(self.group, frame, kv_group.TOKEN_RANK, self.timeout, f"sending layer {layer} to {self.addr}")
         if sender.layer_sent():
