@@ -40,7 +40,7 @@ def make_model(out: Path, quick: bool) -> Path:
     from safetensors import safe_open
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         params = sum(torch.Size(f.get_slice(name).get_shape()).numel() for name in f.keys())
-    print(f"random checkpoint {preset}: {params / 1e9:.2f} B parameters, written in {time.perf_counter() - started:.0f} s")
+    print(f"random checkpoint {preset}: {params / 1e6:,.1f} M parameters, written in {time.perf_counter() - started:.0f} s")
     return path
 
 
