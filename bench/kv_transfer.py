@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import resource
 import socket
 import statistics
 import time
@@ -104,17 +105,27 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = Fals
     server.start()
     listener = socket.create_server(("127.0.0.1", 0))
     conn.send((grpc_port, listener.getsockname()[1]))
+    cpu = cpu_seconds()
     while (command := conn.recv()) != "stop":
         if command == "tcp":
+            cpu = cpu_seconds()
             tcp_receive(listener, k, v)
+        used = cpu_seconds() - cpu  # the transfer's receiving work
         done = command == "tcp" or sink.committed
         crcs = layer_crcs(k, v) if done else None
         for t in k + v:  # the next round must write every byte again
             t.zero_()
         sink.committed = False
-        conn.send((command, crcs))
+        cpu = cpu_seconds()
+        conn.send((command, crcs, used))
     listener.close()
     server.stop(None).wait()
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def tcp_receive(listener: socket.socket, k, v) -> None:
@@ -187,15 +198,20 @@ def main(argv: list[str] | None = None) -> int:
         from phasesplit.transport.nccl_kv import NcclKVTransport
         transports["gloo"] = NcclKVTransport(device="cpu", timeout=60)
     times: dict[str, list[float]] = {name: [] for name in ("tcp", *backends)}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in ("tcp", *backends)}  # sender, receiver
     try:
         for _ in range(args.rounds):
             conn.send("tcp")
+            start = cpu_seconds()
             times["tcp"].append(tcp_send(tcp_port, k, v))
-            _check(conn.recv(), "tcp", expected)
+            sender_cpu = cpu_seconds() - start
+            cpu["tcp"].append((sender_cpu, _check(conn.recv(), "tcp", expected)))
             for name, transport in transports.items():
+                start = cpu_seconds()
                 times[name].append(transport_send(transport, grpc_port, header, k, v))
                 conn.send(name)
-                _check(conn.recv(), name, expected)
+                sender_cpu = cpu_seconds() - start
+                cpu[name].append((sender_cpu, _check(conn.recv(), name, expected)))
     finally:
         for transport in transports.values():
             transport.close()
@@ -204,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rates = {name: [total / t / 1e9 for t in ts] for name, ts in times.items()}
     for name, rs in rates.items():
-        print(f"{name:>6}: median {statistics.median(rs):.2f} GB/s  (rounds: {', '.join(f'{r:.2f}' for r in rs)})")
+        sender_cpu, receiver_cpu = (statistics.median(side) / (total / 2**30) for side in zip(*cpu[name]))
+        print(f"{name:>6}: median {statistics.median(rs):.2f} GB/s  (rounds: {', '.join(f'{r:.2f}' for r in rs)}); "
+              f"CPU s/GiB: sender {sender_cpu:.2f}, receiver {receiver_cpu:.2f}")
     for name in backends:
         ratio = statistics.median(rates[name]) / statistics.median(rates["tcp"])
         print(f"ratio {name} / plain TCP: {ratio:.2f} (target >= 0.85)")
@@ -214,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _check(reply, path: str, expected: list[int]) -> None:
-    name, crcs = reply
+def _check(reply, path: str, expected: list[int]) -> float:
+    """Fail unless the receiver holds the sent bytes; the receiver's CPU seconds."""
+    name, crcs, receiver_cpu = reply
     if name != path or crcs != expected:
         raise SystemExit(f"{path}: received bytes differ from the sent bytes")
+    return receiver_cpu
 
 
 if __name__ == "__main__":
