@@ -88,7 +88,9 @@ class Pool:
             await w.close()
 
     def describe(self) -> dict:
-        return {"specs": [str(s) for s in self.specs], "workers": [w.describe() for w in self.workers.values()]}
+        """Members, and the removed workers still finishing this router's requests ("retiring")."""
+        return {"specs": [str(s) for s in self.specs], "workers": [w.describe() for w in self.workers.values()],
+                "retiring": [w.describe() for w in self.retired]}
 
 
 class Pools:
