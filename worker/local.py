@@ -49,6 +49,7 @@ class LocalCluster:
         self._serial = 0
         self._lock = threading.RLock()
         self._retiring: list[threading.Thread] = []
+        self._starting = {name: 0 for name in plan.pools}
 
     @property
     def endpoint(self) -> str:
@@ -89,16 +90,40 @@ class LocalCluster:
     # ---- run-time pool changes ----
 
     def add_worker(self, pool: str) -> WorkerHandle:
-        handle = self._spawn_worker(pool)
+        """Starts a worker and adds it to the router once it is SERVING."""
+        return self.finish_start(self.begin_start(pool))
+
+    def begin_start(self, pool: str) -> WorkerHandle:
+        """Spawns a worker; it counts in `replicas` from now on, and joins the router in `finish_start`."""
+        with self._lock:
+            self._starting[pool] += 1
+        try:
+            return self._spawn_worker(pool)
+        except BaseException:
+            with self._lock:
+                self._starting[pool] -= 1
+            raise
+
+    def finish_start(self, handle: WorkerHandle) -> WorkerHandle:
+        """Waits for a `begin_start` worker to be SERVING, then adds it to the router."""
+        pool = handle.pool
         try:
             wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
-        except ProcessFailed:
+        except BaseException:
             handle.proc.stop(5)
+            with self._lock:
+                self._starting[pool] -= 1
             raise
         with self._lock:
             self.workers[pool].append(handle)
+            self._starting[pool] -= 1
             self._publish(pool)
         return handle
+
+    def replicas(self, pool: str) -> int:
+        """Workers in the router plus those starting (a Deployment's `spec.replicas`)."""
+        with self._lock:
+            return len(self.workers.get(pool, [])) + self._starting.get(pool, 0)
 
     def remove_worker(self, pool: str, handle: WorkerHandle | None = None) -> WorkerHandle:
         """Takes a worker out of the router first, then lets it drain and exit (in the background)."""
@@ -106,11 +131,29 @@ class LocalCluster:
             handle = handle or self._least_loaded(pool)
             self.workers[pool].remove(handle)
             self._publish(pool)
-        retire = threading.Thread(target=handle.proc.stop, args=(self.plan.drain_timeout + 5,),
-                                  name=f"retire-{handle.proc.name}")
+        retire = threading.Thread(target=self._retire, args=(handle,), name=f"retire-{handle.proc.name}")
         retire.start()
-        self._retiring.append(retire)
+        self._retiring = [t for t in self._retiring if t.is_alive()] + [retire]
         return handle
+
+    def _retire(self, handle: WorkerHandle) -> None:
+        """SIGTERM once the router holds no request on the worker: a token worker refuses KV once it
+        drains, so a prefill the router sent before the removal must reach it first."""
+        deadline = time.monotonic() + self.plan.drain_timeout
+        while time.monotonic() < deadline and self._router_still_uses(handle):
+            time.sleep(0.2)
+        handle.proc.stop(self.plan.drain_timeout + 5)
+        log.info("%s stopped (exit code %s)", handle.proc.name, handle.proc.popen.returncode)
+
+    def _router_still_uses(self, handle: WorkerHandle) -> bool:
+        if self.router is None or not self.router.alive():
+            return False
+        try:
+            pools = self._admin("GET", "/admin/pools")
+        except OSError:
+            return False
+        retiring = (pools.get(handle.pool) or {}).get("retiring", [])
+        return any(w["address"] == handle.address for w in retiring)
 
     def replace_dead(self) -> list[str]:
         """Restarts workers that exited on their own (as a Deployment would). Returns their names."""
@@ -148,14 +191,16 @@ class LocalCluster:
     def _publish(self, pool: str) -> None:
         if self.router is None:
             return
-        body = json.dumps({"workers": self.addresses(pool)}).encode()
+        self._admin("PUT", f"/admin/pools/{pool}", {"workers": self.addresses(pool)})
+
+    def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
         if os.environ.get("PHASESPLIT_API_KEY"):
             headers["Authorization"] = f"Bearer {os.environ['PHASESPLIT_API_KEY']}"
-        request = urllib.request.Request(f"{self.base_url}/admin/pools/{pool}", data=body, method="PUT",
-                                         headers=headers)
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=10) as reply:
-            reply.read()
+            return json.loads(reply.read() or b"{}")
 
     def _least_loaded(self, pool: str) -> WorkerHandle:
         handles = self.workers[pool]
@@ -182,6 +227,16 @@ def _raise_stop(signum, frame):
     raise _Stop(signal.Signals(signum).name)
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="phasesplit local", description=__doc__.split("\n\n")[0])
     p.add_argument("file", help="SplitInference YAML (the same manifest you would kubectl apply)")
@@ -190,6 +245,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", help="torch device for every worker (default: the worker's own choice)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a stopped worker may finish its work")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each process to be ready")
+    p.add_argument("--autoscale-interval", type=_positive_seconds,
+                   help="seconds between autoscaling evaluations (default: spec.autoscaling.intervalSeconds)")
     p.add_argument("--log-dir", help="where each process writes its log (default: a new temporary directory)")
     return p.parse_args(argv)
 
@@ -214,7 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         pools = ", ".join(f"{name}={len(cluster.addresses(name))}" for name in the_plan.pools)
         print(f"phasesplit local: ready ({pools}); OpenAI endpoint {cluster.endpoint}", flush=True)
-        _watch(cluster)
+        autoscaler = _start_autoscaler(cluster, args.autoscale_interval)
+        try:
+            _watch(cluster)
+        finally:
+            if autoscaler is not None:
+                autoscaler.stop()
     except _Stop as stop:
         print(f"phasesplit local: {stop}, stopping", flush=True)
     except ProcessFailed as exc:
@@ -226,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
         cluster.stop()
         print("phasesplit local: stopped", flush=True)
     return code
+
+
+def _start_autoscaler(cluster: LocalCluster, interval: float | None):
+    from phasesplit import local_autoscaler
+    if not local_autoscaler.enabled(cluster.plan):
+        log.info("autoscaling.mode is %s: pools keep their replicas", cluster.plan.autoscaling.get("mode"))
+        return None
+    interval = interval or float(cluster.plan.autoscaling.get("intervalSeconds", 15))
+    log.info("autoscaling every %g s", interval)
+    return local_autoscaler.LocalAutoscaler(cluster, interval).start()
 
 
 def _watch(cluster: LocalCluster) -> None:
