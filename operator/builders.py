@@ -19,6 +19,11 @@ MANAGED_BY = "phasesplit-operator"
 ROLE_LABEL = "phasesplit.io/role"
 CONFIG_HASH = "phasesplit.io/config-hash"
 RUN_AS = 10001
+# A terminating worker keeps serving this long before SIGTERM starts its drain: the router re-resolves
+# the pool's headless Service every 5 s, and the cluster DNS may serve the old answer for another 5 s
+# (CoreDNS's default TTL); requests the router sent it meanwhile (a token worker's KV still to
+# come from a prompt worker) must land before a draining worker refuses new work.
+PRESTOP_SECONDS = 15
 # glibc keeps large KV buffers mapped instead of faulting fresh pages (see the KV transport notes).
 MALLOC_ENV = [{"name": "MALLOC_MMAP_THRESHOLD_", "value": "134217728"},
               {"name": "MALLOC_TRIM_THRESHOLD_", "value": "1073741824"}]
@@ -263,8 +268,7 @@ def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool:
         "startupProbe": _grpc_probe(period=5, failures=360),
         "readinessProbe": _grpc_probe(period=5, failures=2),
         "livenessProbe": _grpc_probe(period=10, failures=6),
-        # Let endpoints drop the pod before SIGTERM starts the drain.
-        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
         "securityContext": container_security(),
     }
     if resources := _resources(pool.resources):
@@ -276,7 +280,7 @@ def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) 
     pool = getattr(spec.pools, role)
     container = worker_container(spec, owner, role, pool)
     placement = _placement(pool.node_selector, pool.tolerations, pool.affinity)
-    grace = pool.drain_timeout_seconds + 15  # preStop sleep plus slack beyond the drain timeout
+    grace = PRESTOP_SECONDS + pool.drain_timeout_seconds + 10  # slack beyond the drain timeout
     pod_spec = _pod_spec(spec, container, placement, grace, shm=True)
     return _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec,
                        {CONFIG_HASH: config_hash(spec)})
