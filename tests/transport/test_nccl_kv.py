@@ -92,6 +92,36 @@ def test_bytes_arrive_identical_between_scattered_blocks(group_server, dtype):
     assert_received(server.sink, k, v, SENDER_BLOCKS)
 
 
+@pytest.mark.parametrize("first", [0, 5])
+def test_consecutive_blocks_are_sent_straight_from_the_cache(group_server, first):
+    layout = make_layout("bfloat16", num_layers=12)  # more layers than frames in flight
+    server = group_server(TensorSink(layout))
+    k, v = make_cache(layout, 32, seed=3)
+    ids = list(range(first, first + 12))
+    with NcclKVTransport(device="cpu", timeout=TIMEOUT) as transport:
+        for request_id in ("r1", "r2"):  # the second reuses the group and its buffers
+            header = make_header(layout, 45, request_id=request_id)
+            result = send_all(transport.open(server.addr, header), k, v, block_ids=ids)
+            assert result.bytes == 2 * layout.num_layers * 12 * block_bytes(layout)
+            assert_received(server.sink, k, v, ids, request_id=request_id)
+
+
+def test_transfers_of_different_sizes_interleave_on_one_group(group_server):
+    layout = make_layout(num_layers=8)
+    server = group_server(TensorSink(layout, num_blocks=128))
+    k, v = make_cache(layout, 32, seed=4)
+    sizes = {"small": 3, "large": 45, "medium": 20, "tiny": 1}
+    with NcclKVTransport(device="cpu", timeout=TIMEOUT) as transport:
+        senders = {rid: transport.open(server.addr, make_header(layout, n, request_id=rid)) for rid, n in sizes.items()}
+        for layer in range(layout.num_layers):
+            for sender in senders.values():
+                sender.send_layer(layer, k[layer], v[layer], SENDER_BLOCKS)
+        results = {rid: s.finish() for rid, s in senders.items()}
+    for rid, n in sizes.items():
+        assert results[rid].bytes == 2 * layout.num_layers * -(-n // 4) * block_bytes(layout)
+        assert_received(server.sink, k, v, SENDER_BLOCKS, request_id=rid)
+
+
 def test_concurrent_transfers_share_one_group(group_server):
     layout = make_layout()
     server = group_server(TensorSink(layout, num_blocks=128))
@@ -175,6 +205,7 @@ def test_a_stalled_sender_is_timed_out_by_the_token_side(group_server):
         started = time.monotonic()
         assert free_blocks_return(sink, 64, timeout=4)
         assert time.monotonic() - started < 3
+        assert eventually(lambda: sender.error is not None, timeout=2)  # the refusal reaches the sender
         with pytest.raises(TransferError, match="no KV data"):
             sender.finish()
 

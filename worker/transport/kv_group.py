@@ -6,20 +6,24 @@ default global group. Every wait has a deadline: a peer that dies or hangs makes
 `GroupBroken`, and a broken group is discarded (the next transfer builds a new one).
 
 Over the group, the prompt worker (rank 1) sends to the token worker (rank 0) a stream of frames:
-a meta tensor `[transfer_id, layer, num_blocks, op]`, followed for DATA frames by one tensor
-`[2, num_blocks, block_size, kv_heads, head_dim]` (K then V) in the layout's dtype.
+a meta tensor `[transfer_id, layer, num_blocks, op]`, followed for DATA frames by two tensors
+`[num_blocks, block_size, kv_heads, head_dim]` in the layout's dtype, K then V. Several frames may
+be in flight (`isend`); the receiver posts the next meta receive before it stores a layer.
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import time
 
+import numpy
 import torch
 import torch.distributed as dist
 
+from phasesplit.transport import blocks
 from phasesplit.transport.base import DTYPES, TransferError
 
 TOKEN_RANK, PROMPT_RANK = 0, 1
@@ -124,20 +128,28 @@ def _poll(work, timeout: float, what: str) -> None:
     torch.cuda.current_stream().synchronize()
 
 
-def send(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: float, what: str) -> None:
+def isend(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, what: str):
+    """Start sending `tensor`; the returned work must be waited on (see `wait`) before it is reused."""
     try:
-        work = group.send([tensor], peer, _TAG)
+        return group.send([tensor], peer, _TAG)
     except Exception as exc:  # noqa: BLE001 - a group whose peer is gone refuses new work
         raise GroupBroken(f"{what} failed: {exc}") from exc
-    wait(work, timeout, what, cuda=tensor.device.type == "cuda")
+
+
+def irecv(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, what: str):
+    """Start receiving into `tensor`; frames of one tag arrive in the order they were sent."""
+    try:
+        return group.recv([tensor], peer, _TAG)
+    except Exception as exc:  # noqa: BLE001 - a group whose peer is gone refuses new work
+        raise GroupBroken(f"{what} failed: {exc}") from exc
+
+
+def send(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: float, what: str) -> None:
+    wait(isend(group, tensor, peer, what), timeout, what, cuda=tensor.device.type == "cuda")
 
 
 def recv(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: float, what: str) -> None:
-    try:
-        work = group.recv([tensor], peer, _TAG)
-    except Exception as exc:  # noqa: BLE001 - a group whose peer is gone refuses new work
-        raise GroupBroken(f"{what} failed: {exc}") from exc
-    wait(work, timeout, what, cuda=tensor.device.type == "cuda")
+    wait(irecv(group, tensor, peer, what), timeout, what, cuda=tensor.device.type == "cuda")
 
 
 def meta(transfer_id: int, layer: int, num_blocks: int, op: int, device: torch.device) -> torch.Tensor:
@@ -145,8 +157,45 @@ def meta(transfer_id: int, layer: int, num_blocks: int, op: int, device: torch.d
 
 
 def frame_shape(layout, num_blocks: int) -> tuple[int, ...]:
+    """K and V of one layer, received as two messages into the two halves."""
     return (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
 
 
 def frame_dtype(layout) -> torch.dtype:
     return DTYPES[layout.dtype]
+
+
+class Buffers:
+    """Reused, already-touched frame buffers, one per slot: fresh large tensors page-fault on every frame."""
+
+    def __init__(self, slots: int, dtype: torch.dtype, device: torch.device):
+        self._flat: list[torch.Tensor | None] = [None] * slots
+        self._dtype, self._device = dtype, device
+
+    def get(self, slot: int, shape: tuple[int, ...]) -> torch.Tensor:
+        numel = math.prod(shape)
+        flat = self._flat[slot]
+        if flat is None or flat.numel() < numel:
+            flat = self._flat[slot] = torch.zeros(numel, dtype=self._dtype, device=self._device)
+        return flat[:numel].view(shape)
+
+
+def gather(dst: torch.Tensor, cache: torch.Tensor, ids: list[int]) -> None:
+    """dst[i] = cache[ids[i]]. On CPU one memcpy per run of consecutive ids, on this thread only: torch's
+    copy kernels would fork onto the intra-op pool, which the engine's thread is using."""
+    if cache.device.type != "cpu" or not cache.is_contiguous():
+        torch.index_select(cache, 0, torch.tensor(ids, device=cache.device), out=dst)
+        return
+    out, src = _bytes(dst), _bytes(cache)
+    for offset, first, n in blocks.runs(ids):
+        numpy.copyto(out[offset:offset + n], src[first:first + n])
+
+
+def one_run(ids: list[int]) -> int | None:
+    """The first id when `ids` are consecutive (the blocks are one slice of the cache), else None."""
+    return ids[0] if ids and ids == list(range(ids[0], ids[0] + len(ids))) else None
+
+
+def _bytes(t: torch.Tensor) -> numpy.ndarray:
+    """[blocks, ...] as a numpy array of [blocks, block bytes] (bfloat16 has no numpy dtype)."""
+    return t.view(torch.uint8).numpy().reshape(t.shape[0], -1)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_QUEUED_LAYERS = 4096
+MAX_FRAMES_IN_FLIGHT = 4  # layers sent and not yet received, per pair
 
 
 class NcclKVSender:
@@ -215,6 +216,9 @@ class _Pair:
         self._queue: collections.deque = collections.deque()
         self._error: kv_group.GroupBroken | None = None
         self._live: set[NcclKVSender] = set()
+        self._in_flight: collections.deque = collections.deque()  # (sender, works, tensors they read, what)
+        self._frames = 0
+        self._buffers = kv_group.Buffers(MAX_FRAMES_IN_FLIGHT, DTYPES[layout.dtype], device)
         host = addr.rsplit(":", 1)[0].strip("[]")
         if host.startswith("dns:"):
             host = host[4:]
@@ -269,24 +273,32 @@ class _Pair:
         bind = kv_group.local_address_towards(host)
         return kv_group.make_group(self.backend, store, self.group_id, kv_group.PROMPT_RANK, bind, self.timeout)
 
-    def _next(self) -> tuple | None:
+    def _next(self, block: bool) -> tuple | None:
+        """The next queued item; ("idle",) when there is none and `block` is False; None once broken."""
         with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._error is not None)
+            if block:
+                self._cond.wait_for(lambda: self._queue or self._error is not None)
             if self._error is not None:
                 return None
+            if not self._queue:
+                return ("idle",)
             item = self._queue.popleft()
             self._cond.notify_all()
             return item
 
     def _run(self) -> None:
         try:
-            while (item := self._next()) is not None:
-                if item[0] == "close":
+            while (item := self._next(block=not self._in_flight)) is not None:
+                if item[0] == "idle":
+                    self._retire(len(self._in_flight) - 1)
+                elif item[0] == "close":
+                    self._retire(0)
                     self._send_frame(0, 0, 0, kv_group.CLOSE)
                     with self._cond:
                         self._error = kv_group.GroupBroken("the KV transport was closed")
                     break
-                if item[0] == "abort":
+                elif item[0] == "abort":
+                    self._retire(0)
                     self._abort(item[1])
                 else:
                     self._send_layer(*item[1:])
@@ -295,20 +307,37 @@ class _Pair:
             self.broken(exc)
         self._fail_all()
         kv_group.discard(self.group)
+        self._in_flight.clear()
 
     def _send_layer(self, sender: NcclKVSender, layer: int, k, v, ids: list[int], ready) -> None:
         if not sender.wants_data() or not sender.wait_accepted():
             return
         if ready is not None:
             torch.cuda.current_stream(k.device).wait_event(ready)
-        index = torch.tensor(ids, device=k.device)
-        frame = torch.empty((2, len(ids), *k.shape[1:]), dtype=k.dtype, device=k.device)  # [2, n, bs, heads, dim]
-        torch.index_select(k, 0, index, out=frame[0])
-        torch.index_select(v, 0, index, out=frame[1])
-        self._send_frame(sender.transfer_id, layer, len(ids), kv_group.DATA)
-        kv_group.send(self.group, frame, kv_group.TOKEN_RANK, self.timeout, f"sending layer {layer} to {self.addr}")
-        if sender.layer_sent():
-            self._forget(sender)
+        self._retire(MAX_FRAMES_IN_FLIGHT - 1)
+        first = kv_group.one_run(ids)
+        if first is not None and k.is_contiguous() and v.is_contiguous():
+            parts = (k[first:first + len(ids)], v[first:first + len(ids)])  # straight from the cache
+        else:
+            frame = self._buffers.get(self._frames % MAX_FRAMES_IN_FLIGHT, (2, len(ids), *k.shape[1:]))
+            kv_group.gather(frame[0], k, ids)
+            kv_group.gather(frame[1], v, ids)
+            parts = (frame[0], frame[1])
+        self._frames += 1
+        what = f"sending layer {layer} to {self.addr}"
+        meta = kv_group.meta(sender.transfer_id, layer, len(ids), kv_group.DATA, self.device)
+        works = [kv_group.isend(self.group, t, kv_group.TOKEN_RANK, what) for t in (meta, *parts)]
+        self._in_flight.append((sender, works, (meta, *parts), what))
+
+    def _retire(self, keep: int) -> None:
+        """Wait for the oldest frames in flight until at most `keep` remain; counts their layers as sent."""
+        cuda = self.device.type == "cuda"
+        while len(self._in_flight) > max(keep, 0):
+            sender, works, _tensors, what = self._in_flight.popleft()
+            for work in works:
+                kv_group.wait(work, self.timeout, what, cuda=cuda)
+            if sender.layer_sent():
+                self._forget(sender)
 
     def _abort(self, sender: NcclKVSender) -> None:
         try:

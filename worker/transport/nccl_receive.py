@@ -92,10 +92,11 @@ class _Incoming:
 
 def _write(dest: KVDestination, layer: int, kind: int, blocks_: torch.Tensor) -> None:
     write_tensor = getattr(dest, "write_tensor", None)
-    if write_tensor is not None:
-        write_tensor(layer, kind, 0, blocks_)
-    else:
+    if blocks_.device.type == "cpu" or write_tensor is None:
+        # CPU: a byte copy on this thread, off torch's intra-op pool (the engine's thread uses it)
         dest.write(layer, kind, 0, blocks_.shape[0], blocks.byte_view(blocks_.contiguous().cpu()))
+    else:
+        write_tensor(layer, kind, 0, blocks_)
 
 
 class _Group:
@@ -109,6 +110,7 @@ class _Group:
         self.lock = threading.Lock()
         self.error = ""
         self.pg = None
+        self.cuda = service.device.type == "cuda"
         self.thread = threading.Thread(target=self._run, name=f"kv-group-{group_id[:8]}", daemon=True)
 
     def expect(self, transfer_id: int, incoming: _Incoming) -> bool:
@@ -135,25 +137,46 @@ class _Group:
             kv_group.discard(self.pg)
 
     def _receive(self) -> None:
+        """Read frames until CLOSE. While layer i is stored into its destination, layer i+1 is already
+        arriving into the other buffer when the sender is ahead."""
         service = self.service
+        buffers = kv_group.Buffers(2, kv_group.frame_dtype(service.layout), service.device)
         meta = torch.empty(kv_group.META_LEN, dtype=torch.int64, device=service.device)
+        meta_work = kv_group.irecv(self.pg, meta, kv_group.PROMPT_RANK, "waiting for a KV frame")
+        stored = None  # (incoming, layer, frame) received and not yet written
+        frames = 0
         while True:
-            kv_group.recv(self.pg, meta, kv_group.PROMPT_RANK, service.idle_timeout, "waiting for a KV frame")
+            kv_group.wait(meta_work, service.idle_timeout, "waiting for a KV frame", cuda=self.cuda)
             transfer_id, layer, num_blocks, op = meta.tolist()
             if op == kv_group.CLOSE:
+                self._store(stored)
                 self._broken("the prompt worker closed the KV group")
                 return
             with self.lock:
                 incoming = self.transfers.get(transfer_id)
             if op == kv_group.ABORT:
+                self._store(stored)
+                stored = None
                 if incoming is not None:
                     incoming.fail("aborted by the prompt worker")
+                meta_work = kv_group.irecv(self.pg, meta, kv_group.PROMPT_RANK, "waiting for a KV frame")
                 continue
-            frame = torch.empty(kv_group.frame_shape(service.layout, num_blocks),
-                                dtype=kv_group.frame_dtype(service.layout), device=service.device)
-            kv_group.recv(self.pg, frame, kv_group.PROMPT_RANK, service.timeout, f"receiving layer {layer}")
-            if incoming is not None:
-                incoming.write(layer, frame)
+            frame = buffers.get(frames % 2, kv_group.frame_shape(service.layout, num_blocks))
+            frames += 1
+            what = f"receiving layer {layer}"
+            works = [kv_group.irecv(self.pg, half, kv_group.PROMPT_RANK, what) for half in frame]
+            meta_work = kv_group.irecv(self.pg, meta, kv_group.PROMPT_RANK, "waiting for a KV frame")
+            self._store(stored)
+            for work in works:
+                kv_group.wait(work, service.timeout, what, cuda=self.cuda)
+            stored = (incoming, layer, frame)
+            if not meta_work.is_completed():  # no next frame yet: store this one now, not after it
+                self._store(stored)
+                stored = None
+
+    def _store(self, stored) -> None:
+        if stored is not None and stored[0] is not None:
+            stored[0].write(stored[1], stored[2])
 
     def _broken(self, error: str) -> None:
         with self.lock:
