@@ -236,6 +236,8 @@ def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[s
         args += [flags[setting], f"$({_env_key(role, setting)})"]
     if not spec.kv_transfer.layerwise:
         args.append("--no-layerwise")
+    if spec.kv_transfer.backend == "nccl":  # the token side hosts the pair groups' rendezvous store here
+        args += ["--nccl-port", str(spec.kv_transfer.nccl.port)]
     return args
 
 

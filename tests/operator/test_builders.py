@@ -89,6 +89,17 @@ def test_heterogeneous_pools_land_on_their_own_gpus():
     assert prompt["volumes"][0]["image"]["reference"].endswith("llama-3-70b-instruct:1")
 
 
+def test_nccl_workers_host_the_rendezvous_store_on_the_declared_port():
+    for pod in _pods(children("heterogeneous")):
+        c = pod["containers"][0]
+        if "--kv-backend" not in c["args"]:
+            continue  # the router
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "nccl")
+        assert c["args"][c["args"].index("--nccl-port") + 1] == str(port)
+    grpc_args = [pod["containers"][0]["args"] for pod in _pods(children("tiny-cpu"))]
+    assert not any("--nccl-port" in args for args in grpc_args)
+
+
 def test_every_argument_reference_is_defined_by_the_config_map():
     for name in ("tiny-cpu", "gpu", "heterogeneous"):
         objs = children(name)
