@@ -243,6 +243,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", help="model directory; overrides spec.model.source")
     p.add_argument("--port", type=int, help="router port (default: spec.router.service.port; 0 picks a free one)")
     p.add_argument("--device", help="torch device for every worker (default: the worker's own choice)")
+    p.add_argument("--kv-backend", choices=local_plan.KV_BACKENDS,
+                   help="KV transfer backend; overrides spec.kvTransfer.backend (nccl on CPU caches runs over gloo)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a stopped worker may finish its work")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each process to be ready")
     p.add_argument("--autoscale-interval", type=_positive_seconds,
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         the_plan = local_plan.plan(local_plan.read_manifest(args.file), args.model, args.port,
-                                   args.drain_timeout, args.device)
+                                   args.drain_timeout, args.device, args.kv_backend)
     except (OSError, ValueError) as exc:
         print(f"phasesplit local: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import yaml
 
 POOLS = ("prompt", "token", "mixed")
+KV_BACKENDS = ("grpc", "nccl")
 
 
 @dataclass(slots=True)
@@ -45,20 +46,27 @@ def _validated(doc: dict) -> dict:
     """Checks the document with the spec's pydantic models; returns it in its canonical (camelCase) form."""
     from phasesplit import spec
     resource = spec.SplitInference.model_validate(doc)
-    problems = spec.feasibility_problems(resource.spec)
+    problems = spec.feasibility_problems(resource.spec, in_cluster=False)
     if problems:
         raise ValueError("spec." + "; spec.".join(problems))
     return resource.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
 def plan(doc: dict, model_dir: str | None = None, port: int | None = None,
-         drain_timeout: float = 30.0, device: str | None = None) -> LocalPlan:
+         drain_timeout: float = 30.0, device: str | None = None, kv_backend: str | None = None) -> LocalPlan:
+    """`kv_backend` (grpc or nccl) overrides spec.kvTransfer.backend; each token worker's rendezvous
+    store takes a free port, not spec.kvTransfer.nccl.port, so that several fit on one machine."""
     spec = doc["spec"]
     model = spec["model"]
     model_dir = model_dir or _host_path(model)
     name = model.get("name") or doc["metadata"]["name"]
+    kv = dict(spec.get("kvTransfer") or {})
+    if kv_backend is not None:
+        if kv_backend not in KV_BACKENDS:
+            raise ValueError(f"--kv-backend must be one of {', '.join(KV_BACKENDS)}, got {kv_backend!r}")
+        kv["backend"] = kv_backend
     common = ["--model", model_dir, "--served-model-name", name, "--drain-timeout", str(drain_timeout)]
-    common += _model_args(model) + _kv_args(spec.get("kvTransfer", {}))
+    common += _model_args(model) + _kv_args(kv)
     if device:
         common += ["--device", device]
     pools = {}

@@ -319,8 +319,11 @@ class SplitInference(Spec):
     spec: SplitInferenceSpec
 
 
-def feasibility_problems(spec: SplitInferenceSpec) -> list[str]:
-    """What makes a schema-valid spec unable to work, one sentence each naming the field."""
+def feasibility_problems(spec: SplitInferenceSpec, in_cluster: bool = True) -> list[str]:
+    """What makes a schema-valid spec unable to work, one sentence each naming the field.
+
+    `in_cluster=False` (local mode) skips what only a cluster needs: GPU resource requests (local mode
+    runs the nccl backend over gloo when the caches are on the CPU)."""
     problems = []
     for role, pool in spec.pools.items():
         engine = pool.engine
@@ -330,6 +333,8 @@ def feasibility_problems(spec: SplitInferenceSpec) -> list[str]:
                 problems.append(
                     f"pools.{role}.engine.numKvBlocks: {engine.num_kv_blocks} blocks of {engine.block_size} tokens "
                     f"hold {capacity} tokens, fewer than model.maxModelLen ({spec.model.max_model_len})")
+        if not in_cluster:
+            continue
         if spec.kv_transfer.backend == "nccl" and role in ("prompt", "token") and not requests_gpu(pool.resources):
             problems.append(f"pools.{role}.resources: kvTransfer.backend nccl needs GPUs, "
                             f"but the pool requests no nvidia.com/gpu")

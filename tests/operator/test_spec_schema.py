@@ -125,3 +125,6 @@ def test_feasibility_problems_name_the_field():
     problems = si.feasibility_problems(si.SplitInference.model_validate(doc).spec)
     assert any(p.startswith("pools.token.engine.numKvBlocks") for p in problems), problems
     assert any(p.startswith("pools.prompt.resources") and "nccl" in p for p in problems), problems
+    local = si.feasibility_problems(si.SplitInference.model_validate(doc).spec, in_cluster=False)
+    assert not any("nccl" in p for p in local), local  # local mode runs nccl over gloo on CPU
+    assert any(p.startswith("pools.token.engine.numKvBlocks") for p in local), local

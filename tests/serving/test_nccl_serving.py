@@ -6,8 +6,12 @@ and a token worker killed during a transfer must not take the prompt worker down
 
 from __future__ import annotations
 
+import pathlib
+import queue
 import random
+import re
 import signal
+import subprocess
 import threading
 import time
 from concurrent import futures
@@ -18,13 +22,16 @@ import pytest
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
-from conftest import start_worker, worker_load
+from conftest import post_json, start_worker, worker_load
 from serving_helpers import WORDS
+
+from phasesplit.local_procs import phasesplit_argv
 
 pytestmark = pytest.mark.slow
 
 TIMEOUT = 5.0  # --kv-transfer-timeout of every worker here
 NCCL = ("--kv-backend", "nccl", "--kv-transfer-timeout", str(TIMEOUT))
+MANIFEST = pathlib.Path(__file__).resolve().parents[2] / "manifests" / "examples" / "tiny-cpu.yaml"  # grpc
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +146,72 @@ def test_a_killed_token_worker_leaves_the_prompt_worker_serving(workers, tiny_mo
     got = split_generate(prompt, token_b, "after", ids[1], 8)
     assert got == mixed_generate(mixed, "after-ref", ids[1], 8)
     assert wait_no_kv([prompt, token_b]) == {prompt: (0, 0, 0), token_b: (0, 0, 0)}
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+
+
+def test_local_mode_kv_backend_flag_serves_over_the_process_group(workers, tiny_model_dir, tmp_path):
+    """`phasesplit local FILE --kv-backend nccl` on a CPU machine: the spec says grpc and requests no
+    GPU; the flag wins, the workers run the nccl backend (gloo), and greedy answers match a mixed worker."""
+    from phasesplit.engine.tokenizer import Tokenizer
+    argv = phasesplit_argv("local", str(MANIFEST), "--model", str(tiny_model_dir), "--port", "0",
+                           "--kv-backend", "nccl", "--drain-timeout", "5", "--log-dir", str(tmp_path / "logs"))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    try:
+        base_url, seen = None, []
+        deadline = time.monotonic() + 180
+        while base_url is None and time.monotonic() < deadline:
+            try:
+                seen.append(lines.get(timeout=1))
+            except queue.Empty:
+                assert proc.poll() is None, f"local mode exited with {proc.returncode}: {''.join(seen)}"
+                continue
+            if match := re.search(r"OpenAI endpoint (http://\S+)/v1", seen[-1]):
+                base_url = match.group(1)
+        assert base_url, "local mode did not become ready"
+        worker_argvs = [a for pid in _children(proc.pid) if "worker" in (a := cmdline(pid))]
+        assert len(worker_argvs) == 2 and all(a[a.index("--kv-backend") + 1] == "nccl" for a in worker_argvs)
+
+        tok = Tokenizer.from_dir(tiny_model_dir)
+        rng = random.Random(5)
+        prompts = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 80))) for _ in range(6)]
+
+        def complete(prompt):
+            status, body = post_json(f"{base_url}/v1/completions", {
+                "model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0, "ignore_eos": True})
+            assert status == 200, body
+            return body["choices"][0]["text"]
+
+        with futures.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(complete, prompts))
+        mixed = workers["mixed"][1]
+        for i, prompt in enumerate(prompts):
+            want = tok.decode(mixed_generate(mixed, f"local-ref-{i}", tok.encode(prompt), 6))
+            assert got[i] == want, f"prompt {i}: local nccl {got[i]!r} != mixed {want!r}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
