@@ -64,11 +64,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def make_transport(backend: str, timeout: float, device="cpu"):
-    if backend == "nccl":
-        from phasesplit.transport import nccl_kv
-        return nccl_kv.NcclKVTransport(device=device, timeout=timeout)
-    from phasesplit.transport.grpc_kv import GrpcKVTransport
-    return GrpcKVTransport(timeout=timeout)
+    from phasesplit import transport
+    options = {"device": device} if backend == "nccl" else {}  # a process group sends from the cache's device
+    return transport.make_transport(backend, timeout=timeout, **options)
 
 
 def load_engine(args: argparse.Namespace):

@@ -119,7 +119,9 @@ def test_non_contiguous_destination_takes_the_gather_path():
 def test_backends_by_name():
     with make_transport("grpc", chunk_bytes=1 << 16) as transport:
         assert transport.name == "grpc"
-    with pytest.raises(ValueError, match="kv backend must be one of \\['grpc'\\], got 'nccl2'"):
+    with make_transport("nccl", device="cpu", timeout=5) as transport:
+        assert transport.name == "nccl" and transport.backend == "gloo"  # CPU caches: the gloo process group
+    with pytest.raises(ValueError, match="kv backend must be one of \\['grpc', 'nccl'\\], got 'nccl2'"):
         make_transport("nccl2")
 
 
