@@ -49,7 +49,7 @@ class LocalCluster:
         self._serial = 0
         self._lock = threading.RLock()
         self._retiring: list[threading.Thread] = []
-        self._starting = {name: 0 for name in plan.pools}
+        self._starting: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
 
     @property
     def endpoint(self) -> str:
@@ -76,6 +76,7 @@ class LocalCluster:
             self.router.stop(10)
         with self._lock:
             handles = [h for pool in self.workers.values() for h in pool]
+            handles += [h for pool in self._starting.values() for h in pool]
         stoppers = [threading.Thread(target=h.proc.stop, args=(timeout,)) for h in handles]
         for t in stoppers:
             t.start()
@@ -95,14 +96,10 @@ class LocalCluster:
 
     def begin_start(self, pool: str) -> WorkerHandle:
         """Spawns a worker; it counts in `replicas` from now on, and joins the router in `finish_start`."""
+        handle = self._spawn_worker(pool)
         with self._lock:
-            self._starting[pool] += 1
-        try:
-            return self._spawn_worker(pool)
-        except BaseException:
-            with self._lock:
-                self._starting[pool] -= 1
-            raise
+            self._starting[pool].append(handle)
+        return handle
 
     def finish_start(self, handle: WorkerHandle) -> WorkerHandle:
         """Waits for a `begin_start` worker to be SERVING, then adds it to the router."""
@@ -111,19 +108,34 @@ class LocalCluster:
             wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
         except BaseException:
             handle.proc.stop(5)
-            with self._lock:
-                self._starting[pool] -= 1
+            self._forget_start(handle)
             raise
         with self._lock:
+            if handle not in self._starting[pool]:
+                raise ProcessFailed(f"{handle.proc.name} was cancelled while it started")
+            self._starting[pool].remove(handle)
             self.workers[pool].append(handle)
-            self._starting[pool] -= 1
             self._publish(pool)
         return handle
+
+    def cancel_start(self, pool: str) -> WorkerHandle | None:
+        """Stops the most recent worker still starting (a scale-down takes those first); None if none is."""
+        with self._lock:
+            if not self._starting[pool]:
+                return None
+            handle = self._starting[pool].pop()
+        handle.proc.stop(5)
+        return handle
+
+    def _forget_start(self, handle: WorkerHandle) -> None:
+        with self._lock:
+            if handle in self._starting[handle.pool]:
+                self._starting[handle.pool].remove(handle)
 
     def replicas(self, pool: str) -> int:
         """Workers in the router plus those starting (a Deployment's `spec.replicas`)."""
         with self._lock:
-            return len(self.workers.get(pool, [])) + self._starting.get(pool, 0)
+            return len(self.workers.get(pool, [])) + len(self._starting.get(pool, []))
 
     def remove_worker(self, pool: str, handle: WorkerHandle | None = None) -> WorkerHandle:
         """Takes a worker out of the router first, then lets it drain and exit (in the background)."""

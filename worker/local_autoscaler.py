@@ -109,10 +109,11 @@ class LocalAutoscaler:
             for handle in handles:
                 self._starters.submit(self._finish_start, handle, d, left)
             return
-        ready = len(self.cluster.addresses(pool))
-        for _ in range(min(d.current - d.desired, ready)):
+        for _ in range(d.current - d.desired):
             try:
-                self.cluster.remove_worker(pool)
+                # workers still starting go first (as a ReplicaSet deletes pods that are not ready first)
+                if self.cluster.cancel_start(pool) is None:
+                    self.cluster.remove_worker(pool)
             except (OSError, ValueError) as e:
                 log.error("%s pool: removing a worker failed: %s", pool, e)
                 return
@@ -123,7 +124,7 @@ class LocalAutoscaler:
         try:
             self.cluster.finish_start(handle)
         except (ProcessFailed, OSError) as e:
-            log.error("%s pool: a new worker failed to start: %s", pool, e)
+            log.warning("%s pool: a new worker did not join: %s", pool, str(e).splitlines()[0])
         finally:
             with self._lock:
                 left[0] -= 1
