@@ -1,7 +1,7 @@
 """Autoscaled pools against fixed pools, in local mode, on a load that steps up and down.
 
 The load is closed-loop clients whose number and kind change at each step: a few chat-like
-clients, then a burst of long prompts with 1-2 token answers, then a burst of short prompts with
+clients, then a burst of long prompts with 2-3 token answers, then a burst of short prompts with
 long answers, then a few chat-like clients again. It runs first with local mode's autoscaler
 (the same policy as the operator), then against fixed pools sized for the average replicas the
 autoscaled run used (same run, same machine). Prints, for each step: each pool's replicas and the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import pathlib
 import random
 import sys
@@ -34,7 +35,7 @@ from phasesplit.local_procs import free_port
 from phasesplit.tiny_model import make_tiny_model
 
 # kind -> ((prompt tokens lo, hi), (output tokens lo, hi))
-KINDS = {"chat": ((100, 200), (20, 40)), "long prompts": ((800, 1000), (1, 2)), "long answers": ((10, 30), (120, 160))}
+KINDS = {"chat": ((100, 200), (20, 40)), "long prompts": ((800, 1000), (2, 3)), "long answers": ((10, 30), (120, 160))}
 # (name, clients per kind); each step lasts --step-seconds
 STEPS = [("low", {"chat": 2}), ("prompt burst", {"long prompts": 8, "chat": 1}),
          ("decode burst", {"long answers": 8, "chat": 1}), ("low again", {"chat": 2})]
@@ -49,7 +50,7 @@ def manifest(model_dir: str, replicas: dict[str, int], max_replicas: int, autosc
         low, high = (1, max_replicas) if autoscale else (replicas[pool], replicas[pool])
         pools[pool] = {"replicas": replicas[pool], "engine": engine, "autoscaling": {
             "minReplicas": low, "maxReplicas": high, "metric": "queueTokens", "targetPerReplica": targets[pool],
-            "scaleUpMaxStep": max_replicas, "scaleDownStabilizationSeconds": 5, "cooldownSeconds": 3}}
+            "scaleUpMaxStep": max_replicas, "scaleDownStabilizationSeconds": 15, "cooldownSeconds": 3}}
     return {"apiVersion": "phasesplit.io/v1alpha1", "kind": "SplitInference", "metadata": {"name": "bench"},
             "spec": {"model": {"name": "bench", "source": {"hostPath": {"path": model_dir}}, "dtype": "float32",
                                "maxModelLen": 2048},
@@ -114,11 +115,15 @@ def run(name: str, model_dir: str, replicas: dict[str, int], max_replicas: int, 
         asyncio.run(warm_up(cluster))
         if autoscale:
             autoscaler = LocalAutoscaler(cluster, interval=1.0).start()
-        start = time.perf_counter()
+        start, wall_start = time.perf_counter(), time.time()
         sampler = threading.Thread(target=sample_forever, args=(cluster, samples, start, stop), daemon=True)
         sampler.start()
         results, step_starts = asyncio.run(drive(cluster, prompts, step_seconds))
-        return results, step_starts, samples
+        if autoscale:
+            time.sleep(step_seconds)  # let the last scale-down happen
+        history = [(a.pool, a.decision.current, a.decision.desired, a.decision.time - wall_start, a.done_at - wall_start)
+                   for a in (autoscaler.history if autoscaler else [])]
+        return results, step_starts, samples, history
     finally:
         stop.set()
         if autoscaler is not None:
@@ -137,17 +142,11 @@ def mean_replicas(samples: list[Sample]) -> dict[str, int]:
     return {p: max(1, round(sum(s.replicas[p] for s in samples) / max(len(samples), 1))) for p in POOLS}
 
 
-def ready_after(samples: list[Sample], pool: str, t0: float, t1: float) -> tuple[int, int, float | None]:
-    """(replicas at the step, replicas at its end, seconds from the step to that count being ready)."""
-    inside = [s for s in samples if t0 <= s.t < t1]
-    if not inside:
-        return 0, 0, None
-    first, last = inside[0].replicas[pool], inside[-1].replicas[pool]
-    if first == last:
-        return first, last, None
-    changed = next(s.t for s in reversed(inside) if s.replicas[pool] != last)
-    ready = next(s.t for s in inside if s.t > changed)
-    return first, last, ready - t0
+def changes_in_step(history, pool: str, t0: float, t1: float) -> str:
+    """The pool's changes decided during the step: "current->desired in S s" (from the step's start
+    to the new count being ready: started workers SERVING and in the router, or removed ones out of it)."""
+    cells = [f"{a}->{b} in {done - t0:.1f}s" for p, a, b, decided, done in history if p == pool and t0 <= decided < t1]
+    return ", ".join(cells) or "-"
 
 
 def p90(results: list[Result], what: str) -> float:
@@ -162,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-seconds", type=float, default=25.0)
     p.add_argument("--max-replicas", type=int, default=3)
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("phasesplit").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="phasesplit-autoscale-bench-") as tmp:
         model = args.model or str(make_tiny_model(f"{tmp}/model", seed=0, preset="tiny"))
         prompts = make_prompts(Tokenizer.from_dir(model))
@@ -181,24 +182,23 @@ def report(args, auto, fixed, fixed_size: dict[str, int]) -> None:
         for name, clients in STEPS))
     print(f"autoscaled: each pool 1..{args.max_replicas} replicas on queueTokens; "
           f"fixed: prompt={fixed_size['prompt']}, token={fixed_size['token']} (the autoscaled run's mean)")
-    header = (f"{'step':<14}{'prompt pool':>22}{'token pool':>22}{'TTFT P90 auto':>15}{'fixed':>9}{'ratio':>7}"
-              f"{'TBT P90 auto':>14}{'fixed':>9}{'ratio':>7}{'requests a/f':>14}")
+    header = (f"{'step':<14}{'prompt pool':>26}{'token pool':>26}{'TTFT P90 auto':>15}{'fixed':>9}{'ratio':>7}"
+              f"{'TBT P90 auto':>14}{'fixed':>9}{'ratio':>7}{'requests a/f':>14}{'failed a/f':>12}")
     print(header)
-    a_results, a_starts, a_samples = auto
-    f_results, _, _ = fixed
+    a_results, a_starts, a_samples, history = auto
+    f_results = fixed[0]
     ends = a_starts[1:] + [a_starts[-1] + args.step_seconds]
     for (step, _), t0, t1 in zip(STEPS, a_starts, ends):
-        cells = []
-        for pool in POOLS:
-            first, last, ready = ready_after(a_samples, pool, t0, t1)
-            cells.append(f"{first}->{last}" + (f" in {ready:.1f}s" if ready is not None else ""))
+        cells = [changes_in_step(history, pool, t0, t1) for pool in POOLS]
         a = [r for s, r in a_results if s == step]
         f = [r for s, r in f_results if s == step]
         ttft, ttft_f, tbt, tbt_f = p90(a, "TTFT"), p90(f, "TTFT"), p90(a, "TBT"), p90(f, "TBT")
-        print(f"{step:<14}{cells[0]:>22}{cells[1]:>22}{ttft:>15.3f}{ttft_f:>9.3f}{ttft / ttft_f:>7.2f}"
-              f"{tbt:>14.4f}{tbt_f:>9.4f}{tbt / tbt_f:>7.2f}{len(a):>8}/{len(f)}")
-    errors = [(s, r.error) for results, *_ in (auto, fixed) for s, r in results if r.error]
-    print(f"failed requests: {len(errors)}" + (f" (first: {errors[0]})" if errors else ""))
+        print(f"{step:<14}{cells[0]:>26}{cells[1]:>26}{ttft:>15.3f}{ttft_f:>9.3f}{ttft / ttft_f:>7.2f}"
+              f"{tbt:>14.4f}{tbt_f:>9.4f}{tbt / tbt_f:>7.2f}{len(a):>8}/{len(f):<5}"
+              f"{sum(bool(r.error) for r in a):>6}/{sum(bool(r.error) for r in f)}")
+    for name, (results, *_) in (("autoscaled", auto), ("fixed", fixed)):
+        errors = [(s, r.error) for s, r in results if r.error]
+        print(f"{name}: {len(errors)} failed requests" + (f" (first: {errors[0]})" if errors else ""))
     mean = {p: sum(s.replicas[p] for s in a_samples) / max(len(a_samples), 1) for p in POOLS}
     print("mean ready replicas, autoscaled: " + ", ".join(f"{p} {mean[p]:.2f}" for p in POOLS))
 
