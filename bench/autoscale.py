@@ -182,7 +182,7 @@ def report(args, auto, fixed, fixed_size: dict[str, int]) -> None:
         for name, clients in STEPS))
     print(f"autoscaled: each pool 1..{args.max_replicas} replicas on queueTokens; "
           f"fixed: prompt={fixed_size['prompt']}, token={fixed_size['token']} (the autoscaled run's mean)")
-    header = (f"{'step':<14}{'prompt pool':>26}{'token pool':>26}{'TTFT P90 auto':>15}{'fixed':>9}{'ratio':>7}"
+    header = (f"{'step':<14} {'prompt pool':>30} {'token pool':>30}{'TTFT P90 auto':>15}{'fixed':>9}{'ratio':>7}"
               f"{'TBT P90 auto':>14}{'fixed':>9}{'ratio':>7}{'requests a/f':>14}{'failed a/f':>12}")
     print(header)
     a_results, a_starts, a_samples, history = auto
@@ -193,7 +193,7 @@ def report(args, auto, fixed, fixed_size: dict[str, int]) -> None:
         a = [r for s, r in a_results if s == step]
         f = [r for s, r in f_results if s == step]
         ttft, ttft_f, tbt, tbt_f = p90(a, "TTFT"), p90(f, "TTFT"), p90(a, "TBT"), p90(f, "TBT")
-        print(f"{step:<14}{cells[0]:>26}{cells[1]:>26}{ttft:>15.3f}{ttft_f:>9.3f}{ttft / ttft_f:>7.2f}"
+        print(f"{step:<14} {cells[0]:>30} {cells[1]:>30}{ttft:>15.3f}{ttft_f:>9.3f}{ttft / ttft_f:>7.2f}"
               f"{tbt:>14.4f}{tbt_f:>9.4f}{tbt / tbt_f:>7.2f}{len(a):>8}/{len(f):<5}"
               f"{sum(bool(r.error) for r in a):>6}/{sum(bool(r.error) for r in f)}")
     for name, (results, *_) in (("autoscaled", auto), ("fixed", fixed)):
