@@ -136,6 +136,8 @@ class WorkerServer:
         self.server.stop(grace=1.0).wait()
         self.inbox.stop()
         self.core.loop.stop()
+        if self.prompt is not None:
+            self.prompt.close()
         if self.transport is not None:
             self.transport.close()
 

@@ -3,7 +3,11 @@
 A transfer reserves blocks (engine thread), then the transport writes each verified chunk straight
 into those blocks (transport thread: the engine never touches reserved blocks), then commits.
 Generate claims committed KV and hands its blocks to the engine (`add_prefilled`). KV that is not
-claimed within the lease, and transfers that stall past the transfer timeout, are freed."""
+claimed within the lease, and transfers that stall past the transfer timeout, are freed.
+
+An abort frees the request's KV in whatever state it is (receiving, ready) and leaves a tombstone
+for the lease's length: KV that arrives for the request afterwards (its transfer was still on the
+way when the abort came) is refused instead of held."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 
 from phasesplit.engine.kv_cache import KVCapacityError
 from phasesplit.roles.core import WorkerCore
+from phasesplit.roles.tombstones import Tombstones
 from phasesplit.transport import base, blocks
 from phasesplit.v1 import worker_pb2 as pb
 
@@ -100,6 +105,7 @@ class KVInbox(base.KVSink):
         self.transfer_timeout = transfer_timeout
         self.lease = lease
         self._entries: dict[str, ReceivedKV] = {}
+        self._aborted = Tombstones(lease)
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_forever, args=(reap_interval,), name="kv-reaper",
@@ -119,14 +125,20 @@ class KVInbox(base.KVSink):
         if self.core.draining.is_set():
             raise base.CapacityError("token worker is draining and takes no new KV")
         try:
-            block_ids = self.core.loop.run(self.engine.reserve_kv, header.request_id, len(header.prompt_token_ids))
+            return self.core.loop.run(self._reserve, header)
         except KVCapacityError as exc:
             raise base.CapacityError(f"request {header.request_id}: {exc}") from exc
         except ValueError as exc:
             raise base.TransferError(f"request {header.request_id}: {exc}") from exc
-        entry = ReceivedKV(self, header, block_ids)
+
+    def _reserve(self, header: pb.KVHeader) -> ReceivedKV:
+        """Engine thread. The tombstone check, the reservation and the entry are one step for abort()."""
+        rid = header.request_id
         with self._changed:
-            self._entries[header.request_id] = entry
+            if rid in self._aborted:
+                raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
+            entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)))
+            self._entries[rid] = entry
             self._changed.notify_all()
         return entry
 
@@ -136,7 +148,8 @@ class KVInbox(base.KVSink):
         """The request's KV once it is READY or FAILED; None if no transfer settles within timeout."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            if not self._changed.wait_for(lambda: request_id in self._entries, timeout):
+            if not self._changed.wait_for(lambda: request_id in self._entries or request_id in self._aborted,
+                                          timeout) or request_id not in self._entries:
                 return None
             entry = self._entries[request_id]
         left = max(0.0, deadline - time.monotonic())
@@ -147,9 +160,16 @@ class KVInbox(base.KVSink):
             self._entries.pop(request_id, None)
 
     def abort(self, request_id: str) -> bool:
+        """Frees the request's KV, arrived or arriving, and refuses KV that comes for it within the lease."""
         with self._changed:
+            self._aborted.add(request_id)
             entry = self._entries.pop(request_id, None)
+            self._changed.notify_all()
         return entry is not None and entry.fail("aborted")
+
+    def was_aborted(self, request_id: str) -> bool:
+        with self._changed:
+            return request_id in self._aborted
 
     def pending(self) -> int:
         """Transfers receiving or KV waiting for Generate."""

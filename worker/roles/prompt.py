@@ -18,6 +18,7 @@ import grpc
 from phasesplit.roles.convert import layout_to_proto, sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
+from phasesplit.roles.remote_abort import RemoteAborts
 from phasesplit.roles.streaming import submit_or_abort
 from phasesplit.transport.base import (CapacityError, KVDataLoss, KVSender, LayoutMismatch, TransferAborted,
                                        TransferError, TransferTimeout)
@@ -62,6 +63,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         self.on_timing = on_timing  # called with (request_id, PrefillTiming) after each Prefill
         self._transfers: dict[str, _Transfer] = {}
         self._lock = threading.Lock()
+        self.remote_aborts = RemoteAborts()
         core.engine.layer_hook = self._on_layer
 
     # ---- engine thread ----
@@ -92,7 +94,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         rid = request.request_id
         params = self._validate(request, context)
         ids = list(request.prompt_token_ids)
-        transfer = _Transfer(timing, self.core.settings.layerwise)
+        # A request that cannot outlive its first token (max_tokens=1) has no token phase: no KV moves.
+        transfer = _Transfer(timing, self.core.settings.layerwise and params.max_tokens > 1)
         with self._lock:
             self._transfers[rid] = transfer
         if transfer.layerwise:
@@ -116,8 +119,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                 code = grpc.StatusCode.CANCELLED if out.finish_reason == "abort" else grpc.StatusCode.INTERNAL
                 context.abort(code, out.error or f"request {rid} was aborted")
             first_token = out.token_ids[0]
-            if out.finish_reason:  # ends at its first token: no token phase, no KV to move
-                self._drop(rid, abort_sender=True)
+            if out.finish_reason:  # ends at its first token: no token phase
+                self._end_early(request, transfer)
             else:
                 if transfer.sender is None:
                     self._open(request, context, transfer, first_token=first_token)
@@ -134,6 +137,9 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         if self.on_timing is not None:
             self.on_timing(rid, timing)
         return reply
+
+    def close(self) -> None:
+        self.remote_aborts.close()
 
     def abort(self, request_id: str) -> bool:
         """Stops the request's transfer (the token worker frees its side), then frees it here."""
@@ -180,6 +186,14 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         timing.acknowledged = time.perf_counter()
         timing.kv_bytes = result.bytes
         self._drop(rid, abort_sender=False)
+
+    def _end_early(self, request, transfer: _Transfer) -> None:
+        """Stops the transfer, and tells the token worker the request is over (before the router can):
+        it frees what already arrived, even KV it committed, and refuses what is still on the way."""
+        opened = transfer.sender is not None
+        self._drop(request.request_id, abort_sender=True)
+        if opened:
+            self.remote_aborts.send(request.token_worker, request.request_id)
 
     def _drop(self, rid: str, abort_sender: bool) -> bool:
         with self._lock:

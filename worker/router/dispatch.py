@@ -121,11 +121,14 @@ class Dispatcher:
         try:
             reply = await self._prefill(job, token_w, timing)
             token_w.settle(job.request_id)
-            finished = bool(reply.finish_reason)
-            yield Delta([reply.first_token], reply.first_text, reply.finish_reason)
-            if finished:
-                self._abort_later(token_w, job.request_id)  # frees KV that no Generate will claim
+            if reply.finish_reason:
+                # Before the yield: a caller that has its last delta closes us right there. The prompt
+                # worker already dropped the transfer; this also frees KV that no Generate will claim.
+                finished = True
+                self._abort_later(token_w, job.request_id)
+                yield Delta([reply.first_token], reply.first_text, reply.finish_reason)
                 return
+            yield Delta([reply.first_token], reply.first_text)
             remaining = max(job.sampling.max_tokens - 1, 0)
             request = pb.GenerateRequest(request_id=job.request_id, sampling=job.sampling,
                                          first_token=reply.first_token)

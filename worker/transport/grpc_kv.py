@@ -44,6 +44,7 @@ _ERRORS = {
     grpc.StatusCode.DATA_LOSS: KVDataLoss,
     grpc.StatusCode.DEADLINE_EXCEEDED: TransferTimeout,
     grpc.StatusCode.CANCELLED: TransferAborted,
+    grpc.StatusCode.ABORTED: TransferAborted,
 }
 
 
@@ -198,7 +199,7 @@ class GrpcKVSender:
                 for kind, host, ids, start, count in chunks:
                     data = wire.encode_data(item.layer, kind, start, count, read_pieces(host, ids, start, count))
                     if self._error is not None:
-                        return
+                        break
                     yield data
                     with self._cond:
                         self._queued -= 1
@@ -207,13 +208,20 @@ class GrpcKVSender:
                         self._cond.notify_all()
             except Exception as exc:  # reading the source tensors failed: end the stream
                 self._fail(TransferError(f"reading layer {item.layer} failed: {exc}"))
-                return
+        self._end_without_closing()
 
     def _plan(self, item: _Layer):
         for kind, cache in ((K, item.k), (V, item.v)):
             host, ids = to_host(cache, item.ids, item.ready)
             for start in range(0, self._num_blocks, self._per_chunk):
                 yield kind, host, ids, start, min(self._per_chunk, self._num_blocks - start)
+
+    def _end_without_closing(self) -> None:
+        """Returning from the request iterator half-closes the stream, which the receiver takes as
+        "every chunk was sent" and commits what it holds. A failed or aborted transfer must end by
+        cancellation instead: wait until the call is over before returning."""
+        if self._error is not None:
+            self._done.wait(self._timeout)
 
     def _next_layer(self) -> _Layer | None:
         with self._cond:

@@ -7,7 +7,8 @@ A TokenWorker servicer (sync gRPC server) implements PushKV as
 
 Status codes the sender sees: FAILED_PRECONDITION (layout mismatch, naming the field),
 RESOURCE_EXHAUSTED (capacity), DATA_LOSS (checksum or missing blocks), INVALID_ARGUMENT
-(malformed chunk), CANCELLED (no chunk within `timeout`: the receiver gave up).
+(malformed chunk), ABORTED (the request was aborted on the token worker, before or during the
+transfer), CANCELLED (no chunk within `timeout`: the receiver gave up).
 Whatever ends a transfer short of commit aborts the destination exactly once.
 """
 
@@ -21,11 +22,25 @@ import numpy as np
 
 from phasesplit.transport import wire
 from phasesplit.transport.base import (
-    CapacityError, KVDestination, KVSink, LayoutMismatch, block_bytes, num_prompt_blocks, validate_layout,
+    CapacityError, KVDataLoss, KVDestination, KVSink, LayoutMismatch, TransferAborted, TransferError, block_bytes,
+    num_prompt_blocks, validate_layout,
 )
 from phasesplit.v1 import worker_pb2 as pb
 
 _KIND_NAMES = ("K", "V")
+
+# What the destination raises, as the status the sender sees (see grpc_kv.error_from_status).
+_DESTINATION_STATUS = (
+    (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
+    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (TransferAborted, grpc.StatusCode.ABORTED),
+    (KVDataLoss, grpc.StatusCode.DATA_LOSS),
+    (TransferError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def destination_status(exc: TransferError) -> grpc.StatusCode:
+    return next(code for kind, code in _DESTINATION_STATUS if isinstance(exc, kind))
 
 
 def handle_push_kv(request_iterator, context: grpc.ServicerContext, sink: KVSink, *,
@@ -90,17 +105,18 @@ class _Receiver:
                 self._refuse(grpc.StatusCode.DATA_LOSS,
                              f"incomplete KV: the stream ended without layer {layer} {_KIND_NAMES[kind]} "
                              f"block {block} ({len(missing)} blocks missing)")
-            self._dest.commit()
+            try:
+                self._dest.commit()
+            except TransferError as exc:
+                self._refuse(destination_status(exc), str(exc))
             self._ended = True
         return pb.PushKVReply(bytes_received=self._bytes, chunks_received=self._chunks)
 
     def _begin(self, header: pb.KVHeader) -> None:
         try:
             dest = self._sink.begin(header)
-        except LayoutMismatch as exc:
-            self._refuse(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except CapacityError as exc:
-            self._refuse(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TransferError as exc:
+            self._refuse(destination_status(exc), str(exc))
         with self._lock:
             if self._ended:  # the watchdog or a cancellation got here first
                 dest.abort()
@@ -128,7 +144,10 @@ class _Receiver:
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk repeats {where}")
         if wire.checksum((chunk.data,)) != chunk.checksum:
             self._refuse(grpc.StatusCode.DATA_LOSS, f"checksum mismatch in {where}")
-        self._dest.write(chunk.layer, chunk.kind, start, chunk.block_count, chunk.data)
+        try:
+            self._dest.write(chunk.layer, chunk.kind, start, chunk.block_count, chunk.data)
+        except TransferError as exc:  # e.g. the request was aborted here while its KV was arriving
+            self._refuse(destination_status(exc), str(exc))
         received[chunk.layer, chunk.kind, start:end] = True
         self._bytes += len(chunk.data)
         self._chunks += 1

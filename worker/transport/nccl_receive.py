@@ -75,7 +75,11 @@ class _Incoming:
             if self.ended:
                 return False
             self.ended = True
-        self.dest.commit()
+        try:
+            self.dest.commit()
+        except TransferError as exc:  # the request was aborted here while its last layers arrived
+            self.error = str(exc)
+            return False
         return True
 
     def fail(self, error: str) -> None:

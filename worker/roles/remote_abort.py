@@ -1,0 +1,44 @@
+"""`Worker.Abort` sent to other workers (a prompt worker telling the token worker that a request is
+over), without waiting for the answer. One channel per address, kept until close()."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import grpc
+
+from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class RemoteAborts:
+    def __init__(self, timeout: float = 5.0):
+        self.timeout = timeout
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def send(self, address: str, request_id: str) -> grpc.Future:
+        call = pb_grpc.WorkerStub(self._channel(address)).Abort.future(
+            pb.AbortRequest(request_id=request_id), timeout=self.timeout)
+        call.add_done_callback(lambda f: _log_failure(f, address, request_id))
+        return call
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            if address not in self._channels:
+                self._channels[address] = grpc.insecure_channel(address)
+            return self._channels[address]
+
+
+def _log_failure(call: grpc.Future, address: str, request_id: str) -> None:
+    if not call.cancelled() and call.exception() is not None:
+        log.warning("abort of %s on %s failed: %s", request_id, address, call.exception())
