@@ -48,6 +48,7 @@ def kv_chunks(layout: pb.KVLayout, request_id: str, corrupt: bool = False) -> li
     for layer in range(layout.num_layers):
         for kind in (0, 1):
             chunks.append(wire.encode_data(layer, kind, 0, blocks, [bytes([layer + 1]) * size]))
+    chunks.append(wire.encode_end())
     if corrupt:
         damaged = bytearray(chunks[2])
         damaged[-1] ^= 0xFF

@@ -200,6 +200,27 @@ def test_abort_releases_everything(no_thread_leaks, serve):
     assert server.sink.committed == {}
 
 
+def test_abort_after_every_layer_was_sent_is_never_taken_for_a_complete_transfer(no_thread_leaks, serve):
+    """A request that ends at its first token aborts a transfer whose bytes all arrived: the token
+    worker must free them, not commit them (ending the stream by half-close would commit)."""
+    layout = make_layout()
+    server = serve(TensorSink(layout))
+    k, v = make_cache(layout, 16)
+    with GrpcKVTransport() as transport:
+        for i in range(20):
+            sender = transport.open(server.addr, make_header(layout, 8, request_id=f"req-{i}"))
+            for layer in range(layout.num_layers):
+                sender.send_layer(layer, k[layer], v[layer])
+            _wait_for(lambda: len(server.sink.destinations) > i)
+            dest = server.sink.destinations[i]
+            _wait_for(lambda: dest.writes == 2 * layout.num_layers)
+            sender.abort()
+            _wait_for(lambda: dest.state != "open")
+            assert dest.state == "aborted", f"transfer {i} was {dest.state} after the sender aborted it"
+    assert server.sink.committed == {}
+    assert len(server.sink.free) == server.sink.num_blocks
+
+
 def test_unreachable_token_worker_fails_finish(no_thread_leaks):
     layout = make_layout()
     k, v = make_cache(layout, 4)

@@ -24,6 +24,7 @@ import torch
 from phasesplit.v1 import worker_pb2 as pb
 
 K, V = 0, 1  # KVChunk.kind
+END = 2  # KVChunk.kind of a stream's last message (no data): the sender sent every chunk and finished
 
 LAYOUT_FIELDS = ("model", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size")
 

@@ -208,6 +208,8 @@ class GrpcKVSender:
                         self._cond.notify_all()
             except Exception as exc:  # reading the source tensors failed: end the stream
                 self._fail(TransferError(f"reading layer {item.layer} failed: {exc}"))
+        if self._error is None:
+            yield wire.encode_end()
         self._end_without_closing()
 
     def _plan(self, item: _Layer):
@@ -217,9 +219,9 @@ class GrpcKVSender:
                 yield kind, host, ids, start, min(self._per_chunk, self._num_blocks - start)
 
     def _end_without_closing(self) -> None:
-        """Returning from the request iterator half-closes the stream, which the receiver takes as
-        "every chunk was sent" and commits what it holds. A failed or aborted transfer must end by
-        cancellation instead: wait until the call is over before returning."""
+        """Returning from the request iterator half-closes the stream. A failed or aborted transfer
+        ends by cancellation instead (the receiver then frees what it holds): wait until the call is
+        over before returning."""
         if self._error is not None:
             self._done.wait(self._timeout)
 

@@ -9,6 +9,8 @@ Status codes the sender sees: FAILED_PRECONDITION (layout mismatch, naming the f
 RESOURCE_EXHAUSTED (capacity), DATA_LOSS (checksum or missing blocks), INVALID_ARGUMENT
 (malformed chunk), ABORTED (the request was aborted on the token worker, before or during the
 transfer), CANCELLED (no chunk within `timeout`: the receiver gave up).
+The stream commits only on its END message, after every block: a stream that stops without it was
+cancelled by the sender, even where the request iterator shows that as a normal end.
 Whatever ends a transfer short of commit aborts the destination exactly once.
 """
 
@@ -22,7 +24,7 @@ import numpy as np
 
 from phasesplit.transport import wire
 from phasesplit.transport.base import (
-    CapacityError, KVDataLoss, KVDestination, KVSink, LayoutMismatch, TransferAborted, TransferError, block_bytes,
+    END, CapacityError, KVDataLoss, KVDestination, KVSink, LayoutMismatch, TransferAborted, TransferError, block_bytes,
     num_prompt_blocks, validate_layout,
 )
 from phasesplit.v1 import worker_pb2 as pb
@@ -91,8 +93,12 @@ class _Receiver:
         num_blocks = num_prompt_blocks(header)
         received = np.zeros((layout.num_layers, 2, num_blocks), dtype=bool)
         size = block_bytes(layout)
+        complete = False
         for raw in requests:
             chunk = self._decode(raw)
+            if chunk.kind == END and chunk.header is None and not chunk.data:
+                complete = True
+                break
             with self._lock:
                 self._check_alive()
                 self._apply(chunk, received, size)
@@ -105,6 +111,9 @@ class _Receiver:
                 self._refuse(grpc.StatusCode.DATA_LOSS,
                              f"incomplete KV: the stream ended without layer {layer} {_KIND_NAMES[kind]} "
                              f"block {block} ({len(missing)} blocks missing)")
+            if not complete:
+                self._refuse(grpc.StatusCode.ABORTED, "the stream ended without its END message: the sender "
+                                                      "cancelled the transfer")
             try:
                 self._dest.commit()
             except TransferError as exc:
@@ -133,7 +142,8 @@ class _Receiver:
         if chunk.layer >= num_layers:
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk.layer must be < {num_layers}, got {chunk.layer}")
         if chunk.kind > 1:
-            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk.kind must be 0 (K) or 1 (V), got {chunk.kind}")
+            self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"chunk.kind must be 0 (K), 1 (V) or 2 (END, without data), got {chunk.kind}")
         if chunk.block_count < 1 or end > num_blocks:
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT,
                          f"chunk.block_start/block_count: {where} is outside the prompt's {num_blocks} blocks")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import crc32c
 
+from phasesplit.transport.base import END
 from phasesplit.v1 import worker_pb2 as pb
 
 _VARINT, _FIXED64, _LEN, _FIXED32 = 0, 1, 2, 5
@@ -51,6 +52,12 @@ def _varint(value: int) -> bytes:
 
 def encode_header(header: pb.KVHeader) -> bytes:
     return pb.KVChunk(header=header).SerializeToString()
+
+
+def encode_end() -> bytes:
+    """The last message of a complete stream. A stream that ends without it was cut off: a cancelled
+    call can look like a half-closed one to the receiver's request iterator."""
+    return pb.KVChunk(kind=END).SerializeToString()
 
 
 def encode_data(layer: int, kind: int, block_start: int, block_count: int, pieces: list) -> bytes:
