@@ -19,14 +19,7 @@ from phasesplit.operator.crd import build_crd  # noqa: E402
 _versions = itertools.count(1)
 
 
-class Cluster(Emulator):
-    """The project's emulator, plus `generateName` (kopf posts its Events with it)."""
-
-    def _fill_create(self, request) -> None:
-        meta = request.data.setdefault("metadata", {})
-        if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:6]
-        super()._fill_create(request)
+Cluster = Emulator
 
 
 def declare(cluster: kmock.KubernetesEmulator) -> None:

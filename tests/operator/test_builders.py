@@ -75,7 +75,8 @@ def test_workers_probe_grpc_health_and_outlive_their_drain():
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert worker[probe]["grpc"]["port"] == builders.WORKER_PORT
     drain = int(worker["args"][worker["args"].index("--drain-timeout") + 1])
-    assert drain == 300 and pod["terminationGracePeriodSeconds"] > drain + 5  # preStop sleeps 5 s first
+    prestop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert drain == 300 and pod["terminationGracePeriodSeconds"] > prestop + drain
 
 
 def test_heterogeneous_pools_land_on_their_own_gpus():
