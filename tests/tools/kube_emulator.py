@@ -81,6 +81,8 @@ class Emulator(kmock.KubernetesEmulator):
                 meta["generation"] = int(current.raw.get("metadata", {}).get("generation", 1)) + 1
 
     async def _handle(self, request):
+        if self.history is not None:  # kmock matches each request by scanning every request it kept
+            del self._requests[:-self.history]
         if request.resource is not None and isinstance(request.data, (dict, list)):
             if request.action == enums.action.CREATE:
                 self._fill_create(request)
@@ -99,6 +101,7 @@ class Emulator(kmock.KubernetesEmulator):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.versions = itertools.count(1000)
+        self.history: int | None = None  # requests kept for assertions; None: all
 
 
 def _merged(old, patch):
@@ -125,8 +128,9 @@ def register_crd(emulator: kmock.KubernetesEmulator, crd: dict) -> None:
 class EmulatorThread:
     """Runs the emulator on 127.0.0.1 in a daemon thread; `url` and `kubeconfig()` for clients."""
 
-    def __init__(self, crds: list[dict] = ()):
+    def __init__(self, crds: list[dict] = (), history: int | None = None):
         self.crds = list(crds)
+        self.history = history
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
         self.emulator: Emulator | None = None
@@ -155,6 +159,7 @@ class EmulatorThread:
                 emulator.resources[resource] = dict(verbs=VERBS, **info)
             for crd in self.crds:
                 register_crd(emulator, crd)
+            emulator.history = self.history
             self.emulator = emulator
             self.url = f"http://127.0.0.1:{server.port}"
             self.started.set()
