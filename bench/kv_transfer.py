@@ -4,7 +4,9 @@ A prompt-worker-like process (this one) sends KV-shaped tensors to a token-worke
 (a child) twice per round: through the transport (a real KVSink writing into preallocated
 caches) and as the same bytes over a plain TCP socket (`sendall` -> `recv_into` the same
 preallocated caches). Every transfer is verified (CRC32C of the destination blocks against the
-source). Prints GB/s of each and the ratio of medians.
+source). Prints GB/s of each and the ratio of medians. A third path, bare gRPC, streams the same
+bytes as plain 1 MiB `bytes` messages (no header, checksum or layout: each message copied into
+the caches in order): the ceiling of a Python gRPC stream on the machine, measured in the same run.
 
     python bench/kv_transfer.py [--gib 1] [--layers 32] [--rounds 3] [--backend grpc|gloo]
 
@@ -78,6 +80,45 @@ class BenchSink:
         return Destination()
 
 
+BARE_PUSH = "/bench.Bare/Push"
+
+
+def bare_grpc_handler(k, v, sink: BenchSink):
+    """bench.Bare/Push: raw messages written into the caches back to back."""
+    import grpc
+
+    def push(request_iterator, context):
+        views = iter([byte_view(t) for pair in zip(k, v) for t in pair])
+        view, pos = next(views), 0
+        for message in request_iterator:
+            if pos == len(view):
+                view, pos = next(views), 0
+            view[pos:pos + len(message)] = message
+            pos += len(message)
+        sink.committed = True
+        return b""
+
+    return grpc.method_handlers_generic_handler("bench.Bare", {"Push": grpc.stream_unary_rpc_method_handler(push)})
+
+
+def bare_grpc_send(port: int, k, v, chunk: int) -> float:
+    import grpc
+
+    from phasesplit.transport.grpc_kv import CHANNEL_OPTIONS
+
+    def messages():
+        for pair in zip(k, v):
+            for t in pair:
+                view = byte_view(t)
+                for pos in range(0, len(view), chunk):
+                    yield bytes(view[pos:pos + chunk])
+
+    start = time.perf_counter()
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as channel:
+        channel.stream_unary(BARE_PUSH)(messages(), timeout=60)
+    return time.perf_counter() - start
+
+
 def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = False) -> None:
     """The receiving process: a gRPC server with the KV sink, and a plain TCP listener."""
     from concurrent import futures
@@ -98,6 +139,7 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = Fals
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     add_token_worker_to_server(Servicer(), server)
+    server.add_generic_rpc_handlers((bare_grpc_handler(k, v, sink),))
     if groups:  # the process-group backend's control service, over the same sink
         from phasesplit.transport.nccl_receive import KVGroupService
         worker_pb2_grpc.add_KVGroupServicer_to_server(KVGroupService(sink, layout, "cpu", timeout=60), server)
@@ -196,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                   if name != "gloo"}
     if gloo:  # the nccl backend with CPU caches
         transports["gloo"] = make_transport("nccl", device="cpu", timeout=60)
-    times: dict[str, list[float]] = {name: [] for name in ("tcp", *backends)}
-    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in ("tcp", *backends)}  # sender, receiver
+    paths = ("tcp", "bare", *backends)
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}  # sender, receiver
     try:
         for _ in range(args.rounds):
             conn.send("tcp")
@@ -205,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             times["tcp"].append(tcp_send(tcp_port, k, v))
             sender_cpu = cpu_seconds() - start
             cpu["tcp"].append((sender_cpu, _check(conn.recv(), "tcp", expected)))
+            start = cpu_seconds()
+            times["bare"].append(bare_grpc_send(grpc_port, k, v, args.chunk_kib << 10))
+            conn.send("bare")
+            sender_cpu = cpu_seconds() - start
+            cpu["bare"].append((sender_cpu, _check(conn.recv(), "bare", expected)))
             for name, transport in transports.items():
                 start = cpu_seconds()
                 times[name].append(transport_send(transport, grpc_port, header, k, v))
@@ -222,9 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         sender_cpu, receiver_cpu = (statistics.median(side) / (total / 2**30) for side in zip(*cpu[name]))
         print(f"{name:>6}: median {statistics.median(rs):.2f} GB/s  (rounds: {', '.join(f'{r:.2f}' for r in rs)}); "
               f"CPU s/GiB: sender {sender_cpu:.2f}, receiver {receiver_cpu:.2f}")
+    print(f"ratio bare gRPC / plain TCP: {statistics.median(rates['bare']) / statistics.median(rates['tcp']):.2f}")
     for name in backends:
         ratio = statistics.median(rates[name]) / statistics.median(rates["tcp"])
-        print(f"ratio {name} / plain TCP: {ratio:.2f} (target >= 0.85)")
+        print(f"ratio {name} / plain TCP: {ratio:.2f} (target >= 0.85); "
+              f"{name} / bare gRPC: {statistics.median(rates[name]) / statistics.median(rates['bare']):.2f}")
     if gloo:
         print(f"ratio gloo / grpc: {statistics.median(rates['gloo']) / statistics.median(rates['grpc']):.2f}")
     print("all transfers verified")
