@@ -140,9 +140,11 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = Fals
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     add_token_worker_to_server(Servicer(), server)
     server.add_generic_rpc_handlers((bare_grpc_handler(k, v, sink),))
+    group_service = None
     if groups:  # the process-group backend's control service, over the same sink
         from phasesplit.transport.nccl_receive import KVGroupService
-        worker_pb2_grpc.add_KVGroupServicer_to_server(KVGroupService(sink, layout, "cpu", timeout=60), server)
+        group_service = KVGroupService(sink, layout, "cpu", timeout=60)
+        worker_pb2_grpc.add_KVGroupServicer_to_server(group_service, server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -162,6 +164,8 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = Fals
         conn.send((command, crcs, used))
     listener.close()
     server.stop(None).wait()
+    if group_service is not None:
+        group_service.close()
 
 
 def cpu_seconds() -> float:

@@ -96,6 +96,7 @@ class WorkerServer:
                                   options=list(grpc_kv.SERVER_OPTIONS))
         aborts = []
         self.prompt = None
+        self.kv_groups = None
         if args.role in ("prompt", "mixed"):
             from phasesplit.roles.prompt import PromptService
             self.transport = transport or make_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
@@ -140,6 +141,8 @@ class WorkerServer:
             self.prompt.close()
         if self.transport is not None:
             self.transport.close()
+        if self.kv_groups is not None:
+            self.kv_groups.close()
 
     def _not_serving(self) -> None:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -215,3 +215,20 @@ def _children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def test_workers_holding_kv_groups_exit_cleanly_on_sigterm(tiny_model_dir, tmp_path):
+    """Both ends of a KV group stop (as local mode and a rollout stop them: at once) and exit 0; a
+    gloo group left alive makes the process abort at exit."""
+    prompt, prompt_addr = start_worker(tiny_model_dir, tmp_path / "prompt", "prompt", *NCCL)
+    token, token_addr = start_worker(tiny_model_dir, tmp_path / "token", "token", *NCCL)
+    try:
+        ids = tokenize(tiny_model_dir, 1, seed=7)[0]
+        assert len(split_generate(prompt_addr, token_addr, "clean-exit", ids, 4)) == 4
+        for proc in (prompt, token):
+            proc.signal(signal.SIGTERM)
+        assert prompt.popen.wait(30) == 0, prompt.log_tail()
+        assert token.popen.wait(30) == 0, token.log_tail()
+    finally:
+        token.stop(5)
+        prompt.stop(5)

@@ -139,6 +139,8 @@ class _Group:
         finally:
             service.drop(self)
             kv_group.discard(self.pg)
+            self.pg = None  # destroyed now, with its threads, not by the interpreter at exit
+            service.ended(self)
 
     def _receive(self) -> None:
         """Read frames until CLOSE. While layer i is stored into its destination, layer i+1 is already
@@ -210,6 +212,7 @@ class KVGroupService(pb_grpc.KVGroupServicer):
         except (RuntimeError, OSError) as exc:
             raise OSError(f"cannot host the KV rendezvous store on port {store_port}: {exc}") from exc
         self._groups: dict[str, _Group] = {}
+        self._running: set[_Group] = set()  # groups whose thread has not ended, registered or not
         self._lock = threading.Lock()
 
     @property
@@ -219,6 +222,20 @@ class KVGroupService(pb_grpc.KVGroupServicer):
     def groups(self) -> int:
         with self._lock:
             return len(self._groups)
+
+    def close(self) -> None:
+        """Tear down every group and wait for its thread: a gloo group still receiving when the
+        process exits aborts it ("terminate called without an active exception")."""
+        with self._lock:
+            groups, self._groups = list(self._running), {}
+        for group in groups:
+            kv_group.discard(group.pg)
+        for group in groups:
+            group.thread.join(self.timeout)
+
+    def ended(self, group: _Group) -> None:
+        with self._lock:
+            self._running.discard(group)
 
     def drop(self, group: _Group) -> None:
         with self._lock:
@@ -241,6 +258,7 @@ class KVGroupService(pb_grpc.KVGroupServicer):
             if request.group_id in self._groups:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"group_id: {request.group_id} is in use")
             self._groups[request.group_id] = group
+            self._running.add(group)
         group.thread.start()
         return pb.KVGroupEndpoint(store_port=self.store_port)
 
