@@ -18,6 +18,7 @@ import grpc
 from phasesplit.roles.convert import layout_to_proto, sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
+from phasesplit.protocol import KV_PEER_FAILED
 from phasesplit.roles.remote_abort import RemoteAborts
 from phasesplit.roles.streaming import submit_or_abort
 from phasesplit.transport.base import (CapacityError, KVDataLoss, KVSender, LayoutMismatch, TransferAborted,
@@ -125,7 +126,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                 if transfer.sender is None:
                     self._open(request, context, transfer, first_token=first_token)
                     self._send_all_layers(rid, transfer)
-                self._finish(rid, transfer, context, timing)
+                self._finish(request, transfer, context, timing)
             reply = pb.PrefillReply(first_token=first_token, first_text=out.text, finish_reason=out.finish_reason or "",
                                     queue_seconds=max(0.0, (timing.first_layer or timing.first_token) - timing.arrived),
                                     prefill_seconds=timing.first_token - (timing.first_layer or timing.arrived),
@@ -177,12 +178,15 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         for layer in range(engine.layout.num_layers):
             transfer.sender.send_layer(layer, engine.kv_cache.k[layer], engine.kv_cache.v[layer], block_ids)
 
-    def _finish(self, rid: str, transfer: _Transfer, context, timing: PrefillTiming) -> None:
+    def _finish(self, request, transfer: _Transfer, context, timing: PrefillTiming) -> None:
+        rid = request.request_id
         try:
             result = transfer.sender.finish()
         except TransferError as exc:
             self._drop(rid, abort_sender=True)
-            context.abort(TRANSFER_STATUS.get(type(exc), grpc.StatusCode.UNAVAILABLE), str(exc))
+            context.set_trailing_metadata(((KV_PEER_FAILED, request.token_worker),))
+            context.abort(TRANSFER_STATUS.get(type(exc), grpc.StatusCode.UNAVAILABLE),
+                          f"KV transfer to {request.token_worker}: {exc}")
         timing.acknowledged = time.perf_counter()
         timing.kv_bytes = result.bytes
         self._drop(rid, abort_sender=False)

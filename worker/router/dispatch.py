@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from phasesplit.protocol import KV_PEER_FAILED
 from phasesplit.router.metrics import RouterMetrics
 from phasesplit.router.openai_api import APIError, unavailable
 from phasesplit.router.pools import Pools
@@ -56,6 +57,14 @@ def worker_error(e: grpc.aio.AioRpcError, worker: WorkerState) -> APIError:
         return unavailable(f"worker {worker.address} cannot take the request: {code.name}: {details}")
     return APIError(502, f"worker {worker.address} failed: {code.name}: {details}", type="server_error",
                     code="worker_error")
+
+
+class TokenWorkerFailed(Exception):
+    """The prompt worker could not hand the KV to the token worker; `error` is what the client gets."""
+
+    def __init__(self, error: APIError):
+        super().__init__(error.message)
+        self.error = error
 
 
 class Dispatcher:
@@ -111,9 +120,24 @@ class Dispatcher:
 
     # ---- split: prompt worker then token worker ----
     async def _split(self, job: Job, timing: Timing) -> AsyncIterator[Delta]:
-        token_w = pick_token_worker(self.pools["token"].workers.values())
-        if token_w is None:
-            raise unavailable("no token worker is ready")
+        tried: list[str] = []
+        while True:
+            token_w = pick_token_worker(self.pools["token"].workers.values(), exclude=tried)
+            if token_w is None:
+                raise unavailable("no token worker is ready" + (f" (tried {', '.join(tried)})" if tried else ""))
+            tried.append(token_w.address)
+            try:
+                async with aclosing(self._split_on(job, token_w, timing)) as deltas:
+                    async for delta in deltas:
+                        yield delta
+                return
+            except TokenWorkerFailed as e:  # raised before any output: safe to run again elsewhere
+                if len(tried) >= 2:
+                    raise e.error from None
+                log.info("token worker %s failed the KV transfer of %s; retrying with another", token_w.address,
+                         job.request_id)
+
+    async def _split_on(self, job: Job, token_w: WorkerState, timing: Timing) -> AsyncIterator[Delta]:
         timing.token_worker = token_w.address
         token_w.reserve(job.request_id, math.ceil((len(job.prompt_token_ids) + 1) / token_w.block_size))
         token_w.inflight += 1
@@ -163,6 +187,8 @@ class Dispatcher:
                 answered = True
             except grpc.aio.AioRpcError as e:
                 answered = True
+                if any(key == KV_PEER_FAILED for key, _ in e.trailing_metadata() or ()):
+                    raise TokenWorkerFailed(worker_error(e, token_w)) from None
                 if e.code() == grpc.StatusCode.UNAVAILABLE and len(tried) < 2:
                     log.info("prompt worker %s unavailable for %s; retrying on another", prompt_w.address,
                              job.request_id)
