@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from phasesplit.protocol import KV_PEER_FAILED
 from phasesplit.roles.convert import layout_to_proto, sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
-from phasesplit.protocol import KV_PEER_FAILED
 from phasesplit.roles.remote_abort import RemoteAborts
 from phasesplit.roles.streaming import submit_or_abort
 from phasesplit.transport.base import (CapacityError, KVDataLoss, KVSender, LayoutMismatch, TransferAborted,
