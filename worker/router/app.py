@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -111,7 +112,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     with _rejections(router):
         req = parse_body(CompletionRequest, await request.read())
         _check_model(router, req.model)
-        ids = completion_prompt_ids(req, router.tokenizer)
+        ids = await asyncio.to_thread(completion_prompt_ids, req, router.tokenizer)  # off the loop: long prompts
         check_prompt_length(ids, router.settings.max_model_len, "prompt")
         job = Job(f"cmpl-{uuid.uuid4().hex}", ids, sampling_params(req, len(ids), router.settings.max_model_len))
     return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=False))
@@ -122,7 +123,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with _rejections(router):
         req = parse_body(ChatCompletionRequest, await request.read())
         _check_model(router, req.model)
-        ids = chat_prompt_ids(req, router.tokenizer)
+        ids = await asyncio.to_thread(chat_prompt_ids, req, router.tokenizer)
         check_prompt_length(ids, router.settings.max_model_len, "messages")
         job = Job(f"chatcmpl-{uuid.uuid4().hex}", ids,
                   sampling_params(req, len(ids), router.settings.max_model_len))
