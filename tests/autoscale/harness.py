@@ -12,14 +12,11 @@ import kmock
 import kopf
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # tests.tools
-from tests.tools.kube_emulator import RESOURCES, VERBS, Emulator, register_crd  # noqa: E402
+from tests.tools.kube_emulator import RESOURCES, VERBS, Emulator, register_crd  # noqa: E402, F401  (Emulator re-exported)
 
 from phasesplit.operator.crd import build_crd  # noqa: E402
 
 _versions = itertools.count(1)
-
-
-Cluster = Emulator
 
 
 def declare(cluster: kmock.KubernetesEmulator) -> None:

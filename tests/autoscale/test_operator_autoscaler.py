@@ -10,13 +10,13 @@ import kopf
 import kubernetes
 import pytest
 import yaml
-from harness import Cluster, declare, running_operator, server_metadata
+from harness import Emulator, declare, running_operator, server_metadata
 
 from phasesplit.operator import autoscaler, builders
 from phasesplit.operator.kube import Kube
 from phasesplit.spec import SplitInferenceSpec
 
-pytestmark = pytest.mark.kmock(cls=Cluster)
+pytestmark = pytest.mark.kmock(cls=Emulator)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NS = "ml"
