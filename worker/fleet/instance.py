@@ -43,7 +43,7 @@ class Instance:
         self.num_running = 0
         self.step = 0                        # decode iterations done
         self.sum_join_step = 0
-        self.resident_tokens = 0             # KV tokens of resident requests when they arrived
+        self.resident_tokens = 0             # prompt KV tokens of the decoding requests (as the engine's blocks)
         self.prefill_tokens_held = 0         # prompt KV of a prefill batch until it is handed off
         self.busy_until = None               # end of the current event's work, None when idle
         self.prefilling: list[int] = []
@@ -83,13 +83,19 @@ class Instance:
 
     def _wake(self, now: float) -> None:
         if self.busy_until is None:
-            self._boundary(now, 0)
+            # The engine loop takes its next step once everything that arrived at this instant is queued.
+            self.version += 1
+            self.stretch = (now, 0.0, 0)
+            self.busy_until = now
+            self.sim.at(now, self._stretch_end, self.version)
         elif not self.prefilling and self.num_running < self.sim.config.max_num_seqs:
             self._cut_stretch(now)
 
     def _cut_stretch(self, now: float) -> None:
         """End the decode stretch at the next iteration boundary, so waiting work can join."""
         t0, dt, k = self.stretch
+        if not k:
+            return
         done = min(k, int((now - t0) / dt) + 1)
         if done < k:
             self.version += 1
@@ -122,14 +128,18 @@ class Instance:
         for rid in take_ready(self.ready, self.num_running, cfg.max_num_seqs):
             self._join(rid, self.sim.output_tokens[rid] - 1)
         if self.num_running:
-            dt = self.perf.token_time(self.num_running)
-            k = finishing[0][0] - self.step
-            self.version += 1
-            self.stretch = (now, dt, k)
-            self.busy_until = now + k * dt
-            self.sim.at(self.busy_until, self._stretch_end, self.version)
+            self._start_decode(now)
         elif self.stopped is None and not self.routable and not self.inflight:
             self.sim.retire(self, now)
+
+    def _start_decode(self, now: float) -> None:
+        """Iterations of the same batch until its first request finishes (or work arrives: `_wake`)."""
+        dt = self.perf.token_time(self.num_running)
+        k = self.finishing[0][0] - self.step
+        self.version += 1
+        self.stretch = (now, dt, k)
+        self.busy_until = now + k * dt
+        self.sim.at(self.busy_until, self._stretch_end, self.version)
 
     def _prefill_slots(self) -> int:
         # A prompt worker's prefilled requests leave its batch at once (their KV is held for the handoff).
@@ -138,15 +148,18 @@ class Instance:
         return self.sim.config.max_num_seqs - self.num_running
 
     def _admit(self, rid: int) -> bool:
-        """The KV check of the engine's scheduler: the prompt's blocks must be free."""
+        """The KV check of the engine's scheduler: the prompt's blocks must be free; they are taken at once."""
         self.refresh(self.sim.now)
-        return math.ceil(self.sim.prompt_tokens[rid] / self.sim.config.block_size) <= self.free_blocks
+        n = self.sim.prompt_tokens[rid]
+        if math.ceil(n / self.sim.config.block_size) > self.free_blocks:
+            return False
+        self.prefill_tokens_held += n
+        return True
 
     def _start_prefill(self, batch: list[int], now: float) -> None:
         tokens = sum(self.sim.prompt_tokens[r] for r in batch)
         dt = self.perf.prompt_time(tokens)
         self.prefilling = batch
-        self.prefill_tokens_held += tokens
         self.busy_until = now + dt
         self.busy_seconds += dt
         self.version += 1
@@ -173,7 +186,7 @@ class Instance:
                 if target is self:   # a mixed instance lent as both prompt and token machine
                     self.release_reservation(rid)
                     self.inflight -= 1
-                self.resident_tokens += n + 1
+                self.resident_tokens += n
                 self._join(rid, sim.output_tokens[rid] - 1)
             else:
                 delay = sim.kv_handoff_time(self, target, n, dt)
@@ -185,7 +198,7 @@ class Instance:
         self.inflight -= 1
         target = self.sim.token_target[rid]
         target.release_reservation(rid)
-        target.resident_tokens += self.sim.prompt_tokens[rid] + 1
+        target.resident_tokens += self.sim.prompt_tokens[rid]
         target.add_ready(rid, now)
         if self.busy_until is None and self.waiting:
             self._boundary(now, 0)
@@ -204,5 +217,5 @@ class Instance:
     def _leave(self, rid: int) -> None:
         self.num_running -= 1
         self.sum_join_step -= self.sim.join_step[rid]
-        self.resident_tokens -= self.sim.prompt_tokens[rid] + 1
+        self.resident_tokens -= self.sim.prompt_tokens[rid]
         self.inflight -= 1
