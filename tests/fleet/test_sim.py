@@ -83,3 +83,28 @@ def test_bundled_trace_on_the_papers_coding_cluster_keeps_up(tmp_path):
                                                         PoolSpec.parse("token", "a100-80gb:5"))),
                            Profiles(), Trace(trace.arrival[:2000], trace.prompt[:2000], trace.output[:2000])))
     assert s["unfinished"] == 0 and s["cost_per_hour"] == pytest.approx(35 * 38.0 + 5 * 17.6)
+
+
+def test_simulate_command_prints_the_documented_json_keys(capsys):
+    from phasesplit.cli import main as cli
+    assert cli(["simulate", "--trace", "code", "--requests", "300", "--model", "llama2-70b", "--tp", "8",
+                "--prompt", "h100-80gb:3", "--token", "a100-80gb:1", "--json"]) == 0
+    import json
+    s = json.loads(capsys.readouterr().out)
+    for key in ("ttft_s", "tbt_s", "e2e_s"):
+        assert set(s[key]) == {"p50", "p90", "p99"} and s[key]["p50"] <= s[key]["p90"] <= s[key]["p99"]
+    assert s["throughput_rps"] > 0 and s["cost_per_hour"] == 3 * 38.0 + 17.6 and s["power_w"] == 3 * 10200 + 6500
+    assert set(s["pools"]) == {"prompt", "token"} and 0 < s["pools"]["token"]["utilization"] <= 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "h100-80gb:x", "--token", "a100-80gb:1"], "--prompt: 'h100-80gb:x' is not HW:N"),
+    (["--prompt", "h100-80gb:1"], "a split cluster needs both --prompt and --token"),
+    (["--baseline", "h100-80gb:1", "--token", "a100-80gb:1"], "--baseline is the non-split design"),
+    (["--baseline", "tpu:1"], "no profile rows for model=llama2-70b hardware=tpu"),
+    (["--baseline", "h100-80gb:1", "--slo", "ttft.p95=2x"], "--slo: 'ttft.p95=2x' is not METRIC.QUANTILE=LIMIT"),
+])
+def test_simulate_command_names_the_bad_field(capsys, args, message):
+    from phasesplit.cli import main as cli
+    assert cli(["simulate", "--trace", "code", "--requests", "10", *args]) == 2
+    assert message in capsys.readouterr().err

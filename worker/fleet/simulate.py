@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from(args)
         trace = options.workload(args)
         reference = profiles.get(args.model, args.slo_reference, args.tp)
+        slos = options.slos(args)
         summary = summarize(simulate(config, profiles, trace), reference)
+        summary["slos"] = {str(slo): {"value": slo.value(summary), "met": slo.met(summary)} for slo in slos}
     except ValueError as e:
         print(f"phasesplit simulate: error: {e}", file=sys.stderr)
         return 2
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(table(summary))
+        print("SLOs: " + ", ".join(f"{name} {'met' if r['met'] else 'MISSED'} ({r['value']})"
+                                   for name, r in summary["slos"].items()))
     return 0
 
 
