@@ -4,7 +4,7 @@ import pytest
 
 from phasesplit.fleet.perf import Curve, Profiles, kv_transfer_time
 
-from conftest import write_profile
+from support.fleet_profiles import write_profile
 
 
 def test_curve_interpolates_inside_and_follows_the_stated_rule_outside():

@@ -7,7 +7,7 @@ from phasesplit.fleet.report import Slo
 from phasesplit.fleet.search import Design, Planner, designs
 from phasesplit.fleet.sim import PoolSpec, SimConfig
 from phasesplit.fleet.trace import Trace
-from phasesplit.spec import SplitInference
+from phasesplit.control.spec import SplitInference
 
 import numpy as np
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import phasesplit.fleet.sim as sim_module
-import phasesplit.local_autoscaler as local_autoscaler
+import phasesplit.local.autoscaler as local_autoscaler
 import phasesplit.operator.autoscaler as operator_autoscaler
 import phasesplit.router.dispatch as dispatch
 from phasesplit.engine.kv_cache import BlockManager
@@ -14,14 +14,14 @@ from phasesplit.engine.sampler import SamplingParams
 from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence
 from phasesplit.fleet.instance import Instance
+from phasesplit.fleet.perf import Profiles
 from phasesplit.fleet.sim import PoolSpec, SimConfig, Simulation
 from phasesplit.fleet.trace import Trace
 from phasesplit.router import scheduling
 from phasesplit.router.workers import WorkerState
 from phasesplit.v1 import worker_pb2 as pb
 
-from conftest import toy_rows, write_profile, CATALOG
-from phasesplit.fleet.perf import Profiles
+from support.fleet_profiles import CATALOG, toy_rows, write_profile
 
 
 class Detokenizer:

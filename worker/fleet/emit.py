@@ -6,7 +6,7 @@ import math
 
 from phasesplit.fleet.perf import Profiles
 from phasesplit.fleet.search import Candidate
-from phasesplit.spec import SplitInference, feasibility_problems
+from phasesplit.control.spec import SplitInference, feasibility_problems
 
 SOURCES = ("pvc", "hostPath", "image")
 

@@ -2,7 +2,7 @@
 
 The router picks workers with `phasesplit.router.scheduling` (join the shortest queue), each
 instance batches with `phasesplit.engine.batching` (what the engine's scheduler runs), elastic
-pools are sized by `phasesplit.autoscale` (what the operator and local mode run), and every
+pools are sized by `phasesplit.control.scaling` (what the operator and local mode run), and every
 iteration takes the time the performance model gives. What it leaves out: the router sees each
 worker's load at once (the real one polls), network latency other than the KV handoff, KV
 preemption (admission checks the prompt's blocks, as the engine does; decode growth is not
@@ -16,7 +16,7 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from phasesplit.autoscale import PoolKnobs, PoolMetrics, SplitScaler
+from phasesplit.control.scaling import PoolKnobs, PoolMetrics, SplitScaler
 from phasesplit.fleet.instance import Instance
 from phasesplit.fleet.perf import Profiles, kv_transfer_time
 from phasesplit.fleet.trace import Trace
