@@ -90,7 +90,7 @@ def test_router_and_simulator_call_the_same_scheduling_functions():
         assert getattr(sim_module, name) is getattr(scheduling, name), f"the simulator no longer uses {name}"
 
 
-def test_simulated_instances_read_as_router_worker_states(toy_profiles):
+async def test_simulated_instances_read_as_router_worker_states(toy_profiles):
     """For the same loads, the functions pick the same worker from WorkerStates and from instances."""
     rng = np.random.default_rng(5)
     config = SimConfig("toy", 1, (PoolSpec("prompt", "toy-gpu", 4), PoolSpec("token", "toy-gpu", 4)), block_size=16)
@@ -112,3 +112,10 @@ def test_simulated_instances_read_as_router_worker_states(toy_profiles):
 
 def test_operator_local_mode_and_simulator_scale_with_one_policy():
     assert sim_module.SplitScaler is local_autoscaler.SplitScaler is operator_autoscaler.SplitScaler
+
+
+def test_router_and_simulator_lend_the_mixed_pool_with_the_same_functions():
+    from phasesplit.router import lending
+    for name in ("prompt_candidates", "token_candidates"):
+        assert getattr(dispatch, name) is getattr(lending, name), f"the router no longer uses {name}"
+        assert getattr(sim_module, name) is getattr(lending, name), f"the simulator no longer uses {name}"

@@ -52,7 +52,7 @@ class Instance:
         self.busy_seconds = 0.0
         self.started = sim.now
         self.stopped: float | None = None
-        bs = sim.config.block_size
+        self.block_size = bs = sim.config.block_size
         self.capacity_blocks = perf.kv_capacity_tokens // bs
 
     # ---- what the router sees ----

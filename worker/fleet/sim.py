@@ -1,6 +1,7 @@
 """A discrete-event simulation of a phasesplit cluster, with the running system's own policies.
 
-The router picks workers with `phasesplit.router.scheduling` (join the shortest queue), each
+The router picks workers with `phasesplit.router.scheduling` (join the shortest queue) among the
+candidates of `phasesplit.router.lending` (the mixed pool lent to an overloaded side), each
 instance batches with `phasesplit.engine.batching` (what the engine's scheduler runs), elastic
 pools are sized by `phasesplit.control.scaling` (what the operator and local mode run), and every
 iteration takes the time the performance model gives. What it leaves out: the router sees each
@@ -20,6 +21,7 @@ from phasesplit.control.scaling import PoolKnobs, PoolMetrics, SplitScaler
 from phasesplit.fleet.instance import Instance
 from phasesplit.fleet.perf import Profiles, kv_transfer_time
 from phasesplit.fleet.trace import Trace
+from phasesplit.router.lending import LEND_QUEUE_TOKENS, prompt_candidates, token_candidates
 from phasesplit.router.scheduling import pick_mixed_worker, pick_prompt_worker, pick_token_worker
 
 ROLES = ("prompt", "token", "mixed")
@@ -64,8 +66,7 @@ class SimConfig:
     layerwise: bool = True
     autoscale_interval: float = 15.0
     startup_seconds: float = 60.0
-    mixed_prompt_queue: float = 2.0      # prompt pool queue (x budget per instance) above which mixed lends
-    mixed_token_kv: float = 0.9          # token pool KV utilisation above which mixed lends
+    lend_queue_tokens: float = LEND_QUEUE_TOKENS   # prompt queue above which the mixed pool lends
 
     def __post_init__(self):
         roles = [p.role for p in self.pools]
@@ -148,7 +149,7 @@ class Simulation:
     def route(self, rid: int) -> None:
         now, n = self.now, self.prompt_tokens[rid]
         if self.config.split:
-            prompt_w, token_w = self._pick_split(now)
+            prompt_w, token_w = self._pick_split(rid, now)
             if prompt_w is None or token_w is None:
                 self.rejected += 1
                 return
@@ -173,23 +174,14 @@ class Simulation:
                 w.refresh(now)
         return policy(workers)
 
-    def _pick_split(self, now: float) -> tuple[Instance | None, Instance | None]:
-        """Split serving, with a mixed pool (if any) lending machines to the overloaded side."""
-        prompt_w = self._pick(pick_prompt_worker, "prompt", now)
-        token_w = self._pick(pick_token_worker, "token", now)
-        if self.pools.get("mixed"):
-            if prompt_w is None or self._prompt_overloaded(prompt_w):
-                prompt_w = self._pick(pick_prompt_worker, "mixed", now) or prompt_w
-            if token_w is None or self._token_overloaded(token_w):
-                token_w = self._pick(pick_token_worker, "mixed", now) or token_w
-        return prompt_w, token_w
-
-    def _prompt_overloaded(self, best: Instance) -> bool:
-        return best.queued_prompt_tokens > self.config.mixed_prompt_queue * self.config.max_num_batched_tokens
-
-    def _token_overloaded(self, best: Instance) -> bool:
-        full = best.capacity_blocks * (1 - self.config.mixed_token_kv)
-        return best.free_blocks < full or best.inflight >= self.config.max_num_seqs
+    def _pick_split(self, rid: int, now: float) -> tuple[Instance | None, Instance | None]:
+        """Split serving, with a mixed pool (if any) lent to the overloaded side as the router does."""
+        mixed = self.pools.get("mixed", [])
+        for w in self.pools["token"] + mixed:
+            w.refresh(now)
+        prompt = prompt_candidates(self.pools["prompt"], mixed, self.config.lend_queue_tokens)
+        token = token_candidates(self.pools["token"], mixed, self.prompt_tokens[rid] + 1)
+        return pick_prompt_worker(prompt), pick_token_worker(token)
 
     # ---- callbacks from instances ----
     def first_token(self, rid: int, now: float) -> None:
