@@ -4,7 +4,8 @@ For the coding and the conversation trace: the non-split A100 and H100 baselines
 designs (H100 prompts with A100 tokens, all H100, all A100, H100 prompts with power-capped H100
 tokens), each at the cost and at the power of 40 DGX-H100 machines, throughput at the paper's
 SLOs (Poisson arrivals, request sizes from the trace) and its ratio to the H100 baseline measured
-in the same run. Also the simulator's own speed: 100,000 requests on 40 machines.
+in the same run. Also the simulator's own speed (100,000 requests on 40 machines) and the mixed
+pool's effect at equal cost.
 
     python bench/fleet.py [--sample 3000] [--traces code,conv]
 """
@@ -17,10 +18,10 @@ import platform
 import time
 
 from phasesplit.fleet.perf import Profiles
-from phasesplit.fleet.report import PAPER_SLOS
+from phasesplit.fleet.report import PAPER_SLOS, summarize
 from phasesplit.fleet.search import Design, Planner
 from phasesplit.fleet.sim import PoolSpec, SimConfig, simulate
-from phasesplit.fleet.trace import load_trace, redraw
+from phasesplit.fleet.trace import Trace, load_trace, redraw
 
 DESIGNS = {
     "Baseline-A100": Design("baseline", "a100-80gb"),
@@ -42,6 +43,25 @@ def speed(profiles: Profiles) -> None:
     done = sum(1 for f in out.finish if not math.isnan(f))
     print(f"simulator: {done:,} of {len(trace):,} requests on 40 machines (conv, 40 req/s) in {elapsed:.1f} s "
           f"({len(trace) / elapsed:,.0f} requests/s; target: under 120 s)")
+
+
+def mixed_pool(profiles: Profiles) -> None:
+    """A mixed pool in place of prompt machines, at equal cost, on the bursty traces replayed faster."""
+    print("\n== mixed pool: trace timing compressed, 4 prompt machines swapped for 4 mixed (equal cost)")
+    print(f"{'trace':<6}{'req/s':>7}  {'design':<24}{'TTFT P50':>9}{'TTFT P90':>9}{'TBT P90':>9}{'E2E P90':>9}"
+          f"{'mixed util':>11}")
+    reference = profiles.get("llama2-70b", "a100-80gb", 8)
+    for name, factor, prompt, token in (("code", 60, 30, 6), ("conv", 15, 16, 16)):
+        full = load_trace(name)
+        trace = Trace(full.arrival / factor, full.prompt, full.output)
+        for mixed in (0, 4):
+            pools = (PoolSpec("prompt", "h100-80gb", prompt - mixed), PoolSpec("token", "a100-80gb", token))
+            pools += (PoolSpec("mixed", "h100-80gb", mixed),) if mixed else ()
+            s = summarize(simulate(SimConfig("llama2-70b", 8, pools), profiles, trace), reference)
+            design = f"{prompt - mixed}P+{token}T" + (f"+{mixed}M" if mixed else "")
+            util = s["pools"].get("mixed", {}).get("utilization")
+            print(f"{name:<6}{trace.rate:>7.1f}  {design:<24}{s['ttft_s']['p50']:>9.3f}{s['ttft_s']['p90']:>9.3f}"
+                  f"{s['tbt_s']['p90']:>9.3f}{s['e2e_s']['p90']:>9.2f}{'-' if util is None else f'{util:.0%}':>11}")
 
 
 def compare(profiles: Profiles, trace_name: str, sample: int, reference_rate: float) -> None:
@@ -85,13 +105,16 @@ def main() -> None:
     p.add_argument("--traces", default="code,conv")
     p.add_argument("--reference-rate", type=float, default=10.0)
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-mixed", action="store_true")
     args = p.parse_args()
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
     profiles = Profiles()
     if not args.skip_speed:
         speed(profiles)
+    if not args.skip_mixed:
+        mixed_pool(profiles)
     start = time.perf_counter()
-    for name in args.traces.split(","):
+    for name in filter(None, args.traces.split(",")):
         compare(profiles, name, args.sample, args.reference_rate)
     print(f"\ncomparison took {time.perf_counter() - start:.0f} s")
 
