@@ -7,7 +7,7 @@ SLOs (Poisson arrivals, request sizes from the trace) and its ratio to the H100 
 in the same run. Also the simulator's own speed (100,000 requests on 40 machines) and the mixed
 pool's effect at equal cost.
 
-    python bench/fleet.py [--sample 3000] [--traces code,conv]
+    python bench/fleet.py [--sample 8000] [--traces code,conv]
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def compare(profiles: Profiles, trace_name: str, sample: int, reference_rate: fl
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sample", type=int, default=3000, help="requests per simulation")
+    p.add_argument("--sample", type=int, default=8000, help="requests per simulation")
     p.add_argument("--traces", default="code,conv")
     p.add_argument("--reference-rate", type=float, default=10.0)
     p.add_argument("--skip-speed", action="store_true")
