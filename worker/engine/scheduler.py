@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from phasesplit.engine.batching import take_prefill, take_ready
 from phasesplit.engine.kv_cache import BlockManager
 from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text
 
@@ -43,26 +44,21 @@ class Scheduler:
         seqs = self._schedule_prefill()
         if seqs:
             return seqs, True
-        while self.ready and len(self.running) < self.max_num_seqs:
-            self.running.append(self.ready.popleft())
+        self.running.extend(take_ready(self.ready, len(self.running), self.max_num_seqs))
         return self._schedule_decode(), False
 
     def _schedule_prefill(self) -> list[Sequence]:
-        seqs: list[Sequence] = []
-        num_tokens = 0
-        while self.waiting and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            # A prompt larger than the whole budget still runs, alone.
-            if seqs and num_tokens + seq.num_tokens > self.max_num_batched_tokens:
-                break
-            if not self.block_manager.can_allocate(seq):
-                break
-            self.block_manager.allocate(seq)
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(self.waiting.popleft())
-            seqs.append(seq)
-            num_tokens += seq.num_tokens
+        seqs = take_prefill(self.waiting, self.max_num_batched_tokens, self.max_num_seqs - len(self.running),
+                            lambda seq: seq.num_tokens, self._admit)
+        self.running.extend(seqs)
         return seqs
+
+    def _admit(self, seq: Sequence) -> bool:
+        if not self.block_manager.can_allocate(seq):
+            return False
+        self.block_manager.allocate(seq)
+        seq.status = SequenceStatus.RUNNING
+        return True
 
     def _schedule_decode(self) -> list[Sequence]:
         seqs: list[Sequence] = []

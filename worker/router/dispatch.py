@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from phasesplit.v1.conventions import KV_PEER_FAILED
+from phasesplit.router.lending import prompt_candidates, token_candidates
 from phasesplit.router.metrics import RouterMetrics
 from phasesplit.router.openai_api import APIError, unavailable
 from phasesplit.router.pools import Pools
@@ -122,7 +123,9 @@ class Dispatcher:
     async def _split(self, job: Job, timing: Timing) -> AsyncIterator[Delta]:
         tried: list[str] = []
         while True:
-            token_w = pick_token_worker(self.pools["token"].workers.values(), exclude=tried)
+            candidates = token_candidates(self.pools["token"].workers.values(), self.pools["mixed"].workers.values(),
+                                          len(job.prompt_token_ids) + 1)
+            token_w = pick_token_worker(candidates, exclude=tried)
             if token_w is None:
                 raise unavailable("no token worker is ready" + (f" (tried {', '.join(tried)})" if tried else ""))
             tried.append(token_w.address)
@@ -172,7 +175,9 @@ class Dispatcher:
         request = pb.PrefillRequest(request_id=job.request_id, prompt_token_ids=job.prompt_token_ids,
                                     sampling=job.sampling, token_worker=token_w.address)
         while True:
-            prompt_w = pick_prompt_worker(self.pools["prompt"].workers.values(), exclude=tried)
+            candidates = prompt_candidates(self.pools["prompt"].workers.values(),
+                                           self.pools["mixed"].workers.values())
+            prompt_w = pick_prompt_worker(candidates, exclude=tried)
             if prompt_w is None:
                 raise unavailable("no prompt worker is ready" + (f" (tried {', '.join(tried)})" if tried else ""))
             tried.append(prompt_w.address)

@@ -1,0 +1,36 @@
+"""The batching rules, as pure functions: the engine's scheduler and the fleet simulator both call them."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def take_prefill(waiting: deque[T], token_budget: int, free_slots: int, num_tokens: Callable[[T], int],
+                 admit: Callable[[T], bool]) -> list[T]:
+    """The next prefill batch, first come first served: from the head of `waiting` while the batch
+    stays within `token_budget` prompt tokens and `free_slots` sequences, and `admit` (the KV check,
+    which reserves on success) accepts. A prompt larger than the whole budget still runs, alone."""
+    batch: list[T] = []
+    tokens = 0
+    while waiting and len(batch) < free_slots:
+        item = waiting[0]
+        n = num_tokens(item)
+        if batch and tokens + n > token_budget:
+            break
+        if not admit(item):
+            break
+        batch.append(waiting.popleft())
+        tokens += n
+    return batch
+
+
+def take_ready(ready: deque[T], num_running: int, max_num_seqs: int) -> list[T]:
+    """Sequences whose KV has arrived join the decode batch (continuous batching) while it has room."""
+    joining = []
+    while ready and num_running + len(joining) < max_num_seqs:
+        joining.append(ready.popleft())
+    return joining

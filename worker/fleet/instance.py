@@ -1,0 +1,221 @@
+"""One simulated engine instance: the engine scheduler's batching rules, timed by the performance model.
+
+It carries the attributes the router's join-the-shortest-queue functions read (the names of
+`phasesplit.router.workers.WorkerState`), so the simulated router calls those very functions.
+
+Roles, as the real workers: `prompt` runs prefill batches and hands each request's KV to a token
+instance; `token` decodes requests whose KV has arrived; `mixed` prefills and decodes (prefill
+first, as `phasesplit.engine.scheduler.Scheduler` does) and can also act as either of the others.
+
+Decoding is simulated by stretches: between two changes of the decode batch every iteration takes
+the same time, so one event covers all iterations up to the next finish; a request that arrives
+meanwhile joins at the next iteration boundary.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from typing import TYPE_CHECKING
+
+from phasesplit.engine.batching import take_prefill, take_ready
+from phasesplit.fleet.perf import PerfModel
+
+if TYPE_CHECKING:
+    from phasesplit.fleet.sim import Simulation
+
+
+class Instance:
+    def __init__(self, sim: Simulation, address: str, role: str, pool: str, perf: PerfModel):
+        self.sim, self.address, self.role, self.pool, self.perf = sim, address, role, pool, perf
+        # what the router's scheduling functions read
+        self.routable = True
+        self.queued_prompt_tokens = 0
+        self.inflight = 0
+        self.last_picked = 0
+        self.free_blocks = 0.0
+        self.reserved_blocks = 0
+        # engine state
+        self.waiting: deque[int] = deque()   # request ids waiting for prefill
+        self.ready: deque[int] = deque()     # request ids whose KV arrived, waiting for a decode slot
+        self.finishing: list[tuple[int, int]] = []   # (finish step, request id) of the decode batch
+        self.num_running = 0
+        self.step = 0                        # decode iterations done
+        self.sum_join_step = 0
+        self.resident_tokens = 0             # prompt KV tokens of the decoding requests (as the engine's blocks)
+        self.prefill_tokens_held = 0         # prompt KV of a prefill batch until it is handed off
+        self.busy_until = None               # end of the current event's work, None when idle
+        self.prefilling: list[int] = []
+        self.stretch = (0.0, 0.0, 0)         # (start time, iteration seconds, iterations)
+        self.version = 0
+        self.busy_seconds = 0.0
+        self.started = sim.now
+        self.stopped: float | None = None
+        self.block_size = bs = sim.config.block_size
+        self.capacity_blocks = perf.kv_capacity_tokens // bs
+
+    # ---- what the router sees ----
+    def refresh(self, now: float) -> None:
+        """Free KV blocks as the router computes them: polled free blocks less its own reservations."""
+        generated = self.num_running * self._step_at(now) - self.sum_join_step
+        used = (self.resident_tokens + self.prefill_tokens_held + generated) / self.sim.config.block_size
+        self.free_blocks = self.capacity_blocks - used - self.reserved_blocks
+
+    def kv_utilization(self, now: float) -> float:
+        self.refresh(now)
+        return 1.0 - (self.free_blocks + self.reserved_blocks) / max(self.capacity_blocks, 1)
+
+    def _step_at(self, now: float) -> int:
+        if self.busy_until is None or self.prefilling:
+            return self.step
+        t0, dt, k = self.stretch
+        return self.step + min(k, int((now - t0) / dt)) if dt > 0 else self.step
+
+    # ---- arrivals ----
+    def add_prompt(self, rid: int, now: float) -> None:
+        self.waiting.append(rid)
+        self._wake(now)
+
+    def add_ready(self, rid: int, now: float) -> None:
+        self.ready.append(rid)
+        self._wake(now)
+
+    def _wake(self, now: float) -> None:
+        if self.busy_until is None:
+            # The engine loop takes its next step once everything that arrived at this instant is queued.
+            self.version += 1
+            self.stretch = (now, 0.0, 0)
+            self.busy_until = now
+            self.sim.at(now, self._stretch_end, self.version)
+        elif not self.prefilling and self.num_running < self.sim.config.max_num_seqs:
+            self._cut_stretch(now)
+
+    def _cut_stretch(self, now: float) -> None:
+        """End the decode stretch at the next iteration boundary, so waiting work can join."""
+        t0, dt, k = self.stretch
+        if not k:
+            return
+        done = min(k, int((now - t0) / dt) + 1)
+        if done < k:
+            self.version += 1
+            self.stretch = (t0, dt, done)
+            self.busy_until = t0 + done * dt
+            self.sim.at(self.busy_until, self._stretch_end, self.version)
+
+    # ---- iterations ----
+    def _stretch_end(self, now: float, version: int) -> None:
+        if version == self.version:
+            self._boundary(now, self.stretch[2])
+
+    def _boundary(self, now: float, steps_done: int) -> None:
+        cfg = self.sim.config
+        self.step += steps_done
+        if steps_done:
+            self.busy_seconds += steps_done * self.stretch[1]
+        finishing = self.finishing
+        while finishing and finishing[0][0] <= self.step:
+            _, rid = heapq.heappop(finishing)
+            self._leave(rid)
+            self.sim.finish(rid, now)
+        self.busy_until = None
+        if self.waiting:
+            batch = take_prefill(self.waiting, cfg.max_num_batched_tokens, self._prefill_slots(),
+                                 self.sim.prompt_tokens.__getitem__, self._admit)
+            if batch:
+                self._start_prefill(batch, now)
+                return
+        for rid in take_ready(self.ready, self.num_running, cfg.max_num_seqs):
+            self._join(rid, self.sim.output_tokens[rid] - 1)
+        if self.num_running:
+            self._start_decode(now)
+        elif self.stopped is None and not self.routable and not self.inflight:
+            self.sim.retire(self, now)
+
+    def _start_decode(self, now: float) -> None:
+        """Iterations of the same batch until its first request finishes (or work arrives: `_wake`)."""
+        dt = self.perf.token_time(self.num_running)
+        k = self.finishing[0][0] - self.step
+        self.version += 1
+        self.stretch = (now, dt, k)
+        self.busy_until = now + k * dt
+        self.sim.at(self.busy_until, self._stretch_end, self.version)
+
+    def _prefill_slots(self) -> int:
+        # A prompt worker's prefilled requests leave its batch at once (their KV is held for the handoff).
+        if self.role == "prompt":
+            return self.sim.config.max_num_seqs
+        return self.sim.config.max_num_seqs - self.num_running
+
+    def _admit(self, rid: int) -> bool:
+        """The KV check of the engine's scheduler: the prompt's blocks must be free; they are taken at once."""
+        self.refresh(self.sim.now)
+        n = self.sim.prompt_tokens[rid]
+        if math.ceil(n / self.sim.config.block_size) > self.free_blocks:
+            return False
+        self.prefill_tokens_held += n
+        return True
+
+    def _start_prefill(self, batch: list[int], now: float) -> None:
+        tokens = sum(self.sim.prompt_tokens[r] for r in batch)
+        dt = self.perf.prompt_time(tokens)
+        self.prefilling = batch
+        self.busy_until = now + dt
+        self.busy_seconds += dt
+        self.version += 1
+        self.sim.at(self.busy_until, self._prefill_end, (self.version, dt))
+
+    def _prefill_end(self, now: float, arg: tuple[int, float]) -> None:
+        _, dt = arg
+        batch, self.prefilling = self.prefilling, []
+        sim = self.sim
+        for rid in batch:
+            n = sim.prompt_tokens[rid]
+            self.queued_prompt_tokens -= n
+            sim.first_token(rid, now)
+            target = sim.token_target[rid]
+            if sim.output_tokens[rid] <= 1:
+                self.prefill_tokens_held -= n
+                self.inflight -= 1
+                if target is not None:
+                    target.release_reservation(rid)
+                    target.inflight -= 1
+                sim.finish(rid, now)
+            elif target is None or target is self:
+                self.prefill_tokens_held -= n
+                if target is self:   # a mixed instance lent as both prompt and token machine
+                    self.release_reservation(rid)
+                    self.inflight -= 1
+                self.resident_tokens += n
+                self._join(rid, sim.output_tokens[rid] - 1)
+            else:
+                delay = sim.kv_handoff_time(self, target, n, dt)
+                sim.at(now + delay, self._handed_off, rid)
+        self._boundary(now, 0)
+
+    def _handed_off(self, now: float, rid: int) -> None:
+        self.prefill_tokens_held -= self.sim.prompt_tokens[rid]
+        self.inflight -= 1
+        target = self.sim.token_target[rid]
+        target.release_reservation(rid)
+        target.resident_tokens += self.sim.prompt_tokens[rid]
+        target.add_ready(rid, now)
+        if self.busy_until is None and self.waiting:
+            self._boundary(now, 0)
+        elif self.busy_until is None and not self.routable and not self.inflight and self.stopped is None:
+            self.sim.retire(self, now)
+
+    def release_reservation(self, rid: int) -> None:
+        self.reserved_blocks -= self.sim.reservation[rid]
+
+    def _join(self, rid: int, remaining: int) -> None:
+        heapq.heappush(self.finishing, (self.step + remaining, rid))
+        self.num_running += 1
+        self.sum_join_step += self.step
+        self.sim.join_step[rid] = self.step
+
+    def _leave(self, rid: int) -> None:
+        self.num_running -= 1
+        self.sum_join_step -= self.sim.join_step[rid]
+        self.resident_tokens -= self.sim.prompt_tokens[rid]
+        self.inflight -= 1

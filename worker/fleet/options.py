@@ -1,0 +1,71 @@
+"""Command-line options shared by `phasesplit simulate` and `phasesplit plan`."""
+
+from __future__ import annotations
+
+import argparse
+
+from phasesplit.fleet.perf import Profiles
+from phasesplit.fleet.report import PAPER_SLOS, Slo
+from phasesplit.fleet.trace import Trace, load_trace, redraw, synthetic
+
+
+def add_workload(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--trace", metavar="CSV", help="Azure-format trace (TIMESTAMP, ContextTokens, GeneratedTokens), "
+                   "or a bundled one: code, conv")
+    g.add_argument("--synthetic", metavar="PROMPT:OUTPUT", help="sizes in tokens, each N or LOW-HIGH (needs --rate)")
+    g.add_argument("--rate", type=float, help="re-draw arrivals as Poisson at this many requests/s")
+    g.add_argument("--requests", type=int, help="number of requests (default: the trace's)")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def add_cluster_model(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and profiles")
+    g.add_argument("--model", default="llama2-70b", help="model name in the profile table")
+    g.add_argument("--tp", type=int, default=8, help="tensor-parallel size of one engine instance")
+    g.add_argument("--profiles", metavar="CSV", help="profile table (default: the bundled Splitwise one)")
+    g.add_argument("--catalog", metavar="FILE", help="machine catalog, JSON or YAML (default: the bundled one)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="largest batch of an instance")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill token budget")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--serialized-kv", action="store_true", help="send the KV after the prefill, not layer by layer")
+
+
+def add_slos(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--slo", action="append", default=[], metavar="METRIC.Q=LIMIT",
+                   help="e.g. ttft.p90=3x (slowdown) or e2e.p99=20s (repeatable; default: the Splitwise paper's)")
+    p.add_argument("--slo-reference", default="a100-80gb", metavar="HW",
+                   help="hardware whose uncontended run slowdowns are measured against")
+
+
+def workload(args: argparse.Namespace) -> Trace:
+    if bool(args.trace) == bool(args.synthetic):
+        raise ValueError("give exactly one of --trace and --synthetic")
+    if args.requests is not None and args.requests < 1:
+        raise ValueError(f"--requests: must be >= 1, got {args.requests}")
+    if args.synthetic:
+        if not args.rate:
+            raise ValueError("--synthetic needs --rate")
+        return synthetic(args.synthetic, args.rate, args.requests or 1000, args.seed)
+    trace = load_trace(args.trace)
+    if args.rate is not None:
+        return redraw(trace, args.rate, args.requests, args.seed)
+    if args.requests is not None:
+        trace = Trace(trace.arrival[:args.requests], trace.prompt[:args.requests], trace.output[:args.requests])
+    return trace
+
+
+def profiles(args: argparse.Namespace) -> Profiles:
+    return Profiles(args.profiles, args.catalog)
+
+
+def slos(args: argparse.Namespace) -> tuple[Slo, ...]:
+    return tuple(Slo.parse(s) for s in args.slo) or PAPER_SLOS
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    for name in ("tp", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    return {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+            "block_size": args.block_size, "layerwise": not args.serialized_kv}

@@ -1,0 +1,143 @@
+"""`phasesplit plan`: search designs and pool sizes for a workload, SLOs and a cost or power objective.
+
+Objectives: `cost` or `power` (the cheapest, or lowest-power, design that meets the SLOs at the
+workload's rate), or `throughput` (the highest rate at the SLOs within `--max-cost` or
+`--max-power`). Prints the ranked candidates with their simulated figures; `--emit FILE` writes
+the best one as a SplitInference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from phasesplit.fleet import options
+from phasesplit.fleet.emit import split_inference
+from phasesplit.fleet.search import Candidate, Planner, designs
+from phasesplit.fleet.sim import PoolSpec, SimConfig
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="phasesplit plan", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    options.add_workload(p)
+    options.add_cluster_model(p)
+    options.add_slos(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--hardware", help="comma-separated hardware kinds on offer (default: every one profiled)")
+    g.add_argument("--objective", choices=("cost", "power", "throughput"), default="cost")
+    g.add_argument("--max-cost", type=float, help="budget in cost per hour (throughput objective)")
+    g.add_argument("--max-power", type=float, help="budget in watts (throughput objective)")
+    g.add_argument("--no-baseline", action="store_true", help="only split designs")
+    g.add_argument("--no-split", action="store_true", help="only non-split designs")
+    g.add_argument("--mixed", metavar="HW:N", help="give split designs a mixed pool of N machines of HW")
+    g.add_argument("--sample", type=int, default=2000, help="requests simulated per candidate (with --rate)")
+    g.add_argument("--top", type=int, default=10, help="candidates to print")
+    e = p.add_argument_group("emit")
+    e.add_argument("--emit", metavar="FILE", help="write the best candidate as a SplitInference YAML ('-': stdout)")
+    e.add_argument("--name", default="planned", help="metadata.name of the SplitInference")
+    e.add_argument("--served-model-name", help="spec.model.name (default: --model)")
+    e.add_argument("--source", default="pvc:models", help="model files: pvc:CLAIM[/PATH], hostPath:/DIR, image:REF")
+    return p.parse_args(argv)
+
+
+def rank(candidates: list[Candidate], objective: str) -> list[Candidate]:
+    key = {"cost": lambda c: (not c.met, c.cost, c.power), "power": lambda c: (not c.met, c.power, c.cost),
+           "throughput": lambda c: (not c.met, -c.summary.get("throughput_rps", 0.0), c.cost)}[objective]
+    return sorted(candidates, key=key)
+
+
+def render(candidates: list[Candidate]) -> str:
+    lines = [f"{'#':>2} {'design':<36}{'machines':>10}{'$/h':>9}{'kW':>8}{'req/s':>8}{'TTFT90':>8}{'TBT90':>8}"
+             f"{'E2E90':>8}  SLOs"]
+    for i, c in enumerate(candidates, 1):
+        s = c.summary
+        sizes = f"{c.prompt}" if c.design.kind == "baseline" else f"{c.prompt}+{c.token}"
+        if c.design.mixed_machines:
+            sizes += f"+{c.design.mixed_machines}"
+        lines.append(f"{i:>2} {str(c.design):<36}{sizes:>10}{c.cost:>9.1f}{c.power / 1000:>8.1f}"
+                     f"{c.rate:>8.2f}{s['ttft_s']['p90'] or 0:>8.3f}{s['tbt_s']['p90'] or 0:>8.3f}"
+                     f"{s['e2e_s']['p90'] or 0:>8.2f}  {'met' if c.met else 'missed'}")
+    return "\n".join(lines)
+
+
+def hardware_kinds(args: argparse.Namespace, planner: Planner) -> list[str]:
+    profiled = sorted({hw for m, hw, tp in planner.profiles.keys() if m == args.model and tp == args.tp})
+    if not args.hardware:
+        return [hw for hw in profiled if hw in planner.profiles.catalog]
+    kinds = [h.strip() for h in args.hardware.split(",") if h.strip()]
+    for hw in kinds:
+        if hw not in profiled or hw not in planner.profiles.catalog:
+            raise ValueError(f"--hardware: {hw!r} has no profile for {args.model} at tp {args.tp} in the catalog "
+                             f"(profiled: {', '.join(profiled)})")
+    return kinds
+
+
+def search(args: argparse.Namespace, planner: Planner) -> list[Candidate]:
+    kinds = hardware_kinds(args, planner)
+    mixed_hw, mixed_n = None, 0
+    if args.mixed:
+        mixed_hw, _, n = args.mixed.partition(":")
+        if mixed_hw not in kinds or not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--mixed: {args.mixed!r} is not HW:N with HW one of {', '.join(kinds)} and N >= 1")
+        mixed_n = int(n)
+    found = []
+    rate = args.rate
+    for design in designs(kinds, split=not args.no_split, baseline=not args.no_baseline, mixed=mixed_hw,
+                          mixed_machines=mixed_n):
+        if args.objective == "throughput":
+            measure, limit = (("cost_per_hour", args.max_cost) if args.max_cost is not None
+                              else ("power_w", args.max_power))
+            c = planner.best_rate(design, measure, limit, rate or planner.trace.rate)
+        else:
+            c = planner.smallest(design, rate)
+        if c is not None:
+            found.append(c)
+    return rank(found, args.objective)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.objective == "throughput" and (args.max_cost is None) == (args.max_power is None):
+            raise ValueError("--objective throughput needs exactly one of --max-cost and --max-power")
+        if args.sample < 100:
+            raise ValueError(f"--sample: must be >= 100, got {args.sample}")
+        profiles = options.profiles(args)
+        engine = options.engine_settings(args)
+        trace = options.workload(args)
+        planner = Planner(profiles, _base(args, engine), trace, options.slos(args), args.slo_reference,
+                          num_requests=args.sample, seed=args.seed)
+        profiles.get(args.model, args.slo_reference, args.tp)
+        candidates = search(args, planner)
+        if not candidates:
+            raise ValueError("no design meets the SLOs within the search's bounds")
+        doc = None
+        if args.emit:
+            doc = split_inference(candidates[0], profiles, name=args.name, model=args.model,
+                                  served_name=args.served_model_name or args.model, tp=args.tp,
+                                  source=args.source, engine=engine)
+    except ValueError as e:
+        print(f"phasesplit plan: error: {e}", file=sys.stderr)
+        return 2
+    print(render(candidates[:args.top]), file=sys.stderr if args.emit == "-" else sys.stdout)
+    print(f"({planner.simulations} simulations; SLOs: {', '.join(map(str, planner.slos))}; "
+          f"slowdowns against {args.slo_reference})", file=sys.stderr if args.emit == "-" else sys.stdout)
+    if doc is not None:
+        text = yaml.safe_dump(doc, sort_keys=False)
+        if args.emit == "-":
+            print(text, end="")
+        else:
+            with open(args.emit, "w") as f:
+                f.write(text)
+    return 0
+
+
+def _base(args: argparse.Namespace, engine: dict) -> SimConfig:
+    """Model and engine settings; each candidate brings its own pools in place of the placeholder."""
+    return SimConfig(args.model, args.tp, (PoolSpec("mixed", "-", 1),), **engine)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The provisioning search: which designs (non-split, or split pools of each hardware pairing), how
+many machines each, checked by simulation against the SLOs.
+
+Splitwise provisions each pool on its own; so does this: for a split design, the prompt pool is
+the fewest machines that meet the SLOs with a generous token pool, then the token pool the fewest
+that still meet them with that prompt pool. Under a cost or power budget, the design keeps the
+ratio it needs at a reference load, grows to the budget, and its highest rate at the SLOs is found
+by bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from phasesplit.fleet.perf import Profiles
+from phasesplit.fleet.report import Slo, slos_met, summarize
+from phasesplit.fleet.sim import PoolSpec, SimConfig, simulate
+from phasesplit.fleet.trace import Trace, redraw
+
+MAX_MACHINES = 512
+
+
+@dataclass(frozen=True)
+class Design:
+    """`baseline` (one mixed pool) on one hardware, or `split` with a prompt and a token hardware."""
+    kind: str
+    prompt_hw: str
+    token_hw: str = ""
+    mixed_hw: str = ""      # a split design's optional mixed pool
+    mixed_machines: int = 0
+
+    def pools(self, prompt: int, token: int = 0) -> tuple[PoolSpec, ...]:
+        if self.kind == "baseline":
+            return (PoolSpec("mixed", self.prompt_hw, prompt),)
+        pools = (PoolSpec("prompt", self.prompt_hw, prompt), PoolSpec("token", self.token_hw, token))
+        return pools + ((PoolSpec("mixed", self.mixed_hw, self.mixed_machines),) if self.mixed_machines else ())
+
+    def __str__(self) -> str:
+        if self.kind == "baseline":
+            return f"baseline {self.prompt_hw}"
+        mixed = f" + mixed {self.mixed_hw}" if self.mixed_machines else ""
+        return f"split {self.prompt_hw} -> {self.token_hw}{mixed}"
+
+
+@dataclass
+class Candidate:
+    design: Design
+    prompt: int              # machines (the baseline's only pool)
+    token: int
+    rate: float
+    summary: dict = field(default_factory=dict)
+    met: bool = False
+
+    @property
+    def cost(self) -> float:
+        return self.summary.get("cost_per_hour", math.inf)
+
+    @property
+    def power(self) -> float:
+        return self.summary.get("power_w", math.inf)
+
+
+@dataclass
+class Planner:
+    profiles: Profiles
+    base: SimConfig          # model, tp, engine settings (its pools are replaced)
+    trace: Trace             # request sizes (and arrivals when `rate` is None)
+    slos: tuple[Slo, ...]
+    reference: str
+    num_requests: int = 2000
+    seed: int = 0
+    simulations: int = 0
+
+    def evaluate(self, design: Design, prompt: int, token: int, rate: float | None) -> Candidate:
+        trace = self.trace if rate is None else redraw(self.trace, rate, self.num_requests, self.seed)
+        config = replace(self.base, pools=design.pools(prompt, token))
+        reference = self.profiles.get(self.base.model, self.reference, self.base.tp)
+        summary = summarize(simulate(config, self.profiles, trace), reference)
+        self.simulations += 1
+        return Candidate(design, prompt, token, rate if rate is not None else trace.rate, summary,
+                         slos_met(summary, self.slos))
+
+    # ---- the fewest machines for a load ----
+    def smallest(self, design: Design, rate: float | None) -> Candidate | None:
+        if design.kind == "baseline":
+            n = _fewest(lambda n: self.evaluate(design, n, 0, rate).met)
+            return None if n is None else self.evaluate(design, n, 0, rate)
+        generous = _fewest(lambda t: self.evaluate(design, t, t, rate).met)
+        if generous is None:
+            return None
+        prompt = _fewest(lambda p: self.evaluate(design, p, generous, rate).met, high=generous)
+        token = _fewest(lambda t: self.evaluate(design, prompt, t, rate).met, high=generous)
+        return self.evaluate(design, prompt, token, rate)
+
+    # ---- the highest rate within a budget ----
+    def price(self, design: Design, prompt: int, token: int, measure: str) -> float:
+        """Cost per hour or power (`measure`: cost_per_hour, power_w) of a design's machines."""
+        return sum(pool.machines * getattr(self.profiles.catalog[pool.hardware], measure)
+                   for pool in design.pools(prompt, token))
+
+    def best_rate(self, design: Design, measure: str, limit: float, reference_rate: float) -> Candidate | None:
+        """Size the design for `reference_rate`, grow it to `limit` (of `measure`), find its top rate."""
+        sized = self.smallest(design, reference_rate)
+        if sized is None:
+            return None
+        scale = limit / self.price(design, sized.prompt, sized.token, measure)
+        prompt, token = max(1, math.floor(sized.prompt * scale)), math.floor(sized.token * scale)
+        if design.kind == "split":
+            token = max(1, token)
+            while prompt > 1 and self.price(design, prompt, token, measure) > limit:
+                prompt -= 1
+        if self.price(design, prompt, token, measure) > limit:
+            return None
+        return self.top_rate(design, prompt, token, reference_rate * scale)
+
+    def top_rate(self, design: Design, prompt: int, token: int, guess: float) -> Candidate | None:
+        """The highest Poisson rate at which the design meets the SLOs (doubling, then bisection)."""
+        best, rate = None, guess
+        for _ in range(8):
+            c = self.evaluate(design, prompt, token, rate)
+            if not c.met:
+                break
+            best, rate = c, rate * 2
+        low, high = (best.rate if best else 0.0), rate
+        while high - low > 0.02 * high:
+            mid = (low + high) / 2
+            c = self.evaluate(design, prompt, token, mid)
+            if c.met:
+                best, low = c, mid
+            else:
+                high = mid
+        return best
+
+
+def _fewest(ok: Callable[[int], bool], high: int | None = None) -> int | None:
+    """The smallest n >= 1 with ok(n), assuming more machines never hurt (doubling, then bisection)."""
+    if high is None:
+        high = 1
+        while not ok(high):
+            high *= 2
+            if high > MAX_MACHINES:
+                return None
+    low = 0   # ok(low) is false or low is 0
+    while high - low > 1:
+        mid = (low + high) // 2
+        if ok(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def designs(hardware: list[str], split: bool = True, baseline: bool = True, mixed: str | None = None,
+            mixed_machines: int = 0) -> list[Design]:
+    out = [Design("baseline", hw) for hw in hardware] if baseline else []
+    if split:
+        out += [Design("split", p, t, mixed or "", mixed_machines if mixed else 0)
+                for p in hardware for t in hardware]
+    return out
