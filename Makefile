@@ -24,13 +24,13 @@ test: setup $(HELM)
 	$(PY) -m pytest -q
 
 demo: setup
-	$(PY) -m phasesplit.demo
+	$(PY) hack/demo.py
 
 manifests: setup $(HELM)
 	$(PY) hack/render_manifests.py
 
 proto: setup
-	$(PY) proto/generate.py
+	$(PY) proto/codegen.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -28,10 +28,10 @@ import httpx
 from serve import Result, one, pct, prompt_of
 
 from phasesplit.engine.tokenizer import Tokenizer
-from phasesplit.local import LocalCluster
-from phasesplit.local_autoscaler import LocalAutoscaler
-from phasesplit.local_plan import _validated, plan
-from phasesplit.local_procs import free_port
+from phasesplit.local.launcher import LocalCluster
+from phasesplit.local.autoscaler import LocalAutoscaler
+from phasesplit.local.plan import validate_manifest, build_plan
+from phasesplit.local.processes import free_port
 from phasesplit.tiny_model import make_tiny_model
 
 # kind -> ((prompt tokens lo, hi), (output tokens lo, hi))
@@ -103,8 +103,8 @@ def sample_forever(cluster: LocalCluster, samples: list[Sample], start: float, s
 
 def run(name: str, model_dir: str, replicas: dict[str, int], max_replicas: int, autoscale: bool,
         step_seconds: float, prompts, log_dir: pathlib.Path):
-    doc = _validated(manifest(model_dir, replicas, max_replicas, autoscale))
-    the_plan = plan(doc, model_dir, port=free_port(), drain_timeout=30)
+    doc = validate_manifest(manifest(model_dir, replicas, max_replicas, autoscale))
+    the_plan = build_plan(doc, model_dir, port=free_port(), drain_timeout=30)
     (log_dir / name).mkdir(parents=True)
     cluster = LocalCluster(the_plan, log_dir / name, ready_timeout=300)
     samples: list[Sample] = []

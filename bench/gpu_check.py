@@ -87,7 +87,7 @@ def start_worker(model_dir: Path, log_dir: Path, role: str, device: str, dtype: 
 
     port = free_port()
     log = open(log_dir / f"{role}-{port}.log", "wb")
-    argv = [sys.executable, "-m", "phasesplit.serve_worker", "--role", role, "--model", str(model_dir),
+    argv = [sys.executable, "-m", "phasesplit.roles.server", "--role", role, "--model", str(model_dir),
             "--served-model-name", "check", "--host", "127.0.0.1", "--port", str(port), "--device", device,
             "--dtype", dtype, "--kv-memory-fraction", "0.3", *extra]
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)

@@ -23,12 +23,12 @@ import time
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the test support package: the emulator and the operator harness
 
 from phasesplit.operator import crd  # noqa: E402
 from phasesplit.operator.kube import path  # noqa: E402
-from tests.tools.kube_emulator import EmulatorThread  # noqa: E402
-from tests.tools.operator_harness import kube_client, start_operator, stop_operator, wait_for  # noqa: E402
+from support.kube_emulator import EmulatorThread  # noqa: E402
+from support.operator_harness import kube_client, start_operator, stop_operator, wait_for  # noqa: E402
 
 CHILDREN = 8  # ConfigMap, 3 Services, 3 Deployments, NetworkPolicy
 

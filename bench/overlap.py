@@ -28,8 +28,8 @@ from types import SimpleNamespace
 
 import grpc
 
-from phasesplit.local_procs import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving
-from phasesplit.serve_worker import WorkerServer, load_engine, parse_args as worker_args
+from phasesplit.local.processes import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving
+from phasesplit.roles.server import WorkerServer, load_engine, parse_args as worker_args
 from phasesplit.tiny_model import make_tiny_model
 from phasesplit.transport.malloc import tune_malloc
 from phasesplit.v1 import worker_pb2 as pb

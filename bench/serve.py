@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import httpx
 
 from phasesplit.engine.tokenizer import Tokenizer
-from phasesplit.local import LocalCluster
-from phasesplit.local_plan import _validated, plan
-from phasesplit.local_procs import free_port
+from phasesplit.local.launcher import LocalCluster
+from phasesplit.local.plan import validate_manifest, build_plan
+from phasesplit.local.processes import free_port
 from phasesplit.tiny_model import make_tiny_model
 
 # (prompt tokens, output tokens) ranges, scaled from Splitwise's traces (coding: median prompt
@@ -117,7 +117,7 @@ def manifest(pools: dict[str, int], model_dir: str) -> dict:
 
 
 def run(name: str, pools: dict[str, int], model_dir: str, trace, log_dir: pathlib.Path):
-    the_plan = plan(_validated(manifest(pools, model_dir)), model_dir, port=free_port(), drain_timeout=10)
+    the_plan = build_plan(validate_manifest(manifest(pools, model_dir)), model_dir, port=free_port(), drain_timeout=10)
     cluster = LocalCluster(the_plan, log_dir / name, ready_timeout=300)
     (log_dir / name).mkdir(parents=True)
     try:

@@ -1,4 +1,4 @@
-"""Regenerates the chart's CRD templates from phasesplit.spec and manifests/ from the chart.
+"""Regenerates the chart's CRD templates from phasesplit.control.spec and manifests/ from the chart.
 
     python hack/render_manifests.py          # write
     python hack/render_manifests.py --check  # exit 1 if anything is stale (run by the tests)
@@ -50,7 +50,7 @@ def crd_template(obj: dict) -> str:
     body = yaml.safe_dump(obj, sort_keys=False, width=120)
     labels = '  labels:\n    {{- include "phasesplit.labels" . | nindent 4 }}\n'
     body = body.replace("metadata:\n", "metadata:\n" + labels, 1)
-    return (HEADER.format(source="phasesplit.spec").replace("# ", "{{/* ", 1).rstrip("\n") + " */}}\n"
+    return (HEADER.format(source="phasesplit.control.spec").replace("# ", "{{/* ", 1).rstrip("\n") + " */}}\n"
             + "{{- if .Values.crds.enabled }}\n" + body + "{{- end }}\n")
 
 

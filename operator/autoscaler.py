@@ -15,12 +15,13 @@ import time
 
 import kopf
 
-from phasesplit.autoscale import Decision, PoolState, SplitScaler, deletion_costs
-from phasesplit.spec import SplitInferenceSpec
+from phasesplit.control.scaling import Decision, PoolState, SplitScaler, deletion_costs
+from phasesplit.control.spec import SplitInferenceSpec
 
-from .builders import Owner, pool_name, service_name
-from .kube import Kube, KubeError, path
-from .metrics_source import MetricsUnavailable, PrometheusQuery, RouterScrape, Snapshot, router_selector
+from phasesplit.operator.builders import Owner, pool_name, service_name
+from phasesplit.operator.kube import Kube, KubeError, path
+from phasesplit.control.router_metrics import MetricsUnavailable, RouterScrape, Snapshot
+from phasesplit.operator.metrics_source import PrometheusQuery, router_selector
 
 TICK_SECONDS = float(os.environ.get("PHASESPLIT_AUTOSCALE_TICK_SECONDS", "5"))
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"

@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from phasesplit import spec as si
+from phasesplit.control import spec as si
 
 WORKER_PORT = 50051
 ROUTER_PORT = 8000
@@ -378,11 +378,11 @@ def build_scaling_objects(owner: Owner, spec: si.SplitInferenceSpec) -> list[dic
     mode = spec.autoscaling.mode
     if mode not in ("hpa", "keda"):
         return []
-    from phasesplit.operator import autoscaling_objects
+    from phasesplit.operator import scaler_objects
     body = {"apiVersion": f"{si.API_GROUP}/{si.API_VERSION}", "kind": si.KIND,
             "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
             "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json")}
-    build = autoscaling_objects.build_hpa if mode == "hpa" else autoscaling_objects.build_scaled_object
+    build = scaler_objects.build_hpa if mode == "hpa" else scaler_objects.build_scaled_object
     return [build(body, role) for role, _ in spec.pools.items()]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from phasesplit import spec as si
+from phasesplit.control import spec as si
 from phasesplit.operator.builders import Owner
 from phasesplit.operator.kube import Kube, path
 

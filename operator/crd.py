@@ -1,4 +1,4 @@
-"""The SplitInference CustomResourceDefinition, generated from the pydantic models in phasesplit.spec.
+"""The SplitInference CustomResourceDefinition, generated from the pydantic models in phasesplit.control.spec.
 
 pydantic's JSON schema is turned into a Kubernetes structural schema: references inlined, optional
 fields unwrapped, draft-2020 bounds rewritten in the OpenAPI v3 form, and object defaults added so
@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from phasesplit import spec as si
+from phasesplit.control import spec as si
 
 _KEEP = {"type", "properties", "required", "items", "additionalProperties", "description", "default", "enum",
          "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern",

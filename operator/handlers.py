@@ -10,7 +10,7 @@ import logging
 
 import kopf
 
-from phasesplit import spec as si
+from phasesplit.control import spec as si
 from phasesplit.operator import builders, reconcile
 from phasesplit.operator.kube import Kube, KubeError
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pydantic
 
-from phasesplit import spec as si
+from phasesplit.control import spec as si
 from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
 from phasesplit.operator.kube import Kube, path
@@ -41,7 +41,7 @@ def parse(body: dict) -> tuple[si.SplitInferenceSpec | None, list[str]]:
         return None, [f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
 
 
-def plan(kube: Kube, body: dict) -> tuple[si.SplitInferenceSpec | None, list[dict], list[str]]:
+def desired_state(kube: Kube, body: dict) -> tuple[si.SplitInferenceSpec | None, list[dict], list[str]]:
     """The spec, its children and every problem found (schema, feasibility, the cluster)."""
     spec, problems = parse(body)
     if spec is None:
@@ -93,7 +93,7 @@ def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, pro
 def reconcile(kube: Kube, body: dict) -> Outcome:
     """Apply every child (unless the spec cannot work) and write the status."""
     outcome = Outcome()
-    spec, children, problems = plan(kube, body)
+    spec, children, problems = desired_state(kube, body)
     outcome.problems = problems
     if not problems:
         for child in children:
@@ -110,7 +110,7 @@ def refresh_status(kube: Kube, namespace: str, name: str) -> Outcome | None:
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     outcome = Outcome()
-    spec, _, problems = plan(kube, body)
+    spec, _, problems = desired_state(kube, body)
     outcome.problems = problems
     write_status(kube, body, spec, problems, outcome)
     return outcome

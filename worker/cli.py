@@ -6,9 +6,9 @@ import sys
 COMMANDS = {
     "make-tiny-model": ("phasesplit.tiny_model", "create a random-weight Llama checkpoint with a real tokenizer"),
     "generate": ("phasesplit.generate", "one-shot generation with the engine"),
-    "worker": ("phasesplit.serve_worker", "run a prompt, token or mixed worker (gRPC)"),
+    "worker": ("phasesplit.roles.server", "run a prompt, token or mixed worker (gRPC)"),
     "router": ("phasesplit.router.main", "run the OpenAI-compatible router (HTTP)"),
-    "local": ("phasesplit.local", "run a SplitInference as local processes"),
+    "local": ("phasesplit.local.launcher", "run a SplitInference as local processes"),
     "operator": ("phasesplit.operator.main", "run the Kubernetes operator (kopf)"),
 }
 

@@ -1,6 +1,6 @@
 import pytest_asyncio
 
-from routermetrics import FakeRouterMetrics
+from support.router_metrics import FakeRouterMetrics
 
 
 @pytest_asyncio.fixture

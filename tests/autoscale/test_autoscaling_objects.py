@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from phasesplit.operator.autoscaling_objects import build_hpa, build_scaled_object
+from phasesplit.operator.scaler_objects import build_hpa, build_scaled_object
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEDA_SCHEMA = yaml.safe_load((pathlib.Path(__file__).parent / "schemas" / "keda-scaledobject-v2.16.yaml").read_text())

@@ -16,10 +16,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from phasesplit.local import parse_args
-from phasesplit.local_autoscaler import enabled, scaler_for
-from phasesplit.local_plan import plan
-from phasesplit.local_procs import free_port, phasesplit_argv
+from phasesplit.local.launcher import parse_args
+from phasesplit.local.autoscaler import enabled, scaler_for
+from phasesplit.local.plan import build_plan
+from phasesplit.local.processes import free_port, phasesplit_argv
 
 FAST = {"minReplicas": 1, "maxReplicas": 2, "metric": "queueTokens", "scaleUpMaxStep": 1,
         "scaleDownStabilizationSeconds": 3, "cooldownSeconds": 2}
@@ -189,13 +189,13 @@ def test_each_pool_follows_its_own_load_and_shrinks_back_without_failing_a_reque
 # ---- without processes ----
 
 def test_mode_none_and_hpa_leave_local_pools_alone(tiny_model_dir):
-    assert enabled(plan(manifest("builtin"), str(tiny_model_dir)))
+    assert enabled(build_plan(manifest("builtin"), str(tiny_model_dir)))
     for mode in ("none", "hpa"):
-        assert not enabled(plan(manifest(mode), str(tiny_model_dir)))
+        assert not enabled(build_plan(manifest(mode), str(tiny_model_dir)))
 
 
 def test_local_scaler_takes_the_pools_knobs_from_the_spec(tiny_model_dir):
-    scaler = scaler_for(plan(manifest(), str(tiny_model_dir)))
+    scaler = scaler_for(build_plan(manifest(), str(tiny_model_dir)))
     prompt, token = scaler.pools["prompt"].knobs, scaler.pools["token"].knobs
     assert (prompt.target_per_replica, token.target_per_replica) == (1000, 300)
     assert (prompt.max_replicas, prompt.scale_down_stabilization_seconds, prompt.cooldown_seconds) == (2, 3, 2)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from phasesplit.local_autoscaler import LocalAutoscaler
-from phasesplit.local_plan import plan
+from phasesplit.local.autoscaler import LocalAutoscaler
+from phasesplit.local.plan import build_plan
 from test_local_autoscale import manifest
 
 
@@ -54,7 +54,7 @@ class RecordingCluster:
 
 
 def make(router_metrics, tiny_model_dir) -> tuple[LocalAutoscaler, RecordingCluster]:
-    cluster = RecordingCluster(plan(manifest(), str(tiny_model_dir)), router_metrics.url.removesuffix("/metrics"))
+    cluster = RecordingCluster(build_plan(manifest(), str(tiny_model_dir)), router_metrics.url.removesuffix("/metrics"))
     now = [1000.0]
     autoscaler = LocalAutoscaler(cluster, interval=1.0, clock=lambda: now[0])
     autoscaler.now = now

@@ -3,8 +3,8 @@
 import pytest
 from aiohttp import web
 
-from phasesplit.operator.metrics_source import (MetricsUnavailable, PrometheusQuery, RouterScrape,
-                                                histogram_quantile, router_selector)
+from phasesplit.control.router_metrics import MetricsUnavailable, RouterScrape, histogram_quantile
+from phasesplit.operator.metrics_source import PrometheusQuery, router_selector
 
 
 async def test_router_scrape_reads_each_pool_and_worker_load(router_metrics):

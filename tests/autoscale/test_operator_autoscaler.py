@@ -10,11 +10,11 @@ import kopf
 import kubernetes
 import pytest
 import yaml
-from harness import Emulator, declare, running_operator, server_metadata
+from support.autoscale_harness import Emulator, declare, running_operator, server_metadata
 
 from phasesplit.operator import autoscaler, builders
 from phasesplit.operator.kube import Kube
-from phasesplit.spec import SplitInferenceSpec
+from phasesplit.control.spec import SplitInferenceSpec
 
 pytestmark = pytest.mark.kmock(cls=Emulator)
 

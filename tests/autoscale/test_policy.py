@@ -2,7 +2,7 @@
 
 import pytest
 
-from phasesplit.autoscale import (Decision, PoolKnobs, PoolMetrics, PoolScaler, PoolState, RatioBounds,
+from phasesplit.control.scaling import (Decision, PoolKnobs, PoolMetrics, PoolScaler, PoolState, RatioBounds,
                                   SplitScaler, apply_ratio, decide)
 
 QT = "queueTokens"
@@ -169,7 +169,7 @@ def test_split_scaler_from_the_pydantic_spec_uses_its_defaults():
 
     import yaml
 
-    from phasesplit.spec import SplitInferenceSpec
+    from phasesplit.control.spec import SplitInferenceSpec
 
     doc = yaml.safe_load((pathlib.Path(__file__).resolve().parents[2] / "manifests/examples/tiny-cpu.yaml").read_text())
     s = SplitScaler.from_spec(SplitInferenceSpec.model_validate(doc["spec"]))
@@ -182,7 +182,7 @@ def test_split_scaler_from_the_pydantic_spec_uses_its_defaults():
 def test_deletion_costs_put_the_least_loaded_worker_first():
     pods = {"tiny-token-a": "10.0.0.7", "tiny-token-b": "10.0.0.8", "tiny-token-c": "10.0.0.9"}
     load = {"10.0.0.7:50051": 40, "10.0.0.8:50051": 3}
-    from phasesplit.autoscale import deletion_costs
+    from phasesplit.control.scaling import deletion_costs
     costs = deletion_costs(pods, load)
     assert costs == {"tiny-token-a": 40, "tiny-token-b": 3, "tiny-token-c": 0}
     assert min(costs, key=costs.get) == "tiny-token-c"

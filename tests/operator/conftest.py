@@ -1,17 +1,8 @@
-import pathlib
 import subprocess
-import sys
 
 import pytest
-import yaml
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # tests.tools
-EXAMPLES = sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
-
-
-def load_example(name: str) -> dict:
-    return yaml.safe_load((ROOT / "manifests" / "examples" / f"{name}.yaml").read_text())
+from support.examples import ROOT
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ import re
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT, load_example
+from support.examples import EXAMPLES, ROOT, load_example
 
-from phasesplit import spec as si
+from phasesplit.control import spec as si
 from phasesplit.operator import builders
 from phasesplit.operator.apply import matches, merge_patch
 

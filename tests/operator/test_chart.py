@@ -6,10 +6,10 @@ import sys
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import EXAMPLES, ROOT, load_example
+from support.examples import EXAMPLES, ROOT, load_example
 
 from phasesplit.operator import crd
-from tests.tools.crd_validator import validate
+from support.crd_validator import validate
 
 CHART = str(ROOT / "charts" / "phasesplit")
 K8S_VERSION = "1.37.0"

@@ -7,13 +7,13 @@ import copy
 import json
 
 import pytest
-from conftest import load_example
+from support.examples import load_example
 
 from phasesplit.operator import builders, crd
 from phasesplit.operator.apply import LAST_APPLIED, matches
 from phasesplit.operator.kube import path
-from tests.tools.kube_emulator import EmulatorThread
-from tests.tools.operator_harness import kube_client, start_operator, stop_operator, wait_for
+from support.kube_emulator import EmulatorThread
+from support.operator_harness import kube_client, start_operator, stop_operator, wait_for
 
 NS = "default"
 SI = ("phasesplit.io/v1alpha1", "SplitInference")
@@ -51,7 +51,7 @@ def live_children(kube, name):
 
 
 def rendered(body):
-    from phasesplit import spec as si
+    from phasesplit.control import spec as si
     return builders.build_children(builders.Owner(body["metadata"]["name"], NS, body["metadata"]["uid"]),
                                    si.SplitInferenceSpec.model_validate(body["spec"]))
 

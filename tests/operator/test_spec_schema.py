@@ -5,11 +5,11 @@ import copy
 
 import pydantic
 import pytest
-from conftest import EXAMPLES, load_example
+from support.examples import EXAMPLES, load_example
 
-from phasesplit import spec as si
+from phasesplit.control import spec as si
 from phasesplit.operator import crd
-from tests.tools.crd_validator import validate
+from support.crd_validator import validate
 
 CRD = crd.build_crd()
 
@@ -101,7 +101,7 @@ def test_metadata_name_length_is_bounded_for_child_names():
 
 def test_crd_defaults_match_the_models():
     """What the API server fills in equals what pydantic fills in."""
-    from tests.tools.crd_validator import apply_defaults
+    from support.crd_validator import apply_defaults
     doc = load_example("tiny-cpu")
     schema = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     defaulted = apply_defaults(schema, copy.deepcopy(doc))["spec"]

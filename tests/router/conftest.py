@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
-from fake_worker import MODEL, FakeWorker
+from support.fake_worker import MODEL, FakeWorker
 from prometheus_client.parser import text_string_to_metric_families
 
 from phasesplit.engine.tokenizer import Tokenizer

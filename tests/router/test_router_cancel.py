@@ -5,7 +5,7 @@ import json
 
 import aiohttp
 import pytest
-from fake_worker import MODEL
+from support.fake_worker import MODEL
 
 
 async def eventually(condition, timeout=5.0):

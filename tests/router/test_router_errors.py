@@ -5,7 +5,7 @@ import json
 import aiohttp
 import openai
 import pytest
-from fake_worker import MODEL
+from support.fake_worker import MODEL
 
 GOOD = {"model": MODEL, "prompt": "hello", "max_tokens": 3}
 

@@ -4,7 +4,7 @@ import asyncio
 
 import aiohttp
 import openai
-from fake_worker import MODEL
+from support.fake_worker import MODEL
 
 NAMES = ["phasesplit_queue_requests", "phasesplit_queue_tokens", "phasesplit_inflight_requests",
          "phasesplit_pool_workers", "phasesplit_kv_blocks_used", "phasesplit_kv_blocks_free",

@@ -2,7 +2,7 @@
 
 import openai
 import pytest
-from fake_worker import MODEL, expected_output
+from support.fake_worker import MODEL, expected_output
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 

@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import openai
 import pytest
-from fake_worker import MODEL, FakeWorker
+from support.fake_worker import MODEL, FakeWorker
 
 from phasesplit.router.pools import WorkerSpec, parse_worker_list
 

@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 import openai
-from fake_worker import MODEL, FakeWorker
+from support.fake_worker import MODEL, FakeWorker
 
 
 async def pools(cluster) -> dict:

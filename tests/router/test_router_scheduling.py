@@ -3,7 +3,7 @@
 import asyncio
 
 import openai
-from fake_worker import MODEL, FakeWorker
+from support.fake_worker import MODEL, FakeWorker
 
 from phasesplit.router.scheduling import pick_prompt_worker, pick_token_worker
 from phasesplit.router.workers import WorkerState

@@ -2,51 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import pathlib
 import threading
-import time
-import urllib.error
-import urllib.request
 
-import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+from support.serving import manifest, start_cluster
 
-from phasesplit import local_plan
-from phasesplit.local import LocalCluster
-from phasesplit.local_procs import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving
-from phasesplit.v1 import worker_pb2 as pb
-from phasesplit.v1 import worker_pb2_grpc as pb_grpc
-
-ENGINE = {"numKvBlocks": 2048, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048}
-MAX_MODEL_LEN = 2048
-
-
-def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:
-    return {
-        "apiVersion": "phasesplit.io/v1alpha1", "kind": "SplitInference", "metadata": {"name": name},
-        "spec": {
-            "model": {"name": "tiny", "source": {"hostPath": {"path": "/unused"}}, "dtype": "float32",
-                      "maxModelLen": MAX_MODEL_LEN},
-            "pools": {pool: {"replicas": n, "autoscaling": {"minReplicas": n, "maxReplicas": max(n, 1)},
-                             "engine": ENGINE} for pool, n in pools.items()},
-            "kvTransfer": {"timeoutSeconds": 10, "leaseSeconds": lease},
-        },
-    }
-
-
-def start_cluster(doc: dict, model_dir, log_dir: pathlib.Path) -> LocalCluster:
-    doc = local_plan._validated(doc)
-    plan = local_plan.plan(doc, str(model_dir), port=free_port(), drain_timeout=10)
-    log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(plan, log_dir, ready_timeout=180)
-    try:
-        cluster.start()
-    except BaseException:
-        cluster.stop(5)
-        raise
-    return cluster
+from phasesplit.local.launcher import LocalCluster
 
 
 @pytest.fixture(scope="session")
@@ -85,70 +46,3 @@ def split(clusters):
 @pytest.fixture
 def mixed(clusters):
     return clusters[1]
-
-
-def start_worker(model_dir, log_dir: pathlib.Path, role: str, *extra: str) -> tuple[ManagedProcess, str]:
-    """One more `phasesplit worker` process; returns it and its address once SERVING."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    argv = phasesplit_argv("worker", "--role", role, "--model", str(model_dir), "--served-model-name", "tiny",
-                           "--host", "127.0.0.1", "--port", str(port), "--num-kv-blocks", "128",
-                           "--max-model-len", "512", *extra)
-    proc = ManagedProcess(f"{role}-{port}", argv, log_dir).start()
-    try:
-        wait_grpc_serving(proc, f"127.0.0.1:{port}", 180)
-    except BaseException:
-        proc.stop(5)
-        raise
-    return proc, f"127.0.0.1:{port}"
-
-
-def worker_load(address: str) -> pb.WorkerLoad:
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.WorkerStub(channel).Load(pb.LoadRequest(), timeout=5)
-
-
-def metrics(base_url: str) -> dict[str, list]:
-    """name -> [(labels, value)] of every sample on the router's /metrics."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((s.labels, s.value))
-    return samples
-
-
-def cluster_state(cluster: LocalCluster) -> dict:
-    """What leaks would show: KV blocks and requests each worker holds, requests the router holds."""
-    state = {}
-    for pool in cluster.plan.pools:
-        for address in cluster.addresses(pool):
-            load = worker_load(address)
-            state[f"{pool} {address}"] = (load.kv_blocks_used, load.pending_transfers, load.running_requests,
-                                          load.waiting_requests)
-    inflight = metrics(cluster.base_url).get("phasesplit_inflight_requests", [])
-    state["router inflight"] = sum(value for _, value in inflight)
-    return state
-
-
-def wait_quiet(cluster: LocalCluster, timeout: float = 20.0) -> dict:
-    """Polls until no worker holds KV or requests and the router has none in flight; returns the last state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = cluster_state(cluster)
-        quiet = all(v == (0, 0, 0, 0) for k, v in state.items() if k != "router inflight") \
-            and state["router inflight"] == 0
-        if quiet or time.monotonic() > deadline:
-            return state
-        time.sleep(0.2)
-
-
-def post_json(url: str, body, timeout: float = 30.0) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return reply.status, json.loads(reply.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())

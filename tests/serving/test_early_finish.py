@@ -10,11 +10,11 @@ import string
 
 import httpx
 import pytest
-from conftest import ENGINE, manifest, start_cluster, wait_quiet
+from support.serving import ENGINE, manifest, start_cluster, wait_quiet
 
 from phasesplit.engine.tokenizer import Tokenizer
 
-from serving_helpers import WORDS
+from support.words import WORDS
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import random
 import openai
 import pytest
 
-from serving_helpers import WORDS
+from support.words import WORDS
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ import pathlib
 import re
 
 import pytest
-from conftest import metrics, post_json, wait_quiet
+from support.serving import metrics, post_json, wait_quiet
 
 pytestmark = pytest.mark.slow
 

@@ -22,10 +22,10 @@ import pytest
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
-from conftest import post_json, start_worker, worker_load
-from serving_helpers import WORDS
+from support.serving import post_json, start_worker, worker_load
+from support.words import WORDS
 
-from phasesplit.local_procs import phasesplit_argv
+from phasesplit.local.processes import phasesplit_argv
 
 pytestmark = pytest.mark.slow
 

@@ -5,11 +5,11 @@ import random
 
 import httpx
 import pytest
-from conftest import MAX_MODEL_LEN, metrics, post_json, wait_quiet
+from support.serving import MAX_MODEL_LEN, metrics, post_json, wait_quiet
 
 from phasesplit.engine.tokenizer import Tokenizer
 
-from serving_helpers import WORDS
+from support.words import WORDS
 
 pytestmark = pytest.mark.slow
 

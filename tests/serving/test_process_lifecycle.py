@@ -12,10 +12,10 @@ import time
 
 import grpc
 import pytest
-from conftest import post_json, start_worker
+from support.serving import post_json, start_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from phasesplit.local_procs import phasesplit_argv
+from phasesplit.local.processes import phasesplit_argv
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 

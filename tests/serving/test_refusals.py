@@ -6,7 +6,7 @@ import time
 
 import grpc
 import pytest
-from conftest import post_json, start_worker, worker_load
+from support.serving import post_json, start_worker, worker_load
 
 from phasesplit.transport import wire
 from phasesplit.v1 import worker_pb2 as pb

@@ -7,7 +7,7 @@ import signal
 
 import httpx
 import pytest
-from conftest import manifest, start_cluster
+from support.serving import manifest, start_cluster
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import threading
 import time
 
 import pytest
-from kv_sink import KVServer
+from support.kv_sink import KVServer
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from phasesplit.transport.base import (
 )
 from phasesplit.transport.grpc_kv import GrpcKVTransport
 
-from kv_sink import TensorSink, make_cache, make_header, make_layout
+from support.kv_sink import TensorSink, make_cache, make_header, make_layout
 
 SENDER_BLOCKS = [9, 2, 3, 4, 17, 0, 11, 12, 13, 5, 30, 31]  # runs and gaps
 

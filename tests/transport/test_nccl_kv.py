@@ -20,7 +20,7 @@ from phasesplit.transport.nccl_kv import NcclKVTransport
 from phasesplit.transport.nccl_receive import KVGroupService
 from phasesplit.v1 import worker_pb2_grpc
 
-from kv_sink import TensorSink, make_cache, make_header, make_layout
+from support.kv_sink import TensorSink, make_cache, make_header, make_layout
 
 SENDER_BLOCKS = [9, 2, 3, 4, 17, 0, 11, 12, 13, 5, 30, 31]
 TIMEOUT = 5.0

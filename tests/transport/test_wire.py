@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from kv_sink import make_header, make_layout
+from support.kv_sink import make_header, make_layout
 
 from phasesplit.transport import make_transport, wire
 from phasesplit.transport.base import (

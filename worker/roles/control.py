@@ -7,7 +7,7 @@ from typing import Callable
 import grpc
 
 import phasesplit
-from phasesplit.roles.convert import layout_to_proto
+from phasesplit.transport.base import layout_to_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc

@@ -28,11 +28,6 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
     return msg
 
 
-def layout_to_proto(layout: KVLayout) -> pb.KVLayout:
-    return pb.KVLayout(model=layout.model, dtype=layout.dtype, num_layers=layout.num_layers,
-                       num_kv_heads=layout.num_kv_heads, head_dim=layout.head_dim, block_size=layout.block_size)
-
-
 def layout_from_proto(msg: pb.KVLayout) -> KVLayout:
     return KVLayout(model=msg.model, dtype=msg.dtype, num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads,
                     head_dim=msg.head_dim, block_size=msg.block_size)

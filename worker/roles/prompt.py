@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from phasesplit.protocol import KV_PEER_FAILED
-from phasesplit.roles.convert import layout_to_proto, sampling_from_proto
+from phasesplit.v1.conventions import KV_PEER_FAILED
+from phasesplit.roles.convert import sampling_from_proto
+from phasesplit.transport.base import layout_to_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
 from phasesplit.roles.remote_abort import RemoteAborts

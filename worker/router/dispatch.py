@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from phasesplit.protocol import KV_PEER_FAILED
+from phasesplit.v1.conventions import KV_PEER_FAILED
 from phasesplit.router.metrics import RouterMetrics
 from phasesplit.router.openai_api import APIError, unavailable
 from phasesplit.router.pools import Pools

@@ -1,4 +1,4 @@
-"""`python -m phasesplit.demo` (what `make demo` runs): the tiny model served in local mode.
+"""`make demo` (`python hack/demo.py`): the tiny model served in local mode.
 
 Writes the tiny random model into a cache directory, starts `manifests/examples/tiny-cpu.yaml` in
 local mode (a router, a prompt worker and a token worker), asks a few questions with the official
@@ -18,7 +18,7 @@ import time
 
 import openai
 
-from phasesplit.local_procs import phasesplit_argv
+from phasesplit.local.processes import phasesplit_argv
 from phasesplit.tiny_model import make_tiny_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

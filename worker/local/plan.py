@@ -38,13 +38,13 @@ def read_manifest(path: str | pathlib.Path) -> dict:
         docs = [d for d in yaml.safe_load_all(f) if d]
     for doc in docs:
         if doc.get("kind") == "SplitInference":
-            return _validated(doc)
+            return validate_manifest(doc)
     raise ValueError(f"{path}: no document with kind: SplitInference")
 
 
-def _validated(doc: dict) -> dict:
+def validate_manifest(doc: dict) -> dict:
     """Checks the document with the spec's pydantic models; returns it in its canonical (camelCase) form."""
-    from phasesplit import spec
+    from phasesplit.control import spec
     resource = spec.SplitInference.model_validate(doc)
     problems = spec.feasibility_problems(resource.spec, in_cluster=False)
     if problems:
@@ -52,7 +52,7 @@ def _validated(doc: dict) -> dict:
     return resource.model_dump(by_alias=True, exclude_none=True, mode="json")
 
 
-def plan(doc: dict, model_dir: str | None = None, port: int | None = None,
+def build_plan(doc: dict, model_dir: str | None = None, port: int | None = None,
          drain_timeout: float = 30.0, device: str | None = None, kv_backend: str | None = None) -> LocalPlan:
     """`kv_backend` (grpc or nccl) overrides spec.kvTransfer.backend; each token worker's rendezvous
     store takes a free port, not spec.kvTransfer.nccl.port, so that several fit on one machine."""

@@ -1,20 +1,17 @@
-"""kopf in the test's event loop against the project's kmock emulator (tests/tools/kube_emulator.py)."""
+"""kopf in the test's event loop against the project's kmock emulator (support.kube_emulator)."""
 
 import asyncio
 import contextlib
 import datetime
 import itertools
-import pathlib
-import sys
 import uuid
 
 import kmock
 import kopf
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))  # tests.tools
-from tests.tools.kube_emulator import RESOURCES, VERBS, Emulator, register_crd  # noqa: E402, F401  (Emulator re-exported)
+from support.kube_emulator import RESOURCES, VERBS, Emulator, register_crd  # noqa: F401  (Emulator re-exported)
 
-from phasesplit.operator.crd import build_crd  # noqa: E402
+from phasesplit.operator.crd import build_crd
 
 _versions = itertools.count(1)
 

@@ -32,7 +32,7 @@ TOLERANCE = 0.1
 
 @dataclass(frozen=True, slots=True)
 class PoolKnobs:
-    # defaults as in phasesplit.spec.PoolAutoscaling
+    # defaults as in phasesplit.control.spec.PoolAutoscaling
     min_replicas: int = 1
     max_replicas: int = 4
     metric: str = "queueTokens"
@@ -68,7 +68,7 @@ class PoolKnobs:
         """From a pool's `autoscaling` block: a camelCase dict, or a pydantic model of it."""
         if hasattr(autoscaling, "model_dump"):
             autoscaling = autoscaling.model_dump(by_alias=True, exclude_none=True)
-        # Keys that are not knobs (validated by phasesplit.spec) are not the policy's business.
+        # Keys that are not knobs (validated by phasesplit.control.spec) are not the policy's business.
         spec_names = {_camel(f.name): f.name for f in fields(cls)}
         return cls(**{spec_names[k]: v for k, v in autoscaling.items() if k in spec_names and v is not None})
 
@@ -260,7 +260,7 @@ class SplitScaler:
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any] | Any) -> SplitScaler:
-        """From a SplitInference spec (camelCase dict or `phasesplit.spec.SplitInferenceSpec`):
+        """From a SplitInference spec (camelCase dict or `phasesplit.control.spec.SplitInferenceSpec`):
         pools with an `autoscaling` block are scaled (the pydantic model gives every pool one)."""
         if hasattr(spec, "model_dump"):
             spec = spec.model_dump(by_alias=True, exclude_none=True)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from phasesplit import local_plan
-from phasesplit.local_procs import (ManagedProcess, ProcessFailed, free_port, phasesplit_argv,
+from phasesplit.local import plan as local_plan
+from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, phasesplit_argv,
                                     wait_grpc_serving, wait_http_ok)
 from phasesplit.v1 import worker_pb2, worker_pb2_grpc
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        the_plan = local_plan.plan(local_plan.read_manifest(args.file), args.model, args.port,
+        the_plan = local_plan.build_plan(local_plan.read_manifest(args.file), args.model, args.port,
                                    args.drain_timeout, args.device, args.kv_backend)
     except (OSError, ValueError) as exc:
         print(f"phasesplit local: {exc}", file=sys.stderr)
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start_autoscaler(cluster: LocalCluster, interval: float | None):
-    from phasesplit import local_autoscaler
+    from phasesplit.local import autoscaler as local_autoscaler
     if not local_autoscaler.enabled(cluster.plan):
         log.info("autoscaling.mode is %s: pools keep their replicas", cluster.plan.autoscaling.get("mode"))
         return None

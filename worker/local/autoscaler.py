@@ -1,4 +1,4 @@
-"""Local mode's autoscaler: the operator's policy (`phasesplit.autoscale`) applied to worker processes.
+"""Local mode's autoscaler: the operator's policy (`phasesplit.control.scaling`) applied to worker processes.
 
 Every `interval` seconds it reads the router's `/metrics` with the operator's parser, asks the
 policy for each pool's replicas, and starts workers (ready before the router sees them) or
@@ -14,10 +14,10 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from phasesplit.autoscale import Decision, PoolKnobs, RatioBounds, SplitScaler
-from phasesplit.local_plan import LocalPlan
-from phasesplit.local_procs import ProcessFailed
-from phasesplit.operator.metrics_source import MetricsUnavailable, RouterScrape
+from phasesplit.control.scaling import Decision, PoolKnobs, RatioBounds, SplitScaler
+from phasesplit.local.plan import LocalPlan
+from phasesplit.local.processes import ProcessFailed
+from phasesplit.control.router_metrics import MetricsUnavailable, RouterScrape
 
 log = logging.getLogger("phasesplit.local.autoscaler")
 

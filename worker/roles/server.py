@@ -63,7 +63,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def make_transport(backend: str, timeout: float, device="cpu"):
+def sending_transport(backend: str, timeout: float, device="cpu"):
     from phasesplit import transport
     options = {"device": device} if backend == "nccl" else {}  # a process group sends from the cache's device
     return transport.make_transport(backend, timeout=timeout, **options)
@@ -99,7 +99,7 @@ class WorkerServer:
         self.kv_groups = None
         if args.role in ("prompt", "mixed"):
             from phasesplit.roles.prompt import PromptService
-            self.transport = transport or make_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
+            self.transport = transport or sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
             self.prompt = PromptService(self.core, self.transport)
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)

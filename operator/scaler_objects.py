@@ -12,10 +12,11 @@ average and uses `Value` (desired = ceil(current * value / target)), as the buil
 
 from __future__ import annotations
 
-from phasesplit.autoscale import AVERAGE_METRICS, PoolKnobs
+from phasesplit.control.scaling import AVERAGE_METRICS, PoolKnobs
 
-from . import builders
-from .metrics_source import POOL_GAUGES, router_selector
+from phasesplit.operator import builders
+from phasesplit.control.router_metrics import POOL_GAUGES
+from phasesplit.operator.metrics_source import router_selector
 MAX_HPA_WINDOW = 3600  # HPA validation: stabilizationWindowSeconds
 MAX_HPA_PERIOD = 1800  # HPA validation: policies[].periodSeconds
 

@@ -1,1 +1,0 @@
-"""The phasesplit Kubernetes operator (import name: phasesplit.operator)."""

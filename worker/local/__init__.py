@@ -1,0 +1,1 @@
+"""Local mode: a SplitInference run as processes on one machine (`phasesplit local`)."""
