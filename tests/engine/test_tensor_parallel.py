@@ -2,20 +2,16 @@
 the same greedy tokens as one; each rank holds only its shard; bad sizes are refused by name."""
 
 import multiprocessing
-import pathlib
-import sys
 
 import pytest
 import torch
+from support import tp_ranks
 
 from phasesplit.engine.config import ModelConfig
 from phasesplit.engine.engine import EngineConfig, LLMEngine
 from phasesplit.engine.loader import load_model
 from phasesplit.engine.parallel import Shard, TensorParallel, check_tensor_parallel
 from phasesplit.engine.ranks import RankGroup
-
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import tp_ranks  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 from test_model_parity import BASE, write_checkpoint  # noqa: E402
