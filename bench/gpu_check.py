@@ -139,6 +139,32 @@ def mixed_generate(addr: str, rid: str, ids: list[int], n: int) -> list[int]:
             request_id=rid, sampling=greedy(n), prompt_token_ids=ids), timeout=120) for t in e.token_ids]
 
 
+def tensor_parallel(model_dir: Path, log_dir: Path, device: str, quick: bool) -> None:
+    """A mixed worker over 2 ranks (cuda:0 and cuda:1 with NCCL; gloo on CPU) against one rank, float32:
+    greedy tokens must match; tokens/s of both for the same concurrent requests."""
+    import concurrent.futures
+
+    one, one_addr = start_worker(model_dir, log_dir, "mixed", device, "float32")
+    two, two_addr = start_worker(model_dir, log_dir, "mixed", device, "float32", "--tensor-parallel", "2")
+    try:
+        n, requests = (8, 4) if quick else (64, 16)
+        prompts = [[(7 * i + j) % 500 + 3 for j in range(16 + 8 * i)] for i in range(requests)]
+        rates = {}
+        for name, addr in (("1 rank", one_addr), ("2 ranks", two_addr)):
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(requests) as pool:
+                outs = list(pool.map(lambda i: mixed_generate(addr, f"tp-{i}", prompts[i], n), range(requests)))
+            rates[name] = (outs, requests * n / (time.perf_counter() - start))
+        same = sum(a == b for a, b in zip(rates["1 rank"][0], rates["2 ranks"][0]))
+        print(f"greedy float32: {same}/{requests} requests token-for-token equal between 1 and 2 ranks")
+        print(f"tokens/s ({requests} concurrent requests of {n} tokens): 1 rank {rates['1 rank'][1]:.1f}, "
+              f"2 ranks {rates['2 ranks'][1]:.1f} (ratio {rates['2 ranks'][1] / rates['1 rank'][1]:.2f})")
+    finally:
+        for proc in (one, two):
+            proc.terminate()
+            proc.wait(30)
+
+
 def split_serving(model_dir: Path, log_dir: Path, backend: str, devices: tuple[str, str, str], dtype: str,
                   quick: bool) -> None:
     """Prompt worker on devices[0], token on devices[1], mixed reference on devices[2]."""
@@ -214,6 +240,14 @@ def main() -> int:
         split_serving(model_dir, out / "logs", "nccl", ("cuda:0", "cuda:1", "cuda:0"), dtype, args.quick)
     else:
         print(f"NOT RUN: the NCCL backend needs two GPUs (NCCL refuses two ranks on one GPU); found {gpus}.")
+    section("tensor parallelism, 2 ranks")
+    if not cuda:
+        tensor_parallel(model_dir, out / "logs", args.device, args.quick)
+        print("(on CPU the ranks talk over gloo: this checks correctness, not speed; NCCL was not exercised)")
+    elif gpus >= 2:
+        tensor_parallel(model_dir, out / "logs", "cuda", args.quick)
+    else:
+        print(f"NOT RUN: tensor parallelism needs two GPUs (one rank per GPU); found {gpus}.")
     print(f"\nlogs: {out / 'logs'}")
     return 0
 

@@ -163,12 +163,17 @@ def pod_security() -> dict:
             "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _scratch_volumes(shm: bool) -> tuple[list[dict], list[dict]]:
+def shm_size(tensor_parallel_size: int) -> str:
+    """/dev/shm for a worker: NCCL's intra-pod transport keeps its buffers there, per pair of ranks."""
+    return "1Gi" if tensor_parallel_size == 1 else f"{2 * tensor_parallel_size}Gi"
+
+
+def _scratch_volumes(shm: str | None) -> tuple[list[dict], list[dict]]:
     """Writable /tmp (the root filesystem is read-only) and, for workers, a larger /dev/shm."""
     volumes = [{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}]
     mounts = [{"name": "tmp", "mountPath": "/tmp"}]
     if shm:
-        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}})
+        volumes.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
         mounts.append({"name": "shm", "mountPath": "/dev/shm"})
     return volumes, mounts
 
@@ -189,7 +194,7 @@ def _resources(resources: si.Resources) -> dict:
             if value}
 
 
-def _pod_spec(spec: si.SplitInferenceSpec, container: dict, placement: dict, grace: int, shm: bool) -> dict:
+def _pod_spec(spec: si.SplitInferenceSpec, container: dict, placement: dict, grace: int, shm: str | None) -> dict:
     volume, mount = model_volume(spec)
     scratch, scratch_mounts = _scratch_volumes(shm)
     container["volumeMounts"] = [mount, *scratch_mounts]
@@ -234,6 +239,8 @@ def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[s
         args += [flag, f"$({key})"]
     for setting in _engine_values(pool):
         args += [flags[setting], f"$({_env_key(role, setting)})"]
+    if pool.tensor_parallel_size > 1:
+        args += ["--tensor-parallel", str(pool.tensor_parallel_size)]
     if not spec.kv_transfer.layerwise:
         args.append("--no-layerwise")
     if spec.kv_transfer.backend == "nccl":  # the token side hosts the pair groups' rendezvous store here
@@ -283,7 +290,7 @@ def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) 
     container = worker_container(spec, owner, role, pool)
     placement = _placement(pool.node_selector, pool.tolerations, pool.affinity)
     grace = PRESTOP_SECONDS + pool.drain_timeout_seconds + 10  # slack beyond the drain timeout
-    pod_spec = _pod_spec(spec, container, placement, grace, shm=True)
+    pod_spec = _pod_spec(spec, container, placement, grace, shm=shm_size(pool.tensor_parallel_size))
     return _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec,
                        {CONFIG_HASH: config_hash(spec)})
 
@@ -330,7 +337,7 @@ def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
 def build_router_deployment(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     router = spec.router
     placement = _placement(router.node_selector, router.tolerations, router.affinity)
-    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=30, shm=False)
+    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=30, shm=None)
     scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT), "prometheus.io/path": "/metrics"}
     return _deployment(owner, router_name(owner), "router", router.replicas, pod_spec, scrape)
 

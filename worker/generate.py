@@ -4,7 +4,9 @@ import argparse
 import json
 import sys
 
+from phasesplit.engine.config import ModelConfig
 from phasesplit.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from phasesplit.engine.parallel import check_tensor_parallel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -20,6 +22,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens even past EOS")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over N ranks (N GPUs on cuda; N processes with gloo on cpu)")
     p.add_argument("--json", action="store_true", help="print one JSON object: token_ids, text, finish_reason")
     return p.parse_args(argv)
 
@@ -29,11 +33,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
-        engine = LLMEngine(EngineConfig(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1))
-        engine.add_request("generate", engine.tokenizer.encode(args.prompt), params)
+        config = EngineConfig(args.model, dtype=args.dtype, device=args.device, max_num_seqs=1)
+        if args.tensor_parallel == 1:
+            return generate(LLMEngine(config), args, params)
+        from phasesplit.engine.ranks import RankGroup, run_engine_ranks
+        check_tensor_parallel(ModelConfig.from_dir(args.model), args.tensor_parallel)
+        group = RankGroup(args.tensor_parallel, run_engine_ranks, (config, generate, args, params), args.device)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"phasesplit generate: error: {exc}", file=sys.stderr)
-        return 2
+        return error(exc)
+    return group.start().wait()
+
+
+def error(exc: Exception) -> int:
+    print(f"phasesplit generate: error: {exc}", file=sys.stderr)
+    return 2
+
+
+def generate(engine: LLMEngine, args: argparse.Namespace, params: SamplingParams) -> int:
+    try:
+        engine.add_request("generate", engine.tokenizer.encode(args.prompt), params)
+    except ValueError as exc:
+        return error(exc)
     token_ids, text, finish_reason = [], [], None
     while engine.has_unfinished():
         for out in engine.step():
@@ -43,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.json:
                 print(out.text, end="", flush=True)
     if args.json:
-        print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason": finish_reason}))
+        print(json.dumps({"token_ids": token_ids, "text": "".join(text), "finish_reason": finish_reason}), flush=True)
     else:
-        print()
+        print(flush=True)
     return 0
 
 

@@ -69,7 +69,7 @@ def test_pods_are_locked_down(path):
 
 def test_workers_probe_grpc_health_and_outlive_their_drain():
     objs = children("heterogeneous")
-    token = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-70b-split-token")
+    token = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-8b-split-token")
     pod = token["spec"]["template"]["spec"]
     worker = pod["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -81,13 +81,13 @@ def test_workers_probe_grpc_health_and_outlive_their_drain():
 
 def test_heterogeneous_pools_land_on_their_own_gpus():
     objs = {o["metadata"]["name"]: o for o in children("heterogeneous") if o["kind"] == "Deployment"}
-    prompt = objs["llama-70b-split-prompt"]["spec"]["template"]["spec"]
-    token = objs["llama-70b-split-token"]["spec"]["template"]["spec"]
+    prompt = objs["llama-8b-split-prompt"]["spec"]["template"]["spec"]
+    token = objs["llama-8b-split-token"]["spec"]["template"]["spec"]
     assert prompt["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert token["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert token["affinity"]["podAntiAffinity"]
     assert {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"} in token["containers"][0]["env"]
-    assert prompt["volumes"][0]["image"]["reference"].endswith("llama-3-70b-instruct:1")
+    assert prompt["volumes"][0]["image"]["reference"].endswith("llama-3-8b-instruct:1")
 
 
 def test_nccl_workers_host_the_rendezvous_store_on_the_declared_port():
@@ -162,3 +162,13 @@ def test_merge_patch_removes_what_was_applied_before_and_is_gone_now():
     live = {"spec": {"nodeSelector": {"gpu": "h100"}, "replicas": 1, "other": "server"}}
     assert merge_patch({"spec": {"replicas": 1}}, live, last) == {"spec": {"nodeSelector": None}}
     assert merge_patch({"spec": {"replicas": 2}}, live, last) == {"spec": {"replicas": 2, "nodeSelector": None}}
+
+
+def test_tensor_parallel_pool_runs_its_ranks_on_the_gpus_it_requests():
+    deployment = next(o for o in children("tp8") if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("mixed"))
+    pod = deployment["spec"]["template"]["spec"]
+    worker = pod["containers"][0]
+    assert worker["args"][worker["args"].index("--tensor-parallel") + 1] == "8"
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == worker["resources"]["limits"]["nvidia.com/gpu"] == 8
+    shm = next(v for v in pod["volumes"] if v["name"] == "shm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}

@@ -59,6 +59,10 @@ INVALID = [
     ("zero KV timeout", [("spec.kvTransfer.timeoutSeconds", 0)], "spec.kvTransfer.timeoutSeconds"),
     ("negative drain timeout", [("spec.pools.token.drainTimeoutSeconds", -5)], "spec.pools.token.drainTimeoutSeconds"),
     ("bad quantity", [("spec.pools.prompt.resources.requests", {"cpu": "lots"})], "spec.pools.prompt.resources"),
+    ("GPUs other than the ranks", [("spec.pools.token.resources.limits", {"nvidia.com/gpu": 2})],
+     "spec.pools.token.tensorParallelSize"),
+    ("zero ranks", [("spec.pools.token.tensorParallelSize", 0)], "spec.pools.token.tensorParallelSize"),
+    ("ranks on a prompt pool", [("spec.pools.prompt.tensorParallelSize", 2)], "spec.pools"),
 ]
 
 

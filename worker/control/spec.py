@@ -197,11 +197,21 @@ def _pool_resources() -> Resources:
     return Resources(requests={"cpu": "1", "memory": "2Gi"})
 
 
+GPU = "nvidia.com/gpu"
+_GPU_RULE = ("!has(self.resources.{part}) || !('nvidia.com/gpu' in self.resources.{part}) || "
+             "string(self.resources.{part}['nvidia.com/gpu']) == string(self.tensorParallelSize)")
+_GPU_MESSAGE = "resources.{part}['nvidia.com/gpu'] must equal tensorParallelSize (one GPU per rank)"
+
+
 class Pool(Spec):
-    model_config = _validations(cel(
-        "self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas",
-        "replicas must lie within autoscaling.minReplicas..maxReplicas", ".replicas"))
+    model_config = _validations(
+        cel("self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas",
+            "replicas must lie within autoscaling.minReplicas..maxReplicas", ".replicas"),
+        *(cel(_GPU_RULE.format(part=part), _GPU_MESSAGE.format(part=part), ".tensorParallelSize")
+          for part in ("requests", "limits")))
     replicas: int = Field(1, ge=0, le=1000, description="initial replicas (the autoscaler owns them afterwards)")
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="ranks each worker shards the model over: one "
+                                      "process per GPU (the pool's nvidia.com/gpu request), gloo ranks on CPU")
     autoscaling: PoolAutoscaling = Field(default_factory=PoolAutoscaling)
     resources: Resources = Field(default_factory=_pool_resources)
     node_selector: dict[str, str] = Field(default_factory=dict)
@@ -218,7 +228,15 @@ class Pool(Spec):
         if not low <= self.replicas <= high:
             raise ValueError(f"replicas ({self.replicas}) must lie within autoscaling.minReplicas..maxReplicas "
                              f"({low}..{high})")
+        for part in ("requests", "limits"):
+            gpus = getattr(self.resources, part).get(GPU)
+            if gpus is not None and str(gpus) != str(self.tensor_parallel_size):
+                raise ValueError(_GPU_MESSAGE.format(part=part) + f": {gpus} != {self.tensor_parallel_size}")
         return self
+
+
+SPLIT_TP_MESSAGE = ("tensorParallelSize > 1 is supported on the mixed pool only: prompt and token workers run "
+                    "one rank (the KV transfer moves one rank's cache)")
 
 
 class Pools(Spec):
@@ -227,7 +245,9 @@ class Pools(Spec):
             "set both prompt and token pools (or a mixed pool)"),
         cel("!has(self.prompt) || !has(self.token) || self.prompt.engine.blockSize == self.token.engine.blockSize",
             "prompt and token pools must use the same engine.blockSize (the KV layout must match)",
-            ".token"))
+            ".token"),
+        cel("(!has(self.prompt) || self.prompt.tensorParallelSize == 1) && "
+            "(!has(self.token) || self.token.tensorParallelSize == 1)", SPLIT_TP_MESSAGE))
     prompt: Pool | None = None
     token: Pool | None = None
     mixed: Pool | None = None
@@ -238,6 +258,8 @@ class Pools(Spec):
             raise ValueError("set both prompt and token pools (or a mixed pool)")
         if self.prompt and self.token and self.prompt.engine.block_size != self.token.engine.block_size:
             raise ValueError("prompt and token pools must use the same engine.blockSize (the KV layout must match)")
+        if any(pool.tensor_parallel_size != 1 for pool in (self.prompt, self.token) if pool):
+            raise ValueError(SPLIT_TP_MESSAGE)
         return self
 
     def items(self) -> list[tuple[str, Pool]]:

@@ -9,9 +9,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from phasesplit.engine.kv_cache import (BlockManager, KVCache, KVCapacityError, KVLayout, bytes_per_block,
-                                        decode_attention, prefill_attention)
+from phasesplit.engine.kv_cache import BlockManager, KVCache, KVCapacityError, KVLayout, bytes_per_block
 from phasesplit.engine.loader import load_model, resolve_dtype
+from phasesplit.engine.parallel import TensorParallel
+from phasesplit.engine.runner import ForwardBatch, ModelRunner
 from phasesplit.engine.sampler import SamplingParams, make_generator, sample, skip_draw
 from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text, take_text
@@ -81,24 +82,30 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    """With tensor parallelism every rank builds one (its shard of the model and of the KV cache);
+    rank 0 is the engine the worker calls, the other ranks call `follow()` and run what it schedules."""
+
+    def __init__(self, config: EngineConfig, tp: TensorParallel = TensorParallel()):
         self.config = config
+        self.tp = tp
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config.dtype)
-        self.model_config, self.model = load_model(config.model_dir, self.dtype, self.device)
+        self.model_config, self.model = load_model(config.model_dir, self.dtype, self.device, tp)
         self.tokenizer = Tokenizer.from_dir(config.model_dir)
         mc = self.model_config
         self.layout = KVLayout(
             model=config.served_model_name or os.path.basename(os.path.normpath(config.model_dir)),
             dtype=str(self.dtype).removeprefix("torch."), num_layers=mc.num_layers,
-            num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, block_size=config.block_size)
+            num_kv_heads=len(self.model.shard.kv_heads), head_dim=mc.head_dim, block_size=config.block_size,
+            tensor_parallel_size=tp.size)
         model_limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
         if config.max_model_len is not None and config.max_model_len > model_limit:
             raise ValueError(f"max_model_len: got {config.max_model_len}, the model allows at most {model_limit}")
         self.max_model_len = config.max_model_len or model_limit
-        num_blocks = self._num_kv_blocks()
+        num_blocks = tp.min_over_ranks(self._num_kv_blocks())
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
         self.kv_cache = KVCache(self.layout, num_blocks, self.dtype, self.device)
+        self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
@@ -106,7 +113,23 @@ class LLMEngine:
         self.requests: dict[str, Sequence] = {}
         self.reserved: dict[str, list[int]] = {}
         self.pending: list[StepOutput] = []
-        self.layer_hook: Callable[[int, list[str]], None] | None = None
+
+    @property
+    def layer_hook(self) -> Callable[[int, list[str]], None] | None:
+        """Called after each layer of a prefill batch wrote its K/V: hook(layer, request_ids)."""
+        return self.runner.layer_hook
+
+    @layer_hook.setter
+    def layer_hook(self, hook: Callable[[int, list[str]], None] | None) -> None:
+        self.runner.layer_hook = hook
+
+    def follow(self) -> None:
+        """Ranks other than 0: run the batches and commands rank 0 broadcasts until `close()`."""
+        self.runner.follow()
+
+    def close(self) -> None:
+        """Rank 0: let the other ranks' `follow()` return."""
+        self.runner.stop_followers()
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -267,7 +290,6 @@ class LLMEngine:
             del self.requests[seq.request_id]
         return StepOutput(seq.request_id, [seq.last_token], take_text(seq), seq.is_finished, seq.finish_reason)
 
-    @torch.inference_mode()
     def prefill(self, seqs: list[Sequence]) -> list[int]:
         """Every token of each sequence (none cached) in one flat batch; returns the next token of each."""
         bs = self.config.block_size
@@ -276,43 +298,24 @@ class LLMEngine:
         cu_seqlens = [0]
         for seq in seqs:
             cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens)
-        input_ids = self._tensor([t for seq in seqs for t in seq.token_ids])
-        slot_mapping = torch.cat(slots).to(self.device)
-        request_ids = [seq.request_id for seq in seqs]
+        batch = ForwardBatch([seq.request_id for seq in seqs], _longs([t for seq in seqs for t in seq.token_ids]),
+                             torch.cat(positions), torch.cat(slots), cu_seqlens=cu_seqlens)
+        return self._sample(self.runner.run(batch), seqs)
 
-        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.kv_cache.write(layer, k, v, slot_mapping)
-            if self.layer_hook is not None:
-                self.layer_hook(layer, request_ids)
-            return prefill_attention(q, k, v, cu_seqlens)
-
-        hidden = self.model(input_ids, torch.cat(positions).to(self.device), attention)
-        last = self._tensor([end - 1 for end in cu_seqlens[1:]])
-        return self._sample(hidden[last], seqs)
-
-    @torch.inference_mode()
     def decode_one_token(self, seqs: list[Sequence]) -> list[int]:
         """The last token of each sequence, attending over its cached context; returns the next ones."""
         bs = self.config.block_size
-        positions = self._tensor([seq.num_tokens - 1 for seq in seqs])
-        slot_mapping = self._tensor([seq.slot(seq.num_tokens - 1, bs) for seq in seqs])
         max_blocks = max(len(seq.block_table) for seq in seqs)
-        block_tables = self._tensor([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs])
-        context_lens = self._tensor([seq.num_tokens for seq in seqs])
-        mask = torch.arange(max_blocks * bs, device=self.device)[None, :] < context_lens[:, None]
-        mask = mask[:, None, None, :]  # [B, 1, 1, L]
+        batch = ForwardBatch(
+            [seq.request_id for seq in seqs], _longs([seq.last_token for seq in seqs]),
+            _longs([seq.num_tokens - 1 for seq in seqs]), _longs([seq.slot(seq.num_tokens - 1, bs) for seq in seqs]),
+            block_tables=_longs([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]),
+            context_lens=_longs([seq.num_tokens for seq in seqs]))
+        return self._sample(self.runner.run(batch), seqs)
 
-        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            self.kv_cache.write(layer, k, v, slot_mapping)
-            k_ctx, v_ctx = self.kv_cache.gather(layer, block_tables)
-            return decode_attention(q, k_ctx, v_ctx, mask)
-
-        hidden = self.model(self._tensor([seq.last_token for seq in seqs]), positions, attention)
-        return self._sample(hidden, seqs)
-
-    def _sample(self, hidden: Tensor, seqs: list[Sequence]) -> list[int]:
-        logits = self.model.compute_logits(hidden)  # [B, vocab] float32
+    def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
         return sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
 
-    def _tensor(self, values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+def _longs(values: list) -> Tensor:
+    return torch.tensor(values, dtype=torch.long)

@@ -20,7 +20,8 @@ class KVCapacityError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class KVLayout:
-    """What two engines must agree on before KV blocks can move between them."""
+    """What two engines must agree on before KV blocks can move between them (per tensor-parallel
+    rank: `num_kv_heads` is what one rank's cache holds)."""
 
     model: str
     dtype: str
@@ -28,6 +29,7 @@ class KVLayout:
     num_kv_heads: int
     head_dim: int
     block_size: int
+    tensor_parallel_size: int = 1
 
     def differences(self, other: KVLayout) -> list[str]:
         """Names and values of the fields that differ, e.g. `["head_dim: 64 != 128"]`."""

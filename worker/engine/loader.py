@@ -9,6 +9,7 @@ from torch import nn
 
 from phasesplit.engine.config import ModelConfig
 from phasesplit.engine.model import LlamaForCausalLM
+from phasesplit.engine.parallel import TensorParallel
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -55,7 +56,9 @@ def weight_files(model_dir: Path) -> dict[str, Path]:
     return files
 
 
-def load_model(model_dir, dtype: str | torch.dtype | None = None, device="cpu") -> tuple[ModelConfig, LlamaForCausalLM]:
+def load_model(model_dir, dtype: str | torch.dtype | None = None, device="cpu",
+               tp: TensorParallel = TensorParallel()) -> tuple[ModelConfig, LlamaForCausalLM]:
+    """The model, or with `tp` this rank's shard of it: only the slices it holds are read from disk."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} not found")
@@ -64,34 +67,47 @@ def load_model(model_dir, dtype: str | torch.dtype | None = None, device="cpu") 
     device = torch.device(device)
     files = weight_files(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    expected = dict(model.named_parameters())  # tied lm_head.weight appears once, as embed_tokens
-    missing = [name for name in expected if name not in files]
+        model = LlamaForCausalLM(config, tp)
+        whole = dict(LlamaForCausalLM(config).named_parameters())  # the checkpoint's shapes
+    tied = config.tie_word_embeddings
+    # tensor name in the model -> its name in the checkpoint (a tied LM head is read from the embedding)
+    sources = {name: "model.embed_tokens.weight" if tied and name == "lm_head.weight" else name
+               for name, _ in model.named_parameters()}
+    missing = [name for name in whole if name not in files]
     if missing:
         raise ValueError(f"tensor {missing[0]!r} missing from the weights in {model_dir} ({len(missing)} missing)")
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    unexpected = [n for n in files if n not in expected and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
+    ignorable = {"lm_head.weight"} if tied else set()
+    unexpected = [n for n in files if n not in whole and n not in ignorable and not n.endswith("rotary_emb.inv_freq")]
     if unexpected:
         raise ValueError(
             f"tensor {unexpected[0]!r} in the weights in {model_dir} has no place in a {config.architecture} with "
             f"this config.json ({len(unexpected)} unexpected)"
         )
     by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(files[name], []).append(name)
+    for name, source in sources.items():
+        by_file.setdefault(files[source], []).append(name)
     for path, names in by_file.items():
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in names:
-                tensor = f.get_tensor(name)
-                if tuple(tensor.shape) != tuple(expected[name].shape):
-                    raise ValueError(
-                        f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, "
-                        f"the config needs {tuple(expected[name].shape)}"
-                    )
+                tensor = _read_shard(f, path, sources[name], whole[sources[name]].shape, model.shard.weight_slice(
+                    name, config.head_dim))
                 _set_parameter(model, name, tensor.to(device=device, dtype=torch_dtype))
-    if config.tie_word_embeddings:
+    if tied and tp.size == 1:
         model.lm_head.weight = model.model.embed_tokens.weight
     return config, model.eval()
+
+
+def _read_shard(f, path: Path, name: str, shape: torch.Size, part: tuple[int, range] | None) -> torch.Tensor:
+    """Tensor `name` (which must have `shape`), or only its range `part` = (dimension, range)."""
+    view = f.get_slice(name)
+    if tuple(view.get_shape()) != tuple(shape):
+        raise ValueError(f"tensor {name!r} in {path.name} has shape {tuple(view.get_shape())}, "
+                         f"the config needs {tuple(shape)}")
+    if part is None:
+        return view[:]
+    dim, rows = part
+    index = (slice(None),) * dim + (slice(rows.start, rows.stop),)
+    return view[index]
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from phasesplit.engine.config import ModelConfig
+from phasesplit.engine.parallel import Shard, TensorParallel
 
 # (layer_idx, q [T, num_heads, head_dim], k [T, num_kv_heads, head_dim], v [T, num_kv_heads, head_dim])
 #   -> [T, num_heads, head_dim]; q and k already carry rotary embeddings.
@@ -76,16 +77,35 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
+class RowParallelLinear(nn.Module):
+    """A linear layer whose input dimension is split across ranks: partial products are all-reduced,
+    then the (whole) bias is added once. With one rank it is `nn.Linear`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.tp.size == 1:
+            return F.linear(x, self.weight, self.bias)
+        out = self.tp.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    """This rank's attention heads (all of them with one rank) and the KV heads they read."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, shard: Shard, tp: TensorParallel):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = len(shard.heads), len(shard.kv_heads), config.head_dim
         hidden, bias = config.hidden_size, config.attention_bias
         self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=config.o_proj_bias)
+        self.o_proj = RowParallelLinear(self.num_heads * self.head_dim, hidden, config.o_proj_bias, tp)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
         t = x.shape[0]
@@ -98,21 +118,22 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard, tp: TensorParallel):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        inter = len(shard.intermediate)
+        self.gate_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, inter, bias=False)
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, False, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int):
+    def __init__(self, config: ModelConfig, layer_idx: int, shard: Shard, tp: TensorParallel):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.self_attn = Attention(config, layer_idx, shard, tp)
+        self.mlp = MLP(config, shard, tp)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -122,22 +143,25 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, shard: Shard, tp: TensorParallel):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i, shard, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Llama, Qwen2 and Mistral checkpoints all map onto this one module."""
+    """Llama, Qwen2 and Mistral checkpoints all map onto this one module; with `tp`, one rank's shard
+    of it (see `phasesplit.engine.parallel`)."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, tp: TensorParallel = TensorParallel()):
         super().__init__()
         self.config = config
-        self.model = DecoderModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
+        self.tp = tp
+        self.shard = Shard.of(config, tp)
+        self.model = DecoderModel(config, self.shard, tp)
+        self.lm_head = nn.Linear(config.hidden_size, len(self.shard.vocab), bias=False)
+        if config.tie_word_embeddings and tp.size == 1:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config)
 
@@ -154,9 +178,14 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, cos, sin, attention)
         return self.model.norm(x)
 
-    def compute_logits(self, hidden: Tensor) -> Tensor:
-        # hidden: [N, hidden] -> float32 logits [N, vocab]
-        return self.lm_head(hidden).float()
+    def compute_logits(self, hidden: Tensor) -> Tensor | None:
+        # hidden: [N, hidden] -> float32 logits [N, vocab] (on rank 0; None on the other ranks)
+        logits = self.lm_head(hidden).float()
+        if self.tp.size == 1:
+            return logits
+        pad = self.shard.vocab_per_rank - logits.shape[-1]
+        parts = self.tp.gather_to_leader(F.pad(logits, (0, pad)) if pad else logits)
+        return None if parts is None else torch.cat(parts, dim=-1)[:, : self.config.vocab_size]
 
 
 def dense_causal_attention(scale: float | None = None) -> AttentionFn:

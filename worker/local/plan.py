@@ -127,6 +127,8 @@ def _pool_plan(name: str, pool: dict, common: list[str]) -> PoolPlan:
         value = (pool.get("engine") or {}).get(key)
         if value is not None:
             args += [flag, str(value)]
+    if int(pool.get("tensorParallelSize", 1)) > 1:  # gloo ranks on the CPU unless the pool says cuda
+        args += ["--tensor-parallel", str(pool["tensorParallelSize"])]
     replicas = int(pool.get("replicas", 1))
     scaling = pool.get("autoscaling") or {}
     return PoolPlan(name=name, replicas=replicas,

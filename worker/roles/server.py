@@ -56,7 +56,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="send the KV after the prompt phase instead of layer by layer during it")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
     p.add_argument("--grpc-threads", type=int, help="gRPC handler threads (default: enough for --max-num-seqs)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over N ranks: N processes, one per GPU (cuda) or N gloo ranks (cpu)")
     args = p.parse_args(argv)
+    if args.tensor_parallel < 1:
+        p.error(f"--tensor-parallel: must be >= 1, got {args.tensor_parallel}")
+    if args.tensor_parallel > 1 and args.role != "mixed":
+        p.error(f"--tensor-parallel {args.tensor_parallel}: a tensor-parallel worker serves --role mixed only "
+                "(the KV transfer moves one rank's cache; prompt and token workers run one rank)")
     for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(args, name)}")
@@ -69,13 +76,14 @@ def sending_transport(backend: str, timeout: float, device="cpu"):
     return transport.make_transport(backend, timeout=timeout, **options)
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, tp=None, device: str | None = None):
     from phasesplit.engine.engine import EngineConfig, LLMEngine
+    from phasesplit.engine.parallel import TensorParallel
     return LLMEngine(EngineConfig(
-        model_dir=args.model, dtype=args.dtype, device=args.device or default_device(),
+        model_dir=args.model, dtype=args.dtype, device=device or args.device or default_device(),
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, served_model_name=args.served_model_name))
+        max_model_len=args.max_model_len, served_model_name=args.served_model_name), tp or TensorParallel())
 
 
 class WorkerServer:
@@ -155,27 +163,63 @@ class WorkerServer:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
+    if args.tensor_parallel > 1:
+        return supervise(args)
+    return serve(args)
+
+
+def supervise(args: argparse.Namespace) -> int:
+    """Starts the worker's tensor-parallel ranks and lives as long as all of them do: SIGTERM drains
+    through rank 0; a rank that dies stops the others and makes the exit code nonzero."""
+    from phasesplit.engine.config import ModelConfig
+    from phasesplit.engine.parallel import check_tensor_parallel
+    from phasesplit.engine.ranks import RankGroup
+    try:
+        check_tensor_parallel(ModelConfig.from_dir(args.model), args.tensor_parallel)
+        group = RankGroup(args.tensor_parallel, serve_rank, (args,), args.device or default_device())
+    except (OSError, ValueError) as exc:
+        print(f"phasesplit worker: --tensor-parallel: {exc}", file=sys.stderr)
+        return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: group.terminate())
+    code = group.start().wait()
+    log.info("tensor-parallel worker exited with %d", code)
+    return code
+
+
+def serve_rank(tp, device: str, args: argparse.Namespace) -> int:
+    return serve(args, tp, device)
+
+
+def serve(args: argparse.Namespace, tp=None, device: str | None = None) -> int:
+    """Rank 0 (the only rank without tensor parallelism) serves; the other ranks follow its engine."""
+    leader = tp is None or tp.is_leader
+    stop = threading.Event()
+    if leader:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     try:
         from phasesplit.transport.malloc import tune_malloc
         tune_malloc()
     except ImportError:
         pass
     try:
-        engine = load_engine(args)
+        engine = load_engine(args, tp, device)
+        if not leader:
+            engine.follow()
+            return 0
         server = WorkerServer(engine, args).start()
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)
         return 2
-    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s)", args.role,
+    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", args.role,
              server.settings.served_model_name, args.host, server.port, engine.num_total_blocks,
-             engine.layout.block_size, engine.device)
+             engine.layout.block_size, engine.device, engine.tp.size)
     while not stop.wait(1.0):
         pass
     log.info("draining (up to %g s)", args.drain_timeout)
     finished = server.drain_and_stop()
+    engine.close()
     log.info("stopped%s", "" if finished else ": drain timeout, in-flight requests were cut off")
     return 0
 

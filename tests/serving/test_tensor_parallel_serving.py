@@ -1,0 +1,55 @@
+"""A tensor-parallel mixed worker (2 gloo ranks) serves what a single-rank one does, and lives and
+dies with its ranks."""
+
+import asyncio
+import os
+import pathlib
+import signal
+import time
+
+import pytest
+from support.serving import manifest, start_cluster, start_worker
+from test_exactness import complete_all, prompts
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_model_dir, tmp_path_factory):
+    doc = manifest("tp2", {"mixed": 1})
+    doc["spec"]["pools"]["mixed"]["tensorParallelSize"] = 2
+    cluster = start_cluster(doc, tiny_model_dir, tmp_path_factory.mktemp("tp2-logs"))
+    yield cluster
+    cluster.stop(15)
+
+
+def test_greedy_requests_through_two_ranks_match_one_rank(tp2, mixed):
+    jobs = prompts(12, seed=3)
+    through_tp2 = asyncio.run(complete_all(tp2.base_url, jobs))
+    assert through_tp2 == asyncio.run(complete_all(mixed.base_url, jobs))
+    assert sum(n for _, n, _ in through_tp2) >= 12 * 4
+
+
+def _ranks(pid: int) -> list[int]:
+    """The rank processes a worker started (spawned interpreters; not multiprocessing's resource tracker)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        children = [int(p) for p in f.read().split()]
+    return [p for p in children if b"spawn_main" in pathlib.Path(f"/proc/{p}/cmdline").read_bytes()]
+
+
+def _running(pid: int) -> bool:
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+def test_a_dead_rank_takes_the_worker_down_with_a_nonzero_exit(tiny_model_dir, tmp_path):
+    proc, _ = start_worker(tiny_model_dir, tmp_path, "mixed", "--tensor-parallel", "2")
+    try:
+        ranks = _ranks(proc.popen.pid)
+        assert len(ranks) == 2
+        os.kill(ranks[1], signal.SIGKILL)
+        assert proc.popen.wait(60) != 0
+        time.sleep(0.5)
+        assert not any(_running(p) for p in ranks)
+    finally:
+        proc.stop(5)
