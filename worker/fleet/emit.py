@@ -30,6 +30,7 @@ def _pool(profiles: Profiles, model: str, hardware: str, tp: int, machines: int,
     replicas = machines * perf.instances_per_machine
     return {
         "replicas": replicas,
+        "tensorParallelSize": tp,
         "autoscaling": {"minReplicas": max(1, math.floor(replicas * 0.5)), "maxReplicas": max(2, replicas * 2),
                         "metric": metric, "targetPerReplica": target},
         "resources": {"requests": {"nvidia.com/gpu": tp}, "limits": {"nvidia.com/gpu": tp}},
