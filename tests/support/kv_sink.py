@@ -9,9 +9,11 @@ from concurrent import futures
 import grpc
 import torch
 
-from phasesplit.transport.base import CapacityError, check_layout, num_prompt_blocks
-from phasesplit.transport.blocks import write_blocks
-from phasesplit.transport.grpc_kv import SERVER_OPTIONS, add_token_worker_to_server, handle_push_kv
+from phasesplit.transport import make_receiver
+from phasesplit.transport.base import CapacityError, TransferAborted, check_layout, num_prompt_blocks
+from phasesplit.transport.blocks import CacheDestination
+from phasesplit.transport.channels import SERVER_OPTIONS
+from phasesplit.transport.grpc_kv import add_token_worker_to_server
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc
 
@@ -23,7 +25,7 @@ def make_layout(dtype="float32", *, num_layers=3, num_kv_heads=2, head_dim=8, bl
 
 def make_header(layout, num_tokens, request_id="req-1"):
     return pb.KVHeader(request_id=request_id, layout=layout, prompt_token_ids=list(range(1, num_tokens + 1)),
-                       first_token=7, sampling=pb.SamplingParams(max_tokens=4))
+                       first_token=7)
 
 
 def make_cache(layout, num_blocks, *, seed=0, device="cpu"):
@@ -36,17 +38,20 @@ def make_cache(layout, num_blocks, *, seed=0, device="cpu"):
     return k, v
 
 
-class TensorDestination:
+class TensorDestination(CacheDestination):
     def __init__(self, sink: TensorSink, request_id: str, block_ids: list[int]):
         self.sink, self.request_id, self.block_ids = sink, request_id, block_ids
+        self.lock = threading.Lock()
         self.state = "open"
         self.writes = 0
 
-    def write(self, layer, kind, block_start, block_count, data):
-        assert self.state == "open", f"write after {self.state}"
+    def cache(self, layer, kind):
+        if self.state != "open":
+            raise TransferAborted(f"write after {self.state}")
         self.sink.before_write(self)
-        cache = (self.sink.k if kind == 0 else self.sink.v)[layer]
-        write_blocks(cache, self.block_ids[block_start:block_start + block_count], data)
+        return (self.sink.k if kind == 0 else self.sink.v)[layer]
+
+    def written(self):
         self.writes += 1
 
     def commit(self):
@@ -101,10 +106,10 @@ class TensorSink:
 
 class KVServicer(worker_pb2_grpc.TokenWorkerServicer):
     def __init__(self, sink, timeout):
-        self.sink, self.timeout = sink, timeout
+        self.receiver = make_receiver("grpc", sink, layout=sink.layout, timeout=timeout)
 
     def PushKV(self, request_iterator, context):
-        return handle_push_kv(request_iterator, context, self.sink, timeout=self.timeout)
+        return self.receiver.push_kv(request_iterator, context)
 
 
 class KVServer:

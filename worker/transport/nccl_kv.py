@@ -26,10 +26,10 @@ import torch
 
 from phasesplit.transport import kv_group
 from phasesplit.transport.base import (
-    DTYPES, KVDataLoss, TransferAborted, TransferError, TransferResult, TransferTimeout, layout_to_proto,
-    num_prompt_blocks, validate_layout,
+    DTYPES, KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, check_header,
+    error_from_status, layout_to_proto,
 )
-from phasesplit.transport.grpc_kv import CHANNEL_OPTIONS, error_from_status
+from phasesplit.transport.channels import Channels
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -48,10 +48,9 @@ class NcclKVSender:
         self._header = header
         self._timeout = timeout
         self.transfer_id = next(_transfer_ids)
-        self.num_layers = header.layout.num_layers
-        self.num_blocks = num_prompt_blocks(header)
-        self._block_shape = (header.layout.block_size, header.layout.num_kv_heads, header.layout.head_dim)
-        self._dtype = DTYPES[header.layout.dtype]
+        self._shape = LayerShape.of(header)
+        self.num_layers = self._shape.num_layers
+        self.num_blocks = self._shape.num_blocks
         self._cond = threading.Condition()
         self._layers_seen: set[int] = set()
         self._accepted = False
@@ -78,7 +77,8 @@ class NcclKVSender:
     # ---- KVSender ----
 
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, block_ids: list[int] | None = None) -> None:
-        ids = self._check_layer(layer, k, v, block_ids)
+        ids = self._shape.check(layer, k, v, block_ids, self._layers_seen,
+                                None if self._pair is None else self._pair.device)
         with self._cond:
             self._layers_seen.add(layer)
             if self._error is not None:
@@ -173,28 +173,6 @@ class NcclKVSender:
                 if self._error is None and not self._committed:
                     self._error = KVDataLoss("the token worker ended the transfer without committing it")
                 self._cond.notify_all()
-
-    def _check_layer(self, layer, k, v, block_ids) -> list[int]:
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if layer in self._layers_seen:
-            raise ValueError(f"layer {layer} was already sent")
-        for name, t in (("k", k), ("v", v)):
-            if t.dtype != self._dtype or t.dim() != 4 or tuple(t.shape[1:]) != self._block_shape:
-                raise ValueError(f"{name} must be {self._dtype} [blocks, {', '.join(map(str, self._block_shape))}]"
-                                 f", got {t.dtype} {list(t.shape)}")
-        if self._pair is not None and k.device.type != self._pair.device.type:
-            raise ValueError(f"k and v must be on {self._pair.device} (the transport's device), got {t.device}")
-        if block_ids is None:
-            if k.shape[0] < self.num_blocks:
-                raise ValueError(f"k holds {k.shape[0]} blocks, the prompt needs {self.num_blocks}")
-            return list(range(self.num_blocks))
-        ids = [int(i) for i in block_ids[:self.num_blocks]]
-        if len(ids) < self.num_blocks:
-            raise ValueError(f"block_ids has {len(ids)} ids, the prompt needs {self.num_blocks}")
-        if min(ids) < 0 or max(ids) >= k.shape[0]:
-            raise ValueError(f"block_ids must be in [0, {k.shape[0]}), got {ids}")
-        return ids
 
 
 _transfer_ids = itertools.count(1)
@@ -382,17 +360,13 @@ class NcclKVTransport:
         self.backend = kv_group.backend_for(self.device)
         self._timeout = timeout
         self._max_queued = max_queued_layers
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels = Channels()
         self._pairs: dict[str, _Pair] = {}
         self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._lock = threading.Lock()
 
     def open(self, addr: str, header: pb.KVHeader) -> NcclKVSender:
-        validate_layout(header.layout)
-        if not header.request_id:
-            raise ValueError("header.request_id must not be empty")
-        if not header.prompt_token_ids:
-            raise ValueError("header.prompt_token_ids must not be empty")
+        check_header(header)
         try:
             pair = self._pair(addr, header.layout)
         except TransferError as exc:
@@ -402,11 +376,9 @@ class NcclKVTransport:
     def close(self) -> None:
         with self._lock:
             pairs, self._pairs = list(self._pairs.values()), {}
-            channels, self._channels = list(self._channels.values()), {}
         for pair in pairs:
             pair.close()
-        for channel in channels:
-            channel.close()
+        self._channels.close()
 
     def __enter__(self) -> NcclKVTransport:
         return self
@@ -422,12 +394,9 @@ class NcclKVTransport:
                 pair = self._pairs.get(addr)
                 if pair is not None and pair.error is None and pair.layout == layout:
                     return pair
-                channel = self._channels.get(addr)
-                if channel is None:
-                    channel = self._channels[addr] = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
             if pair is not None:
                 pair.close()
-            pair = _Pair(addr, channel, layout_to_proto(layout), self.device, self._timeout, self._max_queued)
+            pair = _Pair(addr, self._channels.get(addr), layout_to_proto(layout), self.device, self._timeout, self._max_queued)
             with self._lock:
                 self._pairs[addr] = pair
             return pair
