@@ -38,6 +38,37 @@ def make_cache(layout, num_blocks, *, seed=0, device="cpu"):
     return k, v
 
 
+SENDER_BLOCKS = [9, 2, 3, 4, 17, 0, 11, 12, 13, 5, 30, 31]  # runs and gaps
+
+
+def send_all(sender, k, v, block_ids=SENDER_BLOCKS):
+    for layer in range(len(k)):
+        sender.send_layer(layer, k[layer], v[layer], block_ids)
+    return sender.finish()
+
+
+def assert_received(sink, k, v, block_ids, request_id="req-1"):
+    """The blocks the sink committed for `request_id` hold the sent blocks' bytes (and are other blocks)."""
+    dest_ids = sink.committed[request_id]
+    assert dest_ids != block_ids[:len(dest_ids)]
+    for layer in range(len(k)):
+        for name, src, dst in (("k", k, sink.k), ("v", v, sink.v)):
+            sent = src[layer][block_ids[:len(dest_ids)]].cpu().view(torch.uint8)
+            got = dst[layer][dest_ids].cpu().view(torch.uint8)
+            assert torch.equal(sent, got), f"layer {layer} {name} differs"
+
+
+def eventually(predicate, timeout=7.0):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def all_free(sink, timeout=7.0):
+    return eventually(lambda: sorted(sink.free) == list(range(sink.num_blocks)), timeout)
+
+
 class TensorDestination(CacheDestination):
     def __init__(self, sink: TensorSink, request_id: str, block_ids: list[int]):
         self.sink, self.request_id, self.block_ids = sink, request_id, block_ids
@@ -72,6 +103,7 @@ class TensorSink:
 
     def __init__(self, layout, num_blocks=64, device="cpu", share_layers=False):
         self.layout = layout
+        self.device = device
         if share_layers:  # one tensor stands for every layer: for tests of many layers
             one = pb.KVLayout()
             one.CopyFrom(layout)
@@ -110,6 +142,25 @@ class KVServicer(worker_pb2_grpc.TokenWorkerServicer):
 
     def PushKV(self, request_iterator, context):
         return self.receiver.push_kv(request_iterator, context)
+
+
+class ReceiverServer:
+    """A token-worker-like gRPC server with a backend's receiving side (`make_receiver`) over `sink`."""
+
+    def __init__(self, sink, backend, *, timeout=10.0, port=None):
+        self.sink = sink
+        self.service = make_receiver(backend, sink, layout=sink.layout, device=sink.device, timeout=timeout)
+        self.executor = futures.ThreadPoolExecutor(max_workers=8)
+        self.server = grpc.server(self.executor)
+        self.service.add_to_server(self.server)
+        self.addr = f"127.0.0.1:{self.server.add_insecure_port(f'127.0.0.1:{port or 0}')}"
+        self.server.start()
+
+    def stop(self):
+        self.sink.gate.set()
+        self.server.stop(None).wait()
+        self.service.close()
+        self.executor.shutdown(wait=True)
 
 
 class KVServer:

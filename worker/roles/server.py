@@ -67,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def sending_transport(backend: str, timeout: float, device="cpu"):
     from phasesplit import transport
-    options = {"device": device} if backend == "nccl" else {}  # a process group sends from the cache's device
+    options = {"device": device} if backend in ("nccl", "tcp") else {}  # they send from the cache's device
     return transport.make_transport(backend, timeout=timeout, **options)
 
 

@@ -185,7 +185,7 @@ class _Pair:
                  timeout: float, max_queued: int):
         self.addr = addr
         self.device = device
-        self.backend = kv_group.backend_for(device)
+        self.backend = self.link_backend(device)
         self.group_id = uuid.uuid4().hex
         self.stub = pb_grpc.KVGroupStub(channel)
         self.timeout = timeout
@@ -201,7 +201,7 @@ class _Pair:
         if host.startswith("dns:"):
             host = host[4:]
         self.layout = layout
-        self.group = self._connect(host, layout)
+        self.group = self._join(host, self._endpoint(host, layout))
         self._thread = threading.Thread(target=self._run, name=f"kv-pair-{addr}", daemon=True)
         self._thread.start()
 
@@ -241,12 +241,20 @@ class _Pair:
                 self._cond.notify_all()
         self._thread.join(self.timeout)
 
-    def _connect(self, host: str, layout: pb.KVLayout):
+    @staticmethod
+    def link_backend(device: torch.device) -> str:
+        return kv_group.backend_for(device)
+
+    def _endpoint(self, host: str, layout: pb.KVLayout) -> pb.KVGroupEndpoint:
+        """The token worker's side of the pair (KVGroup.Connect: backend and layout checked there)."""
         request = pb.KVGroupConnect(group_id=self.group_id, backend=self.backend, layout=layout, host=host)
         try:
-            endpoint = self.stub.Connect(request, timeout=self.timeout)
+            return self.stub.Connect(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_status(exc.code(), exc.details() or "") from exc
+
+    def _join(self, host: str, endpoint: pb.KVGroupEndpoint):
+        """This side of the data path: a process group with the token worker."""
         store = kv_group.connect_store(host, endpoint.store_port, self.timeout)
         bind = kv_group.local_address_towards(host)
         return kv_group.make_group(self.backend, store, self.group_id, kv_group.PROMPT_RANK, bind, self.timeout)
@@ -284,8 +292,11 @@ class _Pair:
             log.warning("KV group with %s broken, discarding it: %s", self.addr, exc)
             self.broken(exc)
         self._fail_all()
-        kv_group.discard(self.group)
+        self._discard()
         self._in_flight.clear()
+
+    def _discard(self) -> None:
+        kv_group.discard(self.group)
 
     def _send_layer(self, sender: NcclKVSender, layer: int, k, v, ids: list[int], ready) -> None:
         if not sender.wants_data() or not sender.wait_accepted():
@@ -347,6 +358,7 @@ class NcclKVTransport:
     """Sends KV to token workers over per-pair process groups; one group per token worker address."""
 
     name = "nccl"
+    pair_class = _Pair
 
     def __init__(self, *, device: str | torch.device = "cpu", timeout: float = DEFAULT_TIMEOUT,
                  max_queued_layers: int = DEFAULT_MAX_QUEUED_LAYERS):
@@ -357,7 +369,7 @@ class NcclKVTransport:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.backend = kv_group.backend_for(self.device)
+        self.backend = self.pair_class.link_backend(self.device)
         self._timeout = timeout
         self._max_queued = max_queued_layers
         self._channels = Channels()
@@ -396,7 +408,7 @@ class NcclKVTransport:
                     return pair
             if pair is not None:
                 pair.close()
-            pair = _Pair(addr, self._channels.get(addr), layout_to_proto(layout), self.device, self._timeout, self._max_queued)
+            pair = self.pair_class(addr, self._channels.get(addr), layout_to_proto(layout), self.device, self._timeout, self._max_queued)
             with self._lock:
                 self._pairs[addr] = pair
             return pair

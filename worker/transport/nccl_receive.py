@@ -49,26 +49,35 @@ class _Incoming:
     def complete(self) -> bool:
         return len(self.layers) == self.num_layers
 
-    def write(self, layer: int, frame: torch.Tensor) -> None:
-        """frame: [2, num_blocks, block_size, kv_heads, head_dim] (K, V) of `layer`."""
+    def accepts(self, layer: int, num_blocks: int) -> bool:
+        """Whether a frame of `layer` with `num_blocks` blocks is to be stored (a bad one fails the transfer)."""
         with self.cond:
             if self.ended:
-                return
-            if frame.shape[1] != self.num_blocks or not 0 <= layer < self.num_layers or layer in self.layers:
-                self._fail(TransferError(f"bad frame: layer {layer} with {frame.shape[1]} blocks "
+                return False
+            if num_blocks != self.num_blocks or not 0 <= layer < self.num_layers or layer in self.layers:
+                self._fail(TransferError(f"bad frame: layer {layer} with {num_blocks} blocks "
                                          f"(expected each of {self.num_layers} layers once, {self.num_blocks} blocks)"))
-                return
+                return False
+            return True
+
+    def stored(self, layer: int, nbytes: int) -> None:
+        with self.cond:
+            self.layers.add(layer)
+            self.bytes += nbytes
+            self.progress = time.monotonic()
+            self.cond.notify_all()
+
+    def write(self, layer: int, frame: torch.Tensor) -> None:
+        """frame: [2, num_blocks, block_size, kv_heads, head_dim] (K, V) of `layer`."""
+        if not self.accepts(layer, frame.shape[1]):
+            return
         try:
             for kind in (K, V):
                 self.dest.write_tensor(layer, kind, 0, frame[kind])
         except Exception as exc:  # noqa: BLE001 - the destination refused (freed, aborted): drop the frame
             self.fail(TransferAborted(f"writing layer {layer} failed: {exc}"))
             return
-        with self.cond:
-            self.layers.add(layer)
-            self.bytes += frame.numel() * frame.element_size()
-            self.progress = time.monotonic()
-            self.cond.notify_all()
+        self.stored(layer, frame.numel() * frame.element_size())
 
     def commit(self) -> bool:
         with self.cond:
@@ -122,16 +131,23 @@ class _Group:
     def _run(self) -> None:
         service = self.service
         try:
-            self.pg = kv_group.make_group(service.backend, service.store, self.group_id, kv_group.TOKEN_RANK,
-                                          self.bind_host, service.timeout)
+            self.pg = self._join()
             self._receive()
         except kv_group.GroupBroken as exc:
             self._broken(str(exc))
         finally:
             service.drop(self)
-            kv_group.discard(self.pg)
+            self.discard()
             self.pg = None  # destroyed now, with its threads, not by the interpreter at exit
             service.ended(self)
+
+    def _join(self):
+        service = self.service
+        return kv_group.make_group(service.backend, service.store, self.group_id, kv_group.TOKEN_RANK,
+                                   self.bind_host, service.timeout)
+
+    def discard(self) -> None:
+        kv_group.discard(self.pg)
 
     def _receive(self) -> None:
         """Read frames until CLOSE. While layer i is stored into its destination, layer i+1 is already
@@ -199,13 +215,19 @@ class KVGroupService(pb_grpc.KVGroupServicer):
         self.backend = kv_group.backend_for(self.device)
         self.timeout = timeout
         self.idle_timeout = idle_timeout
-        try:
-            self.store = kv_group.host_store(store_port, timeout)
-        except (RuntimeError, OSError) as exc:
-            raise OSError(f"cannot host the KV rendezvous store on port {store_port}: {exc}") from exc
+        self.store = self._listen(store_port)
         self._groups: dict[str, _Group] = {}
         self._running: set[_Group] = set()  # groups whose thread has not ended, registered or not
         self._lock = threading.Lock()
+
+    group_class = _Group
+
+    def _listen(self, port: int):
+        """Where the prompt workers join (rendezvous store); its `port` goes back in KVGroupEndpoint."""
+        try:
+            return kv_group.host_store(port, self.timeout)
+        except (RuntimeError, OSError) as exc:
+            raise OSError(f"cannot host the KV rendezvous store on port {port}: {exc}") from exc
 
     @property
     def store_port(self) -> int:
@@ -224,7 +246,7 @@ class KVGroupService(pb_grpc.KVGroupServicer):
         with self._lock:
             groups, self._groups = list(self._running), {}
         for group in groups:
-            kv_group.discard(group.pg)
+            group.discard()
         for group in groups:
             group.thread.join(self.timeout)
 
@@ -248,7 +270,7 @@ class KVGroupService(pb_grpc.KVGroupServicer):
             check_layout(self.layout, request.layout)
         except LayoutMismatch as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        group = _Group(self, request.group_id, request.host or "127.0.0.1")
+        group = self.group_class(self, request.group_id, request.host or "127.0.0.1")
         with self._lock:
             if request.group_id in self._groups:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"group_id: {request.group_id} is in use")
