@@ -245,6 +245,8 @@ def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[s
         args.append("--no-layerwise")
     if spec.kv_transfer.backend == "nccl":  # the token side hosts the pair groups' rendezvous store here
         args += ["--nccl-port", str(spec.kv_transfer.nccl.port)]
+    if spec.kv_transfer.backend == "tcp":  # the token side takes the KV bytes on this port
+        args += ["--kv-tcp-port", str(spec.kv_transfer.tcp.port)]
     return args
 
 
@@ -268,6 +270,8 @@ def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool:
     ports = [{"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"}]
     if spec.kv_transfer.backend == "nccl":
         ports.append({"name": "nccl", "containerPort": spec.kv_transfer.nccl.port, "protocol": "TCP"})
+    if spec.kv_transfer.backend == "tcp":
+        ports.append({"name": "kv-tcp", "containerPort": spec.kv_transfer.tcp.port, "protocol": "TCP"})
     container = {
         "name": "worker", "image": spec.images.worker, "imagePullPolicy": spec.images.pull_policy,
         "args": worker_args(spec, role, pool),
@@ -362,6 +366,8 @@ def build_network_policy(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     if spec.kv_transfer.backend == "nccl":
         # NCCL opens its own ephemeral ports between prompt and token workers.
         ingress.append({"from": [{"podSelector": workers}]})
+    if spec.kv_transfer.backend == "tcp":  # prompt workers send the KV bytes to the token workers' KV port
+        ingress.append({"from": [{"podSelector": workers}], "ports": [{"protocol": "TCP", "port": spec.kv_transfer.tcp.port}]})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": metadata(owner, network_policy_name(owner), "network"),
             "spec": {"podSelector": workers, "policyTypes": ["Ingress"], "ingress": ingress}}

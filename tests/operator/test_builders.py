@@ -172,3 +172,21 @@ def test_tensor_parallel_pool_runs_its_ranks_on_the_gpus_it_requests():
     assert worker["resources"]["requests"]["nvidia.com/gpu"] == worker["resources"]["limits"]["nvidia.com/gpu"] == 8
     shm = next(v for v in pod["volumes"] if v["name"] == "shm")
     assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+
+
+def test_tcp_workers_open_the_kv_port_to_each_other_only():
+    doc = load_example("tiny-cpu")
+    doc["spec"]["kvTransfer"] = {"backend": "tcp", "tcp": {"port": 29700}}
+    spec = si.SplitInference.model_validate(doc).spec
+    objs = builders.build_children(builders.Owner(doc["metadata"]["name"], "default", UID), spec)
+    workers = [pod["containers"][0] for pod in _pods(objs) if "--kv-backend" in pod["containers"][0]["args"]]
+    assert workers
+    for c in workers:
+        assert c["args"][c["args"].index("--kv-tcp-port") + 1] == "29700"
+        assert {"name": "kv-tcp", "containerPort": 29700, "protocol": "TCP"} in c["ports"]
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    (rule,) = [r for r in policy["spec"]["ingress"] if r.get("ports") == [{"protocol": "TCP", "port": 29700}]]
+    assert rule["from"][0]["podSelector"] == policy["spec"]["podSelector"]  # from the workers, not the router
+    with pytest.raises(ValueError, match="backend"):
+        doc["spec"]["kvTransfer"] = {"backend": "tcpx"}
+        si.SplitInference.model_validate(doc)

@@ -33,7 +33,7 @@ INVALID = [
     ("min > max", [("spec.pools.token.autoscaling.minReplicas", 3), ("spec.pools.token.autoscaling.maxReplicas", 2),
                    ("spec.pools.token.replicas", 2)], "spec.pools.token.autoscaling.minReplicas"),
     ("replicas above max", [("spec.pools.prompt.replicas", 9)], "spec.pools.prompt.replicas"),
-    ("unknown backend", [("spec.kvTransfer.backend", "tcp")], "spec.kvTransfer.backend"),
+    ("unknown backend", [("spec.kvTransfer.backend", "rdma")], "spec.kvTransfer.backend"),
     ("missing model source", [("spec.model.source", {})], "spec.model.source"),
     ("two model sources", [("spec.model.source.pvc", {"claimName": "models"})], "spec.model.source"),
     ("relative host path", [("spec.model.source.hostPath.path", "models/tiny")], "spec.model.source.hostPath.path"),

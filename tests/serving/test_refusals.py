@@ -41,7 +41,7 @@ def push_kv(address: str, chunks, timeout: float = 20):
 
 
 def kv_chunks(layout: pb.KVLayout, request_id: str, corrupt: bool = False) -> list[bytes]:
-    header = pb.KVHeader(request_id=request_id, layout=layout, prompt_token_ids=PROMPT, sampling=GREEDY)
+    header = pb.KVHeader(request_id=request_id, layout=layout, prompt_token_ids=PROMPT)
     blocks = -(-len(PROMPT) // layout.block_size)
     size = blocks * layout.block_size * layout.num_kv_heads * layout.head_dim * 4
     chunks = [wire.encode_header(header)]

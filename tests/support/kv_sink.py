@@ -9,9 +9,11 @@ from concurrent import futures
 import grpc
 import torch
 
-from phasesplit.transport.base import CapacityError, check_layout, num_prompt_blocks
-from phasesplit.transport.blocks import write_blocks
-from phasesplit.transport.grpc_kv import SERVER_OPTIONS, add_token_worker_to_server, handle_push_kv
+from phasesplit.transport import make_receiver
+from phasesplit.transport.base import CapacityError, TransferAborted, check_layout, num_prompt_blocks
+from phasesplit.transport.blocks import CacheDestination
+from phasesplit.transport.channels import SERVER_OPTIONS
+from phasesplit.transport.grpc_kv import add_token_worker_to_server
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc
 
@@ -23,7 +25,7 @@ def make_layout(dtype="float32", *, num_layers=3, num_kv_heads=2, head_dim=8, bl
 
 def make_header(layout, num_tokens, request_id="req-1"):
     return pb.KVHeader(request_id=request_id, layout=layout, prompt_token_ids=list(range(1, num_tokens + 1)),
-                       first_token=7, sampling=pb.SamplingParams(max_tokens=4))
+                       first_token=7)
 
 
 def make_cache(layout, num_blocks, *, seed=0, device="cpu"):
@@ -36,17 +38,51 @@ def make_cache(layout, num_blocks, *, seed=0, device="cpu"):
     return k, v
 
 
-class TensorDestination:
+SENDER_BLOCKS = [9, 2, 3, 4, 17, 0, 11, 12, 13, 5, 30, 31]  # runs and gaps
+
+
+def send_all(sender, k, v, block_ids=SENDER_BLOCKS):
+    for layer in range(len(k)):
+        sender.send_layer(layer, k[layer], v[layer], block_ids)
+    return sender.finish()
+
+
+def assert_received(sink, k, v, block_ids, request_id="req-1"):
+    """The blocks the sink committed for `request_id` hold the sent blocks' bytes (and are other blocks)."""
+    dest_ids = sink.committed[request_id]
+    assert dest_ids != block_ids[:len(dest_ids)]
+    for layer in range(len(k)):
+        for name, src, dst in (("k", k, sink.k), ("v", v, sink.v)):
+            sent = src[layer][block_ids[:len(dest_ids)]].cpu().view(torch.uint8)
+            got = dst[layer][dest_ids].cpu().view(torch.uint8)
+            assert torch.equal(sent, got), f"layer {layer} {name} differs"
+
+
+def eventually(predicate, timeout=7.0):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return predicate()
+
+
+def all_free(sink, timeout=7.0):
+    return eventually(lambda: sorted(sink.free) == list(range(sink.num_blocks)), timeout)
+
+
+class TensorDestination(CacheDestination):
     def __init__(self, sink: TensorSink, request_id: str, block_ids: list[int]):
         self.sink, self.request_id, self.block_ids = sink, request_id, block_ids
+        self.lock = threading.Lock()
         self.state = "open"
         self.writes = 0
 
-    def write(self, layer, kind, block_start, block_count, data):
-        assert self.state == "open", f"write after {self.state}"
+    def cache(self, layer, kind):
+        if self.state != "open":
+            raise TransferAborted(f"write after {self.state}")
         self.sink.before_write(self)
-        cache = (self.sink.k if kind == 0 else self.sink.v)[layer]
-        write_blocks(cache, self.block_ids[block_start:block_start + block_count], data)
+        return (self.sink.k if kind == 0 else self.sink.v)[layer]
+
+    def written(self):
         self.writes += 1
 
     def commit(self):
@@ -67,6 +103,7 @@ class TensorSink:
 
     def __init__(self, layout, num_blocks=64, device="cpu", share_layers=False):
         self.layout = layout
+        self.device = device
         if share_layers:  # one tensor stands for every layer: for tests of many layers
             one = pb.KVLayout()
             one.CopyFrom(layout)
@@ -101,10 +138,29 @@ class TensorSink:
 
 class KVServicer(worker_pb2_grpc.TokenWorkerServicer):
     def __init__(self, sink, timeout):
-        self.sink, self.timeout = sink, timeout
+        self.receiver = make_receiver("grpc", sink, layout=sink.layout, timeout=timeout)
 
     def PushKV(self, request_iterator, context):
-        return handle_push_kv(request_iterator, context, self.sink, timeout=self.timeout)
+        return self.receiver.push_kv(request_iterator, context)
+
+
+class ReceiverServer:
+    """A token-worker-like gRPC server with a backend's receiving side (`make_receiver`) over `sink`."""
+
+    def __init__(self, sink, backend, *, timeout=10.0, port=None):
+        self.sink = sink
+        self.service = make_receiver(backend, sink, layout=sink.layout, device=sink.device, timeout=timeout)
+        self.executor = futures.ThreadPoolExecutor(max_workers=8)
+        self.server = grpc.server(self.executor)
+        self.service.add_to_server(self.server)
+        self.addr = f"127.0.0.1:{self.server.add_insecure_port(f'127.0.0.1:{port or 0}')}"
+        self.server.start()
+
+    def stop(self):
+        self.sink.gate.set()
+        self.server.stop(None).wait()
+        self.service.close()
+        self.executor.shutdown(wait=True)
 
 
 class KVServer:

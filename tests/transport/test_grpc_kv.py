@@ -14,26 +14,7 @@ from phasesplit.transport.base import (
 )
 from phasesplit.transport.grpc_kv import GrpcKVTransport
 
-from support.kv_sink import TensorSink, make_cache, make_header, make_layout
-
-SENDER_BLOCKS = [9, 2, 3, 4, 17, 0, 11, 12, 13, 5, 30, 31]  # runs and gaps
-
-
-def send_all(sender, k, v, block_ids=SENDER_BLOCKS):
-    for layer in range(len(k)):
-        sender.send_layer(layer, k[layer], v[layer], block_ids)
-    return sender.finish()
-
-
-def assert_received(sink, k, v, block_ids, request_id="req-1"):
-    dest_ids = sink.committed[request_id]
-    assert dest_ids != block_ids[:len(dest_ids)]
-    for layer in range(len(k)):
-        for name, src, dst in (("k", k, sink.k), ("v", v, sink.v)):
-            sent = src[layer][block_ids[:len(dest_ids)]].cpu().view(torch.uint8)
-            got = dst[layer][dest_ids].cpu().view(torch.uint8)
-            assert torch.equal(sent, got), f"layer {layer} {name} differs"
-
+from support.kv_sink import SENDER_BLOCKS, TensorSink, assert_received, make_cache, make_header, make_layout, send_all
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("generated_registration", [False, True])
@@ -47,38 +28,6 @@ def test_bytes_arrive_identical_between_scattered_blocks(no_thread_leaks, serve,
     assert result.bytes == 2 * layout.num_layers * 12 * block_bytes(layout)
     assert result.seconds > 0
     assert_received(server.sink, k, v, SENDER_BLOCKS)
-
-
-def test_per_sequence_tensors_without_block_ids(no_thread_leaks, serve):
-    layout = make_layout("bfloat16")
-    server = serve(TensorSink(layout))
-    k, v = make_cache(layout, 5, seed=2)
-    with GrpcKVTransport() as transport:
-        send_all(transport.open(server.addr, make_header(layout, 17)), k, v, block_ids=None)
-    assert_received(server.sink, k, v, [0, 1, 2, 3, 4])
-
-
-@pytest.mark.parametrize("field, value", [("block_size", 8), ("dtype", "float16"), ("num_kv_heads", 4)])
-def test_layout_mismatch_is_refused_before_any_data(no_thread_leaks, serve, field, value):
-    server = serve(TensorSink(make_layout()))
-    theirs = make_layout(**{field: value})
-    k, v = make_cache(theirs, 16)
-    with GrpcKVTransport() as transport:
-        sender = transport.open(server.addr, make_header(theirs, 20))
-        with pytest.raises(LayoutMismatch) as err:
-            send_all(sender, k, v, block_ids=None)
-    ours = getattr(make_layout(), field)
-    assert field in str(err.value) and repr(ours) in str(err.value) and repr(value) in str(err.value)
-    assert server.sink.destinations == []
-
-
-def test_capacity_refusal(no_thread_leaks, serve):
-    layout = make_layout()
-    server = serve(TensorSink(layout, num_blocks=4))
-    k, v = make_cache(layout, 16)
-    with GrpcKVTransport() as transport, pytest.raises(CapacityError, match="need 5 KV blocks, 4 free"):
-        send_all(transport.open(server.addr, make_header(layout, 20)), k, v, block_ids=None)
-    assert server.sink.destinations == []
 
 
 def test_corrupted_chunk_is_detected_and_the_destination_freed(no_thread_leaks, serve, monkeypatch):
@@ -99,38 +48,6 @@ def test_corrupted_chunk_is_detected_and_the_destination_freed(no_thread_leaks, 
     assert dest.state == "aborted" and dest.writes == 2
     assert sorted(server.sink.free) == list(range(server.sink.num_blocks))
     assert server.sink.committed == {}
-
-
-def test_missing_layers_fail_both_sides(no_thread_leaks, serve):
-    layout = make_layout()
-    server = serve(TensorSink(layout))
-    k, v = make_cache(layout, 16)
-    with GrpcKVTransport() as transport:
-        sender = transport.open(server.addr, make_header(layout, 8))
-        sender.send_layer(0, k[0], v[0])
-        _wait_for(lambda: server.sink.destinations and server.sink.destinations[0].writes == 2)
-        with pytest.raises(KVDataLoss, match=r"layers \[1, 2\]"):
-            sender.finish()
-    _wait_for(lambda: server.sink.destinations and server.sink.destinations[0].state == "aborted")
-    assert len(server.sink.free) == server.sink.num_blocks
-
-
-def test_a_stalled_sender_makes_the_receiver_abort_within_the_timeout(no_thread_leaks, serve):
-    layout = make_layout()
-    server = serve(TensorSink(layout), timeout=0.5)
-    k, v = make_cache(layout, 16)
-    with GrpcKVTransport() as transport:
-        sender = transport.open(server.addr, make_header(layout, 8))
-        sender.send_layer(0, k[0], v[0])
-        _wait_for(lambda: server.sink.destinations and server.sink.destinations[0].writes == 2)
-        last_write = time.monotonic()
-        _wait_for(lambda: server.sink.aborted_at is not None, timeout=3)  # the prompt side never goes on
-        assert 0.4 < server.sink.aborted_at - last_write < 1.5
-        sender.send_layer(1, k[1], v[1])  # a failed transfer never raises here...
-        sender.send_layer(2, k[2], v[2])
-        with pytest.raises(TransferError):  # ...but finish() does
-            sender.finish()
-    assert len(server.sink.free) == server.sink.num_blocks
 
 
 def test_a_stalled_receiver_makes_finish_raise_within_the_timeout(no_thread_leaks, serve):
@@ -182,24 +99,6 @@ def test_a_slow_receiver_blocks_send_layer_after_the_queue_bound(no_thread_leaks
     assert_received(server.sink, k, v, list(range(8)))
 
 
-def test_abort_releases_everything(no_thread_leaks, serve):
-    layout = make_layout()
-    server = serve(TensorSink(layout))
-    k, v = make_cache(layout, 16)
-    with GrpcKVTransport() as transport:
-        sender = transport.open(server.addr, make_header(layout, 8))
-        sender.send_layer(0, k[0], v[0])
-        _wait_for(lambda: server.sink.destinations and server.sink.destinations[0].writes == 2)
-        sender.abort()
-        sender.abort()
-        sender.send_layer(1, k[1], v[1])  # ignored after abort
-        with pytest.raises(TransferAborted):
-            sender.finish()
-        _wait_for(lambda: server.sink.destinations[0].state == "aborted")
-    assert len(server.sink.free) == server.sink.num_blocks
-    assert server.sink.committed == {}
-
-
 def test_abort_after_every_layer_was_sent_is_never_taken_for_a_complete_transfer(no_thread_leaks, serve):
     """A request that ends at its first token aborts a transfer whose bytes all arrived: the token
     worker must free them, not commit them (ending the stream by half-close would commit)."""
@@ -219,47 +118,6 @@ def test_abort_after_every_layer_was_sent_is_never_taken_for_a_complete_transfer
             assert dest.state == "aborted", f"transfer {i} was {dest.state} after the sender aborted it"
     assert server.sink.committed == {}
     assert len(server.sink.free) == server.sink.num_blocks
-
-
-def test_unreachable_token_worker_fails_finish(no_thread_leaks):
-    layout = make_layout()
-    k, v = make_cache(layout, 4)
-    with GrpcKVTransport(timeout=2) as transport, pytest.raises(TransferError, match="UNAVAILABLE"):
-        send_all(transport.open("127.0.0.1:1", make_header(layout, 8)), k, v, block_ids=None)
-
-
-def test_many_transfers_share_one_channel_and_run_concurrently(no_thread_leaks, serve):
-    layout = make_layout()
-    server = serve(TensorSink(layout, num_blocks=64))
-    k, v = make_cache(layout, 32, seed=5)
-    with GrpcKVTransport(chunk_bytes=4096) as transport:
-        senders = [transport.open(server.addr, make_header(layout, 12, request_id=f"r{i}")) for i in range(4)]
-        for layer in range(layout.num_layers):
-            for i, sender in enumerate(senders):
-                ids = [4 * i, 4 * i + 1, 4 * i + 2]
-                sender.send_layer(layer, k[layer], v[layer], ids)
-        results = [sender.finish() for sender in senders]
-    assert all(r.bytes == 2 * 3 * 3 * block_bytes(layout) for r in results)
-    for i in range(4):
-        assert_received(server.sink, k, v, [4 * i, 4 * i + 1, 4 * i + 2], request_id=f"r{i}")
-
-
-@pytest.mark.parametrize("bad, message", [
-    (dict(layer=3), r"layer must be in \[0, 3\)"),
-    (dict(dtype=torch.float16), "k must be torch.float32"),
-    (dict(block_ids=[0]), "block_ids has 1 ids, the prompt needs 2"),
-    (dict(block_ids=[0, 99]), r"block_ids must be in \[0, 16\)"),
-])
-def test_bad_send_layer_arguments_name_the_argument(no_thread_leaks, serve, bad, message):
-    layout = make_layout()
-    server = serve(TensorSink(layout))
-    k, v = make_cache(layout, 16)
-    with GrpcKVTransport() as transport:
-        sender = transport.open(server.addr, make_header(layout, 8))
-        kk = k[0].to(bad["dtype"]) if "dtype" in bad else k[0]
-        with pytest.raises(ValueError, match=message):
-            sender.send_layer(bad.get("layer", 0), kk, v[0], bad.get("block_ids", [0, 1]))
-        sender.abort()
 
 
 def test_bad_transport_options_name_the_option():

@@ -121,7 +121,7 @@ def test_backends_by_name():
         assert transport.name == "grpc"
     with make_transport("nccl", device="cpu", timeout=5) as transport:
         assert transport.name == "nccl" and transport.backend == "gloo"  # CPU caches: the gloo process group
-    with pytest.raises(ValueError, match="kv backend must be one of \\['grpc', 'nccl'\\], got 'nccl2'"):
+    with pytest.raises(ValueError, match="kv backend must be one of \\['grpc', 'nccl', 'tcp'\\], got 'nccl2'"):
         make_transport("nccl2")
 
 

@@ -275,12 +275,17 @@ class NcclSettings(Spec):
     port: int = Field(29500, ge=1024, le=65535, description="first port of the process-group stores")
 
 
+class TcpSettings(Spec):
+    port: int = Field(29600, ge=1024, le=65535, description="port on token workers where the KV bytes arrive")
+
+
 class KvTransfer(Spec):
-    backend: Literal["grpc", "nccl"] = "grpc"
+    backend: Literal["grpc", "nccl", "tcp"] = "grpc"
     layerwise: bool = True
     timeout_seconds: float = Field(30.0, gt=0, le=3600)
     lease_seconds: float = Field(60.0, gt=0, le=3600)
     nccl: NcclSettings = Field(default_factory=NcclSettings)
+    tcp: TcpSettings = Field(default_factory=TcpSettings)
 
 
 class Prometheus(Spec):

@@ -62,6 +62,9 @@ class StepOutput:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class KVExport:
+    """A request's prompt KV as the prompt worker hands it to a token worker (its proto form is
+    phasesplit.v1.KVHeader, see roles.convert) and as the token worker holds it (in `block_ids`)."""
+    request_id: str
     prompt_token_ids: list[int]
     first_token: int | None  # None while the prefill is still running (e.g. inside layer_hook)
     block_ids: list[int]
@@ -217,12 +220,12 @@ class LLMEngine:
         if seq is None or not seq.block_table:
             raise ValueError(f"request_id: {request_id!r} holds no KV blocks")
         first = seq.output_token_ids[0] if seq.num_output_tokens else None
-        return KVExport(seq.prompt_token_ids, first, list(seq.block_table))
+        return KVExport(request_id, seq.prompt_token_ids, first, list(seq.block_table))
 
     def release(self, request_id: str) -> bool:
         """Free the blocks of a prefill-only request or of a reservation."""
         if request_id in self.reserved:
-            self.block_manager.free_block_ids.extend(self.reserved.pop(request_id))
+            self.block_manager.free(self.reserved.pop(request_id))
             return True
         seq = self.requests.get(request_id)
         if seq is None or seq.status is not SequenceStatus.HELD:
@@ -256,7 +259,7 @@ class LLMEngine:
         try:
             seq = self._new_sequence(request_id, prompt_token_ids, params)
         except ValueError:
-            self.block_manager.free_block_ids.extend(blocks)
+            self.block_manager.free(blocks)
             raise
         seq.block_table = blocks
         seq.num_cached_tokens = seq.num_tokens

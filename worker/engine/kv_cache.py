@@ -71,8 +71,12 @@ class BlockManager:
             raise KVCapacityError(f"need {n} KV blocks, {self.num_free_blocks} free of {self.num_blocks}")
         return [self.free_block_ids.popleft() for _ in range(n)]
 
+    def free(self, block_ids: list[int]) -> None:
+        """Return blocks taken by `take` (or held in a block table) to the free list."""
+        self.free_block_ids.extend(block_ids)
+
     def deallocate(self, seq: Sequence) -> None:
-        self.free_block_ids.extend(seq.block_table)
+        self.free(seq.block_table)
         seq.block_table = []
 
     def can_append(self, seq: Sequence) -> bool:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import yaml
 
 POOLS = ("prompt", "token", "mixed")
-KV_BACKENDS = ("grpc", "nccl")
+KV_BACKENDS = ("grpc", "nccl", "tcp")
 
 
 @dataclass(slots=True)
@@ -54,8 +54,8 @@ def validate_manifest(doc: dict) -> dict:
 
 def build_plan(doc: dict, model_dir: str | None = None, port: int | None = None,
          drain_timeout: float = 30.0, device: str | None = None, kv_backend: str | None = None) -> LocalPlan:
-    """`kv_backend` (grpc or nccl) overrides spec.kvTransfer.backend; each token worker's rendezvous
-    store takes a free port, not spec.kvTransfer.nccl.port, so that several fit on one machine."""
+    """`kv_backend` (grpc, nccl or tcp) overrides spec.kvTransfer.backend; each token worker's rendezvous
+    store (nccl) or KV port (tcp) takes a free port, not the spec's, so that several fit on one machine."""
     spec = doc["spec"]
     model = spec["model"]
     model_dir = model_dir or _host_path(model)

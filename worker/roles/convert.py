@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from phasesplit.engine.engine import KVExport
 from phasesplit.engine.kv_cache import KVLayout
 from phasesplit.engine.sampler import SamplingParams
+from phasesplit.transport.base import layout_to_proto
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -31,3 +33,18 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
 def layout_from_proto(msg: pb.KVLayout) -> KVLayout:
     return KVLayout(model=msg.model, dtype=msg.dtype, num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads,
                     head_dim=msg.head_dim, block_size=msg.block_size)
+
+
+def kv_header(export: KVExport, layout) -> pb.KVHeader:
+    """The KV transfer's header: `export` without its blocks (the receiver reserves its own), with the layout."""
+    header = pb.KVHeader(request_id=export.request_id, layout=layout_to_proto(layout),
+                         prompt_token_ids=export.prompt_token_ids)
+    if export.first_token is not None:
+        header.first_token = export.first_token
+    return header
+
+
+def kv_export(header: pb.KVHeader, block_ids: list[int]) -> KVExport:
+    """The KV a header announces, held in `block_ids`."""
+    first = header.first_token if header.HasField("first_token") else None
+    return KVExport(header.request_id, list(header.prompt_token_ids), first, block_ids)

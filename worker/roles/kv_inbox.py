@@ -18,6 +18,7 @@ import time
 import torch
 
 from phasesplit.engine.kv_cache import KVCapacityError
+from phasesplit.roles.convert import kv_export
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.tombstones import Tombstones
 from phasesplit.transport import base, blocks
@@ -28,14 +29,14 @@ log = logging.getLogger(__name__)
 RECEIVING, READY, CLAIMED, FAILED = "receiving", "ready", "claimed", "failed"
 
 
-class ReceivedKV(base.KVDestination):
-    """One request's KV arriving into (or held in) reserved cache blocks."""
+class ReceivedKV(blocks.CacheDestination):
+    """One request's KV (`kv`: what the header announced, in the blocks reserved for it) arriving
+    into, or held in, the cache."""
 
     def __init__(self, inbox: KVInbox, header: pb.KVHeader, block_ids: list[int]):
         self.inbox = inbox
+        self.kv = kv_export(header, block_ids)
         self.request_id = header.request_id
-        self.prompt_token_ids = list(header.prompt_token_ids)
-        self.first_token = header.first_token if header.HasField("first_token") else None
         self.block_ids = block_ids
         self.state = RECEIVING
         self.error = ""
@@ -43,30 +44,14 @@ class ReceivedKV(base.KVDestination):
         self.lock = threading.Lock()  # a write and the release of its blocks never overlap
         self.settled = threading.Event()  # READY or FAILED
 
-    def write(self, layer: int, kind: int, block_start: int, block_count: int, data: memoryview) -> None:
-        with self.lock:
-            if self.state != RECEIVING:
-                raise base.TransferAborted(f"request {self.request_id}: transfer is {self.state}: {self.error}")
-            if block_start + block_count > len(self.block_ids):
-                raise base.KVDataLoss(f"request {self.request_id}: blocks [{block_start}, {block_start + block_count})"
-                                      f" outside the {len(self.block_ids)} reserved")
-            cache = self.inbox.engine.kv_cache.k[layer] if kind == base.K else self.inbox.engine.kv_cache.v[layer]
-            blocks.write_blocks(cache, self.block_ids[block_start:block_start + block_count], data)
-            self.touched = time.monotonic()
+    def cache(self, layer: int, kind: int) -> torch.Tensor:
+        if self.state != RECEIVING:
+            raise base.TransferAborted(f"request {self.request_id}: transfer is {self.state}: {self.error}")
+        cache = self.inbox.engine.kv_cache
+        return cache.k[layer] if kind == base.K else cache.v[layer]
 
-    def write_tensor(self, layer: int, kind: int, block_start: int, src) -> None:
-        """Like write, from a tensor [block_count, block_size, kv_heads, head_dim] on any device (no host copy
-        when it is on the cache's device: process-group transports)."""
-        with self.lock:
-            if self.state != RECEIVING:
-                raise base.TransferAborted(f"request {self.request_id}: transfer is {self.state}: {self.error}")
-            ids = self.block_ids[block_start:block_start + src.shape[0]]
-            if len(ids) != src.shape[0]:
-                raise base.KVDataLoss(f"request {self.request_id}: blocks [{block_start}, {block_start + src.shape[0]})"
-                                      f" outside the {len(self.block_ids)} reserved")
-            cache = self.inbox.engine.kv_cache.k[layer] if kind == base.K else self.inbox.engine.kv_cache.v[layer]
-            cache.index_copy_(0, torch.tensor(ids, device=cache.device), src.to(cache.device))
-            self.touched = time.monotonic()
+    def written(self) -> None:
+        self.touched = time.monotonic()
 
     def commit(self) -> None:
         with self.lock:

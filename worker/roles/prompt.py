@@ -15,27 +15,18 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from phasesplit.engine.engine import KVExport
 from phasesplit.v1.conventions import KV_PEER_FAILED
-from phasesplit.roles.convert import sampling_from_proto
-from phasesplit.transport.base import layout_to_proto
+from phasesplit.roles.convert import kv_header, sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
 from phasesplit.roles.remote_abort import RemoteAborts
 from phasesplit.roles.streaming import submit_or_abort
-from phasesplit.transport.base import (CapacityError, KVDataLoss, KVSender, LayoutMismatch, TransferAborted,
-                                       TransferError, TransferTimeout)
+from phasesplit.transport.base import KVSender, TransferError, status_of
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-TRANSFER_STATUS = {
-    LayoutMismatch: grpc.StatusCode.FAILED_PRECONDITION,
-    CapacityError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    KVDataLoss: grpc.StatusCode.DATA_LOSS,
-    TransferTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-    TransferAborted: grpc.StatusCode.ABORTED,
-}
 
 
 @dataclass(slots=True)
@@ -161,10 +152,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}")
 
     def _open(self, request, context, transfer: _Transfer, first_token: int | None) -> None:
-        header = pb.KVHeader(request_id=request.request_id, layout=layout_to_proto(self.core.engine.layout),
-                             prompt_token_ids=request.prompt_token_ids, sampling=request.sampling)
-        if first_token is not None:
-            header.first_token = first_token
+        export = KVExport(request.request_id, list(request.prompt_token_ids), first_token, [])
+        header = kv_header(export, self.core.engine.layout)
         transfer.timing.transfer_opened = time.perf_counter()
         try:
             transfer.sender = self.transport.open(request.token_worker, header)
@@ -186,8 +175,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         except TransferError as exc:
             self._drop(rid, abort_sender=True)
             context.set_trailing_metadata(((KV_PEER_FAILED, request.token_worker),))
-            context.abort(TRANSFER_STATUS.get(type(exc), grpc.StatusCode.UNAVAILABLE),
-                          f"KV transfer to {request.token_worker}: {exc}")
+            context.abort(status_of(exc), f"KV transfer to {request.token_worker}: {exc}")
         timing.acknowledged = time.perf_counter()
         timing.kv_bytes = result.bytes
         self._drop(rid, abort_sender=False)

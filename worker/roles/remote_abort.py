@@ -4,10 +4,10 @@ over), without waiting for the answer. One channel per address, kept until close
 from __future__ import annotations
 
 import logging
-import threading
 
 import grpc
 
+from phasesplit.transport.channels import Channels
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -17,26 +17,16 @@ log = logging.getLogger(__name__)
 class RemoteAborts:
     def __init__(self, timeout: float = 5.0):
         self.timeout = timeout
-        self._channels: dict[str, grpc.Channel] = {}
-        self._lock = threading.Lock()
+        self._channels = Channels(options=())
 
     def send(self, address: str, request_id: str) -> grpc.Future:
-        call = pb_grpc.WorkerStub(self._channel(address)).Abort.future(
+        call = pb_grpc.WorkerStub(self._channels.get(address)).Abort.future(
             pb.AbortRequest(request_id=request_id), timeout=self.timeout)
         call.add_done_callback(lambda f: _log_failure(f, address, request_id))
         return call
 
     def close(self) -> None:
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            channel.close()
-
-    def _channel(self, address: str) -> grpc.Channel:
-        with self._lock:
-            if address not in self._channels:
-                self._channels[address] = grpc.insecure_channel(address)
-            return self._channels[address]
+        self._channels.close()
 
 
 def _log_failure(call: grpc.Future, address: str, request_id: str) -> None:

@@ -47,9 +47,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--kv-backend", default="grpc", choices=("grpc", "nccl"))
+    p.add_argument("--kv-backend", default="grpc", choices=("grpc", "nccl", "tcp"))
     p.add_argument("--nccl-port", type=int, default=0,
                    help="token side of --kv-backend nccl: port of the process-group rendezvous store (0: any free port)")
+    p.add_argument("--kv-tcp-port", type=int, default=0,
+                   help="token side of --kv-backend tcp: port the KV bytes arrive on (0: any free port)")
     p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds a transfer may stall")
     p.add_argument("--kv-lease", type=float, default=30.0, help="seconds received KV waits for its Generate")
     p.add_argument("--no-layerwise", dest="layerwise", action="store_false",
@@ -72,7 +74,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def sending_transport(backend: str, timeout: float, device="cpu"):
     from phasesplit import transport
-    options = {"device": device} if backend == "nccl" else {}  # a process group sends from the cache's device
+    options = {"device": device} if backend in ("nccl", "tcp") else {}  # they send from the cache's device
     return transport.make_transport(backend, timeout=timeout, **options)
 
 
@@ -90,7 +92,7 @@ class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, args: argparse.Namespace, transport=None):
-        from phasesplit.transport import grpc_kv
+        from phasesplit.transport import channels, grpc_kv, make_receiver
         name = args.served_model_name or engine.layout.model
         self.settings = WorkerSettings(role=args.role, served_model_name=name,
                                        kv_transfer_timeout=args.kv_transfer_timeout, kv_lease=args.kv_lease,
@@ -101,10 +103,10 @@ class WorkerServer:
         self.health = health.HealthServicer()
         threads = args.grpc_threads or 2 * args.max_num_seqs + 16
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                                  options=list(grpc_kv.SERVER_OPTIONS))
+                                  options=list(channels.SERVER_OPTIONS))
         aborts = []
         self.prompt = None
-        self.kv_groups = None
+        self.kv_receiver = None
         if args.role in ("prompt", "mixed"):
             from phasesplit.roles.prompt import PromptService
             self.transport = transport or sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
@@ -115,11 +117,12 @@ class WorkerServer:
             from phasesplit.roles.token import TokenService
             grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox), self.server)
             aborts.append(self.inbox.abort)
-            if getattr(args, "kv_backend", "grpc") == "nccl":
-                from phasesplit.transport.nccl_receive import KVGroupService
-                self.kv_groups = KVGroupService(self.inbox, engine.layout, engine.device,
-                                                timeout=args.kv_transfer_timeout, store_port=getattr(args, "nccl_port", 0))
-                pb_grpc.add_KVGroupServicer_to_server(self.kv_groups, self.server)
+            backend = getattr(args, "kv_backend", "grpc")
+            if backend != "grpc":  # PushKV (grpc) is served by every token worker
+                port = getattr(args, "nccl_port" if backend == "nccl" else "kv_tcp_port", 0)
+                self.kv_receiver = make_receiver(backend, self.inbox, layout=engine.layout, device=engine.device,
+                                               timeout=args.kv_transfer_timeout, port=port)
+                self.kv_receiver.add_to_server(self.server)
         pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{args.host}:{args.port}")
@@ -149,8 +152,8 @@ class WorkerServer:
             self.prompt.close()
         if self.transport is not None:
             self.transport.close()
-        if self.kv_groups is not None:
-            self.kv_groups.close()
+        if self.kv_receiver is not None:
+            self.kv_receiver.close()
 
     def _not_serving(self) -> None:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -9,7 +9,7 @@ from phasesplit.roles.convert import sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import FAILED, KVInbox
 from phasesplit.roles.streaming import stream_tokens
-from phasesplit.transport.grpc_kv import handle_push_kv
+from phasesplit.transport import make_receiver
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 
@@ -17,10 +17,12 @@ class TokenService(pb_grpc.TokenWorkerServicer):
     def __init__(self, core: WorkerCore, inbox: KVInbox):
         self.core = core
         self.inbox = inbox
+        self.receiver = make_receiver("grpc", inbox, layout=core.engine.layout,
+                                      timeout=core.settings.kv_transfer_timeout)
 
     def PushKV(self, request_iterator, context):
         with self.core.tracked():
-            return handle_push_kv(request_iterator, context, self.inbox, timeout=self.core.settings.kv_transfer_timeout)
+            return self.receiver.push_kv(request_iterator, context)
 
     def Generate(self, request, context):
         with self.core.tracked():
@@ -54,7 +56,7 @@ class TokenService(pb_grpc.TokenWorkerServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no KV for {rid!r} arrived within {timeout:g} s")
         if entry.state == FAILED:
             context.abort(grpc.StatusCode.ABORTED, f"request {rid}: KV transfer failed: {entry.error}")
-        first_token = request.first_token if request.HasField("first_token") else entry.first_token
+        first_token = request.first_token if request.HasField("first_token") else entry.kv.first_token
         if first_token is None:
             self.inbox.abort(rid)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -64,7 +66,7 @@ class TokenService(pb_grpc.TokenWorkerServicer):
 
         def add():
             try:
-                engine.add_prefilled(rid, entry.prompt_token_ids, first_token, params)
+                engine.add_prefilled(rid, entry.kv.prompt_token_ids, first_token, params)
             except BaseException:
                 engine.release(rid)
                 raise

@@ -1,25 +1,39 @@
-"""KV transfer between prompt and token workers, behind one interface (gRPC, NCCL/gloo).
+"""KV transfer between prompt and token workers, behind one interface (gRPC, NCCL/gloo, TCP).
 
-`make_transport(backend, **options)` builds the sending side by name (`--kv-backend`). The
-receiving side is a `KVSink`, served through `grpc_kv.handle_push_kv` (grpc) or
-`nccl_receive.KVGroupService` (nccl: gRPC control, tensors over a process group; gloo on CPU).
+`make_transport(backend, **options)` builds the sending side by name (`--kv-backend`);
+`make_receiver(backend, sink, ...)` the receiving side of a token worker: what it adds to the
+worker's gRPC server to take the backend's transfers into a `KVSink`. Every token worker also
+takes gRPC pushes (`make_receiver("grpc", ...)`: the token service's PushKV).
 """
 
 from __future__ import annotations
 
 import importlib
 
-from phasesplit.transport.base import KVTransport
+from phasesplit.transport.base import KVReceiver, KVSink, KVTransport
 
-# name -> "module:class"; a backend registers here and accepts keyword options.
+# name -> ("module:sending class", "module:receiving class"); each accepts keyword options.
 BACKENDS = {
-    "grpc": "phasesplit.transport.grpc_kv:GrpcKVTransport",
-    "nccl": "phasesplit.transport.nccl_kv:NcclKVTransport",
+    "grpc": ("grpc_kv:GrpcKVTransport", "grpc_receive:PushKVReceiver"),
+    "nccl": ("nccl_kv:NcclKVTransport", "nccl_receive:KVGroupService"),
+    "tcp": ("tcp_kv:TcpKVTransport", "tcp_receive:TcpKVReceiver"),
 }
 
 
-def make_transport(backend: str = "grpc", **options) -> KVTransport:
+def _load(backend: str, side: int):
     if backend not in BACKENDS:
         raise ValueError(f"kv backend must be one of {sorted(BACKENDS)}, got {backend!r}")
-    module, name = BACKENDS[backend].split(":")
-    return getattr(importlib.import_module(module), name)(**options)
+    module, name = BACKENDS[backend][side].split(":")
+    return getattr(importlib.import_module(f"phasesplit.transport.{module}"), name)
+
+
+def make_transport(backend: str = "grpc", **options) -> KVTransport:
+    return _load(backend, 0)(**options)
+
+
+def make_receiver(backend: str, sink: KVSink, *, layout, device="cpu", timeout: float = 30.0,
+                  port: int = 0) -> KVReceiver:
+    """The receiving side of `backend` over `sink`; `port`: the backend's own listening port, if any (0: any free one)."""
+    if backend == "grpc":
+        return _load(backend, 1)(sink, timeout=timeout)
+    return _load(backend, 1)(sink, layout, device, timeout=timeout, port=port)

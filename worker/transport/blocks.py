@@ -6,10 +6,13 @@ in a contiguous cache, so a run of consecutive block ids is one slice of the cac
 
 from __future__ import annotations
 
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
+
+from phasesplit.transport.base import KVDataLoss
 
 
 def byte_view(t: torch.Tensor) -> memoryview:
@@ -71,3 +74,57 @@ def write_blocks(cache: torch.Tensor, ids: Sequence[int], data: memoryview) -> N
         src = torch.frombuffer(data, dtype=torch.uint8)
     src = src.view(cache.dtype).view(len(ids), *cache.shape[1:])
     cache.index_copy_(0, torch.tensor(list(ids), device=cache.device), src.to(cache.device))
+
+
+class CacheDestination:
+    """The writes of a KVDestination (see `base.KVDestination`) into blocks `block_ids` of paged caches.
+
+    A subclass sets `block_ids` and `lock`, and implements `cache(layer, kind)`: the layer's K or V
+    cache, or a TransferError once the destination is closed. Every write runs under `lock`, so
+    whoever frees the blocks under that lock never frees them while a write is under way."""
+
+    block_ids: list[int]
+    lock: threading.Lock
+
+    def cache(self, layer: int, kind: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def written(self) -> None:
+        """Called (under `lock`) after each write."""
+
+    def write(self, layer: int, kind: int, block_start: int, block_count: int, data: memoryview) -> None:
+        with self.lock:
+            cache, ids = self._target(layer, kind, block_start, block_count)
+            write_blocks(cache, ids, data)
+            self.written()
+
+    def write_tensor(self, layer: int, kind: int, block_start: int, src: torch.Tensor) -> None:
+        if src.device.type == "cpu":  # a byte copy on this thread, off torch's intra-op pool (the engine's)
+            self.write(layer, kind, block_start, src.shape[0], byte_view(src.contiguous()))
+            return
+        with self.lock:
+            cache, ids = self._target(layer, kind, block_start, src.shape[0])
+            cache.index_copy_(0, torch.tensor(ids, device=cache.device), src.to(cache.device))
+            self.written()
+
+    def receive(self, layer: int, kind: int, block_start: int, block_count: int,
+                fill: Callable[[list[memoryview]], None]) -> None:
+        with self.lock:
+            cache, ids = self._target(layer, kind, block_start, block_count)
+            if cache.device.type == "cpu" and cache.is_contiguous():
+                view = byte_view(cache)
+                size = view.nbytes // cache.shape[0]
+                fill([view[first * size:(first + n) * size] for _, first, n in runs(ids)])
+            else:
+                staging = torch.empty((len(ids), *cache.shape[1:]), dtype=cache.dtype,
+                                      pin_memory=cache.device.type == "cuda")
+                fill([byte_view(staging)])
+                cache.index_copy_(0, torch.tensor(ids, device=cache.device), staging.to(cache.device))
+            self.written()
+
+    def _target(self, layer: int, kind: int, block_start: int, block_count: int) -> tuple[torch.Tensor, list[int]]:
+        cache = self.cache(layer, kind)
+        if block_start < 0 or block_count < 1 or block_start + block_count > len(self.block_ids):
+            raise KVDataLoss(f"blocks [{block_start}, {block_start + block_count}) are outside the "
+                             f"{len(self.block_ids)} reserved")
+        return cache, self.block_ids[block_start:block_start + block_count]

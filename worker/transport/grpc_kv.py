@@ -20,39 +20,20 @@ import torch
 
 from phasesplit.transport import wire
 from phasesplit.transport.base import (
-    DTYPES, K, V, CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError,
-    TransferResult, TransferTimeout, block_bytes, num_prompt_blocks, validate_layout,
+    K, V, KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, block_bytes,
+    check_header, error_from_status,
 )
 from phasesplit.transport.blocks import read_pieces, to_host
-from phasesplit.transport.grpc_receive import handle_push_kv  # noqa: F401  (re-exported)
+from phasesplit.transport.channels import MAX_MESSAGE_BYTES, SERVER_OPTIONS, Channels  # noqa: F401  (re-exported)
+from phasesplit.transport.grpc_receive import PushKVReceiver, handle_push_kv  # noqa: F401  (re-exported)
 from phasesplit.v1 import worker_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_QUEUED_CHUNKS = 256
 DEFAULT_TIMEOUT = 30.0
-MAX_MESSAGE_BYTES = 64 << 20
-CHANNEL_OPTIONS = (("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES))
-SERVER_OPTIONS = CHANNEL_OPTIONS  # pass to grpc.server(options=...) on a token worker
 
 _SERVICE = "phasesplit.v1.TokenWorker"
 _PUSH_KV = f"/{_SERVICE}/PushKV"
-
-_ERRORS = {
-    grpc.StatusCode.FAILED_PRECONDITION: LayoutMismatch,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: CapacityError,
-    grpc.StatusCode.DATA_LOSS: KVDataLoss,
-    grpc.StatusCode.DEADLINE_EXCEEDED: TransferTimeout,
-    grpc.StatusCode.CANCELLED: TransferAborted,
-    grpc.StatusCode.ABORTED: TransferAborted,
-}
-
-
-def error_from_status(code: grpc.StatusCode, details: str) -> TransferError:
-    """The TransferError a PushKV status stands for."""
-    kind = _ERRORS.get(code, TransferError)
-    message = f"token worker refused the KV ({code.name}): {details}"
-    return kind(message=message) if kind is LayoutMismatch else kind(message)
 
 
 def add_token_worker_to_server(servicer, server: grpc.Server) -> None:
@@ -84,22 +65,14 @@ class GrpcKVSender:
 
     def __init__(self, channel: grpc.Channel, header: pb.KVHeader, *, chunk_bytes: int,
                  max_queued_chunks: int, timeout: float):
-        validate_layout(header.layout)
-        if not header.request_id:
-            raise ValueError("header.request_id must not be empty")
-        if not header.prompt_token_ids:
-            raise ValueError("header.prompt_token_ids must not be empty")
-        layout = header.layout
+        check_header(header)
         self._header = pb.KVHeader()
         self._header.CopyFrom(header)
-        self._num_layers = layout.num_layers
-        self._num_blocks = num_prompt_blocks(header)
-        self._per_chunk = max(1, chunk_bytes // block_bytes(layout))
+        self._shape = LayerShape.of(header)
+        self._num_layers = self._shape.num_layers
+        self._num_blocks = self._shape.num_blocks
+        self._per_chunk = max(1, chunk_bytes // block_bytes(header.layout))
         self._chunks_per_layer = 2 * math.ceil(self._num_blocks / self._per_chunk)
-        if not self._header.num_chunks:
-            self._header.num_chunks = self._num_layers * self._chunks_per_layer
-        self._block_shape = (layout.block_size, layout.num_kv_heads, layout.head_dim)
-        self._dtype = DTYPES[layout.dtype]
         self._max_queued = max_queued_chunks
         self._timeout = timeout
 
@@ -129,7 +102,7 @@ class GrpcKVSender:
 
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
                    block_ids: list[int] | None = None) -> None:
-        ids = self._check_layer(layer, k, v, block_ids)
+        ids = self._shape.check(layer, k, v, block_ids, self._layers_seen)
         ready = None
         if k.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -168,28 +141,6 @@ class GrpcKVSender:
     def abort(self) -> None:
         self._fail(TransferAborted("transfer aborted by the prompt worker"))
         self._done.wait(self._timeout)
-
-    def _check_layer(self, layer, k, v, block_ids) -> list[int]:
-        if not 0 <= layer < self._num_layers:
-            raise ValueError(f"layer must be in [0, {self._num_layers}), got {layer}")
-        if layer in self._layers_seen:
-            raise ValueError(f"layer {layer} was already sent")
-        for name, t in (("k", k), ("v", v)):
-            if t.dtype != self._dtype or tuple(t.shape[1:]) != self._block_shape or t.dim() != 4:
-                raise ValueError(f"{name} must be {self._dtype} [blocks, {', '.join(map(str, self._block_shape))}]"
-                                 f", got {t.dtype} {list(t.shape)}")
-        if k.shape[0] != v.shape[0]:
-            raise ValueError(f"k and v must hold the same blocks, got {k.shape[0]} and {v.shape[0]}")
-        if block_ids is None:
-            if k.shape[0] < self._num_blocks:
-                raise ValueError(f"k holds {k.shape[0]} blocks, the prompt needs {self._num_blocks}")
-            return list(range(self._num_blocks))
-        ids = [int(i) for i in block_ids[:self._num_blocks]]
-        if len(ids) < self._num_blocks:
-            raise ValueError(f"block_ids has {len(ids)} ids, the prompt needs {self._num_blocks}")
-        if min(ids) < 0 or max(ids) >= k.shape[0]:
-            raise ValueError(f"block_ids must be in [0, {k.shape[0]}), got {ids}")
-        return ids
 
     def _requests(self):
         yield wire.encode_header(self._header)
@@ -275,26 +226,16 @@ class GrpcKVTransport:
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self._options = dict(chunk_bytes=chunk_bytes, max_queued_chunks=max_queued_chunks, timeout=timeout)
-        self._channels: dict[str, grpc.Channel] = {}
-        self._lock = threading.Lock()
+        self._channels = Channels()
 
     def open(self, addr: str, header: pb.KVHeader) -> GrpcKVSender:
-        return GrpcKVSender(self._channel(addr), header, **self._options)
+        return GrpcKVSender(self._channels.get(addr), header, **self._options)
 
     def close(self) -> None:
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            channel.close()
+        self._channels.close()
 
     def __enter__(self) -> GrpcKVTransport:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-    def _channel(self, addr: str) -> grpc.Channel:
-        with self._lock:
-            if addr not in self._channels:
-                self._channels[addr] = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
-            return self._channels[addr]

@@ -3,12 +3,11 @@
 A TokenWorker servicer (sync gRPC server) implements PushKV as
 
     def PushKV(self, request_iterator, context):
-        return handle_push_kv(request_iterator, context, self.sink, timeout=...)
+        return self.receiver.push_kv(request_iterator, context)   # a PushKVReceiver
 
-Status codes the sender sees: FAILED_PRECONDITION (layout mismatch, naming the field),
-RESOURCE_EXHAUSTED (capacity), DATA_LOSS (checksum or missing blocks), INVALID_ARGUMENT
-(malformed chunk), ABORTED (the request was aborted on the token worker, before or during the
-transfer), CANCELLED (no chunk within `timeout`: the receiver gave up).
+Status codes the sender sees: those of `base.STATUS` (layout mismatch, capacity, data loss,
+abort), INVALID_ARGUMENT for a malformed chunk, and CANCELLED (no chunk within `timeout`: the
+receiver gave up).
 The stream commits only on its END message, after every block: a stream that stops without it was
 cancelled by the sender, even where the request iterator shows that as a normal end.
 Whatever ends a transfer short of commit aborts the destination exactly once.
@@ -24,25 +23,29 @@ import numpy as np
 
 from phasesplit.transport import wire
 from phasesplit.transport.base import (
-    END, CapacityError, KVDataLoss, KVDestination, KVSink, LayoutMismatch, TransferAborted, TransferError, block_bytes,
-    num_prompt_blocks, validate_layout,
+    END, KVDestination, KVSink, TransferError, block_bytes, check_header, num_prompt_blocks, status_of,
 )
 from phasesplit.v1 import worker_pb2 as pb
 
 _KIND_NAMES = ("K", "V")
 
-# What the destination raises, as the status the sender sees (see grpc_kv.error_from_status).
-_DESTINATION_STATUS = (
-    (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (TransferAborted, grpc.StatusCode.ABORTED),
-    (KVDataLoss, grpc.StatusCode.DATA_LOSS),
-    (TransferError, grpc.StatusCode.INVALID_ARGUMENT),
-)
 
+class PushKVReceiver:
+    """The grpc backend's receiving side: `push_kv` serves TokenWorker.PushKV into `sink` (the
+    token service calls it, so it adds no service of its own)."""
 
-def destination_status(exc: TransferError) -> grpc.StatusCode:
-    return next(code for kind, code in _DESTINATION_STATUS if isinstance(exc, kind))
+    def __init__(self, sink: KVSink, *, timeout: float = 30.0, **_unused):
+        self.sink = sink
+        self.timeout = timeout
+
+    def push_kv(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVReply:
+        return handle_push_kv(request_iterator, context, self.sink, timeout=self.timeout)
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def handle_push_kv(request_iterator, context: grpc.ServicerContext, sink: KVSink, *,
@@ -83,9 +86,7 @@ class _Receiver:
         if header is None:
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
         try:
-            validate_layout(header.layout)
-            if not header.prompt_token_ids:
-                raise ValueError("header.prompt_token_ids must not be empty")
+            check_header(header)
         except ValueError as exc:
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self._begin(header)
@@ -117,7 +118,7 @@ class _Receiver:
             try:
                 self._dest.commit()
             except TransferError as exc:
-                self._refuse(destination_status(exc), str(exc))
+                self._refuse(status_of(exc), str(exc))
             self._ended = True
         return pb.PushKVReply(bytes_received=self._bytes, chunks_received=self._chunks)
 
@@ -125,7 +126,7 @@ class _Receiver:
         try:
             dest = self._sink.begin(header)
         except TransferError as exc:
-            self._refuse(destination_status(exc), str(exc))
+            self._refuse(status_of(exc), str(exc))
         with self._lock:
             if self._ended:  # the watchdog or a cancellation got here first
                 dest.abort()
@@ -157,7 +158,7 @@ class _Receiver:
         try:
             self._dest.write(chunk.layer, chunk.kind, start, chunk.block_count, chunk.data)
         except TransferError as exc:  # e.g. the request was aborted here while its KV was arriving
-            self._refuse(destination_status(exc), str(exc))
+            self._refuse(status_of(exc), str(exc))
         received[chunk.layer, chunk.kind, start:end] = True
         self._bytes += len(chunk.data)
         self._chunks += 1

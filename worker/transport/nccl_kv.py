@@ -26,10 +26,10 @@ import torch
 
 from phasesplit.transport import kv_group
 from phasesplit.transport.base import (
-    DTYPES, KVDataLoss, TransferAborted, TransferError, TransferResult, TransferTimeout, layout_to_proto,
-    num_prompt_blocks, validate_layout,
+    DTYPES, KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, check_header,
+    error_from_status, layout_to_proto,
 )
-from phasesplit.transport.grpc_kv import CHANNEL_OPTIONS, error_from_status
+from phasesplit.transport.channels import Channels
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -48,10 +48,9 @@ class NcclKVSender:
         self._header = header
         self._timeout = timeout
         self.transfer_id = next(_transfer_ids)
-        self.num_layers = header.layout.num_layers
-        self.num_blocks = num_prompt_blocks(header)
-        self._block_shape = (header.layout.block_size, header.layout.num_kv_heads, header.layout.head_dim)
-        self._dtype = DTYPES[header.layout.dtype]
+        self._shape = LayerShape.of(header)
+        self.num_layers = self._shape.num_layers
+        self.num_blocks = self._shape.num_blocks
         self._cond = threading.Condition()
         self._layers_seen: set[int] = set()
         self._accepted = False
@@ -78,7 +77,8 @@ class NcclKVSender:
     # ---- KVSender ----
 
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, block_ids: list[int] | None = None) -> None:
-        ids = self._check_layer(layer, k, v, block_ids)
+        ids = self._shape.check(layer, k, v, block_ids, self._layers_seen,
+                                None if self._pair is None else self._pair.device)
         with self._cond:
             self._layers_seen.add(layer)
             if self._error is not None:
@@ -174,28 +174,6 @@ class NcclKVSender:
                     self._error = KVDataLoss("the token worker ended the transfer without committing it")
                 self._cond.notify_all()
 
-    def _check_layer(self, layer, k, v, block_ids) -> list[int]:
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if layer in self._layers_seen:
-            raise ValueError(f"layer {layer} was already sent")
-        for name, t in (("k", k), ("v", v)):
-            if t.dtype != self._dtype or t.dim() != 4 or tuple(t.shape[1:]) != self._block_shape:
-                raise ValueError(f"{name} must be {self._dtype} [blocks, {', '.join(map(str, self._block_shape))}]"
-                                 f", got {t.dtype} {list(t.shape)}")
-        if self._pair is not None and k.device.type != self._pair.device.type:
-            raise ValueError(f"k and v must be on {self._pair.device} (the transport's device), got {t.device}")
-        if block_ids is None:
-            if k.shape[0] < self.num_blocks:
-                raise ValueError(f"k holds {k.shape[0]} blocks, the prompt needs {self.num_blocks}")
-            return list(range(self.num_blocks))
-        ids = [int(i) for i in block_ids[:self.num_blocks]]
-        if len(ids) < self.num_blocks:
-            raise ValueError(f"block_ids has {len(ids)} ids, the prompt needs {self.num_blocks}")
-        if min(ids) < 0 or max(ids) >= k.shape[0]:
-            raise ValueError(f"block_ids must be in [0, {k.shape[0]}), got {ids}")
-        return ids
-
 
 _transfer_ids = itertools.count(1)
 
@@ -207,7 +185,7 @@ class _Pair:
                  timeout: float, max_queued: int):
         self.addr = addr
         self.device = device
-        self.backend = kv_group.backend_for(device)
+        self.backend = self.link_backend(device)
         self.group_id = uuid.uuid4().hex
         self.stub = pb_grpc.KVGroupStub(channel)
         self.timeout = timeout
@@ -223,7 +201,7 @@ class _Pair:
         if host.startswith("dns:"):
             host = host[4:]
         self.layout = layout
-        self.group = self._connect(host, layout)
+        self.group = self._join(host, self._endpoint(host, layout))
         self._thread = threading.Thread(target=self._run, name=f"kv-pair-{addr}", daemon=True)
         self._thread.start()
 
@@ -263,12 +241,20 @@ class _Pair:
                 self._cond.notify_all()
         self._thread.join(self.timeout)
 
-    def _connect(self, host: str, layout: pb.KVLayout):
+    @staticmethod
+    def link_backend(device: torch.device) -> str:
+        return kv_group.backend_for(device)
+
+    def _endpoint(self, host: str, layout: pb.KVLayout) -> pb.KVGroupEndpoint:
+        """The token worker's side of the pair (KVGroup.Connect: backend and layout checked there)."""
         request = pb.KVGroupConnect(group_id=self.group_id, backend=self.backend, layout=layout, host=host)
         try:
-            endpoint = self.stub.Connect(request, timeout=self.timeout)
+            return self.stub.Connect(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise error_from_status(exc.code(), exc.details() or "") from exc
+
+    def _join(self, host: str, endpoint: pb.KVGroupEndpoint):
+        """This side of the data path: a process group with the token worker."""
         store = kv_group.connect_store(host, endpoint.store_port, self.timeout)
         bind = kv_group.local_address_towards(host)
         return kv_group.make_group(self.backend, store, self.group_id, kv_group.PROMPT_RANK, bind, self.timeout)
@@ -306,8 +292,11 @@ class _Pair:
             log.warning("KV group with %s broken, discarding it: %s", self.addr, exc)
             self.broken(exc)
         self._fail_all()
-        kv_group.discard(self.group)
+        self._discard()
         self._in_flight.clear()
+
+    def _discard(self) -> None:
+        kv_group.discard(self.group)
 
     def _send_layer(self, sender: NcclKVSender, layer: int, k, v, ids: list[int], ready) -> None:
         if not sender.wants_data() or not sender.wait_accepted():
@@ -369,6 +358,7 @@ class NcclKVTransport:
     """Sends KV to token workers over per-pair process groups; one group per token worker address."""
 
     name = "nccl"
+    pair_class = _Pair
 
     def __init__(self, *, device: str | torch.device = "cpu", timeout: float = DEFAULT_TIMEOUT,
                  max_queued_layers: int = DEFAULT_MAX_QUEUED_LAYERS):
@@ -379,20 +369,16 @@ class NcclKVTransport:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.backend = kv_group.backend_for(self.device)
+        self.backend = self.pair_class.link_backend(self.device)
         self._timeout = timeout
         self._max_queued = max_queued_layers
-        self._channels: dict[str, grpc.Channel] = {}
+        self._channels = Channels()
         self._pairs: dict[str, _Pair] = {}
         self._locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._lock = threading.Lock()
 
     def open(self, addr: str, header: pb.KVHeader) -> NcclKVSender:
-        validate_layout(header.layout)
-        if not header.request_id:
-            raise ValueError("header.request_id must not be empty")
-        if not header.prompt_token_ids:
-            raise ValueError("header.prompt_token_ids must not be empty")
+        check_header(header)
         try:
             pair = self._pair(addr, header.layout)
         except TransferError as exc:
@@ -402,11 +388,9 @@ class NcclKVTransport:
     def close(self) -> None:
         with self._lock:
             pairs, self._pairs = list(self._pairs.values()), {}
-            channels, self._channels = list(self._channels.values()), {}
         for pair in pairs:
             pair.close()
-        for channel in channels:
-            channel.close()
+        self._channels.close()
 
     def __enter__(self) -> NcclKVTransport:
         return self
@@ -422,12 +406,9 @@ class NcclKVTransport:
                 pair = self._pairs.get(addr)
                 if pair is not None and pair.error is None and pair.layout == layout:
                     return pair
-                channel = self._channels.get(addr)
-                if channel is None:
-                    channel = self._channels[addr] = grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
             if pair is not None:
                 pair.close()
-            pair = _Pair(addr, channel, layout_to_proto(layout), self.device, self._timeout, self._max_queued)
+            pair = self.pair_class(addr, self._channels.get(addr), layout_to_proto(layout), self.device, self._timeout, self._max_queued)
             with self._lock:
                 self._pairs[addr] = pair
             return pair

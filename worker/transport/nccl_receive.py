@@ -18,10 +18,10 @@ import time
 import grpc
 import torch
 
-from phasesplit.transport import blocks, kv_group
+from phasesplit.transport import kv_group
 from phasesplit.transport.base import (
-    K, V, CapacityError, KVDestination, KVSink, LayoutMismatch, TransferError, check_layout, num_prompt_blocks,
-    validate_layout,
+    K, V, KVDestination, KVSink, LayoutMismatch, TransferAborted, TransferError, TransferTimeout, check_header,
+    check_layout, num_prompt_blocks, status_of,
 )
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -41,7 +41,7 @@ class _Incoming:
         self.num_blocks = num_prompt_blocks(header)
         self.layers: set[int] = set()
         self.bytes = 0
-        self.error = ""
+        self.error: TransferError | None = None
         self.progress = time.monotonic()
         self.cond = threading.Condition()
         self.ended = False  # committed or failed: the destination is no longer ours to touch
@@ -49,26 +49,35 @@ class _Incoming:
     def complete(self) -> bool:
         return len(self.layers) == self.num_layers
 
-    def write(self, layer: int, frame: torch.Tensor) -> None:
-        """frame: [2, num_blocks, block_size, kv_heads, head_dim] (K, V) of `layer`."""
+    def accepts(self, layer: int, num_blocks: int) -> bool:
+        """Whether a frame of `layer` with `num_blocks` blocks is to be stored (a bad one fails the transfer)."""
         with self.cond:
             if self.ended:
-                return
-            if frame.shape[1] != self.num_blocks or not 0 <= layer < self.num_layers or layer in self.layers:
-                self._fail(f"bad frame: layer {layer} with {frame.shape[1]} blocks "
-                           f"(expected each of {self.num_layers} layers once, {self.num_blocks} blocks)")
-                return
-        try:
-            for kind in (K, V):
-                _write(self.dest, layer, kind, frame[kind])
-        except Exception as exc:  # noqa: BLE001 - the destination refused (freed, aborted): drop the frame
-            self.fail(f"writing layer {layer} failed: {exc}")
-            return
+                return False
+            if num_blocks != self.num_blocks or not 0 <= layer < self.num_layers or layer in self.layers:
+                self._fail(TransferError(f"bad frame: layer {layer} with {num_blocks} blocks "
+                                         f"(expected each of {self.num_layers} layers once, {self.num_blocks} blocks)"))
+                return False
+            return True
+
+    def stored(self, layer: int, nbytes: int) -> None:
         with self.cond:
             self.layers.add(layer)
-            self.bytes += frame.numel() * frame.element_size()
+            self.bytes += nbytes
             self.progress = time.monotonic()
             self.cond.notify_all()
+
+    def write(self, layer: int, frame: torch.Tensor) -> None:
+        """frame: [2, num_blocks, block_size, kv_heads, head_dim] (K, V) of `layer`."""
+        if not self.accepts(layer, frame.shape[1]):
+            return
+        try:
+            for kind in (K, V):
+                self.dest.write_tensor(layer, kind, 0, frame[kind])
+        except Exception as exc:  # noqa: BLE001 - the destination refused (freed, aborted): drop the frame
+            self.fail(TransferAborted(f"writing layer {layer} failed: {exc}"))
+            return
+        self.stored(layer, frame.numel() * frame.element_size())
 
     def commit(self) -> bool:
         with self.cond:
@@ -78,29 +87,20 @@ class _Incoming:
         try:
             self.dest.commit()
         except TransferError as exc:  # the request was aborted here while its last layers arrived
-            self.error = str(exc)
+            self.error = exc
             return False
         return True
 
-    def fail(self, error: str) -> None:
+    def fail(self, error: TransferError) -> None:
         with self.cond:
             self._fail(error)
 
-    def _fail(self, error: str) -> None:
+    def _fail(self, error: TransferError) -> None:
         if self.ended:
             return
         self.ended, self.error = True, error
         self.cond.notify_all()
         self.dest.abort()
-
-
-def _write(dest: KVDestination, layer: int, kind: int, blocks_: torch.Tensor) -> None:
-    write_tensor = getattr(dest, "write_tensor", None)
-    if blocks_.device.type == "cpu" or write_tensor is None:
-        # CPU: a byte copy on this thread, off torch's intra-op pool (the engine's thread uses it)
-        dest.write(layer, kind, 0, blocks_.shape[0], blocks.byte_view(blocks_.contiguous().cpu()))
-    else:
-        write_tensor(layer, kind, 0, blocks_)
 
 
 class _Group:
@@ -131,16 +131,23 @@ class _Group:
     def _run(self) -> None:
         service = self.service
         try:
-            self.pg = kv_group.make_group(service.backend, service.store, self.group_id, kv_group.TOKEN_RANK,
-                                          self.bind_host, service.timeout)
+            self.pg = self._join()
             self._receive()
         except kv_group.GroupBroken as exc:
             self._broken(str(exc))
         finally:
             service.drop(self)
-            kv_group.discard(self.pg)
+            self.discard()
             self.pg = None  # destroyed now, with its threads, not by the interpreter at exit
             service.ended(self)
+
+    def _join(self):
+        service = self.service
+        return kv_group.make_group(service.backend, service.store, self.group_id, kv_group.TOKEN_RANK,
+                                   self.bind_host, service.timeout)
+
+    def discard(self) -> None:
+        kv_group.discard(self.pg)
 
     def _receive(self) -> None:
         """Read frames until CLOSE. While layer i is stored into its destination, layer i+1 is already
@@ -164,7 +171,7 @@ class _Group:
                 self._store(stored)
                 stored = None
                 if incoming is not None:
-                    incoming.fail("aborted by the prompt worker")
+                    incoming.fail(TransferAborted("aborted by the prompt worker"))
                 meta_work = kv_group.irecv(self.pg, meta, kv_group.PROMPT_RANK, "waiting for a KV frame")
                 continue
             frame = buffers.get(frames % 2, kv_group.frame_shape(service.layout, num_blocks))
@@ -189,35 +196,45 @@ class _Group:
             self.error = error
             transfers, self.transfers = list(self.transfers.values()), {}
         for incoming in transfers:
-            incoming.fail(f"KV group failed: {error}")
+            incoming.fail(TransferAborted(f"KV group failed: {error}"))
 
 
 class KVGroupService(pb_grpc.KVGroupServicer):
     """Serves `KVGroup` on a token (or mixed) worker; hosts the rendezvous store on `store_port`."""
 
     def __init__(self, sink: KVSink, layout, device: str | torch.device, *, timeout: float = 30.0,
-                 store_port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
+                 port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
+        store_port = port
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if not 0 <= store_port <= 65535:
-            raise ValueError(f"store_port must be in [0, 65535], got {store_port}")
+            raise ValueError(f"port (of the rendezvous store) must be in [0, 65535], got {store_port}")
         self.sink = sink
         self.layout = layout
         self.device = torch.device(device)
         self.backend = kv_group.backend_for(self.device)
         self.timeout = timeout
         self.idle_timeout = idle_timeout
-        try:
-            self.store = kv_group.host_store(store_port, timeout)
-        except (RuntimeError, OSError) as exc:
-            raise OSError(f"cannot host the KV rendezvous store on port {store_port}: {exc}") from exc
+        self.store = self._listen(store_port)
         self._groups: dict[str, _Group] = {}
         self._running: set[_Group] = set()  # groups whose thread has not ended, registered or not
         self._lock = threading.Lock()
 
+    group_class = _Group
+
+    def _listen(self, port: int):
+        """Where the prompt workers join (rendezvous store); its `port` goes back in KVGroupEndpoint."""
+        try:
+            return kv_group.host_store(port, self.timeout)
+        except (RuntimeError, OSError) as exc:
+            raise OSError(f"cannot host the KV rendezvous store on port {port}: {exc}") from exc
+
     @property
     def store_port(self) -> int:
         return self.store.port
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        pb_grpc.add_KVGroupServicer_to_server(self, server)
 
     def groups(self) -> int:
         with self._lock:
@@ -229,7 +246,7 @@ class KVGroupService(pb_grpc.KVGroupServicer):
         with self._lock:
             groups, self._groups = list(self._running), {}
         for group in groups:
-            kv_group.discard(group.pg)
+            group.discard()
         for group in groups:
             group.thread.join(self.timeout)
 
@@ -253,7 +270,7 @@ class KVGroupService(pb_grpc.KVGroupServicer):
             check_layout(self.layout, request.layout)
         except LayoutMismatch as exc:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        group = _Group(self, request.group_id, request.host or "127.0.0.1")
+        group = self.group_class(self, request.group_id, request.host or "127.0.0.1")
         with self._lock:
             if request.group_id in self._groups:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"group_id: {request.group_id} is in use")
@@ -269,15 +286,13 @@ class KVGroupService(pb_grpc.KVGroupServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"group_id: no KV group {request.group_id!r} on this worker")
         header = request.header
         try:
-            validate_layout(header.layout)
-            if not header.prompt_token_ids:
-                raise ValueError("header.prompt_token_ids must not be empty")
+            check_header(header)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         incoming = self._begin(header, context)
-        context.add_callback(lambda: incoming.fail("the prompt worker cancelled the transfer"))
+        context.add_callback(lambda: incoming.fail(TransferAborted("the prompt worker cancelled the transfer")))
         if not group.expect(request.transfer_id, incoming):
-            incoming.fail(group.error)
+            incoming.fail(TransferAborted(f"KV group failed: {group.error}"))
             context.abort(grpc.StatusCode.UNAVAILABLE, f"KV group failed: {group.error}")
         try:
             yield pb.KVGroupEvent(accepted=True)
@@ -285,26 +300,21 @@ class KVGroupService(pb_grpc.KVGroupServicer):
             yield pb.KVGroupEvent(committed=True, bytes_received=incoming.bytes)
         finally:
             group.forget(request.transfer_id)
-            incoming.fail("the transfer ended before every layer arrived")
+            incoming.fail(TransferAborted("the transfer ended before every layer arrived"))
 
     def _begin(self, header: pb.KVHeader, context) -> _Incoming:
         try:
             return _Incoming(self.sink.begin(header), header)
-        except LayoutMismatch as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except CapacityError as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except TransferError as exc:
-            context.abort(grpc.StatusCode.ABORTED, str(exc))
+            context.abort(status_of(exc), str(exc))
 
     def _wait(self, incoming: _Incoming, context) -> None:
         with incoming.cond:
             while not incoming.ended and not incoming.complete():
                 if time.monotonic() - incoming.progress > self.timeout:
-                    incoming._fail(f"no KV data for {self.timeout:g} s")
+                    incoming._fail(TransferTimeout(f"no KV data for {self.timeout:g} s"))
                     break
                 incoming.cond.wait(min(0.5, self.timeout / 4))
         if incoming.complete() and incoming.commit():
             return
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if incoming.error.startswith("no KV data") else grpc.StatusCode.ABORTED
-        context.abort(code, f"request {incoming.request_id}: KV transfer failed: {incoming.error}")
+        context.abort(status_of(incoming.error), f"request {incoming.request_id}: KV transfer failed: {incoming.error}")

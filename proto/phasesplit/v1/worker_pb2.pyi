@@ -71,20 +71,16 @@ class PrefillReply(_message.Message):
     def __init__(self, first_token: _Optional[int] = ..., first_text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., prefill_seconds: _Optional[float] = ..., transfer_seconds: _Optional[float] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class KVHeader(_message.Message):
-    __slots__ = ("request_id", "layout", "prompt_token_ids", "first_token", "sampling", "num_chunks")
+    __slots__ = ("request_id", "layout", "prompt_token_ids", "first_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    SAMPLING_FIELD_NUMBER: _ClassVar[int]
-    NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     layout: KVLayout
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     first_token: int
-    sampling: SamplingParams
-    num_chunks: int
-    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., first_token: _Optional[int] = ...) -> None: ...
 
 class KVChunk(_message.Message):
     __slots__ = ("header", "layer", "kind", "block_start", "block_count", "checksum", "data")
