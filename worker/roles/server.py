@@ -56,6 +56,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="send the KV after the prompt phase instead of layer by layer during it")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
     p.add_argument("--grpc-threads", type=int, help="gRPC handler threads (default: enough for --max-num-seqs)")
+    from phasesplit.fleet import sim_engine
+    sim_engine.add_arguments(p)
     args = p.parse_args(argv)
     for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
         if getattr(args, name) <= 0:
@@ -70,6 +72,9 @@ def sending_transport(backend: str, timeout: float, device="cpu"):
 
 
 def load_engine(args: argparse.Namespace):
+    if getattr(args, "engine", "torch") == "sim":
+        from phasesplit.fleet import sim_engine
+        return sim_engine.load(args)
     from phasesplit.engine.engine import EngineConfig, LLMEngine
     return LLMEngine(EngineConfig(
         model_dir=args.model, dtype=args.dtype, device=args.device or default_device(),
@@ -82,6 +87,7 @@ class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, args: argparse.Namespace, transport=None):
+        from phasesplit.fleet import sim_handoff
         from phasesplit.transport import grpc_kv
         name = args.served_model_name or engine.layout.model
         self.settings = WorkerSettings(role=args.role, served_model_name=name,
@@ -95,19 +101,22 @@ class WorkerServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=list(grpc_kv.SERVER_OPTIONS))
         aborts = []
+        simulated = getattr(args, "engine", "torch") == "sim"
         self.prompt = None
         self.kv_groups = None
         if args.role in ("prompt", "mixed"):
             from phasesplit.roles.prompt import PromptService
-            self.transport = transport or sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
+            self.transport = transport or (sim_handoff.SimHandoff(engine, args.kv_transfer_timeout) if simulated else
+                                           sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device))
             self.prompt = PromptService(self.core, self.transport)
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
         if args.role in ("token", "mixed"):
             from phasesplit.roles.token import TokenService
-            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox), self.server)
+            receive = sim_handoff.receive if simulated else grpc_kv.handle_push_kv
+            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, receive), self.server)
             aborts.append(self.inbox.abort)
-            if getattr(args, "kv_backend", "grpc") == "nccl":
+            if getattr(args, "kv_backend", "grpc") == "nccl" and not simulated:
                 from phasesplit.transport.nccl_receive import KVGroupService
                 self.kv_groups = KVGroupService(self.inbox, engine.layout, engine.device,
                                                 timeout=args.kv_transfer_timeout, store_port=getattr(args, "nccl_port", 0))

@@ -14,13 +14,14 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 
 class TokenService(pb_grpc.TokenWorkerServicer):
-    def __init__(self, core: WorkerCore, inbox: KVInbox):
+    def __init__(self, core: WorkerCore, inbox: KVInbox, receive=handle_push_kv):
         self.core = core
         self.inbox = inbox
+        self.receive = receive  # PushKV's receiving side (a simulated worker's takes no KV data)
 
     def PushKV(self, request_iterator, context):
         with self.core.tracked():
-            return handle_push_kv(request_iterator, context, self.inbox, timeout=self.core.settings.kv_transfer_timeout)
+            return self.receive(request_iterator, context, self.inbox, timeout=self.core.settings.kv_transfer_timeout)
 
     def Generate(self, request, context):
         with self.core.tracked():
