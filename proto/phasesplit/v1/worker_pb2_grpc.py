@@ -46,6 +46,8 @@ class PromptWorkerServicer:
 
     def Prefill(self, request, context):
         """Runs the prompt phase, streams the KV to `token_worker` layer by layer, returns the first token.
+        When the KV cannot be handed to `token_worker`, the error's trailing metadata carries
+        `phasesplit-kv-peer-failed: <token_worker>` (phasesplit.protocol.KV_PEER_FAILED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
