@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         memory = [pss_mib(proc.pid) for proc in workers]
     finally:
         cluster.stop(15)
-    measured = summarize(Outcome(list(trace.arrival), list(trace.prompt), list(trace.output), first, finish))
+    measured = summarize(Outcome(list(trace.arrival), list(trace.prompt), list(trace.output), first, finish,
+                                 duration=max(finish)))
 
     rows, ok = [], True
     print(f"\nreplay: {wall:.0f} s wall at time scale {args.time_scale:g}; worker memory (PSS) "
