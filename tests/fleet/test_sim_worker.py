@@ -92,3 +92,15 @@ def test_a_request_through_the_router_takes_the_modelled_time_and_frees_its_kv(t
             assert load.kv_blocks_used == 0 and load.running_requests == 0 and load.pending_transfers == 0
     finally:
         cluster.stop(10)
+
+
+def test_the_operator_makes_every_pool_simulated_on_its_own_hardware():
+    from phasesplit.control.spec import SplitInference
+    from phasesplit.operator import builders
+    doc = sim_manifest({"prompt": 1, "token": 1})
+    doc["spec"]["model"]["simulated"]["poolHardware"] = {"token": "a100-80gb"}
+    spec = SplitInference.model_validate(doc).spec
+    token = builders.worker_args(spec, "token", spec.pools.token)
+    assert token[token.index("--engine") + 1] == "sim" and token[token.index("--sim-hardware") + 1] == "a100-80gb"
+    router = builders.router_args(builders.Owner("sim", "ns", "uid"), spec)
+    assert router[router.index("--max-model-len") + 1] == "16384"
