@@ -247,6 +247,8 @@ def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[s
         args += ["--nccl-port", str(spec.kv_transfer.nccl.port)]
     if spec.kv_transfer.backend == "tcp":  # the token side takes the KV bytes on this port
         args += ["--kv-tcp-port", str(spec.kv_transfer.tcp.port)]
+    if spec.model.simulated:
+        args += spec.model.simulated.worker_args(role, MODEL_DIR)
     return args
 
 
@@ -312,6 +314,8 @@ def build_pool_service(owner: Owner, role: str) -> dict:
 def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
     args = ["router", "--model", MODEL_DIR, "--served-model-name", spec.model.name,
             "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+    if spec.model.max_model_len:
+        args += ["--max-model-len", str(spec.model.max_model_len)]
     for role, _ in spec.pools.items():
         dns = f"dns:{pool_name(owner, role)}.{owner.namespace}.svc.cluster.local:{WORKER_PORT}"
         args += [f"--{role}-workers", dns]

@@ -68,3 +68,28 @@ def test_plan_names_the_bad_option(capsys):
     assert "needs exactly one of --max-cost and --max-power" in capsys.readouterr().err
     assert cli(["plan", "--trace", "code", "--rate", "1", "--hardware", "tpu"]) == 2
     assert "--hardware: 'tpu' has no profile" in capsys.readouterr().err
+
+
+def test_the_search_tries_each_mixed_pool_size_and_a_mixed_pool_never_needs_more_own_machines(toy_profiles):
+    sized = designs(["a"], baseline=False, mixed="b", mixed_sizes=(0, 1, 2))
+    assert [str(d) for d in sized] == ["split a -> a", "split a -> a + mixed b", "split a -> a + mixed b"]
+    assert [d.mixed_machines for d in sized] == [0, 1, 2]
+    p = planner(toy_profiles)
+    alone = p.smallest(Design("split", "toy-gpu", "toy-gpu"), rate=4.0)
+    lent = p.smallest(Design("split", "toy-gpu", "toy-gpu", "toy-gpu", 2), rate=4.0)
+    assert lent.met and lent.design.mixed_machines == 2
+    assert lent.prompt <= alone.prompt and lent.token <= alone.token
+    assert lent.prompt == 1 or not p.evaluate(lent.design, lent.prompt - 1, lent.token, 4.0).met
+
+
+def test_plan_command_reads_a_mixed_size_range_and_refuses_a_bad_one(capsys):
+    from phasesplit.fleet.plan import mixed_pool
+    assert mixed_pool("h100-80gb:0-2", ["h100-80gb"]) == ("h100-80gb", (0, 1, 2))
+    assert mixed_pool("h100-80gb:3", ["h100-80gb"]) == ("h100-80gb", (3,))
+    for bad in ("h100-80gb:2-1", "h100-80gb:0", "x:1", "h100-80gb:a"):
+        try:
+            mixed_pool(bad, ["h100-80gb"])
+        except ValueError as e:
+            assert "--mixed" in str(e)
+        else:
+            raise AssertionError(bad)

@@ -34,3 +34,17 @@ async def test_mixed_worker_decodes_when_no_token_worker_has_room(make_cluster):
     reply = await complete(cluster)
     assert reply.usage.completion_tokens == 3
     assert (len(token.generates), len(mixed.generates)) == (0, 1)
+
+
+async def test_mixed_worker_decodes_when_the_token_workers_batch_is_full(make_cluster):
+    cluster = await make_cluster(prompt=1, token=1, mixed=1)
+    (token,), (mixed,) = cluster.workers["token"], cluster.workers["mixed"]
+    token.max_running_requests = 4
+    await asyncio.sleep(0.3)
+    await complete(cluster)
+    assert (len(token.generates), len(mixed.generates)) == (1, 0), "room in the batch: the mixed pool stays out"
+    token.extra_running = 4
+    await asyncio.sleep(0.3)
+    reply = await complete(cluster)
+    assert reply.usage.completion_tokens == 3
+    assert (len(token.generates), len(mixed.generates)) == (1, 1)

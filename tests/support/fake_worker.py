@@ -44,6 +44,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.active: set[str] = set()            # requests being prefilled or generated right now
         self.kv: dict[str, pb.KVHeader] = {}      # pushed KV not yet claimed by Generate
         self.extra_waiting_tokens = 0             # pretend queue, as Load reports it
+        self.extra_running = 0                    # pretend decode batch, as Load reports it
+        self.max_running_requests = 0             # the batch limit Load reports (0: none)
         self.refuse_prefill = False               # answer Prefill with UNAVAILABLE, as a draining worker does
         self.draining = False
         self.address = ""
@@ -87,8 +89,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
             first = echo(prompt, 0)
             finish = self._finish(first, 1, request.sampling)
             if not finish:
-                header = pb.KVHeader(request_id=rid, prompt_token_ids=prompt, first_token=first,
-                                     sampling=request.sampling)
+                header = pb.KVHeader(request_id=rid, prompt_token_ids=prompt, first_token=first)
                 async with grpc.aio.insecure_channel(request.token_worker) as channel:
                     await pb_grpc.TokenWorkerStub(channel).PushKV(iter([pb.KVChunk(header=header)]))
             return pb.PrefillReply(first_token=first, first_text=self._text(first), finish_reason=finish,
@@ -156,7 +157,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         used += len(self.active)
         return pb.WorkerLoad(waiting_requests=len(self._prefilling),
                              waiting_tokens=sum(self._prefilling.values()) + self.extra_waiting_tokens,
-                             running_requests=len(self.active), kv_blocks_used=used,
+                             running_requests=len(self.active) + self.extra_running, kv_blocks_used=used,
+                             max_running_requests=self.max_running_requests,
                              kv_blocks_free=self.num_kv_blocks - used, pending_transfers=len(self.kv),
                              draining=self.draining)
 

@@ -88,12 +88,37 @@ class ModelSource(Spec):
         return self
 
 
+class SimulatedEngine(Spec):
+    """Workers that time each iteration by the performance model instead of running the model
+    (`phasesplit worker --engine sim`): a pool layout tested without its GPUs. The model source
+    still gives the tokenizer and config.json."""
+    model: str = Field("llama2-70b", min_length=1, max_length=128, description="model name in the profile table")
+    hardware: str = Field("h100-80gb", min_length=1, max_length=128,
+                          description="hardware of every pool, a name in the profile table")
+    pool_hardware: dict[Literal["prompt", "token", "mixed"], str] = Field(
+        default_factory=dict, description="hardware of individual pools, overriding `hardware`")
+    tensor_parallel: int = Field(8, ge=1, le=64, description="tensor-parallel size of one simulated instance")
+    profiles: str | None = Field(None, min_length=1, max_length=1024,
+                                 description="profile table (CSV) inside the model directory; default: the bundled one")
+    time_scale: float = Field(1.0, gt=0, le=1000, description="every modelled time is multiplied by this")
+
+    def worker_args(self, pool: str, model_dir: str) -> list[str]:
+        """The worker flags that make a `pool` worker simulated."""
+        hardware = self.pool_hardware.get(pool, self.hardware)
+        args = ["--engine", "sim", "--sim-model", self.model, "--sim-hardware", hardware,
+                "--sim-tp", str(self.tensor_parallel), "--sim-time-scale", f"{self.time_scale:g}"]
+        if self.profiles:
+            args += ["--sim-profiles", f"{model_dir.rstrip('/')}/{self.profiles.lstrip('/')}"]
+        return args
+
+
 class Model(Spec):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
                       description="served model name (the `model` field of OpenAI requests)")
     source: ModelSource
     dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
     max_model_len: int | None = Field(None, ge=16, le=1048576, description="longest prompt plus output, in tokens")
+    simulated: SimulatedEngine | None = None
 
 
 # --- shared building blocks ------------------------------------------------------------------

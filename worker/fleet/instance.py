@@ -36,6 +36,7 @@ class Instance:
         self.last_picked = 0
         self.free_blocks = 0.0
         self.reserved_blocks = 0
+        self.max_batch = sim.config.max_num_seqs
         # engine state
         self.waiting: deque[int] = deque()   # request ids waiting for prefill
         self.ready: deque[int] = deque()     # request ids whose KV arrived, waiting for a decode slot
@@ -56,6 +57,10 @@ class Instance:
         self.capacity_blocks = perf.kv_capacity_tokens // bs
 
     # ---- what the router sees ----
+    @property
+    def busy_slots(self) -> int:
+        return self.inflight
+
     def refresh(self, now: float) -> None:
         """Free KV blocks as the router computes them: polled free blocks less its own reservations."""
         generated = self.num_running * self._step_at(now) - self.sum_join_step

@@ -31,7 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--max-power", type=float, help="budget in watts (throughput objective)")
     g.add_argument("--no-baseline", action="store_true", help="only split designs")
     g.add_argument("--no-split", action="store_true", help="only non-split designs")
-    g.add_argument("--mixed", metavar="HW:N", help="give split designs a mixed pool of N machines of HW")
+    g.add_argument("--mixed", metavar="HW:N[-M]", help="give split designs a mixed pool of N machines of HW, "
+                   "or search every size from N to M (0: no mixed pool)")
     g.add_argument("--sample", type=int, default=2000, help="requests simulated per candidate (with --rate)")
     g.add_argument("--top", type=int, default=10, help="candidates to print")
     e = p.add_argument_group("emit")
@@ -74,18 +75,23 @@ def hardware_kinds(args: argparse.Namespace, planner: Planner) -> list[str]:
     return kinds
 
 
+def mixed_pool(text: str, kinds: list[str]) -> tuple[str, tuple[int, ...]]:
+    """`HW:N` (one size) or `HW:N-M` (each size from N to M) -> (HW, sizes)."""
+    hw, _, sizes = text.partition(":")
+    low, _, high = sizes.partition("-")
+    if hw not in kinds or not low.isdigit() or not (high or low).isdigit() or int(high or low) < max(int(low), 1):
+        raise ValueError(f"--mixed: {text!r} is not HW:N or HW:N-M with HW one of {', '.join(kinds)}, "
+                         "N <= M and M >= 1")
+    return hw, tuple(range(int(low), int(high or low) + 1))
+
+
 def search(args: argparse.Namespace, planner: Planner) -> list[Candidate]:
     kinds = hardware_kinds(args, planner)
-    mixed_hw, mixed_n = None, 0
-    if args.mixed:
-        mixed_hw, _, n = args.mixed.partition(":")
-        if mixed_hw not in kinds or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"--mixed: {args.mixed!r} is not HW:N with HW one of {', '.join(kinds)} and N >= 1")
-        mixed_n = int(n)
+    mixed_hw, mixed_sizes = mixed_pool(args.mixed, kinds) if args.mixed else (None, ())
     found = []
     rate = args.rate
     for design in designs(kinds, split=not args.no_split, baseline=not args.no_baseline, mixed=mixed_hw,
-                          mixed_machines=mixed_n):
+                          mixed_sizes=mixed_sizes):
         if args.objective == "throughput":
             measure, limit = (("cost_per_hour", args.max_cost) if args.max_cost is not None
                               else ("power_w", args.max_power))

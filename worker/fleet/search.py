@@ -3,7 +3,10 @@ many machines each, checked by simulation against the SLOs.
 
 Splitwise provisions each pool on its own; so does this: for a split design, the prompt pool is
 the fewest machines that meet the SLOs with a generous token pool, then the token pool the fewest
-that still meet them with that prompt pool. Under a cost or power budget, the design keeps the
+that still meet them with that prompt pool. A split design with a mixed pool starts from the same
+design without one and shrinks its prompt and token pools as far as the mixed pool (lent to
+whichever side is overloaded) lets them; the search tries each mixed-pool size asked for, so the
+ranking shows whether lending machines beats owning them. Under a cost or power budget, the design keeps the
 ratio it needs at a reference load, grows to the budget, and its highest rate at the SLOs is found
 by bisection.
 """
@@ -72,8 +75,15 @@ class Planner:
     num_requests: int = 2000
     seed: int = 0
     simulations: int = 0
+    _seen: dict = field(default_factory=dict, repr=False)
 
     def evaluate(self, design: Design, prompt: int, token: int, rate: float | None) -> Candidate:
+        key = (design, prompt, token, rate)
+        if key not in self._seen:
+            self._seen[key] = self._simulate(design, prompt, token, rate)
+        return self._seen[key]
+
+    def _simulate(self, design: Design, prompt: int, token: int, rate: float | None) -> Candidate:
         trace = self.trace if rate is None else redraw(self.trace, rate, self.num_requests, self.seed)
         config = replace(self.base, pools=design.pools(prompt, token))
         reference = self.profiles.get(self.base.model, self.reference, self.base.tp)
@@ -87,11 +97,18 @@ class Planner:
         if design.kind == "baseline":
             n = _fewest(lambda n: self.evaluate(design, n, 0, rate).met)
             return None if n is None else self.evaluate(design, n, 0, rate)
-        generous = _fewest(lambda t: self.evaluate(design, t, t, rate).met)
-        if generous is None:
-            return None
-        prompt = _fewest(lambda p: self.evaluate(design, p, generous, rate).met, high=generous)
-        token = _fewest(lambda t: self.evaluate(design, prompt, t, rate).met, high=generous)
+        if design.mixed_machines:
+            alone = self.smallest(replace(design, mixed_hw="", mixed_machines=0), rate)
+            if alone is None:
+                return None
+            high_prompt, high_token = alone.prompt, alone.token
+        else:
+            generous = _fewest(lambda t: self.evaluate(design, t, t, rate).met)
+            if generous is None:
+                return None
+            high_prompt = high_token = generous
+        prompt = _fewest(lambda p: self.evaluate(design, p, high_token, rate).met, high=high_prompt)
+        token = _fewest(lambda t: self.evaluate(design, prompt, t, rate).met, high=high_token)
         return self.evaluate(design, prompt, token, rate)
 
     # ---- the highest rate within a budget ----
@@ -153,9 +170,10 @@ def _fewest(ok: Callable[[int], bool], high: int | None = None) -> int | None:
 
 
 def designs(hardware: list[str], split: bool = True, baseline: bool = True, mixed: str | None = None,
-            mixed_machines: int = 0) -> list[Design]:
+            mixed_sizes: tuple[int, ...] = ()) -> list[Design]:
+    """Baselines of each hardware, and split designs of each pairing, each with every mixed-pool size."""
     out = [Design("baseline", hw) for hw in hardware] if baseline else []
     if split:
-        out += [Design("split", p, t, mixed or "", mixed_machines if mixed else 0)
-                for p in hardware for t in hardware]
+        sizes = mixed_sizes if mixed else (0,)
+        out += [Design("split", p, t, mixed if n else "", n) for p in hardware for t in hardware for n in sizes]
     return out

@@ -196,6 +196,8 @@ class LocalCluster:
     def _router_argv(self) -> list[str]:
         argv = phasesplit_argv("router", "--model", self.plan.model_dir, "--served-model-name",
                                self.plan.served_model_name, "--host", HOST, "--port", str(self.router_port))
+        if self.plan.max_model_len:
+            argv += ["--max-model-len", str(self.plan.max_model_len)]
         for pool in self.plan.pools:
             argv += [f"--{pool}-workers", ",".join(self.addresses(pool))]
         return argv

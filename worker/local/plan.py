@@ -30,6 +30,7 @@ class LocalPlan:
     pools: dict[str, PoolPlan]
     drain_timeout: float
     autoscaling: dict = field(default_factory=dict)
+    max_model_len: int | None = None  # spec.model.maxModelLen, for the router too
 
 
 def read_manifest(path: str | pathlib.Path) -> dict:
@@ -73,13 +74,13 @@ def build_plan(doc: dict, model_dir: str | None = None, port: int | None = None,
     for pool_name, pool in (spec.get("pools") or {}).items():
         if pool_name not in POOLS or pool is None:
             continue
-        pools[pool_name] = _pool_plan(pool_name, pool, common)
+        pools[pool_name] = _pool_plan(pool_name, pool, common + _simulated_args(model, pool_name, model_dir))
     if not pools.get("mixed") and not (pools.get("prompt") and pools.get("token")):
         raise ValueError("spec.pools: needs both a prompt and a token pool, or a mixed pool")
     router_port = port if port is not None else int(spec.get("router", {}).get("service", {}).get("port", 8000))
     return LocalPlan(name=doc["metadata"]["name"], model_dir=model_dir, served_model_name=name,
                      router_port=router_port, pools=pools, drain_timeout=drain_timeout,
-                     autoscaling=spec.get("autoscaling") or {})
+                     autoscaling=spec.get("autoscaling") or {}, max_model_len=model.get("maxModelLen"))
 
 
 def _host_path(model: dict) -> str:
@@ -96,6 +97,13 @@ def _model_args(model: dict) -> list[str]:
     if model.get("maxModelLen"):
         args += ["--max-model-len", str(model["maxModelLen"])]
     return args
+
+
+def _simulated_args(model: dict, pool: str, model_dir: str) -> list[str]:
+    if not model.get("simulated"):
+        return []
+    from phasesplit.control.spec import SimulatedEngine
+    return SimulatedEngine.model_validate(model["simulated"]).worker_args(pool, model_dir)
 
 
 def _kv_args(kv: dict) -> list[str]:

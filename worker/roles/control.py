@@ -31,7 +31,7 @@ class WorkerService(pb_grpc.WorkerServicer):
             waiting_requests=stats.waiting_requests, waiting_tokens=stats.waiting_tokens,
             running_requests=stats.running_requests, kv_blocks_used=stats.used_blocks,
             kv_blocks_free=stats.free_blocks, pending_transfers=self.pending_transfers(),
-            draining=self.core.draining.is_set())
+            draining=self.core.draining.is_set(), max_running_requests=self.core.engine.config.max_num_seqs)
 
     def Abort(self, request, context):
         if not request.request_id:

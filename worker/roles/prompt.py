@@ -196,5 +196,6 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         return transfer is not None
 
     def _release(self, rid: str) -> None:
-        # Only after the sender stopped reading the blocks (finish or abort returned).
-        self.core.loop.run(self.core.engine.release, rid)
+        # Only after the sender stopped reading the blocks (finish or abort returned). Queued, not
+        # awaited: the reply must not wait for the engine's current step (another batch's prefill).
+        self.core.loop.call(self.core.engine.release, rid)

@@ -60,6 +60,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--grpc-threads", type=int, help="gRPC handler threads (default: enough for --max-num-seqs)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard the model over N ranks: N processes, one per GPU (cuda) or N gloo ranks (cpu)")
+    from phasesplit.fleet import sim_engine
+    sim_engine.add_arguments(p)
     args = p.parse_args(argv)
     if args.tensor_parallel < 1:
         p.error(f"--tensor-parallel: must be >= 1, got {args.tensor_parallel}")
@@ -79,6 +81,9 @@ def sending_transport(backend: str, timeout: float, device="cpu"):
 
 
 def load_engine(args: argparse.Namespace, tp=None, device: str | None = None):
+    if args.engine == "sim":
+        from phasesplit.fleet import sim_engine
+        return sim_engine.load(args)
     from phasesplit.engine.engine import EngineConfig, LLMEngine
     from phasesplit.engine.parallel import TensorParallel
     return LLMEngine(EngineConfig(
@@ -105,20 +110,25 @@ class WorkerServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=list(channels.SERVER_OPTIONS))
         aborts = []
+        simulated = args.engine == "sim"
         self.prompt = None
         self.kv_receiver = None
         if args.role in ("prompt", "mixed"):
+            from phasesplit.fleet.sim_handoff import SimHandoff
             from phasesplit.roles.prompt import PromptService
-            self.transport = transport or sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
+            self.transport = transport or (SimHandoff(engine, args.kv_transfer_timeout) if simulated else
+                                           sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device))
             self.prompt = PromptService(self.core, self.transport)
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
         if args.role in ("token", "mixed"):
+            from phasesplit.fleet.sim_handoff import SimReceiver
             from phasesplit.roles.token import TokenService
-            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox), self.server)
+            push = SimReceiver(self.inbox, args.kv_transfer_timeout) if simulated else None
+            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, push), self.server)
             aborts.append(self.inbox.abort)
-            backend = getattr(args, "kv_backend", "grpc")
-            if backend != "grpc":  # PushKV (grpc) is served by every token worker
+            backend = args.kv_backend
+            if backend != "grpc" and not simulated:  # PushKV (grpc) is served by every token worker
                 port = getattr(args, "nccl_port" if backend == "nccl" else "kv_tcp_port", 0)
                 self.kv_receiver = make_receiver(backend, self.inbox, layout=engine.layout, device=engine.device,
                                                timeout=args.kv_transfer_timeout, port=port)

@@ -10,15 +10,16 @@ from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import FAILED, KVInbox
 from phasesplit.roles.streaming import stream_tokens
 from phasesplit.transport import make_receiver
+from phasesplit.transport.base import KVReceiver
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 
 class TokenService(pb_grpc.TokenWorkerServicer):
-    def __init__(self, core: WorkerCore, inbox: KVInbox):
+    def __init__(self, core: WorkerCore, inbox: KVInbox, receiver: KVReceiver | None = None):
         self.core = core
         self.inbox = inbox
-        self.receiver = make_receiver("grpc", inbox, layout=core.engine.layout,
-                                      timeout=core.settings.kv_transfer_timeout)
+        self.receiver = receiver or make_receiver("grpc", inbox, layout=core.engine.layout,
+                                                  timeout=core.settings.kv_transfer_timeout)
 
     def PushKV(self, request_iterator, context):
         with self.core.tracked():

@@ -54,6 +54,16 @@ class WorkerState:
         return polled - sum(self._reserved.values())
 
     @property
+    def max_batch(self) -> int:
+        """The worker's batch limit (0: not reported)."""
+        return self.load.max_running_requests if self.load else 0
+
+    @property
+    def busy_slots(self) -> int:
+        """Batch slots taken: polled running requests, or this router's requests on it when more."""
+        return max(self.inflight, self.load.running_requests if self.load else 0)
+
+    @property
     def block_size(self) -> int:
         return (self.info.layout.block_size if self.info else 0) or 16
 

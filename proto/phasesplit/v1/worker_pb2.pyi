@@ -155,7 +155,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("waiting_requests", "waiting_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "pending_transfers", "draining")
+    __slots__ = ("waiting_requests", "waiting_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "pending_transfers", "draining", "max_running_requests")
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -163,6 +163,7 @@ class WorkerLoad(_message.Message):
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
     PENDING_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     waiting_requests: int
     waiting_tokens: int
     running_requests: int
@@ -170,7 +171,8 @@ class WorkerLoad(_message.Message):
     kv_blocks_free: int
     pending_transfers: int
     draining: bool
-    def __init__(self, waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    max_running_requests: int
+    def __init__(self, waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., draining: _Optional[bool] = ..., max_running_requests: _Optional[int] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -1,0 +1,143 @@
+"""`phasesplit worker --engine sim`: the engine's own scheduler and KV block accounting, with each
+iteration's time taken from the performance model and deterministic tokens instead of a model.
+
+`SimEngine` is an `LLMEngine` (requests, batching, blocks, preemption, the split handoff's
+reserve/commit are the engine's code) that loads no weights and allocates no KV tensors: a prefill
+batch takes `prompt_time(its prompt tokens)` and a decode iteration `token_time(its sequences)` of
+the simulated model on the simulated hardware, both times `time_scale` (slow motion, so that the
+real cost of gRPC and HTTP per token stays small next to the modelled times). Its KV pool holds the
+blocks the simulated instance would (`kv_capacity_tokens`). The model directory gives only the
+tokenizer and config.json (what the router reads too); the tokens cycle through a fixed sentence
+and never hit end-of-sequence, so a request runs to its `max_tokens`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+
+from phasesplit.engine.config import ModelConfig
+from phasesplit.engine.engine import EngineConfig, LLMEngine
+from phasesplit.engine.kv_cache import BlockManager, KVLayout
+from phasesplit.engine.loader import resolve_dtype
+from phasesplit.engine.parallel import TensorParallel
+from phasesplit.engine.scheduler import Scheduler
+from phasesplit.engine.sequence import Sequence
+from phasesplit.engine.tokenizer import Tokenizer
+from phasesplit.fleet.perf import PerfModel, Profiles
+
+SENTENCE = " the fleet serves this token from a simulated engine."
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("simulated engine (--engine sim)")
+    g.add_argument("--engine", default="torch", choices=("torch", "sim"),
+                   help="torch: run the model; sim: time each iteration by the performance model")
+    g.add_argument("--sim-model", default="llama2-70b", help="model name in the profile table")
+    g.add_argument("--sim-hardware", default="h100-80gb", help="hardware name in the profile table")
+    g.add_argument("--sim-tp", type=int, default=8, help="tensor-parallel size of the simulated instance")
+    g.add_argument("--sim-profiles", metavar="CSV", help="profile table (default: the bundled one)")
+    g.add_argument("--sim-catalog", metavar="FILE", help="machine catalog (default: the bundled one)")
+    g.add_argument("--sim-time-scale", type=float, default=1.0,
+                   help="every modelled time is multiplied by this (e.g. 10: ten times slower than modelled)")
+
+
+class SimEngine(LLMEngine):
+    layer_hook = None  # a plain attribute: there is no model runner to hand it to
+
+    def __init__(self, config: EngineConfig, perf: PerfModel, num_layers: int, shape: dict | None = None,
+                 time_scale: float = 1.0, layerwise: bool = True):
+        if not time_scale > 0:
+            raise ValueError(f"--sim-time-scale: must be > 0, got {time_scale}")
+        self.config, self.perf, self.time_scale, self.layerwise = config, perf, time_scale, layerwise
+        self.device = torch.device("cpu")
+        self.tp = TensorParallel()  # one process, whatever tensor-parallel size it simulates
+        self.dtype = resolve_dtype(config.dtype)
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        self.model = None
+        shape = shape or {}
+        self.layout = KVLayout(
+            model=config.served_model_name or os.path.basename(os.path.normpath(config.model_dir)),
+            dtype=str(self.dtype).removeprefix("torch."), num_layers=num_layers,
+            num_kv_heads=int(shape.get("num_kv_heads", self.model_config.num_kv_heads)),
+            head_dim=int(shape.get("head_dim", self.model_config.head_dim)), block_size=config.block_size)
+        # A simulation has no position-embedding limit: --max-model-len may exceed the tokenizer model's.
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        num_blocks = config.num_kv_blocks or perf.kv_capacity_tokens // config.block_size
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one "
+                             f"sequence of max_model_len={self.max_model_len}")
+        # The KV "tensors" of the handoff API: one placeholder per layer; no byte is ever stored.
+        self.kv_cache = SimpleNamespace(k=[None] * num_layers, v=[None] * num_layers)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   self.max_model_len, set())
+        self.requests, self.reserved, self.pending = {}, {}, []
+        self.layer_hook = None
+        self.prefilled: dict[str, tuple[float, float]] = {}  # prefill-only request -> (end, modelled seconds)
+        eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.cycle = [t for t in self.tokenizer.encode(SENTENCE, add_special_tokens=False) if t not in eos]
+        if not self.cycle:
+            raise ValueError(f"{config.model_dir}: the tokenizer encodes no ordinary token")
+
+    # ---- the two iterations, timed by the model ----
+
+    def prefill(self, seqs: list[Sequence]) -> list[int]:
+        start = time.perf_counter()
+        ids = [seq.request_id for seq in seqs]
+        modelled = self.perf.prompt_time(sum(seq.num_tokens for seq in seqs))
+        seconds, layers = modelled * self.time_scale, self.layout.num_layers
+        for layer in range(layers):
+            # Layer by layer, so that a layer-wise handoff sees each layer finish when the model says it does.
+            if self.layer_hook is not None:
+                self.layer_hook(layer, ids)
+            if self.layerwise or layer == layers - 1:
+                _sleep_until(start + seconds * (layer + 1) / layers)
+        end = time.perf_counter()
+        self.prefilled.update((seq.request_id, (end, modelled)) for seq in seqs if seq.prefill_only)
+        return [self._token(seq) for seq in seqs]
+
+    def decode_one_token(self, seqs: list[Sequence]) -> list[int]:
+        start = time.perf_counter()
+        _sleep_until(start + self.perf.token_time(len(seqs)) * self.time_scale)
+        return [self._token(seq) for seq in seqs]
+
+    def release(self, request_id: str) -> bool:
+        self.prefilled.pop(request_id, None)
+        return super().release(request_id)
+
+    def abort(self, request_id: str) -> bool:
+        self.prefilled.pop(request_id, None)
+        return super().abort(request_id)
+
+    def _token(self, seq: Sequence) -> int:
+        return self.cycle[seq.num_tokens % len(self.cycle)]
+
+    def close(self) -> None:
+        """One rank: no followers to stop."""
+
+    def kv_bytes(self, num_tokens: int) -> int:
+        """What the handoff of `num_tokens` tokens would move on the simulated hardware."""
+        return int(num_tokens * self.perf.kv_bytes_per_token)
+
+
+def _sleep_until(deadline: float) -> None:
+    left = deadline - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
+
+
+def load(args: argparse.Namespace) -> SimEngine:
+    """The simulated engine a worker's command line describes."""
+    profiles = Profiles(args.sim_profiles, args.sim_catalog)
+    perf = profiles.get(args.sim_model, args.sim_hardware, args.sim_tp)
+    config = EngineConfig(
+        model_dir=args.model, dtype=args.dtype, device="cpu", block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, served_model_name=args.served_model_name)
+    return SimEngine(config, perf, profiles.num_layers(args.sim_model), profiles.shapes.get(args.sim_model),
+                     args.sim_time_scale, args.layerwise)

@@ -1,0 +1,150 @@
+"""The KV handoff between simulated workers: the real PushKV stream with the real header, and no data.
+
+The prompt side opens `TokenWorker.PushKV` with the request's `KVHeader` (the token side checks the
+layout and reserves the prompt's blocks in its engine, as for real KV), waits the modelled
+transfer time (`perf.kv_transfer_time`: the link of its hardware, layer-wise overlap with the
+prefill), then ends the stream; the token side commits the reserved blocks on that END and
+Generate claims them. Refusals, aborts and cancellations take the real paths and status codes."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+
+from phasesplit.fleet.perf import kv_transfer_time
+from phasesplit.transport import wire
+from phasesplit.transport.base import (END, TransferAborted, TransferError, TransferResult, TransferTimeout,
+                                       check_header, error_from_status, status_of)
+from phasesplit.transport.channels import Channels
+from phasesplit.transport.grpc_kv import _PUSH_KV
+from phasesplit.v1 import worker_pb2 as pb
+
+
+class SimHandoff:
+    """The sending side (a `KVTransport`) of a prompt worker whose engine is a `SimEngine`."""
+    name = "sim"
+
+    def __init__(self, engine, timeout: float = 30.0):
+        self.engine = engine
+        self.timeout = timeout
+        self._channels = Channels()
+
+    def open(self, addr: str, header: pb.KVHeader) -> SimSender:
+        return SimSender(self, self._channels.get(addr), header)
+
+    def transfer_seconds(self, num_tokens: int, prefill_s: float) -> float:
+        """Modelled seconds the handoff adds after the prefill ends (prefill_s: the batch's modelled time)."""
+        perf, engine = self.engine.perf, self.engine
+        return kv_transfer_time(num_tokens, prefill_s, perf.kv_bytes_per_token, perf.link_bytes_per_s,
+                                engine.layout.num_layers, engine.layerwise)
+
+    def close(self) -> None:
+        self._channels.close()
+
+
+class SimSender:
+    def __init__(self, handoff: SimHandoff, channel: grpc.Channel, header: pb.KVHeader):
+        self.handoff = handoff
+        self.request_id = header.request_id
+        self.num_tokens = len(header.prompt_token_ids)
+        self._opened = time.perf_counter()
+        self._end = threading.Event()
+        self._aborted = False
+        push_kv = channel.stream_unary(_PUSH_KV, request_serializer=None,
+                                       response_deserializer=pb.PushKVReply.FromString)
+        self._call = push_kv.future(self._requests(header))
+
+    def _requests(self, header: pb.KVHeader):
+        yield wire.encode_header(header)
+        self._end.wait()
+        if not self._aborted:
+            yield wire.encode_end()
+
+    def send_layer(self, layer, k, v, block_ids=None) -> None:
+        """Nothing to queue: the engine's layer hook marks the prefill's progress itself."""
+
+    def finish(self) -> TransferResult:
+        engine = self.handoff.engine
+        ended, prefill_s = engine.prefilled.get(self.request_id, (time.perf_counter(), 0.0))
+        wait = self.handoff.transfer_seconds(self.num_tokens, prefill_s) * engine.time_scale
+        left = ended + wait - time.perf_counter()
+        if left > 0:
+            try:  # the token side may refuse (capacity, layout, abort) while the modelled bytes move
+                self._call.exception(timeout=left)
+            except grpc.FutureTimeoutError:
+                pass
+        self._end.set()
+        try:
+            self._call.result(timeout=self.handoff.timeout)
+        except grpc.FutureTimeoutError:
+            self.abort()
+            raise TransferTimeout(f"the token worker did not acknowledge within {self.handoff.timeout:g}s") from None
+        except grpc.FutureCancelledError:
+            raise TransferAborted("transfer aborted by the prompt worker") from None
+        except grpc.RpcError as exc:
+            raise error_from_status(exc.code(), exc.details() or "") from None
+        return TransferResult(bytes=engine.kv_bytes(self.num_tokens), seconds=time.perf_counter() - self._opened)
+
+    def abort(self) -> None:
+        self._aborted = True
+        self._end.set()
+        self._call.cancel()
+
+
+def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = 30.0) -> pb.PushKVReply:
+    """The token side of a simulated handoff (the `receive` of `TokenService`): a header, then END."""
+    first = next(iter(request_iterator), None)
+    header = _decode(first, context).header if first is not None else None
+    if header is None:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
+    try:
+        check_header(header)
+    except ValueError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    try:
+        dest = sink.begin(header)
+    except TransferError as exc:
+        context.abort(status_of(exc), str(exc))
+    committed = threading.Event()
+    if not context.add_callback(lambda: committed.is_set() or dest.abort()):
+        dest.abort()
+    for raw in request_iterator:
+        chunk = _decode(raw, context)
+        if chunk.kind != END or chunk.header is not None or chunk.data:
+            dest.abort()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "a simulated worker takes no KV data: the handoff is a header and an END message")
+        try:
+            dest.commit()
+        except TransferError as exc:
+            context.abort(status_of(exc), str(exc))
+        committed.set()
+        return pb.PushKVReply()
+    dest.abort()
+    context.abort(grpc.StatusCode.ABORTED, "the stream ended without its END message: the sender cancelled it")
+
+
+def _decode(raw, context) -> wire.Chunk:
+    try:
+        return wire.decode(raw)
+    except wire.WireError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed KVChunk: {exc}")
+
+
+class SimReceiver:
+    """The token side's `KVReceiver` for simulated workers: PushKV takes a header and an END."""
+
+    def __init__(self, sink, timeout: float = 30.0):
+        self.sink = sink
+        self.timeout = timeout
+
+    def push_kv(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVReply:
+        return receive(request_iterator, context, self.sink, timeout=self.timeout)
+
+    def add_to_server(self, server: grpc.Server) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
