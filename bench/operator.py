@@ -20,13 +20,12 @@ import sys
 import tempfile
 import time
 
-import yaml
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test support package: the emulator and the operator harness
 
 from phasesplit.operator import crd  # noqa: E402
 from phasesplit.operator.kube import path  # noqa: E402
+from support.examples import split_inference  # noqa: E402
 from support.kube_emulator import EmulatorThread  # noqa: E402
 from support.operator_harness import kube_client, start_operator, stop_operator, wait_for  # noqa: E402
 
@@ -59,11 +58,8 @@ def count_children(emulator, names: set[str]) -> int:
 
 
 def manifest(name: str) -> dict:
-    doc = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
-    doc["metadata"] = {"name": name, "namespace": "default"}
     # Reconciliation only: the builtin autoscaler would scrape routers that do not exist here.
-    doc["spec"]["autoscaling"] = {"mode": "none"}
-    return doc
+    return split_inference(name, "default", spec={"autoscaling": {"mode": "none"}})
 
 
 def main() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import kubernetes
 
@@ -50,11 +51,13 @@ class Kube:
 
     @classmethod
     def from_environment(cls) -> Kube:
+        """In a pod, its service account; elsewhere the kubeconfig ($KUBECONFIG, read now)."""
+        config = kubernetes.client.Configuration()
         try:
-            kubernetes.config.load_incluster_config()
+            kubernetes.config.load_incluster_config(client_configuration=config)
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient())
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=config)
+        return cls(kubernetes.client.ApiClient(config))
 
     def request(self, method: str, resource_path: str, body: object = None, content_type: str | None = None,
                 query: list[tuple[str, str]] | None = None) -> dict:

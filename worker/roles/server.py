@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,35 +33,66 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit worker", description=__doc__.split("\n\n")[0])
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything one worker is started with (the command line, typed)."""
+    role: str
+    model: str
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 50051
+    dtype: str = "float32"
+    device: str | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_memory_fraction: float = 0.8
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    kv_backend: str = "grpc"
+    nccl_port: int = 0
+    kv_transfer_timeout: float = 30.0
+    kv_lease: float = 30.0
+    layerwise: bool = True
+    drain_timeout: float = 30.0
+    grpc_threads: int | None = None
+
+    def __post_init__(self):
+        for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(self, name)}")
+
+
+def parse_args(argv: list[str]) -> WorkerConfig:
+    """The command line as a `WorkerConfig`; flags left out take the config's defaults."""
+    p = argparse.ArgumentParser(prog="phasesplit worker", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS)
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--served-model-name", help="model name clients use (default: the directory's name)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
+    p.add_argument("--port", type=int, help="gRPC port (default: 50051; 0 picks a free one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32")
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, help="tokens per KV block (default: 16)")
     p.add_argument("--num-kv-blocks", type=int)
-    p.add_argument("--kv-memory-fraction", type=float, default=0.8)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-memory-fraction", type=float, help="default: 0.8")
+    p.add_argument("--max-num-batched-tokens", type=int, help="default: 2048")
+    p.add_argument("--max-num-seqs", type=int, help="default: 64")
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--kv-backend", default="grpc", choices=("grpc", "nccl"))
-    p.add_argument("--nccl-port", type=int, default=0,
+    p.add_argument("--kv-backend", choices=("grpc", "nccl"), help="default: grpc")
+    p.add_argument("--nccl-port", type=int,
                    help="token side of --kv-backend nccl: port of the process-group rendezvous store (0: any free port)")
-    p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds a transfer may stall")
-    p.add_argument("--kv-lease", type=float, default=30.0, help="seconds received KV waits for its Generate")
+    p.add_argument("--kv-transfer-timeout", type=float, help="seconds a transfer may stall (default: 30)")
+    p.add_argument("--kv-lease", type=float, help="seconds received KV waits for its Generate (default: 30)")
     p.add_argument("--no-layerwise", dest="layerwise", action="store_false",
                    help="send the KV after the prompt phase instead of layer by layer during it")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight work on SIGTERM (default: 30)")
     p.add_argument("--grpc-threads", type=int, help="gRPC handler threads (default: enough for --max-num-seqs)")
-    args = p.parse_args(argv)
-    for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(args, name)}")
-    return args
+    try:
+        return WorkerConfig(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def sending_transport(backend: str, timeout: float, device="cpu"):
@@ -69,54 +101,54 @@ def sending_transport(backend: str, timeout: float, device="cpu"):
     return transport.make_transport(backend, timeout=timeout, **options)
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(config: WorkerConfig):
     from phasesplit.engine.engine import EngineConfig, LLMEngine
     return LLMEngine(EngineConfig(
-        model_dir=args.model, dtype=args.dtype, device=args.device or default_device(),
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, served_model_name=args.served_model_name))
+        model_dir=config.model, dtype=config.dtype, device=config.device or default_device(),
+        block_size=config.block_size, num_kv_blocks=config.num_kv_blocks, kv_memory_fraction=config.kv_memory_fraction,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len, served_model_name=config.served_model_name))
 
 
 class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
-    def __init__(self, engine, args: argparse.Namespace, transport=None):
+    def __init__(self, engine, config: WorkerConfig, transport=None):
         from phasesplit.transport import grpc_kv
-        name = args.served_model_name or engine.layout.model
-        self.settings = WorkerSettings(role=args.role, served_model_name=name,
-                                       kv_transfer_timeout=args.kv_transfer_timeout, kv_lease=args.kv_lease,
-                                       drain_timeout=args.drain_timeout, layerwise=args.layerwise)
+        name = config.served_model_name or engine.layout.model
+        self.settings = WorkerSettings(role=config.role, served_model_name=name,
+                                       kv_transfer_timeout=config.kv_transfer_timeout, kv_lease=config.kv_lease,
+                                       drain_timeout=config.drain_timeout, layerwise=config.layerwise)
         self.core = WorkerCore(engine, self.settings)
         self.transport = transport
-        self.inbox = KVInbox(self.core, args.kv_transfer_timeout, args.kv_lease)
+        self.inbox = KVInbox(self.core, config.kv_transfer_timeout, config.kv_lease)
         self.health = health.HealthServicer()
-        threads = args.grpc_threads or 2 * args.max_num_seqs + 16
+        threads = config.grpc_threads or 2 * config.max_num_seqs + 16
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=list(grpc_kv.SERVER_OPTIONS))
         aborts = []
         self.prompt = None
         self.kv_groups = None
-        if args.role in ("prompt", "mixed"):
+        if config.role in ("prompt", "mixed"):
             from phasesplit.roles.prompt import PromptService
-            self.transport = transport or sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device)
+            self.transport = transport or sending_transport(config.kv_backend, config.kv_transfer_timeout, engine.device)
             self.prompt = PromptService(self.core, self.transport)
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
-        if args.role in ("token", "mixed"):
+        if config.role in ("token", "mixed"):
             from phasesplit.roles.token import TokenService
             grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox), self.server)
             aborts.append(self.inbox.abort)
-            if getattr(args, "kv_backend", "grpc") == "nccl":
+            if config.kv_backend == "nccl":
                 from phasesplit.transport.nccl_receive import KVGroupService
                 self.kv_groups = KVGroupService(self.inbox, engine.layout, engine.device,
-                                                timeout=args.kv_transfer_timeout, store_port=getattr(args, "nccl_port", 0))
+                                                timeout=config.kv_transfer_timeout, store_port=config.nccl_port)
                 pb_grpc.add_KVGroupServicer_to_server(self.kv_groups, self.server)
         pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{args.host}:{args.port}")
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if not self.port:
-            raise OSError(f"--port: cannot listen on {args.host}:{args.port}")
+            raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
         self.core.on_drain.append(self._not_serving)
 
     def start(self) -> "WorkerServer":
@@ -153,8 +185,8 @@ class WorkerServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -164,17 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        engine = load_engine(args)
-        server = WorkerServer(engine, args).start()
+        engine = load_engine(config)
+        server = WorkerServer(engine, config).start()
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)
         return 2
-    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s)", args.role,
-             server.settings.served_model_name, args.host, server.port, engine.num_total_blocks,
+    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s)", config.role,
+             server.settings.served_model_name, config.host, server.port, engine.num_total_blocks,
              engine.layout.block_size, engine.device)
     while not stop.wait(1.0):
         pass
-    log.info("draining (up to %g s)", args.drain_timeout)
+    log.info("draining (up to %g s)", config.drain_timeout)
     finished = server.drain_and_stop()
     log.info("stopped%s", "" if finished else ": drain timeout, in-flight requests were cut off")
     return 0
