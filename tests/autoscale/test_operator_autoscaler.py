@@ -116,6 +116,7 @@ async def test_pool_replicas_follow_their_own_metrics(cluster, operator, router_
         assert costs == {0: "30", 1: "2", 2: "11"}
         await until(lambda: events(cluster, "ScaledDown"))
         assert any("prompt pool 3 -> 1" in e["message"] for e in events(cluster, "ScaledDown"))
+    assert cluster.denied == [], "the chart's RBAC refused the operator"
 
 
 async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, operator, router_metrics, router_dns):

@@ -181,6 +181,7 @@ def test_deletion_is_clean(cluster):
     time.sleep(1)
     assert cluster["proc"].poll() is None
     assert get_si(kube, "tiny") is None
+    assert cluster["emulator"].emulator.denied == [], "the chart's RBAC refused the operator"
     log = cluster["log"].read_text()
     assert "Traceback" not in log and "[ERROR" not in log, log[-3000:]
 
