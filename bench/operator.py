@@ -66,7 +66,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=100)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, EmulatorThread([crd.build_crd()], history=100) as emulator:
+    with tempfile.TemporaryDirectory() as tmp, EmulatorThread(history=100) as emulator:
         kube = kube_client(emulator.url)
         proc = start_operator(emulator.kubeconfig(pathlib.Path(tmp) / "kubeconfig"), pathlib.Path(tmp) / "op.log")
         try:

@@ -20,6 +20,7 @@ from phasesplit.control.router_metrics import MetricsUnavailable, RouterScrape, 
 from phasesplit.control.scaling import Decision, PoolState, SplitScaler, deletion_costs
 from phasesplit.control.spec import SplitInferenceSpec
 from phasesplit.operator import reconcile
+from phasesplit.operator.apply import SCALER_MANAGER
 from phasesplit.operator.builders import Owner, pool_name, service_name
 from phasesplit.operator.kube import Kube, KubeError, path
 from phasesplit.operator.metrics_source import PrometheusQuery, router_selector
@@ -30,6 +31,9 @@ DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 async def tick(kube: Kube, body: kopf.Body, memo: kopf.Memo, logger) -> None:
     """One timer tick for one SplitInference: read its metrics, decide, scale, record."""
+    phase = (body.get("status") or {}).get("phase")
+    if phase in (None, "Failed"):  # not reconciled yet, or a spec that cannot work: nothing to scale
+        return
     parsed = SplitInferenceSpec.model_validate(dict(body["spec"]))
     if parsed.autoscaling.mode != "builtin":
         return
@@ -74,7 +78,7 @@ def evaluate(kube: Kube, scaler: SplitScaler, snapshot: Snapshot, owner: Owner, 
             _mark_removal_order(kube, deployment, snapshot.worker_load, logger)
         name = deployment["metadata"]["name"]
         kube.patch(path("apps/v1", "Deployment", owner.namespace, name, "scale"),
-                   {"spec": {"replicas": decision.desired}})
+                   {"spec": {"replicas": decision.desired}}, field_manager=SCALER_MANAGER)
         logger.info(f"{pool} pool: {decision.current} -> {decision.desired} replicas ({decision.reason})")
     return decisions
 
@@ -90,7 +94,7 @@ def _mark_removal_order(kube: Kube, deployment: dict, worker_load: dict[str, flo
              if (p.get("status") or {}).get("podIP") and _matches(p["metadata"].get("labels"), selector)}
     for pod, cost in deletion_costs(hosts, worker_load).items():
         kube.patch(f"/api/v1/namespaces/{namespace}/pods/{pod}",
-                   {"metadata": {"annotations": {DELETION_COST: str(cost)}}})
+                   {"metadata": {"annotations": {DELETION_COST: str(cost)}}}, field_manager=SCALER_MANAGER)
     logger.debug(f"pod-deletion-cost set on {len(hosts)} pods of {deployment['metadata']['name']}")
 
 

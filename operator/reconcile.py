@@ -16,8 +16,6 @@ from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
 from phasesplit.operator.kube import Kube, path
 
-REPLICAS = ("spec", "replicas")
-
 
 @dataclass(slots=True)
 class Outcome:
@@ -72,8 +70,10 @@ def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
 
 def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
                  outcome: Outcome, autoscaling: dict | None = None) -> None:
-    """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts)."""
+    """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
+    computed from the object as it is now, so that neither part overwrites the other's last word."""
     owner = owner_of(body)
+    body = kube.get(si_path(owner)) or body
     roles = _roles(spec, body)
     port = spec.router.service.port if spec else si.RouterService().port
     previous = body.get("status") or {}
@@ -100,8 +100,7 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
     outcome.problems = problems
     if not problems:
         for child in children:
-            unowned = (REPLICAS,) if _autoscaled(child, spec) else ()
-            action, _ = apply(kube, child, unowned)
+            action, _ = apply(kube, child, replicas_elsewhere=_autoscaled(child, spec))
             outcome.applied[f"{child['kind']}/{child['metadata']['name']}"] = action
     write_status(kube, body, spec, problems, outcome)
     return outcome

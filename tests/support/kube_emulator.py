@@ -60,6 +60,7 @@ RESOURCES = {
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 ACTION_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get",
                 enums.action.CREATE: "create", enums.action.UPDATE: "patch", enums.action.DELETE: "delete"}
+QUANTITY_KINDS = {"Deployment", "Pod", "HorizontalPodAutoscaler"}  # custom resources keep what was written
 RFC1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -143,6 +144,8 @@ class Emulator(kmock.KubernetesEmulator):
         meta["creationTimestamp"] = _now()
         meta["generation"] = 1
         _default(request.data)
+        if request.data.get("kind") in QUANTITY_KINDS:
+            _normalise(request.data)
         if request.data.get("kind") == "CustomResourceDefinition":
             register_crd(self, request.data)
 
@@ -177,7 +180,8 @@ class Emulator(kmock.KubernetesEmulator):
                                                            if _at(after, p) != _at(current, p)}
             manager = request.params.get("fieldManager") or "unknown"
             meta["managedFields"] = _take(current, manager, "Update", changed, _leaves(after))
-        _normalise(request.data)
+        if after.get("kind") in QUANTITY_KINDS:
+            _normalise(request.data)
 
     async def _server_side_apply(self, request) -> None:
         manager = request.params.get("fieldManager")
@@ -195,14 +199,16 @@ class Emulator(kmock.KubernetesEmulator):
                                           "resourceVersion": str(next(self.versions)), "creationTimestamp": _now(),
                                           "generation": 1}}
             _default(obj)
-            _normalise(obj)
+            if obj.get("kind") in QUANTITY_KINDS:
+                _normalise(obj)
             obj["metadata"]["managedFields"] = [_entry(manager, "Apply", fields)]
             object.__setattr__(request, "action", enums.action.CREATE)
             object.__setattr__(request, "data", obj)
             if obj.get("kind") == "CustomResourceDefinition":
                 register_crd(self, obj)
             return
-        _normalise(config)
+        if config.get("kind") in QUANTITY_KINDS:
+            _normalise(config)
         owners = _owners(live)
         conflicts = sorted(".".join(p) for p in fields for m, owned in owners.items()
                            if m != manager and p in owned and _at(live, p) != _at(config, p))
@@ -226,12 +232,22 @@ class Emulator(kmock.KubernetesEmulator):
         result["kind"] = f"{info.kind}List" if info.kind else "List"
         result["apiVersion"] = request.resource.group and f"{request.resource.group}/{request.resource.version}" \
             or request.resource.version
+        result["metadata"]["resourceVersion"] = str(next(self.versions))
         selector = request.params.get("labelSelector")
         if selector:
             wanted = dict(term.split("=", 1) for term in selector.split(",") if "=" in term)
             result["items"] = [o for o in result["items"]
                                if all((o["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())]
         return result
+
+    async def _serve_watch(self, request):
+        """Only what happened after the list the watch continues (a real server's resourceVersion)."""
+        since = request.params.get("resourceVersion", "")
+        async for event in super()._serve_watch(request):
+            if (since.isdigit() and isinstance(event, dict) and event.get("type") == "ADDED"
+                    and int(event["object"]["metadata"].get("resourceVersion", "0")) <= int(since)):
+                continue
+            yield event
 
     async def _collect_garbage(self) -> None:
         """Deletes, in the background, every object whose owners are all gone (what kube-controller-manager does)."""
