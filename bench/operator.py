@@ -20,13 +20,12 @@ import sys
 import tempfile
 import time
 
-import yaml
-
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test support package: the emulator and the operator harness
 
 from phasesplit.operator import crd  # noqa: E402
 from phasesplit.operator.kube import path  # noqa: E402
+from support.examples import split_inference  # noqa: E402
 from support.kube_emulator import EmulatorThread  # noqa: E402
 from support.operator_harness import kube_client, start_operator, stop_operator, wait_for  # noqa: E402
 
@@ -59,18 +58,15 @@ def count_children(emulator, names: set[str]) -> int:
 
 
 def manifest(name: str) -> dict:
-    doc = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
-    doc["metadata"] = {"name": name, "namespace": "default"}
     # Reconciliation only: the builtin autoscaler would scrape routers that do not exist here.
-    doc["spec"]["autoscaling"] = {"mode": "none"}
-    return doc
+    return split_inference(name, "default", spec={"autoscaling": {"mode": "none"}})
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=100)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, EmulatorThread([crd.build_crd()], history=100) as emulator:
+    with tempfile.TemporaryDirectory() as tmp, EmulatorThread(history=100) as emulator:
         kube = kube_client(emulator.url)
         proc = start_operator(emulator.kubeconfig(pathlib.Path(tmp) / "kubeconfig"), pathlib.Path(tmp) / "op.log")
         try:

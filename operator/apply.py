@@ -1,18 +1,28 @@
-"""Idempotent apply: create a child, or merge-patch only what differs from what we want.
+"""Idempotent apply of one child: server-side apply under one field manager, and nothing sent
+when the live object already holds what would be applied.
 
-Like `kubectl apply`, the last applied object is kept in an annotation, so a field removed from
-the desired object is removed from the live one; fields the server or others fill in stay alone.
+The applied object carries a hash of itself (`APPLIED_HASH`), so a field dropped from the desired
+object changes the hash and is applied (the server then removes it); a pass whose desired objects
+are unchanged and whose live objects hold them (quantities compared by value, as the server
+rewrites them) sends no writes. When an autoscaler owns a Deployment's `spec.replicas`, the
+operator leaves the field out; if it owned the field before (a switch from `mode: none`), it first
+hands it to `SCALER_MANAGER` at its live value, so that letting go never resets it to the default.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from typing import Any
 
-from phasesplit.operator.kube import Kube, KubeError, object_path
+from phasesplit.operator import quantity
+from phasesplit.operator.kube import Kube, object_path
 
-LAST_APPLIED = "phasesplit.io/last-applied"
+FIELD_MANAGER = "phasesplit-operator"
+SCALER_MANAGER = "phasesplit-autoscaler"  # the builtin autoscaler's writes and replicas handed over
+APPLIED_HASH = "phasesplit.io/applied-hash"
+REPLICAS = ("spec", "replicas")
 
 
 def matches(desired: Any, live: Any) -> bool:
@@ -26,65 +36,50 @@ def matches(desired: Any, live: Any) -> bool:
             return live in (None, [])
         return (isinstance(live, list) and len(live) == len(desired)
                 and all(matches(d, item) for d, item in zip(desired, live)))
-    return desired == live
+    return quantity.same(desired, live)
 
 
-def merge_patch(desired: dict, live: dict, last: dict) -> dict:
-    """A JSON merge patch taking live to desired, deleting keys that were applied last time only."""
-    patch: dict = {}
-    for key, want in desired.items():
-        have = live.get(key)
-        if isinstance(want, dict) and want and isinstance(have, dict):
-            previous = last.get(key) if isinstance(last.get(key), dict) else {}
-            if sub := merge_patch(want, have, previous):
-                patch[key] = sub
-        elif not matches(want, have):
-            patch[key] = want
-    for key in last:
-        if key not in desired and live.get(key) is not None:
-            patch[key] = None
-    return patch
-
-
-def _without(obj: dict, dropped: tuple[tuple[str, ...], ...]) -> dict:
-    obj = copy.deepcopy(obj)
-    for field_path in dropped:
-        node = obj
-        for key in field_path[:-1]:
-            node = node.get(key, {})
-        node.pop(field_path[-1], None)
+def stamped(desired: dict, without_replicas: bool) -> dict:
+    """What is applied: `desired` (less `spec.replicas` when an autoscaler owns them) with its hash."""
+    obj = copy.deepcopy(desired)
+    if without_replicas:
+        obj.get("spec", {}).pop("replicas", None)
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    obj["metadata"].setdefault("annotations", {})[APPLIED_HASH] = digest
     return obj
 
 
-def _record(obj: dict, recorded: dict) -> dict:
-    """obj with the last-applied annotation holding `recorded`."""
-    obj = copy.deepcopy(obj)
-    annotations = obj["metadata"].setdefault("annotations", {})
-    annotations[LAST_APPLIED] = json.dumps(recorded, sort_keys=True, separators=(",", ":"))
-    return obj
+def owns(live: dict, manager: str, field_path: tuple[str, ...]) -> bool:
+    for entry in live.get("metadata", {}).get("managedFields") or []:
+        if entry.get("manager") == manager and entry.get("operation") == "Apply":
+            node = entry.get("fieldsV1") or {}
+            for key in field_path:
+                node = node.get(f"f:{key}") if isinstance(node, dict) else None
+            if node is not None:
+                return True
+    return False
 
 
-def apply(kube: Kube, desired: dict, unowned: tuple[tuple[str, ...], ...] = ()) -> tuple[str, dict]:
-    """Create or patch one object; returns ("created" | "patched" | "unchanged", live object).
+def apply(kube: Kube, desired: dict, replicas_elsewhere: bool = False) -> tuple[str, dict]:
+    """Create, patch or leave one object; returns ("created" | "patched" | "unchanged", live object).
 
-    `unowned` field paths (e.g. ("spec", "replicas") when an autoscaler owns them) are set on
-    creation only and never patched or recorded afterwards.
-    """
-    owned = _without(desired, unowned)
-    resource_path = object_path(desired)
-    live = kube.get(resource_path)
-    if live is None:
-        try:
-            return "created", kube.create(_record(desired, owned))
-        except KubeError as e:
-            if e.status != 409:
-                raise
-            live = kube.get(resource_path)  # created meanwhile by another pass: patch it instead
-            if live is None:
-                raise
-    annotations = live.get("metadata", {}).get("annotations") or {}
-    last = json.loads(annotations.get(LAST_APPLIED, "{}"))
-    patch = merge_patch(_record(owned, owned), live, last)
-    if not patch:
+    `replicas_elsewhere`: an autoscaler owns `spec.replicas`; they are set from `desired` on creation only."""
+    obj = stamped(desired, replicas_elsewhere)
+    live = kube.get(object_path(obj))
+    holding = live is not None and replicas_elsewhere and owns(live, FIELD_MANAGER, REPLICAS)
+    if live is not None and matches(obj, live) and not holding:
         return "unchanged", live
-    return "patched", kube.patch(resource_path, patch)
+    if holding:
+        kube.apply(_replicas_only(live), SCALER_MANAGER)
+    applied = kube.apply(obj, FIELD_MANAGER)
+    initial = desired.get("spec", {}).get("replicas")
+    if live is None and replicas_elsewhere and initial is not None and applied["spec"].get("replicas") != initial:
+        applied = kube.apply(_replicas_only(applied, initial), SCALER_MANAGER)
+    return ("created" if live is None else "patched"), applied
+
+
+def _replicas_only(live: dict, replicas: int | None = None) -> dict:
+    meta = live["metadata"]
+    return {"apiVersion": live["apiVersion"], "kind": live["kind"],
+            "metadata": {"name": meta["name"], "namespace": meta["namespace"]},
+            "spec": {"replicas": live["spec"].get("replicas", 1) if replicas is None else replicas}}

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 
 from phasesplit.control import spec as si
+from phasesplit.control.worker_settings import worker_settings
 
 WORKER_PORT = 50051
 ROUTER_PORT = 8000
@@ -63,8 +64,8 @@ def network_policy_name(owner: Owner) -> str:
     return f"{owner.name}-workers"
 
 
-def endpoint(owner: Owner, spec: si.SplitInferenceSpec) -> str:
-    return f"http://{service_name(owner)}.{owner.namespace}.svc.cluster.local:{spec.router.service.port}"
+def endpoint(owner: Owner, port: int) -> str:
+    return f"http://{service_name(owner)}.{owner.namespace}.svc.cluster.local:{port}"
 
 
 def selector_labels(owner: Owner, role: str) -> dict:
@@ -86,40 +87,9 @@ def metadata(owner: Owner, name: str, role: str, annotations: dict | None = None
 
 # --- the engine settings ---------------------------------------------------------------------
 
-def _env_key(role: str, setting: str) -> str:
-    return f"{role.upper()}_{setting}"
-
-
 def engine_settings(spec: si.SplitInferenceSpec) -> dict[str, str]:
     """ConfigMap data: the settings every worker reads, one key per role and flag."""
-    data = {"DTYPE": spec.model.dtype, "KV_BACKEND": spec.kv_transfer.backend,
-            "KV_TRANSFER_TIMEOUT": _num(spec.kv_transfer.timeout_seconds),
-            "KV_LEASE": _num(spec.kv_transfer.lease_seconds)}
-    if spec.model.max_model_len:
-        data["MAX_MODEL_LEN"] = str(spec.model.max_model_len)
-    for role, pool in spec.pools.items():
-        for setting, value in _engine_values(pool).items():
-            data[_env_key(role, setting)] = value
-    return data
-
-
-def _num(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def _engine_values(pool: si.Pool) -> dict[str, str]:
-    engine = pool.engine
-    values = {"MAX_NUM_BATCHED_TOKENS": str(engine.max_num_batched_tokens), "MAX_NUM_SEQS": str(engine.max_num_seqs),
-              "BLOCK_SIZE": str(engine.block_size), "DEVICE": engine.device or _device(pool)}
-    if engine.num_kv_blocks is not None:
-        values["NUM_KV_BLOCKS"] = str(engine.num_kv_blocks)
-    if engine.kv_memory_fraction is not None:
-        values["KV_MEMORY_FRACTION"] = _num(engine.kv_memory_fraction)
-    return values
-
-
-def _device(pool: si.Pool) -> str:
-    return "cuda" if si.requests_gpu(pool.resources) else "cpu"
+    return {s.key: s.value for role, _ in spec.pools.items() for s in worker_settings(spec, role, MODEL_DIR) if s.key}
 
 
 def build_config_map(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
@@ -228,28 +198,7 @@ def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[s
     """`phasesplit worker` arguments; engine settings come from the ConfigMap as $(VAR) references."""
     args = ["worker", "--role", role, "--model", MODEL_DIR, "--served-model-name", spec.model.name,
             "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--drain-timeout", str(pool.drain_timeout_seconds)]
-    shared = [("--dtype", "DTYPE"), ("--kv-backend", "KV_BACKEND"), ("--kv-transfer-timeout", "KV_TRANSFER_TIMEOUT"),
-              ("--kv-lease", "KV_LEASE")]
-    if spec.model.max_model_len:
-        shared.append(("--max-model-len", "MAX_MODEL_LEN"))
-    flags = {"MAX_NUM_BATCHED_TOKENS": "--max-num-batched-tokens", "MAX_NUM_SEQS": "--max-num-seqs",
-             "BLOCK_SIZE": "--block-size", "DEVICE": "--device", "NUM_KV_BLOCKS": "--num-kv-blocks",
-             "KV_MEMORY_FRACTION": "--kv-memory-fraction"}
-    for flag, key in shared:
-        args += [flag, f"$({key})"]
-    for setting in _engine_values(pool):
-        args += [flags[setting], f"$({_env_key(role, setting)})"]
-    if pool.tensor_parallel_size > 1:
-        args += ["--tensor-parallel", str(pool.tensor_parallel_size)]
-    if not spec.kv_transfer.layerwise:
-        args.append("--no-layerwise")
-    if spec.kv_transfer.backend == "nccl":  # the token side hosts the pair groups' rendezvous store here
-        args += ["--nccl-port", str(spec.kv_transfer.nccl.port)]
-    if spec.kv_transfer.backend == "tcp":  # the token side takes the KV bytes on this port
-        args += ["--kv-tcp-port", str(spec.kv_transfer.tcp.port)]
-    if spec.model.simulated:
-        args += spec.model.simulated.worker_args(role, MODEL_DIR)
-    return args
+    return args + [arg for setting in worker_settings(spec, role, MODEL_DIR) for arg in setting.reference()]
 
 
 def _nccl_env(spec: si.SplitInferenceSpec) -> list[dict]:
@@ -386,21 +335,8 @@ def build_children(owner: Owner, spec: si.SplitInferenceSpec) -> list[dict]:
         children += [build_pool_service(owner, role), build_pool_deployment(owner, spec, role)]
     children += [build_router_service(owner, spec), build_router_deployment(owner, spec),
                  build_network_policy(owner, spec)]
-    children += build_scaling_objects(owner, spec)
-    return children
-
-
-def build_scaling_objects(owner: Owner, spec: si.SplitInferenceSpec) -> list[dict]:
-    """HPA or KEDA objects for the worker pools when the cluster's metrics pipeline scales them."""
-    mode = spec.autoscaling.mode
-    if mode not in ("hpa", "keda"):
-        return []
-    from phasesplit.operator import scaler_objects
-    body = {"apiVersion": f"{si.API_GROUP}/{si.API_VERSION}", "kind": si.KIND,
-            "metadata": {"name": owner.name, "namespace": owner.namespace, "uid": owner.uid},
-            "spec": spec.model_dump(by_alias=True, exclude_none=True, mode="json")}
-    build = scaler_objects.build_hpa if mode == "hpa" else scaler_objects.build_scaled_object
-    return [build(body, role) for role, _ in spec.pools.items()]
+    from phasesplit.operator.scaler_objects import build_scaling_objects  # it builds on this module
+    return children + build_scaling_objects(owner, spec)
 
 
 def autoscaler_owns_replicas(spec: si.SplitInferenceSpec) -> bool:

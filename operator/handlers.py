@@ -1,6 +1,5 @@
-"""kopf handlers: thin wrappers that call phasesplit.operator.reconcile.
-
-Loaded by `phasesplit operator` next to phasesplit.operator.autoscaler (which owns pool replicas
+"""Every kopf handler of the operator, registered in one place (`register`): thin wrappers that
+call phasesplit.operator.reconcile and phasesplit.operator.autoscaler (which owns pool replicas
 once created, unless `spec.autoscaling.mode` is `none`).
 """
 
@@ -11,7 +10,7 @@ import logging
 import kopf
 
 from phasesplit.control import spec as si
-from phasesplit.operator import builders, reconcile
+from phasesplit.operator import autoscaler, builders, reconcile
 from phasesplit.operator.kube import Kube, KubeError
 
 RESYNC_SECONDS = 60.0
@@ -19,7 +18,6 @@ WATCHED_NAMESPACES: list[str] = []  # set by phasesplit.operator.main; empty: cl
 CHILD_LABELS = {"app.kubernetes.io/managed-by": builders.MANAGED_BY}
 
 
-@kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=si.API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=si.API_GROUP)
@@ -52,21 +50,31 @@ def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger)
         kopf.warn(body, reason="InvalidSpec", message=reconcile.status.ready_condition(outcome.status)["message"])
 
 
-@kopf.on.resume(si.API_GROUP, si.API_VERSION, si.PLURAL)
-@kopf.on.create(si.API_GROUP, si.API_VERSION, si.PLURAL)
-@kopf.on.update(si.API_GROUP, si.API_VERSION, si.PLURAL)
 def reconcile_fn(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
     _report(reconcile.reconcile(memo.kube, dict(body)), body, logger)
 
 
-@kopf.timer(si.API_GROUP, si.API_VERSION, si.PLURAL, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS)
 def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
     """Heals drift (a deleted or edited child) and notices a Secret or PVC that appeared later."""
     _report(reconcile.reconcile(memo.kube, dict(body)), body, logger)
 
 
-@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
 def child_deployment_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_) -> None:
     name = labels.get("app.kubernetes.io/instance")
     if name:
         reconcile.refresh_status(memo.kube, namespace, name)
+
+
+async def autoscale(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    await autoscaler.tick(memo.kube, body, memo, logger)
+
+
+def register(registry: kopf.OperatorRegistry, tick_seconds: float = autoscaler.TICK_SECONDS) -> None:
+    """Every handler, on `registry`; `tick_seconds` is the autoscaler timer's period."""
+    resource = (si.API_GROUP, si.API_VERSION, si.PLURAL)
+    kopf.on.startup(registry=registry)(configure)
+    for cause in (kopf.on.resume, kopf.on.create, kopf.on.update):
+        cause(*resource, registry=registry)(reconcile_fn)
+    kopf.timer(*resource, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS, registry=registry)(resync)
+    kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS, registry=registry)(child_deployment_changed)
+    kopf.timer(*resource, interval=tick_seconds, registry=registry)(autoscale)

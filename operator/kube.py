@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import kubernetes
 
@@ -10,11 +11,14 @@ PLURALS = {
     "ConfigMap": "configmaps", "Service": "services", "Secret": "secrets", "Event": "events",
     "PersistentVolumeClaim": "persistentvolumeclaims", "Deployment": "deployments",
     "NetworkPolicy": "networkpolicies", "HorizontalPodAutoscaler": "horizontalpodautoscalers",
-    "ScaledObject": "scaledobjects", "SplitInference": "splitinferences",
+    "ScaledObject": "scaledobjects", "SplitInference": "splitinferences", "Pod": "pods",
+    "PodDisruptionBudget": "poddisruptionbudgets",
     "CustomResourceDefinition": "customresourcedefinitions", "ClusterKopfPeering": "clusterkopfpeerings",
     "KopfPeering": "kopfpeerings",
 }
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+TIMEOUT = (5, 30)  # seconds to connect, to read: a hung API server must not hang a handler
 
 
 class KubeError(Exception):
@@ -50,11 +54,13 @@ class Kube:
 
     @classmethod
     def from_environment(cls) -> Kube:
+        """In a pod, its service account; elsewhere the kubeconfig ($KUBECONFIG, read now)."""
+        config = kubernetes.client.Configuration()
         try:
-            kubernetes.config.load_incluster_config()
+            kubernetes.config.load_incluster_config(client_configuration=config)
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
-        return cls(kubernetes.client.ApiClient())
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=config)
+        return cls(kubernetes.client.ApiClient(config))
 
     def request(self, method: str, resource_path: str, body: object = None, content_type: str | None = None,
                 query: list[tuple[str, str]] | None = None) -> dict:
@@ -63,7 +69,7 @@ class Kube:
             headers["Content-Type"] = content_type or "application/json"
         serialized = self.api.param_serialize(method, resource_path, query_params=query or [],
                                               header_params=headers, body=body, auth_settings=["BearerToken"])
-        response = self.api.call_api(*serialized)
+        response = self.api.call_api(*serialized, _request_timeout=TIMEOUT)
         data = response.read() or b"{}"
         if not 200 <= response.status < 300:
             raise KubeError(response.status, method, resource_path, data.decode(errors="replace"))
@@ -82,8 +88,14 @@ class Kube:
         collection = path(obj["apiVersion"], obj["kind"], meta.get("namespace"))
         return self.request("POST", collection, obj)
 
-    def patch(self, resource_path: str, patch: dict) -> dict:
-        return self.request("PATCH", resource_path, patch, MERGE_PATCH)
+    def patch(self, resource_path: str, patch: dict, field_manager: str | None = None) -> dict:
+        query = [("fieldManager", field_manager)] if field_manager else None
+        return self.request("PATCH", resource_path, patch, MERGE_PATCH, query)
+
+    def apply(self, obj: dict, field_manager: str) -> dict:
+        """Server-side apply (forced: the operator is the authority for the fields it applies)."""
+        return self.request("PATCH", object_path(obj), obj, APPLY_PATCH,
+                            [("fieldManager", field_manager), ("force", "true")])
 
     def list(self, api_version: str, kind: str, namespace: str | None, label_selector: str | None = None) -> list:
         query = [("labelSelector", label_selector)] if label_selector else []

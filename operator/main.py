@@ -29,13 +29,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
-    # Registering the handlers is importing them.
-    from phasesplit.operator import autoscaler, handlers  # noqa: F401
+    from phasesplit.operator import handlers
     handlers.WATCHED_NAMESPACES[:] = args.namespace
+    registry = kopf.get_default_registry()  # with kopf's own login handlers
+    handlers.register(registry)
 
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
     kopf.configure(verbose=args.verbose)
     asyncio.run(kopf.operator(
+        registry=registry,
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         standalone=args.standalone,

@@ -16,8 +16,6 @@ from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
 from phasesplit.operator.kube import Kube, path
 
-REPLICAS = ("spec", "replicas")
-
 
 @dataclass(slots=True)
 class Outcome:
@@ -71,23 +69,28 @@ def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
 
 
 def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
-                 outcome: Outcome) -> None:
+                 outcome: Outcome, autoscaling: dict | None = None) -> None:
+    """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
+    computed from the object as it is now, so that neither part overwrites the other's last word."""
     owner = owner_of(body)
+    body = kube.get(si_path(owner)) or body
     roles = _roles(spec, body)
-    port = spec.router.service.port if spec else 8000
-    endpoint = f"http://{builders.service_name(owner)}.{owner.namespace}.svc.cluster.local:{port}"
+    port = spec.router.service.port if spec else si.RouterService().port
     previous = body.get("status") or {}
     generation = int(body["metadata"].get("generation") or 0)
-    new = status.build_status(owner, roles, endpoint, _deployments(kube, owner, roles), problems, previous,
-                              generation, _now())
+    new = status.build_status(roles, builders.endpoint(owner, port), _deployments(kube, owner, roles), problems,
+                              previous, generation, _now(), autoscaling)
     outcome.status = new
     was = status.ready_condition(previous)
     outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
         "InvalidSpec", status.ready_condition(new)["message"])
     if any(previous.get(key) != value for key, value in new.items()):
-        kube.patch(path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, owner.namespace, owner.name, "status"),
-                   {"status": new})
+        kube.patch(si_path(owner, "status"), {"status": new})
         outcome.status_written = True
+
+
+def si_path(owner: builders.Owner, subresource: str | None = None) -> str:
+    return path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, owner.namespace, owner.name, subresource)
 
 
 def reconcile(kube: Kube, body: dict) -> Outcome:
@@ -97,22 +100,22 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
     outcome.problems = problems
     if not problems:
         for child in children:
-            unowned = (REPLICAS,) if _autoscaled(child, spec) else ()
-            action, _ = apply(kube, child, unowned)
+            action, _ = apply(kube, child, replicas_elsewhere=_autoscaled(child, spec))
             outcome.applied[f"{child['kind']}/{child['metadata']['name']}"] = action
     write_status(kube, body, spec, problems, outcome)
     return outcome
 
 
-def refresh_status(kube: Kube, namespace: str, name: str) -> Outcome | None:
-    """Recompute the status of one SplitInference after a child changed; None if it is gone."""
-    body = kube.get(path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, namespace, name))
+def refresh_status(kube: Kube, namespace: str, name: str, autoscaling: dict | None = None) -> Outcome | None:
+    """Recompute the status of one SplitInference after a child changed or the autoscaler acted
+    (`autoscaling`: its new record); None if it is gone."""
+    body = kube.get(si_path(builders.Owner(name, namespace, "")))
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     outcome = Outcome()
     spec, _, problems = desired_state(kube, body)
     outcome.problems = problems
-    write_status(kube, body, spec, problems, outcome)
+    write_status(kube, body, spec, problems, outcome, autoscaling)
     return outcome
 
 

@@ -1,6 +1,6 @@
 """Cluster-metrics scaling: an HPA or a KEDA ScaledObject per pool, on the router's queue metrics.
 
-Pure builders `SplitInference dict -> object dict`, used when `spec.autoscaling.mode` is `hpa` or
+Pure builders `(owner, spec, pool) -> object dict`, used when `spec.autoscaling.mode` is `hpa` or
 `keda`. Both scale the pool's Deployment on the same gauge the builtin policy reads, with the same
 knobs: min/max, target per replica, scale-up step, scale-down stabilization window.
 
@@ -12,47 +12,21 @@ average and uses `Value` (desired = ceil(current * value / target)), as the buil
 
 from __future__ import annotations
 
-from phasesplit.control.scaling import AVERAGE_METRICS, PoolKnobs
-
-from phasesplit.operator import builders
+from phasesplit.control import spec as si
 from phasesplit.control.router_metrics import POOL_GAUGES
+from phasesplit.control.scaling import AVERAGE_METRICS
+from phasesplit.operator import builders
 from phasesplit.operator.metrics_source import router_selector
+
 MAX_HPA_WINDOW = 3600  # HPA validation: stabilizationWindowSeconds
 MAX_HPA_PERIOD = 1800  # HPA validation: policies[].periodSeconds
 
 
-def _owner(si: dict) -> builders.Owner:
-    meta = si["metadata"]
-    return builders.Owner(meta["name"], meta.get("namespace") or "default", meta.get("uid") or "")
+def _scale_target(owner: builders.Owner, role: str) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": builders.pool_name(owner, role)}
 
 
-def pool_deployment_name(si: dict, pool: str) -> str:
-    return builders.pool_name(_owner(si), pool)
-
-
-def _knobs(si: dict, pool: str) -> PoolKnobs:
-    pools = si.get("spec", {}).get("pools") or {}
-    if pool not in pools:
-        raise ValueError(f"spec.pools.{pool}: no such pool; have {', '.join(sorted(pools)) or 'none'}")
-    autoscaling = pools[pool].get("autoscaling")
-    if not autoscaling:
-        raise ValueError(f"spec.pools.{pool}.autoscaling: required when spec.autoscaling.mode is hpa or keda")
-    return PoolKnobs.from_spec(autoscaling)
-
-
-def _metadata(si: dict, pool: str) -> dict:
-    return builders.metadata(_owner(si), pool_deployment_name(si, pool), pool)
-
-
-def _scale_target(si: dict, pool: str) -> dict:
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": pool_deployment_name(si, pool)}
-
-
-def _interval(si: dict) -> int:
-    return int((si.get("spec", {}).get("autoscaling") or {}).get("intervalSeconds") or 15)
-
-
-def _behavior(knobs: PoolKnobs, interval: int) -> dict:
+def _behavior(knobs: si.PoolAutoscaling, interval: int) -> dict:
     if knobs.scale_down_stabilization_seconds > MAX_HPA_WINDOW:
         raise ValueError(f"autoscaling.scaleDownStabilizationSeconds: at most {MAX_HPA_WINDOW} with an HPA, "
                          f"got {knobs.scale_down_stabilization_seconds:g}")
@@ -68,7 +42,7 @@ def _behavior(knobs: PoolKnobs, interval: int) -> dict:
     }
 
 
-def _target(knobs: PoolKnobs) -> dict:
+def _target(knobs: si.PoolAutoscaling) -> dict:
     value = _quantity(knobs.target_per_replica)
     if knobs.metric in AVERAGE_METRICS:
         return {"type": "Value", "value": value}
@@ -82,66 +56,71 @@ def _quantity(x: float) -> str:
     return f"{round(x * 1000)}m"
 
 
-def build_hpa(si: dict, pool: str) -> dict:
+def build_hpa(owner: builders.Owner, spec: si.SplitInferenceSpec, role: str) -> dict:
     """An autoscaling/v2 HorizontalPodAutoscaler for one pool, on an External metric from the adapter."""
-    knobs = _knobs(si, pool)
-    selector = {"pool": pool, "service": builders.service_name(_owner(si))}
+    knobs = getattr(spec.pools, role).autoscaling
+    selector = {"pool": role, "service": builders.service_name(owner)}
     return {
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
-        "metadata": _metadata(si, pool),
+        "metadata": builders.metadata(owner, builders.pool_name(owner, role), role),
         "spec": {
-            "scaleTargetRef": _scale_target(si, pool),
+            "scaleTargetRef": _scale_target(owner, role),
             "minReplicas": max(knobs.min_replicas, 1),
             "maxReplicas": knobs.max_replicas,
             "metrics": [{"type": "External", "external": {
                 "metric": {"name": POOL_GAUGES[knobs.metric], "selector": {"matchLabels": selector}},
                 "target": _target(knobs)}}],
-            "behavior": _behavior(knobs, _interval(si)),
+            "behavior": _behavior(knobs, spec.autoscaling.interval_seconds),
         },
     }
 
 
-def prometheus_url(si: dict) -> str | None:
-    return ((si.get("spec", {}).get("autoscaling") or {}).get("prometheus") or {}).get("url")
-
-
-def keda_query(si: dict, pool: str, metric: str) -> str:
-    owner = _owner(si)
-    selector = router_selector(owner.namespace, builders.service_name(owner)) + f',pool="{pool}"'
+def keda_query(owner: builders.Owner, role: str, metric: str) -> str:
+    selector = router_selector(owner.namespace, builders.service_name(owner)) + f',pool="{role}"'
     agg = "avg" if metric in AVERAGE_METRICS else "sum"
     return f"{agg}({POOL_GAUGES[metric]}{{{selector}}})"
 
 
-def build_scaled_object(si: dict, pool: str) -> dict:
+def build_scaled_object(owner: builders.Owner, spec: si.SplitInferenceSpec, role: str) -> dict:
     """A KEDA (keda.sh/v1alpha1) ScaledObject for one pool with a Prometheus trigger."""
-    knobs = _knobs(si, pool)
-    url = prometheus_url(si)
+    knobs = getattr(spec.pools, role).autoscaling
+    url = spec.autoscaling.prometheus.url
     if not url:
         raise ValueError("spec.autoscaling.prometheus.url: required when spec.autoscaling.mode is keda "
                          "(the Prometheus server KEDA queries)")
-    name = pool_deployment_name(si, pool)
+    name = builders.pool_name(owner, role)
+    interval = spec.autoscaling.interval_seconds
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": _metadata(si, pool),
+        "metadata": builders.metadata(owner, name, role),
         "spec": {
-            "scaleTargetRef": _scale_target(si, pool),
-            "pollingInterval": _interval(si),
+            "scaleTargetRef": _scale_target(owner, role),
+            "pollingInterval": interval,
             "cooldownPeriod": max(int(knobs.cooldown_seconds), 1),
             "minReplicaCount": knobs.min_replicas,
             "maxReplicaCount": knobs.max_replicas,
             "advanced": {"horizontalPodAutoscalerConfig": {
-                "name": f"{name}-keda", "behavior": _behavior(knobs, _interval(si))}},
+                "name": f"{name}-keda", "behavior": _behavior(knobs, interval)}},
             "triggers": [{
                 "type": "prometheus",
-                "name": f"{pool}-{knobs.metric}",
+                "name": f"{role}-{knobs.metric}",
                 "metricType": "Value" if knobs.metric in AVERAGE_METRICS else "AverageValue",
-                "metadata": {"serverAddress": url, "query": keda_query(si, pool, knobs.metric),
+                "metadata": {"serverAddress": url, "query": keda_query(owner, role, knobs.metric),
                              "threshold": _decimal(knobs.target_per_replica)},
             }],
         },
     }
+
+
+def build_scaling_objects(owner: builders.Owner, spec: si.SplitInferenceSpec) -> list[dict]:
+    """HPA or KEDA objects for the worker pools when the cluster's metrics pipeline scales them."""
+    mode = spec.autoscaling.mode
+    if mode not in ("hpa", "keda"):
+        return []
+    build = build_hpa if mode == "hpa" else build_scaled_object
+    return [build(owner, spec, role) for role, _ in spec.pools.items()]
 
 
 def _decimal(x: float) -> str:

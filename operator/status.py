@@ -1,11 +1,11 @@
-"""SplitInference status from its children: pure functions, the clock passed in."""
+"""SplitInference status from its children and the autoscaler's record: pure functions, the clock
+passed in. The only place that builds `status.conditions`."""
 
 from __future__ import annotations
 
-from phasesplit.operator import builders
-
 CONDITION_TYPES = {"router": "RouterReady", "prompt": "PromptPoolReady", "token": "TokenPoolReady",
                    "mixed": "MixedPoolReady"}
+METRICS_CONDITION = "MetricsAvailable"
 
 
 def replicas(deployment: dict | None) -> dict:
@@ -41,9 +41,20 @@ def condition(kind: str, ok: bool, reason: str, message: str, previous: list[dic
             "observedGeneration": generation, "lastTransitionTime": since}
 
 
-def build_status(owner: builders.Owner, roles: list[str], endpoint: str, deployments: dict[str, dict | None],
-                 problems: list[str], previous: dict, generation: int, now: str) -> dict:
-    """The whole status; `deployments` maps "router" and each pool role to its live Deployment."""
+def metrics_condition(autoscaling: dict, previous: list[dict], generation: int, now: str) -> list[dict]:
+    """`MetricsAvailable`, from what the builtin autoscaler last recorded (none before its first read)."""
+    metrics = autoscaling.get("metrics")
+    if not metrics:
+        return []
+    return [condition(METRICS_CONDITION, metrics["available"], metrics["reason"], metrics["message"][:1024],
+                      previous, generation, now)]
+
+
+def build_status(roles: list[str], endpoint: str, deployments: dict[str, dict | None], problems: list[str],
+                 previous: dict, generation: int, now: str, autoscaling: dict | None = None) -> dict:
+    """The whole status; `deployments` maps "router" and each pool role to its live Deployment;
+    `autoscaling` is the builtin autoscaler's record (None: keep the previous one)."""
+    autoscaling = (previous.get("autoscaling") or {}) if autoscaling is None else autoscaling
     old_conditions = previous.get("conditions") or []
     conditions, not_ready = [], []
     for component in ["router", *roles]:
@@ -59,10 +70,9 @@ def build_status(owner: builders.Owner, roles: list[str], endpoint: str, deploym
     else:
         ready = (True, "AllComponentsReady", f"serving at {endpoint}")
     conditions.insert(0, condition("Ready", *ready, old_conditions, generation, now))
-    ours = {"Ready", *CONDITION_TYPES.values()}
-    conditions += [c for c in old_conditions if c.get("type") not in ours]  # e.g. the autoscaler's
+    conditions += metrics_condition(autoscaling, old_conditions, generation, now)
     phase = "Failed" if problems else "Running" if ready[0] else "Pending"
-    return {
+    out = {
         "observedGeneration": generation,
         "phase": phase,
         "endpoint": endpoint,
@@ -70,6 +80,9 @@ def build_status(owner: builders.Owner, roles: list[str], endpoint: str, deploym
         "pools": {role: replicas(deployments.get(role)) for role in roles},
         "conditions": conditions,
     }
+    if autoscaling:
+        out["autoscaling"] = autoscaling
+    return out
 
 
 def ready_condition(status: dict) -> dict:

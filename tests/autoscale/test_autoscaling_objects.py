@@ -8,21 +8,33 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from phasesplit.operator.scaler_objects import build_hpa, build_scaled_object
+from support.examples import split_inference
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from phasesplit.control.spec import SplitInferenceSpec
+from phasesplit.operator.builders import Owner
+from phasesplit.operator.scaler_objects import build_hpa as hpa_of, build_scaled_object as scaled_object_of
+
 KEDA_SCHEMA = yaml.safe_load((pathlib.Path(__file__).parent / "schemas" / "keda-scaledobject-v2.16.yaml").read_text())
 K8S_VERSION = "1.35"
 
 
+OWNER = Owner("tiny", "ml", "0b8e-uid")
+
+
+def build_hpa(doc: dict, pool: str) -> dict:
+    return hpa_of(OWNER, SplitInferenceSpec.model_validate(doc["spec"]), pool)
+
+
+def build_scaled_object(doc: dict, pool: str) -> dict:
+    return scaled_object_of(OWNER, SplitInferenceSpec.model_validate(doc["spec"]), pool)
+
+
 @pytest.fixture
 def si():
-    body = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
-    body["metadata"].update(namespace="ml", uid="0b8e-uid")
-    body["spec"]["autoscaling"].update(mode="hpa", prometheus={"url": "http://prometheus.monitoring:9090"})
-    body["spec"]["pools"]["token"]["autoscaling"].update(metric="kvUtilization", targetPerReplica=0.75,
-                                                          scaleUpMaxStep=2, scaleDownStabilizationSeconds=120)
-    return body
+    return split_inference(namespace="ml", spec={
+        "autoscaling": {"mode": "hpa", "prometheus": {"url": "http://prometheus.monitoring:9090"}},
+        "pools": {"token": {"autoscaling": {"metric": "kvUtilization", "targetPerReplica": 0.75,
+                                            "scaleUpMaxStep": 2, "scaleDownStabilizationSeconds": 120}}}})
 
 
 @pytest.mark.parametrize("pool", ["prompt", "token"])
@@ -86,7 +98,6 @@ def test_a_broken_scaled_object_fails_the_keda_schema(si):
 
 @pytest.mark.parametrize("edit, builder, field", [
     (lambda s: s["spec"]["autoscaling"].pop("prometheus"), build_scaled_object, "spec.autoscaling.prometheus.url"),
-    (lambda s: s["spec"]["pools"]["prompt"].pop("autoscaling"), build_hpa, "spec.pools.prompt.autoscaling"),
     (lambda s: s["spec"]["pools"]["prompt"]["autoscaling"].update(scaleDownStabilizationSeconds=7200), build_hpa,
      "scaleDownStabilizationSeconds"),
 ])

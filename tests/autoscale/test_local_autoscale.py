@@ -16,9 +16,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from support.examples import split_inference
+
+from phasesplit.control.scaling import SplitScaler
+from phasesplit.local.autoscaler import enabled
 from phasesplit.local.launcher import parse_args
-from phasesplit.local.autoscaler import enabled, scaler_for
-from phasesplit.local.plan import build_plan
+from phasesplit.local.plan import build_plan, validate_manifest
 from phasesplit.local.processes import free_port, phasesplit_argv
 
 FAST = {"minReplicas": 1, "maxReplicas": 2, "metric": "queueTokens", "scaleUpMaxStep": 1,
@@ -27,20 +30,15 @@ ENGINE = {"numKvBlocks": 1024, "maxNumBatchedTokens": 2048}
 
 
 def manifest(mode: str = "builtin") -> dict:
-    return {
-        "apiVersion": "phasesplit.io/v1alpha1", "kind": "SplitInference", "metadata": {"name": "autoscale"},
-        "spec": {
-            "model": {"name": "tiny", "source": {"hostPath": {"path": "/unused"}}, "dtype": "float32",
-                      "maxModelLen": 2048},
-            "autoscaling": {"mode": mode, "intervalSeconds": 30},
-            "pools": {
-                # a long prompt is ~1000 tokens: 8 of them in the prompt phase ask for more than 1 replica
-                "prompt": {"replicas": 1, "autoscaling": {**FAST, "targetPerReplica": 1000}, "engine": ENGINE},
-                # tokens still to generate: 8 answers of 150 tokens ask for more than 1 replica
-                "token": {"replicas": 1, "autoscaling": {**FAST, "targetPerReplica": 300}, "engine": ENGINE},
-            },
-        },
-    }
+    return split_inference("autoscale", spec={
+        "model": {"source": {"hostPath": {"path": "/unused"}}, "maxModelLen": 2048},
+        "autoscaling": {"mode": mode, "intervalSeconds": 30},
+        "pools": {
+            # a long prompt is ~1000 tokens: 8 of them in the prompt phase ask for more than 1 replica
+            "prompt": {"replicas": 1, "autoscaling": {**FAST, "targetPerReplica": 1000}, "engine": ENGINE},
+            # tokens still to generate: 8 answers of 150 tokens ask for more than 1 replica
+            "token": {"replicas": 1, "autoscaling": {**FAST, "targetPerReplica": 300}, "engine": ENGINE},
+        }})
 
 
 LONG_PROMPT = (pathlib.Path(__file__).resolve().parents[2] / "worker" / "data" / "prose.txt").read_text()[:2400]
@@ -189,13 +187,13 @@ def test_each_pool_follows_its_own_load_and_shrinks_back_without_failing_a_reque
 # ---- without processes ----
 
 def test_mode_none_and_hpa_leave_local_pools_alone(tiny_model_dir):
-    assert enabled(build_plan(manifest("builtin"), str(tiny_model_dir)))
+    assert enabled(build_plan(validate_manifest(manifest("builtin")), str(tiny_model_dir)))
     for mode in ("none", "hpa"):
-        assert not enabled(build_plan(manifest(mode), str(tiny_model_dir)))
+        assert not enabled(build_plan(validate_manifest(manifest(mode)), str(tiny_model_dir)))
 
 
 def test_local_scaler_takes_the_pools_knobs_from_the_spec(tiny_model_dir):
-    scaler = scaler_for(build_plan(manifest(), str(tiny_model_dir)))
+    scaler = SplitScaler.from_spec(build_plan(validate_manifest(manifest()), str(tiny_model_dir)).spec)
     prompt, token = scaler.pools["prompt"].knobs, scaler.pools["token"].knobs
     assert (prompt.target_per_replica, token.target_per_replica) == (1000, 300)
     assert (prompt.max_replicas, prompt.scale_down_stabilization_seconds, prompt.cooldown_seconds) == (2, 3, 2)

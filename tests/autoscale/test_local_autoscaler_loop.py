@@ -7,8 +7,8 @@ import asyncio
 import threading
 
 from phasesplit.local.autoscaler import LocalAutoscaler
-from phasesplit.local.plan import build_plan
-from test_local_autoscale import manifest
+from phasesplit.local.plan import build_plan, validate_manifest
+from support.examples import split_inference
 
 
 class RecordingCluster:
@@ -52,9 +52,13 @@ class RecordingCluster:
     def remove_worker(self, pool):
         self.events.append(("remove", self.ready[pool].pop()))
 
+MANIFEST = split_inference("autoscale", spec={"pools": {pool: {"autoscaling": {
+    "minReplicas": 1, "maxReplicas": 2, "metric": "queueTokens", "targetPerReplica": 1000 if pool == "prompt" else 300,
+    "scaleUpMaxStep": 1, "scaleDownStabilizationSeconds": 3, "cooldownSeconds": 2}} for pool in ("prompt", "token")}})
+
 
 def make(router_metrics, tiny_model_dir) -> tuple[LocalAutoscaler, RecordingCluster]:
-    cluster = RecordingCluster(build_plan(manifest(), str(tiny_model_dir)), router_metrics.url.removesuffix("/metrics"))
+    cluster = RecordingCluster(build_plan(validate_manifest(MANIFEST), str(tiny_model_dir)), router_metrics.url.removesuffix("/metrics"))
     now = [1000.0]
     autoscaler = LocalAutoscaler(cluster, interval=1.0, clock=lambda: now[0])
     autoscaler.now = now

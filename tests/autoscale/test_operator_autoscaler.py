@@ -1,38 +1,30 @@
-"""The builtin autoscaler timer in a real kopf operator against kmock, reading a router's /metrics over HTTP."""
+"""The builtin autoscaler in a real kopf operator (every handler the operator registers) against the
+emulator, reading a router's /metrics over HTTP."""
 
 import asyncio
-import functools
-import pathlib
-import time
 
 import kmock
-import kopf
-import kubernetes
 import pytest
-import yaml
-from support.autoscale_harness import Emulator, declare, running_operator, server_metadata
+from support.examples import split_inference
+from support.kube_emulator import OPERATOR_TOKEN, Emulator
+from support.operator_harness import running_operator, server_metadata, until
 
 from phasesplit.operator import autoscaler, builders
-from phasesplit.operator.kube import Kube
 from phasesplit.control.spec import SplitInferenceSpec
 
 pytestmark = pytest.mark.kmock(cls=Emulator)
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 NS = "ml"
 SI = "phasesplit.io/v1alpha1/splitinferences"
 DEPLOY = "apps/v1/deployments"
-TIMER = (autoscaler.autoscale_timer,
-         functools.partial(kopf.timer, "phasesplit.io", "v1alpha1", "splitinferences", interval=0.3))
 
 
-def split_inference(port: int, mode: str = "builtin") -> dict:
-    body = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
+def split_inference_body(port: int, mode: str = "builtin") -> dict:
+    fast = {"cooldownSeconds": 0, "scaleDownStabilizationSeconds": 0}
+    body = split_inference("tiny", NS, spec={"router": {"service": {"port": port}},
+                                              "autoscaling": {"intervalSeconds": 1, "mode": mode},
+                                              "pools": {"prompt": {"autoscaling": fast}, "token": {"autoscaling": fast}}})
     body["metadata"] = server_metadata("tiny", NS)
-    body["spec"]["router"]["service"]["port"] = port
-    body["spec"]["autoscaling"].update(intervalSeconds=1, mode=mode)
-    for pool in ("prompt", "token"):
-        body["spec"]["pools"][pool]["autoscaling"].update(cooldownSeconds=0, scaleDownStabilizationSeconds=0)
     return body
 
 
@@ -68,23 +60,12 @@ def events(cluster, reason: str) -> list[dict]:
             if res == kmock.resource("v1/events") and o.raw.get("reason") == reason]
 
 
-async def until(check, timeout=8.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        await asyncio.sleep(0.1)
-    assert check(), "condition not reached in time"
-
-
 @pytest.fixture
 def cluster(kmock, router_metrics, tmp_path):
-    declare(kmock)
-    body = split_inference(router_metrics.port)
+    body = split_inference_body(router_metrics.port)
     kmock.objects[SI, NS, "tiny"] = body
     for pool in ("prompt", "token"):
         kmock.objects[DEPLOY, NS, f"tiny-{pool}"] = deployment(body, pool)
-    kmock.objects[DEPLOY, NS, "tiny-token"].raw["metadata"]["name"]  # both exist
     for i, ip in enumerate(["10.0.0.10", "10.0.0.11", "10.0.0.12"]):
         kmock.objects["v1/pods", NS, f"tiny-prompt-{i}"] = pod(f"tiny-prompt-{i}", "prompt", ip)
     kmock.objects["v1/pods", NS, "tiny-token-0"] = pod("tiny-token-0", "token", "10.0.0.20")
@@ -92,21 +73,12 @@ def cluster(kmock, router_metrics, tmp_path):
 
 
 @pytest.fixture
-def operator(cluster, tmp_path):
-    """The autoscaler timer alone in a kopf operator; `memo.kube` made at startup as the operator's handlers do."""
+def operator(cluster, tmp_path, monkeypatch):
+    """Every handler of the operator in this event loop; its client reads the kubeconfig as in a process."""
     kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-        "clusters": [{"name": "kmock", "cluster": {"server": str(cluster.url).rstrip("/")}}],
-        "users": [{"name": "kmock", "user": {"token": "test"}}],
-        "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}]}))
-
-    def startup(memo: kopf.Memo, **_):
-        config = kubernetes.client.Configuration()
-        kubernetes.config.load_kube_config(config_file=str(kubeconfig), client_configuration=config)
-        memo.kube = Kube(kubernetes.client.ApiClient(config))
-
-    return functools.partial(running_operator, cluster.url, TIMER, startup=startup)
+    cluster.kubeconfig(kubeconfig)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    return lambda: running_operator(cluster.url, OPERATOR_TOKEN)
 
 
 @pytest.fixture
@@ -144,6 +116,7 @@ async def test_pool_replicas_follow_their_own_metrics(cluster, operator, router_
         assert costs == {0: "30", 1: "2", 2: "11"}
         await until(lambda: events(cluster, "ScaledDown"))
         assert any("prompt pool 3 -> 1" in e["message"] for e in events(cluster, "ScaledDown"))
+    assert cluster.denied == [], "the chart's RBAC refused the operator"
 
 
 async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, operator, router_metrics, router_dns):
@@ -167,7 +140,7 @@ async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, opera
 
 @pytest.mark.parametrize("mode", ["none", "hpa"])
 async def test_other_modes_leave_replicas_alone(cluster, operator, router_metrics, router_dns, mode):
-    cluster.objects[SI, NS, "tiny"] = split_inference(router_metrics.port, mode=mode)
+    cluster.objects[SI, NS, "tiny"] = split_inference_body(router_metrics.port, mode=mode)
     router_metrics.set_pool("prompt", queue_tokens=5000)
     async with operator():
         await asyncio.sleep(2.5)

@@ -2,8 +2,12 @@
 
 import pytest
 
-from phasesplit.control.scaling import (Decision, PoolKnobs, PoolMetrics, PoolScaler, PoolState, RatioBounds,
-                                  SplitScaler, apply_ratio, decide)
+import pydantic
+from support.examples import split_inference
+
+from phasesplit.control.scaling import (Decision, PoolMetrics, PoolScaler, PoolState, SplitScaler, apply_ratio,
+                                        decide)
+from phasesplit.control.spec import PoolAutoscaling, PromptToTokenRatio, SplitInferenceSpec
 
 QT = "queueTokens"
 
@@ -11,7 +15,7 @@ QT = "queueTokens"
 def knobs(**kw):
     base = dict(min_replicas=1, max_replicas=10, metric=QT, target_per_replica=100,
                 scale_up_max_step=4, scale_down_stabilization_seconds=60, cooldown_seconds=0)
-    return PoolKnobs(**{**base, **kw})
+    return PoolAutoscaling(**{**base, **kw})
 
 
 def run(k, steps, current=1, interval=15.0):
@@ -77,7 +81,7 @@ def test_missing_metric_keeps_current_but_bounds_still_hold(current, expected, w
 
 def test_missing_metric_changes_nothing_for_every_metric():
     for metric in ("queueTokens", "queueRequests", "inflightRequests", "kvUtilization"):
-        k = knobs(metric=metric)
+        k = knobs(metric=metric, target_per_replica=0.8 if metric == "kvUtilization" else 100)
         d = decide(k, PoolMetrics(queue_tokens=None), 4, PoolState(), now=0.0)
         assert (d.desired, d.changed) == (4, False)
         assert f"{metric} missing" in d.reason
@@ -115,11 +119,11 @@ def d(desired, current=1):
 
 
 @pytest.mark.parametrize("bounds, p, t, expected", [
-    (RatioBounds(min=0.5, max=2.0), 1, 4, (2, 4)),   # too few prompt workers: raise prompt
-    (RatioBounds(min=0.5, max=2.0), 6, 2, (6, 3)),   # too few token workers: raise token
-    (RatioBounds(min=0.5, max=2.0), 2, 2, (2, 2)),
-    (RatioBounds(min=1.0), 1, 9, (5, 9)),            # wanted 9 prompt, capped at prompt max 5
-    (RatioBounds(), 1, 9, (1, 9)),
+    (PromptToTokenRatio(min=0.5, max=2.0), 1, 4, (2, 4)),   # too few prompt workers: raise prompt
+    (PromptToTokenRatio(min=0.5, max=2.0), 6, 2, (6, 3)),   # too few token workers: raise token
+    (PromptToTokenRatio(min=0.5, max=2.0), 2, 2, (2, 2)),
+    (PromptToTokenRatio(min=1.0), 1, 9, (5, 9)),            # wanted 9 prompt, capped at prompt max 5
+    (PromptToTokenRatio(), 1, 9, (1, 9)),
 ])
 def test_ratio_bounds_raise_the_smaller_side(bounds, p, t, expected):
     small = knobs(max_replicas=5)
@@ -129,15 +133,14 @@ def test_ratio_bounds_raise_the_smaller_side(bounds, p, t, expected):
         assert "prompt:token" in (got_p.reason + got_t.reason)
 
 
-def test_split_scaler_scales_pools_independently_from_the_spec_dict():
-    spec = {"pools": {
+def test_split_scaler_scales_pools_independently_from_the_spec():
+    doc = split_inference(spec={"pools": {
         "prompt": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "metric": "queueTokens",
-                                   "targetPerReplica": 512, "cooldownSeconds": 0,
-                                   "scaleUpMaxStep": 4}},
+                                   "targetPerReplica": 512, "cooldownSeconds": 0, "scaleUpMaxStep": 4}},
         "token": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "metric": "inflightRequests",
                                   "targetPerReplica": 8}}},
-        "autoscaling": {"mode": "builtin", "promptToTokenRatio": {"min": 0.25, "max": 4}}}
-    s = SplitScaler.from_spec(spec)
+        "autoscaling": {"mode": "builtin", "promptToTokenRatio": {"min": 0.25, "max": 4}}})
+    s = SplitScaler.from_spec(SplitInferenceSpec.model_validate(doc["spec"]))
     out = s.evaluate({"prompt": PoolMetrics(queue_tokens=2000), "token": PoolMetrics(inflight_requests=3)},
                      {"prompt": 1, "token": 1}, now=0.0)
     assert (out["prompt"].desired, out["token"].desired) == (4, 1)
@@ -146,15 +149,15 @@ def test_split_scaler_scales_pools_independently_from_the_spec_dict():
 
 
 @pytest.mark.parametrize("autoscaling, field", [
-    ({"metric": "latency"}, "autoscaling.metric"),
-    ({"minReplicas": 3, "maxReplicas": 2}, "autoscaling.maxReplicas"),
-    ({"targetPerReplica": 0}, "autoscaling.targetPerReplica"),
-    ({"scaleUpMaxStep": 0}, "autoscaling.scaleUpMaxStep"),
-    ({"ttftSloSeconds": -1}, "autoscaling.ttftSloSeconds"),
+    ({"metric": "latency"}, "metric"),
+    ({"minReplicas": 3, "maxReplicas": 2}, "maxReplicas"),
+    ({"targetPerReplica": 0}, "targetPerReplica"),
+    ({"scaleUpMaxStep": 0}, "scaleUpMaxStep"),
+    ({"ttftSloSeconds": -1}, "ttftSloSeconds"),
 ])
 def test_bad_knobs_name_the_field(autoscaling, field):
-    with pytest.raises(ValueError, match=field):
-        PoolKnobs.from_spec({"maxReplicas": 4, **autoscaling})
+    with pytest.raises(pydantic.ValidationError, match=field):
+        PoolAutoscaling.model_validate({"maxReplicas": 4, **autoscaling})
 
 
 def test_pool_scaler_keeps_state_between_calls():
@@ -165,13 +168,7 @@ def test_pool_scaler_keeps_state_between_calls():
 
 
 def test_split_scaler_from_the_pydantic_spec_uses_its_defaults():
-    import pathlib
-
-    import yaml
-
-    from phasesplit.control.spec import SplitInferenceSpec
-
-    doc = yaml.safe_load((pathlib.Path(__file__).resolve().parents[2] / "manifests/examples/tiny-cpu.yaml").read_text())
+    doc = split_inference()
     s = SplitScaler.from_spec(SplitInferenceSpec.model_validate(doc["spec"]))
     assert set(s.pools) == {"prompt", "token"}
     prompt = s.pools["prompt"].knobs

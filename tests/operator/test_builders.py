@@ -11,7 +11,7 @@ from support.examples import EXAMPLES, ROOT, load_example
 
 from phasesplit.control import spec as si
 from phasesplit.operator import builders
-from phasesplit.operator.apply import matches, merge_patch
+from phasesplit.operator.apply import matches
 
 K8S_VERSION = "1.37.0"
 GOLDEN = pathlib.Path(__file__).parent / "golden"
@@ -149,19 +149,15 @@ def test_engine_change_rolls_the_pods():
     assert builders.config_hash(si.SplitInference.model_validate(doc).spec) != before
 
 
-def test_merge_patch_is_empty_when_live_holds_desired_plus_server_fields():
-    desired = {"spec": {"replicas": 1, "template": {"spec": {"containers": [{"name": "w", "image": "a"}]}}}}
-    live = {"spec": {"replicas": 1, "progressDeadlineSeconds": 600,
-                     "template": {"spec": {"containers": [{"name": "w", "image": "a", "imagePullPolicy": "Always"}]}}}}
+def test_live_objects_match_with_server_fields_and_rewritten_quantities():
+    desired = {"spec": {"replicas": 1, "template": {"spec": {"containers": [
+        {"name": "w", "image": "a", "resources": {"requests": {"cpu": "0.5", "memory": 1073741824}}}]}}}}
+    live = {"spec": {"replicas": 1, "progressDeadlineSeconds": 600, "template": {"spec": {"containers": [
+        {"name": "w", "image": "a", "imagePullPolicy": "Always",
+         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}}]}}}}
     assert matches(desired, live)
-    assert merge_patch(desired, live, desired) == {}
-
-
-def test_merge_patch_removes_what_was_applied_before_and_is_gone_now():
-    last = {"spec": {"nodeSelector": {"gpu": "h100"}, "replicas": 1}}
-    live = {"spec": {"nodeSelector": {"gpu": "h100"}, "replicas": 1, "other": "server"}}
-    assert merge_patch({"spec": {"replicas": 1}}, live, last) == {"spec": {"nodeSelector": None}}
-    assert merge_patch({"spec": {"replicas": 2}}, live, last) == {"spec": {"replicas": 2, "nodeSelector": None}}
+    live["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"] = "1"
+    assert not matches(desired, live)
 
 
 def test_tensor_parallel_pool_runs_its_ranks_on_the_gpus_it_requests():

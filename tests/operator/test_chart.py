@@ -85,3 +85,10 @@ def test_manifests_validate_against_kubernetes_openapi():
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_examples_validate_against_the_crd(path):
     assert validate(crd.build_crd(), load_example(path.stem)) == []
+
+
+def test_the_operator_reads_no_secrets_and_may_block_owner_deletion(helm):
+    rules = [r for o in render(helm) if o["kind"] == "ClusterRole" for r in o["rules"]]
+    assert not [r for r in rules if "secrets" in r["resources"]]
+    assert any("splitinferences/finalizers" in r["resources"] and r["verbs"] == ["update"] for r in rules)
+    assert any("pods" in r["resources"] and {"list", "patch"} <= set(r["verbs"]) for r in rules)

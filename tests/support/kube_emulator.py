@@ -1,10 +1,22 @@
-"""A Kubernetes API emulator (kmock) for running the operator as a real process without a cluster.
+"""A Kubernetes API emulator (kmock) that behaves like an API server where the operator relies on it.
 
-kmock stores objects and streams watch events but fills in no server-side metadata. This adds
-what kopf and the kubernetes client rely on: `uid`, `resourceVersion` (bumped on every write),
-`creationTimestamp`, `generation` (bumped on spec changes), list `kind`/`apiVersion`, and CRDs
-that register their resource when created. It runs in a background thread with its own loop, and
-writes a kubeconfig pointing at 127.0.0.1 for the operator process.
+kmock stores objects and streams watch events, and nothing else. This adds what kopf, the
+kubernetes client and the operator meet on a real cluster:
+- server-side metadata: `uid`, `resourceVersion` (bumped on every write), `creationTimestamp`,
+  `generation` (bumped on spec changes); list `kind`/`apiVersion`; CRDs register their resource;
+- RBAC: a request made with the operator's token (`OPERATOR_TOKEN`) is checked against the rules
+  the chart binds to the operator's ServiceAccount (`helm template`), and answered 403 when none
+  allows it; setting `blockOwnerDeletion` needs `update` on the owner's `finalizers`. Every denial
+  is kept in `denied`. The tests' own token (`ADMIN_TOKEN`) may do anything;
+- defaults and validation: a Deployment's missing or null `replicas` becomes 1; resource
+  quantities are rewritten in canonical form (`1` -> "1", `0.5` -> "500m"); names are checked
+  (a Service name is an RFC 1035 label, others DNS-1123 subdomains), 422 otherwise;
+- server-side apply (`application/apply-patch+yaml`): per-manager field ownership in
+  `metadata.managedFields`, fields a manager stops applying are removed unless another owns
+  them, conflicts (409) unless forced; a merge patch moves the fields it changes to its manager;
+- garbage collection: once an object is gone, the objects it owns are deleted.
+It runs in a background thread with its own loop (`EmulatorThread`), or as kmock's pytest fixture
+(`pytest.mark.kmock(cls=Emulator)`).
 """
 
 from __future__ import annotations
@@ -13,14 +25,22 @@ import asyncio
 import datetime
 import itertools
 import pathlib
+import re
 import threading
 import uuid
 
+import aiohttp.web
 import jsonpatch
 import kmock
 import yaml
 from kmock._internal import enums
 
+from phasesplit.operator import quantity
+from phasesplit.operator.crd import build_crd
+from support.rbac import chart_authorizer
+
+OPERATOR_TOKEN, ADMIN_TOKEN = "operator", "admin"
+APPLY = "application/apply-patch+yaml"
 # Resources the operator reads or writes, declared up front as kmock requires.
 RESOURCES = {
     "v1/configmaps": dict(kind="ConfigMap", namespaced=True),
@@ -29,16 +49,88 @@ RESOURCES = {
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", namespaced=True),
     "v1/events": dict(kind="Event", namespaced=True),
     "v1/namespaces": dict(kind="Namespace", namespaced=False),
+    "v1/pods": dict(kind="Pod", namespaced=True),
     "apps/v1/deployments": dict(kind="Deployment", namespaced=True, subresources={"status", "scale"}),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", namespaced=True),
+    "policy/v1/poddisruptionbudgets": dict(kind="PodDisruptionBudget", namespaced=True),
+    "autoscaling/v2/horizontalpodautoscalers": dict(kind="HorizontalPodAutoscaler", namespaced=True),
     "events.k8s.io/v1/events": dict(kind="Event", namespaced=True),
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(kind="CustomResourceDefinition", namespaced=False),
 }
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
+ACTION_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get",
+                enums.action.CREATE: "create", enums.action.UPDATE: "patch", enums.action.DELETE: "delete"}
+QUANTITY_KINDS = {"Deployment", "Pod", "HorizontalPodAutoscaler"}  # custom resources keep what was written
+RFC1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 class Emulator(kmock.KubernetesEmulator):
-    """kmock's emulator plus the server-side metadata kopf needs."""
+    """kmock's emulator plus the API-server behaviour listed in the module's docstring."""
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self.versions = itertools.count(1000)
+        self.history: int | None = None  # requests kept for assertions; None: all
+        self.authorizer = chart_authorizer()
+        self.denied: list[str] = []
+        for resource, info in RESOURCES.items():
+            self.resources[resource] = dict(verbs=VERBS, **info)
+        register_crd(self, build_crd())
+
+    def kubeconfig(self, path: pathlib.Path, token: str = OPERATOR_TOKEN) -> pathlib.Path:
+        return write_kubeconfig(path, str(self.url).rstrip("/"), token)
+
+    # ---- the request path ----
+
+    async def _handle(self, request):
+        if self.history is not None:  # kmock matches each request by scanning every request it kept
+            del self._requests[:-self.history]
+        if request.resource is None or request.resource.plural is None:  # discovery: open to all
+            return await super()._handle(request)
+        try:
+            self._authorize(request)
+            if request.method == "PATCH" and _content_type(request) == APPLY:
+                await self._server_side_apply(request)
+            elif isinstance(request.data, (dict, list)):
+                if request.action == enums.action.CREATE:
+                    self._fill_create(request)
+                elif request.action == enums.action.UPDATE:
+                    self._fill_update(request)
+        except ApiError as e:
+            return e.response()
+        response = await super()._handle(request)
+        if request.action in (enums.action.DELETE, enums.action.UPDATE) and self._live(request) is None:
+            await self._collect_garbage()
+        return response
+
+    def _authorize(self, request) -> None:
+        token = _bearer(request)
+        if token == ADMIN_TOKEN:
+            return
+        verb = ACTION_VERBS.get(request.action) or {"PUT": "update"}.get(str(request.method), "get")
+        group, plural = request.resource.group or "", request.resource.plural
+        resource = f"{plural}/{request.subresource}" if request.subresource else plural
+        name = request.name or ((request.data or {}).get("metadata", {}).get("name")
+                                if isinstance(request.data, dict) else None)
+        needed = [(verb, group, resource, name)]
+        if verb == "patch" and _content_type(request) == APPLY and self._live(request) is None:
+            needed.append(("create", group, resource, name))  # apply that creates needs create too
+        for owner in _blocking_owners(request.data):
+            owner_group = owner["apiVersion"].rpartition("/")[0]
+            needed.append(("update", owner_group, f"{owner['kind'].lower()}s/finalizers", owner["name"]))
+        for verb, group, resource, name in needed:
+            if token != OPERATOR_TOKEN or not self.authorizer.allows(verb, group, resource, request.namespace, name):
+                where = f" in namespace {request.namespace!r}" if request.namespace else " at the cluster scope"
+                message = (f'{resource}{"." + group if group else ""} {name or ""} is forbidden: the operator '
+                           f'cannot {verb} resource "{resource}" in API group "{group}"{where}')
+                self.denied.append(message)
+                raise ApiError(403, "Forbidden", message)
+
+    def _live(self, request) -> dict | None:
+        key = (request.resource, request.namespace, request.name)
+        obj = self.objects[key] if key in self.objects else None
+        return None if obj is None or obj.deleted else obj.raw
 
     def _fill_create(self, request) -> None:
         meta = request.data.setdefault("metadata", {})
@@ -46,49 +138,93 @@ class Emulator(kmock.KubernetesEmulator):
             meta.setdefault("namespace", request.namespace)
         if not meta.get("name") and meta.get("generateName"):
             meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+        _validate_name(request.data)
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = str(next(self.versions))
-        meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        meta["creationTimestamp"] = _now()
         meta["generation"] = 1
+        _default(request.data)
+        if request.data.get("kind") in QUANTITY_KINDS:
+            _normalise(request.data)
         if request.data.get("kind") == "CustomResourceDefinition":
             register_crd(self, request.data)
 
     def _json_patch(self, request) -> None:
         """A failed `test` op is 422 on a real server (kopf tests resourceVersion); writes bump it."""
-        key = (request.resource, request.namespace, request.name)
-        current = self.objects[key].raw if key in self.objects and not self.objects[key].deleted else {}
+        current = self._live(request) or {}
         try:
             jsonpatch.apply_patch(current, [op for op in request.data if op.get("op") == "test"])
         except jsonpatch.JsonPatchTestFailed as e:
-            raise kmock.KubernetesError(status=422, reason="Invalid", message=str(e)) from None
+            raise ApiError(422, "Invalid", str(e)) from None
         request.data.append({"op": "replace", "path": "/metadata/resourceVersion", "value": str(next(self.versions))})
 
     def _fill_update(self, request) -> None:
         if isinstance(request.data, list):
             return self._json_patch(request)
-        if not isinstance(request.data, dict):
-            return
-        key = (request.resource, request.namespace, request.name)
-        current = self.objects[key] if key in self.objects and not self.objects[key].deleted else None
+        current = self._live(request)
         meta = request.data.get("metadata")
         if not isinstance(meta, dict):
             meta = request.data["metadata"] = {}
         meta["resourceVersion"] = str(next(self.versions))
-        if current is not None and request.subresource is None and "spec" in request.data:
-            old_spec = current.raw.get("spec")
-            merged = _merged(old_spec, request.data["spec"])
-            if merged != old_spec:
-                meta["generation"] = int(current.raw.get("metadata", {}).get("generation", 1)) + 1
+        if current is None:
+            return
+        after = _merged(current, request.data)
+        if request.subresource is None and after.get("spec") != current.get("spec"):
+            meta["generation"] = int(current.get("metadata", {}).get("generation", 1)) + 1
+        if request.subresource in (None, "scale"):
+            _default(after)
+            if (after.get("spec") or {}).get("replicas") != (current.get("spec") or {}).get("replicas") \
+                    and after.get("kind") == "Deployment":
+                request.data.setdefault("spec", {})["replicas"] = after["spec"]["replicas"]
+            changed = _leaves(after) ^ _leaves(current) | {p for p in _leaves(after) & _leaves(current)
+                                                           if _at(after, p) != _at(current, p)}
+            manager = request.params.get("fieldManager") or "unknown"
+            meta["managedFields"] = _take(current, manager, "Update", changed, _leaves(after))
+        if after.get("kind") in QUANTITY_KINDS:
+            _normalise(request.data)
 
-    async def _handle(self, request):
-        if self.history is not None:  # kmock matches each request by scanning every request it kept
-            del self._requests[:-self.history]
-        if request.resource is not None and isinstance(request.data, (dict, list)):
-            if request.action == enums.action.CREATE:
-                self._fill_create(request)
-            elif request.action == enums.action.UPDATE:
-                self._fill_update(request)
-        return await super()._handle(request)
+    async def _server_side_apply(self, request) -> None:
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise ApiError(400, "BadRequest", "PATCH with application/apply-patch+yaml requires fieldManager")
+        config = request.data if isinstance(request.data, dict) else yaml.safe_load(request.text)
+        config.setdefault("metadata", {})["name"] = request.name
+        if request.namespace:
+            config["metadata"]["namespace"] = request.namespace
+        live = self._live(request)
+        fields = _leaves(config) - _IDENTITY
+        if live is None:
+            _validate_name(config)
+            obj = {**config, "metadata": {**config["metadata"], "uid": str(uuid.uuid4()),
+                                          "resourceVersion": str(next(self.versions)), "creationTimestamp": _now(),
+                                          "generation": 1}}
+            _default(obj)
+            if obj.get("kind") in QUANTITY_KINDS:
+                _normalise(obj)
+            obj["metadata"]["managedFields"] = [_entry(manager, "Apply", fields)]
+            object.__setattr__(request, "action", enums.action.CREATE)
+            object.__setattr__(request, "data", obj)
+            if obj.get("kind") == "CustomResourceDefinition":
+                register_crd(self, obj)
+            return
+        if config.get("kind") in QUANTITY_KINDS:
+            _normalise(config)
+        owners = _owners(live)
+        conflicts = sorted(".".join(p) for p in fields for m, owned in owners.items()
+                           if m != manager and p in owned and _at(live, p) != _at(config, p))
+        if conflicts and request.params.get("force") != "true":
+            raise ApiError(409, "Conflict", f"Apply failed with {len(conflicts)} conflicts: {', '.join(conflicts)}")
+        dropped = {p for p in owners.get(manager, set()) - fields
+                   if not any(p in owned for m, owned in owners.items() if m != manager)}
+        after = _merged(live, config)
+        for p in sorted(dropped, key=len, reverse=True):
+            _remove(after, p)
+        _default(after)
+        after["metadata"]["managedFields"] = _take(live, manager, "Apply", fields, _leaves(after), replace=True)
+        after["metadata"]["resourceVersion"] = str(next(self.versions))
+        if after.get("spec") != live.get("spec"):
+            after["metadata"]["generation"] = int(live["metadata"].get("generation", 1)) + 1
+        object.__setattr__(request, "data", _diff(live, after))
 
     async def _serve_list(self, request):
         result = await super()._serve_list(request)
@@ -96,12 +232,119 @@ class Emulator(kmock.KubernetesEmulator):
         result["kind"] = f"{info.kind}List" if info.kind else "List"
         result["apiVersion"] = request.resource.group and f"{request.resource.group}/{request.resource.version}" \
             or request.resource.version
+        result["metadata"]["resourceVersion"] = str(next(self.versions))
+        selector = request.params.get("labelSelector")
+        if selector:
+            wanted = dict(term.split("=", 1) for term in selector.split(",") if "=" in term)
+            result["items"] = [o for o in result["items"]
+                               if all((o["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())]
         return result
 
-    def __attrs_post_init__(self) -> None:
-        super().__attrs_post_init__()
-        self.versions = itertools.count(1000)
-        self.history: int | None = None  # requests kept for assertions; None: all
+    async def _serve_watch(self, request):
+        """Only what happened after the list the watch continues (a real server's resourceVersion)."""
+        since = request.params.get("resourceVersion", "")
+        async for event in super()._serve_watch(request):
+            if (since.isdigit() and isinstance(event, dict) and event.get("type") == "ADDED"
+                    and int(event["object"]["metadata"].get("resourceVersion", "0")) <= int(since)):
+                continue
+            yield event
+
+    async def _collect_garbage(self) -> None:
+        """Deletes, in the background, every object whose owners are all gone (what kube-controller-manager does)."""
+        while True:
+            alive = {o.raw["metadata"].get("uid") for o in self.objects.values() if not o.deleted}
+            orphans = [(key, o) for key, o in self.objects.items() if not o.deleted
+                       and (refs := o.raw["metadata"].get("ownerReferences"))
+                       and not any(r.get("uid") in alive for r in refs)]
+            if not orphans:
+                return
+            async with self._lock:
+                for (resource, _, _), obj in orphans:
+                    raw = obj.raw
+                    obj.delete()
+                    await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str):
+        super().__init__(message)
+        self.status, self.reason, self.message = status, reason, message
+
+    def response(self) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
+                                          "code": self.status, "reason": self.reason, "message": self.message},
+                                         status=self.status)
+
+
+# ---- API-server rules, as pure functions ----
+
+_IDENTITY = {("apiVersion",), ("kind",), ("metadata", "name"), ("metadata", "namespace")}
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _bearer(request) -> str:
+    auth = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
+    return auth.removeprefix("Bearer ").strip()
+
+
+def _content_type(request) -> str:
+    return next((v for k, v in request.headers.items() if k.lower() == "content-type"), "").split(";")[0]
+
+
+def _blocking_owners(data) -> list[dict]:
+    if not isinstance(data, dict):
+        return []
+    return [r for r in (data.get("metadata") or {}).get("ownerReferences") or [] if r.get("blockOwnerDeletion")]
+
+
+def _validate_name(obj: dict) -> None:
+    name, kind = obj.get("metadata", {}).get("name") or "", obj.get("kind")
+    rule, what = (RFC1035, "a DNS-1035 label") if kind == "Service" else (DNS1123_SUBDOMAIN, "a DNS-1123 subdomain")
+    limit = 63 if kind == "Service" else 253
+    if not rule.match(name) or len(name) > limit:
+        raise ApiError(422, "Invalid", f'{kind} "{name}" is invalid: metadata.name: Invalid value: "{name}": '
+                                       f"must be {what} (at most {limit} characters)")
+
+
+def _default(obj: dict) -> None:
+    if obj.get("kind") == "Deployment":
+        spec = obj.setdefault("spec", {})
+        if spec.get("replicas") is None:
+            spec["replicas"] = 1
+
+
+def canonical(q) -> str:
+    """A quantity as the API server writes it back: "1", "500m", "1Gi", "1k"."""
+    amount = quantity.value(q)
+    if amount is None:
+        return q
+    if str(q).endswith("i") and amount == amount.to_integral():
+        for suffix in ("Ei", "Pi", "Ti", "Gi", "Mi", "Ki"):
+            if (amount / quantity.SUFFIXES[suffix]) == (amount / quantity.SUFFIXES[suffix]).to_integral():
+                return f"{int(amount / quantity.SUFFIXES[suffix])}{suffix}"
+    for suffix in ("E", "P", "T", "G", "M", "k", "", "m", "u", "n"):
+        scaled = amount / quantity.SUFFIXES[suffix]
+        if scaled == scaled.to_integral():
+            return f"{int(scaled)}{suffix}"
+    return str(q)
+
+
+def _normalise(node, key: str = "") -> None:
+    """Quantities in resources, emptyDir size limits and HPA targets, rewritten as the server does."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in ("requests", "limits") and isinstance(v, dict):
+                node[k] = {name: canonical(amount) for name, amount in v.items()}
+            elif k in ("sizeLimit", "averageValue", "value") and key in ("emptyDir", "target"):
+                node[k] = canonical(v)
+            else:
+                _normalise(v, k)
+    elif isinstance(node, list):
+        for item in node:
+            _normalise(item, key)
 
 
 def _merged(old, patch):
@@ -116,6 +359,95 @@ def _merged(old, patch):
     return out
 
 
+def _diff(old: dict, new: dict) -> dict:
+    """The merge patch that takes old to new."""
+    patch = {k: None for k in old if k not in new}
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(old.get(k), dict):
+            if sub := _diff(old[k], v):
+                patch[k] = sub
+        elif old.get(k) != v or k not in old:
+            patch[k] = v
+    return patch
+
+
+def _leaves(obj, prefix: tuple = ()) -> set[tuple]:
+    """Field paths of an object's values (lists count as one value); metadata the server owns left out."""
+    if isinstance(obj, dict) and obj:
+        out = set()
+        for k, v in obj.items():
+            if prefix == ("metadata",) and k in ("managedFields", "uid", "resourceVersion", "generation",
+                                                 "creationTimestamp", "deletionTimestamp"):
+                continue
+            if not prefix and k == "status":
+                continue
+            out |= _leaves(v, (*prefix, k))
+        return out
+    return {prefix} if prefix else set()
+
+
+def _at(obj, path: tuple):
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _remove(obj: dict, path: tuple) -> None:
+    parents = [obj]
+    for key in path[:-1]:
+        obj = obj.get(key) if isinstance(obj, dict) else None
+        if obj is None:
+            return
+        parents.append(obj)
+    obj.pop(path[-1], None)
+    for parent, key in zip(reversed(parents[:-1]), reversed(path[:-1])):  # drop maps left empty
+        if parent.get(key) == {}:
+            parent.pop(key)
+
+
+def _fields_v1(paths: set[tuple]) -> dict:
+    tree: dict = {}
+    for path in paths:
+        node = tree
+        for key in path:
+            node = node.setdefault(f"f:{key}", {})
+    return tree
+
+
+def _paths(tree: dict, prefix: tuple = ()) -> set[tuple]:
+    if not tree:
+        return {prefix} if prefix else set()
+    return set().union(*(_paths(v, (*prefix, k.removeprefix("f:"))) for k, v in tree.items()))
+
+
+def _entry(manager: str, operation: str, paths: set[tuple]) -> dict:
+    return {"manager": manager, "operation": operation, "apiVersion": "v1", "time": _now(),
+            "fieldsType": "FieldsV1", "fieldsV1": _fields_v1(paths)}
+
+
+def _owners(obj: dict) -> dict[str, set[tuple]]:
+    return {e["manager"]: _paths(e.get("fieldsV1") or {}) for e in obj["metadata"].get("managedFields") or []}
+
+
+def _take(live: dict, manager: str, operation: str, paths: set[tuple], present: set[tuple],
+          replace: bool = False) -> list[dict]:
+    """managedFields after `manager` took `paths` (an apply replaces its set; an update adds to it)."""
+    owners = _owners(live)
+    mine = paths if replace else owners.get(manager, set()) | paths
+    entries = []
+    for entry in live["metadata"].get("managedFields") or []:
+        if entry["manager"] == manager:
+            continue
+        kept = (_paths(entry.get("fieldsV1") or {}) - paths) & present
+        if kept:
+            entries.append({**entry, "fieldsV1": _fields_v1(kept)})
+    if mine & present:
+        entries.append(_entry(manager, operation, mine & present))
+    return entries
+
+
 def register_crd(emulator: kmock.KubernetesEmulator, crd: dict) -> None:
     spec = crd["spec"]
     for version in spec["versions"]:
@@ -123,6 +455,16 @@ def register_crd(emulator: kmock.KubernetesEmulator, crd: dict) -> None:
             kind=spec["names"]["kind"], singular=spec["names"].get("singular"),
             namespaced=spec["scope"] == "Namespaced", shortnames=set(spec["names"].get("shortNames", [])),
             verbs=VERBS, subresources=set(version.get("subresources", {})))
+
+
+def write_kubeconfig(path: pathlib.Path, url: str, token: str) -> pathlib.Path:
+    config = {"apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+              "clusters": [{"name": "emulator", "cluster": {"server": url}}],
+              "users": [{"name": "emulator", "user": {"token": token}}],
+              "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
+                                                            "namespace": "default"}}]}
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 class EmulatorThread:
@@ -155,8 +497,6 @@ class EmulatorThread:
     async def _serve(self) -> None:
         self._stop = asyncio.Event()
         async with Emulator() as emulator, kmock.Server(emulator) as server:
-            for resource, info in RESOURCES.items():
-                emulator.resources[resource] = dict(verbs=VERBS, **info)
             for crd in self.crds:
                 register_crd(emulator, crd)
             emulator.history = self.history
@@ -165,11 +505,5 @@ class EmulatorThread:
             self.started.set()
             await self._stop.wait()
 
-    def kubeconfig(self, path: pathlib.Path) -> pathlib.Path:
-        config = {"apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-                  "clusters": [{"name": "emulator", "cluster": {"server": self.url}}],
-                  "users": [{"name": "emulator", "user": {"token": "emulator"}}],
-                  "contexts": [{"name": "emulator", "context": {"cluster": "emulator", "user": "emulator",
-                                                                "namespace": "default"}}]}
-        path.write_text(yaml.safe_dump(config))
-        return path
+    def kubeconfig(self, path: pathlib.Path, token: str = OPERATOR_TOKEN) -> pathlib.Path:
+        return write_kubeconfig(path, self.url, token)

@@ -1,22 +1,35 @@
-"""Runs `phasesplit operator` as a real process against the Kubernetes emulator."""
+"""The operator against the Kubernetes emulator (support.kube_emulator), two ways: as a real
+`phasesplit operator` process, or as kopf in the test's event loop with every handler the
+process registers (`running_operator`)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
+import itertools
 import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
+import uuid
 
+import kopf
 import kubernetes
 
+from phasesplit.operator import handlers
 from phasesplit.operator.kube import Kube
 
+_versions = itertools.count(1)
 
-def kube_client(url: str) -> Kube:
+
+def kube_client(url: str, token: str = "admin") -> Kube:
+    """A client for the test itself (the admin token: not held to the operator's RBAC)."""
     config = kubernetes.client.Configuration()
     config.host = url
+    config.api_key = {"authorization": f"Bearer {token}"}
     return Kube(kubernetes.client.ApiClient(config))
 
 
@@ -36,6 +49,40 @@ def stop_operator(proc: subprocess.Popen) -> int:
         return proc.wait(5)
 
 
+@contextlib.asynccontextmanager
+async def running_operator(server: str, token: str, tick_seconds: float = 0.3):
+    """kopf in this event loop with the operator's handlers, logged in to `server` with `token`;
+    the handlers' own client reads $KUBECONFIG (the caller points it at the same server)."""
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_):
+        return kopf.ConnectionInfo(server=str(server).rstrip("/"), token=token)
+
+    handlers.register(registry, tick_seconds=tick_seconds)
+    settings = kopf.OperatorSettings()
+    settings.watching.server_timeout = 10
+    stop = asyncio.Event()
+    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, clusterwide=True,
+                                             standalone=True, stop_flag=stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=10)
+
+
+def server_metadata(name: str, namespace: str | None, **extra) -> dict:
+    """What the API server fills in on create, for objects put straight into the emulator."""
+    meta = {"name": name, "uid": str(uuid.uuid4()), "resourceVersion": str(next(_versions)),
+            "creationTimestamp": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "generation": 1, **extra}
+    if namespace:
+        meta["namespace"] = namespace
+    return meta
+
+
 def wait_for(check, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
     """Polls check() until it returns something truthy; returns it."""
     deadline = time.monotonic() + timeout
@@ -46,3 +93,12 @@ def wait_for(check, timeout: float = 20.0, interval: float = 0.05, what: str = "
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+async def until(check, timeout: float = 8.0, what: str = "condition"):
+    """wait_for in an event loop."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.1)

@@ -22,55 +22,13 @@ The rules, in order:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-METRICS = ("queueTokens", "queueRequests", "inflightRequests", "kvUtilization")
+from phasesplit.control.spec import PoolAutoscaling, PromptToTokenRatio, SplitInferenceSpec
+
 AVERAGE_METRICS = ("kvUtilization",)
 TOLERANCE = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class PoolKnobs:
-    # defaults as in phasesplit.control.spec.PoolAutoscaling
-    min_replicas: int = 1
-    max_replicas: int = 4
-    metric: str = "queueTokens"
-    target_per_replica: float = 1024.0
-    scale_up_max_step: int = 2
-    scale_down_stabilization_seconds: float = 300.0
-    cooldown_seconds: float = 60.0
-    ttft_slo_seconds: float | None = None
-    tbt_slo_seconds: float | None = None
-
-    def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ValueError(f"autoscaling.metric: {self.metric!r} is not one of {', '.join(METRICS)}")
-        if self.min_replicas < 0:
-            raise ValueError(f"autoscaling.minReplicas: must be >= 0, got {self.min_replicas}")
-        if self.max_replicas < max(self.min_replicas, 1):
-            raise ValueError(f"autoscaling.maxReplicas: must be >= minReplicas and >= 1, got {self.max_replicas}")
-        if not self.target_per_replica > 0:
-            raise ValueError(f"autoscaling.targetPerReplica: must be > 0, got {self.target_per_replica}")
-        if self.scale_up_max_step < 1:
-            raise ValueError(f"autoscaling.scaleUpMaxStep: must be >= 1, got {self.scale_up_max_step}")
-        if self.scale_down_stabilization_seconds < 0:
-            raise ValueError("autoscaling.scaleDownStabilizationSeconds: must be >= 0, "
-                             f"got {self.scale_down_stabilization_seconds}")
-        if self.cooldown_seconds < 0:
-            raise ValueError(f"autoscaling.cooldownSeconds: must be >= 0, got {self.cooldown_seconds}")
-        for name, slo in (("ttftSloSeconds", self.ttft_slo_seconds), ("tbtSloSeconds", self.tbt_slo_seconds)):
-            if slo is not None and not slo > 0:
-                raise ValueError(f"autoscaling.{name}: must be > 0 when set, got {slo}")
-
-    @classmethod
-    def from_spec(cls, autoscaling: Mapping[str, Any] | Any) -> PoolKnobs:
-        """From a pool's `autoscaling` block: a camelCase dict, or a pydantic model of it."""
-        if hasattr(autoscaling, "model_dump"):
-            autoscaling = autoscaling.model_dump(by_alias=True, exclude_none=True)
-        # Keys that are not knobs (validated by phasesplit.control.spec) are not the policy's business.
-        spec_names = {_camel(f.name): f.name for f in fields(cls)}
-        return cls(**{spec_names[k]: v for k, v in autoscaling.items() if k in spec_names and v is not None})
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +80,7 @@ class Decision:
                 "value": self.metric_value, "reason": self.reason, "time": self.time}
 
 
-def decide(knobs: PoolKnobs, metrics: PoolMetrics, current: int, state: PoolState, now: float) -> Decision:
+def decide(knobs: PoolAutoscaling, metrics: PoolMetrics, current: int, state: PoolState, now: float) -> Decision:
     """One evaluation of one pool; updates `state` in place (history and last change)."""
     value = metrics.value(knobs.metric)
     desired, reason = _recommend(knobs, metrics, value, current, state, now)
@@ -131,7 +89,7 @@ def decide(knobs: PoolKnobs, metrics: PoolMetrics, current: int, state: PoolStat
     return Decision(desired, current, knobs.metric, value, reason, now)
 
 
-def _recommend(knobs: PoolKnobs, metrics: PoolMetrics, value: float | None, current: int,
+def _recommend(knobs: PoolAutoscaling, metrics: PoolMetrics, value: float | None, current: int,
                state: PoolState, now: float) -> tuple[int, str]:
     bounded = _clamp(current, knobs)
     if bounded != current:
@@ -159,7 +117,7 @@ def _recommend(knobs: PoolKnobs, metrics: PoolMetrics, value: float | None, curr
     return desired, f"{what}: {verdict}"
 
 
-def _raw_recommendation(knobs: PoolKnobs, value: float, current: int) -> int:
+def _raw_recommendation(knobs: PoolAutoscaling, value: float, current: int) -> int:
     if knobs.metric in AVERAGE_METRICS:
         ratio = value / knobs.target_per_replica
         if current > 0 and abs(ratio - 1.0) <= TOLERANCE:
@@ -171,7 +129,7 @@ def _raw_recommendation(knobs: PoolKnobs, value: float, current: int) -> int:
     return math.ceil(wanted)
 
 
-def _apply_slo(knobs: PoolKnobs, metrics: PoolMetrics, raw: int, current: int) -> tuple[int, str | None]:
+def _apply_slo(knobs: PoolAutoscaling, metrics: PoolMetrics, raw: int, current: int) -> tuple[int, str | None]:
     checks = (("TTFT", knobs.ttft_slo_seconds, metrics.ttft_p90_seconds),
               ("TBT", knobs.tbt_slo_seconds, metrics.tbt_p90_seconds))
     for name, slo, p90 in checks:
@@ -184,17 +142,12 @@ def _remember(state: PoolState, now: float, raw: int, window: float) -> None:
     state.recommendations = [(t, r) for t, r in state.recommendations if now - t < window] + [(now, raw)]
 
 
-def _in_cooldown(knobs: PoolKnobs, state: PoolState, now: float) -> bool:
+def _in_cooldown(knobs: PoolAutoscaling, state: PoolState, now: float) -> bool:
     return state.last_change_time is not None and now - state.last_change_time < knobs.cooldown_seconds
 
 
-def _clamp(n: int, knobs: PoolKnobs) -> int:
+def _clamp(n: int, knobs: PoolAutoscaling) -> int:
     return max(knobs.min_replicas, min(knobs.max_replicas, n))
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(w.title() for w in rest)
 
 
 def metric_field(name: str) -> str:
@@ -202,23 +155,8 @@ def metric_field(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name)
 
 
-@dataclass(frozen=True, slots=True)
-class RatioBounds:
-    """Bounds on prompt replicas / token replicas (`spec.autoscaling.promptToTokenRatio`)."""
-    min: float | None = None
-    max: float | None = None
-
-    def __post_init__(self):
-        for name in ("min", "max"):
-            v = getattr(self, name)
-            if v is not None and not v > 0:
-                raise ValueError(f"autoscaling.promptToTokenRatio.{name}: must be > 0, got {v}")
-        if self.min is not None and self.max is not None and self.min > self.max:
-            raise ValueError(f"autoscaling.promptToTokenRatio: min {self.min} is above max {self.max}")
-
-
-def apply_ratio(prompt: Decision, token: Decision, bounds: RatioBounds,
-                prompt_knobs: PoolKnobs, token_knobs: PoolKnobs) -> tuple[Decision, Decision]:
+def apply_ratio(prompt: Decision, token: Decision, bounds: PromptToTokenRatio,
+                prompt_knobs: PoolAutoscaling, token_knobs: PoolAutoscaling) -> tuple[Decision, Decision]:
     """Raise the smaller side (never lower one: a raise cannot fail a request) into the ratio bounds."""
     p, t = prompt.desired, token.desired
     if bounds.min is not None and t > 0 and p / t < bounds.min:
@@ -241,7 +179,7 @@ def _raised(d: Decision, desired: int, why: str) -> Decision:
 class PoolScaler:
     """One pool's knobs and history, for callers that keep the state in memory (local mode)."""
 
-    def __init__(self, knobs: PoolKnobs, state: PoolState | None = None):
+    def __init__(self, knobs: PoolAutoscaling, state: PoolState | None = None):
         self.knobs = knobs
         self.state = state or PoolState()
 
@@ -252,22 +190,16 @@ class PoolScaler:
 class SplitScaler:
     """All pools of one SplitInference: per-pool decisions, then the prompt:token ratio bounds."""
 
-    def __init__(self, knobs: Mapping[str, PoolKnobs], ratio: RatioBounds | None = None,
+    def __init__(self, knobs: Mapping[str, PoolAutoscaling], ratio: PromptToTokenRatio | None = None,
                  states: Mapping[str, PoolState] | None = None):
         states = states or {}
         self.pools = {name: PoolScaler(k, states.get(name)) for name, k in knobs.items()}
-        self.ratio = ratio or RatioBounds()
+        self.ratio = ratio or PromptToTokenRatio()
 
     @classmethod
-    def from_spec(cls, spec: Mapping[str, Any] | Any) -> SplitScaler:
-        """From a SplitInference spec (camelCase dict or `phasesplit.control.spec.SplitInferenceSpec`):
-        pools with an `autoscaling` block are scaled (the pydantic model gives every pool one)."""
-        if hasattr(spec, "model_dump"):
-            spec = spec.model_dump(by_alias=True, exclude_none=True)
-        knobs = {name: PoolKnobs.from_spec(pool["autoscaling"])
-                 for name, pool in (spec.get("pools") or {}).items() if pool and pool.get("autoscaling")}
-        ratio = (spec.get("autoscaling") or {}).get("promptToTokenRatio") or {}
-        return cls(knobs, RatioBounds(min=ratio.get("min"), max=ratio.get("max")))
+    def from_spec(cls, spec: SplitInferenceSpec) -> SplitScaler:
+        """Every pool of a SplitInference, with its `autoscaling` knobs and the prompt:token bounds."""
+        return cls({role: pool.autoscaling for role, pool in spec.pools.items()}, spec.autoscaling.prompt_to_token_ratio)
 
     def evaluate(self, metrics: Mapping[str, PoolMetrics], current: Mapping[str, int],
                  now: float) -> dict[str, Decision]:

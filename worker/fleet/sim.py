@@ -17,7 +17,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
-from phasesplit.control.scaling import PoolKnobs, PoolMetrics, SplitScaler
+from phasesplit.control.scaling import PoolMetrics, SplitScaler
+from phasesplit.control.spec import PoolAutoscaling
 from phasesplit.fleet.instance import Instance
 from phasesplit.fleet.perf import Profiles, kv_transfer_time
 from phasesplit.fleet.trace import Trace
@@ -215,9 +216,9 @@ class Simulation:
             per_machine = self.perf[p.role].instances_per_machine
             metric, target = (("queueTokens", 2.0 * self.config.max_num_batched_tokens) if p.role == "prompt"
                               else ("inflightRequests", 0.75 * self.config.max_num_seqs))
-            knobs[p.role] = PoolKnobs(min_replicas=p.bounds[0] * per_machine,
-                                      max_replicas=max(p.bounds[1] * per_machine, 1), metric=metric,
-                                      target_per_replica=target)
+            knobs[p.role] = PoolAutoscaling(min_replicas=p.bounds[0] * per_machine,
+                                            max_replicas=max(p.bounds[1] * per_machine, 1), metric=metric,
+                                            target_per_replica=target)
         return SplitScaler(knobs) if knobs else None
 
     def _autoscale(self, now: float, _) -> None:

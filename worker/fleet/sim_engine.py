@@ -131,8 +131,8 @@ def _sleep_until(deadline: float) -> None:
         time.sleep(left)
 
 
-def load(args: argparse.Namespace) -> SimEngine:
-    """The simulated engine a worker's command line describes."""
+def load(args) -> SimEngine:
+    """The simulated engine a worker's config (`roles.server.WorkerConfig`) describes."""
     profiles = Profiles(args.sim_profiles, args.sim_catalog)
     perf = profiles.get(args.sim_model, args.sim_hardware, args.sim_tp)
     config = EngineConfig(

@@ -14,7 +14,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from phasesplit.control.scaling import Decision, PoolKnobs, RatioBounds, SplitScaler
+from phasesplit.control.scaling import Decision, SplitScaler
 from phasesplit.local.plan import LocalPlan
 from phasesplit.local.processes import ProcessFailed
 from phasesplit.control.router_metrics import MetricsUnavailable, RouterScrape
@@ -22,14 +22,8 @@ from phasesplit.control.router_metrics import MetricsUnavailable, RouterScrape
 log = logging.getLogger("phasesplit.local.autoscaler")
 
 
-def scaler_for(plan: LocalPlan) -> SplitScaler:
-    knobs = {name: PoolKnobs.from_spec(pool.autoscaling) for name, pool in plan.pools.items()}
-    ratio = plan.autoscaling.get("promptToTokenRatio") or {}
-    return SplitScaler(knobs, RatioBounds(min=ratio.get("min"), max=ratio.get("max")))
-
-
 def enabled(plan: LocalPlan) -> bool:
-    return plan.autoscaling.get("mode", "builtin") == "builtin"
+    return plan.spec.autoscaling.mode == "builtin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +43,7 @@ class LocalAutoscaler:
         self.cluster = cluster
         self.interval = interval
         self.clock = clock
-        self.scaler = scaler_for(cluster.plan)
+        self.scaler = SplitScaler.from_spec(cluster.plan.spec)
         self.scrape = RouterScrape(f"{cluster.base_url}/metrics")
         self.history: list[Applied] = []
         self._lock = threading.Lock()

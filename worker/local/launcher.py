@@ -83,11 +83,6 @@ class LocalCluster:
         for t in stoppers + self._retiring:
             t.join()
 
-    def processes(self) -> list[ManagedProcess]:
-        with self._lock:
-            procs = [h.proc for pool in self.workers.values() for h in pool]
-        return procs + ([self.router] if self.router else [])
-
     # ---- run-time pool changes ----
 
     def add_worker(self, pool: str) -> WorkerHandle:
@@ -309,9 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 def _start_autoscaler(cluster: LocalCluster, interval: float | None):
     from phasesplit.local import autoscaler as local_autoscaler
     if not local_autoscaler.enabled(cluster.plan):
-        log.info("autoscaling.mode is %s: pools keep their replicas", cluster.plan.autoscaling.get("mode"))
+        log.info("autoscaling.mode is %s: pools keep their replicas", cluster.plan.spec.autoscaling.mode)
         return None
-    interval = interval or float(cluster.plan.autoscaling.get("intervalSeconds", 15))
+    interval = interval or float(cluster.plan.spec.autoscaling.interval_seconds)
     log.info("autoscaling every %g s", interval)
     return local_autoscaler.LocalAutoscaler(cluster, interval).start()
 

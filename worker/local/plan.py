@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import pathlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import yaml
 
-POOLS = ("prompt", "token", "mixed")
+from phasesplit.control import spec as si
+from phasesplit.control.worker_settings import worker_settings
+
 KV_BACKENDS = ("grpc", "nccl", "tcp")
 
 
@@ -15,10 +17,7 @@ KV_BACKENDS = ("grpc", "nccl", "tcp")
 class PoolPlan:
     name: str  # also the workers' role
     replicas: int
-    min_replicas: int
-    max_replicas: int
-    worker_args: list[str] = field(default_factory=list)
-    autoscaling: dict = field(default_factory=dict)
+    worker_args: list[str]
 
 
 @dataclass(slots=True)
@@ -29,11 +28,14 @@ class LocalPlan:
     router_port: int
     pools: dict[str, PoolPlan]
     drain_timeout: float
-    autoscaling: dict = field(default_factory=dict)
-    max_model_len: int | None = None  # spec.model.maxModelLen, for the router too
+    spec: si.SplitInferenceSpec
+
+    @property
+    def max_model_len(self) -> int | None:
+        return self.spec.model.max_model_len
 
 
-def read_manifest(path: str | pathlib.Path) -> dict:
+def read_manifest(path: str | pathlib.Path) -> si.SplitInference:
     """The SplitInference document from a YAML file (the first one of that kind in it)."""
     with open(path) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
@@ -43,103 +45,42 @@ def read_manifest(path: str | pathlib.Path) -> dict:
     raise ValueError(f"{path}: no document with kind: SplitInference")
 
 
-def validate_manifest(doc: dict) -> dict:
-    """Checks the document with the spec's pydantic models; returns it in its canonical (camelCase) form."""
-    from phasesplit.control import spec
-    resource = spec.SplitInference.model_validate(doc)
-    problems = spec.feasibility_problems(resource.spec, in_cluster=False)
+def validate_manifest(doc: dict) -> si.SplitInference:
+    """Checks the document with the spec's pydantic models, and what local mode needs of it."""
+    resource = si.SplitInference.model_validate(doc)
+    problems = si.feasibility_problems(resource.spec, in_cluster=False)
     if problems:
         raise ValueError("spec." + "; spec.".join(problems))
-    return resource.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return resource
 
 
-def build_plan(doc: dict, model_dir: str | None = None, port: int | None = None,
-         drain_timeout: float = 30.0, device: str | None = None, kv_backend: str | None = None) -> LocalPlan:
-    """`kv_backend` (grpc, nccl or tcp) overrides spec.kvTransfer.backend; each token worker's rendezvous
-    store (nccl) or KV port (tcp) takes a free port, not the spec's, so that several fit on one machine."""
-    spec = doc["spec"]
-    model = spec["model"]
-    model_dir = model_dir or _host_path(model)
-    name = model.get("name") or doc["metadata"]["name"]
-    kv = dict(spec.get("kvTransfer") or {})
+def _overridden(spec: si.SplitInferenceSpec, device: str | None, kv_backend: str | None) -> si.SplitInferenceSpec:
     if kv_backend is not None:
         if kv_backend not in KV_BACKENDS:
             raise ValueError(f"--kv-backend must be one of {', '.join(KV_BACKENDS)}, got {kv_backend!r}")
-        kv["backend"] = kv_backend
-    common = ["--model", model_dir, "--served-model-name", name, "--drain-timeout", str(drain_timeout)]
-    common += _model_args(model) + _kv_args(kv)
-    if device:
-        common += ["--device", device]
-    pools = {}
-    for pool_name, pool in (spec.get("pools") or {}).items():
-        if pool_name not in POOLS or pool is None:
-            continue
-        pools[pool_name] = _pool_plan(pool_name, pool, common + _simulated_args(model, pool_name, model_dir))
-    if not pools.get("mixed") and not (pools.get("prompt") and pools.get("token")):
-        raise ValueError("spec.pools: needs both a prompt and a token pool, or a mixed pool")
-    router_port = port if port is not None else int(spec.get("router", {}).get("service", {}).get("port", 8000))
-    return LocalPlan(name=doc["metadata"]["name"], model_dir=model_dir, served_model_name=name,
-                     router_port=router_port, pools=pools, drain_timeout=drain_timeout,
-                     autoscaling=spec.get("autoscaling") or {}, max_model_len=model.get("maxModelLen"))
+        spec = spec.model_copy(update={"kv_transfer": spec.kv_transfer.model_copy(update={"backend": kv_backend})})
+    if device is not None:
+        pools = {role: pool.model_copy(update={"engine": pool.engine.model_copy(update={"device": device})})
+                 for role, pool in spec.pools.items()}
+        spec = spec.model_copy(update={"pools": spec.pools.model_copy(update=pools)})
+    return spec
 
 
-def _host_path(model: dict) -> str:
-    path = ((model.get("source") or {}).get("hostPath") or {}).get("path")
-    if not path:
+def build_plan(resource: si.SplitInference, model_dir: str | None = None, port: int | None = None,
+               drain_timeout: float = 30.0, device: str | None = None, kv_backend: str | None = None) -> LocalPlan:
+    """`device` and `kv_backend` (grpc, nccl or tcp) override the spec's."""
+    spec = _overridden(resource.spec, device, kv_backend)
+    model_dir = model_dir or _host_path(spec.model)
+    common = ["--model", model_dir, "--served-model-name", spec.model.name, "--drain-timeout", str(drain_timeout)]
+    pools = {role: PoolPlan(role, pool.replicas, ["--role", role, *common, *(
+        arg for s in worker_settings(spec, role, model_dir, in_cluster=False) for arg in s.literal())])
+        for role, pool in spec.pools.items()}
+    router_port = port if port is not None else spec.router.service.port
+    return LocalPlan(name=resource.metadata.name, model_dir=model_dir, served_model_name=spec.model.name,
+                     router_port=router_port, pools=pools, drain_timeout=drain_timeout, spec=spec)
+
+
+def _host_path(model: si.Model) -> str:
+    if model.source.host_path is None:
         raise ValueError("spec.model.source: local mode needs a hostPath source, or --model DIR")
-    return path
-
-
-def _model_args(model: dict) -> list[str]:
-    args = []
-    if model.get("dtype"):
-        args += ["--dtype", model["dtype"]]
-    if model.get("maxModelLen"):
-        args += ["--max-model-len", str(model["maxModelLen"])]
-    return args
-
-
-def _simulated_args(model: dict, pool: str, model_dir: str) -> list[str]:
-    if not model.get("simulated"):
-        return []
-    from phasesplit.control.spec import SimulatedEngine
-    return SimulatedEngine.model_validate(model["simulated"]).worker_args(pool, model_dir)
-
-
-def _kv_args(kv: dict) -> list[str]:
-    args = []
-    if kv.get("backend"):
-        args += ["--kv-backend", kv["backend"]]
-    if kv.get("timeoutSeconds") is not None:
-        args += ["--kv-transfer-timeout", str(kv["timeoutSeconds"])]
-    if kv.get("leaseSeconds") is not None:
-        args += ["--kv-lease", str(kv["leaseSeconds"])]
-    if kv.get("layerwise") is False:
-        args += ["--no-layerwise"]
-    return args
-
-
-ENGINE_FLAGS = {
-    "blockSize": "--block-size",
-    "numKvBlocks": "--num-kv-blocks",
-    "kvMemoryFraction": "--kv-memory-fraction",
-    "maxNumBatchedTokens": "--max-num-batched-tokens",
-    "maxNumSeqs": "--max-num-seqs",
-    "device": "--device",
-}
-
-
-def _pool_plan(name: str, pool: dict, common: list[str]) -> PoolPlan:
-    args = ["--role", name, *common]
-    for key, flag in ENGINE_FLAGS.items():
-        value = (pool.get("engine") or {}).get(key)
-        if value is not None:
-            args += [flag, str(value)]
-    if int(pool.get("tensorParallelSize", 1)) > 1:  # gloo ranks on the CPU unless the pool says cuda
-        args += ["--tensor-parallel", str(pool["tensorParallelSize"])]
-    replicas = int(pool.get("replicas", 1))
-    scaling = pool.get("autoscaling") or {}
-    return PoolPlan(name=name, replicas=replicas,
-                    min_replicas=int(scaling.get("minReplicas", replicas)),
-                    max_replicas=int(scaling.get("maxReplicas", replicas)),
-                    worker_args=args, autoscaling=scaling)
+    return model.source.host_path.path

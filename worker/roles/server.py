@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,46 +33,86 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit worker", description=__doc__.split("\n\n")[0])
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """Everything one worker is started with (the command line, typed)."""
+    role: str
+    model: str
+    served_model_name: str | None = None
+    host: str = "0.0.0.0"
+    port: int = 50051
+    dtype: str = "float32"
+    device: str | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_memory_fraction: float = 0.8
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None
+    kv_backend: str = "grpc"
+    nccl_port: int = 0
+    kv_transfer_timeout: float = 30.0
+    kv_lease: float = 30.0
+    layerwise: bool = True
+    drain_timeout: float = 30.0
+    grpc_threads: int | None = None
+    kv_tcp_port: int = 0
+    tensor_parallel: int = 1
+    engine: str = "torch"          # sim: iteration times from the performance model (phasesplit.fleet)
+    sim_model: str = "llama2-70b"
+    sim_hardware: str = "h100-80gb"
+    sim_tp: int = 8
+    sim_profiles: str | None = None
+    sim_catalog: str | None = None
+    sim_time_scale: float = 1.0
+
+    def __post_init__(self):
+        for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(self, name)}")
+        if self.tensor_parallel < 1:
+            raise ValueError(f"--tensor-parallel: must be >= 1, got {self.tensor_parallel}")
+        if self.tensor_parallel > 1 and self.role != "mixed":
+            raise ValueError(f"--tensor-parallel {self.tensor_parallel}: a tensor-parallel worker serves --role "
+                             "mixed only (the KV transfer moves one rank's cache; prompt and token workers run one rank)")
+
+
+def parse_args(argv: list[str]) -> WorkerConfig:
+    """The command line as a `WorkerConfig`; flags left out take the config's defaults."""
+    p = argparse.ArgumentParser(prog="phasesplit worker", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS)
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--served-model-name", help="model name clients use (default: the directory's name)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
+    p.add_argument("--port", type=int, help="gRPC port (default: 50051; 0 picks a free one)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32")
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, help="tokens per KV block (default: 16)")
     p.add_argument("--num-kv-blocks", type=int)
-    p.add_argument("--kv-memory-fraction", type=float, default=0.8)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--kv-memory-fraction", type=float, help="default: 0.8")
+    p.add_argument("--max-num-batched-tokens", type=int, help="default: 2048")
+    p.add_argument("--max-num-seqs", type=int, help="default: 64")
     p.add_argument("--max-model-len", type=int)
-    p.add_argument("--kv-backend", default="grpc", choices=("grpc", "nccl", "tcp"))
-    p.add_argument("--nccl-port", type=int, default=0,
+    p.add_argument("--kv-backend", choices=("grpc", "nccl", "tcp"), help="default: grpc")
+    p.add_argument("--nccl-port", type=int,
                    help="token side of --kv-backend nccl: port of the process-group rendezvous store (0: any free port)")
-    p.add_argument("--kv-tcp-port", type=int, default=0,
+    p.add_argument("--kv-tcp-port", type=int,
                    help="token side of --kv-backend tcp: port the KV bytes arrive on (0: any free port)")
-    p.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="seconds a transfer may stall")
-    p.add_argument("--kv-lease", type=float, default=30.0, help="seconds received KV waits for its Generate")
+    p.add_argument("--kv-transfer-timeout", type=float, help="seconds a transfer may stall (default: 30)")
+    p.add_argument("--kv-lease", type=float, help="seconds received KV waits for its Generate (default: 30)")
     p.add_argument("--no-layerwise", dest="layerwise", action="store_false",
                    help="send the KV after the prompt phase instead of layer by layer during it")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight work on SIGTERM")
+    p.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight work on SIGTERM (default: 30)")
     p.add_argument("--grpc-threads", type=int, help="gRPC handler threads (default: enough for --max-num-seqs)")
-    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+    p.add_argument("--tensor-parallel", type=int, metavar="N",
                    help="shard the model over N ranks: N processes, one per GPU (cuda) or N gloo ranks (cpu)")
     from phasesplit.fleet import sim_engine
     sim_engine.add_arguments(p)
-    args = p.parse_args(argv)
-    if args.tensor_parallel < 1:
-        p.error(f"--tensor-parallel: must be >= 1, got {args.tensor_parallel}")
-    if args.tensor_parallel > 1 and args.role != "mixed":
-        p.error(f"--tensor-parallel {args.tensor_parallel}: a tensor-parallel worker serves --role mixed only "
-                "(the KV transfer moves one rank's cache; prompt and token workers run one rank)")
-    for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(args, name)}")
-    return args
+    try:
+        return WorkerConfig(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        p.error(str(e))
 
 
 def sending_transport(backend: str, timeout: float, device="cpu"):
@@ -80,64 +121,64 @@ def sending_transport(backend: str, timeout: float, device="cpu"):
     return transport.make_transport(backend, timeout=timeout, **options)
 
 
-def load_engine(args: argparse.Namespace, tp=None, device: str | None = None):
-    if args.engine == "sim":
+def load_engine(config: WorkerConfig, tp=None, device: str | None = None):
+    if config.engine == "sim":
         from phasesplit.fleet import sim_engine
-        return sim_engine.load(args)
+        return sim_engine.load(config)
     from phasesplit.engine.engine import EngineConfig, LLMEngine
     from phasesplit.engine.parallel import TensorParallel
     return LLMEngine(EngineConfig(
-        model_dir=args.model, dtype=args.dtype, device=device or args.device or default_device(),
-        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks, kv_memory_fraction=args.kv_memory_fraction,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-        max_model_len=args.max_model_len, served_model_name=args.served_model_name), tp or TensorParallel())
+        model_dir=config.model, dtype=config.dtype, device=device or config.device or default_device(),
+        block_size=config.block_size, num_kv_blocks=config.num_kv_blocks, kv_memory_fraction=config.kv_memory_fraction,
+        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
+        max_model_len=config.max_model_len, served_model_name=config.served_model_name), tp or TensorParallel())
 
 
 class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
-    def __init__(self, engine, args: argparse.Namespace, transport=None):
+    def __init__(self, engine, config: WorkerConfig, transport=None):
         from phasesplit.transport import channels, grpc_kv, make_receiver
-        name = args.served_model_name or engine.layout.model
-        self.settings = WorkerSettings(role=args.role, served_model_name=name,
-                                       kv_transfer_timeout=args.kv_transfer_timeout, kv_lease=args.kv_lease,
-                                       drain_timeout=args.drain_timeout, layerwise=args.layerwise)
+        name = config.served_model_name or engine.layout.model
+        self.settings = WorkerSettings(role=config.role, served_model_name=name,
+                                       kv_transfer_timeout=config.kv_transfer_timeout, kv_lease=config.kv_lease,
+                                       drain_timeout=config.drain_timeout, layerwise=config.layerwise)
         self.core = WorkerCore(engine, self.settings)
         self.transport = transport
-        self.inbox = KVInbox(self.core, args.kv_transfer_timeout, args.kv_lease)
+        self.inbox = KVInbox(self.core, config.kv_transfer_timeout, config.kv_lease)
         self.health = health.HealthServicer()
-        threads = args.grpc_threads or 2 * args.max_num_seqs + 16
+        threads = config.grpc_threads or 2 * config.max_num_seqs + 16
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=list(channels.SERVER_OPTIONS))
         aborts = []
-        simulated = args.engine == "sim"
+        simulated = config.engine == "sim"
         self.prompt = None
         self.kv_receiver = None
-        if args.role in ("prompt", "mixed"):
+        if config.role in ("prompt", "mixed"):
             from phasesplit.fleet.sim_handoff import SimHandoff
             from phasesplit.roles.prompt import PromptService
-            self.transport = transport or (SimHandoff(engine, args.kv_transfer_timeout) if simulated else
-                                           sending_transport(args.kv_backend, args.kv_transfer_timeout, engine.device))
+            self.transport = transport or (SimHandoff(engine, config.kv_transfer_timeout) if simulated else
+                                           sending_transport(config.kv_backend, config.kv_transfer_timeout, engine.device))
             self.prompt = PromptService(self.core, self.transport)
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
-        if args.role in ("token", "mixed"):
+        if config.role in ("token", "mixed"):
             from phasesplit.fleet.sim_handoff import SimReceiver
             from phasesplit.roles.token import TokenService
-            push = SimReceiver(self.inbox, args.kv_transfer_timeout) if simulated else None
+            push = SimReceiver(self.inbox, config.kv_transfer_timeout) if simulated else None
             grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, push), self.server)
             aborts.append(self.inbox.abort)
-            backend = args.kv_backend
+            backend = config.kv_backend
             if backend != "grpc" and not simulated:  # PushKV (grpc) is served by every token worker
-                port = getattr(args, "nccl_port" if backend == "nccl" else "kv_tcp_port", 0)
+                port = config.nccl_port if backend == "nccl" else config.kv_tcp_port
                 self.kv_receiver = make_receiver(backend, self.inbox, layout=engine.layout, device=engine.device,
-                                               timeout=args.kv_transfer_timeout, port=port)
+                                               timeout=config.kv_transfer_timeout, port=port)
                 self.kv_receiver.add_to_server(self.server)
         pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{args.host}:{args.port}")
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if not self.port:
-            raise OSError(f"--port: cannot listen on {args.host}:{args.port}")
+            raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
         self.core.on_drain.append(self._not_serving)
 
     def start(self) -> "WorkerServer":
@@ -174,22 +215,22 @@ class WorkerServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.role} %(name)s %(levelname)s %(message)s")
-    if args.tensor_parallel > 1:
-        return supervise(args)
-    return serve(args)
+    config = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(name)s %(levelname)s %(message)s")
+    if config.tensor_parallel > 1:
+        return supervise(config)
+    return serve(config)
 
 
-def supervise(args: argparse.Namespace) -> int:
+def supervise(config: WorkerConfig) -> int:
     """Starts the worker's tensor-parallel ranks and lives as long as all of them do: SIGTERM drains
     through rank 0; a rank that dies stops the others and makes the exit code nonzero."""
     from phasesplit.engine.config import ModelConfig
     from phasesplit.engine.parallel import check_tensor_parallel
     from phasesplit.engine.ranks import RankGroup
     try:
-        check_tensor_parallel(ModelConfig.from_dir(args.model), args.tensor_parallel)
-        group = RankGroup(args.tensor_parallel, serve_rank, (args,), args.device or default_device())
+        check_tensor_parallel(ModelConfig.from_dir(config.model), config.tensor_parallel)
+        group = RankGroup(config.tensor_parallel, serve_rank, (config,), config.device or default_device())
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: --tensor-parallel: {exc}", file=sys.stderr)
         return 2
@@ -200,11 +241,11 @@ def supervise(args: argparse.Namespace) -> int:
     return code
 
 
-def serve_rank(tp, device: str, args: argparse.Namespace) -> int:
-    return serve(args, tp, device)
+def serve_rank(tp, device: str, config: WorkerConfig) -> int:
+    return serve(config, tp, device)
 
 
-def serve(args: argparse.Namespace, tp=None, device: str | None = None) -> int:
+def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
     """Rank 0 (the only rank without tensor parallelism) serves; the other ranks follow its engine."""
     leader = tp is None or tp.is_leader
     stop = threading.Event()
@@ -217,20 +258,20 @@ def serve(args: argparse.Namespace, tp=None, device: str | None = None) -> int:
     except ImportError:
         pass
     try:
-        engine = load_engine(args, tp, device)
+        engine = load_engine(config, tp, device)
         if not leader:
             engine.follow()
             return 0
-        server = WorkerServer(engine, args).start()
+        server = WorkerServer(engine, config).start()
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)
         return 2
-    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", args.role,
-             server.settings.served_model_name, args.host, server.port, engine.num_total_blocks,
+    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", config.role,
+             server.settings.served_model_name, config.host, server.port, engine.num_total_blocks,
              engine.layout.block_size, engine.device, engine.tp.size)
     while not stop.wait(1.0):
         pass
-    log.info("draining (up to %g s)", args.drain_timeout)
+    log.info("draining (up to %g s)", config.drain_timeout)
     finished = server.drain_and_stop()
     engine.close()
     log.info("stopped%s", "" if finished else ": drain timeout, in-flight requests were cut off")

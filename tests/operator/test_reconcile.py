@@ -1,0 +1,71 @@
+"""One reconciliation pass against the emulator (RBAC, defaults, server-side apply), in process."""
+
+import pytest
+from support.examples import split_inference
+from support.kube_emulator import OPERATOR_TOKEN, EmulatorThread
+from support.operator_harness import kube_client
+
+from phasesplit.control import spec as si
+from phasesplit.operator import reconcile
+from phasesplit.operator.kube import path
+
+NS = "default"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with EmulatorThread() as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def admin(server):
+    return kube_client(server.url)
+
+
+@pytest.fixture
+def operator(server):
+    return kube_client(server.url, OPERATOR_TOKEN)
+
+
+def create(admin, name: str, spec: dict) -> dict:
+    return admin.create(split_inference(name, NS, spec=spec))
+
+
+def si_path(name):
+    return path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, NS, name)
+
+
+def deployment(admin, name):
+    return admin.get(path("apps/v1", "Deployment", NS, name))
+
+
+def writes(server) -> list[str]:
+    return [f"{r.method} {r.url.path}" for r in server.emulator._requests if r.method in ("POST", "PATCH", "PUT", "DELETE")]
+
+
+def test_switching_mode_none_to_builtin_keeps_the_pools_replicas(server, admin, operator):
+    big = {"replicas": 8, "autoscaling": {"minReplicas": 1, "maxReplicas": 8}}
+    create(admin, "switch", {"autoscaling": {"mode": "none"}, "pools": {"prompt": big}})
+    reconcile.reconcile(operator, admin.get(si_path("switch")))
+    assert deployment(admin, "switch-prompt")["spec"]["replicas"] == 8
+    admin.patch(si_path("switch"), {"spec": {"autoscaling": {"mode": "builtin"}}})
+    reconcile.reconcile(operator, admin.get(si_path("switch")))
+    assert deployment(admin, "switch-prompt")["spec"]["replicas"] == 8, "letting go of replicas reset them"
+    admin.patch(path("apps/v1", "Deployment", NS, "switch-prompt", "scale"), {"spec": {"replicas": 5}})
+    reconcile.reconcile(operator, admin.get(si_path("switch")))
+    assert deployment(admin, "switch-prompt")["spec"]["replicas"] == 5, "the operator overwrote autoscaled replicas"
+    assert server.emulator.denied == []
+
+
+def test_a_second_pass_writes_nothing(server, admin, operator):
+    half = {"resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}}}
+    create(admin, "quiet", {"pools": {"prompt": half, "token": half}})
+    first = reconcile.reconcile(operator, admin.get(si_path("quiet")))
+    assert set(first.applied.values()) == {"created"}
+    assert deployment(admin, "quiet-prompt")["spec"]["template"]["spec"]["containers"][0]["resources"][
+        "requests"]["cpu"] == "500m"  # the server rewrote it
+    before = len(writes(server))
+    second = reconcile.reconcile(operator, admin.get(si_path("quiet")))
+    assert set(second.applied.values()) == {"unchanged"} and not second.status_written
+    assert writes(server)[before:] == []
