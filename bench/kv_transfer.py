@@ -8,26 +8,31 @@ source). Prints GB/s of each and the ratio of medians. A third path, bare gRPC, 
 bytes as plain 1 MiB `bytes` messages (no header, checksum or layout: each message copied into
 the caches in order): the ceiling of a Python gRPC stream on the machine, measured in the same run.
 
-    python bench/kv_transfer.py [--gib 1] [--layers 32] [--rounds 3] [--backend grpc|gloo]
+    python bench/kv_transfer.py [--gib 1] [--layers 32] [--rounds 3] [--backends grpc,tcp,gloo] [--json]
 
-`--backend gloo` (the nccl backend's code path on CPU: gRPC control, tensors over a gloo
-process group) measures gloo, gRPC and plain TCP in the same run.
+Backends: grpc, tcp (gRPC control, bytes over a pooled socket) and gloo (the nccl backend's code
+path on CPU: gRPC control, tensors over a gloo process group). `--json` prints one JSON object:
+for each path (`plain_tcp`, `bare_grpc` and each backend) the median GB/s, the rounds, and the
+ratio to plain TCP.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
+import os
 import resource
 import socket
 import statistics
+import threading
 import time
 
 import torch
 
 from phasesplit.transport import make_transport
 from phasesplit.transport.base import check_layout
-from phasesplit.transport.blocks import byte_view, write_blocks
+from phasesplit.transport.blocks import CacheDestination, byte_view
 from phasesplit.transport.malloc import tune_malloc
 from phasesplit.transport.wire import checksum
 from phasesplit.v1 import worker_pb2 as pb
@@ -64,20 +69,21 @@ class BenchSink:
 
     def begin(self, header):
         check_layout(self.layout, header.layout)
-        sink = self
+        return BenchDestination(self)
 
-        class Destination:
-            def write(self, layer, kind, block_start, block_count, data):
-                cache = (sink.k if kind == 0 else sink.v)[layer]
-                write_blocks(cache, range(block_start, block_start + block_count), data)
 
-            def commit(self):
-                sink.committed = True
+class BenchDestination(CacheDestination):
+    def __init__(self, sink: BenchSink):
+        self.sink, self.block_ids, self.lock = sink, list(range(sink.k[0].shape[0])), threading.Lock()
 
-            def abort(self):
-                sink.committed = False
+    def cache(self, layer, kind):
+        return (self.sink.k if kind == 0 else self.sink.v)[layer]
 
-        return Destination()
+    def commit(self):
+        self.sink.committed = True
+
+    def abort(self):
+        self.sink.committed = False
 
 
 BARE_PUSH = "/bench.Bare/Push"
@@ -104,7 +110,7 @@ def bare_grpc_handler(k, v, sink: BenchSink):
 def bare_grpc_send(port: int, k, v, chunk: int) -> float:
     import grpc
 
-    from phasesplit.transport.grpc_kv import CHANNEL_OPTIONS
+    from phasesplit.transport.channels import CHANNEL_OPTIONS
 
     def messages():
         for pair in zip(k, v):
@@ -119,13 +125,15 @@ def bare_grpc_send(port: int, k, v, chunk: int) -> float:
     return time.perf_counter() - start
 
 
-def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = False) -> None:
+def token_worker(layout_bytes: bytes, num_blocks: int, conn, backends: tuple[str, ...]) -> None:
     """The receiving process: a gRPC server with the KV sink, and a plain TCP listener."""
     from concurrent import futures
 
     import grpc
 
-    from phasesplit.transport.grpc_kv import SERVER_OPTIONS, add_token_worker_to_server, handle_push_kv
+    from phasesplit.transport import make_receiver
+    from phasesplit.transport.channels import SERVER_OPTIONS
+    from phasesplit.transport.grpc_kv import add_token_worker_to_server
     from phasesplit.v1 import worker_pb2_grpc
 
     tune_malloc()
@@ -133,29 +141,36 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = Fals
     k, v = make_caches(layout, num_blocks, fill=False)
     sink = BenchSink(layout, k, v)
 
+    push_kv = make_receiver("grpc", sink, layout=layout, timeout=60)
+
     class Servicer(worker_pb2_grpc.TokenWorkerServicer):
         def PushKV(self, request_iterator, context):
-            return handle_push_kv(request_iterator, context, sink, timeout=60)
+            return push_kv.push_kv(request_iterator, context)
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
     add_token_worker_to_server(Servicer(), server)
     server.add_generic_rpc_handlers((bare_grpc_handler(k, v, sink),))
-    group_service = None
-    if groups:  # the process-group backend's control service, over the same sink
-        from phasesplit.transport.nccl_receive import KVGroupService
-        group_service = KVGroupService(sink, layout, "cpu", timeout=60)
-        worker_pb2_grpc.add_KVGroupServicer_to_server(group_service, server)
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()
+    ports = {"grpc": grpc_port, "bare_grpc": grpc_port}
+    servers, receivers = [server], []
+    for name in backends:  # the KVGroup control service of each per-pair backend, on a server of its own
+        if name == "grpc":
+            continue
+        receivers.append(make_receiver({"gloo": "nccl"}.get(name, name), sink, layout=layout, timeout=60))
+        servers.append(grpc.server(futures.ThreadPoolExecutor(max_workers=4)))
+        receivers[-1].add_to_server(servers[-1])
+        ports[name] = servers[-1].add_insecure_port("127.0.0.1:0")
+        servers[-1].start()
     listener = socket.create_server(("127.0.0.1", 0))
-    conn.send((grpc_port, listener.getsockname()[1]))
+    conn.send(ports | {"plain_tcp": listener.getsockname()[1]})
     cpu = cpu_seconds()
     while (command := conn.recv()) != "stop":
-        if command == "tcp":
+        if command == "plain_tcp":
             cpu = cpu_seconds()
             tcp_receive(listener, k, v)
         used = cpu_seconds() - cpu  # the transfer's receiving work
-        done = command == "tcp" or sink.committed
+        done = command == "plain_tcp" or sink.committed
         crcs = layer_crcs(k, v) if done else None
         for t in k + v:  # the next round must write every byte again
             t.zero_()
@@ -163,9 +178,10 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn, groups: bool = Fals
         cpu = cpu_seconds()
         conn.send((command, crcs, used))
     listener.close()
-    server.stop(None).wait()
-    if group_service is not None:
-        group_service.close()
+    for grpc_server in servers:
+        grpc_server.stop(None).wait()
+    for receiver in receivers:
+        receiver.close()
 
 
 def cpu_seconds() -> float:
@@ -214,9 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--chunk-kib", type=int, default=1024)
-    parser.add_argument("--backend", choices=("grpc", "gloo"), default="grpc",
-                        help="gloo: the nccl backend on CPU, measured against grpc and plain TCP")
+    parser.add_argument("--backends", default="grpc,tcp,gloo",
+                        help="comma separated: grpc, tcp, gloo (the nccl backend on CPU)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = parser.parse_args(argv)
+    backends = tuple(args.backends.split(","))
+    if unknown := set(backends) - {"grpc", "tcp", "gloo"}:
+        parser.error(f"--backends: unknown {sorted(unknown)}; allowed: grpc, tcp, gloo")
 
     tune_malloc()
     block_bytes = BLOCK_SIZE * KV_HEADS * HEAD_DIM * 2
@@ -225,43 +245,32 @@ def main(argv: list[str] | None = None) -> int:
     layout = pb.KVLayout(model="bench", dtype="bfloat16", num_layers=args.layers, num_kv_heads=KV_HEADS,
                          head_dim=HEAD_DIM, block_size=BLOCK_SIZE)
     header = pb.KVHeader(request_id="bench", layout=layout, prompt_token_ids=[1] * (num_blocks * BLOCK_SIZE))
-    print(f"{total / 2**30:.2f} GiB per transfer: {args.layers} layers x K,V x {num_blocks} blocks "
-          f"of bfloat16 [{BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM}]; backend {args.backend}, "
-          f"{args.chunk_kib} KiB chunks, {args.rounds} rounds")
     k, v = make_caches(layout, num_blocks, fill=True)
     expected = layer_crcs(k, v)
 
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    gloo = args.backend == "gloo"
-    child = ctx.Process(target=token_worker, args=(layout.SerializeToString(), num_blocks, child_conn, gloo))
+    child = ctx.Process(target=token_worker, args=(layout.SerializeToString(), num_blocks, child_conn, backends))
     child.start()
-    grpc_port, tcp_port = conn.recv()
-    backends = ["grpc", "gloo"] if gloo else [args.backend]
-    transports = {name: make_transport(name, chunk_bytes=args.chunk_kib << 10, timeout=60) for name in backends
-                  if name != "gloo"}
-    if gloo:  # the nccl backend with CPU caches
-        transports["gloo"] = make_transport("nccl", device="cpu", timeout=60)
-    paths = ("tcp", "bare", *backends)
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}  # sender, receiver
+    ports = conn.recv()
+    transports = {name: make_transport("grpc", chunk_bytes=args.chunk_kib << 10, timeout=60) if name == "grpc"
+                  else make_transport({"gloo": "nccl"}.get(name, name), device="cpu", timeout=60) for name in backends}
+    sends = {"plain_tcp": lambda: tcp_send(ports["plain_tcp"], k, v),
+             "bare_grpc": lambda: bare_grpc_send(ports["bare_grpc"], k, v, args.chunk_kib << 10)}
+    for name, transport in transports.items():
+        sends[name] = lambda t=transport, port=ports[name]: transport_send(t, port, header, k, v)
+    times: dict[str, list[float]] = {name: [] for name in sends}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in sends}  # sender, receiver
     try:
         for _ in range(args.rounds):
-            conn.send("tcp")
-            start = cpu_seconds()
-            times["tcp"].append(tcp_send(tcp_port, k, v))
-            sender_cpu = cpu_seconds() - start
-            cpu["tcp"].append((sender_cpu, _check(conn.recv(), "tcp", expected)))
-            start = cpu_seconds()
-            times["bare"].append(bare_grpc_send(grpc_port, k, v, args.chunk_kib << 10))
-            conn.send("bare")
-            sender_cpu = cpu_seconds() - start
-            cpu["bare"].append((sender_cpu, _check(conn.recv(), "bare", expected)))
-            for name, transport in transports.items():
+            for name, send in sends.items():
+                if name == "plain_tcp":
+                    conn.send(name)  # the receiver waits on its listener
                 start = cpu_seconds()
-                times[name].append(transport_send(transport, grpc_port, header, k, v))
-                conn.send(name)
+                times[name].append(send())
                 sender_cpu = cpu_seconds() - start
+                if name != "plain_tcp":
+                    conn.send(name)
                 cpu[name].append((sender_cpu, _check(conn.recv(), name, expected)))
     finally:
         for transport in transports.values():
@@ -270,18 +279,24 @@ def main(argv: list[str] | None = None) -> int:
     child.join(30)
 
     rates = {name: [total / t / 1e9 for t in ts] for name, ts in times.items()}
-    for name, rs in rates.items():
-        sender_cpu, receiver_cpu = (statistics.median(side) / (total / 2**30) for side in zip(*cpu[name]))
-        print(f"{name:>6}: median {statistics.median(rs):.2f} GB/s  (rounds: {', '.join(f'{r:.2f}' for r in rs)}); "
-              f"CPU s/GiB: sender {sender_cpu:.2f}, receiver {receiver_cpu:.2f}")
-    print(f"ratio bare gRPC / plain TCP: {statistics.median(rates['bare']) / statistics.median(rates['tcp']):.2f}")
-    for name in backends:
-        ratio = statistics.median(rates[name]) / statistics.median(rates["tcp"])
-        print(f"ratio {name} / plain TCP: {ratio:.2f} (target >= 0.85); "
-              f"{name} / bare gRPC: {statistics.median(rates[name]) / statistics.median(rates['bare']):.2f}")
-    if gloo:
-        print(f"ratio gloo / grpc: {statistics.median(rates['gloo']) / statistics.median(rates['grpc']):.2f}")
-    print("all transfers verified")
+    base = statistics.median(rates["plain_tcp"])
+    report = {name: {"gbps": round(statistics.median(rs), 3), "ratio_to_plain_tcp": round(statistics.median(rs) / base, 3),
+                     "rounds_gbps": [round(r, 3) for r in rs],
+                     "cpu_s_per_gib": [round(statistics.median(side) / (total / 2**30), 3) for side in zip(*cpu[name])]}
+              for name, rs in rates.items()}
+    setting = {"gib": round(total / 2**30, 3), "layers": args.layers, "blocks": num_blocks, "rounds": args.rounds,
+               "chunk_kib": args.chunk_kib, "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
+               "verified": True}
+    if args.json:
+        print(json.dumps({"setting": setting, **report}))
+        return 0
+    print(f"{total / 2**30:.2f} GiB per transfer: {args.layers} layers x K,V x {num_blocks} blocks of bfloat16 "
+          f"[{BLOCK_SIZE}, {KV_HEADS}, {HEAD_DIM}], {args.rounds} rounds, load average {setting['load_average']}")
+    for name, row in report.items():
+        print(f"{name:>9}: median {row['gbps']:.2f} GB/s = {row['ratio_to_plain_tcp']:.2f} x plain TCP "
+              f"(rounds: {', '.join(f'{r:.2f}' for r in row['rounds_gbps'])}); "
+              f"CPU s/GiB: sender {row['cpu_s_per_gib'][0]:.2f}, receiver {row['cpu_s_per_gib'][1]:.2f}")
+    print("targets: tcp >= 0.9, grpc >= 0.7 of plain TCP; all transfers verified")
     return 0
 
 

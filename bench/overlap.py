@@ -13,7 +13,7 @@ Prefill calls. For a 2048-token prompt on the ~100M `small` checkpoint, per requ
 layer-wise (each layer sent as soon as its K/V is written) and serialized side by side, in the
 same run. Target: exposed <= 10% layer-wise.
 
-    python bench/overlap.py [--model DIR] [--prompt-tokens 2048] [--runs 3] [--device cpu]
+    python bench/overlap.py [--model DIR] [--prompt-tokens 2048] [--runs 3] [--device cpu] [--backend grpc|tcp|nccl]
 """
 
 from __future__ import annotations
@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="grpc", choices=("grpc", "tcp", "nccl"), help="--kv-backend of both workers")
     args = p.parse_args(argv)
     tune_malloc()
     with tempfile.TemporaryDirectory(prefix="phasesplit-overlap-") as tmp:
         model = args.model or str(make_tiny_model(f"{tmp}/small", seed=0, preset="small"))
         common = ["--model", model, "--served-model-name", "small", "--device", args.device,
-                  "--max-model-len", "4096", "--num-kv-blocks", "512", "--max-num-batched-tokens", "4096"]
+                  "--max-model-len", "4096", "--num-kv-blocks", "512", "--max-num-batched-tokens", "4096",
+                  "--kv-backend", args.backend]
         port = free_port()
         token = ManagedProcess("token", phasesplit_argv("worker", "--role", "token", *common, "--host", "127.0.0.1",
                                                          "--port", str(port)), pathlib.Path(tmp)).start()
@@ -92,7 +94,8 @@ def report(results: dict, args) -> None:
     def med(rows, name):
         return statistics.median(getattr(r, name) for r in rows)
     transfer = med(results[False], "tail")
-    print(f"prompt {args.prompt_tokens} tokens, small preset, {args.runs} runs each, medians, device {args.device}")
+    print(f"prompt {args.prompt_tokens} tokens, small preset, {args.runs} runs each, medians, device {args.device}, "
+          f"kv backend {args.backend}")
     print(f"KV moved per request: {results[True][0].kv_bytes / 2**20:.1f} MiB; "
           f"whole transfer (serialized): {transfer * 1000:.1f} ms")
     print(f"{'mode':<11} {'prefill s':>10} {'tail ms':>9} {'exposed':>8} {'end-to-end s':>13}")
