@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from support import prom
 from support.fake_worker import MODEL, FakeWorker
-from prometheus_client.parser import text_string_to_metric_families
 
 from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.router.app import ROUTER, Router, RouterSettings, create_app
 from phasesplit.router.main import start_server
 from phasesplit.router.pools import WorkerSpec
-
 
 
 @dataclass
@@ -34,8 +33,7 @@ class Cluster:
         async with aiohttp.ClientSession() as session, session.get(self.url + "/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return prom.parse(text)
 
 
 @pytest.fixture(scope="session")

@@ -36,13 +36,3 @@ def stop_operator(proc: subprocess.Popen) -> int:
         return proc.wait(5)
 
 
-def wait_for(check, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    """Polls check() until it returns something truthy; returns it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
