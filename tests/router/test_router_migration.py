@@ -134,7 +134,8 @@ async def test_a_prompt_worker_dead_before_output_is_skipped_and_not_picked_agai
         assert text == uninterrupted(tokenizer, 6)
     assert len(alive.prefills) == 4
     metrics = await cluster.metrics()
-    assert migrations(metrics, "before_output") == {"prompt_worker_unavailable": 1}, "tried once, then known dead"
+    # tried at most once (unless a poll found it dead first), then known dead until a poll answers again
+    assert migrations(metrics, "before_output") in ({}, {"prompt_worker_unavailable": 1})
 
 
 async def test_a_retry_after_an_aborted_first_attempt_works_with_a_single_token_worker(make_cluster, tokenizer):
