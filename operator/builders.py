@@ -304,7 +304,7 @@ def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
     for role, _ in spec.pools.items():
         dns = f"dns:{pool_name(owner, role)}.{owner.namespace}.svc.cluster.local:{WORKER_PORT}"
         args += [f"--{role}-workers", dns]
-    return args
+    return args + si.router_flags(spec)
 
 
 def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:

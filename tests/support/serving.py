@@ -21,6 +21,7 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 ENGINE = {"numKvBlocks": 2048, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048}
 MAX_MODEL_LEN = 2048
+STALL_TIMEOUT = 5.0
 
 
 def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:
@@ -32,6 +33,7 @@ def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:
             "pools": {pool: {"replicas": n, "autoscaling": {"minReplicas": n, "maxReplicas": max(n, 1)},
                              "engine": ENGINE} for pool, n in pools.items()},
             "kvTransfer": {"timeoutSeconds": 10, "leaseSeconds": lease},
+            "router": {"migration": {"stallTimeoutSeconds": STALL_TIMEOUT}},
         },
     }
 

@@ -30,6 +30,7 @@ class LocalPlan:
     pools: dict[str, PoolPlan]
     drain_timeout: float
     autoscaling: dict = field(default_factory=dict)
+    router_args: list[str] = field(default_factory=list)   # flags from the spec (spec.router_flags)
 
 
 def read_manifest(path: str | pathlib.Path) -> dict:
@@ -79,7 +80,12 @@ def build_plan(doc: dict, model_dir: str | None = None, port: int | None = None,
     router_port = port if port is not None else int(spec.get("router", {}).get("service", {}).get("port", 8000))
     return LocalPlan(name=doc["metadata"]["name"], model_dir=model_dir, served_model_name=name,
                      router_port=router_port, pools=pools, drain_timeout=drain_timeout,
-                     autoscaling=spec.get("autoscaling") or {})
+                     autoscaling=spec.get("autoscaling") or {}, router_args=_router_flags(doc))
+
+
+def _router_flags(doc: dict) -> list[str]:
+    from phasesplit.control import spec
+    return spec.router_flags(spec.SplitInference.model_validate(doc).spec)
 
 
 def _host_path(model: dict) -> str:
