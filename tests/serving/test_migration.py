@@ -4,6 +4,7 @@ clients closing streams during it leave every KV block free, a prompt worker kil
 and KV transfers costs no request, and local mode replaces a dead router as it replaces a dead worker."""
 
 import asyncio
+import json
 import os
 import random
 import signal
@@ -14,7 +15,7 @@ import httpx
 import pytest
 from support import prom
 from support.polling import poll, wait_for
-from support.serving import STALL_TIMEOUT, metrics, wait_quiet
+from support.serving import STALL_TIMEOUT, metrics, wait_quiet, worker_load
 from support.words import WORDS
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,6 @@ def body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
 async def stream(client: httpx.AsyncClient, base_url: str, body: dict, progress: list[int] | None = None,
                  close_after: int | None = None) -> tuple[str, str | None, int | None]:
     """(text, finish reason, usage completion tokens); `progress[0]` counts chunks as they come."""
-    import json
     text, finish, usage = "", None, None
     async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
         assert reply.status_code == 200, await reply.aread()
@@ -54,14 +54,12 @@ async def stream(client: httpx.AsyncClient, base_url: str, body: dict, progress:
 
 
 def kv_used(address: str) -> int:
-    from support.serving import worker_load
     return worker_load(address).kv_blocks_used
 
 
 def wait_pool_restored(cluster, pool: str, replicas: int) -> None:
     """Until the supervisor's replacement serves and the router routes to `replicas` workers of the pool."""
     def routable() -> bool:
-        import json
         with urllib.request.urlopen(f"{cluster.base_url}/admin/pools", timeout=5) as r:
             workers = json.loads(r.read())[pool]["workers"]
         return sum(w["routable"] for w in workers) == replicas
@@ -84,7 +82,8 @@ async def run_fault(split, mixed, fault, n: int = 16, cancelled: int = 0) -> Non
         runs += [stream(client, split.base_url, body(100 + i), progress[n + i], close_after=rng.randint(1, 60))
                  for i in range(cancelled)]
         runs = asyncio.gather(*runs)
-        while min(p[0] for p in progress[:n]) < 5:
+        # every stream has output (a sampled one's text comes in fewer, longer chunks)
+        while min(p[0] for p in progress[:n]) < 1 or sum(p[0] for p in progress[:n]) < 5 * n:
             await asyncio.sleep(0.05)
         fault()
         got, want = await runs, await reference
@@ -112,13 +111,11 @@ def test_a_sigstopped_token_worker_is_migrated_and_frees_its_blocks_after_sigcon
 
     try:
         asyncio.run(run_fault(split, mixed, stop, n=8))
-        assert kv_used(split.addresses("token")[0] if split.addresses("token")[0] != victim.address
-                       else split.addresses("token")[1]) >= 0
     finally:
         os.kill(victim.proc.pid, signal.SIGCONT)
     assert time.monotonic() - stopped_at[0] >= STALL_TIMEOUT
-    load = poll(lambda: kv_used(victim.address), lambda used: used == 0, timeout=30, interval=0.2)
-    assert load == 0, "the stalled worker's streams were cancelled: it frees their blocks once it runs again"
+    used = poll(lambda: kv_used(victim.address), lambda used: used == 0, timeout=30, interval=0.2)
+    assert used == 0, "the stalled worker's streams were cancelled: it frees their blocks once it runs again"
     state = wait_quiet(split, timeout=20)
     assert all(v == (0, 0, 0, 0) for k, v in state.items() if k != "router inflight"), state
 

@@ -229,7 +229,7 @@ class Dispatcher:
         token_w = pick_token_worker(self.pools["token"].workers.values(), exclude=failed, tokens=n + 1)
         if token_w is None:
             raise unavailable("no token worker is ready" + (f" (failed: {', '.join(sorted(failed))})" if failed else ""))
-        if token_w.address not in (timing.token_worker, ""):
+        if timing.token_worker and token_w.address != timing.token_worker:
             log.info("request %s: token worker %s -> %s", attempt.job.request_id, timing.token_worker, token_w.address)
         timing.token_worker = token_w.address
         rid = attempt.request_id
