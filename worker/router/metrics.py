@@ -65,6 +65,8 @@ class RouterMetrics:
             self.requests.labels(outcome=outcome)
         for stage in ("before_output", "mid_stream"):
             self.lost.labels(stage=stage)
+            for reason in FAILOVER_REASONS:
+                self.migrations.labels(reason=reason, stage=stage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
