@@ -44,7 +44,8 @@ STALL_TIMEOUT = 3.0
 @dataclass
 class Tally:
     completed: int = 0
-    failed: int = 0
+    failed: int = 0        # the stream broke after output had started (an error event, or cut)
+    refused: int = 0       # no output at all (an HTTP error status)
     faults: int = 0
 
 
@@ -65,18 +66,19 @@ async def client(base_url: str, seed: int, until: float, tally: Tally) -> None:
             body = {"model": "tiny", "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 300))),
                     "max_tokens": rng.randint(64, 160), "ignore_eos": True, "stream": True,
                     "temperature": rng.choice([0.0, 1.0]), "seed": rng.randrange(1000)}
-            ok = False
+            outcome = "refused"
             try:
                 async with http.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
-                    async for line in reply.aiter_lines():
-                        if line.startswith("data: {") and '"error"' in line[:20]:
-                            break
-                        if '"finish_reason": "length"' in line:
-                            ok = True
+                    if reply.status_code == 200:
+                        outcome = "failed"
+                        async for line in reply.aiter_lines():
+                            if '"finish_reason": "length"' in line:
+                                outcome = "completed"
             except httpx.HTTPError:
                 pass
-            tally.completed += ok
-            tally.failed += not ok
+            setattr(tally, outcome, getattr(tally, outcome) + 1)
+            if outcome != "completed":
+                await asyncio.sleep(0.5)
 
 
 def faults(cluster: LocalCluster, every: float, until: float, tally: Tally, stop: threading.Event) -> None:
@@ -85,10 +87,12 @@ def faults(cluster: LocalCluster, every: float, until: float, tally: Tally, stop
     while not stop.wait(every) and time.monotonic() < until - every:
         action, pool = schedule[i % len(schedule)].split()
         i += 1
-        handles = cluster.workers[pool]
-        if not handles:
-            continue
-        victim = handles[i % len(handles)]
+        while time.monotonic() < until and not (len(cluster.workers[pool]) == 2 and
+                                                 all(h.proc.alive() for h in cluster.workers[pool])):
+            stop.wait(0.5)   # one fault at a time: the pool is whole again first
+        if time.monotonic() >= until - every:
+            return
+        victim = cluster.workers[pool][i % 2]
         tally.faults += 1
         if action == "kill":
             os.kill(victim.proc.pid, signal.SIGKILL)
@@ -146,7 +150,7 @@ def run(model_dir: str, max_attempts: int, args, log_dir: pathlib.Path) -> dict:
         while (in_use := kv_blocks_in_use(cluster)) != 0 and time.monotonic() < deadline:
             time.sleep(0.5)
         return {"migration": "on" if max_attempts else "off", "faults": tally.faults, "completed": tally.completed,
-                "failed": tally.failed, "migrated": int(migrated), "retried before output": int(retried),
+                "failed": tally.failed, "refused": tally.refused, "migrated": int(migrated), "retried before output": int(retried),
                 "resume p50 s": histogram_quantile(0.5, buckets), "resume p99 s": histogram_quantile(0.99, buckets),
                 "kv blocks in use at end": in_use}
     finally:
@@ -169,7 +173,7 @@ def main() -> None:
     for r in results:
         print(json.dumps(r))
     on, off = results
-    print(f"failed requests: {on['failed']} with migration, {off['failed']} without")
+    print(f"streams broken after output started: {on['failed']} with migration, {off['failed']} without")
 
 
 if __name__ == "__main__":
