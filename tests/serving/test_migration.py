@@ -102,18 +102,23 @@ def test_sigkill_of_a_token_worker_under_16_long_streams_costs_no_token(split, m
 
 
 def test_a_sigstopped_token_worker_is_migrated_and_frees_its_blocks_after_sigcont(split, mixed):
-    victim = split.workers["token"][1]
-    stopped_at = []
+    stopped = []
 
-    def stop():
+    def stop():   # the token worker holding most of the streams
+        with urllib.request.urlopen(f"{split.base_url}/admin/pools", timeout=5) as r:
+            busiest = max(json.loads(r.read())["token"]["workers"], key=lambda w: w["inflight"])
+        victim = next(h for h in split.workers["token"] if h.address == busiest["address"])
         os.kill(victim.proc.pid, signal.SIGSTOP)
-        stopped_at.append(time.monotonic())
+        stopped.append((victim, time.monotonic()))
 
+    before = migrated(split.base_url)
     try:
         asyncio.run(run_fault(split, mixed, stop, n=8))
     finally:
-        os.kill(victim.proc.pid, signal.SIGCONT)
-    assert time.monotonic() - stopped_at[0] >= STALL_TIMEOUT
+        for victim, _ in stopped:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+    victim, stopped_at = stopped[0]
+    assert time.monotonic() - stopped_at >= STALL_TIMEOUT and migrated(split.base_url) - before >= 1
     used = poll(lambda: kv_used(victim.address), lambda used: used == 0, timeout=30, interval=0.2)
     assert used == 0, "the stalled worker's streams were cancelled: it frees their blocks once it runs again"
     state = wait_quiet(split, timeout=20)
