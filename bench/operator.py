@@ -27,7 +27,8 @@ from phasesplit.operator import crd  # noqa: E402
 from phasesplit.operator.kube import path  # noqa: E402
 from support.examples import split_inference  # noqa: E402
 from support.kube_emulator import EmulatorThread  # noqa: E402
-from support.operator_harness import kube_client, start_operator, stop_operator, wait_for  # noqa: E402
+from support.operator_harness import kube_client, start_operator, stop_operator  # noqa: E402
+from support.polling import wait_for  # noqa: E402
 
 CHILDREN = 8  # ConfigMap, 3 Services, 3 Deployments, NetworkPolicy
 

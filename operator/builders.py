@@ -263,12 +263,10 @@ def build_pool_service(owner: Owner, role: str) -> dict:
 def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
     args = ["router", "--model", MODEL_DIR, "--served-model-name", spec.model.name,
             "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
-    if spec.model.max_model_len:
-        args += ["--max-model-len", str(spec.model.max_model_len)]
     for role, _ in spec.pools.items():
         dns = f"dns:{pool_name(owner, role)}.{owner.namespace}.svc.cluster.local:{WORKER_PORT}"
         args += [f"--{role}-workers", dns]
-    return args
+    return args + si.router_flags(spec)
 
 
 def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:

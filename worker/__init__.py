@@ -1,9 +1,15 @@
 """phasesplit: phase-split LLM inference (prompt and token pools) on Kubernetes."""
 
 import importlib.machinery
+import importlib.metadata
 import importlib.util
 import pathlib
 import sys
+
+try:
+    __version__ = importlib.metadata.version(__name__)
+except importlib.metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 # `phasesplit.operator` is the top-level `operator/` folder, which has no __init__.py so that a
 # Python started in the repository root never takes it for the standard library's `operator`.

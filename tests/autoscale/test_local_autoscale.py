@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
+from support import prom
 
 from support.examples import split_inference
 
@@ -142,8 +142,8 @@ async def run_phase(lm: LocalMode, session, name: str, load: dict, traffic: Traf
 async def router_outcomes(lm: LocalMode, session) -> dict[str, float]:
     async with session.get(f"{lm.url}/metrics") as resp:
         text = await resp.text()
-    return {s.labels["outcome"]: s.value for fam in text_string_to_metric_families(text)
-            if fam.name == "phasesplit_requests" for s in fam.samples if s.name.endswith("_total")}
+    return {dict(labels)["outcome"]: v for (name, labels), v in prom.parse(text).items()
+            if name == "phasesplit_requests_total"}
 
 
 async def scenario(lm: LocalMode) -> Traffic:

@@ -10,8 +10,8 @@ from phasesplit.operator.metrics_source import PrometheusQuery, router_selector
 async def test_router_scrape_reads_each_pool_and_worker_load(router_metrics):
     router_metrics.set_pool("prompt", queue_tokens=1536, queue_requests=3, inflight=2, kv_utilization=0.25)
     router_metrics.set_pool("token", queue_tokens=900, queue_requests=0, inflight=17, kv_utilization=0.8)
-    router_metrics.kv_used.labels("10.0.0.7:50051").set(40)
-    router_metrics.kv_used.labels("10.0.0.8:50051").set(3)
+    router_metrics.kv_blocks_used.labels("10.0.0.7:50051").set(40)
+    router_metrics.kv_blocks_used.labels("10.0.0.8:50051").set(3)
     snap = await RouterScrape(router_metrics.url).read()
     assert snap.pools["prompt"].queue_tokens == 1536 and snap.pools["prompt"].queue_requests == 3
     assert snap.pools["token"].inflight_requests == 17 and snap.pools["token"].kv_utilization == 0.8

@@ -7,7 +7,8 @@ import kmock
 import pytest
 from support.examples import split_inference
 from support.kube_emulator import OPERATOR_TOKEN, Emulator
-from support.operator_harness import running_operator, server_metadata, until
+from support.operator_harness import running_operator, server_metadata
+from support.polling import eventually
 
 from phasesplit.operator import autoscaler, builders
 from phasesplit.control.spec import SplitInferenceSpec
@@ -92,14 +93,14 @@ async def test_pool_replicas_follow_their_own_metrics(cluster, operator, router_
     router_metrics.set_pool("prompt", queue_tokens=1500)   # 512 per replica -> 3
     router_metrics.set_pool("token", inflight=2)           # 8 per replica -> 1
     async with operator():
-        await until(lambda: replicas(cluster, "prompt") == 3)
+        await eventually(lambda: replicas(cluster, "prompt") == 3, timeout=8)
         assert replicas(cluster, "token") == 1
-        await until(lambda: status(cluster).get("autoscaling", {}).get("prompt", {}).get("desired") == 3)
+        await eventually(lambda: status(cluster).get("autoscaling", {}).get("prompt", {}).get("desired") == 3, timeout=8)
         entry = status(cluster)["autoscaling"]["prompt"]
         assert (entry["current"], entry["metric"], entry["value"]) == (1, "queueTokens", 1500)
         assert "scale up to 3" in entry["reason"] and entry["time"].endswith("Z")
         assert condition(cluster) == "True"
-        await until(lambda: events(cluster, "ScaledUp"))
+        await eventually(lambda: events(cluster, "ScaledUp"), timeout=8)
         scaled = events(cluster, "ScaledUp")[0]
         assert "prompt pool 1 -> 3" in scaled["message"]
         assert scaled["involvedObject"]["name"] == "tiny"
@@ -110,11 +111,11 @@ async def test_pool_replicas_follow_their_own_metrics(cluster, operator, router_
         router_metrics.kv_used.labels("10.0.0.10:50051").set(30)
         router_metrics.kv_used.labels("10.0.0.11:50051").set(2)
         router_metrics.kv_used.labels("10.0.0.12:50051").set(11)
-        await until(lambda: replicas(cluster, "token") == 3 and replicas(cluster, "prompt") == 1)
+        await eventually(lambda: replicas(cluster, "token") == 3 and replicas(cluster, "prompt") == 1, timeout=8)
         costs = {i: cluster.objects["v1/pods", NS, f"tiny-prompt-{i}"].raw["metadata"]["annotations"]
                  [autoscaler.DELETION_COST] for i in range(3)}
         assert costs == {0: "30", 1: "2", 2: "11"}
-        await until(lambda: events(cluster, "ScaledDown"))
+        await eventually(lambda: events(cluster, "ScaledDown"), timeout=8)
         assert any("prompt pool 3 -> 1" in e["message"] for e in events(cluster, "ScaledDown"))
     assert cluster.denied == [], "the chart's RBAC refused the operator"
 
@@ -123,19 +124,19 @@ async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, opera
     router_metrics.set_pool("prompt", queue_tokens=0)
     router_metrics.set_pool("token", inflight=0)
     async with operator():
-        await until(lambda: condition(cluster) == "True")
+        await eventually(lambda: condition(cluster) == "True", timeout=8)
         router_metrics.status = 503
         router_metrics.set_pool("prompt", queue_tokens=5000)   # would scale up, but cannot be read
-        await until(lambda: condition(cluster) == "False")
+        await eventually(lambda: condition(cluster) == "False", timeout=8)
         scrapes = router_metrics.scrapes
-        await until(lambda: router_metrics.scrapes >= scrapes + 2)
+        await eventually(lambda: router_metrics.scrapes >= scrapes + 2, timeout=8)
         assert replicas(cluster, "prompt") == 1 and replicas(cluster, "token") == 1
         failed = [c for c in status(cluster)["conditions"] if c["type"] == "MetricsAvailable"][0]
         assert "503" in failed["message"]
         assert events(cluster, "MetricsUnavailable")
 
         router_metrics.status = 200                            # back: True again, and scaling resumes
-        await until(lambda: condition(cluster) == "True" and replicas(cluster, "prompt") == 3)
+        await eventually(lambda: condition(cluster) == "True" and replicas(cluster, "prompt") == 3, timeout=8)
 
 
 @pytest.mark.parametrize("mode", ["none", "hpa"])

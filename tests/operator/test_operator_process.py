@@ -13,7 +13,8 @@ from phasesplit.operator import builders, crd
 from phasesplit.operator.apply import matches
 from phasesplit.operator.kube import path
 from support.kube_emulator import EmulatorThread
-from support.operator_harness import kube_client, start_operator, stop_operator, wait_for
+from support.operator_harness import kube_client, start_operator, stop_operator
+from support.polling import wait_for
 
 NS = "default"
 SI = ("phasesplit.io/v1alpha1", "SplitInference")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from support.polling import wait_for
 
 from phasesplit.engine.engine import EngineConfig, LLMEngine
 from phasesplit.roles.core import WorkerCore, WorkerSettings
@@ -46,15 +47,6 @@ def write_all(dest, inbox: KVInbox) -> None:
         for kind in (0, 1):
             for i in range(len(dest.block_ids)):
                 dest.write(layer, kind, i, 1, memoryview(one_block))
-
-
-def wait_until(predicate, timeout: float) -> float:
-    """Seconds it took; fails after timeout."""
-    start = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - start < timeout, "condition not reached in time"
-        time.sleep(0.01)
-    return time.monotonic() - start
 
 
 def test_kv_arriving_after_the_abort_of_its_request_is_refused_and_holds_nothing(inbox):
@@ -99,7 +91,9 @@ def test_the_lease_or_the_transfer_timeout_frees_unclaimed_kv(inbox, state):
         dest.commit()
         assert dest.state == READY
         limit = LEASE
-    took = wait_until(lambda: used_blocks(inbox) == 0, timeout=limit + 2)
+    start = time.monotonic()
+    wait_for(lambda: used_blocks(inbox) == 0, timeout=limit + 2, interval=0.01, what="the blocks to be freed")
+    took = time.monotonic() - start
     assert limit - 0.05 <= took <= limit + 0.5, took
     assert dest.state == FAILED and inbox.pending() == 0
     assert inbox.core.loop.stats.used_blocks == 0  # what Worker.Load reports

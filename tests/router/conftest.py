@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+from support import prom
 from support.fake_worker import MODEL, FakeWorker
-from prometheus_client.parser import text_string_to_metric_families
 
 from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.router.app import ROUTER, Router, RouterSettings, create_app
+from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.main import start_server
 from phasesplit.router.pools import WorkerSpec
-
 
 
 @dataclass
@@ -34,8 +34,7 @@ class Cluster:
         async with aiohttp.ClientSession() as session, session.get(self.url + "/metrics") as resp:
             assert resp.status == 200
             text = await resp.text()
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
+        return prom.parse(text)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +48,8 @@ async def make_cluster(tokenizer):
 
     async def make(prompt: int = 1, token: int = 1, mixed: int = 0, api_key: str | None = None,
                    max_model_len: int = 2048, worker_options: dict | None = None,
-                   extra_specs: dict[str, list[str]] | None = None) -> Cluster:
+                   extra_specs: dict[str, list[str]] | None = None,
+                   migration: MigrationPolicy = MigrationPolicy(stall_timeout=1.0)) -> Cluster:
         workers: dict[str, list[FakeWorker]] = {}
         for pool, count in (("prompt", prompt), ("token", token), ("mixed", mixed)):
             workers[pool] = [FakeWorker(pool, tokenizer, **(worker_options or {})) for _ in range(count)]
@@ -60,7 +60,7 @@ async def make_cluster(tokenizer):
         for pool, entries in (extra_specs or {}).items():
             specs[pool] += [WorkerSpec.parse(e) for e in entries]
         settings = RouterSettings(served_model_name=MODEL, max_model_len=max_model_len, api_key=api_key,
-                                  workers=specs, poll_interval=0.1, dns_interval=0.2)
+                                  workers=specs, poll_interval=0.1, dns_interval=0.2, migration=migration)
         app = create_app(settings, tokenizer)
         runner, port = await start_server(app, "127.0.0.1", 0)
         started.append(runner)

@@ -6,14 +6,7 @@ import json
 import aiohttp
 import pytest
 from support.fake_worker import MODEL
-
-
-async def eventually(condition, timeout=5.0):
-    for _ in range(int(timeout / 0.05)):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    assert condition()
+from support.polling import eventually
 
 
 async def assert_nothing_in_flight(cluster):

@@ -32,8 +32,11 @@ def clusters(tiny_model_dir, tmp_path_factory):
     try:
         if errors:
             raise errors[0]
+        supervisors = [cluster.supervise(0.5) for cluster in started.values()]   # fault tests kill processes
         yield started["split"], started["mixed"]
     finally:
+        for stop in supervisors if not errors else []:
+            stop.set()
         for cluster in started.values():
             cluster.stop(15)
 

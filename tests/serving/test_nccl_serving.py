@@ -22,6 +22,7 @@ import pytest
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
+from support.polling import poll
 from support.serving import post_json, start_worker, worker_load
 from support.words import WORDS
 
@@ -89,14 +90,10 @@ def mixed_generate(addr: str, rid: str, ids: list[int], max_tokens: int) -> list
 
 def wait_no_kv(addresses: list[str], timeout: float = 15.0) -> dict[str, tuple]:
     """Polls until no worker holds KV blocks or pending transfers; returns what each holds at the end."""
-    deadline = time.monotonic() + timeout
-    while True:
-        held = {}
-        for addr in addresses:
-            load = worker_load(addr)
-            held[addr] = (load.kv_blocks_used, load.pending_transfers, load.running_requests)
-        if all(v == (0, 0, 0) for v in held.values()) or time.monotonic() > deadline:
-            return held
+    def held() -> dict[str, tuple]:
+        return {addr: (load.kv_blocks_used, load.pending_transfers, load.running_requests)
+                for addr, load in ((a, worker_load(a)) for a in addresses)}
+    return poll(held, lambda h: all(v == (0, 0, 0) for v in h.values()), timeout)
 
 
 def test_concurrent_greedy_requests_match_a_mixed_worker_and_free_every_block(workers, tiny_model_dir):

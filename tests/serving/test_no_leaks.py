@@ -5,6 +5,7 @@ import random
 
 import httpx
 import pytest
+from support import prom
 from support.serving import MAX_MODEL_LEN, metrics, post_json, wait_quiet
 
 from phasesplit.engine.tokenizer import Tokenizer
@@ -59,8 +60,7 @@ async def cancel_all(base_url: str, tokenizer: Tokenizer, seed: int = 3):
 
 
 def cancelled_count(base_url: str) -> float:
-    return sum(v for labels, v in metrics(base_url).get("phasesplit_requests_total", [])
-               if labels.get("outcome") == "cancelled")
+    return prom.value(metrics(base_url), "phasesplit_requests_total", outcome="cancelled")
 
 
 def test_cancelled_requests_free_every_kv_block_and_every_slot(split, tiny_model_dir):

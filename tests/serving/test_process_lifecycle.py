@@ -12,6 +12,7 @@ import time
 
 import grpc
 import pytest
+from support.polling import poll
 from support.serving import post_json, start_worker
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -50,10 +51,7 @@ def alive(pid: int) -> bool:
 
 
 def wait_gone(pids: set[int], timeout: float) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
+    return poll(lambda: {p for p in pids if alive(p)}, lambda left: not left, timeout, interval=0.2)
 
 
 @pytest.fixture

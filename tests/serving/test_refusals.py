@@ -6,6 +6,7 @@ import time
 
 import grpc
 import pytest
+from support.polling import poll
 from support.serving import post_json, start_worker, worker_load
 
 from phasesplit.transport import wire
@@ -64,10 +65,7 @@ def generate(address: str, request_id: str, timeout: float = 10):
 
 
 def wait_blocks_free(address: str, timeout: float) -> pb.WorkerLoad:
-    deadline = time.monotonic() + timeout
-    while (load := worker_load(address)).kv_blocks_used and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return load
+    return poll(lambda: worker_load(address), lambda load: not load.kv_blocks_used, timeout)
 
 
 def test_a_token_worker_with_another_block_size_refuses_the_kv_naming_the_field(split, odd_token_worker):

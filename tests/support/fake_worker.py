@@ -1,8 +1,11 @@
 """A deterministic in-process test double of a prompt, token or mixed worker over real gRPC.
 
-Output token i of a request is prompt_token_ids[i % len(prompt)]: the prompt echoed back. The prompt
-role "pushes KV" to the token worker named in Prefill by a real PushKV call carrying only the header,
-so the token worker can echo the rest.
+The next token is a function of the whole sequence so far (`next_token`), as a greedy model's is,
+so a request resumed elsewhere over its own output continues exactly. The prompt role "pushes KV"
+to the token worker named in Prefill by a real PushKV call carrying only the header. As a real
+token worker does, it refuses KV for a request id it aborted. Faults on demand: `kill()` stops the
+server (in-flight streams break as a dead process's do), `stall()` stops answering until `resume()`,
+`fail_after_tokens` with `failure` breaks a Generate stream after that many tokens.
 """
 
 from __future__ import annotations
@@ -13,23 +16,24 @@ import math
 import grpc
 
 from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1.conventions import KV_PEER_FAILED
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 BLOCK_SIZE = 16
 MODEL = "tiny"
 
 
-def echo(prompt: list[int], i: int) -> int:
-    return prompt[i % len(prompt)]
+def next_token(sequence: list[int]) -> int:
+    return sequence[len(sequence) // 2]
 
 
 def expected_output(prompt: list[int], max_tokens: int, eos: set[int] = frozenset()) -> list[int]:
-    out = []
-    for i in range(max_tokens):
-        out.append(echo(prompt, i))
-        if out[-1] in eos:
+    sequence = list(prompt)
+    for _ in range(max_tokens):
+        sequence.append(next_token(sequence))
+        if sequence[-1] in eos:
             break
-    return out
+    return sequence[len(prompt):]
 
 
 class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_grpc.WorkerServicer):
@@ -47,8 +51,14 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.extra_running = 0                    # pretend decode batch, as Load reports it
         self.max_running_requests = 0             # the batch limit Load reports (0: none)
         self.refuse_prefill = False               # answer Prefill with UNAVAILABLE, as a draining worker does
+        self.fail_after_push = False              # push the KV, then fail Prefill as a worker dying right then
         self.draining = False
+        self.fail_after_tokens: int | None = None  # break the next Generate stream after this many tokens
+        self.failure = "kill"                      # how: kill | stall | end (no finish reason) | abort (event)
+        self.tombstones: set[str] = set()          # aborted request ids, whose KV is refused
         self.address = ""
+        self._running = asyncio.Event()
+        self._running.set()
         self._kv_arrived = asyncio.Event()
         self._server: grpc.aio.Server | None = None
         self._prefilling: dict[str, int] = {}
@@ -66,7 +76,22 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         return self.address
 
     async def stop(self) -> None:
+        self._running.set()
         await self._server.stop(None)
+
+    async def kill(self) -> None:
+        """As SIGKILL looks from outside: every stream breaks, nothing answers on the port any more."""
+        await self._server.stop(0)
+
+    def stall(self) -> None:
+        """As SIGSTOP looks from outside: nothing answers (streams, polls, aborts) until resume()."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    async def _alive(self) -> None:
+        await self._running.wait()
 
     def _text(self, token: int) -> str:
         return self.tokenizer.decode([token])
@@ -78,6 +103,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
 
     # ---- PromptWorker ----
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillReply:
+        await self._alive()
         self.prefills.append(request)
         if self.refuse_prefill or self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
@@ -86,12 +112,18 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self._prefilling[rid] = len(prompt)
         try:
             await asyncio.sleep(self.prefill_delay)
-            first = echo(prompt, 0)
+            first = next_token(prompt)
             finish = self._finish(first, 1, request.sampling)
             if not finish:
                 header = pb.KVHeader(request_id=rid, prompt_token_ids=prompt, first_token=first)
                 async with grpc.aio.insecure_channel(request.token_worker) as channel:
-                    await pb_grpc.TokenWorkerStub(channel).PushKV(iter([pb.KVChunk(header=header)]))
+                    try:
+                        await pb_grpc.TokenWorkerStub(channel).PushKV(iter([pb.KVChunk(header=header)]))
+                    except grpc.aio.AioRpcError as e:
+                        context.set_trailing_metadata(((KV_PEER_FAILED, request.token_worker),))
+                        await context.abort(e.code(), f"KV transfer to {request.token_worker}: {e.details()}")
+                if self.fail_after_push:
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
             return pb.PrefillReply(first_token=first, first_text=self._text(first), finish_reason=finish,
                                    prefill_seconds=self.prefill_delay, transfer_seconds=0.001,
                                    kv_bytes=1024 * len(prompt))
@@ -102,37 +134,59 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
     # ---- TokenWorker ----
     async def PushKV(self, request_iterator, context) -> pb.PushKVReply:
         chunks = 0
+        await self._alive()
         async for chunk in request_iterator:
             chunks += 1
             if chunk.HasField("header"):
+                if chunk.header.request_id in self.tombstones:
+                    await context.abort(grpc.StatusCode.ABORTED, f"request {chunk.header.request_id} was aborted; "
+                                                                 "its KV is refused")
                 self.kv[chunk.header.request_id] = chunk.header
         self._kv_arrived.set()
         return pb.PushKVReply(chunks_received=chunks)
 
     async def Generate(self, request: pb.GenerateRequest, context):
+        await self._alive()
         self.generates.append(request)
         rid, sampling = request.request_id, request.sampling
         if request.prompt_token_ids:
-            prompt, start = list(request.prompt_token_ids), 0
+            sequence, produced = list(request.prompt_token_ids), 0
         else:
             header = await self._claim(rid)
             if header is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV arrived for {rid}")
-            prompt, start = list(header.prompt_token_ids), 1
+            sequence, produced = list(header.prompt_token_ids) + [header.first_token], 1
+        fail_after, self.fail_after_tokens = self.fail_after_tokens, None
         self.active.add(rid)
         try:
-            for i in range(start, sampling.max_tokens):
+            for i in range(produced, sampling.max_tokens):
+                if fail_after is not None and i - produced == fail_after:
+                    async for event in self._fail():
+                        yield event
+                    return
                 await asyncio.sleep(self.token_delay)
+                await self._alive()
                 if rid in self.aborted:
                     yield pb.TokenEvent(finish_reason="abort")
                     return
-                token = echo(prompt, i)
+                token = next_token(sequence)
+                sequence.append(token)
                 finish = self._finish(token, i + 1, sampling)
                 yield pb.TokenEvent(token_ids=[token], text=self._text(token), finish_reason=finish)
                 if finish:
                     return
         finally:
             self.active.discard(rid)
+
+    async def _fail(self):
+        if self.failure == "abort":
+            yield pb.TokenEvent(finish_reason="abort")
+        elif self.failure == "kill":
+            asyncio.get_running_loop().create_task(self.kill())
+            await asyncio.sleep(10)
+        elif self.failure == "stall":
+            self.stall()
+            await self._alive()
 
     async def _claim(self, rid: str) -> pb.KVHeader | None:
         for _ in range(50):
@@ -147,12 +201,14 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
 
     # ---- Worker ----
     async def Info(self, request, context) -> pb.WorkerInfo:
+        await self._alive()
         layout = pb.KVLayout(model="tiny", dtype="float32", num_layers=2, num_kv_heads=2, head_dim=16,
                              block_size=BLOCK_SIZE)
         return pb.WorkerInfo(role=self.role, model="tiny", layout=layout, max_model_len=2048,
                              num_kv_blocks=self.num_kv_blocks, version="fake")
 
     async def Load(self, request, context) -> pb.WorkerLoad:
+        await self._alive()
         used = sum(math.ceil((len(h.prompt_token_ids) + 1) / BLOCK_SIZE) for h in self.kv.values())
         used += len(self.active)
         return pb.WorkerLoad(waiting_requests=len(self._prefilling),
@@ -163,7 +219,9 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                              draining=self.draining)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
+        await self._alive()
         self.aborted.append(request.request_id)
+        self.tombstones.add(request.request_id)
         found = self.kv.pop(request.request_id, None) is not None or request.request_id in self.active
         return pb.AbortReply(found=found)
 

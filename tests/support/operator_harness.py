@@ -13,7 +13,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import kopf
@@ -81,24 +80,3 @@ def server_metadata(name: str, namespace: str | None, **extra) -> dict:
     if namespace:
         meta["namespace"] = namespace
     return meta
-
-
-def wait_for(check, timeout: float = 20.0, interval: float = 0.05, what: str = "condition"):
-    """Polls check() until it returns something truthy; returns it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-async def until(check, timeout: float = 8.0, what: str = "condition"):
-    """wait_for in an event loop."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.1)

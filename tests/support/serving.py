@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-import time
 import urllib.error
 import urllib.request
 
 import grpc
-from prometheus_client.parser import text_string_to_metric_families
+
+from support import prom
+from support.polling import poll
 
 from phasesplit.local import plan as local_plan
 from phasesplit.local.launcher import LocalCluster
@@ -20,6 +21,7 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 ENGINE = {"numKvBlocks": 2048, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048}
 MAX_MODEL_LEN = 2048
+STALL_TIMEOUT = 5.0
 
 
 def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:
@@ -31,6 +33,7 @@ def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:
             "pools": {pool: {"replicas": n, "autoscaling": {"minReplicas": n, "maxReplicas": max(n, 1)},
                              "engine": ENGINE} for pool, n in pools.items()},
             "kvTransfer": {"timeoutSeconds": 10, "leaseSeconds": lease},
+            "router": {"migration": {"stallTimeoutSeconds": STALL_TIMEOUT}},
         },
     }
 
@@ -46,7 +49,6 @@ def start_cluster(doc: dict, model_dir, log_dir: pathlib.Path) -> LocalCluster:
         cluster.stop(5)
         raise
     return cluster
-
 
 
 def start_worker(model_dir, log_dir: pathlib.Path, role: str, *extra: str) -> tuple[ManagedProcess, str]:
@@ -70,15 +72,10 @@ def worker_load(address: str) -> pb.WorkerLoad:
         return pb_grpc.WorkerStub(channel).Load(pb.LoadRequest(), timeout=5)
 
 
-def metrics(base_url: str) -> dict[str, list]:
-    """name -> [(labels, value)] of every sample on the router's /metrics."""
+def metrics(base_url: str) -> prom.Samples:
+    """Every sample on the router's /metrics."""
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as reply:
-        text = reply.read().decode()
-    samples: dict[str, list] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            samples.setdefault(s.name, []).append((s.labels, s.value))
-    return samples
+        return prom.parse(reply.read().decode())
 
 
 def cluster_state(cluster: LocalCluster) -> dict:
@@ -89,21 +86,18 @@ def cluster_state(cluster: LocalCluster) -> dict:
             load = worker_load(address)
             state[f"{pool} {address}"] = (load.kv_blocks_used, load.pending_transfers, load.running_requests,
                                           load.waiting_requests)
-    inflight = metrics(cluster.base_url).get("phasesplit_inflight_requests", [])
-    state["router inflight"] = sum(value for _, value in inflight)
+    state["router inflight"] = prom.value(metrics(cluster.base_url), "phasesplit_inflight_requests")
     return state
 
 
 def wait_quiet(cluster: LocalCluster, timeout: float = 20.0) -> dict:
     """Polls until no worker holds KV or requests and the router has none in flight; returns the last state."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = cluster_state(cluster)
-        quiet = all(v == (0, 0, 0, 0) for k, v in state.items() if k != "router inflight") \
-            and state["router inflight"] == 0
-        if quiet or time.monotonic() > deadline:
-            return state
-        time.sleep(0.2)
+    return poll(lambda: cluster_state(cluster), _quiet, timeout, interval=0.2)
+
+
+def _quiet(state: dict) -> bool:
+    return all(v == (0, 0, 0, 0) for k, v in state.items() if k != "router inflight") \
+        and state["router inflight"] == 0
 
 
 def post_json(url: str, body, timeout: float = 30.0) -> tuple[int, dict]:

@@ -164,14 +164,31 @@ def _router_resources() -> Resources:
     return Resources(requests={"cpu": "500m", "memory": "512Mi"}, limits={"memory": "1Gi"})
 
 
+class Migration(Spec):
+    max_attempts: int = Field(3, ge=0, le=100, description="times a request may move to another worker once its "
+                              "output has started (a worker lost, stalled or cutting its stream); 0 turns migration off")
+    stall_timeout_seconds: float = Field(30.0, gt=0, le=3600, description="seconds without a token, once output has "
+                                         "started, before the router counts the worker as stalled and migrates")
+
+
 class Router(Spec):
     replicas: int = Field(1, ge=0, le=100)
+    migration: Migration = Field(default_factory=Migration)
     service: RouterService = Field(default_factory=RouterService)
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret whose key is the required bearer token")
     resources: Resources = Field(default_factory=_router_resources)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[FreeObject] = Field(default_factory=list)
     affinity: FreeObject | None = None
+
+
+def router_flags(spec: "SplitInferenceSpec") -> list[str]:
+    """The router's command-line flags that come from the spec (the operator and local mode both pass them)."""
+    migration = spec.router.migration
+    flags = ["--max-migrations", str(migration.max_attempts), "--stall-timeout", f"{migration.stall_timeout_seconds:g}"]
+    if spec.model.max_model_len:
+        flags += ["--max-model-len", str(spec.model.max_model_len)]
+    return flags
 
 
 # --- the pools -------------------------------------------------------------------------------

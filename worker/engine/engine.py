@@ -13,7 +13,7 @@ from phasesplit.engine.kv_cache import BlockManager, KVCache, KVCapacityError, K
 from phasesplit.engine.loader import load_model, resolve_dtype
 from phasesplit.engine.parallel import TensorParallel
 from phasesplit.engine.runner import ForwardBatch, ModelRunner
-from phasesplit.engine.sampler import SamplingParams, make_generator, sample, skip_draw
+from phasesplit.engine.sampler import SamplingParams, sample
 from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text, take_text
 from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -167,8 +167,7 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"prompt: {len(ids)} tokens is too long: max_model_len is {self.max_model_len} "
                              "(prompt plus at least one generated token)")
-        return Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer, ids),
-                        make_generator(params.seed, self.device), prefill_only)
+        return Sequence(request_id, ids, params, IncrementalDetokenizer(self.tokenizer, ids), prefill_only)
 
     def _check_new_id(self, request_id: str) -> None:
         if not isinstance(request_id, str) or not request_id:
@@ -267,8 +266,6 @@ class LLMEngine:
         # The prompt worker already returned the first token and its text.
         seq.finish_reason = self.scheduler.finish_reason(seq, first_token)
         seq.num_emitted_chars = len(seq.output_text)
-        if seq.generator is not None and not params.greedy:
-            skip_draw(seq.generator, self.model_config.vocab_size)  # the draw that chose first_token
         if seq.finish_reason:
             self.block_manager.deallocate(seq)
             seq.status = SequenceStatus.FINISHED
@@ -317,7 +314,7 @@ class LLMEngine:
         return self._sample(self.runner.run(batch), seqs)
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
-        return sample(logits, [seq.params for seq in seqs], [seq.generator for seq in seqs])
+        return sample(logits, [seq.params for seq in seqs], [seq.num_tokens for seq in seqs])
 
 
 def _longs(values: list) -> Tensor:

@@ -1,4 +1,9 @@
-"""Sampling: greedy, temperature, top-k, top-p, with a per-request seed."""
+"""Sampling: greedy, temperature, top-k, top-p, with a per-request seed.
+
+A seeded request's randomness for the token at sequence position n comes from (seed, n) alone, not
+from a generator that carries state from draw to draw: a request resumed at position n elsewhere
+(a token worker after a KV handoff, or a migration that re-ran the prompt phase over the tokens
+already produced) draws exactly what an uninterrupted run would."""
 
 from __future__ import annotations
 
@@ -50,18 +55,27 @@ def _check(ok: bool, field: str, value, allowed: str) -> None:
         raise ValueError(f"{field}: got {value!r}, must be {allowed}")
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    return None if seed is None else torch.Generator(device=device).manual_seed(seed)
+_MASK64 = (1 << 64) - 1
 
 
-def sample(logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
-    """logits [B, V] float32 -> one token id per row."""
+def position_seed(seed: int, position: int) -> int:
+    """A 64-bit seed for one draw, from the request's seed and the token's position (splitmix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def sample(logits: Tensor, params: list[SamplingParams], positions: list[int]) -> list[int]:
+    """logits [B, V] float32 -> one token id per row; positions[i]: the sequence position row i's token takes
+    (its sequence's length before it), which with the seed fixes a seeded row's draw."""
     tokens = logits.argmax(dim=-1)
     rows = [i for i, p in enumerate(params) if not p.greedy]
     if rows:
         idx = torch.tensor(rows, device=logits.device)
         probs = _probs(logits[idx], [params[i] for i in rows])
-        tokens[idx] = _draw(probs, [generators[i] for i in rows])
+        tokens[idx] = _draw(probs, [None if params[i].seed is None else position_seed(params[i].seed, positions[i])
+                                    for i in rows])
     return tokens.tolist()
 
 
@@ -86,15 +100,10 @@ def _probs(logits: Tensor, params: list[SamplingParams]) -> Tensor:
     return logits.softmax(dim=-1)
 
 
-def _draw(probs: Tensor, generators: list[torch.Generator | None]) -> Tensor:
-    """Exponential-race sampling: argmax(p / E), E ~ Exp(1), one generator per seeded row."""
+def _draw(probs: Tensor, seeds: list[int | None]) -> Tensor:
+    """Exponential-race sampling: argmax(p / E), E ~ Exp(1), drawn from its own seed for a seeded row."""
     noise = torch.empty_like(probs).exponential_()
-    for i, gen in enumerate(generators):
-        if gen is not None:
-            noise[i].exponential_(generator=gen)
+    for i, seed in enumerate(seeds):
+        if seed is not None:
+            noise[i].exponential_(generator=torch.Generator(device=probs.device).manual_seed(seed))
     return (probs / noise).argmax(dim=-1)
-
-
-def skip_draw(generator: torch.Generator, vocab_size: int) -> None:
-    """Advance a generator past one token's draw, as if `sample` had used it."""
-    torch.empty(vocab_size, dtype=torch.float32, device=generator.device).exponential_(generator=generator)

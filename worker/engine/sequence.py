@@ -1,11 +1,9 @@
-"""`Sequence`: one request's token ids, block table and sampling state."""
+"""`Sequence`: one request's token ids, block table and sampling parameters."""
 
 from __future__ import annotations
 
 import enum
 from typing import TYPE_CHECKING
-
-import torch
 
 if TYPE_CHECKING:
     from phasesplit.engine.sampler import SamplingParams
@@ -21,14 +19,12 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer, generator: torch.Generator | None,
-                 prefill_only: bool = False):
+                 detokenizer: IncrementalDetokenizer, prefill_only: bool = False):
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.detokenizer = detokenizer
-        self.generator = generator
         self.prefill_only = prefill_only
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []

@@ -66,8 +66,25 @@ class LocalCluster:
         for handle in started:
             wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
             self.workers[handle.pool].append(handle)
+        self._start_router()
+
+    def _start_router(self) -> None:
         self.router = ManagedProcess("router", self._router_argv(), self.log_dir).start()
         wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
+
+    def supervise(self, interval: float = 1.0) -> threading.Event:
+        """Replaces dead processes every `interval` seconds in a background thread until the event is set."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(interval):
+                try:
+                    self.replace_dead()
+                except Exception:  # noqa: BLE001 - keep supervising; the next round tries again
+                    log.exception("replacing dead processes failed")
+
+        threading.Thread(target=run, name="supervisor", daemon=True).start()
+        return stop
 
     def stop(self, timeout: float | None = None) -> None:
         """Router first (no new work), then every worker at once: SIGTERM, wait, SIGKILL."""
@@ -163,7 +180,13 @@ class LocalCluster:
         return any(w["address"] == handle.address for w in retiring)
 
     def replace_dead(self) -> list[str]:
-        """Restarts workers that exited on their own (as a Deployment would). Returns their names."""
+        """Restarts the router and workers that exited on their own (as a Deployment would). Returns their names.
+        A new router listens on the same port and is given the current members of every pool."""
+        names = []
+        if self.router is not None and not self.router.alive():
+            log.warning("router exited with code %s; starting a new one", self.router.popen.returncode)
+            self._start_router()
+            names.append("router")
         with self._lock:
             dead = [h for pool in self.workers.values() for h in pool if not h.proc.alive()]
         for handle in dead:
@@ -172,7 +195,7 @@ class LocalCluster:
                 self.workers[handle.pool].remove(handle)
                 self._publish(handle.pool)
             self.add_worker(handle.pool)
-        return [h.proc.name for h in dead]
+        return names + [h.proc.name for h in dead]
 
     def addresses(self, pool: str) -> list[str]:
         with self._lock:
@@ -190,9 +213,8 @@ class LocalCluster:
 
     def _router_argv(self) -> list[str]:
         argv = phasesplit_argv("router", "--model", self.plan.model_dir, "--served-model-name",
-                               self.plan.served_model_name, "--host", HOST, "--port", str(self.router_port))
-        if self.plan.max_model_len:
-            argv += ["--max-model-len", str(self.plan.max_model_len)]
+                               self.plan.served_model_name, "--host", HOST, "--port", str(self.router_port),
+                               *self.plan.router_args)
         for pool in self.plan.pools:
             argv += [f"--{pool}-workers", ",".join(self.addresses(pool))]
         return argv
@@ -314,8 +336,6 @@ def _start_autoscaler(cluster: LocalCluster, interval: float | None):
 def _watch(cluster: LocalCluster) -> None:
     while True:
         time.sleep(1.0)
-        if not cluster.router.alive():
-            raise cluster.router.fail(f"exited with code {cluster.router.popen.returncode}")
         cluster.replace_dead()
 
 

@@ -31,8 +31,8 @@ class LocalPlan:
     spec: si.SplitInferenceSpec
 
     @property
-    def max_model_len(self) -> int | None:
-        return self.spec.model.max_model_len
+    def router_args(self) -> list[str]:
+        return si.router_flags(self.spec)
 
 
 def read_manifest(path: str | pathlib.Path) -> si.SplitInference:

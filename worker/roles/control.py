@@ -23,7 +23,7 @@ class WorkerService(pb_grpc.WorkerServicer):
         engine = self.core.engine
         return pb.WorkerInfo(role=self.core.role, model=self.core.settings.served_model_name,
                              layout=layout_to_proto(engine.layout), max_model_len=engine.max_model_len,
-                             num_kv_blocks=engine.num_total_blocks, version=getattr(phasesplit, "__version__", ""))
+                             num_kv_blocks=engine.num_total_blocks, version=phasesplit.__version__)
 
     def Load(self, request, context):
         stats = self.core.loop.stats

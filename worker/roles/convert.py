@@ -1,9 +1,8 @@
-"""Proto messages <-> engine objects, one function each way."""
+"""Proto messages <-> engine objects: sampling parameters and the KV handoff."""
 
 from __future__ import annotations
 
 from phasesplit.engine.engine import KVExport
-from phasesplit.engine.kv_cache import KVLayout
 from phasesplit.engine.sampler import SamplingParams
 from phasesplit.transport.base import layout_to_proto
 from phasesplit.v1 import worker_pb2 as pb
@@ -20,19 +19,6 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         ignore_eos=bool(msg.ignore_eos),
     )
-
-
-def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    msg = pb.SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                            max_tokens=params.max_tokens, stop=list(params.stop), ignore_eos=params.ignore_eos)
-    if params.seed is not None:
-        msg.seed = params.seed
-    return msg
-
-
-def layout_from_proto(msg: pb.KVLayout) -> KVLayout:
-    return KVLayout(model=msg.model, dtype=msg.dtype, num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads,
-                    head_dim=msg.head_dim, block_size=msg.block_size)
 
 
 def kv_header(export: KVExport, layout) -> pb.KVHeader:

@@ -76,10 +76,6 @@ class EngineLoop:
             return found
         return self.call(abort_now)
 
-    @property
-    def num_streams(self) -> int:
-        return len(self._outputs)
-
     # ---- the engine thread ----
 
     def _run(self) -> None:

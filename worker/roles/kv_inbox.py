@@ -121,6 +121,8 @@ class KVInbox(base.KVSink):
         rid = header.request_id
         with self._changed:
             if rid in self._aborted:
+                log.warning("request %s: KV refused: the request was aborted here within the last %g s "
+                            "(a retry must use a new request id)", rid, self.lease)
                 raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
             entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)))
             self._entries[rid] = entry
@@ -151,10 +153,6 @@ class KVInbox(base.KVSink):
             entry = self._entries.pop(request_id, None)
             self._changed.notify_all()
         return entry is not None and entry.fail("aborted")
-
-    def was_aborted(self, request_id: str) -> bool:
-        with self._changed:
-            return request_id in self._aborted
 
     def pending(self) -> int:
         """Transfers receiving or KV waiting for Generate."""

@@ -15,7 +15,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
-from phasesplit.router.dispatch import Delta, Dispatcher, Job
+from phasesplit.router.dispatch import Delta, Dispatcher, Job, MigrationPolicy
 from phasesplit.router.metrics import POOLS, RouterMetrics
 from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from phasesplit.router.pools import Pools, WorkerSpec
@@ -33,6 +33,7 @@ class RouterSettings:
     workers: dict[str, list[WorkerSpec]] = field(default_factory=dict)   # pool -> entries
     poll_interval: float = 0.5
     dns_interval: float = 5.0
+    migration: MigrationPolicy = field(default_factory=MigrationPolicy)
 
 
 @dataclass
@@ -53,7 +54,7 @@ def create_app(settings: RouterSettings, tokenizer) -> web.Application:
     pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
                   dns_interval=settings.dns_interval)
     app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=64 * 1024 * 1024)
-    app[ROUTER] = Router(settings, tokenizer, metrics, pools, Dispatcher(pools, metrics))
+    app[ROUTER] = Router(settings, tokenizer, metrics, pools, Dispatcher(pools, metrics, settings.migration))
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)

@@ -48,6 +48,38 @@ class Timing:
     last_token: float | None = None
     completion_tokens: int = 0
     prefill: str = "-"   # the prompt worker's own queue/prefill/transfer seconds
+    failed: list[str] = field(default_factory=list)   # "worker (reason)" for each worker that failed the request
+
+
+@dataclass(frozen=True)
+class MigrationPolicy:
+    max_attempts: int = 3          # migrations per request once output has started; 0 turns migration off
+    stall_timeout: float = 30.0    # seconds without a token, once output has started, before a worker counts as stalled
+    retries_before_output: int = 2
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a job on workers: after `sent` tokens reached the client, the prompt phase covers them too."""
+    job: Job
+    sent: tuple[int, ...]
+    number: int
+
+    @property
+    def request_id(self) -> str:
+        """A new id on every attempt: a worker that saw an earlier attempt aborted refuses that id for a while."""
+        return self.job.request_id if self.number == 0 else f"{self.job.request_id}~{self.number}"
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.job.prompt_token_ids + list(self.sent)
+
+    @property
+    def sampling(self) -> pb.SamplingParams:
+        sampling = pb.SamplingParams()
+        sampling.CopyFrom(self.job.sampling)
+        sampling.max_tokens = self.job.sampling.max_tokens - len(self.sent)
+        return sampling
 
 
 def worker_error(e: grpc.aio.AioRpcError, worker: WorkerState) -> APIError:
@@ -60,17 +92,29 @@ def worker_error(e: grpc.aio.AioRpcError, worker: WorkerState) -> APIError:
                     code="worker_error")
 
 
-class TokenWorkerFailed(Exception):
-    """The prompt worker could not hand the KV to the token worker; `error` is what the client gets."""
+class WorkerLost(Exception):
+    """A worker failed a request in a way another worker can take over. `down`: it looks dead or stalled."""
 
-    def __init__(self, error: APIError):
+    def __init__(self, worker: WorkerState, reason: str, error: APIError, down: bool = False):
         super().__init__(error.message)
-        self.error = error
+        self.worker, self.reason, self.error, self.down = worker, reason, error, down
+
+
+def lost_in_stream(e: grpc.aio.AioRpcError, worker: WorkerState) -> WorkerLost | APIError:
+    """What a failed Generate means: the request's own fault (an APIError) or the worker's."""
+    code = e.code()
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return worker_error(e, worker)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return WorkerLost(worker, "worker_unavailable", worker_error(e, worker), down=True)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return WorkerLost(worker, "worker_full", worker_error(e, worker))
+    return WorkerLost(worker, "worker_error", worker_error(e, worker))
 
 
 class Dispatcher:
-    def __init__(self, pools: Pools, metrics: RouterMetrics):
-        self.pools, self.metrics = pools, metrics
+    def __init__(self, pools: Pools, metrics: RouterMetrics, policy: MigrationPolicy = MigrationPolicy()):
+        self.pools, self.metrics, self.policy = pools, metrics, policy
         self._cleanup: set[asyncio.Task] = set()
 
     async def run(self, job: Job) -> AsyncIterator[Delta]:
@@ -80,9 +124,8 @@ class Dispatcher:
             self.metrics.requests.labels(outcome="rejected").inc()
             raise unavailable(self.pools.why_not())
         timing, outcome = Timing(route=route), "error"
-        steps = self._split(job, timing) if route == "split" else self._mixed(job, timing)
         try:
-            async with aclosing(steps):
+            async with aclosing(self._resilient(job, timing)) as steps:
                 async for delta in steps:
                     self._observe(job, timing, delta)
                     if delta.finish_reason:
@@ -97,12 +140,13 @@ class Dispatcher:
             elapsed = time.monotonic() - job.arrival
             if outcome == "success":
                 self.metrics.latency.observe(elapsed)
-            log.debug("request %s %s route=%s prompt_worker=%s token_worker=%s prompt_tokens=%d "
-                      "completion_tokens=%d ttft=%s e2e=%.4f prompt_phase=[%s]", job.request_id, outcome, route,
-                      timing.prompt_worker, timing.token_worker, len(job.prompt_token_ids),
-                      timing.completion_tokens,
-                      f"{timing.first_token - job.arrival:.4f}" if timing.first_token else "-", elapsed,
-                      timing.prefill)
+            log.log(logging.INFO if timing.failed else logging.DEBUG,
+                    "request %s %s route=%s prompt_worker=%s token_worker=%s failed_workers=[%s] prompt_tokens=%d "
+                    "completion_tokens=%d ttft=%s e2e=%.4f prompt_phase=[%s]", job.request_id, outcome, timing.route,
+                    timing.prompt_worker, timing.token_worker, ", ".join(timing.failed), len(job.prompt_token_ids),
+                    timing.completion_tokens,
+                    f"{timing.first_token - job.arrival:.4f}" if timing.first_token else "-", elapsed,
+                    timing.prefill)
 
     def _observe(self, job: Job, timing: Timing, delta: Delta) -> None:
         n = len(delta.token_ids)
@@ -110,163 +154,212 @@ class Dispatcher:
             return
         now = time.monotonic()
         if timing.first_token is None:
-            timing.first_token = now
+            timing.first_token = timing.last_token = now
             self.metrics.ttft.observe(now - job.arrival)
             n -= 1
-        elif timing.last_token is not None:
+        if n:   # tokens held back with an incomplete character arrive together with the next text
             for _ in range(n):
                 self.metrics.tbt.observe((now - timing.last_token) / n)
         timing.last_token = now
         timing.completion_tokens += len(delta.token_ids)
 
-    # ---- split: prompt worker then token worker ----
-    async def _split(self, job: Job, timing: Timing) -> AsyncIterator[Delta]:
-        tried: list[str] = []
+    # ---- attempts: retries before output, migrations after ----
+    async def _resilient(self, job: Job, timing: Timing) -> AsyncIterator[Delta]:
+        """Runs attempts until one finishes. Tokens whose text is still held back (an incomplete character)
+        are passed on with the next text: the client has seen none of them, so a migration runs them again."""
+        sent: list[int] = []
+        failed: set[str] = set()
+        retries = migrations = 0
+        failed_at: float | None = None
         while True:
-            candidates = token_candidates(self.pools["token"].workers.values(), self.pools["mixed"].workers.values(),
-                                          len(job.prompt_token_ids) + 1)
-            token_w = pick_token_worker(candidates, exclude=tried)
-            if token_w is None:
-                raise unavailable("no token worker is ready" + (f" (tried {', '.join(tried)})" if tried else ""))
-            tried.append(token_w.address)
+            attempt = Attempt(job, tuple(sent), retries + migrations)
+            route = self.pools.route()
+            if route is None and failed:
+                self._lose(sent, timing)
+                raise unavailable(f"the request lost its worker ({timing.failed[-1]}) and no other can take it: "
+                                  f"{self.pools.why_not()}")
+            timing.route = route or timing.route
+            held: list[int] = []
+            steps = self._split(attempt, failed, timing) if timing.route == "split" else self._mixed(attempt, failed,
+                                                                                                      timing)
             try:
-                async with aclosing(self._split_on(job, token_w, timing)) as deltas:
-                    async for delta in deltas:
-                        yield delta
+                async with aclosing(steps):
+                    async for delta in steps:
+                        held += delta.token_ids
+                        if not delta.text and not delta.finish_reason:
+                            continue
+                        if failed_at is not None:
+                            self.metrics.resume.observe(time.monotonic() - failed_at)
+                            failed_at = None
+                        sent += held
+                        yield Delta(held, delta.text, delta.finish_reason)
+                        held = []
                 return
-            except TokenWorkerFailed as e:  # raised before any output: safe to run again elsewhere
-                if len(tried) >= 2:
-                    raise e.error from None
-                log.info("token worker %s failed the KV transfer of %s; retrying with another", token_w.address,
-                         job.request_id)
+            except WorkerLost as lost:
+                stage = "mid_stream" if sent else "before_output"
+                failed.add(lost.worker.address)
+                timing.failed.append(f"{lost.worker.address} ({lost.reason})")
+                if lost.down:
+                    lost.worker.mark_down(f"failed request {attempt.request_id}: {lost.reason}")
+                allowed = self.policy.max_attempts if sent else self.policy.retries_before_output
+                used = migrations if sent else retries
+                if used >= allowed:
+                    self._lose(sent, timing)
+                    raise lost.error from None
+                if sent:
+                    migrations += 1
+                else:
+                    retries += 1
+                self.metrics.migrations.labels(reason=lost.reason, stage=stage).inc()
+                failed_at = failed_at or time.monotonic()
+                log.warning("request %s: %s worker %s failed it (%s: %s) after %d tokens; %s",
+                            job.request_id, lost.worker.pool, lost.worker.address, lost.reason, lost.error.message,
+                            len(sent), "migrating" if sent else "retrying")
+            except APIError:
+                if failed:
+                    self._lose(sent, timing)
+                raise
 
-    async def _split_on(self, job: Job, token_w: WorkerState, timing: Timing) -> AsyncIterator[Delta]:
+    def _lose(self, sent: list[int], timing: Timing) -> None:
+        self.metrics.lost.labels(stage="mid_stream" if sent else "before_output").inc()
+        log.error("request lost after %d tokens; workers that failed it: %s", len(sent), ", ".join(timing.failed))
+
+    # ---- split: prompt worker then token worker ----
+    async def _split(self, attempt: Attempt, failed: set[str], timing: Timing) -> AsyncIterator[Delta]:
+        n = len(attempt.prompt_token_ids)
+        token_w = pick_token_worker(token_candidates(self.pools["token"].workers.values(),
+                                                     self.pools["mixed"].workers.values(), n + 1),
+                                    exclude=failed, tokens=n + 1)
+        if token_w is None:
+            raise unavailable("no token worker is ready" + (f" (failed: {', '.join(sorted(failed))})" if failed else ""))
+        if timing.token_worker and token_w.address != timing.token_worker:
+            log.info("request %s: token worker %s -> %s", attempt.job.request_id, timing.token_worker, token_w.address)
         timing.token_worker = token_w.address
-        token_w.reserve(job.request_id, math.ceil((len(job.prompt_token_ids) + 1) / token_w.block_size))
+        rid = attempt.request_id
+        token_w.reserve(rid, math.ceil((n + 1) / token_w.block_size))
         token_w.inflight += 1
         finished = False
         try:
-            reply = await self._prefill(job, token_w, timing)
-            token_w.settle(job.request_id)
+            reply = await self._prefill(attempt, token_w, failed, timing)
+            token_w.settle(rid)
             if reply.finish_reason:
                 # Before the yield: a caller that has its last delta closes us right there. The prompt
                 # worker already dropped the transfer; this also frees KV that no Generate will claim.
                 finished = True
-                self._abort_later(token_w, job.request_id)
+                self._abort_later(token_w, rid)
                 yield Delta([reply.first_token], reply.first_text, reply.finish_reason)
                 return
             yield Delta([reply.first_token], reply.first_text)
-            remaining = max(job.sampling.max_tokens - 1, 0)
-            request = pb.GenerateRequest(request_id=job.request_id, sampling=job.sampling,
-                                         first_token=reply.first_token)
+            sampling = attempt.sampling
+            remaining = max(sampling.max_tokens - 1, 0)
+            request = pb.GenerateRequest(request_id=rid, sampling=sampling, first_token=reply.first_token)
             async with aclosing(self._generate(token_w, "token", request, remaining)) as events:
                 async for delta in events:
                     finished = bool(delta.finish_reason)
                     yield delta
         finally:
             token_w.inflight -= 1
-            token_w.unreserve(job.request_id)
+            token_w.unreserve(rid)
             if not finished:
-                self._abort_later(token_w, job.request_id)
+                self._abort_later(token_w, rid)
 
-    async def _prefill(self, job: Job, token_w: WorkerState, timing: Timing) -> pb.PrefillReply:
-        tried: list[str] = []
-        n = len(job.prompt_token_ids)
-        request = pb.PrefillRequest(request_id=job.request_id, prompt_token_ids=job.prompt_token_ids,
-                                    sampling=job.sampling, token_worker=token_w.address)
-        while True:
-            candidates = prompt_candidates(self.pools["prompt"].workers.values(),
-                                           self.pools["mixed"].workers.values())
-            prompt_w = pick_prompt_worker(candidates, exclude=tried)
-            if prompt_w is None:
-                raise unavailable("no prompt worker is ready" + (f" (tried {', '.join(tried)})" if tried else ""))
-            tried.append(prompt_w.address)
-            timing.prompt_worker = prompt_w.address
-            phase = self.metrics.phase("prompt", n)
-            prompt_w.pending_tokens += n
-            prompt_w.inflight += 1
-            answered = False
-            call = prompt_w.prompt.Prefill(request)
-            try:
-                reply = await call
-                answered = True
-            except grpc.aio.AioRpcError as e:
-                answered = True
-                if any(key == KV_PEER_FAILED for key, _ in e.trailing_metadata() or ()):
-                    raise TokenWorkerFailed(worker_error(e, token_w)) from None
-                if e.code() == grpc.StatusCode.UNAVAILABLE and len(tried) < 2:
-                    log.info("prompt worker %s unavailable for %s; retrying on another", prompt_w.address,
-                             job.request_id)
-                    continue
-                raise worker_error(e, prompt_w) from None
-            finally:
-                phase.close()
-                prompt_w.pending_tokens -= n
-                prompt_w.inflight -= 1
-                if not answered:
-                    call.cancel()
-                    self._abort_later(prompt_w, job.request_id)
-            timing.prefill = (f"queue={reply.queue_seconds:.4f} prefill={reply.prefill_seconds:.4f} "
-                              f"transfer={reply.transfer_seconds:.4f} kv_bytes={reply.kv_bytes}")
-            self.metrics.kv_transfer_bytes.inc(reply.kv_bytes)
-            self.metrics.kv_transfer_seconds.inc(reply.transfer_seconds)
-            return reply
+    async def _prefill(self, attempt: Attempt, token_w: WorkerState, failed: set[str],
+                       timing: Timing) -> pb.PrefillReply:
+        ids = attempt.prompt_token_ids
+        n = len(ids)
+        prompt_w = pick_prompt_worker(prompt_candidates(self.pools["prompt"].workers.values(),
+                                                       self.pools["mixed"].workers.values()), exclude=failed)
+        if prompt_w is None:
+            raise unavailable("no prompt worker is ready" + (f" (failed: {', '.join(sorted(failed))})" if failed else ""))
+        timing.prompt_worker = prompt_w.address
+        request = pb.PrefillRequest(request_id=attempt.request_id, prompt_token_ids=ids, sampling=attempt.sampling,
+                                    token_worker=token_w.address)
+        phase = self.metrics.phase("prompt", n)
+        prompt_w.pending_tokens += n
+        prompt_w.inflight += 1
+        answered = False
+        call = prompt_w.prompt.Prefill(request)
+        try:
+            reply = await call
+            answered = True
+        except grpc.aio.AioRpcError as e:
+            answered = True
+            if any(key == KV_PEER_FAILED for key, _ in e.trailing_metadata() or ()):
+                raise WorkerLost(token_w, "kv_transfer_failed", worker_error(e, token_w)) from None
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise WorkerLost(prompt_w, "prompt_worker_unavailable", worker_error(e, prompt_w),
+                                 down=True) from None
+            raise worker_error(e, prompt_w) from None
+        finally:
+            phase.close()
+            prompt_w.pending_tokens -= n
+            prompt_w.inflight -= 1
+            if not answered:
+                call.cancel()
+                self._abort_later(prompt_w, attempt.request_id)
+        timing.prefill = (f"queue={reply.queue_seconds:.4f} prefill={reply.prefill_seconds:.4f} "
+                          f"transfer={reply.transfer_seconds:.4f} kv_bytes={reply.kv_bytes}")
+        self.metrics.kv_transfer_bytes.inc(reply.kv_bytes)
+        self.metrics.kv_transfer_seconds.inc(reply.transfer_seconds)
+        return reply
 
     # ---- mixed: both phases on one worker ----
-    async def _mixed(self, job: Job, timing: Timing) -> AsyncIterator[Delta]:
-        tried: list[str] = []
-        request = pb.GenerateRequest(request_id=job.request_id, sampling=job.sampling,
-                                     prompt_token_ids=job.prompt_token_ids)
-        while True:
-            worker = pick_mixed_worker(self.pools["mixed"].workers.values(), exclude=tried)
-            if worker is None:
-                raise unavailable("no mixed worker is ready")
-            tried.append(worker.address)
-            timing.prompt_worker = timing.token_worker = worker.address
-            worker.pending_tokens += len(job.prompt_token_ids)
-            worker.inflight += 1
-            started = False
-            try:
-                async with aclosing(self._generate(worker, "mixed", request, len(job.prompt_token_ids))) as events:
-                    async for delta in events:
-                        if not started:
-                            started = True
-                            worker.pending_tokens -= len(job.prompt_token_ids)
-                        yield delta
-                return
-            except APIError as e:
-                if started or e.status != 503 or len(tried) >= 2:
-                    raise
-                log.info("mixed worker %s unavailable for %s; retrying on another", worker.address, job.request_id)
-            finally:
-                worker.inflight -= 1
-                if not started:
-                    worker.pending_tokens -= len(job.prompt_token_ids)
+    async def _mixed(self, attempt: Attempt, failed: set[str], timing: Timing) -> AsyncIterator[Delta]:
+        ids = attempt.prompt_token_ids
+        worker = pick_mixed_worker(self.pools["mixed"].workers.values(), exclude=failed)
+        if worker is None:
+            raise unavailable("no mixed worker is ready" + (f" (failed: {', '.join(sorted(failed))})" if failed else ""))
+        timing.prompt_worker = timing.token_worker = worker.address
+        request = pb.GenerateRequest(request_id=attempt.request_id, sampling=attempt.sampling, prompt_token_ids=ids)
+        worker.pending_tokens += len(ids)
+        worker.inflight += 1
+        started = False
+        try:
+            async with aclosing(self._generate(worker, "mixed", request, len(ids))) as events:
+                async for delta in events:
+                    if not started:
+                        started = True
+                        worker.pending_tokens -= len(ids)
+                    yield delta
+        finally:
+            worker.inflight -= 1
+            if not started:
+                worker.pending_tokens -= len(ids)
 
     async def _generate(self, worker: WorkerState, pool: str, request: pb.GenerateRequest,
                         queued_tokens: int) -> AsyncIterator[Delta]:
-        """Relays one Generate stream; the prompt's tokens count as queued (mixed) or the output still to come (token)."""
+        """Relays one Generate stream; the prompt's tokens count as queued (mixed) or the output still to come (token).
+        Once output has started (a token worker's first event, a mixed worker's second), an event must come
+        within the stall timeout."""
         phase = self.metrics.phase(pool, queued_tokens)
         call = worker.token.Generate(request)
+        events = aiter(call)
         finished = False
+        output_started = pool == "token"
         try:
-            async for event in call:
+            while True:
+                try:
+                    event = await asyncio.wait_for(anext(events), self.policy.stall_timeout if output_started else None)
+                except StopAsyncIteration:
+                    raise WorkerLost(worker, "stream_ended", APIError(
+                        502, f"worker {worker.address} ended the stream without a finish reason",
+                        type="server_error", code="worker_error")) from None
+                except TimeoutError:
+                    raise WorkerLost(worker, "stalled", APIError(
+                        502, f"worker {worker.address} sent no token for {self.policy.stall_timeout:g} s",
+                        type="server_error", code="worker_error"), down=True) from None
+                output_started = True
                 phase.started()
-                if pool == "token":
-                    phase.consume(len(event.token_ids))
-                else:
-                    phase.consume(queued_tokens)
+                phase.consume(len(event.token_ids) if pool == "token" else queued_tokens)
                 if event.finish_reason == "abort":
-                    raise APIError(502, f"worker {worker.address} aborted the request", type="server_error",
-                                   code="worker_error")
+                    raise WorkerLost(worker, "worker_aborted", APIError(
+                        502, f"worker {worker.address} aborted the request", type="server_error", code="worker_error"))
                 finished = bool(event.finish_reason)
                 yield Delta(list(event.token_ids), event.text, event.finish_reason)
                 if finished:
                     return
-            raise APIError(502, f"worker {worker.address} ended the stream without a finish reason",
-                           type="server_error", code="worker_error")
         except grpc.aio.AioRpcError as e:
-            raise worker_error(e, worker) from None
+            raise lost_in_stream(e, worker) from None
         finally:
             phase.close()
             if not finished:

@@ -13,6 +13,7 @@ from pathlib import Path
 from aiohttp import web
 
 from phasesplit.router.app import RouterSettings, create_app
+from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.pools import parse_worker_list
 
 log = logging.getLogger("phasesplit.router")
@@ -30,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="default: max_position_embeddings of the model's config.json")
     p.add_argument("--poll-interval", type=float, default=0.5, help="seconds between worker load polls")
     p.add_argument("--dns-interval", type=float, default=5.0, help="seconds between re-resolving dns: entries")
+    p.add_argument("--max-migrations", type=int, default=MigrationPolicy.max_attempts,
+                   help="times a request may move to another worker once output has started (0: never)")
+    p.add_argument("--stall-timeout", type=float, default=MigrationPolicy.stall_timeout,
+                   help="seconds without a token, once output has started, before the worker counts as stalled")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -51,6 +56,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
     max_model_len = args.max_model_len or model_max_len(model_dir)
     if max_model_len < 2:
         raise SystemExit("phasesplit router: --max-model-len must be at least 2")
+    if args.max_migrations < 0 or not args.stall_timeout > 0:
+        raise SystemExit("phasesplit router: --max-migrations must be >= 0 and --stall-timeout > 0 seconds")
     try:
         workers = {"prompt": parse_worker_list(args.prompt_workers), "token": parse_worker_list(args.token_workers),
                    "mixed": parse_worker_list(args.mixed_workers)}
@@ -58,7 +65,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         raise SystemExit(f"phasesplit router: {e}") from None
     return RouterSettings(served_model_name=args.served_model_name or model_dir.resolve().name,
                           max_model_len=max_model_len, api_key=os.environ.get("PHASESPLIT_API_KEY") or None,
-                          workers=workers, poll_interval=args.poll_interval, dns_interval=args.dns_interval)
+                          workers=workers, poll_interval=args.poll_interval, dns_interval=args.dns_interval,
+                          migration=MigrationPolicy(args.max_migrations, args.stall_timeout))
 
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

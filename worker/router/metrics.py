@@ -14,6 +14,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 POOLS = ("prompt", "token", "mixed")
 OUTCOMES = ("success", "error", "cancelled", "rejected")
+# Why a request moved to another worker (dispatch.WorkerLost): before its first token a retry, after it a migration.
+FAILOVER_REASONS = ("prompt_worker_unavailable", "kv_transfer_failed", "worker_unavailable", "worker_error",
+                    "worker_full", "worker_aborted", "stream_ended", "stalled")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -46,12 +49,24 @@ class RouterMetrics:
         self.kv_transfer_seconds = Counter("phasesplit_kv_transfer_seconds", "Seconds spent moving KV",
                                            registry=r)
         self.requests = Counter("phasesplit_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.migrations = Counter("phasesplit_migrations", "Requests moved to another worker after a worker failed "
+                                  "them (stage: before_output = retried, mid_stream = migrated)",
+                                  ["reason", "stage"], registry=r)
+        self.resume = Histogram("phasesplit_migration_resume_seconds",
+                                "From a worker failing a request to the request's next token",
+                                buckets=_LATENCY_BUCKETS, registry=r)
+        self.lost = Counter("phasesplit_requests_lost", "Requests a worker failure ended with an error "
+                            "(attempts used up, or no worker left)", ["stage"], registry=r)
         for pool in POOLS:
             for gauge in (self.queue_requests, self.queue_tokens, self.inflight_requests, self.pool_workers,
                           self.kv_utilization):
                 gauge.labels(pool=pool).set(0)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
+        for stage in ("before_output", "mid_stream"):
+            self.lost.labels(stage=stage)
+            for reason in FAILOVER_REASONS:
+                self.migrations.labels(reason=reason, stage=stage)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Bounds of the proto fields the values travel in (worker.proto): a value outside is the request's error.
+INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1
+
+
+def _unicode(text: str) -> str:
+    """JSON may escape lone surrogates ("\\ud800"); no tokenizer or protobuf string can hold them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"must be valid Unicode text; found the lone surrogate {text[e.start]!r} at "
+                         f"character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class APIError(Exception):
@@ -33,15 +49,15 @@ class _Generation(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str
+    model: Text
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, description="extension: 0 or -1 = off")
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    max_tokens: int | None = Field(None, ge=1)
+    top_k: int = Field(0, ge=-1, le=INT32_MAX, description="extension: 0 or -1 = off")
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     logprobs: Any = None
@@ -62,7 +78,7 @@ class _Generation(BaseModel):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
-        return stop
+        return [_unicode(s) for s in stop]
 
     @field_validator("logprobs")
     @classmethod
@@ -91,13 +107,13 @@ class CompletionRequest(_Generation):
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return prompt
+            return _unicode(prompt)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       and t >= 0 for t in prompt):
+                                                       and 0 <= t <= UINT32_MAX for t in prompt):
             return prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
             raise ValueError("only one prompt per request is supported")
-        raise ValueError("prompt must be a string or a non-empty list of token ids")
+        raise ValueError(f"prompt must be a string or a non-empty list of token ids (integers in 0..{UINT32_MAX})")
 
     @field_validator("echo")
     @classmethod
@@ -118,8 +134,8 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | None = None
-    name: str | None = None
+    content: Text | None = None
+    name: Text | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -138,7 +154,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     top_logprobs: int | None = None
 
     @field_validator("top_logprobs")
@@ -168,8 +184,10 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     """Validates a JSON body; any problem is an APIError (400) naming the field."""
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:   # not UTF-8, not JSON, or a number too long to convert
         raise APIError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply to parse") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object")
     try:

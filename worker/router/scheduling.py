@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable
 
 from phasesplit.router.workers import WorkerState
@@ -23,10 +24,16 @@ def pick_prompt_worker(workers: Iterable[WorkerState], exclude: Iterable[str] = 
     return _mark(min(candidates, key=lambda w: (w.queued_prompt_tokens, w.inflight, w.last_picked), default=None))
 
 
-def pick_token_worker(workers: Iterable[WorkerState], exclude: Iterable[str] = ()) -> WorkerState | None:
-    """Most free KV blocks (polled, less the router's reservations)."""
+def pick_token_worker(workers: Iterable[WorkerState], exclude: Iterable[str] = (), tokens: int = 1
+                      ) -> WorkerState | None:
+    """Of the workers with room for the KV of `tokens` tokens (polled, less the router's reservations): fewest of
+    this router's requests in flight, then most free blocks. Counting its own assignments keeps a burst
+    spread while the polled load still lags behind it. With no room anywhere: most free blocks."""
     excluded = set(exclude)
     candidates = [w for w in workers if w.routable and w.address not in excluded]
+    roomy = [w for w in candidates if w.free_blocks >= math.ceil(tokens / w.block_size)]
+    if roomy:
+        return _mark(min(roomy, key=lambda w: (w.inflight, -w.free_blocks, w.last_picked)))
     return _mark(min(candidates, key=lambda w: (-w.free_blocks, w.inflight, w.last_picked), default=None))
 
 

@@ -98,6 +98,10 @@ class WorkerState:
             if begun_before < index:
                 self.unreserve(rid)
 
+    def mark_down(self, error: str) -> None:
+        """The worker failed a request as a dead or stalled one does: no new work until a poll answers."""
+        self.load, self.error = None, error
+
     async def abort(self, request_id: str, timeout: float = 2.0) -> None:
         try:
             await self.worker.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)

@@ -1,0 +1,82 @@
+"""The prompt and token roles in this process, each on a tiny engine, over real gRPC: the split path
+gives the same tokens as one engine alone, aborts free KV on both sides, and a token worker that
+refuses KV for an aborted request id says why in its log and leaks nothing."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+import pytest
+from support.polling import wait_for
+
+from phasesplit.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from phasesplit.roles.server import WorkerServer, load_engine, parse_args
+from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+PROMPT = list(range(20, 60))
+
+
+def start(role: str, model_dir) -> WorkerServer:
+    args = parse_args(["--role", role, "--model", str(model_dir), "--served-model-name", "tiny", "--host", "127.0.0.1",
+                       "--port", "0", "--num-kv-blocks", "64", "--max-model-len", "256", "--kv-lease", "5",
+                       "--kv-transfer-timeout", "5", "--grpc-threads", "16"])
+    return WorkerServer(load_engine(args), args).start()
+
+
+@pytest.fixture(scope="module")
+def roles(tiny_model_dir):
+    prompt, token = start("prompt", tiny_model_dir), start("token", tiny_model_dir)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in (prompt, token)]
+    yield prompt, token, pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1])
+    for channel in channels:
+        channel.close()
+    for server in (prompt, token):
+        server.stop()
+
+
+def alone(model_dir, ids: list[int], params: SamplingParams) -> list[int]:
+    engine = LLMEngine(EngineConfig(str(model_dir), num_kv_blocks=64, max_model_len=256))
+    engine.add_request("alone", ids, params)
+    out = []
+    while engine.has_unfinished():
+        for step in engine.step():
+            out += step.token_ids
+    return out
+
+
+def split_run(roles, rid: str, ids: list[int], sampling: pb.SamplingParams) -> list[int]:
+    prompt, token, prompt_stub, token_stub = roles
+    reply = prompt_stub.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling,
+                                                  token_worker=f"127.0.0.1:{token.port}"), timeout=30)
+    events = token_stub.Generate(pb.GenerateRequest(request_id=rid, sampling=sampling,
+                                                    first_token=reply.first_token), timeout=30)
+    return [reply.first_token] + [t for e in events for t in e.token_ids]
+
+
+def used_blocks(server: WorkerServer) -> int:
+    return server.core.loop.stats.used_blocks
+
+
+@pytest.mark.parametrize("seed", [None, 7], ids=["greedy", "seeded"])
+def test_split_roles_give_the_tokens_of_one_engine_and_free_every_block(roles, tiny_model_dir, seed):
+    params = SamplingParams(temperature=0.0 if seed is None else 1.0, seed=seed, max_tokens=24, ignore_eos=True)
+    sampling = pb.SamplingParams(temperature=params.temperature, max_tokens=24, ignore_eos=True)
+    if seed is not None:
+        sampling.seed = seed
+    assert split_run(roles, f"same-{seed}", PROMPT, sampling) == alone(tiny_model_dir, PROMPT, params)
+    wait_for(lambda: used_blocks(roles[0]) == used_blocks(roles[1]) == 0, timeout=5, what="every block free")
+
+
+def test_kv_for_an_aborted_request_id_is_refused_with_a_reason_in_the_log(roles, caplog):
+    prompt, token, prompt_stub, _ = roles
+    with grpc.insecure_channel(f"127.0.0.1:{token.port}") as channel:
+        assert not pb_grpc.WorkerStub(channel).Abort(pb.AbortRequest(request_id="gone"), timeout=5).found
+    sampling = pb.SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with caplog.at_level(logging.WARNING, logger="phasesplit.roles.kv_inbox"), pytest.raises(grpc.RpcError) as err:
+        prompt_stub.Prefill(pb.PrefillRequest(request_id="gone", prompt_token_ids=PROMPT, sampling=sampling,
+                                              token_worker=f"127.0.0.1:{token.port}"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.ABORTED and "aborted" in err.value.details()
+    assert any("gone" in r.getMessage() and "refus" in r.getMessage() for r in caplog.records)
+    wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")

@@ -1,0 +1,34 @@
+"""What local mode starts the router with comes from the manifest: the model's maxModelLen (a
+900-token prompt asking for 1000 tokens on a 1024-token model is refused naming 1024) and the
+migration knobs."""
+
+import pytest
+from support.serving import manifest
+
+from phasesplit.local.plan import build_plan, validate_manifest
+from phasesplit.router.main import build_parser, settings_from_args
+from phasesplit.router.openai_api import APIError, CompletionRequest
+from phasesplit.router.prompts import sampling_params
+
+
+def router_settings(doc: dict, model_dir):
+    plan = build_plan(validate_manifest(doc), str(model_dir), port=0)
+    return settings_from_args(build_parser().parse_args(["--model", str(model_dir), *plan.router_args]))
+
+
+def test_local_mode_gives_the_router_the_manifests_max_model_len_and_migration_knobs(tiny_model_dir):
+    doc = manifest("len", {"prompt": 1, "token": 1})
+    doc["spec"]["model"]["maxModelLen"] = 1024
+    doc["spec"]["router"]["migration"] = {"maxAttempts": 5, "stallTimeoutSeconds": 7}
+    settings = router_settings(doc, tiny_model_dir)
+    assert settings.max_model_len == 1024
+    assert (settings.migration.max_attempts, settings.migration.stall_timeout) == (5, 7.0)
+    with pytest.raises(APIError, match="maximum context length is 1024 tokens.*not 1000") as err:
+        sampling_params(CompletionRequest(model="tiny", prompt="x", max_tokens=1000), 900, settings.max_model_len)
+    assert err.value.param == "max_tokens"
+
+
+def test_migration_is_on_by_default(tiny_model_dir):
+    doc = manifest("defaults", {"mixed": 1})
+    del doc["spec"]["router"]
+    assert router_settings(doc, tiny_model_dir).migration.max_attempts == 3

@@ -1,0 +1,155 @@
+"""Faults under real processes in local mode: a token worker SIGKILLed or SIGSTOPped under concurrent
+long streams costs no stream a token (exactly the text of an uninterrupted run, greedy and seeded),
+clients closing streams during it leave every KV block free, a prompt worker killed during prefills
+and KV transfers costs no request, and local mode replaces a dead router as it replaces a dead worker."""
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+import urllib.request
+
+import httpx
+import pytest
+from support import prom
+from support.polling import poll, wait_for
+from support.serving import STALL_TIMEOUT, metrics, wait_quiet, worker_load
+from support.words import WORDS
+
+pytestmark = pytest.mark.slow
+
+MAX_TOKENS = 160
+
+
+def body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
+    rng = random.Random(i)
+    body = {"model": "tiny", "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))),
+            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    return body | ({"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "seed": 1000 + i})
+
+
+async def stream(client: httpx.AsyncClient, base_url: str, body: dict, progress: list[int] | None = None,
+                 close_after: int | None = None) -> tuple[str, str | None, int | None]:
+    """(text, finish reason, usage completion tokens); `progress[0]` counts chunks as they come."""
+    text, finish, usage = "", None, None
+    async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
+        assert reply.status_code == 200, await reply.aread()
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            if event.get("usage"):
+                usage = event["usage"]["completion_tokens"]
+                continue
+            text += event["choices"][0]["text"]
+            finish = event["choices"][0]["finish_reason"] or finish
+            if progress is not None:
+                progress[0] += 1
+                if close_after is not None and progress[0] >= close_after:
+                    return text, None, None
+    return text, finish, usage
+
+
+def kv_used(address: str) -> int:
+    return worker_load(address).kv_blocks_used
+
+
+def wait_pool_restored(cluster, pool: str, replicas: int) -> None:
+    """Until the supervisor's replacement serves and the router routes to `replicas` workers of the pool."""
+    def routable() -> bool:
+        with urllib.request.urlopen(f"{cluster.base_url}/admin/pools", timeout=5) as r:
+            workers = json.loads(r.read())[pool]["workers"]
+        return sum(w["routable"] for w in workers) == replicas
+    wait_for(routable, timeout=120, interval=0.5, what=f"{replicas} routable {pool} workers")
+
+
+def migrated(base_url: str) -> float:
+    return prom.value(metrics(base_url), "phasesplit_migrations_total", stage="mid_stream")
+
+
+async def run_fault(split, mixed, fault, n: int = 16, cancelled: int = 0) -> None:
+    """n streams through `split` (and `cancelled` more that their clients close at random points) while
+    `fault()` hits once every stream has output; each must equal the same request on `mixed`, uninterrupted."""
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        reference = asyncio.gather(*(stream(client, mixed.base_url, body(i)) for i in range(n)))
+        progress = [[0] for _ in range(n + cancelled)]
+        rng = random.Random(5)
+        runs = [stream(client, split.base_url, body(i), progress[i]) for i in range(n)]
+        runs += [stream(client, split.base_url, body(100 + i), progress[n + i], close_after=rng.randint(1, 60))
+                 for i in range(cancelled)]
+        runs = asyncio.gather(*runs)
+        # every stream has output (a sampled one's text comes in fewer, longer chunks)
+        while min(p[0] for p in progress[:n]) < 1 or sum(p[0] for p in progress[:n]) < 5 * n:
+            await asyncio.sleep(0.05)
+        fault()
+        got, want = await runs, await reference
+    for i in range(n):
+        assert got[i] == (want[i][0], "length", MAX_TOKENS), f"stream {i}: {got[i]!r} != {want[i]!r}"
+
+
+def test_sigkill_of_a_token_worker_under_16_long_streams_costs_no_token(split, mixed):
+    victim = split.workers["token"][0]
+    before = migrated(split.base_url)
+    asyncio.run(run_fault(split, mixed, lambda: os.kill(victim.proc.pid, signal.SIGKILL), cancelled=6))
+    assert migrated(split.base_url) - before >= 1
+    wait_pool_restored(split, "token", 2)
+    state = wait_quiet(split, timeout=20)
+    assert all(v == (0, 0, 0, 0) for k, v in state.items() if k != "router inflight"), state
+
+
+def test_a_sigstopped_token_worker_is_migrated_and_frees_its_blocks_after_sigcont(split, mixed):
+    stopped = []
+
+    def stop():   # the token worker holding most of the streams
+        with urllib.request.urlopen(f"{split.base_url}/admin/pools", timeout=5) as r:
+            busiest = max(json.loads(r.read())["token"]["workers"], key=lambda w: w["inflight"])
+        victim = next(h for h in split.workers["token"] if h.address == busiest["address"])
+        os.kill(victim.proc.pid, signal.SIGSTOP)
+        stopped.append((victim, time.monotonic()))
+
+    before = migrated(split.base_url)
+    try:
+        asyncio.run(run_fault(split, mixed, stop, n=8))
+    finally:
+        for victim, _ in stopped:
+            os.kill(victim.proc.pid, signal.SIGCONT)
+    victim, stopped_at = stopped[0]
+    assert time.monotonic() - stopped_at >= STALL_TIMEOUT and migrated(split.base_url) - before >= 1
+    used = poll(lambda: kv_used(victim.address), lambda used: used == 0, timeout=30, interval=0.2)
+    assert used == 0, "the stalled worker's streams were cancelled: it frees their blocks once it runs again"
+    state = wait_quiet(split, timeout=20)
+    assert all(v == (0, 0, 0, 0) for k, v in state.items() if k != "router inflight"), state
+
+
+def test_a_prompt_worker_killed_during_prefills_and_transfers_costs_no_request(split, mixed):
+    victim = split.workers["prompt"][0]
+
+    async def run():
+        long_bodies = [body(200 + i, 8) | {"prompt": " ".join(WORDS * 12)[: 3000 + 50 * i]} for i in range(8)]
+        async with httpx.AsyncClient(timeout=300) as client:
+            jobs = [asyncio.create_task(stream(client, split.base_url, b)) for b in long_bodies]
+            await asyncio.sleep(0.3)     # prefills queued and running, layers on their way
+            os.kill(victim.proc.pid, signal.SIGKILL)
+            got = await asyncio.gather(*jobs)
+            want = await asyncio.gather(*(stream(client, mixed.base_url, b) for b in long_bodies))
+        assert got == want
+
+    asyncio.run(run())
+    wait_pool_restored(split, "prompt", 2)
+
+
+def test_local_mode_replaces_a_dead_router(split):
+    os.kill(split.router.pid, signal.SIGKILL)
+
+    def answers() -> bool:
+        try:
+            with urllib.request.urlopen(f"{split.base_url}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    wait_for(answers, timeout=90, interval=0.5, what="a new router")
+    wait_pool_restored(split, "token", 2)
