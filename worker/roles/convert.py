@@ -32,7 +32,8 @@ def sampling_to_proto(params: SamplingParams) -> pb.SamplingParams:
 
 def layout_from_proto(msg: pb.KVLayout) -> KVLayout:
     return KVLayout(model=msg.model, dtype=msg.dtype, num_layers=msg.num_layers, num_kv_heads=msg.num_kv_heads,
-                    head_dim=msg.head_dim, block_size=msg.block_size)
+                    head_dim=msg.head_dim, block_size=msg.block_size,
+                    tensor_parallel_size=msg.tensor_parallel_size or 1, tensor_parallel_rank=msg.tensor_parallel_rank)
 
 
 def kv_header(export: KVExport, layout) -> pb.KVHeader:
