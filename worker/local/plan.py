@@ -19,6 +19,7 @@ class PoolPlan:
     max_replicas: int
     worker_args: list[str] = field(default_factory=list)
     autoscaling: dict = field(default_factory=dict)
+    tensor_parallel_size: int = 1  # a worker's rank r also listens on its port + r
 
 
 @dataclass(slots=True)
@@ -134,4 +135,5 @@ def _pool_plan(name: str, pool: dict, common: list[str]) -> PoolPlan:
     return PoolPlan(name=name, replicas=replicas,
                     min_replicas=int(scaling.get("minReplicas", replicas)),
                     max_replicas=int(scaling.get("maxReplicas", replicas)),
-                    worker_args=args, autoscaling=scaling)
+                    worker_args=args, autoscaling=scaling,
+                    tensor_parallel_size=int(pool.get("tensorParallelSize", 1)))

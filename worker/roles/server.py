@@ -38,7 +38,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--served-model-name", help="model name clients use (default: the directory's name)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051,
+                   help="gRPC port; with --tensor-parallel N, rank r takes its KV shard on port + r")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--block-size", type=int, default=16)
@@ -63,9 +64,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tensor_parallel < 1:
         p.error(f"--tensor-parallel: must be >= 1, got {args.tensor_parallel}")
-    if args.tensor_parallel > 1 and args.role != "mixed":
-        p.error(f"--tensor-parallel {args.tensor_parallel}: a tensor-parallel worker serves --role mixed only "
-                "(the KV transfer moves one rank's cache; prompt and token workers run one rank)")
     for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(args, name)}")
@@ -209,7 +207,8 @@ def serve(args: argparse.Namespace, tp=None, device: str | None = None) -> int:
     try:
         engine = load_engine(args, tp, device)
         if not leader:
-            engine.follow()
+            from phasesplit.roles.follower import follow
+            follow(engine, args, sending_transport)
             return 0
         server = WorkerServer(engine, args).start()
     except (OSError, ValueError) as exc:
