@@ -312,16 +312,21 @@ def build_network_policy(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     roles = [role for role, _ in spec.pools.items()]
     members = {"app.kubernetes.io/name": "phasesplit", "app.kubernetes.io/instance": owner.name}
     workers = {"matchLabels": members, "matchExpressions": [{"key": ROLE_LABEL, "operator": "In", "values": roles}]}
-    ingress = [{"from": [{"podSelector": {"matchLabels": members}}],
-                "ports": [{"protocol": "TCP", "port": WORKER_PORT}]}]
+    # A tensor-parallel token worker's rank r takes its KV shard on each of these ports + r.
+    ranks = max(pool.tensor_parallel_size for role, pool in spec.pools.items() if role != "prompt")
+    ingress = [{"from": [{"podSelector": {"matchLabels": members}}], "ports": [_port_range(WORKER_PORT, ranks)]}]
     if spec.kv_transfer.backend == "nccl":
         # NCCL opens its own ephemeral ports between prompt and token workers.
         ingress.append({"from": [{"podSelector": workers}]})
     if spec.kv_transfer.backend == "tcp":  # prompt workers send the KV bytes to the token workers' KV port
-        ingress.append({"from": [{"podSelector": workers}], "ports": [{"protocol": "TCP", "port": spec.kv_transfer.tcp.port}]})
+        ingress.append({"from": [{"podSelector": workers}], "ports": [_port_range(spec.kv_transfer.tcp.port, ranks)]})
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": metadata(owner, network_policy_name(owner), "network"),
             "spec": {"podSelector": workers, "policyTypes": ["Ingress"], "ingress": ingress}}
+
+
+def _port_range(first: int, count: int) -> dict:
+    return {"protocol": "TCP", "port": first, **({"endPort": first + count - 1} if count > 1 else {})}
 
 
 # --- everything ------------------------------------------------------------------------------

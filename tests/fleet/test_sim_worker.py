@@ -46,7 +46,7 @@ def test_local_mode_passes_the_simulated_engine_to_every_pool(tiny_model_dir):
     assert prompt[prompt.index("--engine") + 1] == "sim" and token[token.index("--engine") + 1] == "sim"
     assert prompt[prompt.index("--sim-hardware") + 1] == HARDWARE
     assert token[token.index("--sim-hardware") + 1] == "a100-80gb"
-    assert plan.max_model_len == 16384
+    assert plan.router_args[plan.router_args.index("--max-model-len") + 1] == "16384"
 
 
 def test_a_bad_simulated_source_is_refused_naming_the_field():

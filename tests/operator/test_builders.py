@@ -69,7 +69,7 @@ def test_pods_are_locked_down(path):
 
 def test_workers_probe_grpc_health_and_outlive_their_drain():
     objs = children("heterogeneous")
-    token = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-8b-split-token")
+    token = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-70b-split-token")
     pod = token["spec"]["template"]["spec"]
     worker = pod["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
@@ -81,13 +81,13 @@ def test_workers_probe_grpc_health_and_outlive_their_drain():
 
 def test_heterogeneous_pools_land_on_their_own_gpus():
     objs = {o["metadata"]["name"]: o for o in children("heterogeneous") if o["kind"] == "Deployment"}
-    prompt = objs["llama-8b-split-prompt"]["spec"]["template"]["spec"]
-    token = objs["llama-8b-split-token"]["spec"]["template"]["spec"]
+    prompt = objs["llama-70b-split-prompt"]["spec"]["template"]["spec"]
+    token = objs["llama-70b-split-token"]["spec"]["template"]["spec"]
     assert prompt["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert token["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
     assert token["affinity"]["podAntiAffinity"]
     assert {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"} in token["containers"][0]["env"]
-    assert prompt["volumes"][0]["image"]["reference"].endswith("llama-3-8b-instruct:1")
+    assert prompt["volumes"][0]["image"]["reference"].endswith("llama-3-70b-instruct:1")
 
 
 def test_nccl_workers_host_the_rendezvous_store_on_the_declared_port():
@@ -186,3 +186,14 @@ def test_tcp_workers_open_the_kv_port_to_each_other_only():
     with pytest.raises(ValueError, match="backend"):
         doc["spec"]["kvTransfer"] = {"backend": "tcpx"}
         si.SplitInference.model_validate(doc)
+
+
+def test_tensor_parallel_split_pools_open_each_ranks_kv_port_to_the_workers():
+    objs = children("heterogeneous")
+    for role in ("prompt", "token"):
+        deployment = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"].endswith(role))
+        args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--tensor-parallel") + 1] == "8"
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    ports = [port for rule in policy["spec"]["ingress"] for port in rule.get("ports", [])]
+    assert {"protocol": "TCP", "port": builders.WORKER_PORT, "endPort": builders.WORKER_PORT + 7} in ports

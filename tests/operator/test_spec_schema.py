@@ -62,7 +62,8 @@ INVALID = [
     ("GPUs other than the ranks", [("spec.pools.token.resources.limits", {"nvidia.com/gpu": 2})],
      "spec.pools.token.tensorParallelSize"),
     ("zero ranks", [("spec.pools.token.tensorParallelSize", 0)], "spec.pools.token.tensorParallelSize"),
-    ("ranks on a prompt pool", [("spec.pools.prompt.tensorParallelSize", 2)], "spec.pools"),
+    ("unequal prompt and token ranks", [("spec.pools.prompt.tensorParallelSize", 2)],
+     "spec.pools.token.tensorParallelSize"),
 ]
 
 

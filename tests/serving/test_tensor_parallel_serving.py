@@ -8,7 +8,7 @@ import signal
 import time
 
 import pytest
-from support.serving import manifest, start_cluster, start_worker
+from support.serving import manifest, start_cluster, start_worker, worker_load
 from test_exactness import complete_all, prompts
 
 pytestmark = pytest.mark.slow
@@ -53,3 +53,23 @@ def test_a_dead_rank_takes_the_worker_down_with_a_nonzero_exit(tiny_model_dir, t
         assert not any(_running(p) for p in ranks)
     finally:
         proc.stop(5)
+
+
+@pytest.fixture(scope="module", params=["grpc", "tcp", "nccl"])
+def split_tp2(request, tiny_model_dir, tmp_path_factory):
+    """Prompt and token pools of 2 gloo ranks each: every rank moves its own KV-head shard."""
+    doc = manifest(f"split-tp2-{request.param}", {"prompt": 1, "token": 1})
+    doc["spec"]["kvTransfer"]["backend"] = request.param
+    for pool in ("prompt", "token"):
+        doc["spec"]["pools"][pool]["tensorParallelSize"] = 2
+    cluster = start_cluster(doc, tiny_model_dir, tmp_path_factory.mktemp(f"split-tp2-{request.param}-logs"))
+    yield cluster
+    cluster.stop(15)
+
+
+def test_split_pools_of_two_ranks_each_match_one_mixed_rank_and_leak_nothing(split_tp2, mixed):
+    jobs = prompts(12, seed=5)
+    through_split = asyncio.run(complete_all(split_tp2.base_url, jobs))
+    assert through_split == asyncio.run(complete_all(mixed.base_url, jobs))
+    for address in split_tp2.addresses("prompt") + split_tp2.addresses("token"):
+        assert worker_load(address).kv_blocks_used == 0

@@ -130,3 +130,16 @@ def test_tune_malloc_raises_the_glibc_thresholds():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     settings = ast.literal_eval(out)
     assert settings["mmap_threshold"] >= 32 << 20 and settings["trim_threshold"] == 1 << 30
+
+
+def test_unequal_tensor_parallel_sizes_are_refused_naming_both():
+    with pytest.raises(LayoutMismatch) as err:
+        check_layout(make_layout(), pb.KVLayout(**{**_fields(make_layout()), "tensor_parallel_size": 4}))
+    assert "tensor-parallel size 1, the prompt worker 4" in str(err.value)
+    with pytest.raises(LayoutMismatch, match="tensor_parallel_rank: 0 here, 1 from the sender"):
+        check_layout(make_layout(), pb.KVLayout(**{**_fields(make_layout()), "tensor_parallel_rank": 1}))
+    check_layout(make_layout(), pb.KVLayout(**{**_fields(make_layout()), "tensor_parallel_size": 1}))
+
+
+def _fields(layout: pb.KVLayout) -> dict:
+    return {f.name: v for f, v in layout.ListFields()}

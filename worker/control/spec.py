@@ -277,8 +277,8 @@ class Pool(Spec):
         return self
 
 
-SPLIT_TP_MESSAGE = ("tensorParallelSize > 1 is supported on the mixed pool only: prompt and token workers run "
-                    "one rank (the KV transfer moves one rank's cache)")
+SPLIT_TP_MESSAGE = ("prompt and token pools must have the same tensorParallelSize: each prompt rank sends its "
+                    "KV-head shard to the token rank holding the same heads (no re-sharding)")
 
 
 class Pools(Spec):
@@ -288,8 +288,8 @@ class Pools(Spec):
         cel("!has(self.prompt) || !has(self.token) || self.prompt.engine.blockSize == self.token.engine.blockSize",
             "prompt and token pools must use the same engine.blockSize (the KV layout must match)",
             ".token"),
-        cel("(!has(self.prompt) || self.prompt.tensorParallelSize == 1) && "
-            "(!has(self.token) || self.token.tensorParallelSize == 1)", SPLIT_TP_MESSAGE))
+        cel("!has(self.prompt) || !has(self.token) || self.prompt.tensorParallelSize == self.token.tensorParallelSize",
+            SPLIT_TP_MESSAGE, ".token.tensorParallelSize"))
     prompt: Pool | None = None
     token: Pool | None = None
     mixed: Pool | None = None
@@ -300,8 +300,9 @@ class Pools(Spec):
             raise ValueError("set both prompt and token pools (or a mixed pool)")
         if self.prompt and self.token and self.prompt.engine.block_size != self.token.engine.block_size:
             raise ValueError("prompt and token pools must use the same engine.blockSize (the KV layout must match)")
-        if any(pool.tensor_parallel_size != 1 for pool in (self.prompt, self.token) if pool):
-            raise ValueError(SPLIT_TP_MESSAGE)
+        if self.prompt and self.token and self.prompt.tensor_parallel_size != self.token.tensor_parallel_size:
+            raise ValueError(f"{SPLIT_TP_MESSAGE}: prompt {self.prompt.tensor_parallel_size}, "
+                             f"token {self.token.tensor_parallel_size}")
         return self
 
     def items(self) -> list[tuple[str, Pool]]:

@@ -100,7 +100,7 @@ class LLMEngine:
             model=config.served_model_name or os.path.basename(os.path.normpath(config.model_dir)),
             dtype=str(self.dtype).removeprefix("torch."), num_layers=mc.num_layers,
             num_kv_heads=len(self.model.shard.kv_heads), head_dim=mc.head_dim, block_size=config.block_size,
-            tensor_parallel_size=tp.size)
+            tensor_parallel_size=tp.size, tensor_parallel_rank=tp.rank)
         model_limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
         if config.max_model_len is not None and config.max_model_len > model_limit:
             raise ValueError(f"max_model_len: got {config.max_model_len}, the model allows at most {model_limit}")

@@ -30,6 +30,7 @@ class KVLayout:
     head_dim: int
     block_size: int
     tensor_parallel_size: int = 1
+    tensor_parallel_rank: int = 0
 
     def differences(self, other: KVLayout) -> list[str]:
         """Names and values of the fields that differ, e.g. `["head_dim: 64 != 128"]`."""

@@ -32,6 +32,7 @@ class TensorParallel:
     size: int = 1
     group: object = None  # the data-plane group (NCCL on CUDA, gloo on CPU); None: the default group
     control: object = None  # a gloo group for rank 0's commands to the others
+    store: object = None  # the group's key-value store: what a rank reports to rank 0 off the engine thread
 
     @property
     def is_leader(self) -> bool:
@@ -69,9 +70,11 @@ def init_tensor_parallel(rank: int, size: int, master: str, device: torch.device
     if size == 1:
         return TensorParallel()
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{master}", rank=rank, world_size=size)
+    host, port = master.rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), size, rank == 0, CONTROL_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size)
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-    return TensorParallel(rank, size, None, control)
+    return TensorParallel(rank, size, None, control, dist.PrefixStore("phasesplit/", store))
 
 
 def check_tensor_parallel(config: ModelConfig, size: int) -> None:

@@ -35,6 +35,12 @@ class ForwardBatch:
     def is_prefill(self) -> bool:
         return self.cu_seqlens is not None
 
+    def prefill_blocks(self, request_id: str, block_size: int) -> list[int]:
+        """The cache blocks a prefilled sequence's KV went to (its tokens start at position 0)."""
+        i = self.request_ids.index(request_id)
+        first_slots = self.slot_mapping[self.cu_seqlens[i]:self.cu_seqlens[i + 1]:block_size]
+        return (first_slots // block_size).tolist()
+
 
 @dataclasses.dataclass(slots=True)
 class Command:
@@ -53,6 +59,7 @@ class ModelRunner:
         self.device = device
         self.layer_hook: Callable[[int, list[str]], None] | None = None
         self.state: dict = {}  # what commands keep between calls on this rank
+        self.batch: ForwardBatch | None = None  # the batch being run (layer hooks read it)
 
     def run(self, batch: ForwardBatch) -> Tensor | None:
         """Rank 0: the batch on every rank; float32 logits [sequences, vocab] of its next tokens."""
@@ -83,6 +90,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> Tensor | None:
+        self.batch = batch
         slot_mapping = batch.slot_mapping.to(self.device)
         if batch.is_prefill:
             cu_seqlens, request_ids = batch.cu_seqlens, batch.request_ids

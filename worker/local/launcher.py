@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from phasesplit.local import plan as local_plan
-from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, phasesplit_argv,
+from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, free_ports, phasesplit_argv,
                                     wait_grpc_serving, wait_http_ok)
 from phasesplit.v1 import worker_pb2, worker_pb2_grpc
 
@@ -207,7 +207,7 @@ class LocalCluster:
         with self._lock:
             self._serial += 1
             name = f"{pool}-{self._serial}"
-        port = free_port()
+        port = free_ports(self.plan.pools[pool].tensor_parallel_size)
         argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port))
         return WorkerHandle(pool, f"{HOST}:{port}", ManagedProcess(name, argv, self.log_dir).start())
 

@@ -18,6 +18,7 @@ class PoolPlan:
     name: str  # also the workers' role
     replicas: int
     worker_args: list[str]
+    tensor_parallel_size: int = 1  # a worker's rank r also listens on its port + r
 
 
 @dataclass(slots=True)
@@ -73,8 +74,8 @@ def build_plan(resource: si.SplitInference, model_dir: str | None = None, port: 
     model_dir = model_dir or _host_path(spec.model)
     common = ["--model", model_dir, "--served-model-name", spec.model.name, "--drain-timeout", str(drain_timeout)]
     pools = {role: PoolPlan(role, pool.replicas, ["--role", role, *common, *(
-        arg for s in worker_settings(spec, role, model_dir, in_cluster=False) for arg in s.literal())])
-        for role, pool in spec.pools.items()}
+        arg for s in worker_settings(spec, role, model_dir, in_cluster=False) for arg in s.literal())],
+        pool.tensor_parallel_size) for role, pool in spec.pools.items()}
     router_port = port if port is not None else spec.router.service.port
     return LocalPlan(name=resource.metadata.name, model_dir=model_dir, served_model_name=spec.model.name,
                      router_port=router_port, pools=pools, drain_timeout=drain_timeout, spec=spec)

@@ -32,6 +32,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
+    """The first of `count` consecutive free ports (a tensor-parallel worker's rank r listens on port + r)."""
+    for _ in range(attempts):
+        first = free_port(host)
+        if first + count - 1 > 65535:
+            continue
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, port))
+        except OSError:
+            continue
+        return first
+    raise OSError(f"no {count} consecutive free ports on {host}")
+
+
 def _die_with_parent(parent_pid: int):
     """preexec_fn: the kernel sends SIGTERM to the child when the launcher dies, however it dies."""
     def arm() -> None:

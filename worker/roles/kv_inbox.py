@@ -20,6 +20,7 @@ import torch
 from phasesplit.engine.kv_cache import KVCapacityError
 from phasesplit.roles.convert import kv_export
 from phasesplit.roles.core import WorkerCore
+from phasesplit.roles.shard_receive import claim_shard, expect_shard, forget_shard
 from phasesplit.roles.tombstones import Tombstones
 from phasesplit.transport import base, blocks
 from phasesplit.v1 import worker_pb2 as pb
@@ -107,8 +108,6 @@ class KVInbox(base.KVSink):
 
     def begin(self, header: pb.KVHeader) -> ReceivedKV:
         base.check_layout(self.engine.layout, header.layout)
-        if self.core.draining.is_set():
-            raise base.CapacityError("token worker is draining and takes no new KV")
         try:
             return self.core.loop.run(self._reserve, header)
         except KVCapacityError as exc:
@@ -117,17 +116,37 @@ class KVInbox(base.KVSink):
             raise base.TransferError(f"request {header.request_id}: {exc}") from exc
 
     def _reserve(self, header: pb.KVHeader) -> ReceivedKV:
-        """Engine thread. The tombstone check, the reservation and the entry are one step for abort()."""
+        """Engine thread. The tombstone check, the reservation and the entry are one step for abort().
+        With tensor parallelism the other ranks learn the blocks (or the refusal) before anything else."""
         rid = header.request_id
-        with self._changed:
-            if rid in self._aborted:
-                log.warning("request %s: KV refused: the request was aborted here within the last %g s "
-                            "(a retry must use a new request id)", rid, self.lease)
-                raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
-            entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)))
-            self._entries[rid] = entry
-            self._changed.notify_all()
+        try:
+            if self.core.draining.is_set():
+                raise base.CapacityError("token worker is draining and takes no new KV")
+            with self._changed:
+                if rid in self._aborted:
+                    log.warning("request %s: KV refused: the request was aborted here within the last %g s "
+                                "(a retry must use a new request id)", rid, self.lease)
+                    raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
+                entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)))
+                self._entries[rid] = entry
+                self._changed.notify_all()
+        except BaseException:
+            if rid not in self.engine.reserved:  # (a duplicate must not close the shards of the transfer under way)
+                self._on_ranks(forget_shard, rid)
+            raise
+        self._on_ranks(expect_shard, rid, entry.block_ids)
         return entry
+
+    def _on_ranks(self, command, *args):
+        """Engine thread: `command` on the other tensor-parallel ranks (a no-op on this one); its result here."""
+        if self.engine.tp.size > 1:
+            return self.engine.runner.command(command, *args)
+        return None
+
+    def claim_shards(self, request_id: str) -> bool:
+        """Generate, once this rank's KV is claimed: whether every other rank holds its shard too (they
+        stop taking writes for it either way). Always true without tensor parallelism."""
+        return self.engine.tp.size == 1 or self.core.loop.run(self._on_ranks, claim_shard, request_id)
 
     # ---- Generate and Abort (gRPC threads) ----
 
@@ -160,7 +179,11 @@ class KVInbox(base.KVSink):
             return sum(e.state in (RECEIVING, READY) for e in self._entries.values())
 
     def release_blocks(self, request_id: str) -> None:
-        self.core.loop.run(self.engine.release, request_id)
+        self.core.loop.run(self._release, request_id)
+
+    def _release(self, request_id: str) -> None:
+        self._on_ranks(forget_shard, request_id)  # before the blocks can go to another request
+        self.engine.release(request_id)
 
     # ---- lease and stall ----
 

@@ -21,6 +21,7 @@ from phasesplit.roles.convert import kv_header, sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
 from phasesplit.roles.remote_abort import RemoteAborts
+from phasesplit.roles.shard_send import LeaderShards, ShardRun
 from phasesplit.roles.streaming import submit_or_abort
 from phasesplit.transport.base import KVSender, TransferError, status_of
 from phasesplit.v1 import worker_pb2 as pb
@@ -47,6 +48,7 @@ class _Transfer:
     timing: PrefillTiming
     layerwise: bool
     sender: KVSender | None = None
+    shards: ShardRun | None = None  # the other tensor-parallel ranks' transfers
 
 
 class PromptService(pb_grpc.PromptWorkerServicer):
@@ -57,6 +59,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         self._transfers: dict[str, _Transfer] = {}
         self._lock = threading.Lock()
         self.remote_aborts = RemoteAborts()
+        self.shards = LeaderShards(core) if core.engine.tp.size > 1 else None
         core.engine.layer_hook = self._on_layer
 
     # ---- engine thread ----
@@ -116,8 +119,9 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                 self._end_early(request, transfer)
             else:
                 if transfer.sender is None:
-                    self._open(request, context, transfer, first_token=first_token)
-                    self._send_all_layers(rid, transfer)
+                    block_ids = self.core.loop.run(lambda: engine.export_kv(rid).block_ids)
+                    self._open(request, context, transfer, first_token=first_token, block_ids=block_ids)
+                    self._send_all_layers(transfer, block_ids)
                 self._finish(request, transfer, context, timing)
             reply = pb.PrefillReply(first_token=first_token, first_text=out.text, finish_reason=out.finish_reason or "",
                                     queue_seconds=max(0.0, (timing.first_layer or timing.first_token) - timing.arrived),
@@ -151,7 +155,9 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}")
 
-    def _open(self, request, context, transfer: _Transfer, first_token: int | None) -> None:
+    def _open(self, request, context, transfer: _Transfer, first_token: int | None,
+              block_ids: list[int] | None = None) -> None:
+        """Opens this rank's transfer, and the other ranks' (which, given `block_ids`, send every layer at once)."""
         export = KVExport(request.request_id, list(request.prompt_token_ids), first_token, [])
         header = kv_header(export, self.core.engine.layout)
         transfer.timing.transfer_opened = time.perf_counter()
@@ -160,11 +166,12 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         except (ValueError, TransferError) as exc:
             self._drop(request.request_id, abort_sender=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer to {request.token_worker}: {exc}")
+        if self.shards is not None:
+            transfer.shards = self.shards.open(request.request_id, request.token_worker, header, block_ids)
 
-    def _send_all_layers(self, rid: str, transfer: _Transfer) -> None:
+    def _send_all_layers(self, transfer: _Transfer, block_ids: list[int]) -> None:
         """Serialized transfer: every layer after the prompt phase (the blocks are held, untouched)."""
         engine = self.core.engine
-        block_ids = self.core.loop.run(lambda: engine.export_kv(rid).block_ids)
         for layer in range(engine.layout.num_layers):
             transfer.sender.send_layer(layer, engine.kv_cache.k[layer], engine.kv_cache.v[layer], block_ids)
 
@@ -172,12 +179,13 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         rid = request.request_id
         try:
             result = transfer.sender.finish()
+            shard_bytes = transfer.shards.result(self.core.settings.kv_transfer_timeout) if transfer.shards else 0
         except TransferError as exc:
             self._drop(rid, abort_sender=True)
             context.set_trailing_metadata(((KV_PEER_FAILED, request.token_worker),))
             context.abort(status_of(exc), f"KV transfer to {request.token_worker}: {exc}")
         timing.acknowledged = time.perf_counter()
-        timing.kv_bytes = result.bytes
+        timing.kv_bytes = result.bytes + shard_bytes
         self._drop(rid, abort_sender=False)
 
     def _end_early(self, request, transfer: _Transfer) -> None:
@@ -193,6 +201,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
             transfer = self._transfers.pop(rid, None)
         if transfer is not None and transfer.sender is not None and abort_sender:
             transfer.sender.abort()
+        if transfer is not None and transfer.shards is not None and abort_sender:
+            self.shards.abort(rid, transfer.shards, self.core.settings.kv_transfer_timeout)
         return transfer is not None
 
     def _release(self, rid: str) -> None:

@@ -72,9 +72,6 @@ class WorkerConfig:
                 raise ValueError(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(self, name)}")
         if self.tensor_parallel < 1:
             raise ValueError(f"--tensor-parallel: must be >= 1, got {self.tensor_parallel}")
-        if self.tensor_parallel > 1 and self.role != "mixed":
-            raise ValueError(f"--tensor-parallel {self.tensor_parallel}: a tensor-parallel worker serves --role "
-                             "mixed only (the KV transfer moves one rank's cache; prompt and token workers run one rank)")
 
 
 def parse_args(argv: list[str]) -> WorkerConfig:
@@ -85,7 +82,8 @@ def parse_args(argv: list[str]) -> WorkerConfig:
     p.add_argument("--model", required=True, help="Hugging Face model directory")
     p.add_argument("--served-model-name", help="model name clients use (default: the directory's name)")
     p.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
-    p.add_argument("--port", type=int, help="gRPC port (default: 50051; 0 picks a free one)")
+    p.add_argument("--port", type=int, help="gRPC port (default: 50051; 0 picks a free one); with --tensor-parallel N, "
+                   "rank r takes its KV shard on port + r")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32")
     p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--block-size", type=int, help="tokens per KV block (default: 16)")
@@ -260,7 +258,8 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
     try:
         engine = load_engine(config, tp, device)
         if not leader:
-            engine.follow()
+            from phasesplit.roles.follower import follow
+            follow(engine, config, sending_transport)
             return 0
         server = WorkerServer(engine, config).start()
     except (OSError, ValueError) as exc:

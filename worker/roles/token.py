@@ -64,6 +64,10 @@ class TokenService(pb_grpc.TokenWorkerServicer):
                           "first_token: required (the prompt worker's first token) when the KV header lacks it")
         if not entry.claim():
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"request {rid}: KV is {entry.state}: {entry.error}")
+        if not self.inbox.claim_shards(rid):
+            self.core.loop.run(engine.release, rid)
+            context.abort(grpc.StatusCode.ABORTED, f"request {rid}: KV transfer failed: the KV shard of a "
+                                                   "tensor-parallel rank did not arrive")
 
         def add():
             try:

@@ -29,7 +29,10 @@ from phasesplit.v1 import worker_pb2 as pb
 K, V = 0, 1  # KVChunk.kind
 END = 2  # KVChunk.kind of a stream's last message (no data): the sender sent every chunk and finished
 
-LAYOUT_FIELDS = ("model", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size")
+LAYOUT_FIELDS = ("model", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size",
+                 "tensor_parallel_size", "tensor_parallel_rank")
+# What a layout without tensor parallelism (or from a sender that predates it) holds.
+_TP_DEFAULTS = {"tensor_parallel_size": 1, "tensor_parallel_rank": 0}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,6 +50,10 @@ class LayoutMismatch(TransferError):
             diffs = ", ".join(f"{name}: {ours!r} here, {theirs!r} from the sender"
                               for name, (ours, theirs) in self.fields.items())
             message = f"KV layout mismatch ({diffs})"
+            if "tensor_parallel_size" in self.fields:
+                ours, theirs = self.fields["tensor_parallel_size"]
+                message += (f": this token worker has tensor-parallel size {ours}, the prompt worker {theirs}; "
+                            "KV moves rank to rank, so both pools need the same tensorParallelSize")
         super().__init__(message)
 
 
@@ -216,14 +223,15 @@ def layout_to_proto(layout) -> pb.KVLayout:
     """Any object with the layout fields (the engine's KVLayout, a dict, a KVLayout message)."""
     if isinstance(layout, pb.KVLayout):
         return layout
-    get = layout.get if isinstance(layout, dict) else lambda name: getattr(layout, name)
+    get = (lambda name: layout.get(name, _TP_DEFAULTS.get(name))) if isinstance(layout, dict) \
+        else lambda name: getattr(layout, name, _TP_DEFAULTS.get(name))
     return pb.KVLayout(**{name: get(name) for name in LAYOUT_FIELDS})
 
 
 def layout_fingerprint(layout) -> tuple:
-    """The fields two workers must agree on, as a comparable tuple."""
+    """The fields two workers must agree on, as a comparable tuple (an unset tensor_parallel_size is 1)."""
     msg = layout_to_proto(layout)
-    return tuple(getattr(msg, name) for name in LAYOUT_FIELDS)
+    return tuple(getattr(msg, name) or _TP_DEFAULTS.get(name, getattr(msg, name)) for name in LAYOUT_FIELDS)
 
 
 def check_layout(ours, theirs) -> None:

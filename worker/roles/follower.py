@@ -1,0 +1,67 @@
+"""The life of a tensor-parallel worker's rank r > 0: follow rank 0's engine, and move this rank's KV shard.
+
+A prompt (or mixed) rank sends its shard of each transfer rank 0 opens (`shard_send`). A token (or
+mixed) rank takes its shard on its own gRPC server at the worker's port + r, with the worker's KV
+backend (`shard_receive`; an nccl or tcp data port, when set, is likewise the worker's + r).
+Health, Generate and everything else stay with rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+
+import grpc
+
+from phasesplit.roles.shard_receive import STATE as INBOX, ShardInbox
+from phasesplit.roles.shard_send import STATE as SENDERS, ShardSenders
+from phasesplit.transport import channels, grpc_kv, make_receiver
+
+log = logging.getLogger(__name__)
+
+
+class ShardKVService:
+    """TokenWorker on a follower rank: PushKV into its ShardInbox; Generate belongs to rank 0."""
+
+    def __init__(self, inbox: ShardInbox, timeout: float):
+        self.receiver = make_receiver("grpc", inbox, layout=inbox.engine.layout, timeout=timeout)
+
+    def PushKV(self, request_iterator, context):
+        return self.receiver.push_kv(request_iterator, context)
+
+    def Generate(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                      "this port takes a tensor-parallel rank's KV shard; call Generate on the worker's port")
+
+
+def follow(engine, config, sending_transport) -> None:
+    """Until rank 0 closes the engine (`config`: the worker's `roles.server.WorkerConfig`)."""
+    runner, rank = engine.runner, engine.tp.rank
+    transport = server = receiver = None
+    if config.role in ("prompt", "mixed"):
+        transport = sending_transport(config.kv_backend, config.kv_transfer_timeout, engine.device)
+        runner.state[SENDERS] = ShardSenders(runner, transport)
+    if config.role in ("token", "mixed"):
+        inbox = runner.state[INBOX] = ShardInbox(engine, config.kv_transfer_timeout, config.kv_lease)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * config.max_num_seqs + 8,
+                                                        thread_name_prefix=f"rank{rank}-grpc"),
+                             options=list(channels.SERVER_OPTIONS))
+        grpc_kv.add_token_worker_to_server(ShardKVService(inbox, config.kv_transfer_timeout), server)
+        if config.kv_backend != "grpc":
+            port = config.nccl_port if config.kv_backend == "nccl" else config.kv_tcp_port
+            receiver = make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
+                                     timeout=config.kv_transfer_timeout, port=port + rank if port else 0)
+            receiver.add_to_server(server)
+        if not server.add_insecure_port(f"{config.host}:{config.port + rank}"):
+            raise OSError(f"--port: rank {rank} takes its KV shard on {config.host}:{config.port + rank}, "
+                          "which is not free")
+        server.start()
+        log.info("rank %d takes its KV shard on %s:%d", rank, config.host, config.port + rank)
+    try:
+        engine.follow()
+    finally:
+        if server is not None:
+            server.stop(grace=1.0).wait()
+        for part in (receiver, transport):
+            if part is not None:
+                part.close()

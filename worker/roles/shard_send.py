@@ -1,0 +1,201 @@
+"""A tensor-parallel prompt worker's KV transfers: each rank sends its own KV-head shard.
+
+Rank 0 sends its shard as a worker without tensor parallelism does (`prompt.PromptService`); for
+every other rank it broadcasts commands, run there in order between the batches:
+
+- `open_shard`: rank r opens a transfer of its shard to token rank r (the token worker's port + r),
+  through the worker's own KV transport, and sends each layer as its prefill writes it (or, given
+  the blocks, every layer at once: a serialized transfer).
+- `abort_shard`: rank r aborts that transfer.
+
+How each follower's transfer ended goes back to rank 0 through the tensor group's store
+(`kv/<transfer number>/<rank>`), off every engine thread. Rank 0 answers Prefill only once every
+rank's transfer was acknowledged (so the token worker holds every shard before Generate), and
+frees the blocks only once no follower reads them any more.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import logging
+import threading
+
+import grpc
+
+from phasesplit.transport.base import TransferAborted, TransferError, TransferTimeout, error_from_status, status_of
+from phasesplit.v1 import worker_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+STATE = "shard_senders"  # the key of a rank's ShardSenders in its runner's state
+
+
+def shard_address(addr: str, rank: int) -> str:
+    """Where token rank `rank` of the worker at `addr` (host:port, its rank 0) takes KV: port + rank."""
+    host, port = addr.rsplit(":", 1)
+    return f"{host}:{int(port) + rank}"
+
+
+def _key(number: int, rank: int) -> str:
+    return f"kv/{number}/{rank}"
+
+
+class _Shard:
+    """One follower transfer; `report` writes how it ended, once."""
+
+    def __init__(self, sender, number: int, num_layers: int):
+        self.sender, self.number, self.num_layers = sender, number, num_layers
+        self._reported = False
+        self._lock = threading.Lock()
+
+    def claim_report(self) -> bool:
+        with self._lock:
+            first, self._reported = not self._reported, True
+            return first
+
+
+class ShardSenders:
+    """A prompt worker's rank r > 0: its transfers, by request id."""
+
+    def __init__(self, runner, transport):
+        self.runner = runner
+        self.tp = runner.tp
+        self.transport = transport
+        self._shards: dict[str, _Shard] = {}
+        self._lock = threading.Lock()
+        runner.layer_hook = self.on_layer
+
+    def open(self, request_id: str, addr: str, header: pb.KVHeader, number: int, block_ids: list[int] | None) -> None:
+        header = pb.KVHeader.FromString(header.SerializeToString())
+        header.layout.tensor_parallel_rank = self.tp.rank
+        try:
+            sender = self.transport.open(shard_address(addr, self.tp.rank), header)
+        except (ValueError, TransferError) as exc:
+            self._report(number, exc)
+            return
+        shard = _Shard(sender, number, header.layout.num_layers)
+        with self._lock:
+            self._shards[request_id] = shard
+        if block_ids is not None:
+            for layer in range(shard.num_layers):
+                self._send(request_id, shard, layer, block_ids)
+
+    def on_layer(self, layer: int, request_ids: list[str]) -> None:
+        """The layer hook: this rank's prefill wrote `layer` of these requests."""
+        for rid in request_ids:
+            with self._lock:
+                shard = self._shards.get(rid)
+            if shard is not None:
+                self._send(rid, shard, layer, self.runner.batch.prefill_blocks(rid, self.runner.block_size))
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            shard = self._shards.get(request_id)
+        if shard is not None:  # abort() waits for the sender's thread: not on this rank's main thread
+            threading.Thread(target=self._end, args=(request_id, shard, True), name=f"kv-shard-abort-{request_id}",
+                             daemon=True).start()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._shards)
+
+    def _send(self, rid: str, shard: _Shard, layer: int, block_ids: list[int]) -> None:
+        cache = self.runner.kv_cache
+        shard.sender.send_layer(layer, cache.k[layer], cache.v[layer], block_ids)
+        if layer == shard.num_layers - 1:
+            threading.Thread(target=self._end, args=(rid, shard, False), name=f"kv-shard-{rid}", daemon=True).start()
+
+    def _end(self, rid: str, shard: _Shard, abort: bool) -> None:
+        result: TransferError | int
+        try:
+            if abort:
+                shard.sender.abort()
+                result = TransferAborted("transfer aborted by the prompt worker")
+            else:
+                result = shard.sender.finish().bytes
+        except TransferError as exc:
+            result = exc
+        except Exception as exc:  # noqa: BLE001 - rank 0 must hear of it either way
+            result = TransferError(f"rank {self.tp.rank}: {exc}")
+        with self._lock:
+            if self._shards.get(rid) is shard:
+                del self._shards[rid]
+        if shard.claim_report():
+            self._report(shard.number, result)
+
+    def _report(self, number: int, result: TransferError | int) -> None:
+        if isinstance(result, TransferError):
+            value = f"{status_of(result).name} {result}"
+        else:
+            value = f"OK {result}"
+        self.tp.store.set(_key(number, self.tp.rank), value)
+
+
+def open_shard(runner, request_id: str, addr: str, header: pb.KVHeader, number: int,
+               block_ids: list[int] | None) -> None:
+    if (senders := runner.state.get(STATE)) is not None:
+        senders.open(request_id, addr, header, number, block_ids)
+
+
+def abort_shard(runner, request_id: str) -> None:
+    if (senders := runner.state.get(STATE)) is not None:
+        senders.abort(request_id)
+
+
+class ShardRun:
+    """Rank 0's view of one request's follower transfers."""
+
+    def __init__(self, tp, number: int):
+        self.tp, self.number = tp, number
+        self._lock = threading.Lock()
+        self._result: TransferError | int | None = None
+
+    def result(self, timeout: float) -> int:
+        """The bytes every follower's token rank acknowledged; raises the first follower's TransferError.
+        Waits at most `timeout` seconds for the followers' reports, once: later calls repeat the outcome."""
+        with self._lock:
+            if self._result is None:
+                self._result = self._collect(timeout)
+            if isinstance(self._result, TransferError):
+                raise self._result
+            return self._result
+
+    def _collect(self, timeout: float) -> TransferError | int:
+        store = self.tp.store
+        keys = [_key(self.number, rank) for rank in range(1, self.tp.size)]
+        try:
+            store.wait(keys, datetime.timedelta(seconds=timeout))
+        except Exception:  # noqa: BLE001 - the store raises its own error types on a timeout
+            return TransferTimeout(f"a tensor-parallel rank's KV transfer did not end within {timeout:g} s")
+        total, error = 0, None
+        for key in keys:
+            status, _, detail = store.get(key).decode().partition(" ")
+            store.delete_key(key)
+            if status == "OK":
+                total += int(detail)
+            elif error is None:
+                error = error_from_status(grpc.StatusCode[status], detail)
+        return error or total
+
+
+class LeaderShards:
+    """Prompt rank 0: opens and aborts the other ranks' transfers (through the engine thread)."""
+
+    def __init__(self, core):
+        self.core = core
+        self.engine = core.engine
+        self._numbers = itertools.count(1)
+
+    def open(self, request_id: str, addr: str, header: pb.KVHeader, block_ids: list[int] | None = None) -> ShardRun:
+        run = ShardRun(self.engine.tp, next(self._numbers))
+        self.core.loop.run(self.engine.runner.command, open_shard, request_id, addr, header, run.number, block_ids)
+        return run
+
+    def abort(self, request_id: str, run: ShardRun, timeout: float) -> None:
+        """Aborts the followers' transfers and waits (at most `timeout`) until none reads the blocks."""
+        self.core.loop.run(self.engine.runner.command, abort_shard, request_id)
+        try:
+            run.result(timeout)
+        except TransferError:
+            pass
