@@ -19,7 +19,8 @@ CREATE_DELAY = 0.5
 
 def every_object(kube) -> dict[str, dict]:
     """Every object of the kinds the operator creates in the namespace, whoever made it."""
-    return {f"{kind}/{o['metadata']['name']}": o for kind, version in KINDS.items() for o in kube.list(version, kind, NS)}
+    return {f"{kind}/{o['metadata']['name']}": o
+            for kind, version in KINDS.items() for o in kube.list(version, kind, NS)}
 
 
 def test_a_new_operator_converges_after_one_killed_mid_reconcile(tmp_path):
