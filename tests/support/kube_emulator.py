@@ -15,6 +15,7 @@ kubernetes client and the operator meet on a real cluster:
   `metadata.managedFields`, fields a manager stops applying are removed unless another owns
   them, conflicts (409) unless forced; a merge patch moves the fields it changes to its manager;
 - garbage collection: once an object is gone, the objects it owns are deleted.
+On demand it is slow to create (`create_delay`), so that a client can be stopped between creates.
 It runs in a background thread with its own loop (`EmulatorThread`), or as kmock's pytest fixture
 (`pytest.mark.kmock(cls=Emulator)`).
 """
@@ -74,6 +75,7 @@ class Emulator(kmock.KubernetesEmulator):
         self.history: int | None = None  # requests kept for assertions; None: all
         self.authorizer = chart_authorizer()
         self.denied: list[str] = []
+        self.create_delay = 0.0  # seconds each create waits before it is stored (a slow API server)
         for resource, info in RESOURCES.items():
             self.resources[resource] = dict(verbs=VERBS, **info)
         register_crd(self, build_crd())
@@ -90,6 +92,8 @@ class Emulator(kmock.KubernetesEmulator):
             return await super()._handle(request)
         try:
             self._authorize(request)
+            if self.create_delay and self._creates(request):
+                await asyncio.sleep(self.create_delay)
             if request.method == "PATCH" and _content_type(request) == APPLY:
                 await self._server_side_apply(request)
             elif isinstance(request.data, (dict, list)):
@@ -126,6 +130,10 @@ class Emulator(kmock.KubernetesEmulator):
                            f'cannot {verb} resource "{resource}" in API group "{group}"{where}')
                 self.denied.append(message)
                 raise ApiError(403, "Forbidden", message)
+
+    def _creates(self, request) -> bool:
+        applies = request.method == "PATCH" and _content_type(request) == APPLY
+        return request.action == enums.action.CREATE or (applies and self._live(request) is None)
 
     def _live(self, request) -> dict | None:
         key = (request.resource, request.namespace, request.name)

@@ -69,7 +69,7 @@ class LocalCluster:
         self._start_router()
 
     def _start_router(self) -> None:
-        self.router = ManagedProcess("router", self._router_argv(), self.log_dir).start()
+        self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir).start()
         wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
 
     def supervise(self, interval: float = 1.0) -> threading.Event:
@@ -211,9 +211,10 @@ class LocalCluster:
         argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port))
         return WorkerHandle(pool, f"{HOST}:{port}", ManagedProcess(name, argv, self.log_dir).start())
 
-    def _router_argv(self) -> list[str]:
+    def router_argv(self, port: int) -> list[str]:
+        """A router on `port` over the current members of every pool (another replica: another port)."""
         argv = phasesplit_argv("router", "--model", self.plan.model_dir, "--served-model-name",
-                               self.plan.served_model_name, "--host", HOST, "--port", str(self.router_port),
+                               self.plan.served_model_name, "--host", HOST, "--port", str(port),
                                *self.plan.router_args)
         for pool in self.plan.pools:
             argv += [f"--{pool}-workers", ",".join(self.addresses(pool))]
