@@ -76,15 +76,9 @@ def compare(profiles: Profiles, trace_name: str, sample: int, reference_rate: fl
                                                       for b in budgets))
     results: dict[str, dict[str, tuple]] = {}
     for name, design in DESIGNS.items():
-        sized = planner.smallest(design, reference_rate)
         row = {}
         for b, (measure, limit) in budgets.items():
-            scale = limit / planner.price(design, sized.prompt, sized.token, measure)
-            prompt, token = max(1, math.floor(sized.prompt * scale)), math.floor(sized.token * scale)
-            if design.kind == "split":
-                token = max(1, token)
-                while prompt > 1 and planner.price(design, prompt, token, measure) > limit:
-                    prompt -= 1
+            prompt, token, scale = planner.within_budget(design, measure, limit, reference_rate)
             best = planner.top_rate(design, prompt, token, reference_rate * scale)
             row[b] = (prompt, token, best.rate if best else 0.0)
         results[name] = row

@@ -21,7 +21,7 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 ENGINE = {"numKvBlocks": 2048, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048}
 MAX_MODEL_LEN = 2048
-STALL_TIMEOUT = 5.0
+STALL_TIMEOUT = 10.0  # long enough that a loaded 2-core machine is not taken for a stalled worker
 
 
 def manifest(name: str, pools: dict[str, int], lease: float = 30.0) -> dict:

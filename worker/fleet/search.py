@@ -117,8 +117,10 @@ class Planner:
         return sum(pool.machines * getattr(self.profiles.catalog[pool.hardware], measure)
                    for pool in design.pools(prompt, token))
 
-    def best_rate(self, design: Design, measure: str, limit: float, reference_rate: float) -> Candidate | None:
-        """Size the design for `reference_rate`, grow it to `limit` (of `measure`), find its top rate."""
+    def within_budget(self, design: Design, measure: str, limit: float,
+                      reference_rate: float) -> tuple[int, int, float] | None:
+        """The design sized for `reference_rate`, then grown in proportion to `limit` (of `measure`):
+        (prompt machines, token machines, the growth factor); None when it cannot be sized."""
         sized = self.smallest(design, reference_rate)
         if sized is None:
             return None
@@ -128,8 +130,14 @@ class Planner:
             token = max(1, token)
             while prompt > 1 and self.price(design, prompt, token, measure) > limit:
                 prompt -= 1
-        if self.price(design, prompt, token, measure) > limit:
+        return prompt, token, scale
+
+    def best_rate(self, design: Design, measure: str, limit: float, reference_rate: float) -> Candidate | None:
+        """Size the design for `reference_rate`, grow it to `limit` (of `measure`), find its top rate."""
+        grown = self.within_budget(design, measure, limit, reference_rate)
+        if grown is None or self.price(design, grown[0], grown[1], measure) > limit:
             return None
+        prompt, token, scale = grown
         return self.top_rate(design, prompt, token, reference_rate * scale)
 
     def top_rate(self, design: Design, prompt: int, token: int, guess: float) -> Candidate | None:

@@ -19,6 +19,7 @@ from phasesplit.transport.base import (END, TransferAborted, TransferError, Tran
                                        check_header, error_from_status, status_of)
 from phasesplit.transport.channels import Channels
 from phasesplit.transport.grpc_kv import _PUSH_KV
+from phasesplit.transport.grpc_receive import PushKVReceiver
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -133,18 +134,8 @@ def _decode(raw, context) -> wire.Chunk:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed KVChunk: {exc}")
 
 
-class SimReceiver:
+class SimReceiver(PushKVReceiver):
     """The token side's `KVReceiver` for simulated workers: PushKV takes a header and an END."""
-
-    def __init__(self, sink, timeout: float = 30.0):
-        self.sink = sink
-        self.timeout = timeout
 
     def push_kv(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVReply:
         return receive(request_iterator, context, self.sink, timeout=self.timeout)
-
-    def add_to_server(self, server: grpc.Server) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

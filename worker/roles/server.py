@@ -163,7 +163,7 @@ class WorkerServer:
         if config.role in ("token", "mixed"):
             from phasesplit.fleet.sim_handoff import SimReceiver
             from phasesplit.roles.token import TokenService
-            push = SimReceiver(self.inbox, config.kv_transfer_timeout) if simulated else None
+            push = SimReceiver(self.inbox, timeout=config.kv_transfer_timeout) if simulated else None
             grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, push), self.server)
             aborts.append(self.inbox.abort)
             backend = config.kv_backend
