@@ -14,7 +14,7 @@ import pydantic
 from phasesplit.control import spec as si
 from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
-from phasesplit.operator.kube import Kube, path
+from phasesplit.operator.kube import Kube, KubeError, path
 
 
 @dataclass(slots=True)
@@ -71,9 +71,12 @@ def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
 def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
                  outcome: Outcome, autoscaling: dict | None = None) -> None:
     """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
-    computed from the object as it is now, so that neither part overwrites the other's last word."""
+    computed from the object as it is now, so that neither part overwrites the other's last word.
+    Nothing is written once the SplitInference is gone (a pass that raced its deletion)."""
     owner = owner_of(body)
-    body = kube.get(si_path(owner)) or body
+    body = kube.get(si_path(owner))
+    if body is None:
+        return
     roles = _roles(spec, body)
     port = spec.router.service.port if spec else si.RouterService().port
     previous = body.get("status") or {}
@@ -85,7 +88,12 @@ def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, pro
     outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
         "InvalidSpec", status.ready_condition(new)["message"])
     if any(previous.get(key) != value for key, value in new.items()):
-        kube.patch(si_path(owner, "status"), {"status": new})
+        try:
+            kube.patch(si_path(owner, "status"), {"status": new})
+        except KubeError as e:
+            if e.status != 404:
+                raise
+            return
         outcome.status_written = True
 
 

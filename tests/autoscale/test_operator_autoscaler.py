@@ -133,6 +133,12 @@ async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, opera
         failed = [c for c in status(cluster)["conditions"] if c["type"] == "MetricsAvailable"][0]
         assert "503" in failed["message"]
         assert events(cluster, "MetricsUnavailable")
+        # Another failure text while still failing: the status is not rewritten on every tick.
+        written = cluster.objects[SI, NS, "tiny"].raw["metadata"]["resourceVersion"]
+        router_metrics.status = 500
+        scrapes = router_metrics.scrapes
+        await until(lambda: router_metrics.scrapes >= scrapes + 2)
+        assert cluster.objects[SI, NS, "tiny"].raw["metadata"]["resourceVersion"] == written
 
         router_metrics.status = 200                            # back: True again, and scaling resumes
         await until(lambda: condition(cluster) == "True" and replicas(cluster, "prompt") == 3)

@@ -100,8 +100,9 @@ class Emulator(kmock.KubernetesEmulator):
         except ApiError as e:
             return e.response()
         response = await super()._handle(request)
-        if request.action in (enums.action.DELETE, enums.action.UPDATE) and self._live(request) is None:
-            await self._collect_garbage()
+        if request.action == enums.action.CREATE or (
+                request.action in (enums.action.DELETE, enums.action.UPDATE) and self._live(request) is None):
+            await self._collect_garbage()  # also an object created for an owner that is already gone
         return response
 
     def _authorize(self, request) -> None:
