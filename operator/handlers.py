@@ -53,6 +53,8 @@ def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger)
     changed = {k: v for k, v in outcome.applied.items() if v != "unchanged"}
     if changed:
         logger.info(f"applied {changed}")
+    if outcome.pruned:
+        logger.info(f"deleted children no longer wanted: {outcome.pruned}")
     if outcome.newly_invalid:
         # A spec that cannot work is reported once; retrying would not fix it.
         kopf.warn(body, reason="InvalidSpec", message=reconcile.status.ready_condition(outcome.status)["message"])

@@ -14,12 +14,14 @@ import pydantic
 from phasesplit.control import spec as si
 from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
+from phasesplit.operator.prune import prune
 from phasesplit.operator.kube import Kube, KubeError, path
 
 
 @dataclass(slots=True)
 class Outcome:
     applied: dict[str, str] = field(default_factory=dict)  # "Kind/name" -> created | patched | unchanged
+    pruned: list[str] = field(default_factory=list)  # "Kind/name" of owned children no longer wanted
     problems: list[str] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     status_written: bool = False
@@ -110,6 +112,7 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
         for child in children:
             action, _ = apply(kube, child, replicas_elsewhere=_autoscaled(child, spec))
             outcome.applied[f"{child['kind']}/{child['metadata']['name']}"] = action
+        outcome.pruned = prune(kube, owner_of(body), children)
     write_status(kube, body, spec, problems, outcome)
     return outcome
 

@@ -69,3 +69,28 @@ def test_a_second_pass_writes_nothing(server, admin, operator):
     second = reconcile.reconcile(operator, admin.get(si_path("quiet")))
     assert set(second.applied.values()) == {"unchanged"} and not second.status_written
     assert writes(server)[before:] == []
+
+
+def test_children_no_longer_wanted_are_deleted(server, admin, operator):
+    create(admin, "prune", {"autoscaling": {"mode": "hpa"}})
+    reconcile.reconcile(operator, admin.get(si_path("prune")))
+    hpa = path("autoscaling/v2", "HorizontalPodAutoscaler", NS, "prune-prompt")
+    assert admin.get(hpa) is not None
+    admin.patch(si_path("prune"), {"spec": {"autoscaling": {"mode": "builtin"}}})
+    outcome = reconcile.reconcile(operator, admin.get(si_path("prune")))
+    assert admin.get(hpa) is None, "the old HPA keeps scaling beside the builtin autoscaler"
+    assert "HorizontalPodAutoscaler/prune-token" in outcome.pruned
+    # A pool removed from the spec: its Deployment and Service go, the others stay.
+    admin.patch(si_path("prune"), {"spec": {"pools": {"prompt": None, "token": None, "mixed": {"replicas": 1}}}})
+    reconcile.reconcile(operator, admin.get(si_path("prune")))
+    assert deployment(admin, "prune-prompt") is None and deployment(admin, "prune-token") is None
+    assert admin.get(path("v1", "Service", NS, "prune-token")) is None
+    assert deployment(admin, "prune-mixed") is not None and deployment(admin, "prune-router") is not None
+    # Something with the same labels that this SplitInference does not own is left alone.
+    stranger = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "prune-notes", "namespace": NS, "labels": {"app.kubernetes.io/instance": "prune",
+                                                          "app.kubernetes.io/managed-by": "phasesplit-operator"}}}
+    admin.create(stranger)
+    reconcile.reconcile(operator, admin.get(si_path("prune")))
+    assert admin.get(path("v1", "ConfigMap", NS, "prune-notes")) is not None
+    assert server.emulator.denied == []
