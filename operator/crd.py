@@ -140,7 +140,10 @@ def build_crd() -> dict:
                     "required": ["spec"],
                     "x-kubernetes-validations": [si.cel(
                         f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-                        f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children add suffixes)")],
+                        f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children add suffixes)"),
+                        si.cel(f"self.metadata.name.matches('{si.RFC1035_LABEL}')",
+                               "metadata.name must be an RFC 1035 label (lower-case letters, digits and '-', "
+                               "starting with a letter): it names the router Service")],
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},

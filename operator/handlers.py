@@ -58,6 +58,8 @@ def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger)
     if outcome.newly_invalid:
         # A spec that cannot work is reported once; retrying would not fix it.
         kopf.warn(body, reason="InvalidSpec", message=reconcile.status.ready_condition(outcome.status)["message"])
+    if outcome.newly_failed:
+        kopf.warn(body, reason="ApplyFailed", message="; ".join(outcome.failures))
 
 
 def reconcile_fn(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:

@@ -22,10 +22,12 @@ from phasesplit.operator.kube import Kube, KubeError, path
 class Outcome:
     applied: dict[str, str] = field(default_factory=dict)  # "Kind/name" -> created | patched | unchanged
     pruned: list[str] = field(default_factory=list)  # "Kind/name" of owned children no longer wanted
+    failures: list[str] = field(default_factory=list)  # "Kind/name: the server's message", one per child
     problems: list[str] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     status_written: bool = False
     newly_invalid: bool = False
+    newly_failed: bool = False  # failures differ from what status last said
 
 
 def owner_of(body: dict) -> builders.Owner:
@@ -71,7 +73,7 @@ def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
 
 
 def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
-                 outcome: Outcome, autoscaling: dict | None = None) -> None:
+                 outcome: Outcome, autoscaling: dict | None = None, failures: list[str] | None = None) -> None:
     """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
     computed from the object as it is now, so that neither part overwrites the other's last word.
     Nothing is written once the SplitInference is gone (a pass that raced its deletion)."""
@@ -84,11 +86,14 @@ def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, pro
     previous = body.get("status") or {}
     generation = int(body["metadata"].get("generation") or 0)
     new = status.build_status(roles, builders.endpoint(owner, port), _deployments(kube, owner, roles), problems,
-                              previous, generation, _now(), autoscaling)
+                              previous, generation, _now(), autoscaling, failures)
     outcome.status = new
     was = status.ready_condition(previous)
     outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
         "InvalidSpec", status.ready_condition(new)["message"])
+    applied_was = status.find(previous, status.APPLIED_CONDITION)
+    outcome.newly_failed = bool(failures) and applied_was.get("message") != status.find(
+        new, status.APPLIED_CONDITION).get("message")
     if any(previous.get(key) != value for key, value in new.items()):
         try:
             kube.patch(si_path(owner, "status"), {"status": new})
@@ -110,10 +115,16 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
     outcome.problems = problems
     if not problems:
         for child in children:
-            action, _ = apply(kube, child, replicas_elsewhere=_autoscaled(child, spec))
-            outcome.applied[f"{child['kind']}/{child['metadata']['name']}"] = action
-        outcome.pruned = prune(kube, owner_of(body), children)
-    write_status(kube, body, spec, problems, outcome)
+            name = f"{child['kind']}/{child['metadata']['name']}"
+            try:
+                outcome.applied[name], _ = apply(kube, child, replicas_elsewhere=_autoscaled(child, spec))
+            except KubeError as e:  # one child refused (a missing CRD, a quota): the others still go
+                outcome.failures.append(f"{name}: {e.message}")
+        try:
+            outcome.pruned = prune(kube, owner_of(body), children)
+        except KubeError as e:
+            outcome.failures.append(f"pruning: {e.message}")
+    write_status(kube, body, spec, problems, outcome, failures=outcome.failures)
     return outcome
 
 

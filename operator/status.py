@@ -6,6 +6,7 @@ from __future__ import annotations
 CONDITION_TYPES = {"router": "RouterReady", "prompt": "PromptPoolReady", "token": "TokenPoolReady",
                    "mixed": "MixedPoolReady"}
 METRICS_CONDITION = "MetricsAvailable"
+APPLIED_CONDITION = "ChildrenApplied"
 
 
 def replicas(deployment: dict | None) -> dict:
@@ -50,10 +51,23 @@ def metrics_condition(autoscaling: dict, previous: list[dict], generation: int, 
                       previous, generation, now)]
 
 
+def applied_condition(failures: list[str] | None, previous: list[dict], generation: int, now: str) -> list[dict]:
+    """`ChildrenApplied`: False with every child the server refused (None: not applied this time,
+    keep what the last apply said)."""
+    if failures is None:
+        return [c for c in previous if c.get("type") == APPLIED_CONDITION]
+    if failures:
+        return [condition(APPLIED_CONDITION, False, "ApplyFailed", "; ".join(failures)[:4096], previous,
+                          generation, now)]
+    return [condition(APPLIED_CONDITION, True, "Applied", "every child is applied", previous, generation, now)]
+
+
 def build_status(roles: list[str], endpoint: str, deployments: dict[str, dict | None], problems: list[str],
-                 previous: dict, generation: int, now: str, autoscaling: dict | None = None) -> dict:
+                 previous: dict, generation: int, now: str, autoscaling: dict | None = None,
+                 failures: list[str] | None = None) -> dict:
     """The whole status; `deployments` maps "router" and each pool role to its live Deployment;
-    `autoscaling` is the builtin autoscaler's record (None: keep the previous one)."""
+    `autoscaling` is the builtin autoscaler's record (None: keep the previous one); `failures`: the
+    children the server refused in this pass (None: no pass, keep the previous word)."""
     autoscaling = (previous.get("autoscaling") or {}) if autoscaling is None else autoscaling
     old_conditions = previous.get("conditions") or []
     conditions, not_ready = [], []
@@ -63,14 +77,17 @@ def build_status(roles: list[str], endpoint: str, deployments: dict[str, dict | 
         conditions.append(condition(kind, ok, reason, message, old_conditions, generation, now))
         if not ok:
             not_ready.append(f"{kind}: {message}")
+    applied = applied_condition(failures, old_conditions, generation, now)
     if problems:
         ready = (False, "InvalidSpec", "; ".join(problems))
+    elif applied and applied[0]["status"] == "False":
+        ready = (False, "ApplyFailed", applied[0]["message"])
     elif not_ready:
         ready = (False, "ComponentsNotReady", "; ".join(not_ready))
     else:
         ready = (True, "AllComponentsReady", f"serving at {endpoint}")
     conditions.insert(0, condition("Ready", *ready, old_conditions, generation, now))
-    conditions += metrics_condition(autoscaling, old_conditions, generation, now)
+    conditions += applied + metrics_condition(autoscaling, old_conditions, generation, now)
     phase = "Failed" if problems else "Running" if ready[0] else "Pending"
     out = {
         "observedGeneration": generation,
@@ -85,5 +102,9 @@ def build_status(roles: list[str], endpoint: str, deployments: dict[str, dict | 
     return out
 
 
+def find(status: dict, kind: str) -> dict:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), {})
+
+
 def ready_condition(status: dict) -> dict:
-    return next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    return find(status, "Ready")

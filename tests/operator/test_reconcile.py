@@ -94,3 +94,23 @@ def test_children_no_longer_wanted_are_deleted(server, admin, operator):
     reconcile.reconcile(operator, admin.get(si_path("prune")))
     assert admin.get(path("v1", "ConfigMap", NS, "prune-notes")) is not None
     assert server.emulator.denied == []
+
+
+def test_a_refused_child_becomes_a_condition_and_the_others_are_applied(server, admin, operator):
+    create(admin, "nokeda", {"autoscaling": {"mode": "keda", "prometheus": {"url": "http://prometheus:9090"}}})  # KEDA's CRD is not installed
+    outcome = reconcile.reconcile(operator, admin.get(si_path("nokeda")))
+    assert deployment(admin, "nokeda-prompt") is not None and deployment(admin, "nokeda-router") is not None
+    assert [f.split(":")[0] for f in outcome.failures] == ["ScaledObject/nokeda-prompt", "ScaledObject/nokeda-token"]
+    assert outcome.newly_failed
+    conditions = {c["type"]: c for c in admin.get(si_path("nokeda"))["status"]["conditions"]}
+    assert conditions["ChildrenApplied"]["status"] == "False"
+    assert conditions["ChildrenApplied"]["reason"] == "ApplyFailed"
+    assert "ScaledObject/nokeda-prompt" in conditions["ChildrenApplied"]["message"]
+    assert conditions["Ready"]["reason"] == "ApplyFailed"
+    again = reconcile.reconcile(operator, admin.get(si_path("nokeda")))
+    assert again.failures and not again.newly_failed and not again.status_written  # reported once
+    admin.patch(si_path("nokeda"), {"spec": {"autoscaling": {"mode": "builtin"}}})
+    fixed = reconcile.reconcile(operator, admin.get(si_path("nokeda")))
+    assert fixed.failures == []
+    conditions = {c["type"]: c for c in admin.get(si_path("nokeda"))["status"]["conditions"]}
+    assert conditions["ChildrenApplied"]["status"] == "True"

@@ -132,3 +132,14 @@ def test_feasibility_problems_name_the_field():
     local = si.feasibility_problems(si.SplitInference.model_validate(doc).spec, in_cluster=False)
     assert not any("nccl" in p for p in local), local  # local mode runs nccl over gloo on CPU
     assert any(p.startswith("pools.token.engine.numKvBlocks") for p in local), local
+
+
+@pytest.mark.parametrize("name", ["7b-chat", "llama.3", "Llama", "chat-"])
+def test_a_name_that_cannot_name_a_service_is_refused(name):
+    doc = load_example("tiny-cpu")
+    doc["metadata"]["name"] = name
+    assert any("RFC 1035" in e for e in validate(CRD, doc)), name
+    with pytest.raises(pydantic.ValidationError, match="name"):
+        si.SplitInference.model_validate(doc)
+    doc["metadata"]["name"] = "llama-3"
+    assert validate(CRD, doc) == []

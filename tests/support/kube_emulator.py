@@ -14,7 +14,8 @@ kubernetes client and the operator meet on a real cluster:
 - server-side apply (`application/apply-patch+yaml`): per-manager field ownership in
   `metadata.managedFields`, fields a manager stops applying are removed unless another owns
   them, conflicts (409) unless forced; a merge patch moves the fields it changes to its manager;
-- garbage collection: once an object is gone, the objects it owns are deleted.
+- garbage collection: once an object is gone, the objects it owns are deleted;
+- a kind that is not declared (a CRD not installed, such as KEDA's) is 404.
 It runs in a background thread with its own loop (`EmulatorThread`), or as kmock's pytest fixture
 (`pytest.mark.kmock(cls=Emulator)`).
 """
@@ -89,6 +90,8 @@ class Emulator(kmock.KubernetesEmulator):
         if request.resource is None or request.resource.plural is None:  # discovery: open to all
             return await super()._handle(request)
         try:
+            if request.resource not in self.resources:  # a kind whose CRD is not installed (KEDA's)
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
             self._authorize(request)
             if request.method == "PATCH" and _content_type(request) == APPLY:
                 await self._server_side_apply(request)

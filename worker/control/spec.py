@@ -24,6 +24,8 @@ DEFAULT_IMAGE = "phasesplit/worker:0.1.0"
 _QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$"
 _QUANTITY = re.compile(_QUANTITY_PATTERN)
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A SplitInference's name becomes its router Service's name, which must be an RFC 1035 label.
+RFC1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict:
@@ -358,7 +360,7 @@ class SplitInferenceSpec(Spec):
 
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=45, pattern=_DNS_LABEL)
+    name: str = Field(min_length=1, max_length=45, pattern=RFC1035_LABEL)
     namespace: str | None = None
 
 
