@@ -117,7 +117,7 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
         for child in children:
             name = f"{child['kind']}/{child['metadata']['name']}"
             try:
-                outcome.applied[name], _ = apply(kube, child, replicas_elsewhere=_autoscaled(child, spec))
+                outcome.applied[name], _ = apply(kube, child, replicas_elsewhere=autoscaled(child, spec))
             except KubeError as e:  # one child refused (a missing CRD, a quota): the others still go
                 outcome.failures.append(f"{name}: {e.message}")
         try:
@@ -141,6 +141,7 @@ def refresh_status(kube: Kube, namespace: str, name: str, autoscaling: dict | No
     return outcome
 
 
-def _autoscaled(child: dict, spec: si.SplitInferenceSpec) -> bool:
+def autoscaled(child: dict, spec: si.SplitInferenceSpec) -> bool:
+    """Whether an autoscaler owns this child's replicas (a pool Deployment outside mode none)."""
     role = child["metadata"]["labels"].get(builders.ROLE_LABEL)
     return child["kind"] == "Deployment" and role in si.POOL_ROLES and builders.autoscaler_owns_replicas(spec)
