@@ -73,10 +73,13 @@ def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
 
 
 def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
-                 outcome: Outcome, autoscaling: dict | None = None, failures: list[str] | None = None) -> None:
+                 outcome: Outcome, autoscaling: dict | None = None, failures: list[str] | None = None,
+                 applied: dict | None = None) -> None:
     """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
     computed from the object as it is now, so that neither part overwrites the other's last word.
-    Nothing is written once the SplitInference is gone (a pass that raced its deletion)."""
+    Nothing is written once the SplitInference is gone (a pass that raced its deletion).
+    `applied`: the SplitInference as this pass applied it; its generation becomes `observedGeneration`
+    (a status refresh between a spec change and its reconcile keeps the previous one)."""
     owner = owner_of(body)
     body = kube.get(si_path(owner))
     if body is None:
@@ -84,7 +87,8 @@ def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, pro
     roles = _roles(spec, body)
     port = spec.router.service.port if spec else si.RouterService().port
     previous = body.get("status") or {}
-    generation = int(body["metadata"].get("generation") or 0)
+    generation = int(applied["metadata"].get("generation") or 0) if applied else int(
+        previous.get("observedGeneration") or 0)
     new = status.build_status(roles, builders.endpoint(owner, port), _deployments(kube, owner, roles), problems,
                               previous, generation, _now(), autoscaling, failures)
     outcome.status = new
@@ -124,7 +128,7 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
             outcome.pruned = prune(kube, owner_of(body), children)
         except KubeError as e:
             outcome.failures.append(f"pruning: {e.message}")
-    write_status(kube, body, spec, problems, outcome, failures=outcome.failures)
+    write_status(kube, body, spec, problems, outcome, failures=outcome.failures, applied=body)
     return outcome
 
 

@@ -82,11 +82,14 @@ def test_status_follows_the_deployments(cluster):
     body = get_si(kube, "tiny")
     assert ready_condition(body)["status"] == "False" and body["status"]["phase"] == "Pending"
     for name in ("tiny-router", "tiny-prompt", "tiny-token"):  # what the Deployment controller would report
-        kube.patch(path("apps/v1", "Deployment", NS, name, "status"), {"status": {"replicas": 1, "readyReplicas": 1}})
+        generation = kube.get(path("apps/v1", "Deployment", NS, name))["metadata"]["generation"]
+        kube.patch(path("apps/v1", "Deployment", NS, name, "status"), {"status": {
+            "observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
+            "availableReplicas": 1}})
     body = wait_for(lambda: (b := get_si(kube, "tiny")) and ready_condition(b)["status"] == "True" and b,
                     what="Ready=True")
     assert body["status"]["phase"] == "Running"
-    assert body["status"]["pools"]["token"] == {"replicas": 1, "readyReplicas": 1, "ready": "1/1"}
+    assert body["status"]["pools"]["token"] == {"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "ready": "1/1"}
     assert body["status"]["endpoint"] == "http://tiny.default.svc.cluster.local:8000"
     assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
     kinds = {c["type"]: c["status"] for c in body["status"]["conditions"] if c["type"].endswith("Ready")}

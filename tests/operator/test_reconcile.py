@@ -114,3 +114,51 @@ def test_a_refused_child_becomes_a_condition_and_the_others_are_applied(server, 
     assert fixed.failures == []
     conditions = {c["type"]: c for c in admin.get(si_path("nokeda"))["status"]["conditions"]}
     assert conditions["ChildrenApplied"]["status"] == "True"
+
+
+def rolled_out(admin, name, **extra):
+    """What the Deployment controller reports once every replica runs the current template."""
+    d = deployment(admin, name)
+    n = d["spec"]["replicas"]
+    status = {"observedGeneration": d["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+              "readyReplicas": n, "availableReplicas": n, **extra}
+    admin.patch(path("apps/v1", "Deployment", NS, name, "status"), {"status": status})
+
+
+def conditions(admin, name):
+    return {c["type"]: c for c in admin.get(si_path(name))["status"]["conditions"]}
+
+
+def test_status_follows_a_rollout_until_the_new_pods_serve(server, admin, operator):
+    create(admin, "roll", {"autoscaling": {"mode": "none"}})
+    reconcile.reconcile(operator, admin.get(si_path("roll")))
+    for component in ("router", "prompt", "token"):
+        rolled_out(admin, f"roll-{component}")
+    reconcile.refresh_status(operator, NS, "roll")
+    assert conditions(admin, "roll")["Ready"]["status"] == "True"
+    assert conditions(admin, "roll")["Progressing"]["reason"] == "RolloutComplete"
+    # A model change: the pods roll; the old ones serve until the new ones are ready.
+    admin.patch(si_path("roll"), {"spec": {"model": {"name": "tiny-v2"}}})
+    reconcile.refresh_status(operator, NS, "roll")  # a Deployment event before the reconcile
+    assert admin.get(si_path("roll"))["status"]["observedGeneration"] == 1, "stamped before it was applied"
+    reconcile.reconcile(operator, admin.get(si_path("roll")))
+    body = admin.get(si_path("roll"))
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"] == 2
+    ready, progressing = conditions(admin, "roll")["Ready"], conditions(admin, "roll")["Progressing"]
+    assert (ready["status"], ready["reason"]) == ("False", "RollingOut"), ready
+    assert (progressing["status"], progressing["reason"]) == ("True", "RollingOut")
+    stuck = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+             "message": 'ReplicaSet "roll-token-2" has timed out progressing.'}
+    d = deployment(admin, "roll-token")
+    admin.patch(path("apps/v1", "Deployment", NS, "roll-token", "status"), {"status": {
+        "observedGeneration": d["metadata"]["generation"], "replicas": 2, "updatedReplicas": 1, "readyReplicas": 1,
+        "conditions": [stuck]}})
+    reconcile.refresh_status(operator, NS, "roll")
+    progressing = conditions(admin, "roll")["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("False", "ProgressDeadlineExceeded")
+    assert "token: " in progressing["message"] and "timed out" in progressing["message"]
+    for component in ("router", "prompt", "token"):
+        rolled_out(admin, f"roll-{component}", conditions=[])
+    outcome = reconcile.refresh_status(operator, NS, "roll")
+    assert outcome.status_written and conditions(admin, "roll")["Ready"]["status"] == "True"
+    assert not reconcile.refresh_status(operator, NS, "roll").status_written  # written only on change
