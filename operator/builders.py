@@ -25,6 +25,10 @@ RUN_AS = 10001
 # (CoreDNS's default TTL); requests the router sent it meanwhile (a token worker's KV still to
 # come from a prompt worker) must land before a draining worker refuses new work.
 PRESTOP_SECONDS = 15
+# A terminating router keeps serving this long before SIGTERM, while the Service's endpoints drop it,
+# then finishes the streams it holds for up to ROUTER_SHUTDOWN_SECONDS (aiohttp's shutdown timeout).
+ROUTER_PRESTOP_SECONDS = 10
+ROUTER_SHUTDOWN_SECONDS = 60
 # glibc keeps large KV buffers mapped instead of faulting fresh pages (see the KV transport notes).
 MALLOC_ENV = [{"name": "MALLOC_MMAP_THRESHOLD_", "value": "134217728"},
               {"name": "MALLOC_TRIM_THRESHOLD_", "value": "1073741824"}]
@@ -276,14 +280,16 @@ def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     if secret := spec.router.api_key_secret:
         env.append({"name": "PHASESPLIT_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
-    http_get = {"path": "/health", "port": "http"}
+    alive = {"path": "/livez", "port": "http"}  # the process answers
+    routable = {"path": "/health", "port": "http"}  # 503 while a pool has no ready worker
     container = {
         "name": "router", "image": spec.images.router, "imagePullPolicy": spec.images.pull_policy,
         "args": router_args(owner, spec), "env": env,
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-        "startupProbe": {"httpGet": http_get, "periodSeconds": 5, "failureThreshold": 120},
-        "readinessProbe": {"httpGet": http_get, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": http_get, "periodSeconds": 10, "failureThreshold": 6},
+        "startupProbe": {"httpGet": alive, "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {"httpGet": routable, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": alive, "periodSeconds": 10, "failureThreshold": 6},
+        "lifecycle": {"preStop": {"sleep": {"seconds": ROUTER_PRESTOP_SECONDS}}},
         "securityContext": container_security(),
     }
     if resources := _resources(spec.router.resources):
@@ -294,7 +300,8 @@ def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
 def build_router_deployment(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     router = spec.router
     placement = _placement(router.node_selector, router.tolerations, router.affinity)
-    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=30, shm=None)
+    grace = ROUTER_PRESTOP_SECONDS + ROUTER_SHUTDOWN_SECONDS + 10
+    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=grace, shm=None)
     scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT), "prometheus.io/path": "/metrics"}
     return _deployment(owner, router_name(owner), "router", router.replicas, pod_spec, scrape)
 

@@ -186,3 +186,14 @@ def test_tcp_workers_open_the_kv_port_to_each_other_only():
     with pytest.raises(ValueError, match="backend"):
         doc["spec"]["kvTransfer"] = {"backend": "tcpx"}
         si.SplitInference.model_validate(doc)
+
+
+def test_router_liveness_does_not_depend_on_workers_and_it_drains_on_rollout():
+    router = next(o for o in children("tiny-cpu") if o["metadata"]["name"] == "tiny-router")
+    pod = router["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    prestop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert prestop >= 5 and pod["terminationGracePeriodSeconds"] > prestop + builders.ROUTER_SHUTDOWN_SECONDS

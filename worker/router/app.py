@@ -58,6 +58,7 @@ def create_app(settings: RouterSettings, tokenizer) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/admin/pools", list_pools)
     app.router.add_put("/admin/pools/{pool}", put_pool)
@@ -208,6 +209,12 @@ async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int
 
 
 # ---- operations ----
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP. Whether it can route (`/health`) is readiness: a router
+    without ready workers must be taken out of the Service, not restarted."""
+    return web.json_response({"status": "alive"})
+
+
 async def health(request: web.Request) -> web.Response:
     pools = request.app[ROUTER].pools
     route = pools.route()

@@ -16,6 +16,7 @@ from phasesplit.router.app import RouterSettings, create_app
 from phasesplit.router.pools import parse_worker_list
 
 log = logging.getLogger("phasesplit.router")
+SHUTDOWN_SECONDS = 60.0  # on SIGTERM, streams in flight get this long to finish
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +64,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serves `app`; a client that disconnects cancels its handler (and so its request on the workers)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
