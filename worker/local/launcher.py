@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import signal
 import sys
 import tempfile
@@ -50,6 +51,7 @@ class LocalCluster:
         self._lock = threading.RLock()
         self._retiring: list[threading.Thread] = []
         self._starting: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
+        self._admin_token = secrets.token_urlsafe(32)  # only this launcher may repoint the router's pools
 
     @property
     def endpoint(self) -> str:
@@ -66,7 +68,8 @@ class LocalCluster:
         for handle in started:
             wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
             self.workers[handle.pool].append(handle)
-        self.router = ManagedProcess("router", self._router_argv(), self.log_dir).start()
+        self.router = ManagedProcess("router", self._router_argv(), self.log_dir,
+                                     env={**os.environ, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}).start()
         wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
 
     def stop(self, timeout: float | None = None) -> None:
@@ -204,8 +207,9 @@ class LocalCluster:
 
     def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
-        if os.environ.get("PHASESPLIT_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['PHASESPLIT_API_KEY']}"
+        token = self._admin_token if method != "GET" else os.environ.get("PHASESPLIT_API_KEY")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=10) as reply:

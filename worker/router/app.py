@@ -30,6 +30,7 @@ class RouterSettings:
     served_model_name: str
     max_model_len: int
     api_key: str | None = None
+    admin_token: str | None = None  # PUT /admin/pools needs it; None: pool administration is off
     workers: dict[str, list[WorkerSpec]] = field(default_factory=dict)   # pool -> entries
     poll_interval: float = 0.5
     dns_interval: float = 5.0
@@ -98,10 +99,20 @@ async def openai_errors(request: web.Request, handler):
 
 @web.middleware
 async def require_api_key(request: web.Request, handler):
-    key = request.app[ROUTER].settings.api_key
-    if key and request.path.startswith(("/v1/", "/admin/")):
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
+    """Clients need the API key (when one is set); repointing a pool needs the admin token, which only
+    whoever started the router holds (local mode), never clients: in a cluster the router finds its
+    workers through DNS and is started without one."""
+    settings = request.app[ROUTER].settings
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if request.path.startswith("/admin/") and request.method != "GET":
+        if not settings.admin_token:
+            raise APIError(403, "pool administration is off: the router was started without PHASESPLIT_ADMIN_TOKEN",
+                           code="admin_disabled")
+        if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+            raise APIError(401, "missing or incorrect admin token: send it as 'Authorization: Bearer TOKEN'",
+                           code="invalid_admin_token")
+    elif settings.api_key and request.path.startswith(("/v1/", "/admin/")):
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             raise APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
     return await handler(request)

@@ -59,6 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         raise SystemExit(f"phasesplit router: {e}") from None
     return RouterSettings(served_model_name=args.served_model_name or model_dir.resolve().name,
                           max_model_len=max_model_len, api_key=os.environ.get("PHASESPLIT_API_KEY") or None,
+                          admin_token=os.environ.get("PHASESPLIT_ADMIN_TOKEN") or None,
                           workers=workers, poll_interval=args.poll_interval, dns_interval=args.dns_interval)
 
 
