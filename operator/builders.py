@@ -18,7 +18,6 @@ ROUTER_PORT = 8000
 MODEL_DIR = "/models/model"
 MANAGED_BY = "phasesplit-operator"
 ROLE_LABEL = "phasesplit.io/role"
-CONFIG_HASH = "phasesplit.io/config-hash"
 RUN_AS = 10001
 # A terminating worker keeps serving this long before SIGTERM starts its drain: the router re-resolves
 # the pool's headless Service every 5 s, and the cluster DNS may serve the old answer for another 5 s
@@ -60,8 +59,11 @@ def pool_name(owner: Owner, role: str) -> str:
     return f"{owner.name}-{role}"
 
 
-def config_name(owner: Owner) -> str:
-    return f"{owner.name}-engine"
+def config_name(owner: Owner, role: str, data: dict[str, str]) -> str:
+    """Named by a hash of its content: a changed setting makes a new ConfigMap, and the pool's pods
+    roll onto it, while pods still running keep the one they started with."""
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{owner.name}-{role}-engine-{digest}"
 
 
 def network_policy_name(owner: Owner) -> str:
@@ -91,19 +93,16 @@ def metadata(owner: Owner, name: str, role: str, annotations: dict | None = None
 
 # --- the engine settings ---------------------------------------------------------------------
 
-def engine_settings(spec: si.SplitInferenceSpec) -> dict[str, str]:
-    """ConfigMap data: the settings every worker reads, one key per role and flag."""
-    return {s.key: s.value for role, _ in spec.pools.items() for s in worker_settings(spec, role, MODEL_DIR) if s.key}
+def engine_settings(spec: si.SplitInferenceSpec, role: str) -> dict[str, str]:
+    """ConfigMap data: the settings one pool's workers read, one key per flag."""
+    return {s.key: s.value for s in worker_settings(spec, role, MODEL_DIR) if s.key}
 
 
-def build_config_map(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner), "config"),
-            "data": engine_settings(spec)}
-
-
-def config_hash(spec: si.SplitInferenceSpec) -> str:
-    """Changes whenever the engine settings do, so that pods roll when the ConfigMap changes."""
-    return hashlib.sha256(json.dumps(engine_settings(spec), sort_keys=True).encode()).hexdigest()[:16]
+def build_config_map(owner: Owner, spec: si.SplitInferenceSpec, role: str) -> dict:
+    """Immutable: never patched under running pods."""
+    data = engine_settings(spec, role)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner, role, data), role),
+            "immutable": True, "data": data}
 
 
 # --- pods ------------------------------------------------------------------------------------
@@ -180,7 +179,9 @@ def _pod_spec(spec: si.SplitInferenceSpec, container: dict, placement: dict, gra
     return pod
 
 
-def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dict, pod_annotations: dict) -> dict:
+def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dict, pod_annotations: dict,
+                rollout: si.PoolRollout | None = None) -> dict:
+    rollout = rollout or si.PoolRollout()
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(owner, name, role),
@@ -188,9 +189,11 @@ def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dic
             "replicas": replicas,
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": 1800,  # model loading can take many minutes
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": rollout.max_surge,
+                                                                    "maxUnavailable": rollout.max_unavailable}},
             "selector": {"matchLabels": selector_labels(owner, role)},
-            "template": {"metadata": {"labels": labels(owner, role), "annotations": pod_annotations},
+            "template": {"metadata": {"labels": labels(owner, role),
+                                      **({"annotations": pod_annotations} if pod_annotations else {})},
                          "spec": pod_spec},
         },
     }
@@ -230,7 +233,7 @@ def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool:
     container = {
         "name": "worker", "image": spec.images.worker, "imagePullPolicy": spec.images.pull_policy,
         "args": worker_args(spec, role, pool),
-        "envFrom": [{"configMapRef": {"name": config_name(owner)}}],
+        "envFrom": [{"configMapRef": {"name": config_name(owner, role, engine_settings(spec, role))}}],
         "env": env, "ports": ports,
         # SERVING on the gRPC health service only once the model is loaded.
         "startupProbe": _grpc_probe(period=5, failures=360),
@@ -250,8 +253,14 @@ def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) 
     placement = _placement(pool.node_selector, pool.tolerations, pool.affinity)
     grace = PRESTOP_SECONDS + pool.drain_timeout_seconds + 10  # slack beyond the drain timeout
     pod_spec = _pod_spec(spec, container, placement, grace, shm=shm_size(pool.tensor_parallel_size))
-    return _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec,
-                       {CONFIG_HASH: config_hash(spec)})
+    return _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, {}, pool.rollout)
+
+
+def build_pool_disruption_budget(owner: Owner, spec: si.SplitInferenceSpec, role: str) -> dict:
+    """A node drain takes at most `maxDisrupted` of the pool's pods down at once."""
+    pool = getattr(spec.pools, role)
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": metadata(owner, pool_name(owner, role), role),
+            "spec": {"maxUnavailable": pool.max_disrupted, "selector": {"matchLabels": selector_labels(owner, role)}}}
 
 
 def build_pool_service(owner: Owner, role: str) -> dict:
@@ -337,9 +346,10 @@ def build_network_policy(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
 
 def build_children(owner: Owner, spec: si.SplitInferenceSpec) -> list[dict]:
     """Every child object of a SplitInference, in the order to create them."""
-    children = [build_config_map(owner, spec)]
+    children = []
     for role, _ in spec.pools.items():
-        children += [build_pool_service(owner, role), build_pool_deployment(owner, spec, role)]
+        children += [build_config_map(owner, spec, role), build_pool_service(owner, role),
+                     build_pool_deployment(owner, spec, role), build_pool_disruption_budget(owner, spec, role)]
     children += [build_router_service(owner, spec), build_router_deployment(owner, spec),
                  build_network_policy(owner, spec)]
     from phasesplit.operator.scaler_objects import build_scaling_objects  # it builds on this module

@@ -99,8 +99,11 @@ def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, pro
     outcome.newly_failed = bool(failures) and applied_was.get("message") != status.find(
         new, status.APPLIED_CONDITION).get("message")
     if any(previous.get(key) != value for key, value in new.items()):
+        # Only a pass that applied stamps observedGeneration: a refresh that read the status just
+        # before a reconcile wrote it must not put the older generation back.
+        patch = new if applied else {k: v for k, v in new.items() if k != "observedGeneration"}
         try:
-            kube.patch(si_path(owner, "status"), {"status": new})
+            kube.patch(si_path(owner, "status"), {"status": patch})
         except KubeError as e:
             if e.status != 404:
                 raise

@@ -5,13 +5,18 @@ import pathlib
 import re
 
 import kubernetes_validate
+import pydantic
 import pytest
 import yaml
 from support.examples import EXAMPLES, ROOT, load_example
 
 from phasesplit.control import spec as si
 from phasesplit.operator import builders
+from phasesplit.operator import crd
 from phasesplit.operator.apply import matches
+from support.crd_validator import validate
+
+CRD = crd.build_crd()
 
 K8S_VERSION = "1.37.0"
 GOLDEN = pathlib.Path(__file__).parent / "golden"
@@ -104,17 +109,18 @@ def test_nccl_workers_host_the_rendezvous_store_on_the_declared_port():
 def test_every_argument_reference_is_defined_by_the_config_map():
     for name in ("tiny-cpu", "gpu", "heterogeneous"):
         objs = children(name)
-        data = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+        maps = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
         for pod in _pods(objs):
             c = pod["containers"][0]
             env = {e["name"] for e in c.get("env", [])}
+            data = maps[c["envFrom"][0]["configMapRef"]["name"]] if c.get("envFrom") else {}
             for ref in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
                 assert ref in data or ref in env, (name, c["name"], ref)
 
 
 def test_gpu_pools_run_on_cuda_and_cpu_pools_on_cpu():
-    assert builders.engine_settings(si.SplitInference.model_validate(load_example("gpu")).spec)["TOKEN_DEVICE"] == "cuda"
-    assert builders.engine_settings(si.SplitInference.model_validate(load_example("tiny-cpu")).spec)["TOKEN_DEVICE"] == "cpu"
+    assert builders.engine_settings(si.SplitInference.model_validate(load_example("gpu")).spec, "token")["TOKEN_DEVICE"] == "cuda"
+    assert builders.engine_settings(si.SplitInference.model_validate(load_example("tiny-cpu")).spec, "token")["TOKEN_DEVICE"] == "cpu"
 
 
 def test_router_points_at_the_headless_pool_services_and_is_scraped():
@@ -142,11 +148,37 @@ def test_children_carry_owner_and_standard_labels():
         assert labels["app.kubernetes.io/instance"] == "tiny" and builders.ROLE_LABEL in labels
 
 
-def test_engine_change_rolls_the_pods():
+def pool_templates(doc) -> dict[str, dict]:
+    objs = builders.build_children(builders.Owner("tiny", "default", UID), si.SplitInference.model_validate(doc).spec)
+    return {o["metadata"]["name"]: o["spec"]["template"] for o in objs if o["kind"] == "Deployment"}
+
+
+def test_an_engine_change_rolls_only_its_own_pool_onto_a_new_immutable_config_map():
     doc = load_example("tiny-cpu")
-    before = builders.config_hash(si.SplitInference.model_validate(doc).spec)
+    before = pool_templates(doc)
     doc["spec"]["pools"]["token"]["engine"]["maxNumSeqs"] = 8
-    assert builders.config_hash(si.SplitInference.model_validate(doc).spec) != before
+    after = pool_templates(doc)
+    assert after["tiny-token"] != before["tiny-token"]
+    assert after["tiny-prompt"] == before["tiny-prompt"], "a token-only change restarted the prompt workers"
+    maps = [o for o in children("tiny-cpu") if o["kind"] == "ConfigMap"]
+    assert len(maps) == 2 and all(m["immutable"] for m in maps)
+    assert not any(k.startswith("PROMPT_") for m in maps if "-token-" in m["metadata"]["name"] for k in m["data"])
+
+
+def test_each_pool_has_its_rollout_strategy_and_a_disruption_budget():
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["token"]["rollout"] = {"maxSurge": 0, "maxUnavailable": 1}
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in
+            builders.build_children(builders.Owner("tiny", "default", UID), si.SplitInference.model_validate(doc).spec)}
+    assert objs["Deployment", "tiny-token"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert objs["Deployment", "tiny-prompt"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pdb = objs["PodDisruptionBudget", "tiny-token"]
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": builders.selector_labels(
+        builders.Owner("tiny", "default", UID), "token")}}
+    doc["spec"]["pools"]["token"]["rollout"] = {"maxSurge": 0, "maxUnavailable": 0}
+    assert any("maxSurge and maxUnavailable" in e for e in validate(CRD, doc))
+    with pytest.raises(pydantic.ValidationError, match="maxSurge and maxUnavailable"):
+        si.SplitInference.model_validate(doc)
 
 
 def test_live_objects_match_with_server_fields_and_rewritten_quantities():

@@ -17,7 +17,8 @@ from support.operator_harness import kube_client, start_operator, stop_operator,
 
 NS = "default"
 SI = ("phasesplit.io/v1alpha1", "SplitInference")
-KINDS = {"ConfigMap": "v1", "Service": "v1", "Deployment": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1"}
+KINDS = {"ConfigMap": "v1", "Service": "v1", "Deployment": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1",
+         "PodDisruptionBudget": "policy/v1"}
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +105,20 @@ def test_update_patches_children_but_leaves_autoscaled_replicas(cluster):
     kube.patch(si_path("tiny"), {"spec": {"pools": {
         "prompt": {"engine": {"maxNumSeqs": 8}},
         "token": {"nodeSelector": {"pool": "token"}}}}})
-    config = wait_for(lambda: (c := kube.get(path("v1", "ConfigMap", NS, "tiny-engine")))
-                      and c["data"]["PROMPT_MAX_NUM_SEQS"] == "8" and c, what="ConfigMap patched")
-    assert config["data"]["PROMPT_MAX_NUM_SEQS"] == "8"
+    config = wait_for(lambda: [c for k, c in live_children(kube, "tiny").items() if k.startswith("ConfigMap/tiny-prompt")
+                               and c["data"]["PROMPT_MAX_NUM_SEQS"] == "8"], what="a new prompt ConfigMap")
+    assert config[0]["immutable"] is True
     token = wait_for(lambda: (d := kube.get(path("apps/v1", "Deployment", NS, "tiny-token")))
                      and d["spec"]["template"]["spec"].get("nodeSelector") and d, what="token nodeSelector")
     assert token["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "token"}
     prompt = kube.get(deployment)
     assert prompt["spec"]["replicas"] == 3, "the operator overwrote replicas the autoscaler owns"
-    old_hash = before["Deployment/tiny-prompt"]["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH]
-    assert prompt["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH] != old_hash  # pods roll
+    def config_map(d):
+        return d["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+    assert config_map(prompt) == config[0]["metadata"]["name"] != config_map(before["Deployment/tiny-prompt"])  # pods roll
+    assert config_map(token) == config_map(before["Deployment/tiny-token"])  # a prompt-only change: token pods stay
+    wait_for(lambda: f"ConfigMap/{config_map(before['Deployment/tiny-prompt'])}" not in live_children(kube, "tiny"),
+             what="the old prompt ConfigMap pruned")
     unchanged = before["Service/tiny"]["metadata"]["resourceVersion"]
     assert kube.get(path("v1", "Service", NS, "tiny"))["metadata"]["resourceVersion"] == unchanged
     # Removing the nodeSelector from the spec removes it from the Deployment.
@@ -169,7 +174,7 @@ def test_spec_that_cannot_work_reports_once_and_creates_nothing(cluster):
 def test_fixing_the_spec_brings_it_up(cluster):
     kube = cluster["kube"]
     kube.patch(si_path("too-small"), {"spec": {"pools": {"token": {"engine": {"numKvBlocks": 512}}}}})
-    wait_for(lambda: len(live_children(kube, "too-small")) == 8, what="children after the fix")
+    wait_for(lambda: len(live_children(kube, "too-small")) == 11, what="children after the fix")
     body = wait_for(lambda: (b := get_si(kube, "too-small")) and ready_condition(b)["reason"] != "InvalidSpec" and b,
                     what="InvalidSpec cleared")
     assert body["status"]["phase"] == "Pending"

@@ -15,6 +15,7 @@ kubernetes client and the operator meet on a real cluster:
   `metadata.managedFields`, fields a manager stops applying are removed unless another owns
   them, conflicts (409) unless forced; a merge patch moves the fields it changes to its manager;
 - garbage collection: once an object is gone, the objects it owns are deleted;
+- an immutable ConfigMap's data cannot change (422);
 - a kind that is not declared (a CRD not installed, such as KEDA's) is 404.
 It runs in a background thread with its own loop (`EmulatorThread`), or as kmock's pytest fixture
 (`pytest.mark.kmock(cls=Emulator)`).
@@ -211,6 +212,9 @@ class Emulator(kmock.KubernetesEmulator):
             if obj.get("kind") == "CustomResourceDefinition":
                 register_crd(self, obj)
             return
+        if live.get("immutable") and config.get("data") != live.get("data"):
+            raise ApiError(422, "Invalid", f'{live["kind"]} "{request.name}" is invalid: data: Forbidden: '
+                                           "field is immutable when `immutable` is set")
         if config.get("kind") in QUANTITY_KINDS:
             _normalise(config)
         owners = _owners(live)

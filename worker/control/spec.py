@@ -230,6 +230,21 @@ _GPU_RULE = ("!has(self.resources.{part}) || !('nvidia.com/gpu' in self.resource
 _GPU_MESSAGE = "resources.{part}['nvidia.com/gpu'] must equal tensorParallelSize (one GPU per rank)"
 
 
+class PoolRollout(Spec):
+    model_config = _validations(cel("self.maxSurge + self.maxUnavailable > 0",
+                                    "maxSurge and maxUnavailable cannot both be 0 (the rollout could not start)"))
+    max_surge: int = Field(1, ge=0, le=1000, description="extra pods during a rollout (0 where full GPU nodes "
+                                                         "leave no room for one)")
+    max_unavailable: int = Field(0, ge=0, le=1000, description="pods a rollout may take down before their "
+                                                               "replacements are ready")
+
+    @model_validator(mode="after")
+    def _can_start(self) -> PoolRollout:
+        if self.max_surge + self.max_unavailable == 0:
+            raise ValueError("maxSurge and maxUnavailable cannot both be 0 (the rollout could not start)")
+        return self
+
+
 class Pool(Spec):
     model_config = _validations(
         cel("self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas",
@@ -248,6 +263,9 @@ class Pool(Spec):
                                        description="on SIGTERM, time to finish in-flight sequences")
     env: list[EnvVar] = Field(default_factory=list)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    rollout: PoolRollout = Field(default_factory=PoolRollout)
+    max_disrupted: int = Field(1, ge=0, le=1000, description="pods a voluntary disruption (a node drain) may take "
+                                                           "down at once (the pool's PodDisruptionBudget)")
 
     @model_validator(mode="after")
     def _replicas_in_bounds(self) -> Pool:
