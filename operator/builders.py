@@ -7,6 +7,7 @@ so they are tested without a server and applied idempotently by the handlers.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from dataclasses import dataclass
 
@@ -103,6 +104,23 @@ def build_config_map(owner: Owner, spec: si.SplitInferenceSpec, role: str) -> di
     data = engine_settings(spec, role)
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner, role, data), role),
             "immutable": True, "data": data}
+
+
+# --- images ----------------------------------------------------------------------------------
+
+def operator_version() -> str:
+    return importlib.metadata.version("phasesplit")
+
+
+def worker_image(spec: si.SplitInferenceSpec, pool: si.Pool) -> str:
+    """The spec's image, else the operator's own version (so that upgrading the operator moves the
+    pods), built with CUDA torch for pools that request GPUs."""
+    cuda = "-cuda" if si.requests_gpu(pool.resources) else ""
+    return spec.images.worker or f"{si.IMAGE_REPOSITORY}:{operator_version()}{cuda}"
+
+
+def router_image(spec: si.SplitInferenceSpec) -> str:
+    return spec.images.router or f"{si.IMAGE_REPOSITORY}:{operator_version()}"
 
 
 # --- pods ------------------------------------------------------------------------------------
@@ -231,7 +249,7 @@ def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool:
     if spec.kv_transfer.backend == "tcp":
         ports.append({"name": "kv-tcp", "containerPort": spec.kv_transfer.tcp.port, "protocol": "TCP"})
     container = {
-        "name": "worker", "image": spec.images.worker, "imagePullPolicy": spec.images.pull_policy,
+        "name": "worker", "image": worker_image(spec, pool), "imagePullPolicy": spec.images.pull_policy,
         "args": worker_args(spec, role, pool),
         "envFrom": [{"configMapRef": {"name": config_name(owner, role, engine_settings(spec, role))}}],
         "env": env, "ports": ports,
@@ -292,7 +310,7 @@ def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     alive = {"path": "/livez", "port": "http"}  # the process answers
     routable = {"path": "/health", "port": "http"}  # 503 while a pool has no ready worker
     container = {
-        "name": "router", "image": spec.images.router, "imagePullPolicy": spec.images.pull_policy,
+        "name": "router", "image": router_image(spec), "imagePullPolicy": spec.images.pull_policy,
         "args": router_args(owner, spec), "env": env,
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
         "startupProbe": {"httpGet": alive, "periodSeconds": 5, "failureThreshold": 120},

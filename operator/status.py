@@ -137,6 +137,8 @@ def build_status(roles: list[str], endpoint: str, deployments: dict[str, dict | 
     conditions.insert(0, condition("Ready", *ready, old_conditions, generation, now))
     conditions += [progressing, *applied] + metrics_condition(autoscaling, old_conditions, generation, now)
     phase = "Failed" if problems else "Running" if ready[0] else "Pending"
+    images = {c: d["spec"]["template"]["spec"]["containers"][0].get("image") for c in ["router", *roles]
+              if (d := deployments.get(c))}
     out = {
         "observedGeneration": generation,
         "phase": phase,
@@ -144,6 +146,7 @@ def build_status(roles: list[str], endpoint: str, deployments: dict[str, dict | 
         "router": replicas(deployments.get("router")),
         "pools": {role: replicas(deployments.get(role)) for role in roles},
         "conditions": conditions,
+        "images": images,
     }
     if autoscaling:
         out["autoscaling"] = autoscaling

@@ -229,3 +229,16 @@ def test_router_liveness_does_not_depend_on_workers_and_it_drains_on_rollout():
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
     prestop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert prestop >= 5 and pod["terminationGracePeriodSeconds"] > prestop + builders.ROUTER_SHUTDOWN_SECONDS
+
+
+def test_unset_images_follow_the_operators_version_and_gpu_pools_get_cuda(monkeypatch):
+    doc = load_example("gpu")
+    del doc["spec"]["images"]
+    monkeypatch.setattr(builders, "operator_version", lambda: "0.2.0")
+    objs = {o["metadata"]["name"]: o for o in builders.build_children(
+        builders.Owner("g", "default", UID), si.SplitInference.model_validate(doc).spec) if o["kind"] == "Deployment"}
+    images = {name: o["spec"]["template"]["spec"]["containers"][0]["image"] for name, o in objs.items()}
+    assert images == {"g-prompt": "phasesplit/worker:0.2.0-cuda", "g-token": "phasesplit/worker:0.2.0-cuda",
+                      "g-router": "phasesplit/worker:0.2.0"}
+    schema = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "default" not in schema["properties"]["images"]["properties"]["worker"]  # not frozen into objects

@@ -137,6 +137,8 @@ def test_status_follows_a_rollout_until_the_new_pods_serve(server, admin, operat
     reconcile.refresh_status(operator, NS, "roll")
     assert conditions(admin, "roll")["Ready"]["status"] == "True"
     assert conditions(admin, "roll")["Progressing"]["reason"] == "RolloutComplete"
+    assert admin.get(si_path("roll"))["status"]["images"] == {
+        c: "phasesplit/worker:0.1.0" for c in ("router", "prompt", "token")}
     # A model change: the pods roll; the old ones serve until the new ones are ready.
     admin.patch(si_path("roll"), {"spec": {"model": {"name": "tiny-v2"}}})
     reconcile.refresh_status(operator, NS, "roll")  # a Deployment event before the reconcile

@@ -19,7 +19,7 @@ API_VERSION = "v1alpha1"
 KIND = "SplitInference"
 PLURAL = "splitinferences"
 POOL_ROLES = ("prompt", "token", "mixed")
-DEFAULT_IMAGE = "phasesplit/worker:0.1.0"
+IMAGE_REPOSITORY = "phasesplit/worker"  # unset images: this repository at the operator's own version
 
 _QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$"
 _QUANTITY = re.compile(_QUANTITY_PATTERN)
@@ -144,8 +144,10 @@ class EnvVar(Spec):
 
 
 class Images(Spec):
-    worker: str = Field(DEFAULT_IMAGE, min_length=1, description="image running `phasesplit worker`")
-    router: str = Field(DEFAULT_IMAGE, min_length=1, description="image running `phasesplit router`")
+    worker: str | None = Field(None, min_length=1, description="image running `phasesplit worker`; default: "
+                               f"{IMAGE_REPOSITORY}:<the operator's version>, -cuda for pools that request GPUs")
+    router: str | None = Field(None, min_length=1, description="image running `phasesplit router`; default: "
+                               f"{IMAGE_REPOSITORY}:<the operator's version>")
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     pull_secrets: list[str] = Field(default_factory=list, description="names of image pull Secrets")
 
