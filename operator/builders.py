@@ -270,8 +270,28 @@ def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) 
     container = worker_container(spec, owner, role, pool)
     placement = _placement(pool.node_selector, pool.tolerations, pool.affinity)
     grace = PRESTOP_SECONDS + pool.drain_timeout_seconds + 10  # slack beyond the drain timeout
-    pod_spec = _pod_spec(spec, container, placement, grace, shm=shm_size(pool.tensor_parallel_size))
-    return _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, {}, pool.rollout)
+    shm = str(pool.pod.shm_size) if pool.pod.shm_size is not None else shm_size(pool.tensor_parallel_size)
+    pod_spec = _pod_spec(spec, container, placement, grace, shm=shm)
+    deployment = _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, {}, pool.rollout)
+    _overlay(deployment["spec"]["template"], pool.pod)
+    return deployment
+
+
+def _overlay(template: dict, pod: si.PodOverlay) -> None:
+    """Adds the pool's `pod` overlay to its template (the operator's own labels and volumes stay)."""
+    meta, spec, container = template["metadata"], template["spec"], template["spec"]["containers"][0]
+    meta["labels"] = {**pod.labels, **meta["labels"]}
+    if pod.annotations:
+        meta["annotations"] = {**pod.annotations, **meta.get("annotations", {})}
+    for key, value in (("topologySpreadConstraints", pod.topology_spread_constraints),
+                       ("priorityClassName", pod.priority_class_name), ("runtimeClassName", pod.runtime_class_name),
+                       ("schedulerName", pod.scheduler_name)):
+        if value:
+            spec[key] = [dict(v) for v in value] if isinstance(value, list) else value
+    spec["volumes"] += [dict(v) for v in pod.volumes]
+    container["volumeMounts"] += [dict(m) for m in pod.volume_mounts]
+    if pod.add_capabilities:
+        container["securityContext"]["capabilities"]["add"] = list(pod.add_capabilities)
 
 
 def build_pool_disruption_budget(owner: Owner, spec: si.SplitInferenceSpec, role: str) -> dict:

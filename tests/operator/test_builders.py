@@ -242,3 +242,40 @@ def test_unset_images_follow_the_operators_version_and_gpu_pools_get_cuda(monkey
                       "g-router": "phasesplit/worker:0.2.0"}
     schema = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     assert "default" not in schema["properties"]["images"]["properties"]["worker"]  # not frozen into objects
+
+
+def test_a_pool_pod_overlay_meets_rdma_and_cluster_policies():
+    doc = load_example("gpu")
+    doc["spec"]["pools"]["token"]["pod"] = {
+        "labels": {"team": "ml"}, "annotations": {"k8s.v1.cni.cncf.io/networks": "rdma-net"},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                       "whenUnsatisfiable": "DoNotSchedule"}],
+        "priorityClassName": "inference", "runtimeClassName": "nvidia", "schedulerName": "volcano",
+        "volumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}],
+        "volumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}],
+        "addCapabilities": ["IPC_LOCK"], "shmSize": "64Gi"}
+    doc["spec"]["pools"]["token"]["env"] = [{"name": "NCCL_IB_GID_INDEX", "value": "3"}]
+    assert validate(CRD, doc) == []
+    objs = {o["metadata"]["name"]: o for o in builders.build_children(
+        builders.Owner("g", "default", UID), si.SplitInference.model_validate(doc).spec) if o["kind"] == "Deployment"}
+    template = objs["g-token"]["spec"]["template"]
+    pod, worker = template["spec"], template["spec"]["containers"][0]
+    assert template["metadata"]["labels"]["team"] == "ml" and template["metadata"]["labels"][builders.ROLE_LABEL] == "token"
+    assert template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "rdma-net"
+    assert (pod["priorityClassName"], pod["runtimeClassName"], pod["schedulerName"]) == ("inference", "nvidia", "volcano")
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert {"name": "ib", "mountPath": "/dev/infiniband"} in worker["volumeMounts"]
+    assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "64Gi"
+    assert {"name": "NCCL_IB_GID_INDEX", "value": "3"} in worker["env"]
+    assert "priorityClassName" not in objs["g-prompt"]["spec"]["template"]["spec"]  # per pool
+    kubernetes_validate.validate(objs["g-token"], K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay,field", [({"labels": {"app.kubernetes.io/instance": "x"}}, "labels"),
+                                           ({"volumes": [{"name": "model", "emptyDir": {}}]}, "volumes")])
+def test_an_overlay_cannot_take_the_operators_labels_or_volumes(overlay, field):
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["token"]["pod"] = overlay
+    with pytest.raises(pydantic.ValidationError, match=field):
+        si.SplitInference.model_validate(doc)

@@ -111,7 +111,10 @@ def test_crd_defaults_match_the_models():
     defaulted = apply_defaults(schema, copy.deepcopy(doc))["spec"]
     model = si.SplitInferenceSpec.model_validate(doc["spec"]).model_dump(by_alias=True, exclude_none=True, mode="json")
     # pydantic also fills empty lists and maps that the API server leaves absent
-    prune = lambda x: {k: prune(v) for k, v in x.items() if v not in ({}, [])} if isinstance(x, dict) else x  # noqa: E731
+    def prune(x):
+        if not isinstance(x, dict):
+            return x
+        return {k: p for k, v in x.items() if (p := prune(v)) not in ({}, [])}
     assert prune(defaulted) == prune(model)
 
 

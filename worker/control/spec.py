@@ -232,6 +232,40 @@ _GPU_RULE = ("!has(self.resources.{part}) || !('nvidia.com/gpu' in self.resource
 _GPU_MESSAGE = "resources.{part}['nvidia.com/gpu'] must equal tensorParallelSize (one GPU per rank)"
 
 
+RESERVED_VOLUMES = ("model", "tmp", "shm")  # the volumes the operator mounts itself
+_RESERVED_PREFIXES = ("app.kubernetes.io/", "phasesplit.io/")  # the labels the Services select on
+
+
+class PodOverlay(Spec):
+    """Added to a pool's pod template: what cluster policies, RDMA networking (Multus annotations,
+    IPC_LOCK, a large /dev/shm) or a scheduler need, without forking the operator's templates."""
+    model_config = _validations(
+        cel("!has(self.labels) || self.labels.all(k, !k.startsWith('app.kubernetes.io/') && !k.startsWith('phasesplit.io/'))",
+            "labels: app.kubernetes.io/ and phasesplit.io/ labels are the operator's (its selectors use them)"))
+    # Volume names are checked by the operator only: CEL cannot see into free-form objects.
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict, description="e.g. k8s.v1.cni.cncf.io/networks")
+    topology_spread_constraints: list[FreeObject] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+    scheduler_name: str | None = None
+    volumes: list[FreeObject] = Field(default_factory=list)
+    volume_mounts: list[FreeObject] = Field(default_factory=list, description="mounts in the worker container")
+    add_capabilities: list[Annotated[str, Field(pattern=r"^[A-Z_]+$")]] = Field(
+        default_factory=list, description="Linux capabilities added to the worker container, e.g. IPC_LOCK for RDMA")
+    shm_size: Quantity | None = Field(None, description="size of /dev/shm (default: 1Gi, 2Gi per rank with tensor "
+                                                        "parallelism)")
+
+    @model_validator(mode="after")
+    def _reserved(self) -> PodOverlay:
+        if any(k.startswith(_RESERVED_PREFIXES) for k in self.labels):
+            raise ValueError("labels: app.kubernetes.io/ and phasesplit.io/ labels are the operator's "
+                             "(its selectors use them)")
+        if any(v.get("name") in RESERVED_VOLUMES for v in self.volumes):
+            raise ValueError("volumes: model, tmp and shm are the operator's own volume names")
+        return self
+
+
 class PoolRollout(Spec):
     model_config = _validations(cel("self.maxSurge + self.maxUnavailable > 0",
                                     "maxSurge and maxUnavailable cannot both be 0 (the rollout could not start)"))
@@ -266,6 +300,7 @@ class Pool(Spec):
     env: list[EnvVar] = Field(default_factory=list)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     rollout: PoolRollout = Field(default_factory=PoolRollout)
+    pod: PodOverlay = Field(default_factory=PodOverlay)
     max_disrupted: int = Field(1, ge=0, le=1000, description="pods a voluntary disruption (a node drain) may take "
                                                            "down at once (the pool's PodDisruptionBudget)")
 
