@@ -182,8 +182,14 @@ def test_fixing_the_spec_brings_it_up(cluster):
 
 def test_deletion_is_clean(cluster):
     kube = cluster["kube"]
+    # An older operator's finalizer is taken off (so that deleting after an uninstall cannot hang).
+    doc = load_example("tiny-cpu")
+    doc["metadata"].update(name="legacy", namespace=NS, finalizers=["phasesplit.io/finalizer"])
+    kube.create(doc)
+    wait_for(lambda: not get_si(kube, "legacy")["metadata"].get("finalizers"), what="the old finalizer removed")
+    kube.delete(si_path("legacy"))
     kube.delete(si_path("too-small"))
-    wait_for(lambda: get_si(kube, "too-small") is None, what="deletion")
+    wait_for(lambda: get_si(kube, "too-small") is None and get_si(kube, "legacy") is None, what="deletion")
     wait_for(lambda: live_children(kube, "too-small") == {}, what="the children garbage-collected")
     import time
     time.sleep(1)
