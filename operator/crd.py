@@ -26,6 +26,8 @@ PRINTER_COLUMNS = [
      "description": "prompt workers ready/desired"},
     {"name": "Token", "type": "string", "jsonPath": ".status.pools.token.ready",
      "description": "token workers ready/desired"},
+    {"name": "Mixed", "type": "string", "jsonPath": ".status.pools.mixed.ready",
+     "description": "mixed workers ready/desired"},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

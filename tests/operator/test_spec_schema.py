@@ -146,3 +146,15 @@ def test_a_name_that_cannot_name_a_service_is_refused(name):
         si.SplitInference.model_validate(doc)
     doc["metadata"]["name"] = "llama-3"
     assert validate(CRD, doc) == []
+
+
+def test_a_zero_drain_timeout_that_the_worker_would_refuse_is_refused_here():
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["token"]["drainTimeoutSeconds"] = 0
+    assert any("drainTimeoutSeconds" in e for e in validate(CRD, doc))
+    with pytest.raises(pydantic.ValidationError, match="drainTimeoutSeconds|drain_timeout_seconds"):
+        si.SplitInference.model_validate(doc)
+
+
+def test_printer_columns_show_the_mixed_pool():
+    assert ".status.pools.mixed.ready" in [c["jsonPath"] for c in CRD["spec"]["versions"][0]["additionalPrinterColumns"]]
