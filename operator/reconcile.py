@@ -18,6 +18,9 @@ from phasesplit.operator.prune import prune
 from phasesplit.operator.kube import Kube, KubeError, path
 
 
+CONFLICT_RETRIES = 5  # status writes that lost a race with the other writer, read again
+
+
 @dataclass(slots=True)
 class Outcome:
     applied: dict[str, str] = field(default_factory=dict)  # "Kind/name" -> created | patched | unchanged
@@ -76,39 +79,49 @@ def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, pro
                  outcome: Outcome, autoscaling: dict | None = None, failures: list[str] | None = None,
                  applied: dict | None = None) -> None:
     """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
-    computed from the object as it is now, so that neither part overwrites the other's last word.
-    Nothing is written once the SplitInference is gone (a pass that raced its deletion).
+    computed from the object as it is now and written only to that version of it (a conflict reads
+    it again), so that neither part overwrites the other's last word. Nothing is written once the
+    SplitInference is gone (a pass that raced its deletion).
     `applied`: the SplitInference as this pass applied it; its generation becomes `observedGeneration`
     (a status refresh between a spec change and its reconcile keeps the previous one)."""
     owner = owner_of(body)
-    body = kube.get(si_path(owner))
-    if body is None:
+    for attempt in range(CONFLICT_RETRIES):
+        body = kube.get(si_path(owner))
+        if body is None:
+            return
+        previous = body.get("status") or {}
+        new = _new_status(kube, owner, body, spec, problems, previous, autoscaling, failures, applied)
+        outcome.status = new
+        was = status.ready_condition(previous)
+        outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
+            "InvalidSpec", status.ready_condition(new)["message"])
+        applied_was = status.find(previous, status.APPLIED_CONDITION)
+        outcome.newly_failed = bool(failures) and applied_was.get("message") != status.find(
+            new, status.APPLIED_CONDITION).get("message")
+        if all(previous.get(key) == value for key, value in new.items()):
+            return
+        try:
+            kube.patch(si_path(owner, "status"), {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                                                  "status": new})
+        except KubeError as e:
+            if e.status == 404:
+                return
+            if e.status == 409 and attempt + 1 < CONFLICT_RETRIES:
+                continue
+            raise
+        outcome.status_written = True
         return
+
+
+def _new_status(kube: Kube, owner: builders.Owner, body: dict, spec: si.SplitInferenceSpec | None,
+                problems: list[str], previous: dict, autoscaling: dict | None, failures: list[str] | None,
+                applied: dict | None) -> dict:
     roles = _roles(spec, body)
     port = spec.router.service.port if spec else si.RouterService().port
-    previous = body.get("status") or {}
     generation = int(applied["metadata"].get("generation") or 0) if applied else int(
         previous.get("observedGeneration") or 0)
-    new = status.build_status(roles, builders.endpoint(owner, port), _deployments(kube, owner, roles), problems,
-                              previous, generation, _now(), autoscaling, failures)
-    outcome.status = new
-    was = status.ready_condition(previous)
-    outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
-        "InvalidSpec", status.ready_condition(new)["message"])
-    applied_was = status.find(previous, status.APPLIED_CONDITION)
-    outcome.newly_failed = bool(failures) and applied_was.get("message") != status.find(
-        new, status.APPLIED_CONDITION).get("message")
-    if any(previous.get(key) != value for key, value in new.items()):
-        # Only a pass that applied stamps observedGeneration: a refresh that read the status just
-        # before a reconcile wrote it must not put the older generation back.
-        patch = new if applied else {k: v for k, v in new.items() if k != "observedGeneration"}
-        try:
-            kube.patch(si_path(owner, "status"), {"status": patch})
-        except KubeError as e:
-            if e.status != 404:
-                raise
-            return
-        outcome.status_written = True
+    return status.build_status(roles, builders.endpoint(owner, port), _deployments(kube, owner, roles), problems,
+                               previous, generation, _now(), autoscaling, failures)
 
 
 def si_path(owner: builders.Owner, subresource: str | None = None) -> str:

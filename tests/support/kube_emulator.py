@@ -16,6 +16,8 @@ kubernetes client and the operator meet on a real cluster:
   them, conflicts (409) unless forced; a merge patch moves the fields it changes to its manager;
 - garbage collection: once an object is gone, the objects it owns are deleted;
 - an immutable ConfigMap's data cannot change (422);
+- a merge patch that names a `resourceVersion` other than the live one is 409 (optimistic
+  concurrency);
 - a kind that is not declared (a CRD not installed, such as KEDA's) is 404.
 It runs in a background thread with its own loop (`EmulatorThread`), or as kmock's pytest fixture
 (`pytest.mark.kmock(cls=Emulator)`).
@@ -170,6 +172,10 @@ class Emulator(kmock.KubernetesEmulator):
         meta = request.data.get("metadata")
         if not isinstance(meta, dict):
             meta = request.data["metadata"] = {}
+        expected = meta.get("resourceVersion")  # a patch that names a version applies to that one only
+        if current is not None and expected and expected != current["metadata"].get("resourceVersion"):
+            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {current["kind"]} '
+                                            f'"{request.name}": the object has been modified')
         meta["resourceVersion"] = str(next(self.versions))
         if current is None:
             return
