@@ -30,7 +30,7 @@ from support.kube_emulator import EmulatorThread  # noqa: E402
 from support.operator_harness import kube_client, start_operator, stop_operator  # noqa: E402
 from support.polling import wait_for  # noqa: E402
 
-CHILDREN = 8  # ConfigMap, 3 Services, 3 Deployments, NetworkPolicy
+CHILDREN = 11  # 2 ConfigMaps, 3 Services, 3 Deployments, 2 PodDisruptionBudgets, NetworkPolicy
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -47,15 +47,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 def child_keys(name: str) -> set[tuple[str, str]]:
-    return {("configmaps", f"{name}-engine"), ("services", f"{name}-prompt"), ("services", f"{name}-token"),
-            ("services", name), ("deployments", f"{name}-prompt"), ("deployments", f"{name}-token"),
-            ("deployments", f"{name}-router"), ("networkpolicies", f"{name}-workers")}
+    """ConfigMaps are named by a hash of their content: they count by the prefix before it."""
+    return {("configmaps", f"{name}-prompt-engine"), ("configmaps", f"{name}-token-engine"),
+            ("services", f"{name}-prompt"), ("services", f"{name}-token"), ("services", name),
+            ("deployments", f"{name}-prompt"), ("deployments", f"{name}-token"), ("deployments", f"{name}-router"),
+            ("poddisruptionbudgets", f"{name}-prompt"), ("poddisruptionbudgets", f"{name}-token"),
+            ("networkpolicies", f"{name}-workers")}
+
+
+def _key(plural: str, name: str) -> tuple[str, str]:
+    return (plural, name.rsplit("-", 1)[0]) if plural == "configmaps" else (plural, name)
 
 
 def count_children(emulator, names: set[str]) -> int:
     """Cheap (keys only): the poller shares the emulator's process and must not slow it down."""
     wanted = set().union(*(child_keys(n) for n in names))
-    return len(wanted & {(res.plural, name) for res, _, name in list(emulator.emulator.objects.keys())})
+    return len(wanted & {_key(res.plural, name) for res, _, name in list(emulator.emulator.objects.keys())})
 
 
 def manifest(name: str) -> dict:

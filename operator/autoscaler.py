@@ -1,8 +1,9 @@
-"""The builtin autoscaler: each tick of its kopf timer (registered in phasesplit.operator.handlers)
+"""The builtin autoscaler: each tick of the operator's periodic loop (phasesplit.operator.handlers)
 scales each pool of a SplitInference on its own queue.
 
-The timer ticks every `TICK_SECONDS` (`PHASESPLIT_AUTOSCALE_TICK_SECONDS`) and skips a resource
-until its `spec.autoscaling.intervalSeconds` has passed. Only `mode: builtin` is acted on; hpa/keda
+The loop ticks every `TICK_SECONDS` (`PHASESPLIT_AUTOSCALE_TICK_SECONDS`) and `tick` skips a
+resource until its `spec.autoscaling.intervalSeconds` has passed. `memo` is the resource's own
+state between ticks (its scaler's history, its metrics source). Only `mode: builtin` is acted on; hpa/keda
 objects are rendered by the reconciler. Decisions and metrics availability go to status through
 the reconciler's status writer.
 """
@@ -22,14 +23,14 @@ from phasesplit.control.spec import SplitInferenceSpec
 from phasesplit.operator import reconcile
 from phasesplit.operator.apply import SCALER_MANAGER
 from phasesplit.operator.builders import Owner, pool_name, service_name
-from phasesplit.operator.kube import Kube, KubeError, path
+from phasesplit.operator.kube import Kube, path
 from phasesplit.operator.metrics_source import PrometheusQuery, router_selector
 
 TICK_SECONDS = float(os.environ.get("PHASESPLIT_AUTOSCALE_TICK_SECONDS", "5"))
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
-async def tick(kube: Kube, body: kopf.Body, memo: kopf.Memo, logger) -> None:
+async def tick(kube: Kube, body: dict, memo: dict, logger) -> None:
     """One timer tick for one SplitInference: read its metrics, decide, scale, record."""
     phase = (body.get("status") or {}).get("phase")
     if phase in (None, "Failed"):  # not reconciled yet, or a spec that cannot work: nothing to scale
@@ -50,14 +51,11 @@ async def tick(kube: Kube, body: kopf.Body, memo: kopf.Memo, logger) -> None:
     except MetricsUnavailable as e:
         logger.warning(f"metrics unavailable, keeping replicas: {e}")
         _metrics_event(body, memo, False, str(e))
-        record = {**saved, "metrics": {"available": False, "reason": "ScrapeFailed", "message": str(e)}}
+        record = {**saved, "metrics": _unavailable(saved.get("metrics"), str(e))}
         await asyncio.to_thread(reconcile.refresh_status, kube, owner.namespace, owner.name, record)
         return
     _metrics_event(body, memo, True, "router metrics read")
-    try:
-        decisions = await asyncio.to_thread(evaluate, kube, scaler, snapshot, owner, now, logger)
-    except KubeError as e:
-        raise kopf.TemporaryError(f"scaling {owner.namespace}/{owner.name}: {e}", delay=10) from e
+    decisions = await asyncio.to_thread(evaluate, kube, scaler, snapshot, owner, now, logger)
     record = {**_record(body, decisions, scaler),
               "metrics": {"available": True, "reason": "Scraped", "message": "router metrics read"}}
     await asyncio.to_thread(reconcile.refresh_status, kube, owner.namespace, owner.name, record)
@@ -102,7 +100,7 @@ def _matches(labels: dict | None, selector: dict) -> bool:
     return all((labels or {}).get(k) == v for k, v in selector.items())
 
 
-def _scaler(memo: kopf.Memo, parsed: SplitInferenceSpec, saved: dict) -> SplitScaler:
+def _scaler(memo: dict, parsed: SplitInferenceSpec, saved: dict) -> SplitScaler:
     """The resource's scaler, kept in its memo; rebuilt when the knobs change, keeping the history.
     After an operator restart the history comes back from status."""
     fresh = SplitScaler.from_spec(parsed)
@@ -118,7 +116,7 @@ def _scaler(memo: kopf.Memo, parsed: SplitInferenceSpec, saved: dict) -> SplitSc
     return fresh
 
 
-def _source(memo: kopf.Memo, parsed: SplitInferenceSpec, owner: Owner):
+def _source(memo: dict, parsed: SplitInferenceSpec, owner: Owner):
     url = parsed.autoscaling.prometheus.url
     if url:
         key, make = f"prometheus:{url}", lambda: PrometheusQuery(url, router_selector(owner.namespace, service_name(owner)))
@@ -131,7 +129,7 @@ def _source(memo: kopf.Memo, parsed: SplitInferenceSpec, owner: Owner):
     return memo["autoscale_source"]
 
 
-def _record(body: kopf.Body, decisions: dict[str, Decision], scaler: SplitScaler) -> dict:
+def _record(body: dict, decisions: dict[str, Decision], scaler: SplitScaler) -> dict:
     """`status.autoscaling`: each pool's last decision and history; an Event for each change."""
     entries = {}
     for pool, d in decisions.items():
@@ -143,7 +141,16 @@ def _record(body: kopf.Body, decisions: dict[str, Decision], scaler: SplitScaler
     return entries
 
 
-def _metrics_event(body: kopf.Body, memo: kopf.Memo, ok: bool, message: str) -> None:
+def _unavailable(previous: dict | None, message: str) -> dict:
+    """The metrics record after a failed read. While reads keep failing it keeps the first failure's
+    message (each one is logged): an error text that varies from one try to the next (a DNS error, a
+    timeout) must not rewrite the status on every tick."""
+    if previous and not previous.get("available"):
+        return previous
+    return {"available": False, "reason": "ScrapeFailed", "message": message}
+
+
+def _metrics_event(body: dict, memo: dict, ok: bool, message: str) -> None:
     """An Event on each change of metrics availability (and when they are first found missing)."""
     if memo.get("metrics_ok", True) != ok:
         kopf.event(body, type="Normal" if ok else "Warning", reason="MetricsAvailable" if ok else "MetricsUnavailable",

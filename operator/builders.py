@@ -7,6 +7,7 @@ so they are tested without a server and applied idempotently by the handlers.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from dataclasses import dataclass
 
@@ -18,13 +19,16 @@ ROUTER_PORT = 8000
 MODEL_DIR = "/models/model"
 MANAGED_BY = "phasesplit-operator"
 ROLE_LABEL = "phasesplit.io/role"
-CONFIG_HASH = "phasesplit.io/config-hash"
 RUN_AS = 10001
 # A terminating worker keeps serving this long before SIGTERM starts its drain: the router re-resolves
 # the pool's headless Service every 5 s, and the cluster DNS may serve the old answer for another 5 s
 # (CoreDNS's default TTL); requests the router sent it meanwhile (a token worker's KV still to
 # come from a prompt worker) must land before a draining worker refuses new work.
 PRESTOP_SECONDS = 15
+# A terminating router keeps serving this long before SIGTERM, while the Service's endpoints drop it,
+# then finishes the streams it holds for up to ROUTER_SHUTDOWN_SECONDS (aiohttp's shutdown timeout).
+ROUTER_PRESTOP_SECONDS = 10
+ROUTER_SHUTDOWN_SECONDS = 60
 # glibc keeps large KV buffers mapped instead of faulting fresh pages (see the KV transport notes).
 MALLOC_ENV = [{"name": "MALLOC_MMAP_THRESHOLD_", "value": "134217728"},
               {"name": "MALLOC_TRIM_THRESHOLD_", "value": "1073741824"}]
@@ -56,8 +60,11 @@ def pool_name(owner: Owner, role: str) -> str:
     return f"{owner.name}-{role}"
 
 
-def config_name(owner: Owner) -> str:
-    return f"{owner.name}-engine"
+def config_name(owner: Owner, role: str, data: dict[str, str]) -> str:
+    """Named by a hash of its content: a changed setting makes a new ConfigMap, and the pool's pods
+    roll onto it, while pods still running keep the one they started with."""
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{owner.name}-{role}-engine-{digest}"
 
 
 def network_policy_name(owner: Owner) -> str:
@@ -87,19 +94,33 @@ def metadata(owner: Owner, name: str, role: str, annotations: dict | None = None
 
 # --- the engine settings ---------------------------------------------------------------------
 
-def engine_settings(spec: si.SplitInferenceSpec) -> dict[str, str]:
-    """ConfigMap data: the settings every worker reads, one key per role and flag."""
-    return {s.key: s.value for role, _ in spec.pools.items() for s in worker_settings(spec, role, MODEL_DIR) if s.key}
+def engine_settings(spec: si.SplitInferenceSpec, role: str) -> dict[str, str]:
+    """ConfigMap data: the settings one pool's workers read, one key per flag."""
+    return {s.key: s.value for s in worker_settings(spec, role, MODEL_DIR) if s.key}
 
 
-def build_config_map(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner), "config"),
-            "data": engine_settings(spec)}
+def build_config_map(owner: Owner, spec: si.SplitInferenceSpec, role: str) -> dict:
+    """Immutable: never patched under running pods."""
+    data = engine_settings(spec, role)
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata(owner, config_name(owner, role, data), role),
+            "immutable": True, "data": data}
 
 
-def config_hash(spec: si.SplitInferenceSpec) -> str:
-    """Changes whenever the engine settings do, so that pods roll when the ConfigMap changes."""
-    return hashlib.sha256(json.dumps(engine_settings(spec), sort_keys=True).encode()).hexdigest()[:16]
+# --- images ----------------------------------------------------------------------------------
+
+def operator_version() -> str:
+    return importlib.metadata.version("phasesplit")
+
+
+def worker_image(spec: si.SplitInferenceSpec, pool: si.Pool) -> str:
+    """The spec's image, else the operator's own version (so that upgrading the operator moves the
+    pods), built with CUDA torch for pools that request GPUs."""
+    cuda = "-cuda" if si.requests_gpu(pool.resources) else ""
+    return spec.images.worker or f"{si.IMAGE_REPOSITORY}:{operator_version()}{cuda}"
+
+
+def router_image(spec: si.SplitInferenceSpec) -> str:
+    return spec.images.router or f"{si.IMAGE_REPOSITORY}:{operator_version()}"
 
 
 # --- pods ------------------------------------------------------------------------------------
@@ -176,7 +197,9 @@ def _pod_spec(spec: si.SplitInferenceSpec, container: dict, placement: dict, gra
     return pod
 
 
-def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dict, pod_annotations: dict) -> dict:
+def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dict, pod_annotations: dict,
+                rollout: si.PoolRollout | None = None) -> dict:
+    rollout = rollout or si.PoolRollout()
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(owner, name, role),
@@ -184,9 +207,11 @@ def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dic
             "replicas": replicas,
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": 1800,  # model loading can take many minutes
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": rollout.max_surge,
+                                                                    "maxUnavailable": rollout.max_unavailable}},
             "selector": {"matchLabels": selector_labels(owner, role)},
-            "template": {"metadata": {"labels": labels(owner, role), "annotations": pod_annotations},
+            "template": {"metadata": {"labels": labels(owner, role),
+                                      **({"annotations": pod_annotations} if pod_annotations else {})},
                          "spec": pod_spec},
         },
     }
@@ -224,9 +249,9 @@ def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool:
     if spec.kv_transfer.backend == "tcp":
         ports.append({"name": "kv-tcp", "containerPort": spec.kv_transfer.tcp.port, "protocol": "TCP"})
     container = {
-        "name": "worker", "image": spec.images.worker, "imagePullPolicy": spec.images.pull_policy,
+        "name": "worker", "image": worker_image(spec, pool), "imagePullPolicy": spec.images.pull_policy,
         "args": worker_args(spec, role, pool),
-        "envFrom": [{"configMapRef": {"name": config_name(owner)}}],
+        "envFrom": [{"configMapRef": {"name": config_name(owner, role, engine_settings(spec, role))}}],
         "env": env, "ports": ports,
         # SERVING on the gRPC health service only once the model is loaded.
         "startupProbe": _grpc_probe(period=5, failures=360),
@@ -245,9 +270,35 @@ def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) 
     container = worker_container(spec, owner, role, pool)
     placement = _placement(pool.node_selector, pool.tolerations, pool.affinity)
     grace = PRESTOP_SECONDS + pool.drain_timeout_seconds + 10  # slack beyond the drain timeout
-    pod_spec = _pod_spec(spec, container, placement, grace, shm=shm_size(pool.tensor_parallel_size))
-    return _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec,
-                       {CONFIG_HASH: config_hash(spec)})
+    shm = str(pool.pod.shm_size) if pool.pod.shm_size is not None else shm_size(pool.tensor_parallel_size)
+    pod_spec = _pod_spec(spec, container, placement, grace, shm=shm)
+    deployment = _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, {}, pool.rollout)
+    _overlay(deployment["spec"]["template"], pool.pod)
+    return deployment
+
+
+def _overlay(template: dict, pod: si.PodOverlay) -> None:
+    """Adds the pool's `pod` overlay to its template (the operator's own labels and volumes stay)."""
+    meta, spec, container = template["metadata"], template["spec"], template["spec"]["containers"][0]
+    meta["labels"] = {**pod.labels, **meta["labels"]}
+    if pod.annotations:
+        meta["annotations"] = {**pod.annotations, **meta.get("annotations", {})}
+    for key, value in (("topologySpreadConstraints", pod.topology_spread_constraints),
+                       ("priorityClassName", pod.priority_class_name), ("runtimeClassName", pod.runtime_class_name),
+                       ("schedulerName", pod.scheduler_name)):
+        if value:
+            spec[key] = [dict(v) for v in value] if isinstance(value, list) else value
+    spec["volumes"] += [dict(v) for v in pod.volumes]
+    container["volumeMounts"] += [dict(m) for m in pod.volume_mounts]
+    if pod.add_capabilities:
+        container["securityContext"]["capabilities"]["add"] = list(pod.add_capabilities)
+
+
+def build_pool_disruption_budget(owner: Owner, spec: si.SplitInferenceSpec, role: str) -> dict:
+    """A node drain takes at most `maxDisrupted` of the pool's pods down at once."""
+    pool = getattr(spec.pools, role)
+    return {"apiVersion": "policy/v1", "kind": "PodDisruptionBudget", "metadata": metadata(owner, pool_name(owner, role), role),
+            "spec": {"maxUnavailable": pool.max_disrupted, "selector": {"matchLabels": selector_labels(owner, role)}}}
 
 
 def build_pool_service(owner: Owner, role: str) -> dict:
@@ -274,14 +325,16 @@ def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     if secret := spec.router.api_key_secret:
         env.append({"name": "PHASESPLIT_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
-    http_get = {"path": "/health", "port": "http"}
+    alive = {"path": "/livez", "port": "http"}  # the process answers
+    routable = {"path": "/health", "port": "http"}  # 503 while a pool has no ready worker
     container = {
-        "name": "router", "image": spec.images.router, "imagePullPolicy": spec.images.pull_policy,
+        "name": "router", "image": router_image(spec), "imagePullPolicy": spec.images.pull_policy,
         "args": router_args(owner, spec), "env": env,
         "ports": [{"name": "http", "containerPort": ROUTER_PORT, "protocol": "TCP"}],
-        "startupProbe": {"httpGet": http_get, "periodSeconds": 5, "failureThreshold": 120},
-        "readinessProbe": {"httpGet": http_get, "periodSeconds": 5, "failureThreshold": 2},
-        "livenessProbe": {"httpGet": http_get, "periodSeconds": 10, "failureThreshold": 6},
+        "startupProbe": {"httpGet": alive, "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {"httpGet": routable, "periodSeconds": 5, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": alive, "periodSeconds": 10, "failureThreshold": 6},
+        "lifecycle": {"preStop": {"sleep": {"seconds": ROUTER_PRESTOP_SECONDS}}},
         "securityContext": container_security(),
     }
     if resources := _resources(spec.router.resources):
@@ -292,7 +345,8 @@ def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
 def build_router_deployment(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     router = spec.router
     placement = _placement(router.node_selector, router.tolerations, router.affinity)
-    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=30, shm=None)
+    grace = ROUTER_PRESTOP_SECONDS + ROUTER_SHUTDOWN_SECONDS + 10
+    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=grace, shm=None)
     scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT), "prometheus.io/path": "/metrics"}
     return _deployment(owner, router_name(owner), "router", router.replicas, pod_spec, scrape)
 
@@ -333,9 +387,10 @@ def _port_range(first: int, count: int) -> dict:
 
 def build_children(owner: Owner, spec: si.SplitInferenceSpec) -> list[dict]:
     """Every child object of a SplitInference, in the order to create them."""
-    children = [build_config_map(owner, spec)]
+    children = []
     for role, _ in spec.pools.items():
-        children += [build_pool_service(owner, role), build_pool_deployment(owner, spec, role)]
+        children += [build_config_map(owner, spec, role), build_pool_service(owner, role),
+                     build_pool_deployment(owner, spec, role), build_pool_disruption_budget(owner, spec, role)]
     children += [build_router_service(owner, spec), build_router_deployment(owner, spec),
                  build_network_policy(owner, spec)]
     from phasesplit.operator.scaler_objects import build_scaling_objects  # it builds on this module

@@ -26,6 +26,8 @@ PRINTER_COLUMNS = [
      "description": "prompt workers ready/desired"},
     {"name": "Token", "type": "string", "jsonPath": ".status.pools.token.ready",
      "description": "token workers ready/desired"},
+    {"name": "Mixed", "type": "string", "jsonPath": ".status.pools.mixed.ready",
+     "description": "mixed workers ready/desired"},
     {"name": "Ready", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].status'},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -140,7 +142,10 @@ def build_crd() -> dict:
                     "required": ["spec"],
                     "x-kubernetes-validations": [si.cel(
                         f"self.metadata.name.size() <= {MAX_NAME_LENGTH}",
-                        f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children add suffixes)")],
+                        f"metadata.name must be at most {MAX_NAME_LENGTH} characters (children add suffixes)"),
+                        si.cel(f"self.metadata.name.matches('{si.RFC1035_LABEL}')",
+                               "metadata.name must be an RFC 1035 label (lower-case letters, digits and '-', "
+                               "starting with a letter): it names the router Service")],
                     "properties": {
                         "apiVersion": {"type": "string"},
                         "kind": {"type": "string"},

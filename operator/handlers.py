@@ -1,11 +1,18 @@
 """Every kopf handler of the operator, registered in one place (`register`): thin wrappers that
 call phasesplit.operator.reconcile and phasesplit.operator.autoscaler (which owns pool replicas
 once created, unless `spec.autoscaling.mode` is `none`).
+
+No handler needs a finalizer: the children go with their owner through the garbage collector, and
+the periodic work (the autoscaler's ticks, the resync that heals drift) runs in one operator-wide
+loop over the SplitInferences the watch has seen, not in kopf timers (which would put a finalizer
+on every SplitInference, so that deleting one hangs once the operator is uninstalled).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import kopf
 
@@ -25,6 +32,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.execution.max_workers = 8
     settings.persistence.finalizer = f"{si.API_GROUP}/finalizer"
     memo.kube = Kube.from_environment()
+    memo.seen = {}  # (namespace, name) -> the latest body the watch delivered
     if not settings.peering.standalone:
         for namespace in WATCHED_NAMESPACES or [None]:
             ensure_peering(memo.kube, settings.peering.name, namespace)
@@ -45,18 +53,29 @@ def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger)
     changed = {k: v for k, v in outcome.applied.items() if v != "unchanged"}
     if changed:
         logger.info(f"applied {changed}")
+    if outcome.pruned:
+        logger.info(f"deleted children no longer wanted: {outcome.pruned}")
     if outcome.newly_invalid:
         # A spec that cannot work is reported once; retrying would not fix it.
         kopf.warn(body, reason="InvalidSpec", message=reconcile.status.ready_condition(outcome.status)["message"])
+    if outcome.newly_failed:
+        kopf.warn(body, reason="ApplyFailed", message="; ".join(outcome.failures))
 
 
 def reconcile_fn(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
     _report(reconcile.reconcile(memo.kube, dict(body)), body, logger)
 
 
-def resync(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-    """Heals drift (a deleted or edited child) and notices a Secret or PVC that appeared later."""
-    _report(reconcile.reconcile(memo.kube, dict(body)), body, logger)
+async def track(body: kopf.Body, type: str | None, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+    """Keeps `memo.seen` to what the watch says exists (the periodic loop's work list); starts the
+    loop on the first one, from a handler so that it inherits kopf's means to post Events."""
+    if memo.loop.get("task") is None:  # memo.loop is shared: each resource's memo is a shallow copy
+        memo.loop["task"] = asyncio.create_task(periodic(memo, memo.loop["tick_seconds"], logger))
+    key = (body["metadata"].get("namespace"), body["metadata"]["name"])
+    if type == "DELETED" or body["metadata"].get("deletionTimestamp"):
+        memo.seen.pop(key, None)
+    else:
+        memo.seen[key] = dict(body)
 
 
 def child_deployment_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_) -> None:
@@ -65,16 +84,42 @@ def child_deployment_changed(namespace: str, labels: kopf.Labels, memo: kopf.Mem
         reconcile.refresh_status(memo.kube, namespace, name)
 
 
-async def autoscale(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-    await autoscaler.tick(memo.kube, body, memo, logger)
+async def periodic(memo: kopf.Memo, tick_seconds: float, logger: logging.Logger) -> None:
+    """Every tick: the builtin autoscaler for each SplitInference; every RESYNC_SECONDS: a reconcile
+    that heals drift (a deleted or edited child, a Secret or PVC that appeared later)."""
+    states: dict[str, dict] = {}  # per SplitInference uid: the autoscaler's memory, the last resync
+    while True:
+        await asyncio.sleep(tick_seconds)
+        for key, body in list(memo.seen.items()):
+            state = states.setdefault(body["metadata"].get("uid", ""), {"resynced": time.monotonic()})
+            try:
+                await autoscaler.tick(memo.kube, body, state, logger)
+                if time.monotonic() - state["resynced"] >= RESYNC_SECONDS:
+                    state["resynced"] = time.monotonic()
+                    outcome = await asyncio.to_thread(reconcile.reconcile, memo.kube, body)
+                    _report(outcome, body, logger)
+            except Exception as e:  # one SplitInference's failure must not stop the others'
+                logger.warning(f"periodic work on {key[0]}/{key[1]} failed: {e}")
+        live = {b["metadata"].get("uid", "") for b in memo.seen.values()}
+        for uid in set(states) - live:
+            del states[uid]
 
 
 def register(registry: kopf.OperatorRegistry, tick_seconds: float = autoscaler.TICK_SECONDS) -> None:
-    """Every handler, on `registry`; `tick_seconds` is the autoscaler timer's period."""
+    """Every handler, on `registry`; `tick_seconds` is the period of the autoscaler's loop."""
     resource = (si.API_GROUP, si.API_VERSION, si.PLURAL)
     kopf.on.startup(registry=registry)(configure)
+
+    @kopf.on.startup(registry=registry)
+    def loop_settings(memo: kopf.Memo, **_) -> None:
+        memo.loop = {"tick_seconds": tick_seconds}
+
     for cause in (kopf.on.resume, kopf.on.create, kopf.on.update):
         cause(*resource, registry=registry)(reconcile_fn)
-    kopf.timer(*resource, interval=RESYNC_SECONDS, idle=RESYNC_SECONDS, registry=registry)(resync)
+    kopf.on.event(*resource, registry=registry)(track)
     kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS, registry=registry)(child_deployment_changed)
-    kopf.timer(*resource, interval=tick_seconds, registry=registry)(autoscale)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_periodic(memo: kopf.Memo, **_) -> None:
+        if memo.loop.get("task") is not None:
+            memo.loop["task"].cancel()

@@ -25,6 +25,15 @@ class KubeError(Exception):
     def __init__(self, status: int, method: str, path: str, body: str):
         super().__init__(f"{method} {path}: HTTP {status}: {body[:500]}")
         self.status = status
+        self.message = _status_message(body) or f"HTTP {status}"
+
+
+def _status_message(body: str) -> str:
+    """The API server's own message from a `Status` answer ("" if there is none)."""
+    try:
+        return str(json.loads(body).get("message") or "")[:500]
+    except (ValueError, AttributeError):
+        return ""
 
 
 def path(api_version: str, kind: str, namespace: str | None, name: str | None = None,

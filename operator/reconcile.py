@@ -14,16 +14,23 @@ import pydantic
 from phasesplit.control import spec as si
 from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
-from phasesplit.operator.kube import Kube, path
+from phasesplit.operator.prune import prune
+from phasesplit.operator.kube import Kube, KubeError, path
+
+
+CONFLICT_RETRIES = 5  # status writes that lost a race with the other writer, read again
 
 
 @dataclass(slots=True)
 class Outcome:
     applied: dict[str, str] = field(default_factory=dict)  # "Kind/name" -> created | patched | unchanged
+    pruned: list[str] = field(default_factory=list)  # "Kind/name" of owned children no longer wanted
+    failures: list[str] = field(default_factory=list)  # "Kind/name: the server's message", one per child
     problems: list[str] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     status_written: bool = False
     newly_invalid: bool = False
+    newly_failed: bool = False  # failures differ from what status last said
 
 
 def owner_of(body: dict) -> builders.Owner:
@@ -69,24 +76,52 @@ def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
 
 
 def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
-                 outcome: Outcome, autoscaling: dict | None = None) -> None:
+                 outcome: Outcome, autoscaling: dict | None = None, failures: list[str] | None = None,
+                 applied: dict | None = None) -> None:
     """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
-    computed from the object as it is now, so that neither part overwrites the other's last word."""
+    computed from the object as it is now and written only to that version of it (a conflict reads
+    it again), so that neither part overwrites the other's last word. Nothing is written once the
+    SplitInference is gone (a pass that raced its deletion).
+    `applied`: the SplitInference as this pass applied it; its generation becomes `observedGeneration`
+    (a status refresh between a spec change and its reconcile keeps the previous one)."""
     owner = owner_of(body)
-    body = kube.get(si_path(owner)) or body
+    for attempt in range(CONFLICT_RETRIES):
+        body = kube.get(si_path(owner))
+        if body is None:
+            return
+        previous = body.get("status") or {}
+        new = _new_status(kube, owner, body, spec, problems, previous, autoscaling, failures, applied)
+        outcome.status = new
+        was = status.ready_condition(previous)
+        outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
+            "InvalidSpec", status.ready_condition(new)["message"])
+        applied_was = status.find(previous, status.APPLIED_CONDITION)
+        outcome.newly_failed = bool(failures) and applied_was.get("message") != status.find(
+            new, status.APPLIED_CONDITION).get("message")
+        if all(previous.get(key) == value for key, value in new.items()):
+            return
+        try:
+            kube.patch(si_path(owner, "status"), {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]},
+                                                  "status": new})
+        except KubeError as e:
+            if e.status == 404:
+                return
+            if e.status == 409 and attempt + 1 < CONFLICT_RETRIES:
+                continue
+            raise
+        outcome.status_written = True
+        return
+
+
+def _new_status(kube: Kube, owner: builders.Owner, body: dict, spec: si.SplitInferenceSpec | None,
+                problems: list[str], previous: dict, autoscaling: dict | None, failures: list[str] | None,
+                applied: dict | None) -> dict:
     roles = _roles(spec, body)
     port = spec.router.service.port if spec else si.RouterService().port
-    previous = body.get("status") or {}
-    generation = int(body["metadata"].get("generation") or 0)
-    new = status.build_status(roles, builders.endpoint(owner, port), _deployments(kube, owner, roles), problems,
-                              previous, generation, _now(), autoscaling)
-    outcome.status = new
-    was = status.ready_condition(previous)
-    outcome.newly_invalid = bool(problems) and (was.get("reason"), was.get("message")) != (
-        "InvalidSpec", status.ready_condition(new)["message"])
-    if any(previous.get(key) != value for key, value in new.items()):
-        kube.patch(si_path(owner, "status"), {"status": new})
-        outcome.status_written = True
+    generation = int(applied["metadata"].get("generation") or 0) if applied else int(
+        previous.get("observedGeneration") or 0)
+    return status.build_status(roles, builders.endpoint(owner, port), _deployments(kube, owner, roles), problems,
+                               previous, generation, _now(), autoscaling, failures)
 
 
 def si_path(owner: builders.Owner, subresource: str | None = None) -> str:
@@ -100,9 +135,16 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
     outcome.problems = problems
     if not problems:
         for child in children:
-            action, _ = apply(kube, child, replicas_elsewhere=_autoscaled(child, spec))
-            outcome.applied[f"{child['kind']}/{child['metadata']['name']}"] = action
-    write_status(kube, body, spec, problems, outcome)
+            name = f"{child['kind']}/{child['metadata']['name']}"
+            try:
+                outcome.applied[name], _ = apply(kube, child, replicas_elsewhere=autoscaled(child, spec))
+            except KubeError as e:  # one child refused (a missing CRD, a quota): the others still go
+                outcome.failures.append(f"{name}: {e.message}")
+        try:
+            outcome.pruned = prune(kube, owner_of(body), children)
+        except KubeError as e:
+            outcome.failures.append(f"pruning: {e.message}")
+    write_status(kube, body, spec, problems, outcome, failures=outcome.failures, applied=body)
     return outcome
 
 
@@ -119,6 +161,7 @@ def refresh_status(kube: Kube, namespace: str, name: str, autoscaling: dict | No
     return outcome
 
 
-def _autoscaled(child: dict, spec: si.SplitInferenceSpec) -> bool:
+def autoscaled(child: dict, spec: si.SplitInferenceSpec) -> bool:
+    """Whether an autoscaler owns this child's replicas (a pool Deployment outside mode none)."""
     role = child["metadata"]["labels"].get(builders.ROLE_LABEL)
     return child["kind"] == "Deployment" and role in si.POOL_ROLES and builders.autoscaler_owns_replicas(spec)

@@ -10,6 +10,7 @@ COMMANDS = {
     "router": ("phasesplit.router.main", "run the OpenAI-compatible router (HTTP)"),
     "local": ("phasesplit.local.launcher", "run a SplitInference as local processes"),
     "operator": ("phasesplit.operator.main", "run the Kubernetes operator (kopf)"),
+    "render": ("phasesplit.operator.render", "print every object the operator would apply for a SplitInference"),
     "profile": ("phasesplit.fleet.profile", "measure the engine's iteration times into a profile table"),
     "simulate": ("phasesplit.fleet.simulate", "simulate a cluster serving a trace (performance model)"),
     "plan": ("phasesplit.fleet.plan", "search pool sizes and hardware for SLOs and cost; emit a SplitInference"),

@@ -108,9 +108,9 @@ async def test_pool_replicas_follow_their_own_metrics(cluster, operator, router_
         # a decode-heavy phase: the token pool grows, the prompt pool shrinks back, least-loaded pods first
         router_metrics.set_pool("prompt", queue_tokens=0)
         router_metrics.set_pool("token", inflight=20)          # -> 3
-        router_metrics.kv_used.labels("10.0.0.10:50051").set(30)
-        router_metrics.kv_used.labels("10.0.0.11:50051").set(2)
-        router_metrics.kv_used.labels("10.0.0.12:50051").set(11)
+        router_metrics.kv_blocks_used.labels("10.0.0.10:50051").set(30)
+        router_metrics.kv_blocks_used.labels("10.0.0.11:50051").set(2)
+        router_metrics.kv_blocks_used.labels("10.0.0.12:50051").set(11)
         await eventually(lambda: replicas(cluster, "token") == 3 and replicas(cluster, "prompt") == 1, timeout=8)
         costs = {i: cluster.objects["v1/pods", NS, f"tiny-prompt-{i}"].raw["metadata"]["annotations"]
                  [autoscaler.DELETION_COST] for i in range(3)}
@@ -134,6 +134,12 @@ async def test_metrics_down_keeps_replicas_and_sets_the_condition(cluster, opera
         failed = [c for c in status(cluster)["conditions"] if c["type"] == "MetricsAvailable"][0]
         assert "503" in failed["message"]
         assert events(cluster, "MetricsUnavailable")
+        # Another failure text while still failing: the status is not rewritten on every tick.
+        written = cluster.objects[SI, NS, "tiny"].raw["metadata"]["resourceVersion"]
+        router_metrics.status = 500
+        scrapes = router_metrics.scrapes
+        await eventually(lambda: router_metrics.scrapes >= scrapes + 2, timeout=8)
+        assert cluster.objects[SI, NS, "tiny"].raw["metadata"]["resourceVersion"] == written
 
         router_metrics.status = 200                            # back: True again, and scaling resumes
         await eventually(lambda: condition(cluster) == "True" and replicas(cluster, "prompt") == 3, timeout=8)

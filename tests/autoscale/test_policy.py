@@ -183,3 +183,19 @@ def test_deletion_costs_put_the_least_loaded_worker_first():
     costs = deletion_costs(pods, load)
     assert costs == {"tiny-token-a": 40, "tiny-token-b": 3, "tiny-token-c": 0}
     assert min(costs, key=costs.get) == "tiny-token-c"
+
+
+def test_the_history_kept_in_status_stays_small_however_often_a_pool_is_evaluated():
+    import json
+    import random
+
+    from phasesplit.control.scaling import _remember
+    rng = random.Random(7)
+    state, full = PoolState(), []
+    for tick in range(3000):
+        raw = rng.randint(1, 8)
+        _remember(state, float(tick), raw, window=300.0)
+        full = [(t, r) for t, r in full if tick - t < 300.0] + [(float(tick), raw)]
+        assert max(r for _, r in state.recommendations) == max(r for _, r in full)
+    assert len(state.recommendations) <= 8
+    assert len(json.dumps(state.to_dict())) < 400

@@ -92,13 +92,76 @@ def test_tiny_example_becomes_ready_and_serves(cluster):
         assert chat.choices[0].message.content is not None
     finally:
         forward.terminate()
-    # Deleting the SplitInference deletes its children through owner references.
-    run("kubectl", "delete", "-n", NAMESPACE, "si/tiny", "--wait=true", "--timeout=120s", env=cluster)
-    deadline = time.time() + 120
+
+
+def patch_si(env, patch: dict) -> None:
+    run("kubectl", "patch", "-n", NAMESPACE, "si/tiny", "--type", "merge", "-p", json.dumps(patch), env=env)
+
+
+def si(env) -> dict:
+    return json.loads(run("kubectl", "get", "-n", NAMESPACE, "si/tiny", "-o", "json", env=env))
+
+
+def deployment(env, name: str) -> dict:
+    return json.loads(run("kubectl", "get", "-n", NAMESPACE, f"deploy/{name}", "-o", "json", env=env))
+
+
+def owned(env, kind: str) -> list[dict]:
+    return yaml.safe_load(run("kubectl", "get", kind, "-n", NAMESPACE, "-l", "app.kubernetes.io/instance=tiny",
+                              "-o", "yaml", env=env))["items"]
+
+
+def eventually(check, timeout: float, what: str):
+    deadline = time.time() + timeout
     while time.time() < deadline:
-        left = yaml.safe_load(run("kubectl", "get", "deploy", "-n", NAMESPACE, "-l",
-                                  "app.kubernetes.io/instance=tiny", "-o", "yaml", env=cluster))["items"]
-        if not left:
-            break
+        if result := check():
+            return result
         time.sleep(2)
-    assert not left
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_the_builtin_autoscaler_scales_an_idle_pool_down(cluster):
+    """The scale-down path (pod-deletion-cost on the pool's pods, then the scale subresource) under
+    the chart's real RBAC."""
+    fast = {"cooldownSeconds": 0, "scaleDownStabilizationSeconds": 0}
+    patch_si(cluster, {"spec": {"autoscaling": {"intervalSeconds": 5}, "pools": {"token": {"autoscaling": fast}}}})
+    run("kubectl", "scale", "-n", NAMESPACE, "deploy/tiny-token", "--replicas=2", env=cluster)  # no load: too many
+    eventually(lambda: deployment(cluster, "tiny-token")["spec"]["replicas"] == 1, 120, "the idle pool scaled down")
+    pods = yaml.safe_load(run("kubectl", "get", "pods", "-n", NAMESPACE, "-l", "phasesplit.io/role=token",
+                              "-o", "yaml", env=cluster))["items"]
+    assert any("controller.kubernetes.io/pod-deletion-cost" in (p["metadata"].get("annotations") or {}) for p in pods)
+    events = run("kubectl", "get", "events", "-n", NAMESPACE, "--field-selector", "reason=ScaledDown", env=cluster)
+    assert "token pool 2 -> 1" in events
+
+
+def test_switching_autoscaling_modes_keeps_replicas_and_prunes_the_old_scaler(cluster):
+    run("kubectl", "scale", "-n", NAMESPACE, "deploy/tiny-prompt", "--replicas=2", env=cluster)
+    patch_si(cluster, {"spec": {"autoscaling": {"mode": "hpa", "prometheus": {"url": "http://prometheus:9090"}}}})
+    eventually(lambda: len(owned(cluster, "hpa")) == 2, 60, "an HPA per pool")
+    assert deployment(cluster, "tiny-prompt")["spec"]["replicas"] == 2  # not reset by letting go of replicas
+    patch_si(cluster, {"spec": {"autoscaling": {"mode": "none", "prometheus": None}}})
+    eventually(lambda: owned(cluster, "hpa") == [], 60, "the HPAs pruned")
+    eventually(lambda: deployment(cluster, "tiny-prompt")["spec"]["replicas"] == 1, 60, "mode none applies replicas")
+
+
+def test_a_model_change_rolls_out_before_ready_says_so(cluster):
+    patch_si(cluster, {"spec": {"model": {"name": "tiny-v2"}}})
+    generation = si(cluster)["metadata"]["generation"]
+    run("kubectl", "wait", "-n", NAMESPACE, "si/tiny", f"--for=jsonpath={{.status.observedGeneration}}={generation}",
+        "--timeout=120s", env=cluster)
+    run("kubectl", "wait", "-n", NAMESPACE, "si/tiny", "--for=condition=Ready", "--timeout=600s", env=cluster)
+    status = si(cluster)["status"]
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert progressing["reason"] == "RolloutComplete"
+    for name in ("tiny-router", "tiny-prompt", "tiny-token"):
+        d = deployment(cluster, name)
+        assert d["status"]["updatedReplicas"] == d["status"]["replicas"] == d["spec"]["replicas"], name
+        assert "tiny-v2" in d["spec"]["template"]["spec"]["containers"][0]["args"], name
+
+
+def test_helm_uninstall_leaves_nothing_that_blocks_deletion(cluster):
+    helm = str(ROOT / ".venv" / "bin" / "helm")
+    run(helm, "uninstall", "phasesplit", "--namespace", "phasesplit-system", "--wait", "--timeout", "120s", env=cluster)
+    assert not si(cluster)["metadata"].get("finalizers")
+    run("kubectl", "delete", "-n", NAMESPACE, "si/tiny", "--wait=true", "--timeout=60s", env=cluster)
+    eventually(lambda: owned(cluster, "deploy,svc,cm,pdb") == [], 120, "the children garbage-collected")

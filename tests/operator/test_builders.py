@@ -5,13 +5,18 @@ import pathlib
 import re
 
 import kubernetes_validate
+import pydantic
 import pytest
 import yaml
 from support.examples import EXAMPLES, ROOT, load_example
 
 from phasesplit.control import spec as si
 from phasesplit.operator import builders
+from phasesplit.operator import crd
 from phasesplit.operator.apply import matches
+from support.crd_validator import validate
+
+CRD = crd.build_crd()
 
 K8S_VERSION = "1.37.0"
 GOLDEN = pathlib.Path(__file__).parent / "golden"
@@ -104,17 +109,18 @@ def test_nccl_workers_host_the_rendezvous_store_on_the_declared_port():
 def test_every_argument_reference_is_defined_by_the_config_map():
     for name in ("tiny-cpu", "gpu", "heterogeneous"):
         objs = children(name)
-        data = next(o for o in objs if o["kind"] == "ConfigMap")["data"]
+        maps = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
         for pod in _pods(objs):
             c = pod["containers"][0]
             env = {e["name"] for e in c.get("env", [])}
+            data = maps[c["envFrom"][0]["configMapRef"]["name"]] if c.get("envFrom") else {}
             for ref in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
                 assert ref in data or ref in env, (name, c["name"], ref)
 
 
 def test_gpu_pools_run_on_cuda_and_cpu_pools_on_cpu():
-    assert builders.engine_settings(si.SplitInference.model_validate(load_example("gpu")).spec)["TOKEN_DEVICE"] == "cuda"
-    assert builders.engine_settings(si.SplitInference.model_validate(load_example("tiny-cpu")).spec)["TOKEN_DEVICE"] == "cpu"
+    assert builders.engine_settings(si.SplitInference.model_validate(load_example("gpu")).spec, "token")["TOKEN_DEVICE"] == "cuda"
+    assert builders.engine_settings(si.SplitInference.model_validate(load_example("tiny-cpu")).spec, "token")["TOKEN_DEVICE"] == "cpu"
 
 
 def test_router_points_at_the_headless_pool_services_and_is_scraped():
@@ -142,11 +148,37 @@ def test_children_carry_owner_and_standard_labels():
         assert labels["app.kubernetes.io/instance"] == "tiny" and builders.ROLE_LABEL in labels
 
 
-def test_engine_change_rolls_the_pods():
+def pool_templates(doc) -> dict[str, dict]:
+    objs = builders.build_children(builders.Owner("tiny", "default", UID), si.SplitInference.model_validate(doc).spec)
+    return {o["metadata"]["name"]: o["spec"]["template"] for o in objs if o["kind"] == "Deployment"}
+
+
+def test_an_engine_change_rolls_only_its_own_pool_onto_a_new_immutable_config_map():
     doc = load_example("tiny-cpu")
-    before = builders.config_hash(si.SplitInference.model_validate(doc).spec)
+    before = pool_templates(doc)
     doc["spec"]["pools"]["token"]["engine"]["maxNumSeqs"] = 8
-    assert builders.config_hash(si.SplitInference.model_validate(doc).spec) != before
+    after = pool_templates(doc)
+    assert after["tiny-token"] != before["tiny-token"]
+    assert after["tiny-prompt"] == before["tiny-prompt"], "a token-only change restarted the prompt workers"
+    maps = [o for o in children("tiny-cpu") if o["kind"] == "ConfigMap"]
+    assert len(maps) == 2 and all(m["immutable"] for m in maps)
+    assert not any(k.startswith("PROMPT_") for m in maps if "-token-" in m["metadata"]["name"] for k in m["data"])
+
+
+def test_each_pool_has_its_rollout_strategy_and_a_disruption_budget():
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["token"]["rollout"] = {"maxSurge": 0, "maxUnavailable": 1}
+    objs = {(o["kind"], o["metadata"]["name"]): o for o in
+            builders.build_children(builders.Owner("tiny", "default", UID), si.SplitInference.model_validate(doc).spec)}
+    assert objs["Deployment", "tiny-token"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert objs["Deployment", "tiny-prompt"]["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    pdb = objs["PodDisruptionBudget", "tiny-token"]
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": builders.selector_labels(
+        builders.Owner("tiny", "default", UID), "token")}}
+    doc["spec"]["pools"]["token"]["rollout"] = {"maxSurge": 0, "maxUnavailable": 0}
+    assert any("maxSurge and maxUnavailable" in e for e in validate(CRD, doc))
+    with pytest.raises(pydantic.ValidationError, match="maxSurge and maxUnavailable"):
+        si.SplitInference.model_validate(doc)
 
 
 def test_live_objects_match_with_server_fields_and_rewritten_quantities():
@@ -197,3 +229,63 @@ def test_tensor_parallel_split_pools_open_each_ranks_kv_port_to_the_workers():
     policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
     ports = [port for rule in policy["spec"]["ingress"] for port in rule.get("ports", [])]
     assert {"protocol": "TCP", "port": builders.WORKER_PORT, "endPort": builders.WORKER_PORT + 7} in ports
+
+def test_router_liveness_does_not_depend_on_workers_and_it_drains_on_rollout():
+    router = next(o for o in children("tiny-cpu") if o["metadata"]["name"] == "tiny-router")
+    pod = router["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    prestop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert prestop >= 5 and pod["terminationGracePeriodSeconds"] > prestop + builders.ROUTER_SHUTDOWN_SECONDS
+
+
+def test_unset_images_follow_the_operators_version_and_gpu_pools_get_cuda(monkeypatch):
+    doc = load_example("gpu")
+    del doc["spec"]["images"]
+    monkeypatch.setattr(builders, "operator_version", lambda: "0.2.0")
+    objs = {o["metadata"]["name"]: o for o in builders.build_children(
+        builders.Owner("g", "default", UID), si.SplitInference.model_validate(doc).spec) if o["kind"] == "Deployment"}
+    images = {name: o["spec"]["template"]["spec"]["containers"][0]["image"] for name, o in objs.items()}
+    assert images == {"g-prompt": "phasesplit/worker:0.2.0-cuda", "g-token": "phasesplit/worker:0.2.0-cuda",
+                      "g-router": "phasesplit/worker:0.2.0"}
+    schema = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    assert "default" not in schema["properties"]["images"]["properties"]["worker"]  # not frozen into objects
+
+
+def test_a_pool_pod_overlay_meets_rdma_and_cluster_policies():
+    doc = load_example("gpu")
+    doc["spec"]["pools"]["token"]["pod"] = {
+        "labels": {"team": "ml"}, "annotations": {"k8s.v1.cni.cncf.io/networks": "rdma-net"},
+        "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                       "whenUnsatisfiable": "DoNotSchedule"}],
+        "priorityClassName": "inference", "runtimeClassName": "nvidia", "schedulerName": "volcano",
+        "volumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}],
+        "volumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}],
+        "addCapabilities": ["IPC_LOCK"], "shmSize": "64Gi"}
+    doc["spec"]["pools"]["token"]["env"] = [{"name": "NCCL_IB_GID_INDEX", "value": "3"}]
+    assert validate(CRD, doc) == []
+    objs = {o["metadata"]["name"]: o for o in builders.build_children(
+        builders.Owner("g", "default", UID), si.SplitInference.model_validate(doc).spec) if o["kind"] == "Deployment"}
+    template = objs["g-token"]["spec"]["template"]
+    pod, worker = template["spec"], template["spec"]["containers"][0]
+    assert template["metadata"]["labels"]["team"] == "ml" and template["metadata"]["labels"][builders.ROLE_LABEL] == "token"
+    assert template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "rdma-net"
+    assert (pod["priorityClassName"], pod["runtimeClassName"], pod["schedulerName"]) == ("inference", "nvidia", "volcano")
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+    assert {"name": "ib", "mountPath": "/dev/infiniband"} in worker["volumeMounts"]
+    assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "64Gi"
+    assert {"name": "NCCL_IB_GID_INDEX", "value": "3"} in worker["env"]
+    assert "priorityClassName" not in objs["g-prompt"]["spec"]["template"]["spec"]  # per pool
+    kubernetes_validate.validate(objs["g-token"], K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay,field", [({"labels": {"app.kubernetes.io/instance": "x"}}, "labels"),
+                                           ({"volumes": [{"name": "model", "emptyDir": {}}]}, "volumes")])
+def test_an_overlay_cannot_take_the_operators_labels_or_volumes(overlay, field):
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["token"]["pod"] = overlay
+    with pytest.raises(pydantic.ValidationError, match=field):
+        si.SplitInference.model_validate(doc)

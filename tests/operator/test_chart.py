@@ -92,3 +92,53 @@ def test_the_operator_reads_no_secrets_and_may_block_owner_deletion(helm):
     assert not [r for r in rules if "secrets" in r["resources"]]
     assert any("splitinferences/finalizers" in r["resources"] and r["verbs"] == ["update"] for r in rules)
     assert any("pods" in r["resources"] and {"list", "patch"} <= set(r["verbs"]) for r in rules)
+
+
+def render_with(helm, *args: str) -> list[dict]:
+    out = subprocess.run([helm, "template", "phasesplit", CHART, "--namespace", "phasesplit-system", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_a_pod_monitor_gives_router_series_the_labels_every_query_selects(helm):
+    from phasesplit.operator import builders
+    from phasesplit.operator.metrics_source import router_selector
+    assert not [o for o in render(helm) if o["kind"] == "PodMonitor"]  # auto: the CRD is not served
+    has_crd = ("--api-versions", "monitoring.coreos.com/v1/PodMonitor")
+    assert not [o for o in render_with(helm, *has_crd, "--set", "monitoring.podMonitor.enabled=false")
+                if o["kind"] == "PodMonitor"]
+    (monitor,) = [o for o in render_with(helm, *has_crd) if o["kind"] == "PodMonitor"]
+    router_pod = builders.labels(builders.Owner("chat", "ml", "u"), "router")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= router_pod.items()
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+    assert {"sourceLabels": ["__meta_kubernetes_pod_label_app_kubernetes_io_instance"],
+            "targetLabel": "service"} in endpoint["relabelings"]
+    # The label the relabeling sets is the SplitInference's name, which is what the queries select.
+    assert router_selector("ml", builders.service_name(builders.Owner("chat", "ml", "u"))) == \
+        f'namespace="ml",service="{router_pod["app.kubernetes.io/instance"]}"'
+    forced = [o for o in render_with(helm, "--set", "monitoring.podMonitor.enabled=true") if o["kind"] == "PodMonitor"]
+    assert len(forced) == 1
+
+
+def test_the_dashboard_queries_only_series_the_router_exports(helm):
+    import json
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from phasesplit.router.metrics import RouterMetrics
+    (config_map,) = [o for o in render(helm) if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config_map["data"]["phasesplit.json"])
+    exported = set()
+    for family in text_string_to_metric_families(RouterMetrics().render().decode()):
+        exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for word in ("queue", "workers", "first token", "between tokens", "end-to-end", "kv transfer", "utilisation"):
+        assert word in titles, word
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            names = set(re.findall(r"\b(phasesplit_[a-z_]+)\{", target["expr"]))
+            assert names and names <= exported, (panel["title"], names - exported)
+            assert 'namespace="$namespace",service="$service"' in target["expr"]

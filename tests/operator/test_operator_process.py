@@ -18,7 +18,8 @@ from support.polling import wait_for
 
 NS = "default"
 SI = ("phasesplit.io/v1alpha1", "SplitInference")
-KINDS = {"ConfigMap": "v1", "Service": "v1", "Deployment": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1"}
+KINDS = {"ConfigMap": "v1", "Service": "v1", "Deployment": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1",
+         "PodDisruptionBudget": "policy/v1"}
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +84,14 @@ def test_status_follows_the_deployments(cluster):
     body = get_si(kube, "tiny")
     assert ready_condition(body)["status"] == "False" and body["status"]["phase"] == "Pending"
     for name in ("tiny-router", "tiny-prompt", "tiny-token"):  # what the Deployment controller would report
-        kube.patch(path("apps/v1", "Deployment", NS, name, "status"), {"status": {"replicas": 1, "readyReplicas": 1}})
+        generation = kube.get(path("apps/v1", "Deployment", NS, name))["metadata"]["generation"]
+        kube.patch(path("apps/v1", "Deployment", NS, name, "status"), {"status": {
+            "observedGeneration": generation, "replicas": 1, "updatedReplicas": 1, "readyReplicas": 1,
+            "availableReplicas": 1}})
     body = wait_for(lambda: (b := get_si(kube, "tiny")) and ready_condition(b)["status"] == "True" and b,
                     what="Ready=True")
     assert body["status"]["phase"] == "Running"
-    assert body["status"]["pools"]["token"] == {"replicas": 1, "readyReplicas": 1, "ready": "1/1"}
+    assert body["status"]["pools"]["token"] == {"replicas": 1, "updatedReplicas": 1, "readyReplicas": 1, "ready": "1/1"}
     assert body["status"]["endpoint"] == "http://tiny.default.svc.cluster.local:8000"
     assert body["status"]["observedGeneration"] == body["metadata"]["generation"]
     kinds = {c["type"]: c["status"] for c in body["status"]["conditions"] if c["type"].endswith("Ready")}
@@ -102,16 +106,20 @@ def test_update_patches_children_but_leaves_autoscaled_replicas(cluster):
     kube.patch(si_path("tiny"), {"spec": {"pools": {
         "prompt": {"engine": {"maxNumSeqs": 8}},
         "token": {"nodeSelector": {"pool": "token"}}}}})
-    config = wait_for(lambda: (c := kube.get(path("v1", "ConfigMap", NS, "tiny-engine")))
-                      and c["data"]["PROMPT_MAX_NUM_SEQS"] == "8" and c, what="ConfigMap patched")
-    assert config["data"]["PROMPT_MAX_NUM_SEQS"] == "8"
+    config = wait_for(lambda: [c for k, c in live_children(kube, "tiny").items() if k.startswith("ConfigMap/tiny-prompt")
+                               and c["data"]["PROMPT_MAX_NUM_SEQS"] == "8"], what="a new prompt ConfigMap")
+    assert config[0]["immutable"] is True
     token = wait_for(lambda: (d := kube.get(path("apps/v1", "Deployment", NS, "tiny-token")))
                      and d["spec"]["template"]["spec"].get("nodeSelector") and d, what="token nodeSelector")
     assert token["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "token"}
     prompt = kube.get(deployment)
     assert prompt["spec"]["replicas"] == 3, "the operator overwrote replicas the autoscaler owns"
-    old_hash = before["Deployment/tiny-prompt"]["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH]
-    assert prompt["spec"]["template"]["metadata"]["annotations"][builders.CONFIG_HASH] != old_hash  # pods roll
+    def config_map(d):
+        return d["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+    assert config_map(prompt) == config[0]["metadata"]["name"] != config_map(before["Deployment/tiny-prompt"])  # pods roll
+    assert config_map(token) == config_map(before["Deployment/tiny-token"])  # a prompt-only change: token pods stay
+    wait_for(lambda: f"ConfigMap/{config_map(before['Deployment/tiny-prompt'])}" not in live_children(kube, "tiny"),
+             what="the old prompt ConfigMap pruned")
     unchanged = before["Service/tiny"]["metadata"]["resourceVersion"]
     assert kube.get(path("v1", "Service", NS, "tiny"))["metadata"]["resourceVersion"] == unchanged
     # Removing the nodeSelector from the spec removes it from the Deployment.
@@ -126,6 +134,9 @@ def test_update_patches_children_but_leaves_autoscaled_replicas(cluster):
 
 def test_restarted_operator_duplicates_and_changes_nothing(cluster):
     kube = cluster["kube"]
+    # The builtin autoscaler has tried the router's metrics (unreachable here) and recorded that.
+    wait_for(lambda: any(c["type"] == "MetricsAvailable" for c in get_si(kube, "tiny")["status"]["conditions"]),
+             what="the autoscaler's MetricsAvailable condition")
     stop_operator(cluster["proc"])
     before = {k: v["metadata"]["resourceVersion"] for k, v in live_children(kube, "tiny").items()}
     status_before = copy.deepcopy(get_si(kube, "tiny")["status"])
@@ -164,7 +175,7 @@ def test_spec_that_cannot_work_reports_once_and_creates_nothing(cluster):
 def test_fixing_the_spec_brings_it_up(cluster):
     kube = cluster["kube"]
     kube.patch(si_path("too-small"), {"spec": {"pools": {"token": {"engine": {"numKvBlocks": 512}}}}})
-    wait_for(lambda: len(live_children(kube, "too-small")) == 8, what="children after the fix")
+    wait_for(lambda: len(live_children(kube, "too-small")) == 11, what="children after the fix")
     body = wait_for(lambda: (b := get_si(kube, "too-small")) and ready_condition(b)["reason"] != "InvalidSpec" and b,
                     what="InvalidSpec cleared")
     assert body["status"]["phase"] == "Pending"
@@ -172,16 +183,27 @@ def test_fixing_the_spec_brings_it_up(cluster):
 
 def test_deletion_is_clean(cluster):
     kube = cluster["kube"]
-    for name in ("tiny", "too-small"):
-        kube.delete(si_path(name))
-    wait_for(lambda: get_si(kube, "tiny") is None and get_si(kube, "too-small") is None, what="deletion")
-    # The garbage collector removes children (kmock has none): the operator must not trip over that.
-    for key, obj in live_children(kube, "tiny").items():
-        kube.delete(path(obj["apiVersion"], obj["kind"], NS, obj["metadata"]["name"]))
+    # An older operator's finalizer is taken off (so that deleting after an uninstall cannot hang).
+    doc = load_example("tiny-cpu")
+    doc["metadata"].update(name="legacy", namespace=NS, finalizers=["phasesplit.io/finalizer"])
+    kube.create(doc)
+    wait_for(lambda: not get_si(kube, "legacy")["metadata"].get("finalizers"), what="the old finalizer removed")
+    kube.delete(si_path("legacy"))
+    kube.delete(si_path("too-small"))
+    wait_for(lambda: get_si(kube, "too-small") is None and get_si(kube, "legacy") is None, what="deletion")
+    wait_for(lambda: live_children(kube, "too-small") == {}, what="the children garbage-collected")
     import time
     time.sleep(1)
     assert cluster["proc"].poll() is None
-    assert get_si(kube, "tiny") is None
     assert cluster["emulator"].emulator.denied == [], "the chart's RBAC refused the operator"
     log = cluster["log"].read_text()
     assert "Traceback" not in log and "[ERROR" not in log, log[-3000:]
+
+
+def test_uninstalled_operator_leaves_nothing_that_blocks_deletion(cluster):
+    kube = cluster["kube"]
+    assert not get_si(kube, "tiny")["metadata"].get("finalizers")
+    stop_operator(cluster["proc"])  # helm uninstall: the operator is gone, its SplitInferences stay
+    kube.delete(si_path("tiny"))
+    wait_for(lambda: get_si(kube, "tiny") is None, timeout=5, what="deletion without the operator")
+    wait_for(lambda: live_children(kube, "tiny") == {}, timeout=5, what="the children garbage-collected")

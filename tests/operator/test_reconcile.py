@@ -69,3 +69,98 @@ def test_a_second_pass_writes_nothing(server, admin, operator):
     second = reconcile.reconcile(operator, admin.get(si_path("quiet")))
     assert set(second.applied.values()) == {"unchanged"} and not second.status_written
     assert writes(server)[before:] == []
+
+
+def test_children_no_longer_wanted_are_deleted(server, admin, operator):
+    create(admin, "prune", {"autoscaling": {"mode": "hpa"}})
+    reconcile.reconcile(operator, admin.get(si_path("prune")))
+    hpa = path("autoscaling/v2", "HorizontalPodAutoscaler", NS, "prune-prompt")
+    assert admin.get(hpa) is not None
+    admin.patch(si_path("prune"), {"spec": {"autoscaling": {"mode": "builtin"}}})
+    outcome = reconcile.reconcile(operator, admin.get(si_path("prune")))
+    assert admin.get(hpa) is None, "the old HPA keeps scaling beside the builtin autoscaler"
+    assert "HorizontalPodAutoscaler/prune-token" in outcome.pruned
+    # A pool removed from the spec: its Deployment and Service go, the others stay.
+    admin.patch(si_path("prune"), {"spec": {"pools": {"prompt": None, "token": None, "mixed": {"replicas": 1}}}})
+    reconcile.reconcile(operator, admin.get(si_path("prune")))
+    assert deployment(admin, "prune-prompt") is None and deployment(admin, "prune-token") is None
+    assert admin.get(path("v1", "Service", NS, "prune-token")) is None
+    assert deployment(admin, "prune-mixed") is not None and deployment(admin, "prune-router") is not None
+    # Something with the same labels that this SplitInference does not own is left alone.
+    stranger = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {
+        "name": "prune-notes", "namespace": NS, "labels": {"app.kubernetes.io/instance": "prune",
+                                                          "app.kubernetes.io/managed-by": "phasesplit-operator"}}}
+    admin.create(stranger)
+    reconcile.reconcile(operator, admin.get(si_path("prune")))
+    assert admin.get(path("v1", "ConfigMap", NS, "prune-notes")) is not None
+    assert server.emulator.denied == []
+
+
+def test_a_refused_child_becomes_a_condition_and_the_others_are_applied(server, admin, operator):
+    create(admin, "nokeda", {"autoscaling": {"mode": "keda", "prometheus": {"url": "http://prometheus:9090"}}})  # KEDA's CRD is not installed
+    outcome = reconcile.reconcile(operator, admin.get(si_path("nokeda")))
+    assert deployment(admin, "nokeda-prompt") is not None and deployment(admin, "nokeda-router") is not None
+    assert [f.split(":")[0] for f in outcome.failures] == ["ScaledObject/nokeda-prompt", "ScaledObject/nokeda-token"]
+    assert outcome.newly_failed
+    conditions = {c["type"]: c for c in admin.get(si_path("nokeda"))["status"]["conditions"]}
+    assert conditions["ChildrenApplied"]["status"] == "False"
+    assert conditions["ChildrenApplied"]["reason"] == "ApplyFailed"
+    assert "ScaledObject/nokeda-prompt" in conditions["ChildrenApplied"]["message"]
+    assert conditions["Ready"]["reason"] == "ApplyFailed"
+    again = reconcile.reconcile(operator, admin.get(si_path("nokeda")))
+    assert again.failures and not again.newly_failed and not again.status_written  # reported once
+    admin.patch(si_path("nokeda"), {"spec": {"autoscaling": {"mode": "builtin"}}})
+    fixed = reconcile.reconcile(operator, admin.get(si_path("nokeda")))
+    assert fixed.failures == []
+    conditions = {c["type"]: c for c in admin.get(si_path("nokeda"))["status"]["conditions"]}
+    assert conditions["ChildrenApplied"]["status"] == "True"
+
+
+def rolled_out(admin, name, **extra):
+    """What the Deployment controller reports once every replica runs the current template."""
+    d = deployment(admin, name)
+    n = d["spec"]["replicas"]
+    status = {"observedGeneration": d["metadata"]["generation"], "replicas": n, "updatedReplicas": n,
+              "readyReplicas": n, "availableReplicas": n, **extra}
+    admin.patch(path("apps/v1", "Deployment", NS, name, "status"), {"status": status})
+
+
+def conditions(admin, name):
+    return {c["type"]: c for c in admin.get(si_path(name))["status"]["conditions"]}
+
+
+def test_status_follows_a_rollout_until_the_new_pods_serve(server, admin, operator):
+    create(admin, "roll", {"autoscaling": {"mode": "none"}})
+    reconcile.reconcile(operator, admin.get(si_path("roll")))
+    for component in ("router", "prompt", "token"):
+        rolled_out(admin, f"roll-{component}")
+    reconcile.refresh_status(operator, NS, "roll")
+    assert conditions(admin, "roll")["Ready"]["status"] == "True"
+    assert conditions(admin, "roll")["Progressing"]["reason"] == "RolloutComplete"
+    assert admin.get(si_path("roll"))["status"]["images"] == {
+        c: "phasesplit/worker:0.1.0" for c in ("router", "prompt", "token")}
+    # A model change: the pods roll; the old ones serve until the new ones are ready.
+    admin.patch(si_path("roll"), {"spec": {"model": {"name": "tiny-v2"}}})
+    reconcile.refresh_status(operator, NS, "roll")  # a Deployment event before the reconcile
+    assert admin.get(si_path("roll"))["status"]["observedGeneration"] == 1, "stamped before it was applied"
+    reconcile.reconcile(operator, admin.get(si_path("roll")))
+    body = admin.get(si_path("roll"))
+    assert body["status"]["observedGeneration"] == body["metadata"]["generation"] == 2
+    ready, progressing = conditions(admin, "roll")["Ready"], conditions(admin, "roll")["Progressing"]
+    assert (ready["status"], ready["reason"]) == ("False", "RollingOut"), ready
+    assert (progressing["status"], progressing["reason"]) == ("True", "RollingOut")
+    stuck = {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+             "message": 'ReplicaSet "roll-token-2" has timed out progressing.'}
+    d = deployment(admin, "roll-token")
+    admin.patch(path("apps/v1", "Deployment", NS, "roll-token", "status"), {"status": {
+        "observedGeneration": d["metadata"]["generation"], "replicas": 2, "updatedReplicas": 1, "readyReplicas": 1,
+        "conditions": [stuck]}})
+    reconcile.refresh_status(operator, NS, "roll")
+    progressing = conditions(admin, "roll")["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("False", "ProgressDeadlineExceeded")
+    assert "token: " in progressing["message"] and "timed out" in progressing["message"]
+    for component in ("router", "prompt", "token"):
+        rolled_out(admin, f"roll-{component}", conditions=[])
+    outcome = reconcile.refresh_status(operator, NS, "roll")
+    assert outcome.status_written and conditions(admin, "roll")["Ready"]["status"] == "True"
+    assert not reconcile.refresh_status(operator, NS, "roll").status_written  # written only on change

@@ -112,7 +112,10 @@ def test_crd_defaults_match_the_models():
     defaulted = apply_defaults(schema, copy.deepcopy(doc))["spec"]
     model = si.SplitInferenceSpec.model_validate(doc["spec"]).model_dump(by_alias=True, exclude_none=True, mode="json")
     # pydantic also fills empty lists and maps that the API server leaves absent
-    prune = lambda x: {k: prune(v) for k, v in x.items() if v not in ({}, [])} if isinstance(x, dict) else x  # noqa: E731
+    def prune(x):
+        if not isinstance(x, dict):
+            return x
+        return {k: p for k, v in x.items() if (p := prune(v)) not in ({}, [])}
     assert prune(defaulted) == prune(model)
 
 
@@ -133,3 +136,26 @@ def test_feasibility_problems_name_the_field():
     local = si.feasibility_problems(si.SplitInference.model_validate(doc).spec, in_cluster=False)
     assert not any("nccl" in p for p in local), local  # local mode runs nccl over gloo on CPU
     assert any(p.startswith("pools.token.engine.numKvBlocks") for p in local), local
+
+
+@pytest.mark.parametrize("name", ["7b-chat", "llama.3", "Llama", "chat-"])
+def test_a_name_that_cannot_name_a_service_is_refused(name):
+    doc = load_example("tiny-cpu")
+    doc["metadata"]["name"] = name
+    assert any("RFC 1035" in e for e in validate(CRD, doc)), name
+    with pytest.raises(pydantic.ValidationError, match="name"):
+        si.SplitInference.model_validate(doc)
+    doc["metadata"]["name"] = "llama-3"
+    assert validate(CRD, doc) == []
+
+
+def test_a_zero_drain_timeout_that_the_worker_would_refuse_is_refused_here():
+    doc = load_example("tiny-cpu")
+    doc["spec"]["pools"]["token"]["drainTimeoutSeconds"] = 0
+    assert any("drainTimeoutSeconds" in e for e in validate(CRD, doc))
+    with pytest.raises(pydantic.ValidationError, match="drainTimeoutSeconds|drain_timeout_seconds"):
+        si.SplitInference.model_validate(doc)
+
+
+def test_printer_columns_show_the_mixed_pool():
+    assert ".status.pools.mixed.ready" in [c["jsonPath"] for c in CRD["spec"]["versions"][0]["additionalPrinterColumns"]]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 from support import prom
-from support.fake_worker import MODEL, FakeWorker
+from support.fake_worker import ADMIN_TOKEN, MODEL, FakeWorker
 
 from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.router.app import ROUTER, Router, RouterSettings, create_app
@@ -47,6 +47,7 @@ async def make_cluster(tokenizer):
     started: list = []
 
     async def make(prompt: int = 1, token: int = 1, mixed: int = 0, api_key: str | None = None,
+                   admin_token: str | None = ADMIN_TOKEN,
                    max_model_len: int = 2048, worker_options: dict | None = None,
                    extra_specs: dict[str, list[str]] | None = None,
                    migration: MigrationPolicy = MigrationPolicy(stall_timeout=1.0)) -> Cluster:
@@ -60,7 +61,8 @@ async def make_cluster(tokenizer):
         for pool, entries in (extra_specs or {}).items():
             specs[pool] += [WorkerSpec.parse(e) for e in entries]
         settings = RouterSettings(served_model_name=MODEL, max_model_len=max_model_len, api_key=api_key,
-                                  workers=specs, poll_interval=0.1, dns_interval=0.2, migration=migration)
+                                  admin_token=admin_token, workers=specs, poll_interval=0.1, dns_interval=0.2,
+                                  migration=migration)
         app = create_app(settings, tokenizer)
         runner, port = await start_server(app, "127.0.0.1", 0)
         started.append(runner)

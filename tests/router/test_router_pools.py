@@ -9,12 +9,14 @@ import sys
 import aiohttp
 import openai
 import pytest
-from support.fake_worker import MODEL, FakeWorker
+from support.fake_worker import ADMIN_TOKEN, MODEL, FakeWorker
 
 from phasesplit.router.pools import WorkerSpec, parse_worker_list
 
 
 async def request(cluster, method, path, body=None, headers=None):
+    if method == "PUT" and headers is None:
+        headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     async with aiohttp.ClientSession() as s, s.request(method, cluster.url + path, json=body,
                                                        headers=headers) as resp:
         return resp.status, await resp.json()
@@ -77,8 +79,20 @@ async def test_bad_pool_update_names_the_problem(make_cluster, path, body, statu
 
 async def test_admin_needs_the_api_key_when_set(make_cluster):
     cluster = await make_cluster(api_key="k")
-    assert (await request(cluster, "PUT", "/admin/pools/mixed", {"workers": []}))[0] == 401
+    assert (await request(cluster, "GET", "/admin/pools"))[0] == 401
     assert (await request(cluster, "GET", "/admin/pools", headers={"Authorization": "Bearer k"}))[0] == 200
+
+
+async def test_repointing_a_pool_needs_the_admin_token_not_the_api_key(make_cluster, spare_worker):
+    cluster = await make_cluster(api_key="k")
+    for headers in ({}, {"Authorization": "Bearer k"}):  # a client, even with the API key, cannot
+        status, reply = await request(cluster, "PUT", "/admin/pools/mixed", {"workers": [spare_worker.address]},
+                                      headers=headers)
+        assert status == 401 and reply["error"]["code"] == "invalid_admin_token"
+    assert (await request(cluster, "PUT", "/admin/pools/mixed", {"workers": [spare_worker.address]}))[0] == 200
+    closed = await make_cluster(admin_token=None)  # as the operator starts it: administration off
+    status, reply = await request(closed, "PUT", "/admin/pools/mixed", {"workers": [spare_worker.address]})
+    assert status == 403 and "PHASESPLIT_ADMIN_TOKEN" in reply["error"]["message"]
 
 
 async def test_dns_entry_resolves_to_the_workers_behind_the_name(make_cluster, spare_worker):

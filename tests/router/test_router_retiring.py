@@ -6,7 +6,7 @@ import asyncio
 
 import aiohttp
 import openai
-from support.fake_worker import MODEL, FakeWorker
+from support.fake_worker import ADMIN_TOKEN, MODEL, FakeWorker
 
 
 async def pools(cluster) -> dict:
@@ -16,8 +16,8 @@ async def pools(cluster) -> dict:
 
 
 async def put_token_pool(cluster, addresses: list[str]) -> None:
-    async with aiohttp.ClientSession() as s, s.put(cluster.url + "/admin/pools/token",
-                                                  json={"workers": addresses}) as resp:
+    async with aiohttp.ClientSession() as s, s.put(cluster.url + "/admin/pools/token", json={"workers": addresses},
+                                                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}) as resp:
         assert resp.status == 200
 
 

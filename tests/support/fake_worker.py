@@ -21,6 +21,7 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 BLOCK_SIZE = 16
 MODEL = "tiny"
+ADMIN_TOKEN = "admin-token"  # what the test routers are started with (PHASESPLIT_ADMIN_TOKEN)
 
 
 def next_token(sequence: list[int]) -> int:

@@ -14,7 +14,11 @@ kubernetes client and the operator meet on a real cluster:
 - server-side apply (`application/apply-patch+yaml`): per-manager field ownership in
   `metadata.managedFields`, fields a manager stops applying are removed unless another owns
   them, conflicts (409) unless forced; a merge patch moves the fields it changes to its manager;
-- garbage collection: once an object is gone, the objects it owns are deleted.
+- garbage collection: once an object is gone, the objects it owns are deleted;
+- an immutable ConfigMap's data cannot change (422);
+- a merge patch that names a `resourceVersion` other than the live one is 409 (optimistic
+  concurrency);
+- a kind that is not declared (a CRD not installed, such as KEDA's) is 404.
 On demand it is slow to create (`create_delay`), so that a client can be stopped between creates.
 It runs in a background thread with its own loop (`EmulatorThread`), or as kmock's pytest fixture
 (`pytest.mark.kmock(cls=Emulator)`).
@@ -91,6 +95,8 @@ class Emulator(kmock.KubernetesEmulator):
         if request.resource is None or request.resource.plural is None:  # discovery: open to all
             return await super()._handle(request)
         try:
+            if request.resource not in self.resources:  # a kind whose CRD is not installed (KEDA's)
+                raise ApiError(404, "NotFound", "the server could not find the requested resource")
             self._authorize(request)
             if self.create_delay and self._creates(request):
                 await asyncio.sleep(self.create_delay)
@@ -104,8 +110,9 @@ class Emulator(kmock.KubernetesEmulator):
         except ApiError as e:
             return e.response()
         response = await super()._handle(request)
-        if request.action in (enums.action.DELETE, enums.action.UPDATE) and self._live(request) is None:
-            await self._collect_garbage()
+        if request.action == enums.action.CREATE or (
+                request.action in (enums.action.DELETE, enums.action.UPDATE) and self._live(request) is None):
+            await self._collect_garbage()  # also an object created for an owner that is already gone
         return response
 
     def _authorize(self, request) -> None:
@@ -173,6 +180,10 @@ class Emulator(kmock.KubernetesEmulator):
         meta = request.data.get("metadata")
         if not isinstance(meta, dict):
             meta = request.data["metadata"] = {}
+        expected = meta.get("resourceVersion")  # a patch that names a version applies to that one only
+        if current is not None and expected and expected != current["metadata"].get("resourceVersion"):
+            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {current["kind"]} '
+                                            f'"{request.name}": the object has been modified')
         meta["resourceVersion"] = str(next(self.versions))
         if current is None:
             return
@@ -215,6 +226,9 @@ class Emulator(kmock.KubernetesEmulator):
             if obj.get("kind") == "CustomResourceDefinition":
                 register_crd(self, obj)
             return
+        if live.get("immutable") and config.get("data") != live.get("data"):
+            raise ApiError(422, "Invalid", f'{live["kind"]} "{request.name}" is invalid: data: Forbidden: '
+                                           "field is immutable when `immutable` is set")
         if config.get("kind") in QUANTITY_KINDS:
             _normalise(config)
         owners = _owners(live)

@@ -139,7 +139,11 @@ def _apply_slo(knobs: PoolAutoscaling, metrics: PoolMetrics, raw: int, current: 
 
 
 def _remember(state: PoolState, now: float, raw: int, window: float) -> None:
-    state.recommendations = [(t, r) for t, r in state.recommendations if now - t < window] + [(now, raw)]
+    """Keeps the window's recommendations that can still be its maximum: one followed by a larger or
+    equal one never is (the later one leaves the window last), so the history holds at most one entry
+    per replica count and its size in status stays bounded however often the pool is evaluated."""
+    kept = [(t, r) for t, r in state.recommendations if now - t < window and r > raw] + [(now, raw)]
+    state.recommendations = [(t, r) for i, (t, r) in enumerate(kept) if all(r > later for _, later in kept[i + 1:])]
 
 
 def _in_cooldown(knobs: PoolAutoscaling, state: PoolState, now: float) -> bool:

@@ -19,11 +19,13 @@ API_VERSION = "v1alpha1"
 KIND = "SplitInference"
 PLURAL = "splitinferences"
 POOL_ROLES = ("prompt", "token", "mixed")
-DEFAULT_IMAGE = "phasesplit/worker:0.1.0"
+IMAGE_REPOSITORY = "phasesplit/worker"  # unset images: this repository at the operator's own version
 
 _QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$"
 _QUANTITY = re.compile(_QUANTITY_PATTERN)
 _DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A SplitInference's name becomes its router Service's name, which must be an RFC 1035 label.
+RFC1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 
 def cel(rule: str, message: str, field_path: str | None = None) -> dict:
@@ -142,8 +144,10 @@ class EnvVar(Spec):
 
 
 class Images(Spec):
-    worker: str = Field(DEFAULT_IMAGE, min_length=1, description="image running `phasesplit worker`")
-    router: str = Field(DEFAULT_IMAGE, min_length=1, description="image running `phasesplit router`")
+    worker: str | None = Field(None, min_length=1, description="image running `phasesplit worker`; default: "
+                               f"{IMAGE_REPOSITORY}:<the operator's version>, -cuda for pools that request GPUs")
+    router: str | None = Field(None, min_length=1, description="image running `phasesplit router`; default: "
+                               f"{IMAGE_REPOSITORY}:<the operator's version>")
     pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     pull_secrets: list[str] = Field(default_factory=list, description="names of image pull Secrets")
 
@@ -245,6 +249,55 @@ _GPU_RULE = ("!has(self.resources.{part}) || !('nvidia.com/gpu' in self.resource
 _GPU_MESSAGE = "resources.{part}['nvidia.com/gpu'] must equal tensorParallelSize (one GPU per rank)"
 
 
+RESERVED_VOLUMES = ("model", "tmp", "shm")  # the volumes the operator mounts itself
+_RESERVED_PREFIXES = ("app.kubernetes.io/", "phasesplit.io/")  # the labels the Services select on
+
+
+class PodOverlay(Spec):
+    """Added to a pool's pod template: what cluster policies, RDMA networking (Multus annotations,
+    IPC_LOCK, a large /dev/shm) or a scheduler need, without forking the operator's templates."""
+    model_config = _validations(
+        cel("!has(self.labels) || self.labels.all(k, !k.startsWith('app.kubernetes.io/') && !k.startsWith('phasesplit.io/'))",
+            "labels: app.kubernetes.io/ and phasesplit.io/ labels are the operator's (its selectors use them)"))
+    # Volume names are checked by the operator only: CEL cannot see into free-form objects.
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict, description="e.g. k8s.v1.cni.cncf.io/networks")
+    topology_spread_constraints: list[FreeObject] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+    scheduler_name: str | None = None
+    volumes: list[FreeObject] = Field(default_factory=list)
+    volume_mounts: list[FreeObject] = Field(default_factory=list, description="mounts in the worker container")
+    add_capabilities: list[Annotated[str, Field(pattern=r"^[A-Z_]+$")]] = Field(
+        default_factory=list, description="Linux capabilities added to the worker container, e.g. IPC_LOCK for RDMA")
+    shm_size: Quantity | None = Field(None, description="size of /dev/shm (default: 1Gi, 2Gi per rank with tensor "
+                                                        "parallelism)")
+
+    @model_validator(mode="after")
+    def _reserved(self) -> PodOverlay:
+        if any(k.startswith(_RESERVED_PREFIXES) for k in self.labels):
+            raise ValueError("labels: app.kubernetes.io/ and phasesplit.io/ labels are the operator's "
+                             "(its selectors use them)")
+        if any(v.get("name") in RESERVED_VOLUMES for v in self.volumes):
+            raise ValueError("volumes: model, tmp and shm are the operator's own volume names")
+        return self
+
+
+class PoolRollout(Spec):
+    model_config = _validations(cel("self.maxSurge + self.maxUnavailable > 0",
+                                    "maxSurge and maxUnavailable cannot both be 0 (the rollout could not start)"))
+    max_surge: int = Field(1, ge=0, le=1000, description="extra pods during a rollout (0 where full GPU nodes "
+                                                         "leave no room for one)")
+    max_unavailable: int = Field(0, ge=0, le=1000, description="pods a rollout may take down before their "
+                                                               "replacements are ready")
+
+    @model_validator(mode="after")
+    def _can_start(self) -> PoolRollout:
+        if self.max_surge + self.max_unavailable == 0:
+            raise ValueError("maxSurge and maxUnavailable cannot both be 0 (the rollout could not start)")
+        return self
+
+
 class Pool(Spec):
     model_config = _validations(
         cel("self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas",
@@ -259,10 +312,14 @@ class Pool(Spec):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[FreeObject] = Field(default_factory=list)
     affinity: FreeObject | None = None
-    drain_timeout_seconds: int = Field(60, ge=0, le=3600,
+    drain_timeout_seconds: int = Field(60, ge=1, le=3600,
                                        description="on SIGTERM, time to finish in-flight sequences")
     env: list[EnvVar] = Field(default_factory=list)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    rollout: PoolRollout = Field(default_factory=PoolRollout)
+    pod: PodOverlay = Field(default_factory=PodOverlay)
+    max_disrupted: int = Field(1, ge=0, le=1000, description="pods a voluntary disruption (a node drain) may take "
+                                                           "down at once (the pool's PodDisruptionBudget)")
 
     @model_validator(mode="after")
     def _replicas_in_bounds(self) -> Pool:
@@ -376,7 +433,7 @@ class SplitInferenceSpec(Spec):
 
 class Metadata(BaseModel):
     model_config = ConfigDict(extra="allow")
-    name: str = Field(min_length=1, max_length=45, pattern=_DNS_LABEL)
+    name: str = Field(min_length=1, max_length=45, pattern=RFC1035_LABEL)
     namespace: str | None = None
 
 

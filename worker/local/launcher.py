@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pathlib
+import secrets
 import signal
 import sys
 import tempfile
@@ -50,6 +51,7 @@ class LocalCluster:
         self._lock = threading.RLock()
         self._retiring: list[threading.Thread] = []
         self._starting: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
+        self._admin_token = secrets.token_urlsafe(32)  # only this launcher may repoint the router's pools
 
     @property
     def endpoint(self) -> str:
@@ -69,7 +71,8 @@ class LocalCluster:
         self._start_router()
 
     def _start_router(self) -> None:
-        self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir).start()
+        self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir,
+                                     env={**os.environ, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}).start()
         wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
 
     def supervise(self, interval: float = 1.0) -> threading.Event:
@@ -227,8 +230,9 @@ class LocalCluster:
 
     def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
-        if os.environ.get("PHASESPLIT_API_KEY"):
-            headers["Authorization"] = f"Bearer {os.environ['PHASESPLIT_API_KEY']}"
+        token = self._admin_token if method != "GET" else os.environ.get("PHASESPLIT_API_KEY")
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(f"{self.base_url}{path}", data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=10) as reply:

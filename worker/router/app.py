@@ -30,6 +30,7 @@ class RouterSettings:
     served_model_name: str
     max_model_len: int
     api_key: str | None = None
+    admin_token: str | None = None  # PUT /admin/pools needs it; None: pool administration is off
     workers: dict[str, list[WorkerSpec]] = field(default_factory=dict)   # pool -> entries
     poll_interval: float = 0.5
     dns_interval: float = 5.0
@@ -59,6 +60,7 @@ def create_app(settings: RouterSettings, tokenizer) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
+    app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics_text)
     app.router.add_get("/admin/pools", list_pools)
     app.router.add_put("/admin/pools/{pool}", put_pool)
@@ -98,10 +100,20 @@ async def openai_errors(request: web.Request, handler):
 
 @web.middleware
 async def require_api_key(request: web.Request, handler):
-    key = request.app[ROUTER].settings.api_key
-    if key and request.path.startswith(("/v1/", "/admin/")):
-        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), key.encode()):
+    """Clients need the API key (when one is set); repointing a pool needs the admin token, which only
+    whoever started the router holds (local mode), never clients: in a cluster the router finds its
+    workers through DNS and is started without one."""
+    settings = request.app[ROUTER].settings
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if request.path.startswith("/admin/") and request.method != "GET":
+        if not settings.admin_token:
+            raise APIError(403, "pool administration is off: the router was started without PHASESPLIT_ADMIN_TOKEN",
+                           code="admin_disabled")
+        if not hmac.compare_digest(given.encode(), settings.admin_token.encode()):
+            raise APIError(401, "missing or incorrect admin token: send it as 'Authorization: Bearer TOKEN'",
+                           code="invalid_admin_token")
+    elif settings.api_key and request.path.startswith(("/v1/", "/admin/")):
+        if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             raise APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
     return await handler(request)
@@ -209,6 +221,12 @@ async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int
 
 
 # ---- operations ----
+async def livez(request: web.Request) -> web.Response:
+    """Liveness: the process serves HTTP. Whether it can route (`/health`) is readiness: a router
+    without ready workers must be taken out of the Service, not restarted."""
+    return web.json_response({"status": "alive"})
+
+
 async def health(request: web.Request) -> web.Response:
     pools = request.app[ROUTER].pools
     route = pools.route()

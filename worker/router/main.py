@@ -17,6 +17,7 @@ from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.pools import parse_worker_list
 
 log = logging.getLogger("phasesplit.router")
+SHUTDOWN_SECONDS = 60.0  # on SIGTERM, streams in flight get this long to finish
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,13 +66,14 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         raise SystemExit(f"phasesplit router: {e}") from None
     return RouterSettings(served_model_name=args.served_model_name or model_dir.resolve().name,
                           max_model_len=max_model_len, api_key=os.environ.get("PHASESPLIT_API_KEY") or None,
+                          admin_token=os.environ.get("PHASESPLIT_ADMIN_TOKEN") or None,
                           workers=workers, poll_interval=args.poll_interval, dns_interval=args.dns_interval,
                           migration=MigrationPolicy(args.max_migrations, args.stall_timeout))
 
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serves `app`; a client that disconnects cancels its handler (and so its request on the workers)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
