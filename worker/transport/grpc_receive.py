@@ -25,6 +25,7 @@ from phasesplit.transport import wire
 from phasesplit.transport.base import (
     END, KVDestination, KVSink, TransferError, block_bytes, check_header, num_prompt_blocks, status_of,
 )
+from phasesplit.transport.malloc import tune_malloc
 from phasesplit.v1 import worker_pb2 as pb
 
 _KIND_NAMES = ("K", "V")
@@ -37,6 +38,7 @@ class PushKVReceiver:
     def __init__(self, sink: KVSink, *, timeout: float = 30.0, **_unused):
         self.sink = sink
         self.timeout = timeout
+        tune_malloc()  # gRPC hands each ~1 MiB message over in a fresh buffer: keep the heap from page-faulting
 
     def push_kv(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVReply:
         return handle_push_kv(request_iterator, context, self.sink, timeout=self.timeout)
