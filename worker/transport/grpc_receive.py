@@ -155,12 +155,16 @@ class _Receiver:
                          f"chunk.data: {where} holds {len(chunk.data)} bytes, expected {chunk.block_count * size}")
         if received[chunk.layer, chunk.kind, start:end].any():
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk repeats {where}")
-        if wire.checksum((chunk.data,)) != chunk.checksum:
-            self._refuse(grpc.StatusCode.DATA_LOSS, f"checksum mismatch in {where}")
+        # Written into the reserved blocks first, checked after: a mismatch aborts the transfer, which
+        # frees those blocks before anything reads them.
+        crcs = []
         try:
-            self._dest.write(chunk.layer, chunk.kind, start, chunk.block_count, chunk.data)
+            self._dest.receive(chunk.layer, chunk.kind, start, chunk.block_count,
+                               lambda views: crcs.append(wire.copy_checked(chunk.data, views)))
         except TransferError as exc:  # e.g. the request was aborted here while its KV was arriving
             self._refuse(status_of(exc), str(exc))
+        if crcs != [chunk.checksum]:
+            self._refuse(grpc.StatusCode.DATA_LOSS, f"checksum mismatch in {where}")
         received[chunk.layer, chunk.kind, start:end] = True
         self._bytes += len(chunk.data)
         self._chunks += 1
