@@ -56,6 +56,14 @@ def test_checksum_is_crc32c():
     assert wire.checksum([b"1234", memoryview(b"56789")]) == 0xE3069283
 
 
+def test_copy_checked_writes_across_views_and_pieces_and_returns_their_crc32c():
+    data = bytes(range(256)) * 40  # 10240 bytes
+    views = [memoryview(bytearray(3000)), memoryview(bytearray(7240))]
+    crc = wire.copy_checked(memoryview(data), views, piece=1024)
+    assert b"".join(bytes(v) for v in views) == data
+    assert crc == wire.checksum((data,))
+
+
 def test_layout_mismatch_names_each_field_with_both_values():
     ours = make_layout("bfloat16", block_size=16)
     with pytest.raises(LayoutMismatch) as err:

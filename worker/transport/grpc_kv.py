@@ -26,6 +26,7 @@ from phasesplit.transport.base import (
 from phasesplit.transport.blocks import read_pieces, to_host
 from phasesplit.transport.channels import MAX_MESSAGE_BYTES, SERVER_OPTIONS, Channels  # noqa: F401  (re-exported)
 from phasesplit.transport.grpc_receive import PushKVReceiver, handle_push_kv  # noqa: F401  (re-exported)
+from phasesplit.transport.malloc import tune_malloc
 from phasesplit.v1 import worker_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -227,6 +228,7 @@ class GrpcKVTransport:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         self._options = dict(chunk_bytes=chunk_bytes, max_queued_chunks=max_queued_chunks, timeout=timeout)
         self._channels = Channels()
+        tune_malloc()  # before the first message buffer: fresh ~1 MiB buffers would page-fault each time
 
     def open(self, addr: str, header: pb.KVHeader) -> GrpcKVSender:
         return GrpcKVSender(self._channels.get(addr), header, **self._options)

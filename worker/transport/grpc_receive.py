@@ -25,6 +25,7 @@ from phasesplit.transport import wire
 from phasesplit.transport.base import (
     END, KVDestination, KVSink, TransferError, block_bytes, check_header, num_prompt_blocks, status_of,
 )
+from phasesplit.transport.malloc import tune_malloc
 from phasesplit.v1 import worker_pb2 as pb
 
 _KIND_NAMES = ("K", "V")
@@ -37,6 +38,7 @@ class PushKVReceiver:
     def __init__(self, sink: KVSink, *, timeout: float = 30.0, **_unused):
         self.sink = sink
         self.timeout = timeout
+        tune_malloc()  # gRPC hands each ~1 MiB message over in a fresh buffer: keep the heap from page-faulting
 
     def push_kv(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVReply:
         return handle_push_kv(request_iterator, context, self.sink, timeout=self.timeout)
@@ -153,12 +155,16 @@ class _Receiver:
                          f"chunk.data: {where} holds {len(chunk.data)} bytes, expected {chunk.block_count * size}")
         if received[chunk.layer, chunk.kind, start:end].any():
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"chunk repeats {where}")
-        if wire.checksum((chunk.data,)) != chunk.checksum:
-            self._refuse(grpc.StatusCode.DATA_LOSS, f"checksum mismatch in {where}")
+        # Written into the reserved blocks first, checked after: a mismatch aborts the transfer, which
+        # frees those blocks before anything reads them.
+        crcs = []
         try:
-            self._dest.write(chunk.layer, chunk.kind, start, chunk.block_count, chunk.data)
+            self._dest.receive(chunk.layer, chunk.kind, start, chunk.block_count,
+                               lambda views: crcs.append(wire.copy_checked(chunk.data, views)))
         except TransferError as exc:  # e.g. the request was aborted here while its KV was arriving
             self._refuse(status_of(exc), str(exc))
+        if crcs != [chunk.checksum]:
+            self._refuse(grpc.StatusCode.DATA_LOSS, f"checksum mismatch in {where}")
         received[chunk.layer, chunk.kind, start:end] = True
         self._bytes += len(chunk.data)
         self._chunks += 1

@@ -41,6 +41,20 @@ def checksum(pieces) -> int:
     return crc
 
 
+def copy_checked(data: memoryview, views: list[memoryview], piece: int = 256 << 10) -> int:
+    """Copy `data` into `views` in order, piece by piece; the CRC32C of what was written, each
+    piece checksummed right after its copy, while it is still in the CPU cache."""
+    crc = pos = 0
+    for view in views:
+        for at in range(0, len(view), piece):
+            n = min(piece, len(view) - at)
+            target = view[at:at + n]
+            target[:] = data[pos:pos + n]
+            crc = crc32c.crc32c(target, crc)
+            pos += n
+    return crc
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:
