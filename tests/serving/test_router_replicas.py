@@ -24,13 +24,15 @@ from phasesplit.local.processes import ManagedProcess, free_port, wait_http_ok
 
 pytestmark = pytest.mark.slow
 
+ADMIN_TOKEN = "second-router-admin"
 KV_TRANSFER_TIMEOUT = 10.0   # kvTransfer.timeoutSeconds of the session clusters (support.serving.manifest)
 
 
 @pytest.fixture(scope="module")
 def second_router_proc(clusters, tmp_path_factory):
     port = free_port()
-    proc = ManagedProcess("router-2", clusters[0].router_argv(port), tmp_path_factory.mktemp("router-2")).start()
+    env = {**os.environ, "PHASESPLIT_ADMIN_TOKEN": ADMIN_TOKEN}
+    proc = ManagedProcess("router-2", clusters[0].router_argv(port), tmp_path_factory.mktemp("router-2"), env=env).start()
     try:
         wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 60)
         yield f"http://127.0.0.1:{port}"
@@ -44,7 +46,8 @@ def second_router(split, second_router_proc):
     for pool in split.plan.pools:
         data = json.dumps({"workers": split.addresses(pool)}).encode()
         request = urllib.request.Request(f"{second_router_proc}/admin/pools/{pool}", data=data, method="PUT",
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {ADMIN_TOKEN}"})
         urllib.request.urlopen(request, timeout=10).close()
     wait_for(lambda: all(len(routable(second_router_proc, pool)) == len(split.addresses(pool))
                          for pool in split.plan.pools), timeout=30, what="the second router's workers")
