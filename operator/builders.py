@@ -326,7 +326,7 @@ def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
         env.append({"name": "PHASESPLIT_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})
     alive = {"path": "/livez", "port": "http"}  # the process answers
-    routable = {"path": "/health", "port": "http"}  # 503 while a pool has no ready worker
+    routable = {"path": "/health", "port": "http"}  # 503 while a pool has no ready worker (unless scaled to zero)
     container = {
         "name": "router", "image": router_image(spec), "imagePullPolicy": spec.images.pull_policy,
         "args": router_args(owner, spec), "env": env,

@@ -66,6 +66,7 @@ def build_hpa(owner: builders.Owner, spec: si.SplitInferenceSpec, role: str) -> 
         "metadata": builders.metadata(owner, builders.pool_name(owner, role), role),
         "spec": {
             "scaleTargetRef": _scale_target(owner, role),
+            # 0 needs the HPAScaleToZero feature gate (alpha, off by default): never rendered
             "minReplicas": max(knobs.min_replicas, 1),
             "maxReplicas": knobs.max_replicas,
             "metrics": [{"type": "External", "external": {
@@ -109,9 +110,18 @@ def build_scaled_object(owner: builders.Owner, spec: si.SplitInferenceSpec, role
                 "metricType": "Value" if knobs.metric in AVERAGE_METRICS else "AverageValue",
                 "metadata": {"serverAddress": url, "query": keda_query(owner, role, knobs.metric),
                              "threshold": _decimal(knobs.target_per_replica)},
-            }],
+            }] + ([_held_trigger(owner, role, url)] if knobs.min_replicas == 0 else []),
         },
     }
+
+
+def _held_trigger(owner: builders.Owner, role: str, url: str) -> dict:
+    """Scale from zero: KEDA activates the pool (0 -> 1) while the router holds any request for it
+    (queued for the empty pool, or in flight) and lets it go to 0 only when none is held. Clamped to 1
+    against a threshold of 1 as a `Value` metric, it never asks for more replicas than the pool has."""
+    return {"type": "prometheus", "name": f"{role}-held", "metricType": "Value",
+            "metadata": {"serverAddress": url, "threshold": "1", "activationThreshold": "0",
+                         "query": f"clamp_max({keda_query(owner, role, 'inflightRequests')}, 1)"}}
 
 
 def build_scaling_objects(owner: builders.Owner, spec: si.SplitInferenceSpec) -> list[dict]:

@@ -106,3 +106,20 @@ def test_unusable_spec_names_the_field(si, edit, builder, field):
     edit(si)
     with pytest.raises(ValueError, match=field):
         builder(si, "prompt")
+
+
+def test_a_pool_at_min_zero_scales_from_zero_with_keda_and_keeps_one_with_an_hpa(si):
+    si = copy.deepcopy(si)
+    si["spec"]["pools"]["token"]["autoscaling"]["minReplicas"] = 0
+    so = build_scaled_object(si, "token")
+    jsonschema.validate(so, KEDA_SCHEMA)
+    assert so["spec"]["minReplicaCount"] == 0
+    held = so["spec"]["triggers"][1]
+    assert held["metadata"]["query"] == \
+        'clamp_max(sum(phasesplit_inflight_requests{namespace="ml",service="tiny",pool="token"}), 1)'
+    assert (held["metricType"], held["metadata"]["threshold"], held["metadata"]["activationThreshold"]) == \
+        ("Value", "1", "0")
+    assert len(build_scaled_object(si, "prompt")["spec"]["triggers"]) == 1, "a pool at min 1 needs no activation"
+    hpa = build_hpa(si, "token")
+    kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)
+    assert hpa["spec"]["minReplicas"] == 1   # 0 would need the HPAScaleToZero feature gate

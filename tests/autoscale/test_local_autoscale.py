@@ -5,6 +5,7 @@ through the router's `GET /admin/pools` and the launcher's log."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pathlib
 import re
 import subprocess
@@ -71,16 +72,17 @@ class LocalMode:
         return [(p, t) for ph, p, t in self.sizes if ph == phase]
 
 
-@pytest.fixture
-def local_mode(tiny_model_dir, tmp_path):
+@contextlib.contextmanager
+def running_local(doc: dict, tiny_model_dir, tmp_path, *extra: str):
+    """`phasesplit local` on `doc` as a real process, until it prints its OpenAI endpoint."""
     path = tmp_path / "autoscale.yaml"
-    path.write_text(yaml.safe_dump(manifest()))
+    path.write_text(yaml.safe_dump(doc))
     port = free_port()
     log_path = tmp_path / "launcher.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             phasesplit_argv("local", str(path), "--model", str(tiny_model_dir), "--port", str(port),
-                            "--drain-timeout", "20", "--autoscale-interval", "0.5", "--log-dir", str(tmp_path / "logs")),
+                            "--autoscale-interval", "0.5", "--log-dir", str(tmp_path / "logs"), *extra),
             stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
@@ -96,6 +98,12 @@ def local_mode(tiny_model_dir, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def local_mode(tiny_model_dir, tmp_path):
+    with running_local(manifest(), tiny_model_dir, tmp_path, "--drain-timeout", "20") as lm:
+        yield lm
 
 
 async def client(session, url: str, load: dict, stop: asyncio.Event, traffic: Traffic) -> None:
@@ -204,3 +212,25 @@ def test_autoscale_interval_must_be_positive_seconds(value, capsys):
     with pytest.raises(SystemExit):
         parse_args(["x.yaml", "--autoscale-interval", value])
     assert "--autoscale-interval" in capsys.readouterr().err
+
+
+def test_a_token_pool_at_zero_comes_up_on_the_first_request(tiny_model_dir, tmp_path):
+    doc = manifest()
+    doc["spec"]["autoscaling"]["intervalSeconds"] = 1
+    doc["spec"]["pools"]["token"]["replicas"] = 0
+    doc["spec"]["pools"]["token"]["autoscaling"]["minReplicas"] = 0
+
+    async def first_request(lm: LocalMode) -> tuple[int, dict, int]:
+        async with aiohttp.ClientSession() as session:
+            before = (await lm.pools(session))[1]
+            body = {"model": doc["spec"]["model"]["name"], "prompt": "Hi", "max_tokens": 4}
+            async with session.post(f"{lm.url}/v1/completions", json=body,
+                                    timeout=aiohttp.ClientTimeout(total=110)) as resp:
+                return resp.status, await resp.json(), before
+
+    with running_local(doc, tiny_model_dir, tmp_path) as lm:
+        status, body, before = asyncio.run(first_request(lm))
+        assert before == 0, "the token pool starts with no worker"
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == 4
+        assert "token pool: 0 -> 1 replicas" in lm.log_path.read_text()

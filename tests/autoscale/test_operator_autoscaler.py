@@ -153,3 +153,24 @@ async def test_other_modes_leave_replicas_alone(cluster, operator, router_metric
         await asyncio.sleep(2.5)
     assert router_metrics.scrapes == 0
     assert replicas(cluster, "prompt") == 1
+
+
+async def test_a_pool_at_zero_comes_back_when_the_router_queues_for_it(cluster, operator, router_metrics, router_dns):
+    body = split_inference_body(router_metrics.port)
+    body["spec"]["pools"]["token"].update(replicas=0)
+    # kvUtilization, a pool average, is 0 without workers: only the held request shows the demand
+    body["spec"]["pools"]["token"]["autoscaling"].update(minReplicas=0, metric="kvUtilization", targetPerReplica=0.8)
+    cluster.objects[SI, NS, "tiny"] = body
+    cluster.objects[DEPLOY, NS, "tiny-token"] = deployment(body, "token")
+    assert replicas(cluster, "token") == 0
+    router_metrics.set_pool("prompt", queue_tokens=0)
+    router_metrics.set_pool("token", queue_requests=1, queue_tokens=16, inflight=1)  # one request held, no worker
+    async with operator():
+        await eventually(lambda: replicas(cluster, "token") == 1, timeout=8)
+        await eventually(lambda: "scale from zero" in
+                         status(cluster).get("autoscaling", {}).get("token", {}).get("reason", ""), timeout=8)
+        assert any("token pool 0 -> 1" in e["message"] for e in events(cluster, "ScaledUp"))
+
+        router_metrics.set_pool("token", queue_requests=0, queue_tokens=0, inflight=0)  # served, idle again
+        await eventually(lambda: replicas(cluster, "token") == 0, timeout=8)
+    assert cluster.denied == [], "the chart's RBAC refused the operator"

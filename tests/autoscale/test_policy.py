@@ -199,3 +199,32 @@ def test_the_history_kept_in_status_stays_small_however_often_a_pool_is_evaluate
         assert max(r for _, r in state.recommendations) == max(r for _, r in full)
     assert len(state.recommendations) <= 8
     assert len(json.dumps(state.to_dict())) < 400
+
+
+@pytest.mark.parametrize("k, metrics, expected", [
+    # one request waits in the router for the empty pool: 0 -> 1, even in cooldown after the scale-down
+    (knobs(min_replicas=0, cooldown_seconds=600), PoolMetrics(queue_requests=1, queue_tokens=20), 1),
+    # a burst: the primary metric's recommendation, capped by the step
+    (knobs(min_replicas=0), PoolMetrics(queue_requests=9, queue_tokens=900), 4),
+    # an average metric (no worker: 0) or a missing primary metric does not keep the pool at 0
+    (knobs(min_replicas=0, metric="kvUtilization", target_per_replica=0.8),
+     PoolMetrics(queue_requests=2, kv_utilization=0.0), 1),
+    (knobs(min_replicas=0), PoolMetrics(queue_requests=1), 1),
+    # nothing held: the pool stays at 0
+    (knobs(min_replicas=0), PoolMetrics(queue_requests=0, queue_tokens=0, inflight_requests=0), 0),
+], ids=["one-request-in-cooldown", "burst", "average-metric", "primary-missing", "no-demand"])
+def test_a_pool_at_zero_with_requests_waiting_scales_from_zero(k, metrics, expected):
+    state = PoolState(last_change_time=1000.0)
+    d = decide(k, metrics, 0, state, now=1010.0)
+    assert d.desired == expected
+    if expected:
+        assert "scale from zero" in d.reason
+
+
+def test_a_pool_scales_to_zero_only_once_nothing_is_held_for_it():
+    k = knobs(min_replicas=0, scale_down_stabilization_seconds=0)
+    state = PoolState()
+    streaming = PoolMetrics(queue_requests=0, queue_tokens=0, inflight_requests=2)
+    assert decide(k, streaming, 1, state, now=1000.0).desired == 1
+    idle = PoolMetrics(queue_requests=0, queue_tokens=0, inflight_requests=0)
+    assert decide(k, idle, 1, state, now=1001.0).desired == 0

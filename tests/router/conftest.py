@@ -14,6 +14,7 @@ from phasesplit.router.app import ROUTER, Router, RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.main import start_server
 from phasesplit.router.pools import WorkerSpec
+from phasesplit.router.waiting import QueueSettings
 
 
 @dataclass
@@ -50,7 +51,8 @@ async def make_cluster(tokenizer):
                    admin_token: str | None = ADMIN_TOKEN,
                    max_model_len: int = 2048, worker_options: dict | None = None,
                    extra_specs: dict[str, list[str]] | None = None,
-                   migration: MigrationPolicy = MigrationPolicy(stall_timeout=1.0)) -> Cluster:
+                   migration: MigrationPolicy = MigrationPolicy(stall_timeout=1.0),
+                   queue: QueueSettings = QueueSettings(), served: tuple[str, ...] | None = None) -> Cluster:
         workers: dict[str, list[FakeWorker]] = {}
         for pool, count in (("prompt", prompt), ("token", token), ("mixed", mixed)):
             workers[pool] = [FakeWorker(pool, tokenizer, **(worker_options or {})) for _ in range(count)]
@@ -62,7 +64,7 @@ async def make_cluster(tokenizer):
             specs[pool] += [WorkerSpec.parse(e) for e in entries]
         settings = RouterSettings(served_model_name=MODEL, max_model_len=max_model_len, api_key=api_key,
                                   admin_token=admin_token, workers=specs, poll_interval=0.1, dns_interval=0.2,
-                                  migration=migration)
+                                  migration=migration, queue=queue, pools=served)
         app = create_app(settings, tokenizer)
         runner, port = await start_server(app, "127.0.0.1", 0)
         started.append(runner)

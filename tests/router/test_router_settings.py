@@ -32,3 +32,23 @@ def test_migration_is_on_by_default(tiny_model_dir):
     doc = manifest("defaults", {"mixed": 1})
     del doc["spec"]["router"]
     assert router_settings(doc, tiny_model_dir).migration.max_attempts == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--queue-size", "-1"], "--queue-size must be >= 0"),
+    (["--queue-timeout", "0"], "--queue-timeout > 0"),
+    (["--pools", "prompt,decode"], "--pools: unknown pool decode; allowed: prompt, token, mixed"),
+])
+def test_bad_queue_settings_name_the_flag(tiny_model_dir, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        settings_from_args(build_parser().parse_args(["--model", str(tiny_model_dir), *flags]))
+
+
+def test_local_mode_serves_every_pool_of_the_plan_and_queues_by_default(tiny_model_dir, tmp_path):
+    from phasesplit.local.launcher import LocalCluster
+    doc = manifest("zero", {"prompt": 1, "token": 0})
+    plan = build_plan(validate_manifest(doc), str(tiny_model_dir), port=0)
+    argv = LocalCluster(plan, tmp_path).router_argv(8000)
+    settings = settings_from_args(build_parser().parse_args(argv[argv.index("--model"):]))
+    assert settings.pools == ("prompt", "token") and settings.workers["token"] == []
+    assert (settings.queue.size, settings.queue.timeout) == (256, 120.0)

@@ -5,18 +5,21 @@ and a small history (`PoolState`), and returns a `Decision`. The operator's time
 both call it; `PoolScaler` and `SplitScaler` hold the state for callers that keep it in memory.
 
 The rules, in order:
-  1. the primary metric is missing: keep the current count (reason says so);
-  2. raw recommendation, as HPA does: totals (queue, in-flight) give ceil(value / target);
+  1. scale from zero: a pool at 0 replicas that the router holds requests for (queueRequests or
+     inflightRequests above 0: they wait in the router's queue for an empty pool) goes to at least 1
+     at once, with no cooldown and whether or not the primary metric is there;
+  2. the primary metric is missing: keep the current count (reason says so);
+  3. raw recommendation, as HPA does: totals (queue, in-flight) give ceil(value / target);
      kvUtilization is a pool average and gives ceil(current * value / target); within
      `TOLERANCE` of the target nothing changes;
-  3. an SLO miss (TTFT or TBT P90 above its target) asks for at least one more replica and
+  4. an SLO miss (TTFT or TBT P90 above its target) asks for at least one more replica and
      forbids a scale-down;
-  4. scale-up is capped at `scale_up_max_step` replicas per evaluation (a burst goes in one step);
-  5. scale-down uses the highest recommendation seen within the stabilization window;
-  6. no change within `cooldown_seconds` of the previous change;
-  7. the result is clamped to [min_replicas, max_replicas] (a count outside the bounds is brought
-     back even during a cooldown);
-  8. across pools, `SplitScaler` raises the smaller side to keep prompt:token within its bounds.
+  5. scale-up is capped at `scale_up_max_step` replicas per evaluation (a burst goes in one step);
+  6. scale-down uses the highest recommendation seen within the stabilization window;
+  7. no change within `cooldown_seconds` of the previous change;
+  8. the result is clamped to [min_replicas, max_replicas] (a count outside the bounds is brought
+     back even during a cooldown), and a pool never goes to 0 while requests are held for it;
+  9. across pools, `SplitScaler` raises the smaller side to keep prompt:token within its bounds.
 """
 
 from __future__ import annotations
@@ -94,11 +97,19 @@ def _recommend(knobs: PoolAutoscaling, metrics: PoolMetrics, value: float | None
     bounded = _clamp(current, knobs)
     if bounded != current:
         return bounded, f"{current} replicas is outside [{knobs.min_replicas}, {knobs.max_replicas}]"
+    held = _held_requests(metrics)
+    if current == 0 and held > 0:
+        raw = _raw_recommendation(knobs, value, current) if value is not None else 1
+        desired = _clamp(max(1, min(raw, knobs.scale_up_max_step)), knobs)
+        _remember(state, now, desired, knobs.scale_down_stabilization_seconds)
+        return desired, f"{held:g} requests held at 0 replicas: scale from zero to {desired}"
     if value is None:
         return current, f"metric {knobs.metric} missing: keeping {current}"
     raw = _raw_recommendation(knobs, value, current)
     raw, slo_miss = _apply_slo(knobs, metrics, raw, current)
     raw = _clamp(raw, knobs)
+    if raw == 0 and held > 0:
+        raw = min(1, knobs.max_replicas)   # the last replica stays while the router holds requests for it
     _remember(state, now, raw, knobs.scale_down_stabilization_seconds)
     what = slo_miss or f"{knobs.metric}={value:g} (target {knobs.target_per_replica:g}/replica)"
     if raw > current:
@@ -127,6 +138,11 @@ def _raw_recommendation(knobs: PoolAutoscaling, value: float, current: int) -> i
     if current > 0 and abs(wanted / current - 1.0) <= TOLERANCE:
         return current
     return math.ceil(wanted)
+
+
+def _held_requests(metrics: PoolMetrics) -> float:
+    """Requests the router holds for the pool: queued (also while the pool is empty) or in flight."""
+    return max(metrics.queue_requests or 0.0, metrics.inflight_requests or 0.0)
 
 
 def _apply_slo(knobs: PoolAutoscaling, metrics: PoolMetrics, raw: int, current: int) -> tuple[int, str | None]:

@@ -218,7 +218,7 @@ class LocalCluster:
         """A router on `port` over the current members of every pool (another replica: another port)."""
         argv = phasesplit_argv("router", "--model", self.plan.model_dir, "--served-model-name",
                                self.plan.served_model_name, "--host", HOST, "--port", str(port),
-                               *self.plan.router_args)
+                               *self.plan.router_args, "--pools", ",".join(self.plan.pools))
         for pool in self.plan.pools:
             argv += [f"--{pool}-workers", ",".join(self.addresses(pool))]
         return argv

@@ -21,6 +21,7 @@ from phasesplit.router.openai_api import APIError, ChatCompletionRequest, Comple
 from phasesplit.router.pools import Pools, WorkerSpec
 from phasesplit.router.prompts import check_prompt_length, chat_prompt_ids, completion_prompt_ids, sampling_params
 from phasesplit.router.responses import Shape
+from phasesplit.router.waiting import QueueSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class RouterSettings:
     poll_interval: float = 0.5
     dns_interval: float = 5.0
     migration: MigrationPolicy = field(default_factory=MigrationPolicy)
+    queue: QueueSettings = field(default_factory=QueueSettings)   # requests held for a pool with no worker
+    pools: tuple[str, ...] | None = None   # the pools served, even at 0 workers; None: those given workers
 
 
 @dataclass
@@ -53,9 +56,9 @@ ROUTER = web.AppKey("router", Router)
 def create_app(settings: RouterSettings, tokenizer) -> web.Application:
     metrics = RouterMetrics()
     pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
-                  dns_interval=settings.dns_interval)
+                  dns_interval=settings.dns_interval, served=settings.pools)
     app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=64 * 1024 * 1024)
-    app[ROUTER] = Router(settings, tokenizer, metrics, pools, Dispatcher(pools, metrics, settings.migration))
+    app[ROUTER] = Router(settings, tokenizer, metrics, pools, Dispatcher(pools, metrics, settings.migration, settings.queue))
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -228,8 +231,12 @@ async def livez(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    pools = request.app[ROUTER].pools
+    router = request.app[ROUTER]
+    pools = router.pools
     route = pools.route()
+    idle = pools.scaled_to_zero() if route is None and router.dispatcher.queue.accepts() else []
+    if idle:   # ready: requests wait in the router while the pool scales up from zero
+        return web.json_response({"status": "scaled_to_zero", "route": pools.expected_route(), "waiting_for": idle})
     if route is None:
         return web.json_response({"status": "unavailable", "reason": pools.why_not()}, status=503)
     return web.json_response({"status": "ok", "route": route})

@@ -17,6 +17,7 @@ from phasesplit.router.lending import prompt_candidates, token_candidates
 from phasesplit.router.metrics import RouterMetrics
 from phasesplit.router.openai_api import APIError, unavailable
 from phasesplit.router.pools import Pools
+from phasesplit.router.waiting import EmptyPoolQueue, QueueSettings
 from phasesplit.router.scheduling import pick_mixed_worker, pick_prompt_worker, pick_token_worker
 from phasesplit.router.workers import WorkerState
 from phasesplit.v1 import worker_pb2 as pb
@@ -113,16 +114,19 @@ def lost_in_stream(e: grpc.aio.AioRpcError, worker: WorkerState) -> WorkerLost |
 
 
 class Dispatcher:
-    def __init__(self, pools: Pools, metrics: RouterMetrics, policy: MigrationPolicy = MigrationPolicy()):
+    def __init__(self, pools: Pools, metrics: RouterMetrics, policy: MigrationPolicy = MigrationPolicy(),
+                 queue: QueueSettings = QueueSettings()):
         self.pools, self.metrics, self.policy = pools, metrics, policy
+        self.queue = EmptyPoolQueue(pools, metrics, queue)
         self._cleanup: set[asyncio.Task] = set()
 
     async def run(self, job: Job) -> AsyncIterator[Delta]:
         """Yields the request's output; closing the iterator early cancels the request on every worker."""
-        route = self.pools.route()
-        if route is None:
+        try:
+            route = await self.queue.route(len(job.prompt_token_ids), job.sampling.max_tokens)
+        except APIError:
             self.metrics.requests.labels(outcome="rejected").inc()
-            raise unavailable(self.pools.why_not())
+            raise
         timing, outcome = Timing(route=route), "error"
         try:
             async with aclosing(self._resilient(job, timing)) as steps:

@@ -14,7 +14,9 @@ from aiohttp import web
 
 from phasesplit.router.app import RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
+from phasesplit.router.metrics import POOLS
 from phasesplit.router.pools import parse_worker_list
+from phasesplit.router.waiting import QueueSettings
 
 log = logging.getLogger("phasesplit.router")
 SHUTDOWN_SECONDS = 60.0  # on SIGTERM, streams in flight get this long to finish
@@ -36,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times a request may move to another worker once output has started (0: never)")
     p.add_argument("--stall-timeout", type=float, default=MigrationPolicy.stall_timeout,
                    help="seconds without a token, once output has started, before the worker counts as stalled")
+    p.add_argument("--pools", help="comma-separated pools this router serves, also while they have no worker "
+                   "(scaled to zero): requests wait for them (default: the pools given workers)")
+    p.add_argument("--queue-size", type=int, default=QueueSettings.size,
+                   help="requests that may wait for a pool with no ready worker (0: answer 503 at once)")
+    p.add_argument("--queue-timeout", type=float, default=QueueSettings.timeout,
+                   help="seconds a request may wait for a pool with no ready worker before a 503")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -59,6 +67,12 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         raise SystemExit("phasesplit router: --max-model-len must be at least 2")
     if args.max_migrations < 0 or not args.stall_timeout > 0:
         raise SystemExit("phasesplit router: --max-migrations must be >= 0 and --stall-timeout > 0 seconds")
+    if args.queue_size < 0 or not args.queue_timeout > 0:
+        raise SystemExit("phasesplit router: --queue-size must be >= 0 and --queue-timeout > 0 seconds")
+    served = tuple(p.strip() for p in args.pools.split(",") if p.strip()) if args.pools is not None else None
+    if served is not None and (unknown := set(served) - set(POOLS)):
+        raise SystemExit(f"phasesplit router: --pools: unknown pool {', '.join(sorted(unknown))}; "
+                         f"allowed: {', '.join(POOLS)}")
     try:
         workers = {"prompt": parse_worker_list(args.prompt_workers), "token": parse_worker_list(args.token_workers),
                    "mixed": parse_worker_list(args.mixed_workers)}
@@ -68,7 +82,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                           max_model_len=max_model_len, api_key=os.environ.get("PHASESPLIT_API_KEY") or None,
                           admin_token=os.environ.get("PHASESPLIT_ADMIN_TOKEN") or None,
                           workers=workers, poll_interval=args.poll_interval, dns_interval=args.dns_interval,
-                          migration=MigrationPolicy(args.max_migrations, args.stall_timeout))
+                          migration=MigrationPolicy(args.max_migrations, args.stall_timeout),
+                          queue=QueueSettings(args.queue_size, args.queue_timeout), pools=served)
 
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:

@@ -11,6 +11,7 @@ from phasesplit.router.metrics import POOLS, RouterMetrics
 from phasesplit.router.workers import WorkerState
 
 log = logging.getLogger(__name__)
+ROUTE_POOLS = {"split": ("prompt", "token"), "mixed": ("mixed",)}
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,12 @@ class Pools:
     """The three pools, kept resolved and polled by one background task."""
 
     def __init__(self, specs: dict[str, list[WorkerSpec]], metrics: RouterMetrics,
-                 poll_interval: float = 0.5, dns_interval: float = 5.0, poll_timeout: float = 1.0):
+                 poll_interval: float = 0.5, dns_interval: float = 5.0, poll_timeout: float = 1.0,
+                 served: tuple[str, ...] | None = None):
         self.pools = {name: Pool(name, list(specs.get(name, []))) for name in POOLS}
+        # the pools this deployment has, even at 0 workers (default: those given a worker entry)
+        self.served = set(served if served is not None else (name for name in POOLS if specs.get(name)))
+        self._changed = asyncio.Event()
         self.metrics = metrics
         self.poll_interval, self.dns_interval, self.poll_timeout = poll_interval, dns_interval, poll_timeout
         self._task: asyncio.Task | None = None
@@ -160,6 +165,13 @@ class Pools:
             total = sum(x.kv_blocks_used + x.kv_blocks_free for x in loads)
             used = sum(x.kv_blocks_used for x in loads)
             self.metrics.kv_utilization.labels(pool=pool.name).set(used / total if total else 0.0)
+        self._changed.set()   # wakes the requests waiting for a route
+        self._changed = asyncio.Event()
+
+    async def wait_for_route(self) -> str:
+        while (route := self.route()) is None:
+            await self._changed.wait()
+        return route
 
     # ---- routes ----
     def route(self) -> str | None:
@@ -169,6 +181,19 @@ class Pools:
         if self["mixed"].routable():
             return "mixed"
         return None
+
+    def expected_route(self) -> str | None:
+        """The route this deployment's pools make when they have workers: what an empty pool waits for."""
+        for route, pools in ROUTE_POOLS.items():
+            if self.served.issuperset(pools):
+                return route
+        return None
+
+    def scaled_to_zero(self) -> list[str]:
+        """The expected route's pools without a ready worker, when none of them has a member at all."""
+        expected = self.expected_route()
+        idle = [p for p in ROUTE_POOLS.get(expected, ()) if not self[p].routable()]
+        return idle if idle and not any(self[p].workers for p in idle) else []
 
     def why_not(self) -> str:
         parts = []
