@@ -23,7 +23,6 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the test support package: the emulator and the operator harness
 
-from phasesplit.operator import crd  # noqa: E402
 from phasesplit.operator.kube import path  # noqa: E402
 from support.examples import split_inference  # noqa: E402
 from support.kube_emulator import EmulatorThread  # noqa: E402

@@ -23,7 +23,6 @@ import pathlib
 import statistics
 import sys
 import tempfile
-import time
 from types import SimpleNamespace
 
 import grpc

@@ -17,7 +17,6 @@ import asyncio
 import json
 import pathlib
 import random
-import statistics
 import sys
 import tempfile
 import time

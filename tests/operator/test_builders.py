@@ -8,7 +8,7 @@ import kubernetes_validate
 import pydantic
 import pytest
 import yaml
-from support.examples import EXAMPLES, ROOT, load_example
+from support.examples import EXAMPLES, load_example
 
 from phasesplit.control import spec as si
 from phasesplit.operator import builders

@@ -4,12 +4,11 @@ One operator and one emulator for the module; the tests run in order, as a user'
 """
 
 import copy
-import json
 
 import pytest
 from support.examples import load_example
 
-from phasesplit.operator import builders, crd
+from phasesplit.operator import builders
 from phasesplit.operator.apply import matches
 from phasesplit.operator.kube import path
 from support.kube_emulator import EmulatorThread

@@ -1,7 +1,6 @@
 """Processes start ready and stop clean: local mode on Ctrl-C/SIGTERM (and when it is killed) leaves
 nothing behind; a worker drains on SIGTERM, finishing what it holds and refusing new work."""
 
-import os
 import pathlib
 import queue
 import re

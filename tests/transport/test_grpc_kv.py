@@ -10,7 +10,7 @@ import torch
 
 from phasesplit.transport import wire
 from phasesplit.transport.base import (
-    CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError, TransferTimeout, block_bytes,
+    KVDataLoss, TransferTimeout, block_bytes,
 )
 from phasesplit.transport.grpc_kv import GrpcKVTransport
 

@@ -15,7 +15,7 @@ from phasesplit.engine.parallel import TensorParallel
 from phasesplit.engine.runner import ForwardBatch, ModelRunner
 from phasesplit.engine.sampler import SamplingParams, sample
 from phasesplit.engine.scheduler import Scheduler
-from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text, take_text
+from phasesplit.engine.sequence import Sequence, SequenceStatus, take_text
 from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
 __all__ = ["EngineConfig", "EngineStats", "KVCapacityError", "KVExport", "KVLayout", "LLMEngine",
