@@ -31,6 +31,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.posting.level = logging.WARNING  # Events for problems, not for every handler run
     settings.execution.max_workers = 8
     settings.persistence.finalizer = f"{si.API_GROUP}/finalizer"
+    # The API server sends only the operator's own Deployments (a handler's `labels=` filters client-side).
+    settings.watching.label_selectors["apps", "deployments"] = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
     memo.kube = Kube.from_environment()
     memo.setdefault("cluster_domain", builders.CLUSTER_DOMAIN)  # `phasesplit operator --cluster-domain`
     memo.seen = {}  # (namespace, name) -> the latest body the watch delivered
