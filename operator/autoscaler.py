@@ -22,7 +22,7 @@ from phasesplit.control.scaling import Decision, PoolState, SplitScaler, deletio
 from phasesplit.control.spec import SplitInferenceSpec
 from phasesplit.operator import reconcile
 from phasesplit.operator.apply import SCALER_MANAGER
-from phasesplit.operator.builders import Owner, pool_name, service_name
+from phasesplit.operator.builders import CLUSTER_DOMAIN, Owner, pool_name, service_name
 from phasesplit.operator.kube import Kube, path
 from phasesplit.operator.metrics_source import PrometheusQuery, router_selector
 
@@ -30,7 +30,7 @@ TICK_SECONDS = float(os.environ.get("PHASESPLIT_AUTOSCALE_TICK_SECONDS", "5"))
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
-async def tick(kube: Kube, body: dict, memo: dict, logger) -> None:
+async def tick(kube: Kube, body: dict, memo: dict, logger, cluster_domain: str = CLUSTER_DOMAIN) -> None:
     """One timer tick for one SplitInference: read its metrics, decide, scale, record."""
     phase = (body.get("status") or {}).get("phase")
     if phase in (None, "Failed"):  # not reconciled yet, or a spec that cannot work: nothing to scale
@@ -43,7 +43,7 @@ async def tick(kube: Kube, body: dict, memo: dict, logger) -> None:
         return
     memo["autoscale_last"] = now
     meta = body["metadata"]
-    owner = Owner(meta["name"], meta["namespace"], meta.get("uid", ""))
+    owner = Owner(meta["name"], meta["namespace"], meta.get("uid", ""), cluster_domain)
     saved = dict((body.get("status") or {}).get("autoscaling") or {})
     scaler = _scaler(memo, parsed, saved)
     try:
@@ -52,13 +52,15 @@ async def tick(kube: Kube, body: dict, memo: dict, logger) -> None:
         logger.warning(f"metrics unavailable, keeping replicas: {e}")
         _metrics_event(body, memo, False, str(e))
         record = {**saved, "metrics": _unavailable(saved.get("metrics"), str(e))}
-        await asyncio.to_thread(reconcile.refresh_status, kube, owner.namespace, owner.name, record)
+        await asyncio.to_thread(reconcile.refresh_status, kube, owner.namespace, owner.name, record,
+                            owner.cluster_domain)
         return
     _metrics_event(body, memo, True, "router metrics read")
     decisions = await asyncio.to_thread(evaluate, kube, scaler, snapshot, owner, now, logger)
     record = {**_record(body, decisions, scaler),
               "metrics": {"available": True, "reason": "Scraped", "message": "router metrics read"}}
-    await asyncio.to_thread(reconcile.refresh_status, kube, owner.namespace, owner.name, record)
+    await asyncio.to_thread(reconcile.refresh_status, kube, owner.namespace, owner.name, record,
+                            owner.cluster_domain)
 
 
 def evaluate(kube: Kube, scaler: SplitScaler, snapshot: Snapshot, owner: Owner, now: float,

@@ -17,6 +17,7 @@ from phasesplit.control.worker_settings import worker_settings
 WORKER_PORT = 50051
 ROUTER_PORT = 8000
 MODEL_DIR = "/models/model"
+CLUSTER_DOMAIN = "cluster.local"  # the cluster's DNS domain, unless the operator is told another
 MANAGED_BY = "phasesplit-operator"
 ROLE_LABEL = "phasesplit.io/role"
 RUN_AS = 10001
@@ -36,10 +37,11 @@ MALLOC_ENV = [{"name": "MALLOC_MMAP_THRESHOLD_", "value": "134217728"},
 
 @dataclass(frozen=True, slots=True)
 class Owner:
-    """The SplitInference that owns the children."""
+    """The SplitInference that owns the children, and the DNS domain of the cluster it runs in."""
     name: str
     namespace: str
     uid: str
+    cluster_domain: str = CLUSTER_DOMAIN
 
     def reference(self) -> dict:
         return {"apiVersion": f"{si.API_GROUP}/{si.API_VERSION}", "kind": si.KIND, "name": self.name,
@@ -71,8 +73,12 @@ def network_policy_name(owner: Owner) -> str:
     return f"{owner.name}-workers"
 
 
+def service_host(owner: Owner, service: str) -> str:
+    return f"{service}.{owner.namespace}.svc.{owner.cluster_domain}"
+
+
 def endpoint(owner: Owner, port: int) -> str:
-    return f"http://{service_name(owner)}.{owner.namespace}.svc.cluster.local:{port}"
+    return f"http://{service_host(owner, service_name(owner))}:{port}"
 
 
 def selector_labels(owner: Owner, role: str) -> dict:
@@ -315,8 +321,7 @@ def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
     args = ["router", "--model", MODEL_DIR, "--served-model-name", spec.model.name,
             "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
     for role, _ in spec.pools.items():
-        dns = f"dns:{pool_name(owner, role)}.{owner.namespace}.svc.cluster.local:{WORKER_PORT}"
-        args += [f"--{role}-workers", dns]
+        args += [f"--{role}-workers", f"dns:{service_host(owner, pool_name(owner, role))}:{WORKER_PORT}"]
     return args + si.router_flags(spec)
 
 

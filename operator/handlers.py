@@ -31,7 +31,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.posting.level = logging.WARNING  # Events for problems, not for every handler run
     settings.execution.max_workers = 8
     settings.persistence.finalizer = f"{si.API_GROUP}/finalizer"
+    # The API server sends only the operator's own Deployments (a handler's `labels=` filters client-side).
+    settings.watching.label_selectors["apps", "deployments"] = ",".join(f"{k}={v}" for k, v in CHILD_LABELS.items())
     memo.kube = Kube.from_environment()
+    memo.setdefault("cluster_domain", builders.CLUSTER_DOMAIN)  # `phasesplit operator --cluster-domain`
     memo.seen = {}  # (namespace, name) -> the latest body the watch delivered
     if not settings.peering.standalone:
         for namespace in WATCHED_NAMESPACES or [None]:
@@ -63,7 +66,7 @@ def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger)
 
 
 def reconcile_fn(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-    _report(reconcile.reconcile(memo.kube, dict(body)), body, logger)
+    _report(reconcile.reconcile(memo.kube, dict(body), memo.cluster_domain), body, logger)
 
 
 async def track(body: kopf.Body, type: str | None, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
@@ -81,7 +84,7 @@ async def track(body: kopf.Body, type: str | None, memo: kopf.Memo, logger: logg
 def child_deployment_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **_) -> None:
     name = labels.get("app.kubernetes.io/instance")
     if name:
-        reconcile.refresh_status(memo.kube, namespace, name)
+        reconcile.refresh_status(memo.kube, namespace, name, cluster_domain=memo.cluster_domain)
 
 
 async def periodic(memo: kopf.Memo, tick_seconds: float, logger: logging.Logger) -> None:
@@ -93,10 +96,10 @@ async def periodic(memo: kopf.Memo, tick_seconds: float, logger: logging.Logger)
         for key, body in list(memo.seen.items()):
             state = states.setdefault(body["metadata"].get("uid", ""), {"resynced": time.monotonic()})
             try:
-                await autoscaler.tick(memo.kube, body, state, logger)
+                await autoscaler.tick(memo.kube, body, state, logger, memo.cluster_domain)
                 if time.monotonic() - state["resynced"] >= RESYNC_SECONDS:
                     state["resynced"] = time.monotonic()
-                    outcome = await asyncio.to_thread(reconcile.reconcile, memo.kube, body)
+                    outcome = await asyncio.to_thread(reconcile.reconcile, memo.kube, body, memo.cluster_domain)
                     _report(outcome, body, logger)
             except Exception as e:  # one SplitInference's failure must not stop the others'
                 logger.warning(f"periodic work on {key[0]}/{key[1]} failed: {e}")

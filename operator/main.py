@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import re
 
 import kopf
 
+from phasesplit.operator import builders
+
 DEFAULT_PEERING = "phasesplit"
+DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def cluster_domain(value: str) -> str:
+    if len(value) > 253 or not DNS_NAME.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: a DNS domain is wanted (lowercase letters, digits, '-' and '.', e.g. cluster.local)")
+    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -23,6 +35,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="peering priority; default random, so that exactly one replica is active")
     p.add_argument("--liveness", default=None, metavar="URL",
                    help="kopf liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
+    p.add_argument("--cluster-domain", type=cluster_domain,
+                   default=os.environ.get("PHASESPLIT_CLUSTER_DOMAIN", builders.CLUSTER_DOMAIN),
+                   help="the cluster's DNS domain, in the addresses the router and status use "
+                        "(env PHASESPLIT_CLUSTER_DOMAIN; default %(default)s)")
     p.add_argument("--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -44,5 +60,6 @@ def main(argv: list[str] | None = None) -> int:
         peering_name=None if args.standalone else args.peering,
         priority=priority,
         liveness_endpoint=args.liveness,
+        memo=kopf.Memo(cluster_domain=args.cluster_domain),
     ))
     return 0

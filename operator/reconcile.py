@@ -33,9 +33,10 @@ class Outcome:
     newly_failed: bool = False  # failures differ from what status last said
 
 
-def owner_of(body: dict) -> builders.Owner:
+def owner_of(body: dict, cluster_domain: str = builders.CLUSTER_DOMAIN) -> builders.Owner:
     meta = body["metadata"]
-    return builders.Owner(name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""))
+    return builders.Owner(name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""),
+                          cluster_domain=cluster_domain)
 
 
 def parse(body: dict) -> tuple[si.SplitInferenceSpec | None, list[str]]:
@@ -46,14 +47,16 @@ def parse(body: dict) -> tuple[si.SplitInferenceSpec | None, list[str]]:
         return None, [f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
 
 
-def desired_state(kube: Kube, body: dict) -> tuple[si.SplitInferenceSpec | None, list[dict], list[str]]:
+def desired_state(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOMAIN
+                  ) -> tuple[si.SplitInferenceSpec | None, list[dict], list[str]]:
     """The spec, its children and every problem found (schema, feasibility, the cluster)."""
     spec, problems = parse(body)
     if spec is None:
         return None, [], problems
-    problems = si.feasibility_problems(spec) + checks.cluster_problems(kube, owner_of(body), spec)
+    owner = owner_of(body, cluster_domain)
+    problems = si.feasibility_problems(spec) + checks.cluster_problems(kube, owner, spec)
     try:
-        children = builders.build_children(owner_of(body), spec)
+        children = builders.build_children(owner, spec)
     except ValueError as e:
         return spec, [], [*problems, str(e)]
     return spec, children, problems
@@ -77,14 +80,14 @@ def _roles(spec: si.SplitInferenceSpec | None, body: dict) -> list[str]:
 
 def write_status(kube: Kube, body: dict, spec: si.SplitInferenceSpec | None, problems: list[str],
                  outcome: Outcome, autoscaling: dict | None = None, failures: list[str] | None = None,
-                 applied: dict | None = None) -> None:
+                 applied: dict | None = None, cluster_domain: str = builders.CLUSTER_DOMAIN) -> None:
     """The one writer of a SplitInference's status (the reconciler's and the autoscaler's parts),
     computed from the object as it is now and written only to that version of it (a conflict reads
     it again), so that neither part overwrites the other's last word. Nothing is written once the
     SplitInference is gone (a pass that raced its deletion).
     `applied`: the SplitInference as this pass applied it; its generation becomes `observedGeneration`
     (a status refresh between a spec change and its reconcile keeps the previous one)."""
-    owner = owner_of(body)
+    owner = owner_of(body, cluster_domain)
     for attempt in range(CONFLICT_RETRIES):
         body = kube.get(si_path(owner))
         if body is None:
@@ -128,10 +131,10 @@ def si_path(owner: builders.Owner, subresource: str | None = None) -> str:
     return path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, owner.namespace, owner.name, subresource)
 
 
-def reconcile(kube: Kube, body: dict) -> Outcome:
+def reconcile(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOMAIN) -> Outcome:
     """Apply every child (unless the spec cannot work) and write the status."""
     outcome = Outcome()
-    spec, children, problems = desired_state(kube, body)
+    spec, children, problems = desired_state(kube, body, cluster_domain)
     outcome.problems = problems
     if not problems:
         for child in children:
@@ -144,20 +147,22 @@ def reconcile(kube: Kube, body: dict) -> Outcome:
             outcome.pruned = prune(kube, owner_of(body), children)
         except KubeError as e:
             outcome.failures.append(f"pruning: {e.message}")
-    write_status(kube, body, spec, problems, outcome, failures=outcome.failures, applied=body)
+    write_status(kube, body, spec, problems, outcome, failures=outcome.failures, applied=body,
+                 cluster_domain=cluster_domain)
     return outcome
 
 
-def refresh_status(kube: Kube, namespace: str, name: str, autoscaling: dict | None = None) -> Outcome | None:
+def refresh_status(kube: Kube, namespace: str, name: str, autoscaling: dict | None = None,
+                   cluster_domain: str = builders.CLUSTER_DOMAIN) -> Outcome | None:
     """Recompute the status of one SplitInference after a child changed or the autoscaler acted
     (`autoscaling`: its new record); None if it is gone."""
     body = kube.get(si_path(builders.Owner(name, namespace, "")))
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     outcome = Outcome()
-    spec, _, problems = desired_state(kube, body)
+    spec, _, problems = desired_state(kube, body, cluster_domain)
     outcome.problems = problems
-    write_status(kube, body, spec, problems, outcome, autoscaling)
+    write_status(kube, body, spec, problems, outcome, autoscaling, cluster_domain=cluster_domain)
     return outcome
 
 

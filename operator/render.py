@@ -12,6 +12,7 @@ import yaml
 from phasesplit.control import spec as si
 from phasesplit.operator import builders
 from phasesplit.operator.apply import stamped
+from phasesplit.operator.main import cluster_domain
 from phasesplit.operator.reconcile import autoscaled
 
 
@@ -20,10 +21,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("file", help="YAML with one or more SplitInference documents ('-': standard input)")
     p.add_argument("-n", "--namespace", default=None,
                    help="namespace for documents that name none (default: 'default')")
+    p.add_argument("--cluster-domain", type=cluster_domain, default=builders.CLUSTER_DOMAIN,
+                   help="the cluster's DNS domain, as the operator's --cluster-domain (default %(default)s)")
     return p.parse_args(argv)
 
 
-def rendered(doc: dict, namespace: str | None = None) -> list[dict]:
+def rendered(doc: dict, namespace: str | None = None, domain: str = builders.CLUSTER_DOMAIN) -> list[dict]:
     """What the operator applies for one SplitInference document; ValueError names what is wrong.
     Owner references carry no uid: the API server assigns it when the SplitInference is created."""
     try:
@@ -33,7 +36,7 @@ def rendered(doc: dict, namespace: str | None = None) -> list[dict]:
                                    for err in e.errors())) from None
     if problems := si.feasibility_problems(resource.spec):
         raise ValueError("; ".join(f"spec.{p}" for p in problems))
-    owner = builders.Owner(resource.metadata.name, resource.metadata.namespace or namespace or "default", "")
+    owner = builders.Owner(resource.metadata.name, resource.metadata.namespace or namespace or "default", "", domain)
     return [stamped(child, autoscaled(child, resource.spec))
             for child in builders.build_children(owner, resource.spec)]
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if not isinstance(doc, dict) or doc.get("kind") != si.KIND:
                 raise ValueError(f"kind: expected {si.KIND}")
-            objects += rendered(doc, args.namespace)
+            objects += rendered(doc, args.namespace, args.cluster_domain)
         except ValueError as e:
             print(f"phasesplit render: {args.file}: SplitInference {name!r}: {e}", file=sys.stderr)
             return 1

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from support.examples import EXAMPLES, ROOT, load_example
 
-from phasesplit.operator import crd
+from phasesplit.operator import crd, main
 from support.crd_validator import validate
 
 CHART = str(ROOT / "charts" / "phasesplit")
@@ -53,6 +53,18 @@ def test_operator_pod_has_liveness_and_peering(helm):
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert any(a.startswith("--liveness=http://0.0.0.0:8080/healthz") for a in container["args"])
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "--cluster-domain=cluster.local" in container["args"]
+
+
+def test_the_cluster_domain_is_a_value_checked_by_chart_and_operator(helm):
+    deployment = next(o for o in render(helm, "operator.clusterDomain=corp.example") if o["kind"] == "Deployment")
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert main.parse_args(args[1:]).cluster_domain == "corp.example"
+    bad = subprocess.run([helm, "template", "x", CHART, "--set", "operator.clusterDomain=Corp_Example"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "clusterDomain" in bad.stderr
+    with pytest.raises(SystemExit):
+        main.parse_args(["--cluster-domain", "Corp_Example"])
 
 
 def test_values_schema_and_contradictions_fail_with_the_field_named(helm):

@@ -97,6 +97,14 @@ def test_status_follows_the_deployments(cluster):
     assert kinds == {"Ready": "True", "RouterReady": "True", "PromptPoolReady": "True", "TokenPoolReady": "True"}
 
 
+def test_only_the_operators_own_deployments_are_listed_and_watched(cluster):
+    wait_for(lambda: get_si(cluster["kube"], "tiny"), what="the SplitInference")
+    reads = [r for r in cluster["emulator"].emulator._requests
+             if r.method == "GET" and r.url.path == "/apis/apps/v1/deployments"]  # kopf's list and watch
+    assert reads, "the operator never listed Deployments"
+    assert {r.params.get("labelSelector") for r in reads} == {"app.kubernetes.io/managed-by=phasesplit-operator"}
+
+
 def test_update_patches_children_but_leaves_autoscaled_replicas(cluster):
     kube = cluster["kube"]
     deployment = path("apps/v1", "Deployment", NS, "tiny-prompt")

@@ -164,3 +164,14 @@ def test_status_follows_a_rollout_until_the_new_pods_serve(server, admin, operat
     outcome = reconcile.refresh_status(operator, NS, "roll")
     assert outcome.status_written and conditions(admin, "roll")["Ready"]["status"] == "True"
     assert not reconcile.refresh_status(operator, NS, "roll").status_written  # written only on change
+
+
+def test_a_custom_cluster_domain_reaches_the_router_and_the_status(server, admin, operator):
+    create(admin, "corp", {})
+    reconcile.reconcile(operator, admin.get(si_path("corp")), "corp.example")
+    args = deployment(admin, "corp-router")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--prompt-workers") + 1] == "dns:corp-prompt.default.svc.corp.example:50051"
+    assert args[args.index("--token-workers") + 1] == "dns:corp-token.default.svc.corp.example:50051"
+    assert admin.get(si_path("corp"))["status"]["endpoint"] == "http://corp.default.svc.corp.example:8000"
+    reconcile.refresh_status(operator, NS, "corp", cluster_domain="corp.example")  # a Deployment event
+    assert admin.get(si_path("corp"))["status"]["endpoint"] == "http://corp.default.svc.corp.example:8000"

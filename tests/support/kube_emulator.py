@@ -255,11 +255,7 @@ class Emulator(kmock.KubernetesEmulator):
         result["apiVersion"] = request.resource.group and f"{request.resource.group}/{request.resource.version}" \
             or request.resource.version
         result["metadata"]["resourceVersion"] = str(next(self.versions))
-        selector = request.params.get("labelSelector")
-        if selector:
-            wanted = dict(term.split("=", 1) for term in selector.split(",") if "=" in term)
-            result["items"] = [o for o in result["items"]
-                               if all((o["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())]
+        result["items"] = [o for o in result["items"] if _selected(o, request)]
         return result
 
     async def _serve_watch(self, request):
@@ -268,6 +264,8 @@ class Emulator(kmock.KubernetesEmulator):
         async for event in super()._serve_watch(request):
             if (since.isdigit() and isinstance(event, dict) and event.get("type") == "ADDED"
                     and int(event["object"]["metadata"].get("resourceVersion", "0")) <= int(since)):
+                continue
+            if isinstance(event, dict) and isinstance(event.get("object"), dict) and not _selected(event["object"], request):
                 continue
             yield event
 
@@ -529,3 +527,10 @@ class EmulatorThread:
 
     def kubeconfig(self, path: pathlib.Path, token: str = OPERATOR_TOKEN) -> pathlib.Path:
         return write_kubeconfig(path, self.url, token)
+
+
+def _selected(obj: dict, request) -> bool:
+    """Whether `obj` matches the request's `labelSelector` (equality terms, as the operator sends)."""
+    selector = request.params.get("labelSelector") or ""
+    wanted = dict(term.split("=", 1) for term in selector.split(",") if "=" in term)
+    return all((obj["metadata"].get("labels") or {}).get(k) == v for k, v in wanted.items())
