@@ -7,6 +7,7 @@ import concurrent.futures
 import ctypes
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -26,7 +27,24 @@ class ProcessFailed(RuntimeError):
     """A child exited, or never became ready; the message carries the end of its log."""
 
 
+def _below_ephemeral_range() -> range:
+    """Ports the kernel never hands out for bind(0): a port picked here is not taken by a connection or a
+    gloo listener opening in the meantime (a worker binds its port only once its model is loaded)."""
+    try:
+        low = int(pathlib.Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(10000, max(low, 10001))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    for port in random.sample(_below_ephemeral_range(), 50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
