@@ -11,6 +11,7 @@ import pytest
 from support.polling import wait_for
 
 from phasesplit.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from phasesplit.engine.tokenizer import read_tokenizer_files, tokenizer_digest
 from phasesplit.roles.server import WorkerServer, load_engine, parse_args
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -80,3 +81,15 @@ def test_kv_for_an_aborted_request_id_is_refused_with_a_reason_in_the_log(roles,
     assert err.value.code() == grpc.StatusCode.ABORTED and "aborted" in err.value.details()
     assert any("gone" in r.getMessage() and "refus" in r.getMessage() for r in caplog.records)
     wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")
+
+
+def test_every_worker_serves_its_tokenizer_files_and_names_them_by_digest(roles, tiny_model_dir):
+    on_disk = read_tokenizer_files(tiny_model_dir)
+    for server in roles[:2]:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.WorkerStub(channel)
+            files: dict[str, bytes] = {}
+            for chunk in stub.TokenizerFiles(pb.TokenizerFilesRequest(), timeout=10):
+                files[chunk.name] = files.get(chunk.name, b"") + chunk.data
+            assert files == on_disk and "tokenizer.json" in files
+            assert stub.Info(pb.InfoRequest(), timeout=10).tokenizer_digest == tokenizer_digest(on_disk)

@@ -14,6 +14,7 @@ from phasesplit.router.app import ROUTER, Router, RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.main import start_server
 from phasesplit.router.pools import WorkerSpec
+from phasesplit.router.tokenizer_source import TokenizerSource
 from phasesplit.router.waiting import QueueSettings
 
 
@@ -44,7 +45,7 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture
-async def make_cluster(tokenizer):
+async def make_cluster(tokenizer, tiny_model_dir):
     started: list = []
 
     async def make(prompt: int = 1, token: int = 1, mixed: int = 0, api_key: str | None = None,
@@ -52,7 +53,8 @@ async def make_cluster(tokenizer):
                    max_model_len: int = 2048, worker_options: dict | None = None,
                    extra_specs: dict[str, list[str]] | None = None,
                    migration: MigrationPolicy = MigrationPolicy(stall_timeout=1.0),
-                   queue: QueueSettings = QueueSettings(), served: tuple[str, ...] | None = None) -> Cluster:
+                   queue: QueueSettings = QueueSettings(), served: tuple[str, ...] | None = None,
+                   tokenizer_from_workers: bool = False) -> Cluster:
         workers: dict[str, list[FakeWorker]] = {}
         for pool, count in (("prompt", prompt), ("token", token), ("mixed", mixed)):
             workers[pool] = [FakeWorker(pool, tokenizer, **(worker_options or {})) for _ in range(count)]
@@ -62,10 +64,14 @@ async def make_cluster(tokenizer):
         specs = {pool: [WorkerSpec.parse(w.address) for w in ws] for pool, ws in workers.items()}
         for pool, entries in (extra_specs or {}).items():
             specs[pool] += [WorkerSpec.parse(e) for e in entries]
+        if tokenizer_from_workers:   # as in a cluster: no model directory, the workers tell
+            tokenizers, max_model_len = TokenizerSource(), None
+        else:
+            tokenizers = TokenizerSource.from_dir(tiny_model_dir)
         settings = RouterSettings(served_model_name=MODEL, max_model_len=max_model_len, api_key=api_key,
                                   admin_token=admin_token, workers=specs, poll_interval=0.1, dns_interval=0.2,
                                   migration=migration, queue=queue, pools=served)
-        app = create_app(settings, tokenizer)
+        app = create_app(settings, tokenizers)
         runner, port = await start_server(app, "127.0.0.1", 0)
         started.append(runner)
         return Cluster(f"http://127.0.0.1:{port}", app[ROUTER], workers)

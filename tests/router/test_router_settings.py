@@ -52,3 +52,10 @@ def test_local_mode_serves_every_pool_of_the_plan_and_queues_by_default(tiny_mod
     settings = settings_from_args(build_parser().parse_args(argv[argv.index("--model"):]))
     assert settings.pools == ("prompt", "token") and settings.workers["token"] == []
     assert (settings.queue.size, settings.queue.timeout) == (256, 120.0)
+
+
+def test_without_a_model_directory_the_router_needs_the_served_name_and_takes_the_length_from_workers():
+    with pytest.raises(SystemExit, match="--served-model-name is required without --model"):
+        settings_from_args(build_parser().parse_args(["--token-workers", "w:1"]))
+    settings = settings_from_args(build_parser().parse_args(["--served-model-name", "llama", "--mixed-workers", "w:1"]))
+    assert settings.served_model_name == "llama" and settings.max_model_len is None

@@ -15,6 +15,7 @@ import math
 
 import grpc
 
+from phasesplit.engine.tokenizer import tokenizer_digest
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1.conventions import KV_PEER_FAILED
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -39,8 +40,10 @@ def expected_output(prompt: list[int], max_tokens: int, eos: set[int] = frozense
 
 class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_grpc.WorkerServicer):
     def __init__(self, role: str, tokenizer, *, num_kv_blocks: int = 1000, prefill_delay: float = 0.0,
-                 token_delay: float = 0.0):
+                 token_delay: float = 0.0, tokenizer_files: dict[str, bytes] | None = None):
         self.role, self.tokenizer = role, tokenizer
+        self.tokenizer_files = tokenizer_files     # served by TokenizerFiles, with their digest in Info
+        self.tokenizer_reads = 0
         self.num_kv_blocks, self.prefill_delay, self.token_delay = num_kv_blocks, prefill_delay, token_delay
         self.eos = set(tokenizer.eos_token_ids)
         self.prefills: list[pb.PrefillRequest] = []
@@ -205,8 +208,17 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         await self._alive()
         layout = pb.KVLayout(model="tiny", dtype="float32", num_layers=2, num_kv_heads=2, head_dim=16,
                              block_size=BLOCK_SIZE)
+        digest = tokenizer_digest(self.tokenizer_files) if self.tokenizer_files else ""
         return pb.WorkerInfo(role=self.role, model="tiny", layout=layout, max_model_len=2048,
-                             num_kv_blocks=self.num_kv_blocks, version="fake")
+                             num_kv_blocks=self.num_kv_blocks, version="fake", tokenizer_digest=digest)
+
+    async def TokenizerFiles(self, request, context):
+        await self._alive()
+        if not self.tokenizer_files:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "the model directory has no tokenizer.json")
+        self.tokenizer_reads += 1
+        for name, data in self.tokenizer_files.items():
+            yield pb.FileChunk(name=name, data=data)
 
     async def Load(self, request, context) -> pb.WorkerLoad:
         await self._alive()

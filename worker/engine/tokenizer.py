@@ -1,6 +1,10 @@
 """`Tokenizer`: `tokenizer.json` through `tokenizers`, the chat template through sandboxed jinja2,
-EOS ids from the generation config; `IncrementalDetokenizer` turns a token stream into text deltas."""
+EOS ids from the generation config; `IncrementalDetokenizer` turns a token stream into text deltas.
 
+A tokenizer is read from `TOKENIZER_FILES`, the few small files of a model directory it needs: a
+worker serves them to its router, which then needs no copy of the model."""
+
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,8 +15,27 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete UTF-8 sequence
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json",
+                   "chat_template.jinja", "chat_template.json")
+
+
+def read_tokenizer_files(model_dir) -> dict[str, bytes]:
+    """The `TOKENIZER_FILES` that `model_dir` has, by name."""
+    model_dir = Path(model_dir)
+    return {name: (model_dir / name).read_bytes() for name in TOKENIZER_FILES if (model_dir / name).is_file()}
+
+
+def tokenizer_digest(files: dict[str, bytes]) -> str:
+    """Names a tokenizer: equal for equal files, whichever directory they were read from."""
+    h = hashlib.sha256()
+    for name in sorted(files):
+        h.update(f"{name}\0{len(files[name])}\0".encode())
+        h.update(files[name])
+    return h.hexdigest()
+
+
+def _json(files: dict[str, bytes], name: str) -> dict:
+    return json.loads(files[name]) if name in files else {}
 
 
 def _token_content(token) -> str | None:
@@ -26,12 +49,11 @@ def _as_list(value) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def _chat_template(model_dir: Path, tokenizer_config: dict) -> str | None:
+def _chat_template(files: dict[str, bytes], tokenizer_config: dict) -> str | None:
     # transformers 5 writes the template to its own file; older checkpoints keep it in tokenizer_config.json.
-    jinja_path = model_dir / "chat_template.jinja"
-    if jinja_path.is_file():
-        return jinja_path.read_text()
-    template = _read_json(model_dir / "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"].decode()
+    template = _json(files, "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": "default", "template": "..."}, ...]
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default") or next(iter(named.values()), None)
@@ -62,19 +84,25 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, model_dir) -> "Tokenizer":
-        model_dir = Path(model_dir)
-        tokenizer_path = model_dir / "tokenizer.json"
-        if not tokenizer_path.is_file():
+        files = read_tokenizer_files(model_dir)
+        if "tokenizer.json" not in files:
             raise FileNotFoundError(f"tokenizer.json not found in model directory {model_dir}")
-        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path))
-        tokenizer_config = _read_json(model_dir / "tokenizer_config.json")
+        return cls.from_files(files)
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes]) -> "Tokenizer":
+        """From `TOKENIZER_FILES` contents by name; `tokenizer.json` is required."""
+        if "tokenizer.json" not in files:
+            raise ValueError("tokenizer.json is missing")
+        tokenizer = tokenizers.Tokenizer.from_str(files["tokenizer.json"].decode())
+        tokenizer_config = _json(files, "tokenizer_config.json")
         bos_token = _token_content(tokenizer_config.get("bos_token"))
         eos_token = _token_content(tokenizer_config.get("eos_token"))
-        eos_ids = (_as_list(_read_json(model_dir / "generation_config.json").get("eos_token_id"))
-                   + _as_list(_read_json(model_dir / "config.json").get("eos_token_id")))
+        eos_ids = (_as_list(_json(files, "generation_config.json").get("eos_token_id"))
+                   + _as_list(_json(files, "config.json").get("eos_token_id")))
         if not eos_ids and eos_token and tokenizer.token_to_id(eos_token) is not None:
             eos_ids = [tokenizer.token_to_id(eos_token)]
-        return cls(tokenizer, _chat_template(model_dir, tokenizer_config), list(dict.fromkeys(eos_ids)),
+        return cls(tokenizer, _chat_template(files, tokenizer_config), list(dict.fromkeys(eos_ids)),
                    bos_token, eos_token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -1,4 +1,4 @@
-"""The `Worker` service every role serves: Info, Load, Abort, Drain."""
+"""The `Worker` service every role serves: Info, Load, Abort, Drain, TokenizerFiles."""
 
 from __future__ import annotations
 
@@ -7,23 +7,31 @@ from typing import Callable
 import grpc
 
 import phasesplit
+from phasesplit.engine.tokenizer import tokenizer_digest
 from phasesplit.transport.base import layout_to_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 
+FILE_CHUNK_BYTES = 1 << 20
+
+
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, core: WorkerCore, aborts: list[Callable[[str], bool]], pending_transfers: Callable[[], int]):
+    def __init__(self, core: WorkerCore, aborts: list[Callable[[str], bool]], pending_transfers: Callable[[], int],
+                 tokenizer_files: dict[str, bytes]):
         self.core = core
         self.aborts = aborts  # each role's own abort (KV senders, received KV); True when it held the request
         self.pending_transfers = pending_transfers
+        self.tokenizer_files = tokenizer_files
+        self.tokenizer_digest = tokenizer_digest(tokenizer_files) if "tokenizer.json" in tokenizer_files else ""
 
     def Info(self, request, context):
         engine = self.core.engine
         return pb.WorkerInfo(role=self.core.role, model=self.core.settings.served_model_name,
                              layout=layout_to_proto(engine.layout), max_model_len=engine.max_model_len,
-                             num_kv_blocks=engine.num_total_blocks, version=phasesplit.__version__)
+                             num_kv_blocks=engine.num_total_blocks, version=phasesplit.__version__,
+                             tokenizer_digest=self.tokenizer_digest)
 
     def Load(self, request, context):
         stats = self.core.loop.stats
@@ -45,3 +53,10 @@ class WorkerService(pb_grpc.WorkerServicer):
     def Drain(self, request, context):
         self.core.drain()
         return pb.DrainReply(in_flight=self.core.inflight + self.pending_transfers())
+
+    def TokenizerFiles(self, request, context):
+        if not self.tokenizer_digest:
+            context.abort(grpc.StatusCode.NOT_FOUND, "the model directory has no tokenizer.json")
+        for name, data in self.tokenizer_files.items():
+            for start in range(0, max(len(data), 1), FILE_CHUNK_BYTES):
+                yield pb.FileChunk(name=name, data=data[start:start + FILE_CHUNK_BYTES])

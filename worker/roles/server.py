@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.roles.control import WorkerService
 from phasesplit.roles.core import WorkerCore, WorkerSettings
 from phasesplit.roles.kv_inbox import KVInbox
@@ -172,7 +173,9 @@ class WorkerServer:
                 self.kv_receiver = make_receiver(backend, self.inbox, layout=engine.layout, device=engine.device,
                                                timeout=config.kv_transfer_timeout, port=port)
                 self.kv_receiver.add_to_server(self.server)
-        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending), self.server)
+        tokenizer = read_tokenizer_files(config.model)
+        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending, tokenizer),
+                                             self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if not self.port:

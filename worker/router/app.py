@@ -15,12 +15,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
+from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.router.dispatch import Delta, Dispatcher, Job, MigrationPolicy
 from phasesplit.router.metrics import POOLS, RouterMetrics
 from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body
 from phasesplit.router.pools import Pools, WorkerSpec
 from phasesplit.router.prompts import check_prompt_length, chat_prompt_ids, completion_prompt_ids, sampling_params
 from phasesplit.router.responses import Shape
+from phasesplit.router.tokenizer_source import TokenizerSource
 from phasesplit.router.waiting import QueueSettings
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class RouterSettings:
     served_model_name: str
-    max_model_len: int
+    max_model_len: int | None   # None: from the config.json of the model whose tokenizer the router has
     api_key: str | None = None
     admin_token: str | None = None  # PUT /admin/pools needs it; None: pool administration is off
     workers: dict[str, list[WorkerSpec]] = field(default_factory=dict)   # pool -> entries
@@ -43,22 +45,34 @@ class RouterSettings:
 @dataclass
 class Router:
     settings: RouterSettings
-    tokenizer: object
+    tokenizers: TokenizerSource
     metrics: RouterMetrics
     pools: Pools
     dispatcher: Dispatcher
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def max_model_len(self) -> int | None:
+        return self.settings.max_model_len or self.tokenizers.max_model_len
+
+    async def tokenizer(self):
+        """The tokenizer; without one yet, the request waits (as demand on the pools) for a worker to read it from."""
+        if self.tokenizers.tokenizer is None:
+            await self.dispatcher.queue.route(prompt_tokens=0, max_tokens=0)
+        return self.tokenizers.tokenizer
+
 
 ROUTER = web.AppKey("router", Router)
 
 
-def create_app(settings: RouterSettings, tokenizer) -> web.Application:
+def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer | None) -> web.Application:
+    """`tokenizer` None: read from the workers."""
+    source = tokenizer if isinstance(tokenizer, TokenizerSource) else TokenizerSource(tokenizer)
     metrics = RouterMetrics()
     pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
-                  dns_interval=settings.dns_interval, served=settings.pools)
+                  dns_interval=settings.dns_interval, served=settings.pools, tokenizer=source)
     app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=64 * 1024 * 1024)
-    app[ROUTER] = Router(settings, tokenizer, metrics, pools, Dispatcher(pools, metrics, settings.migration, settings.queue))
+    app[ROUTER] = Router(settings, source, metrics, pools, Dispatcher(pools, metrics, settings.migration, settings.queue))
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -73,12 +87,15 @@ def create_app(settings: RouterSettings, tokenizer) -> web.Application:
 
 
 async def _start(app: web.Application) -> None:
-    await app[ROUTER].pools.start()
+    router = app[ROUTER]
+    await router.pools.start()
+    router.tokenizers.start(router.pools)
 
 
 async def _stop(app: web.Application) -> None:
     router = app[ROUTER]
     await router.dispatcher.drain_cleanup()
+    await router.tokenizers.stop()
     await router.pools.stop()
 
 
@@ -128,9 +145,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
     with _rejections(router):
         req = parse_body(CompletionRequest, await request.read())
         _check_model(router, req.model)
-        ids = await asyncio.to_thread(completion_prompt_ids, req, router.tokenizer)  # off the loop: long prompts
-        check_prompt_length(ids, router.settings.max_model_len, "prompt")
-        job = Job(f"cmpl-{uuid.uuid4().hex}", ids, sampling_params(req, len(ids), router.settings.max_model_len))
+        tokenizer = await router.tokenizer()
+        ids = await asyncio.to_thread(completion_prompt_ids, req, tokenizer)  # off the loop: long prompts
+        check_prompt_length(ids, router.max_model_len, "prompt")
+        job = Job(f"cmpl-{uuid.uuid4().hex}", ids, sampling_params(req, len(ids), router.max_model_len))
     return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=False))
 
 
@@ -139,17 +157,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with _rejections(router):
         req = parse_body(ChatCompletionRequest, await request.read())
         _check_model(router, req.model)
-        ids = await asyncio.to_thread(chat_prompt_ids, req, router.tokenizer)
-        check_prompt_length(ids, router.settings.max_model_len, "messages")
-        job = Job(f"chatcmpl-{uuid.uuid4().hex}", ids,
-                  sampling_params(req, len(ids), router.settings.max_model_len))
+        tokenizer = await router.tokenizer()
+        ids = await asyncio.to_thread(chat_prompt_ids, req, tokenizer)
+        check_prompt_length(ids, router.max_model_len, "messages")
+        job = Job(f"chatcmpl-{uuid.uuid4().hex}", ids, sampling_params(req, len(ids), router.max_model_len))
     return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=True))
 
 
 async def models(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
     card = {"id": router.settings.served_model_name, "object": "model", "created": router.created,
-            "owned_by": "phasesplit", "max_model_len": router.settings.max_model_len}
+            "owned_by": "phasesplit"}
+    if router.max_model_len:
+        card["max_model_len"] = router.max_model_len
     return web.json_response({"object": "list", "data": [card]})
 
 

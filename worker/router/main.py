@@ -24,8 +24,10 @@ SHUTDOWN_SECONDS = 60.0  # on SIGTERM, streams in flight get this long to finish
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phasesplit router", description=__doc__)
-    p.add_argument("--model", required=True, help="model directory (tokenizer and config.json)")
-    p.add_argument("--served-model-name", help="the name clients send as `model` (default: the directory name)")
+    p.add_argument("--model", help="model directory to read the tokenizer and config.json from (default: read "
+                   "them from the first ready worker, and follow the workers when their model changes)")
+    p.add_argument("--served-model-name", help="the name clients send as `model` (default: the directory name; "
+                   "required without --model)")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--prompt-workers", default="", help="comma-separated host:port or dns:NAME:PORT")
@@ -61,9 +63,11 @@ def model_max_len(model_dir: Path) -> int:
 
 
 def settings_from_args(args: argparse.Namespace) -> RouterSettings:
-    model_dir = Path(args.model)
-    max_model_len = args.max_model_len or model_max_len(model_dir)
-    if max_model_len < 2:
+    model_dir = Path(args.model) if args.model else None
+    if model_dir is None and not args.served_model_name:
+        raise SystemExit("phasesplit router: --served-model-name is required without --model")
+    max_model_len = args.max_model_len or (model_max_len(model_dir) if model_dir else None)
+    if max_model_len is not None and max_model_len < 2:
         raise SystemExit("phasesplit router: --max-model-len must be at least 2")
     if args.max_migrations < 0 or not args.stall_timeout > 0:
         raise SystemExit("phasesplit router: --max-migrations must be >= 0 and --stall-timeout > 0 seconds")
@@ -112,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    from phasesplit.engine.tokenizer import Tokenizer
+    from phasesplit.router.tokenizer_source import TokenizerSource
 
-    tokenizer = Tokenizer.from_dir(args.model)
-    asyncio.run(serve(settings, tokenizer, args.host, args.port))
+    tokenizers = TokenizerSource.from_dir(args.model) if args.model else TokenizerSource()
+    asyncio.run(serve(settings, tokenizers, args.host, args.port))
     return 0

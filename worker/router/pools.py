@@ -5,10 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from phasesplit.router.metrics import POOLS, RouterMetrics
 from phasesplit.router.workers import WorkerState
+
+if TYPE_CHECKING:
+    from phasesplit.router.tokenizer_source import TokenizerSource
 
 log = logging.getLogger(__name__)
 ROUTE_POOLS = {"split": ("prompt", "token"), "mixed": ("mixed",)}
@@ -60,8 +65,8 @@ async def resolve(spec: WorkerSpec, previous: set[str]) -> set[str]:
 
 
 class Pool:
-    def __init__(self, name: str, specs: list[WorkerSpec]):
-        self.name, self.specs = name, specs
+    def __init__(self, name: str, specs: list[WorkerSpec], accepts_tokenizer: Callable[[str], bool]):
+        self.name, self.specs, self.accepts_tokenizer = name, specs, accepts_tokenizer
         self.workers: dict[str, WorkerState] = {}
         self.retired: list[WorkerState] = []
         self._resolved: dict[WorkerSpec, set[str]] = {}
@@ -71,7 +76,7 @@ class Pool:
         self._resolved = resolved
         wanted = set().union(*resolved.values()) if resolved else set()
         for address in wanted - self.workers.keys():
-            self.workers[address] = WorkerState(address, self.name)
+            self.workers[address] = WorkerState(address, self.name, self.accepts_tokenizer)
             log.info("%s pool: added worker %s", self.name, address)
         for address in self.workers.keys() - wanted:
             self.retired.append(self.workers.pop(address))
@@ -99,8 +104,10 @@ class Pools:
 
     def __init__(self, specs: dict[str, list[WorkerSpec]], metrics: RouterMetrics,
                  poll_interval: float = 0.5, dns_interval: float = 5.0, poll_timeout: float = 1.0,
-                 served: tuple[str, ...] | None = None):
-        self.pools = {name: Pool(name, list(specs.get(name, []))) for name in POOLS}
+                 served: tuple[str, ...] | None = None, tokenizer: "TokenizerSource | None" = None):
+        self.tokenizer = tokenizer   # workers get work only when they serve its tokenizer
+        accepts = tokenizer.accepts if tokenizer else (lambda digest: True)
+        self.pools = {name: Pool(name, list(specs.get(name, [])), accepts) for name in POOLS}
         # the pools this deployment has, even at 0 workers (default: those given a worker entry)
         self.served = set(served if served is not None else (name for name in POOLS if specs.get(name)))
         self._changed = asyncio.Event()
@@ -165,8 +172,15 @@ class Pools:
             total = sum(x.kv_blocks_used + x.kv_blocks_free for x in loads)
             used = sum(x.kv_blocks_used for x in loads)
             self.metrics.kv_utilization.labels(pool=pool.name).set(used / total if total else 0.0)
-        self._changed.set()   # wakes the requests waiting for a route
+        self.notify()
+
+    def notify(self) -> None:
+        """Wakes whoever waits for a route or a poll: the workers' states have changed."""
+        self._changed.set()
         self._changed = asyncio.Event()
+
+    async def next_poll(self) -> None:
+        await self._changed.wait()
 
     async def wait_for_route(self) -> str:
         while (route := self.route()) is None:
@@ -196,12 +210,12 @@ class Pools:
         return idle if idle and not any(self[p].workers for p in idle) else []
 
     def why_not(self) -> str:
-        parts = []
+        parts = [problem] if self.tokenizer and (problem := self.tokenizer.why_not()) else []
         for pool in self.pools.values():
             if not pool.workers:
                 parts.append(f"{pool.name} pool: no workers")
             elif not pool.routable():
-                errors = sorted({w.error or "wrong role" for w in pool.workers.values()})
+                errors = sorted({w.why_not_routable() for w in pool.workers.values()})
                 parts.append(f"{pool.name} pool: no ready worker ({'; '.join(errors)})")
         return "no route can serve: needs a ready prompt and token worker, or a ready mixed worker; " + ", ".join(parts)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -17,9 +18,14 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def _any_tokenizer(digest: str) -> bool:
+    return True
+
+
 class WorkerState:
-    def __init__(self, address: str, pool: str):
+    def __init__(self, address: str, pool: str, accepts_tokenizer: Callable[[str], bool] = _any_tokenizer):
         self.address, self.pool = address, pool
+        self.accepts_tokenizer = accepts_tokenizer   # whether the router's token ids mean the same on this worker
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self.prompt = pb_grpc.PromptWorkerStub(self.channel)
         self.token = pb_grpc.TokenWorkerStub(self.channel)
@@ -36,8 +42,21 @@ class WorkerState:
 
     # ---- state the scheduler reads ----
     @property
-    def routable(self) -> bool:
+    def ready(self) -> bool:
         return self.info is not None and self.load is not None and not self.load.draining and self.serves_pool
+
+    @property
+    def routable(self) -> bool:
+        return self.ready and self.accepts_tokenizer(self.info.tokenizer_digest)
+
+    def why_not_routable(self) -> str:
+        if self.error:
+            return self.error
+        if not self.serves_pool:
+            return f"role {self.info.role}"
+        if self.ready and not self.routable:
+            return f"its tokenizer {self.info.tokenizer_digest[:12]} is not the router's"
+        return "not polled yet"
 
     @property
     def serves_pool(self) -> bool:

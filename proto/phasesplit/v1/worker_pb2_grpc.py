@@ -244,6 +244,11 @@ class WorkerStub:
                 request_serializer=phasesplit_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
                 response_deserializer=phasesplit_dot_v1_dot_worker__pb2.DrainReply.FromString,
                 _registered_method=True)
+        self.TokenizerFiles = channel.unary_stream(
+                '/phasesplit.v1.Worker/TokenizerFiles',
+                request_serializer=phasesplit_dot_v1_dot_worker__pb2.TokenizerFilesRequest.SerializeToString,
+                response_deserializer=phasesplit_dot_v1_dot_worker__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -274,6 +279,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TokenizerFiles(self, request, context):
+        """The tokenizer files of the served model (tokenizer.json, its config, the chat template): a
+        router reads its tokenizer from them and needs no copy of the model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -296,6 +309,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=phasesplit_dot_v1_dot_worker__pb2.DrainRequest.FromString,
                     response_serializer=phasesplit_dot_v1_dot_worker__pb2.DrainReply.SerializeToString,
+            ),
+            'TokenizerFiles': grpc.unary_stream_rpc_method_handler(
+                    servicer.TokenizerFiles,
+                    request_deserializer=phasesplit_dot_v1_dot_worker__pb2.TokenizerFilesRequest.FromString,
+                    response_serializer=phasesplit_dot_v1_dot_worker__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -406,6 +424,33 @@ class Worker:
             '/phasesplit.v1.Worker/Drain',
             phasesplit_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
             phasesplit_dot_v1_dot_worker__pb2.DrainReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TokenizerFiles(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/phasesplit.v1.Worker/TokenizerFiles',
+            phasesplit_dot_v1_dot_worker__pb2.TokenizerFilesRequest.SerializeToString,
+            phasesplit_dot_v1_dot_worker__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,
