@@ -191,13 +191,17 @@ def _resources(resources: si.Resources) -> dict:
             if value}
 
 
-def _pod_spec(spec: si.SplitInferenceSpec, container: dict, placement: dict, grace: int, shm: str | None) -> dict:
-    volume, mount = model_volume(spec)
-    scratch, scratch_mounts = _scratch_volumes(shm)
-    container["volumeMounts"] = [mount, *scratch_mounts]
+def _pod_spec(spec: si.SplitInferenceSpec, container: dict, placement: dict, grace: int, shm: str | None,
+              model: bool = True) -> dict:
+    """`model`: mount the model volume (workers); the router reads the tokenizer from a worker instead."""
+    volumes, mounts = _scratch_volumes(shm)
+    if model:
+        volume, mount = model_volume(spec)
+        volumes, mounts = [volume, *volumes], [mount, *mounts]
+    container["volumeMounts"] = mounts
     pod = {"automountServiceAccountToken": False, "enableServiceLinks": False,
            "securityContext": pod_security(), "terminationGracePeriodSeconds": grace,
-           "containers": [container], "volumes": [volume, *scratch], **placement}
+           "containers": [container], "volumes": volumes, **placement}
     if spec.images.pull_secrets:
         pod["imagePullSecrets"] = [{"name": name} for name in spec.images.pull_secrets]
     return pod
@@ -318,8 +322,9 @@ def build_pool_service(owner: Owner, role: str) -> dict:
 # --- the router ------------------------------------------------------------------------------
 
 def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
-    args = ["router", "--model", MODEL_DIR, "--served-model-name", spec.model.name,
-            "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
+    """No `--model`: the router reads the tokenizer from its first ready worker, so it mounts no model
+    (a ReadWriteOnce claim stays on the GPU nodes, a model image is not pulled on the router's node)."""
+    args = ["router", "--served-model-name", spec.model.name, "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
     for role, _ in spec.pools.items():
         args += [f"--{role}-workers", f"dns:{service_host(owner, pool_name(owner, role))}:{WORKER_PORT}"]
     return args + si.router_flags(spec)
@@ -351,7 +356,7 @@ def build_router_deployment(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
     router = spec.router
     placement = _placement(router.node_selector, router.tolerations, router.affinity)
     grace = ROUTER_PRESTOP_SECONDS + ROUTER_SHUTDOWN_SECONDS + 10
-    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=grace, shm=None)
+    pod_spec = _pod_spec(spec, router_container(owner, spec), placement, grace=grace, shm=None, model=False)
     scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(ROUTER_PORT), "prometheus.io/path": "/metrics"}
     return _deployment(owner, router_name(owner), "router", router.replicas, pod_spec, scrape)
 

@@ -68,8 +68,18 @@ def test_pods_are_locked_down(path):
             assert not sc["allowPrivilegeEscalation"]
             assert c["resources"]["requests"], c["name"]
             assert any(m["mountPath"] == "/tmp" for m in c["volumeMounts"])  # writable scratch
-            model = next(m for m in c["volumeMounts"] if m["name"] == "model")
-            assert model["readOnly"] and model["mountPath"] == builders.MODEL_DIR
+            if c["name"] != "router":
+                model = next(m for m in c["volumeMounts"] if m["name"] == "model")
+                assert model["readOnly"] and model["mountPath"] == builders.MODEL_DIR
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_the_router_mounts_no_model_and_reads_the_tokenizer_from_its_workers(path):
+    router = next(o for o in children(path.stem) if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-router"))
+    pod = router["spec"]["template"]["spec"]
+    assert all(v["name"] != "model" for v in pod["volumes"])
+    args = pod["containers"][0]["args"]
+    assert "--model" not in args and args[args.index("--served-model-name") + 1]
 
 
 def test_workers_probe_grpc_health_and_outlive_their_drain():

@@ -1,5 +1,6 @@
 """Faults seen through a second router replica over the session cluster's pools (as two router Pods
-behind one Service): a router SIGKILLed mid-stream costs the client one retry, which the other
+behind one Service; like a router Pod, it has no model directory and reads the tokenizer from a
+worker, and answers a chat as the first does): a router SIGKILLed mid-stream costs the client one retry, which the other
 replica answers with the text an uninterrupted run gives; a token worker SIGKILLed while a prompt
 worker pushes KV to it neither hangs the prompt side nor fails the request, and no block leaks."""
 
@@ -32,7 +33,10 @@ KV_TRANSFER_TIMEOUT = 10.0   # kvTransfer.timeoutSeconds of the session clusters
 def second_router_proc(clusters, tmp_path_factory):
     port = free_port()
     env = {**os.environ, "PHASESPLIT_ADMIN_TOKEN": ADMIN_TOKEN}
-    proc = ManagedProcess("router-2", clusters[0].router_argv(port), tmp_path_factory.mktemp("router-2"), env=env).start()
+    argv = clusters[0].router_argv(port)
+    at = argv.index("--model")
+    argv = argv[:at] + argv[at + 2:]   # as in a cluster: the tokenizer comes from a worker
+    proc = ManagedProcess("router-2", argv, tmp_path_factory.mktemp("router-2"), env=env).start()
     try:
         wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 60)
         yield f"http://127.0.0.1:{port}"
@@ -61,6 +65,18 @@ def pools(base_url: str) -> dict:
 
 def routable(base_url: str, pool: str) -> list[dict]:
     return [w for w in pools(base_url)[pool]["workers"] if w["routable"]]
+
+
+def test_a_router_without_the_model_answers_a_chat_as_one_with_it(split, second_router):
+    request = {"model": "tiny", "messages": [{"role": "user", "content": " ".join(WORDS[:12])}], "max_tokens": 12,
+               "temperature": 0}
+    answers = []
+    for url in (split.base_url, second_router):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = client.chat.completions.create(**request)
+        answers.append((reply.choices[0].message.content, reply.usage.prompt_tokens))
+        client.close()
+    assert answers[0] == answers[1] and answers[0][1] > 12
 
 
 def test_a_client_retries_on_the_other_router_when_one_dies_mid_stream(split, mixed, second_router):
