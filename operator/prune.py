@@ -1,5 +1,9 @@
 """Deletes the children a SplitInference owns that its spec no longer wants (a removed pool's
-Deployment and Service, the HPA or ScaledObject left by a previous autoscaling mode).
+Deployment and Service, the HPA or ScaledObject left by a previous autoscaling mode, a pool's
+previous engine ConfigMap).
+
+A pool's previous ConfigMap stays until its Deployment has rolled out: old pods still run on it,
+and one that restarts before the rollout ends must find it.
 
 Children are found by their labels and confirmed by their owner reference, so nothing the
 operator did not create for this SplitInference is touched.
@@ -7,11 +11,13 @@ operator did not create for this SplitInference is touched.
 
 from __future__ import annotations
 
-from phasesplit.operator.builders import MANAGED_BY, Owner
+from phasesplit.operator.builders import MANAGED_BY, ROLE_LABEL, Owner
 from phasesplit.operator.kube import Kube, KubeError, path
+from phasesplit.operator.status import rollout
 
-# Every kind the builders make, as (apiVersion, kind).
-KINDS = [("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"),
+# Every kind the builders make, as (apiVersion, kind); Deployments first, the ConfigMaps they use after.
+ROLLOUT_KINDS = [("apps/v1", "Deployment"), ("v1", "ConfigMap")]
+KINDS = [*ROLLOUT_KINDS, ("v1", "Service"),
          ("networking.k8s.io/v1", "NetworkPolicy"), ("policy/v1", "PodDisruptionBudget"),
          ("autoscaling/v2", "HorizontalPodAutoscaler"), ("keda.sh/v1alpha1", "ScaledObject")]
 
@@ -20,11 +26,18 @@ def selector(owner: Owner) -> str:
     return f"app.kubernetes.io/instance={owner.name},app.kubernetes.io/managed-by={MANAGED_BY}"
 
 
-def prune(kube: Kube, owner: Owner, desired: list[dict]) -> list[str]:
+def config_maps_used(deployment: dict) -> set[str]:
+    pod = deployment["spec"]["template"]["spec"]
+    return {source["configMapRef"]["name"] for c in pod.get("containers", []) for source in c.get("envFrom") or []
+            if "configMapRef" in source}
+
+
+def prune(kube: Kube, owner: Owner, desired: list[dict], kinds: list[tuple[str, str]] = KINDS) -> list[str]:
     """Deletes what `owner` owns beyond `desired`; returns "Kind/name" of each deleted object."""
-    keep = {(child["kind"], child["metadata"]["name"]) for child in desired}
+    keep = {(child["kind"], child["metadata"]["name"]): child for child in desired}
+    rolling: set[str] = set()   # roles whose Deployment still runs, or is yet to be given, an older template
     deleted = []
-    for api_version, kind in KINDS:
+    for api_version, kind in kinds:
         try:
             items = kube.list(api_version, kind, owner.namespace, selector(owner))
         except KubeError as e:
@@ -32,9 +45,14 @@ def prune(kube: Kube, owner: Owner, desired: list[dict]) -> list[str]:
                 continue
             raise
         for obj in items:
-            name = obj["metadata"]["name"]
-            owned = any(ref.get("uid") == owner.uid for ref in obj["metadata"].get("ownerReferences") or [])
-            if owned and (kind, name) not in keep:
-                kube.delete(path(api_version, kind, owner.namespace, name))
-                deleted.append(f"{kind}/{name}")
+            meta = obj["metadata"]
+            owned = any(ref.get("uid") == owner.uid for ref in meta.get("ownerReferences") or [])
+            role = (meta.get("labels") or {}).get(ROLE_LABEL)
+            wanted = (kind, meta["name"]) in keep
+            if kind == "Deployment" and wanted and ((state := rollout(obj)) and state[2] or config_maps_used(obj)
+                                                    != config_maps_used(keep[kind, meta["name"]])):
+                rolling.add(role)
+            if owned and not wanted and not (kind == "ConfigMap" and role in rolling):
+                kube.delete(path(api_version, kind, owner.namespace, meta["name"]))
+                deleted.append(f"{kind}/{meta['name']}")
     return deleted

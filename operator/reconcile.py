@@ -7,6 +7,7 @@ as wanted sends no writes at all.
 from __future__ import annotations
 
 import datetime
+import logging
 from dataclasses import dataclass, field
 
 import pydantic
@@ -14,8 +15,10 @@ import pydantic
 from phasesplit.control import spec as si
 from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
-from phasesplit.operator.prune import prune
+from phasesplit.operator.prune import ROLLOUT_KINDS, prune
 from phasesplit.operator.kube import Kube, KubeError, path
+
+log = logging.getLogger(__name__)
 
 
 CONFLICT_RETRIES = 5  # status writes that lost a race with the other writer, read again
@@ -160,8 +163,13 @@ def refresh_status(kube: Kube, namespace: str, name: str, autoscaling: dict | No
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     outcome = Outcome()
-    spec, _, problems = desired_state(kube, body, cluster_domain)
+    spec, children, problems = desired_state(kube, body, cluster_domain)
     outcome.problems = problems
+    if not problems:   # a pool whose rollout has ended lets go of its previous ConfigMap
+        try:
+            outcome.pruned = prune(kube, owner_of(body), children, kinds=ROLLOUT_KINDS)
+        except KubeError as e:
+            log.warning("pruning the ConfigMaps of %s/%s failed: %s", namespace, name, e.message)
     write_status(kube, body, spec, problems, outcome, autoscaling, cluster_domain=cluster_domain)
     return outcome
 

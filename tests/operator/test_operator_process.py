@@ -125,8 +125,13 @@ def test_update_patches_children_but_leaves_autoscaled_replicas(cluster):
         return d["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
     assert config_map(prompt) == config[0]["metadata"]["name"] != config_map(before["Deployment/tiny-prompt"])  # pods roll
     assert config_map(token) == config_map(before["Deployment/tiny-token"])  # a prompt-only change: token pods stay
+    assert f"ConfigMap/{config_map(before['Deployment/tiny-prompt'])}" in live_children(kube, "tiny"), \
+        "old prompt pods that restart before the rollout ends need their ConfigMap"
+    generation = prompt["metadata"]["generation"]   # what the Deployment controller reports once rolled out
+    kube.patch(path("apps/v1", "Deployment", NS, "tiny-prompt", "status"), {"status": {
+        "observedGeneration": generation, "replicas": 3, "updatedReplicas": 3, "readyReplicas": 3, "availableReplicas": 3}})
     wait_for(lambda: f"ConfigMap/{config_map(before['Deployment/tiny-prompt'])}" not in live_children(kube, "tiny"),
-             what="the old prompt ConfigMap pruned")
+             what="the old prompt ConfigMap pruned once the rollout ended")
     unchanged = before["Service/tiny"]["metadata"]["resourceVersion"]
     assert kube.get(path("v1", "Service", NS, "tiny"))["metadata"]["resourceVersion"] == unchanged
     # Removing the nodeSelector from the spec removes it from the Deployment.

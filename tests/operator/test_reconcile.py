@@ -175,3 +175,25 @@ def test_a_custom_cluster_domain_reaches_the_router_and_the_status(server, admin
     assert admin.get(si_path("corp"))["status"]["endpoint"] == "http://corp.default.svc.corp.example:8000"
     reconcile.refresh_status(operator, NS, "corp", cluster_domain="corp.example")  # a Deployment event
     assert admin.get(si_path("corp"))["status"]["endpoint"] == "http://corp.default.svc.corp.example:8000"
+
+
+def test_a_pools_previous_config_map_stays_until_its_rollout_has_ended(server, admin, operator):
+    def config_map(name):
+        return deployment(admin, name)["spec"]["template"]["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]
+
+    create(admin, "configs", {})
+    reconcile.reconcile(operator, admin.get(si_path("configs")))
+    rolled_out(admin, "configs-prompt")
+    old = config_map("configs-prompt")
+    admin.patch(si_path("configs"), {"spec": {"pools": {"prompt": {"engine": {"maxNumSeqs": 8}}}}})
+    # A Deployment event between the spec change and its reconcile: the pool still runs `old`.
+    assert reconcile.refresh_status(operator, NS, "configs").pruned == []
+    outcome = reconcile.reconcile(operator, admin.get(si_path("configs")))
+    assert config_map("configs-prompt") != old
+    assert f"ConfigMap/{old}" not in outcome.pruned, "old prompt pods that restart mid-rollout need it"
+    assert admin.get(path("v1", "ConfigMap", NS, old)) is not None
+    assert reconcile.refresh_status(operator, NS, "configs").pruned == []
+    rolled_out(admin, "configs-prompt")   # the Deployment event that ends the rollout
+    assert reconcile.refresh_status(operator, NS, "configs").pruned == [f"ConfigMap/{old}"]
+    assert admin.get(path("v1", "ConfigMap", NS, old)) is None
+    assert server.emulator.denied == []
