@@ -6,6 +6,7 @@ import asyncio
 import aiohttp
 import pytest
 from support.fake_worker import ADMIN_TOKEN, FakeWorker
+from support.polling import eventually
 
 from phasesplit.router.waiting import QueueSettings
 
@@ -27,14 +28,6 @@ def gauge(metrics, name, pool):
     return metrics[(f"phasesplit_{name}", (("pool", pool),))]
 
 
-async def until(predicate, timeout=5.0):
-    for _ in range(int(timeout / 0.05)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 @pytest.fixture
 async def token_worker(tokenizer):
     worker = FakeWorker("token", tokenizer)
@@ -53,7 +46,7 @@ async def test_a_request_for_an_empty_pool_waits_and_is_served_when_a_worker_joi
     async def token_queue_shows_it():
         m = await cluster.metrics()
         return gauge(m, "queue_requests", "token") == 1 and gauge(m, "queue_tokens", "token") == 3
-    await until(token_queue_shows_it)
+    await eventually(token_queue_shows_it)
     m = await cluster.metrics()
     assert gauge(m, "queue_requests", "prompt") == 0, "the prompt pool has a worker: no demand for it"
     assert not waiting.done()
@@ -86,7 +79,7 @@ async def test_a_full_queue_answers_503_at_once(make_cluster):
 
     async def one_waits():
         return gauge(await cluster.metrics(), "queue_requests", "mixed") == 1
-    await until(one_waits)
+    await eventually(one_waits)
     status, body = await asyncio.wait_for(post(cluster), 2)
     assert status == 503 and "mixed pool" in body["error"]["message"] and "full" in body["error"]["message"]
     first.cancel()

@@ -8,6 +8,7 @@ import json
 import aiohttp
 import pytest
 from support.fake_worker import ADMIN_TOKEN, FakeWorker
+from support.polling import eventually
 
 from phasesplit.engine.tokenizer import Tokenizer, read_tokenizer_files, tokenizer_digest
 
@@ -53,14 +54,6 @@ async def set_pool(cluster, pool, workers):
     assert status == 200
 
 
-async def until(predicate, timeout=5.0):
-    for _ in range(int(timeout / 0.05)):
-        if await predicate():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 async def healthy(cluster):
     return (await request(cluster, "GET", "/health"))[0] == 200
 
@@ -68,7 +61,7 @@ async def healthy(cluster):
 async def test_the_router_tokenizes_with_the_tokenizer_a_worker_serves(make_cluster, files_a, tiny_model_dir):
     cluster = await make_cluster(prompt=1, token=1, tokenizer_from_workers=True,
                                  worker_options={"tokenizer_files": files_a})
-    await until(lambda: healthy(cluster))
+    await eventually(lambda: healthy(cluster))
     status, body = await request(cluster, "POST", "/v1/chat/completions", CHAT)
     assert status == 200, body
     expected = Tokenizer.from_dir(tiny_model_dir).encode_chat(CHAT["messages"])
@@ -90,7 +83,7 @@ async def test_a_request_before_any_worker_waits_as_demand_and_is_served_once_wo
     async def both_pools_show_it():
         m = await cluster.metrics()
         return all(m[("phasesplit_queue_requests", (("pool", p),))] == 1 for p in ("prompt", "token"))
-    await until(both_pools_show_it)
+    await eventually(both_pools_show_it)
     assert not waiting.done()
 
     await set_pool(cluster, "prompt", [await workers("prompt", files_a)])
@@ -113,11 +106,11 @@ async def test_workers_of_another_tokenizer_get_work_only_once_the_router_has_fo
     cluster = await make_cluster(prompt=0, token=0, tokenizer_from_workers=True, served=("mixed",))
     old = await workers("mixed", files_a)
     await set_pool(cluster, "mixed", [old])
-    await until(lambda: healthy(cluster))
+    await eventually(lambda: healthy(cluster))
 
     new = await workers("mixed", files_b)     # a rollout: the new model's worker is ready beside the old one
     await set_pool(cluster, "mixed", [old, new])
-    await until(lambda: _polled(cluster, new))
+    await eventually(lambda: _polled(cluster, new))
     for _ in range(4):
         assert (await request(cluster, "POST", "/v1/chat/completions", CHAT))[0] == 200
     assert new.generates == [] and len(old.generates) == 4, "the old tokenizer's ids went to a new worker"

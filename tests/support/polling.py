@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from typing import Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -27,11 +28,14 @@ def wait_for(check: Callable[[], T], timeout: float = 20.0, interval: float = 0.
     return result
 
 
-async def eventually(check: Callable[[], T], timeout: float = 5.0, interval: float = 0.05,
+async def eventually(check: Callable[[], T | Awaitable[T]], timeout: float = 5.0, interval: float = 0.05,
                      what: str = "condition") -> T:
-    """wait_for inside an event loop: the loop keeps running while it waits."""
+    """wait_for inside an event loop: the loop keeps running while it waits; `check` may be a coroutine function."""
+    async def checked():
+        result = check()
+        return await result if inspect.isawaitable(result) else result
     deadline = time.monotonic() + timeout
-    while not (result := check()):
+    while not (result := await checked()):
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         await asyncio.sleep(interval)
