@@ -98,16 +98,30 @@ async def test_migration_turned_off_ends_the_stream_with_an_error_event(make_clu
     assert metrics[("phasesplit_requests_total", (("outcome", "error"),))] == 1
 
 
-async def test_with_no_token_worker_left_the_stream_ends_with_a_clear_error_event(make_cluster):
+@pytest.mark.parametrize("failure", ["kill", "stall"])
+async def test_with_no_token_worker_left_the_stream_ends_with_a_clear_error_event(make_cluster, failure):
     cluster = await make_cluster(prompt=1, token=1)
     await asyncio.sleep(0.3)
-    cluster.workers["token"][0].fail_after_tokens = 5
+    cluster.workers["token"][0].fail_after_tokens, cluster.workers["token"][0].failure = 5, failure
     text, finish, usage, error = await stream(cluster)
     assert text and finish is None
     assert error["type"] == "service_unavailable_error"
     assert "lost its worker" in error["message"] and cluster.workers["token"][0].address in error["message"]
     metrics = await cluster.metrics()
     assert metrics[("phasesplit_requests_lost_total", (("stage", "mid_stream"),))] == 1
+
+
+async def test_a_busy_worker_that_no_other_could_replace_is_waited_for_not_given_up(make_cluster, tokenizer, caplog):
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"token_delay": 0.005})   # stall timeout 1 s
+    await asyncio.sleep(0.3)
+    (worker,) = cluster.workers["token"]
+    worker.fail_after_tokens, worker.failure, worker.pause_seconds = 5, "pause", 2.5
+    with caplog.at_level(logging.WARNING, logger="phasesplit.router.dispatch"):
+        text, finish, usage, error = await stream(cluster)
+    assert error is None and text == uninterrupted(tokenizer) and finish == "length"
+    assert any("waiting on" in r.getMessage() for r in caplog.records)
+    metrics = await cluster.metrics()
+    assert migrations(metrics) == {} and metrics[("phasesplit_requests_total", (("outcome", "success"),))] == 1
 
 
 async def test_a_stalled_worker_gets_no_new_work_and_its_stream_is_aborted_when_it_resumes(make_cluster, tokenizer):

@@ -5,7 +5,8 @@ so a request resumed elsewhere over its own output continues exactly. The prompt
 to the token worker named in Prefill by a real PushKV call carrying only the header. As a real
 token worker does, it refuses KV for a request id it aborted. Faults on demand: `kill()` stops the
 server (in-flight streams break as a dead process's do), `stall()` stops answering until `resume()`,
-`fail_after_tokens` with `failure` breaks a Generate stream after that many tokens.
+`fail_after_tokens` with `failure` breaks a Generate stream after that many tokens (or, "pause",
+holds it for `pause_seconds` while the worker still answers its polls).
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.fail_after_push = False              # push the KV, then fail Prefill as a worker dying right then
         self.draining = False
         self.fail_after_tokens: int | None = None  # break the next Generate stream after this many tokens
-        self.failure = "kill"                      # how: kill | stall | end (no finish reason) | abort (event)
+        self.failure = "kill"                      # how: kill | stall | end (no finish reason) | abort (event) | pause
+        self.pause_seconds = 0.0                   # how long a "pause" holds the stream
         self.tombstones: set[str] = set()          # aborted request ids, whose KV is refused
         self.address = ""
         self._running = asyncio.Event()
@@ -165,9 +167,12 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         try:
             for i in range(produced, sampling.max_tokens):
                 if fail_after is not None and i - produced == fail_after:
-                    async for event in self._fail():
-                        yield event
-                    return
+                    if self.failure == "pause":   # a busy worker: the stream waits, polls still answer
+                        await asyncio.sleep(self.pause_seconds)
+                    else:
+                        async for event in self._fail():
+                            yield event
+                        return
                 await asyncio.sleep(self.token_delay)
                 await self._alive()
                 if rid in self.aborted:

@@ -334,24 +334,37 @@ class Dispatcher:
                         queued_tokens: int) -> AsyncIterator[Delta]:
         """Relays one Generate stream; the prompt's tokens count as queued (mixed) or the output still to come (token).
         Once output has started (a token worker's first event, a mixed worker's second), an event must come
-        within the stall timeout."""
+        within the stall timeout, unless no other worker could take the request over and this one still
+        answers its polls: then the router waits on (a busy worker is slow, not lost)."""
         phase = self.metrics.phase(pool, queued_tokens)
         call = worker.token.Generate(request)
         events = aiter(call)
         finished = False
         output_started = pool == "token"
+        quiet_since = time.monotonic()
+        next_event: asyncio.Future | None = None   # kept across a stall we wait out: cancelling it ends the stream
         try:
             while True:
+                next_event = next_event or asyncio.ensure_future(anext(events))
+                done, _ = await asyncio.wait([next_event], timeout=self.policy.stall_timeout if output_started else None)
+                if not done:
+                    if worker.answered_at > quiet_since and not self._elsewhere(worker):
+                        log.warning("request %s: worker %s sent no token for %g s; it still answers its polls and "
+                                    "no other worker could take the request: waiting on", request.request_id,
+                                    worker.address, time.monotonic() - quiet_since)
+                        quiet_since = time.monotonic()
+                        continue
+                    raise WorkerLost(worker, "stalled", APIError(
+                        502, f"worker {worker.address} sent no token for {self.policy.stall_timeout:g} s",
+                        type="server_error", code="worker_error"), down=True)
+                arrived, next_event = next_event, None
                 try:
-                    event = await asyncio.wait_for(anext(events), self.policy.stall_timeout if output_started else None)
+                    event = arrived.result()
                 except StopAsyncIteration:
                     raise WorkerLost(worker, "stream_ended", APIError(
                         502, f"worker {worker.address} ended the stream without a finish reason",
                         type="server_error", code="worker_error")) from None
-                except TimeoutError:
-                    raise WorkerLost(worker, "stalled", APIError(
-                        502, f"worker {worker.address} sent no token for {self.policy.stall_timeout:g} s",
-                        type="server_error", code="worker_error"), down=True) from None
+                quiet_since = time.monotonic()
                 output_started = True
                 phase.started()
                 phase.consume(len(event.token_ids) if pool == "token" else queued_tokens)
@@ -365,10 +378,18 @@ class Dispatcher:
         except grpc.aio.AioRpcError as e:
             raise lost_in_stream(e, worker) from None
         finally:
+            if next_event is not None:
+                next_event.cancel()
             phase.close()
             if not finished:
                 call.cancel()
                 self._abort_later(worker, request.request_id)
+
+    def _elsewhere(self, worker: WorkerState) -> bool:
+        """Whether a route of other ready workers could take over a request `worker` runs."""
+        def others(pool: str) -> bool:
+            return any(w.routable and w is not worker for w in self.pools[pool].workers.values())
+        return (others("prompt") or others("mixed")) and (others("token") or others("mixed"))
 
     def _abort_later(self, worker: WorkerState, request_id: str) -> None:
         """Abort in a task of its own: it must run even while the request's own task is being cancelled."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import grpc
@@ -37,6 +38,7 @@ class WorkerState:
         self.inflight = 0                # this router's requests on the worker
         self.last_picked = 0             # tie-break: least recently picked first
         self.polls = 0                   # Load polls begun
+        self.answered_at = 0.0           # monotonic time of the last Load poll answered
         self._reserved: dict[str, int] = {}   # request id -> KV blocks not yet visible in `load`
         self._settling: dict[str, int] = {}   # request id -> polls begun before its KV landed
 
@@ -110,6 +112,7 @@ class WorkerState:
                     log.warning("worker %s has role %r and cannot serve the %s pool",
                                 self.address, self.info.role, self.pool)
             self.load = await self.worker.Load(pb.LoadRequest(), timeout=timeout)
+            self.answered_at = time.monotonic()
             self.error = "draining" if self.load.draining else ""
         except grpc.aio.AioRpcError as e:
             self.load, self.error = None, f"{e.code().name}: {e.details()}"
