@@ -4,6 +4,7 @@ tokenizer it has, following them when a rollout moves them to another."""
 
 import asyncio
 import json
+import logging
 
 import aiohttp
 import pytest
@@ -136,3 +137,24 @@ async def test_a_router_given_a_model_directory_sends_nothing_to_workers_of_anot
 async def _polled(cluster, worker):
     _, pools = await request(cluster, "GET", "/admin/pools")
     return any(w["address"] == worker.address and w["role"] for w in pools["mixed"]["workers"])
+
+
+async def test_a_request_that_waited_through_a_tokenizer_change_is_tokenized_again(
+        make_cluster, workers, files_a, files_b, caplog):
+    cluster = await make_cluster(prompt=0, token=0, tokenizer_from_workers=True, served=("mixed",))
+    old = await workers("mixed", files_a)
+    await set_pool(cluster, "mixed", [old])
+    await eventually(lambda: healthy(cluster))
+    await set_pool(cluster, "mixed", [])        # the old worker is gone before the new one is ready
+    waiting = asyncio.create_task(request(cluster, "POST", "/v1/chat/completions", CHAT))
+    await asyncio.sleep(0.3)
+    new = await workers("mixed", files_b)
+    await set_pool(cluster, "mixed", [new])
+    with caplog.at_level(logging.INFO, logger="phasesplit.router.app"):
+        status, body = await asyncio.wait_for(waiting, 10)
+    assert status == 200, body
+    assert [g.request_id for g in new.generates] == [body["id"]], "sent once, with the new tokenizer's ids"
+    assert any("tokenizing it again" in r.getMessage() for r in caplog.records)
+    metrics = await cluster.metrics()
+    assert {dict(labels)["outcome"]: v for (name, labels), v in metrics.items()
+            if name == "phasesplit_requests_total" and v} == {"success": 1}

@@ -16,9 +16,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from phasesplit.engine.tokenizer import Tokenizer
-from phasesplit.router.dispatch import Delta, Dispatcher, Job, MigrationPolicy
+from phasesplit.router.dispatch import Delta, Dispatcher, Job, MigrationPolicy, TokenizerChanged
 from phasesplit.router.metrics import POOLS, RouterMetrics
-from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body, unavailable
 from phasesplit.router.pools import Pools, WorkerSpec
 from phasesplit.router.prompts import check_prompt_length, chat_prompt_ids, completion_prompt_ids, sampling_params
 from phasesplit.router.responses import Shape
@@ -55,14 +55,16 @@ class Router:
     def max_model_len(self) -> int | None:
         return self.settings.max_model_len or self.tokenizers.max_model_len
 
-    async def tokenizer(self):
-        """The tokenizer; without one yet, the request waits (as demand on the pools) for a worker to read it from."""
+    async def tokenizer(self) -> tuple[Tokenizer, str]:
+        """The tokenizer and its digest; without one yet, the request waits (as demand on the pools) for
+        a worker to read it from."""
         if self.tokenizers.tokenizer is None:
             await self.dispatcher.queue.route(prompt_tokens=0, max_tokens=0)
-        return self.tokenizers.tokenizer
+        return self.tokenizers.tokenizer, self.tokenizers.digest
 
 
 ROUTER = web.AppKey("router", Router)
+TOKENIZER_CHANGES = 3   # times a request is tokenized again because the workers moved to another tokenizer
 
 
 def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer | None) -> web.Application:
@@ -145,11 +147,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     with _rejections(router):
         req = parse_body(CompletionRequest, await request.read())
         _check_model(router, req.model)
-        tokenizer = await router.tokenizer()
-        ids = await asyncio.to_thread(completion_prompt_ids, req, tokenizer)  # off the loop: long prompts
-        check_prompt_length(ids, router.max_model_len, "prompt")
-        job = Job(f"cmpl-{uuid.uuid4().hex}", ids, sampling_params(req, len(ids), router.max_model_len))
-    return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=False))
+    return await _serve(request, router, req, completion_prompt_ids, "prompt", chat=False)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -157,11 +155,26 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with _rejections(router):
         req = parse_body(ChatCompletionRequest, await request.read())
         _check_model(router, req.model)
-        tokenizer = await router.tokenizer()
-        ids = await asyncio.to_thread(chat_prompt_ids, req, tokenizer)
-        check_prompt_length(ids, router.max_model_len, "messages")
-        job = Job(f"chatcmpl-{uuid.uuid4().hex}", ids, sampling_params(req, len(ids), router.max_model_len))
-    return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=True))
+    return await _serve(request, router, req, chat_prompt_ids, "messages", chat=True)
+
+
+async def _serve(request: web.Request, router: Router, req, prompt_ids, param: str, chat: bool) -> web.StreamResponse:
+    """Tokenizes and answers; again with the new tokenizer when the workers moved to another while the
+    request waited for them (nothing was sent yet)."""
+    for _ in range(TOKENIZER_CHANGES):
+        with _rejections(router):
+            tokenizer, digest = await router.tokenizer()
+            ids = await asyncio.to_thread(prompt_ids, req, tokenizer)  # off the loop: long prompts
+            check_prompt_length(ids, router.max_model_len, param)
+            job = Job(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", ids,
+                      sampling_params(req, len(ids), router.max_model_len), tokenizer=digest)
+        try:
+            return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=chat))
+        except TokenizerChanged:
+            log.info("request %s: the workers' tokenizer changed while it waited; tokenizing it again", job.request_id)
+    with _rejections(router):
+        raise unavailable("the model's tokenizer changed again and again (a rollout) while the request waited; "
+                          "send it again")
 
 
 async def models(request: web.Request) -> web.Response:

@@ -31,6 +31,11 @@ class Job:
     prompt_token_ids: list[int]
     sampling: pb.SamplingParams
     arrival: float = field(default_factory=time.monotonic)
+    tokenizer: str = ""   # digest of the tokenizer that made prompt_token_ids ("": not known)
+
+
+class TokenizerChanged(Exception):
+    """The workers now read token ids with another tokenizer than the job's: tokenize it again."""
 
 
 @dataclass
@@ -127,6 +132,8 @@ class Dispatcher:
         except APIError:
             self.metrics.requests.labels(outcome="rejected").inc()
             raise
+        if self._tokenizer_changed(job):
+            raise TokenizerChanged(job.request_id)
         timing, outcome = Timing(route=route), "error"
         try:
             async with aclosing(self._resilient(job, timing)) as steps:
@@ -176,6 +183,10 @@ class Dispatcher:
         retries = migrations = 0
         failed_at: float | None = None
         while True:
+            if self._tokenizer_changed(job):   # a migration during a rollout: the ids mean nothing to these workers
+                self._lose(sent, timing)
+                raise unavailable(f"the request lost its worker ({timing.failed[-1]}) and the workers left read "
+                                  "another tokenizer (a rollout): send it again")
             attempt = Attempt(job, tuple(sent), retries + migrations)
             route = self.pools.route()
             if route is None and failed:
@@ -223,6 +234,11 @@ class Dispatcher:
                 if failed:
                     self._lose(sent, timing)
                 raise
+
+    def _tokenizer_changed(self, job: Job) -> bool:
+        """Whether the workers now routable read token ids with another tokenizer than the job's."""
+        current = self.pools.tokenizer.digest if self.pools.tokenizer else ""
+        return bool(job.tokenizer and current and job.tokenizer != current)
 
     def _lose(self, sent: list[int], timing: Timing) -> None:
         self.metrics.lost.labels(stage="mid_stream" if sent else "before_output").inc()
