@@ -56,3 +56,32 @@ async def test_disconnect_during_prefill_aborts_both_workers(make_cluster):
     await eventually(lambda: not prompt_w.active)
     assert token_w.generates == []
     await assert_nothing_in_flight(cluster)
+
+
+@pytest.mark.parametrize("moment", ["re-prefill", "new-decoder"])
+async def test_disconnect_during_a_migration_aborts_every_worker_of_the_new_attempt(make_cluster, moment):
+    cluster = await make_cluster(prompt=1, token=2, worker_options={"token_delay": 0.02, "prefill_delay": 0.5})
+    prompt_w, (first, second) = cluster.workers["prompt"][0], cluster.workers["token"]
+    second.num_kv_blocks = 500   # the first one is picked first
+    await asyncio.sleep(0.3)
+    first.fail_after_tokens, first.failure = 5, "end"
+    body = {"model": MODEL, "prompt": "a long story", "max_tokens": 500, "ignore_eos": True, "stream": True}
+
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(cluster.url + "/v1/completions", json=body)
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                request_id = json.loads(line[6:])["id"]
+                break
+        moved = f"{request_id}~1"
+        if moment == "re-prefill":
+            await eventually(lambda: moved in prompt_w.active, what="the prompt phase run again")
+        else:
+            await eventually(lambda: moved in second.active, what="the new token worker decoding")
+        resp.close()
+
+    await eventually(lambda: moved in second.aborted and not second.active and not second.kv and not prompt_w.active,
+                     what="every worker of the new attempt to let go of the request")
+    if moment == "re-prefill":
+        assert moved in prompt_w.aborted
+    await assert_nothing_in_flight(cluster)
