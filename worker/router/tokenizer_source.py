@@ -79,8 +79,10 @@ class TokenizerSource:
             tokenizer = await asyncio.to_thread(Tokenizer.from_files, files)
         except (grpc.aio.AioRpcError, ValueError, UnicodeDecodeError) as e:
             details = f"{e.code().name}: {e.details()}" if isinstance(e, grpc.aio.AioRpcError) else str(e)
-            self.error = f"reading it from worker {source.address} failed: {details}"
-            log.warning("%s", self.error)
+            error = f"reading it from worker {source.address} failed: {details}"
+            if error != self.error:   # retried every poll: said once
+                log.warning("%s", error)
+            self.error = error
             return False
         self.max_model_len = _max_position_embeddings(files) or source.info.max_model_len or None
         log.info("tokenizer %s read from worker %s%s", digest[:12], source.address,
