@@ -92,7 +92,8 @@ class TokenizerSource:
 
     def _worker_to_read(self, pools: Pools) -> WorkerState | None:
         """A ready worker whose tokenizer makes a route (preferred), else any, while there is no tokenizer."""
-        ready = [w for pool in pools.pools.values() for w in pool.workers.values() if w.ready]
+        ready = sorted((w for pool in pools.pools.values() for w in pool.workers.values() if w.ready),
+                       key=lambda w: not w.info.tokenizer_digest)   # those that name their tokenizer first
         for digest in dict.fromkeys(w.info.tokenizer_digest for w in ready if w.info.tokenizer_digest):
             if digest != self.digest and _makes_route(pools, digest):
                 return next(w for w in ready if w.info.tokenizer_digest == digest)
