@@ -45,6 +45,26 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture
+async def start_worker(tokenizer):
+    """Starts fake workers outside any cluster (to add to a pool later); stops them after the test."""
+    started: list[FakeWorker] = []
+
+    async def start(role: str, **options) -> FakeWorker:
+        worker = FakeWorker(role, tokenizer, **options)
+        await worker.start()
+        started.append(worker)
+        return worker
+    yield start
+    for worker in started:
+        await worker.stop()
+
+
+@pytest.fixture
+async def spare_worker(start_worker):
+    return await start_worker("mixed")
+
+
+@pytest.fixture
 async def make_cluster(tokenizer, tiny_model_dir):
     started: list = []
 

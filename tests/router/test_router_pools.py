@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import openai
 import pytest
-from support.fake_worker import ADMIN_TOKEN, MODEL, FakeWorker
+from support.fake_worker import ADMIN_TOKEN, MODEL
 
 from phasesplit.router.pools import WorkerSpec, parse_worker_list
 
@@ -25,14 +25,6 @@ async def request(cluster, method, path, body=None, headers=None):
 async def complete(base_url):
     return await openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0).completions.create(
         model=MODEL, prompt="hello", max_tokens=2)
-
-
-@pytest.fixture
-async def spare_worker(tokenizer):
-    worker = FakeWorker("mixed", tokenizer)
-    await worker.start()
-    yield worker
-    await worker.stop()
 
 
 async def test_put_admin_pools_changes_membership(make_cluster, spare_worker):

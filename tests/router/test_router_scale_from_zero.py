@@ -5,7 +5,7 @@ import asyncio
 
 import aiohttp
 import pytest
-from support.fake_worker import ADMIN_TOKEN, FakeWorker
+from support.fake_worker import ADMIN_TOKEN
 from support.polling import eventually
 
 from phasesplit.router.waiting import QueueSettings
@@ -29,11 +29,8 @@ def gauge(metrics, name, pool):
 
 
 @pytest.fixture
-async def token_worker(tokenizer):
-    worker = FakeWorker("token", tokenizer)
-    await worker.start()
-    yield worker
-    await worker.stop()
+async def token_worker(start_worker):
+    return await start_worker("token")
 
 
 async def test_a_request_for_an_empty_pool_waits_and_is_served_when_a_worker_joins(make_cluster, token_worker):

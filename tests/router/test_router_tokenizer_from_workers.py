@@ -8,7 +8,7 @@ import logging
 
 import aiohttp
 import pytest
-from support.fake_worker import ADMIN_TOKEN, FakeWorker
+from support.fake_worker import ADMIN_TOKEN
 from support.polling import eventually
 
 from phasesplit.engine.tokenizer import Tokenizer, read_tokenizer_files, tokenizer_digest
@@ -30,17 +30,8 @@ def files_b(files_a):
 
 
 @pytest.fixture
-async def workers(tokenizer):
-    started = []
-
-    async def start(role, files):
-        worker = FakeWorker(role, tokenizer, tokenizer_files=files)
-        await worker.start()
-        started.append(worker)
-        return worker
-    yield start
-    for worker in started:
-        await worker.stop()
+def workers(start_worker):
+    return lambda role, files: start_worker(role, tokenizer_files=files)
 
 
 async def request(cluster, method, path, body=None, token=None):
