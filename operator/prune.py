@@ -32,6 +32,12 @@ def config_maps_used(deployment: dict) -> set[str]:
             if "configMapRef" in source}
 
 
+def _old_pods_may_run(live: dict, desired: dict) -> bool:
+    """A rollout under way, or a new template (another ConfigMap) not yet applied."""
+    state = rollout(live)
+    return bool(state and state[2]) or config_maps_used(live) != config_maps_used(desired)
+
+
 def prune(kube: Kube, owner: Owner, desired: list[dict], kinds: list[tuple[str, str]] = KINDS) -> list[str]:
     """Deletes what `owner` owns beyond `desired`; returns "Kind/name" of each deleted object."""
     keep = {(child["kind"], child["metadata"]["name"]): child for child in desired}
@@ -49,8 +55,7 @@ def prune(kube: Kube, owner: Owner, desired: list[dict], kinds: list[tuple[str, 
             owned = any(ref.get("uid") == owner.uid for ref in meta.get("ownerReferences") or [])
             role = (meta.get("labels") or {}).get(ROLE_LABEL)
             wanted = (kind, meta["name"]) in keep
-            if kind == "Deployment" and wanted and ((state := rollout(obj)) and state[2] or config_maps_used(obj)
-                                                    != config_maps_used(keep[kind, meta["name"]])):
+            if kind == "Deployment" and wanted and _old_pods_may_run(obj, keep[kind, meta["name"]]):
                 rolling.add(role)
             if owned and not wanted and not (kind == "ConfigMap" and role in rolling):
                 kube.delete(path(api_version, kind, owner.namespace, meta["name"]))

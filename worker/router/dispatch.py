@@ -183,7 +183,7 @@ class Dispatcher:
         retries = migrations = 0
         failed_at: float | None = None
         while True:
-            if self._tokenizer_changed(job):   # a migration during a rollout: the ids mean nothing to these workers
+            if failed and self._tokenizer_changed(job):   # a migration during a rollout: the ids mean nothing here
                 self._lose(sent, timing)
                 raise unavailable(f"the request lost its worker ({timing.failed[-1]}) and the workers left read "
                                   "another tokenizer (a rollout): send it again")
