@@ -6,7 +6,7 @@ import random
 import httpx
 import pytest
 from support import prom
-from support.serving import MAX_MODEL_LEN, metrics, post_json, wait_quiet
+from support.serving import MAX_MODEL_LEN, metrics, post_json, wait_quiet, worker_load
 
 from phasesplit.engine.tokenizer import Tokenizer
 
@@ -63,12 +63,21 @@ def cancelled_count(base_url: str) -> float:
     return prom.value(metrics(base_url), "phasesplit_requests_total", outcome="cancelled")
 
 
+def streams_ended(cluster, how: str) -> int:
+    """Generate streams the token workers ended this way since they started."""
+    return sum(worker_load(address).streams_ended.get(how, 0) for address in cluster.addresses("token"))
+
+
 def test_cancelled_requests_free_every_kv_block_and_every_slot(split, tiny_model_dir):
     before = cancelled_count(split.base_url)
+    ran_out, let_go = streams_ended(split, "length"), streams_ended(split, "cancelled") + streams_ended(split, "abort")
     asyncio.run(cancel_all(split.base_url, Tokenizer.from_dir(tiny_model_dir)))
     state = wait_quiet(split, timeout=15)
     assert all(v == (0, 0, 0, 0) for k, v in state.items() if k != "router inflight"), state
     assert state["router inflight"] == 0, state
+    # Quiet could also mean a leaked request ran to its end: none may have (each asked for the whole context).
+    assert streams_ended(split, "length") == ran_out, "a cancelled request kept running on a token worker"
+    assert streams_ended(split, "cancelled") + streams_ended(split, "abort") > let_go
     # A request closed within milliseconds may be gone before the router counts it: most are counted.
     assert cancelled_count(split.base_url) - before >= 10
     # And the cluster still serves.

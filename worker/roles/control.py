@@ -39,7 +39,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             waiting_requests=stats.waiting_requests, waiting_tokens=stats.waiting_tokens,
             running_requests=stats.running_requests, kv_blocks_used=stats.used_blocks,
             kv_blocks_free=stats.free_blocks, pending_transfers=self.pending_transfers(),
-            draining=self.core.draining.is_set(), max_running_requests=self.core.engine.config.max_num_seqs)
+            draining=self.core.draining.is_set(), max_running_requests=self.core.engine.config.max_num_seqs,
+            streams_ended=self.core.streams_ended())
 
     def Abort(self, request, context):
         if not request.request_id:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -30,6 +31,7 @@ class WorkerCore:
         self.draining = threading.Event()
         self._inflight = 0
         self._idle = threading.Condition()
+        self._streams_ended: collections.Counter[str] = collections.Counter()   # Generate streams, by how they ended
         self.on_drain = []  # callables run once when draining starts (e.g. health NOT_SERVING)
 
     @property
@@ -55,6 +57,15 @@ class WorkerCore:
             with self._idle:
                 self._inflight -= 1
                 self._idle.notify_all()
+
+    def count_stream_end(self, how: str) -> None:
+        """A Generate stream ended: its finish reason, or "cancelled" when the client went away first."""
+        with self._idle:
+            self._streams_ended[how] += 1
+
+    def streams_ended(self) -> dict[str, int]:
+        with self._idle:
+            return dict(self._streams_ended)
 
     def drain(self) -> None:
         if self.draining.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from typing import Callable, Iterator
 
 import grpc
@@ -31,10 +32,20 @@ def stream_tokens(core: WorkerCore, context: grpc.ServicerContext, request_id: s
     outputs: queue.SimpleQueue = queue.SimpleQueue()
     submit_or_abort(core, context, request_id, outputs.put, add)
     done = False
+    ended: list[str] = []   # how the stream ended, counted once (the RPC's end races the last output)
+    ended_lock = threading.Lock()
+
+    def end(how: str) -> None:
+        with ended_lock:
+            if ended:
+                return
+            ended.append(how)
+        core.count_stream_end(how)
 
     def on_rpc_end():
         if not done:
             core.loop.abort(request_id)
+            end("cancelled")
 
     if not context.add_callback(on_rpc_end):
         on_rpc_end()
@@ -42,9 +53,11 @@ def stream_tokens(core: WorkerCore, context: grpc.ServicerContext, request_id: s
         out = outputs.get()
         if isinstance(out, Finished) and out.finish_reason == "error":
             done = True
+            end("error")
             context.abort(grpc.StatusCode.INTERNAL, out.error)
         if out.finished:
             done = True
+            end(out.finish_reason)
         yield pb.TokenEvent(token_ids=list(out.token_ids), text=out.text, finish_reason=out.finish_reason or "")
         if out.finished:
             return

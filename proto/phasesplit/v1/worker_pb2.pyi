@@ -161,7 +161,14 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("waiting_requests", "waiting_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "pending_transfers", "draining", "max_running_requests")
+    __slots__ = ("waiting_requests", "waiting_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "pending_transfers", "draining", "max_running_requests", "streams_ended")
+    class StreamsEndedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     WAITING_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -170,6 +177,7 @@ class WorkerLoad(_message.Message):
     PENDING_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_ENDED_FIELD_NUMBER: _ClassVar[int]
     waiting_requests: int
     waiting_tokens: int
     running_requests: int
@@ -178,7 +186,8 @@ class WorkerLoad(_message.Message):
     pending_transfers: int
     draining: bool
     max_running_requests: int
-    def __init__(self, waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., draining: _Optional[bool] = ..., max_running_requests: _Optional[int] = ...) -> None: ...
+    streams_ended: _containers.ScalarMap[str, int]
+    def __init__(self, waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., draining: _Optional[bool] = ..., max_running_requests: _Optional[int] = ..., streams_ended: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)
