@@ -176,6 +176,8 @@ class _Receiver:
             self._refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed KVChunk: {exc}")
 
     def _check_alive(self) -> None:
+        if not self._context.is_active():   # cancelled by the sender, whose callback may still wait for the lock:
+            self._end()                     # what it sent before cancelling must not commit
         if self._ended:  # the watchdog or a cancellation ended it; the RPC is already over
             self._context.abort(grpc.StatusCode.CANCELLED, "transfer ended")
 
