@@ -149,3 +149,24 @@ async def test_a_request_that_waited_through_a_tokenizer_change_is_tokenized_aga
     metrics = await cluster.metrics()
     assert {dict(labels)["outcome"]: v for (name, labels), v in metrics.items()
             if name == "phasesplit_requests_total" and v} == {"success": 1}
+
+
+async def test_a_stream_whose_worker_dies_after_the_router_moved_to_another_tokenizer_ends_with_an_error(
+        make_cluster, workers, files_a, files_b):
+    cluster = await make_cluster(prompt=0, token=0, tokenizer_from_workers=True, served=("mixed",))
+    old = await workers("mixed", files_a)
+    old.token_delay = 0.05
+    await set_pool(cluster, "mixed", [old])
+    await eventually(lambda: healthy(cluster))
+    body = {**COMPLETION, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    async with aiohttp.ClientSession() as session, session.post(cluster.url + "/v1/completions", json=body) as resp:
+        events = resp.content.__aiter__()
+        await anext(events)
+        await set_pool(cluster, "mixed", [await workers("mixed", files_b)])   # the old one finishes what it has
+        await eventually(lambda: cluster.router.tokenizers.digest == tokenizer_digest(files_b),
+                         what="the router on the new tokenizer")
+        await old.kill()
+        rest = b"".join([line async for line in events])
+    assert b"read another tokenizer" in rest, rest[-400:]
+    metrics = await cluster.metrics()
+    assert metrics[("phasesplit_requests_lost_total", (("stage", "mid_stream"),))] == 1
