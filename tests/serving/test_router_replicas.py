@@ -77,6 +77,8 @@ def test_a_router_without_the_model_answers_a_chat_as_one_with_it(split, second_
         answers.append((reply.choices[0].message.content, reply.usage.prompt_tokens))
         client.close()
     assert answers[0] == answers[1] and answers[0][1] > 12
+    wait_for(lambda: sum(sum((w["streams_ended"] or {}).values()) for w in pools(second_router)["token"]["workers"])
+             >= 2, timeout=10, what="the token workers' ended streams in /admin/pools")
 
 
 def test_a_client_retries_on_the_other_router_when_one_dies_mid_stream(split, mixed, second_router):

@@ -144,4 +144,5 @@ class WorkerState:
             "kv_blocks_used": load.kv_blocks_used if load else None,
             "kv_blocks_free": load.kv_blocks_free if load else None,
             "waiting_tokens": load.waiting_tokens if load else None,
+            "streams_ended": dict(load.streams_ended) if load else None,   # Generate streams, by how they ended
         }
