@@ -104,3 +104,12 @@ async def test_models_lists_the_served_model(make_cluster):
     cluster = await make_cluster()
     models = await client(cluster).models.list()
     assert [m.id for m in models.data] == [MODEL]
+
+
+async def test_a_model_is_retrieved_by_name_and_an_unknown_one_is_not_found(make_cluster):
+    cluster = await make_cluster()
+    card = await client(cluster).models.retrieve(MODEL)
+    assert (card.id, card.object, card.owned_by) == (MODEL, "model", "phasesplit")
+    with pytest.raises(openai.NotFoundError) as err:
+        await client(cluster).models.retrieve("gpt-4")
+    assert err.value.code == "model_not_found" and "'gpt-4' does not exist" in err.value.message

@@ -78,6 +78,7 @@ def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer 
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/livez", livez)
     app.router.add_get("/metrics", metrics_text)
@@ -178,12 +179,21 @@ async def _serve(request: web.Request, router: Router, req, prompt_ids, param: s
 
 
 async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app[ROUTER])]})
+
+
+async def model(request: web.Request) -> web.Response:
     router = request.app[ROUTER]
+    _check_model(router, request.match_info["model"])
+    return web.json_response(_model_card(router))
+
+
+def _model_card(router: Router) -> dict:
     card = {"id": router.settings.served_model_name, "object": "model", "created": router.created,
             "owned_by": "phasesplit"}
     if router.max_model_len:
         card["max_model_len"] = router.max_model_len
-    return web.json_response({"object": "list", "data": [card]})
+    return card
 
 
 class _rejections:
