@@ -43,6 +43,13 @@ def assert_openai_error(body, param=None, code=None):
      "messages[0].role", "'user'"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "messages[0].content", "text content"),
+    ("/v1/completions", GOOD | {"presence_penalty": 0.5}, "presence_penalty", "only 0 is allowed"),
+    ("/v1/completions", GOOD | {"frequency_penalty": -1}, "frequency_penalty", "only 0 is allowed"),
+    ("/v1/completions", GOOD | {"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, "response_format", "'json_object'"),
 ])
 async def test_bad_body_is_a_400_naming_the_field(make_cluster, path, body, param, fragment):
     cluster = await make_cluster()

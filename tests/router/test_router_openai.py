@@ -113,3 +113,11 @@ async def test_a_model_is_retrieved_by_name_and_an_unknown_one_is_not_found(make
     with pytest.raises(openai.NotFoundError) as err:
         await client(cluster).models.retrieve("gpt-4")
     assert err.value.code == "model_not_found" and "'gpt-4' does not exist" in err.value.message
+
+
+async def test_the_defaults_of_unsupported_options_are_accepted(make_cluster):
+    cluster = await make_cluster()
+    reply = await client(cluster).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, presence_penalty=0,
+        frequency_penalty=0, logit_bias={}, response_format={"type": "text"})
+    assert reply.usage.completion_tokens >= 1

@@ -61,6 +61,9 @@ class _Generation(BaseModel):
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     logprobs: Any = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("n")
     @classmethod
@@ -79,6 +82,20 @@ class _Generation(BaseModel):
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         return [_unicode(s) for s in stop]
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalty(cls, penalty: float) -> float:
+        if penalty != 0:
+            raise ValueError("penalties are not supported; only 0 is allowed")
+        return penalty
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, bias: dict | None) -> None:
+        if bias:
+            raise ValueError("logit_bias is not supported; send none or {}")
+        return None
 
     @field_validator("logprobs")
     @classmethod
@@ -156,6 +173,22 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list | None) -> None:
+        if tools:
+            raise ValueError("tools are not supported; send none")
+        return None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only_format(cls, response_format: dict | None) -> None:
+        if response_format and response_format.get("type") != "text":
+            raise ValueError(f"only {{\"type\": \"text\"}} is supported, not {response_format.get('type')!r}")
+        return None
 
     @field_validator("top_logprobs")
     @classmethod
