@@ -46,6 +46,7 @@ def assert_openai_error(body, param=None, code=None):
     ("/v1/completions", GOOD | {"presence_penalty": 0.5}, "presence_penalty", "only 0 is allowed"),
     ("/v1/completions", GOOD | {"frequency_penalty": -1}, "frequency_penalty", "only 0 is allowed"),
     ("/v1/completions", GOOD | {"logit_bias": {"50256": -100}}, "logit_bias", "not supported"),
+    ("/v1/completions", GOOD | {"best_of": 3}, "best_of", "only best_of=1"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
                               "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],

@@ -117,6 +117,14 @@ class CompletionRequest(_Generation):
     prompt: str | list[int]
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, best_of: int | None) -> None:
+        if best_of not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return None
 
     @field_validator("prompt", mode="before")
     @classmethod
