@@ -70,9 +70,11 @@ def migrated(base_url: str) -> float:
     return prom.value(metrics(base_url), "phasesplit_migrations_total", stage="mid_stream")
 
 
-async def run_fault(split, mixed, fault, n: int = 16, cancelled: int = 0, max_tokens: int = MAX_TOKENS) -> None:
+async def run_fault(split, mixed, fault, n: int = 16, cancelled: int = 0, max_tokens: int = 3 * MAX_TOKENS) -> None:
     """n streams through `split` (and `cancelled` more that their clients close at random points) while
-    `fault()` hits once every stream has output; each must equal the same request on `mixed`, uninterrupted."""
+    `fault()` hits once every stream has output; each must equal the same request on `mixed`, uninterrupted.
+    The streams are long: a loaded machine's client reads the first tokens late, and the fault must
+    still find streams running."""
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
         reference = asyncio.gather(*(stream(client, mixed.base_url, body(i, max_tokens)) for i in range(n)))
@@ -115,8 +117,8 @@ def test_a_sigstopped_token_worker_is_migrated_and_frees_its_blocks_after_sigcon
         stopped.append((victim, time.monotonic()))
 
     before = migrated(split.base_url)
-    try:   # long streams: a loaded machine's client reads the first tokens late, and the stop must find streams running
-        asyncio.run(run_fault(split, mixed, stop, n=8, max_tokens=3 * MAX_TOKENS))
+    try:
+        asyncio.run(run_fault(split, mixed, stop, n=8))
     finally:
         for victim, _ in stopped:
             os.kill(victim.proc.pid, signal.SIGCONT)
