@@ -92,7 +92,7 @@ def test_tiny_example_becomes_ready_and_serves(cluster):
         assert chat.choices[0].message.content is not None
     finally:
         forward.terminate()
-    router = json.loads(run("kubectl", "get", "-n", NAMESPACE, "deploy/tiny-router", "-o", "json", env=cluster))
+    router = deployment(cluster, "tiny-router")
     assert all(v["name"] != "model" for v in router["spec"]["template"]["spec"]["volumes"]), \
         "the router reads the tokenizer from a worker, not from the model volume"
 
