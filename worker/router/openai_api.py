@@ -24,6 +24,15 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
+def _only(allowed: tuple, message: str) -> AfterValidator:
+    """An option the router does not implement: accepted at its allowed (default) values, refused otherwise."""
+    def check(value):
+        if value not in allowed:
+            raise ValueError(message)
+        return value
+    return AfterValidator(check)
+
+
 class APIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}`."""
 
@@ -52,7 +61,7 @@ class _Generation(BaseModel):
     model: Text
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, _only((1,), "only n=1 is supported")] = 1
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, le=INT32_MAX, description="extension: 0 or -1 = off")
@@ -60,17 +69,10 @@ class _Generation(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
-    logprobs: Any = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    logprobs: Annotated[Any, _only((None, False, 0), "logprobs are not supported")] = None
+    presence_penalty: Annotated[float, _only((0,), "penalties are not supported; only 0 is allowed")] = 0.0
+    frequency_penalty: Annotated[float, _only((0,), "penalties are not supported; only 0 is allowed")] = 0.0
+    logit_bias: Annotated[dict[str, float] | None, _only((None, {}), "logit_bias is not supported; send none or {}")] = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -83,27 +85,6 @@ class _Generation(BaseModel):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
         return [_unicode(s) for s in stop]
 
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, penalty: float) -> float:
-        if penalty != 0:
-            raise ValueError("penalties are not supported; only 0 is allowed")
-        return penalty
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, bias: dict | None) -> None:
-        if bias:
-            raise ValueError("logit_bias is not supported; send none or {}")
-        return None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs: Any) -> None:
-        if logprobs not in (None, False, 0):
-            raise ValueError("logprobs are not supported")
-        return None
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -115,16 +96,9 @@ class _Generation(BaseModel):
 
 class CompletionRequest(_Generation):
     prompt: str | list[int]
-    echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_candidate(cls, best_of: int | None) -> None:
-        if best_of not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
-        return None
+    echo: Annotated[bool, _only((False,), "echo is not supported")] = False
+    suffix: Annotated[str | None, _only((None, ""), "suffix is not supported")] = None
+    best_of: Annotated[int | None, _only((None, 1), "only best_of=1 is supported")] = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -139,20 +113,6 @@ class CompletionRequest(_Generation):
         if isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
             raise ValueError("only one prompt per request is supported")
         raise ValueError(f"prompt must be a string or a non-empty list of token ids (integers in 0..{UINT32_MAX})")
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported")
-        return echo
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, suffix: str | None) -> None:
-        if suffix:
-            raise ValueError("suffix is not supported")
-        return None
 
 
 class ChatMessage(BaseModel):
@@ -180,29 +140,15 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
+    top_logprobs: Annotated[int | None, _only((None, 0), "logprobs are not supported")] = None
+    tools: Annotated[list[Any] | None, _only((None, []), "tools are not supported; send none")] = None
     response_format: dict[str, Any] | None = None
-
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, tools: list | None) -> None:
-        if tools:
-            raise ValueError("tools are not supported; send none")
-        return None
 
     @field_validator("response_format")
     @classmethod
     def _text_only_format(cls, response_format: dict | None) -> None:
         if response_format and response_format.get("type") != "text":
             raise ValueError(f"only {{\"type\": \"text\"}} is supported, not {response_format.get('type')!r}")
-        return None
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, top_logprobs: int | None) -> None:
-        if top_logprobs:
-            raise ValueError("logprobs are not supported")
         return None
 
     @property
