@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from phasesplit.router.metrics import POOLS, RouterMetrics
-from phasesplit.router.workers import WorkerState
+from phasesplit.router.workers import WorkerState, any_tokenizer
 
 if TYPE_CHECKING:
     from phasesplit.router.tokenizer_source import TokenizerSource
@@ -106,7 +106,7 @@ class Pools:
                  poll_interval: float = 0.5, dns_interval: float = 5.0, poll_timeout: float = 1.0,
                  served: tuple[str, ...] | None = None, tokenizer: "TokenizerSource | None" = None):
         self.tokenizer = tokenizer   # workers get work only when they serve its tokenizer
-        accepts = tokenizer.accepts if tokenizer else (lambda digest: True)
+        accepts = tokenizer.accepts if tokenizer else any_tokenizer
         self.pools = {name: Pool(name, list(specs.get(name, [])), accepts) for name in POOLS}
         # the pools this deployment has, even at 0 workers (default: those given a worker entry)
         self.served = set(served if served is not None else (name for name in POOLS if specs.get(name)))

@@ -19,12 +19,12 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def _any_tokenizer(digest: str) -> bool:
+def any_tokenizer(digest: str) -> bool:
     return True
 
 
 class WorkerState:
-    def __init__(self, address: str, pool: str, accepts_tokenizer: Callable[[str], bool] = _any_tokenizer):
+    def __init__(self, address: str, pool: str, accepts_tokenizer: Callable[[str], bool] = any_tokenizer):
         self.address, self.pool = address, pool
         self.accepts_tokenizer = accepts_tokenizer   # whether the router's token ids mean the same on this worker
         self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
