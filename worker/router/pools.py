@@ -164,8 +164,9 @@ class Pools:
     async def _poll(self, workers) -> None:
         workers = list(workers)
         await asyncio.gather(*(w.poll(self.poll_timeout) for w in workers))
+        members = {id(w) for pool in self.pools.values() for w in pool.workers.values()}
         for w in workers:
-            if w.load is not None:
+            if w.load is not None and id(w) in members:   # one removed while it was polled keeps no gauge
                 self.metrics.set_worker_kv(w.address, w.load.kv_blocks_used, w.load.kv_blocks_free)
         for pool in self.pools.values():
             loads = [w.load for w in pool.workers.values() if w.load is not None]
