@@ -16,6 +16,7 @@ from phasesplit.router.app import RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.metrics import POOLS
 from phasesplit.router.pools import parse_worker_list
+from phasesplit.router.tokenizer_source import TokenizerSource
 from phasesplit.router.waiting import QueueSettings
 
 log = logging.getLogger("phasesplit.router")
@@ -100,8 +101,8 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
     return runner, bound
 
 
-async def serve(settings: RouterSettings, tokenizer, host: str, port: int) -> None:
-    runner, bound = await start_server(create_app(settings, tokenizer), host, port)
+async def serve(settings: RouterSettings, tokenizers: TokenizerSource, host: str, port: int) -> None:
+    runner, bound = await start_server(create_app(settings, tokenizers), host, port)
     print(f"phasesplit router serving {settings.served_model_name!r} on http://{host}:{bound}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -116,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from_args(args)
-    from phasesplit.router.tokenizer_source import TokenizerSource
-
     tokenizers = TokenizerSource.from_dir(args.model) if args.model else TokenizerSource()
     asyncio.run(serve(settings, tokenizers, args.host, args.port))
     return 0
