@@ -160,7 +160,8 @@ def test_local_mode_kv_backend_flag_serves_over_the_process_group(workers, tiny_
                            "--kv-backend", "nccl", "--drain-timeout", "5", "--log-dir", str(tmp_path / "logs"))
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
     try:
         base_url, seen = None, []
         deadline = time.monotonic() + 180
@@ -195,7 +196,10 @@ def test_local_mode_kv_backend_flag_serves_over_the_process_group(workers, tiny_
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            assert proc.wait(60) == 0
+            code = proc.wait(60)
+            reader.join(5)
+            output = "".join(seen + list(lines.queue))
+            assert code == 0, f"local mode exited with {code} after SIGTERM:\n{output}"
         finally:
             if proc.poll() is None:
                 proc.kill()
