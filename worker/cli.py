@@ -3,6 +3,8 @@
 import importlib
 import sys
 
+from phasesplit import parent_death
+
 COMMANDS = {
     "make-tiny-model": ("phasesplit.tiny_model", "create a random-weight Llama checkpoint with a real tokenizer"),
     "generate": ("phasesplit.generate", "one-shot generation with the engine"),
@@ -32,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"phasesplit: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    parent_death.arm_from_env()
     module = importlib.import_module(COMMANDS[name][0])
     return module.main(rest) or 0
 

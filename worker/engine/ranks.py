@@ -4,7 +4,6 @@ and is restarted as a whole; nothing half-alive keeps serving."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -16,10 +15,10 @@ from collections.abc import Callable
 import torch
 
 from phasesplit.engine.parallel import TensorParallel, init_tensor_parallel
+from phasesplit.parent_death import die_with_parent
 
 log = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 STOP_GRACE_SECONDS = 10.0
 
 
@@ -37,9 +36,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, size: int, master: str, device: str, fn: Callable, args: tuple) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # never outlive the supervisor
+def _rank_main(rank: int, size: int, master: str, device: str, fn: Callable, args: tuple, supervisor: int) -> None:
+    die_with_parent(supervisor, signal.SIGKILL)
     if rank > 0:  # the supervisor forwards SIGTERM to rank 0, which stops the others when it has drained
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -64,8 +62,8 @@ class RankGroup:
                                  f"{first + size - 1}, this machine has {torch.cuda.device_count()}")
         ctx = multiprocessing.get_context("spawn")
         master = f"127.0.0.1:{free_port()}"
-        self.procs = [ctx.Process(target=_rank_main, args=(r, size, master, device, fn, args), name=f"rank{r}",
-                                  daemon=False) for r in range(size)]
+        self.procs = [ctx.Process(target=_rank_main, args=(r, size, master, device, fn, args, os.getpid()),
+                                  name=f"rank{r}", daemon=False) for r in range(size)]
 
     def start(self) -> RankGroup:
         for p in self.procs:

@@ -341,7 +341,10 @@ def _start_autoscaler(cluster: LocalCluster, interval: float | None):
 def _watch(cluster: LocalCluster) -> None:
     while True:
         time.sleep(1.0)
-        cluster.replace_dead()
+        try:
+            cluster.replace_dead()
+        except OSError as exc:  # the router's admin API did not answer in time; the next round tries again
+            log.warning("replacing dead processes: %s", exc)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ life, checked for readiness over their real interfaces, and stopped without leav
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import pathlib
 import random
@@ -19,7 +18,8 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-PR_SET_PDEATHSIG = 1
+from phasesplit import parent_death
+
 _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
 
 
@@ -66,16 +66,6 @@ def free_ports(count: int, host: str = "127.0.0.1", attempts: int = 50) -> int:
     raise OSError(f"no {count} consecutive free ports on {host}")
 
 
-def _die_with_parent(parent_pid: int):
-    """preexec_fn: the kernel sends SIGTERM to the child when the launcher dies, however it dies."""
-    def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-    return arm
-
-
 class ManagedProcess:
     """One `phasesplit ...` child: its own process group (so stopping it stops all it started),
     output to a log file."""
@@ -96,7 +86,7 @@ class ManagedProcess:
         with open(self.log_path, "ab") as log:
             return subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()), env=self.env)
+                start_new_session=True, env=parent_death.child_env(self.env))
 
     @property
     def pid(self) -> int:
