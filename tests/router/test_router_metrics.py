@@ -10,7 +10,8 @@ NAMES = ["phasesplit_queue_requests", "phasesplit_queue_tokens", "phasesplit_inf
          "phasesplit_pool_workers", "phasesplit_kv_blocks_used", "phasesplit_kv_blocks_free",
          "phasesplit_kv_utilization", "phasesplit_time_to_first_token_seconds_count",
          "phasesplit_time_between_tokens_seconds_count", "phasesplit_request_latency_seconds_count",
-         "phasesplit_kv_transfer_bytes_total", "phasesplit_kv_transfer_seconds_total", "phasesplit_requests_total"]
+         "phasesplit_kv_transfer_bytes_total", "phasesplit_kv_transfer_seconds_total", "phasesplit_requests_total",
+         "phasesplit_worker_streams_ended_total"]
 
 
 def pool(name):
@@ -37,6 +38,9 @@ async def test_metrics_after_traffic(make_cluster, tokenizer):
         assert m[("phasesplit_kv_blocks_free", (("worker", w.address),))] == 1000
         assert m[("phasesplit_kv_blocks_used", (("worker", w.address),))] == 0
     assert m[("phasesplit_kv_utilization", pool("token"))] == 0
+    ended = {w.address: m.get(("phasesplit_worker_streams_ended_total", (("reason", "length"), ("worker", w.address))), 0)
+             for w in cluster.workers["token"]}
+    assert sum(ended.values()) == 3, f"each request ended its stream by length on a token worker: {ended}"
     assert m[("phasesplit_time_to_first_token_seconds_count", ())] == 3
     assert m[("phasesplit_time_between_tokens_seconds_count", ())] == 3 * 4
     assert m[("phasesplit_request_latency_seconds_count", ())] == 3

@@ -12,6 +12,7 @@ holds it for `pause_seconds` while the worker still answers its polls).
 from __future__ import annotations
 
 import asyncio
+import collections
 import math
 
 import grpc
@@ -51,6 +52,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.generates: list[pb.GenerateRequest] = []
         self.aborted: list[str] = []
         self.active: set[str] = set()            # requests being prefilled or generated right now
+        self.streams_ended: collections.Counter[str] = collections.Counter()   # Generate streams, by finish reason
         self.kv: dict[str, pb.KVHeader] = {}      # pushed KV not yet claimed by Generate
         self.extra_waiting_tokens = 0             # pretend queue, as Load reports it
         self.extra_running = 0                    # pretend decode batch, as Load reports it
@@ -176,11 +178,14 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                 await asyncio.sleep(self.token_delay)
                 await self._alive()
                 if rid in self.aborted:
+                    self.streams_ended["abort"] += 1
                     yield pb.TokenEvent(finish_reason="abort")
                     return
                 token = next_token(sequence)
                 sequence.append(token)
                 finish = self._finish(token, i + 1, sampling)
+                if finish:
+                    self.streams_ended[finish] += 1
                 yield pb.TokenEvent(token_ids=[token], text=self._text(token), finish_reason=finish)
                 if finish:
                     return
@@ -234,7 +239,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                              running_requests=len(self.active) + self.extra_running, kv_blocks_used=used,
                              max_running_requests=self.max_running_requests,
                              kv_blocks_free=self.num_kv_blocks - used, pending_transfers=len(self.kv),
-                             draining=self.draining)
+                             draining=self.draining, streams_ended=self.streams_ended)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
         await self._alive()

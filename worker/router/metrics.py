@@ -11,6 +11,7 @@ Per pool (`prompt`, `token`, `mixed`), as the router sees its own traffic:
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 POOLS = ("prompt", "token", "mixed")
 OUTCOMES = ("success", "error", "cancelled", "rejected")
@@ -57,6 +58,8 @@ class RouterMetrics:
                                 buckets=_LATENCY_BUCKETS, registry=r)
         self.lost = Counter("phasesplit_requests_lost", "Requests a worker failure ended with an error "
                             "(attempts used up, or no worker left)", ["stage"], registry=r)
+        self.worker_streams = WorkerStreams()
+        r.register(self.worker_streams)
         for pool in POOLS:
             for gauge in (self.queue_requests, self.queue_tokens, self.inflight_requests, self.pool_workers,
                           self.kv_utilization):
@@ -74,9 +77,11 @@ class RouterMetrics:
     def phase(self, pool: str, queued_tokens: int) -> "Phase":
         return Phase(self, pool, queued_tokens)
 
-    def set_worker_kv(self, worker: str, used: int, free: int) -> None:
-        self.kv_blocks_used.labels(worker=worker).set(used)
-        self.kv_blocks_free.labels(worker=worker).set(free)
+    def set_worker_load(self, worker: str, load) -> None:
+        """What a poll of the worker (a `WorkerLoad`) read."""
+        self.kv_blocks_used.labels(worker=worker).set(load.kv_blocks_used)
+        self.kv_blocks_free.labels(worker=worker).set(load.kv_blocks_free)
+        self.worker_streams.by_worker[worker] = dict(load.streams_ended)
 
     def forget_worker(self, worker: str) -> None:
         for gauge in (self.kv_blocks_used, self.kv_blocks_free):
@@ -84,6 +89,24 @@ class RouterMetrics:
                 gauge.remove(worker)
             except KeyError:
                 pass
+        self.worker_streams.by_worker.pop(worker, None)
+
+
+class WorkerStreams:
+    """Each worker's Generate streams by how they ended, as the worker itself counts them (read by the
+    router's polls): a counter that restarts from 0 when the worker does."""
+
+    def __init__(self) -> None:
+        self.by_worker: dict[str, dict[str, int]] = {}
+
+    def collect(self):
+        family = CounterMetricFamily("phasesplit_worker_streams_ended",
+                                     "Generate streams a worker ended, by how (stop, length, abort, error, cancelled)",
+                                     labels=["worker", "reason"])
+        for worker, counts in sorted(self.by_worker.items()):
+            for reason, count in sorted(counts.items()):
+                family.add_metric([worker, reason], count)
+        yield family
 
 
 class Phase:

@@ -167,7 +167,7 @@ class Pools:
         members = {id(w) for pool in self.pools.values() for w in pool.workers.values()}
         for w in workers:
             if w.load is not None and id(w) in members:   # one removed while it was polled keeps no gauge
-                self.metrics.set_worker_kv(w.address, w.load.kv_blocks_used, w.load.kv_blocks_free)
+                self.metrics.set_worker_load(w.address, w.load)
         for pool in self.pools.values():
             loads = [w.load for w in pool.workers.values() if w.load is not None]
             total = sum(x.kv_blocks_used + x.kv_blocks_free for x in loads)
