@@ -7,7 +7,6 @@ work is refused with UNAVAILABLE, what is in flight finishes within --drain-time
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import signal
 import sys
@@ -19,6 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from phasesplit.engine.tokenizer import read_tokenizer_files
+from phasesplit.heap import freeze_loaded_objects
 from phasesplit.roles.control import WorkerService
 from phasesplit.roles.core import WorkerCore, WorkerSettings
 from phasesplit.roles.kv_inbox import KVInbox
@@ -241,14 +241,6 @@ def supervise(config: WorkerConfig) -> int:
     code = group.start().wait()
     log.info("tensor-parallel worker exited with %d", code)
     return code
-
-
-def freeze_loaded_objects() -> None:
-    """Keeps what loading left (torch, the model, gRPC: some 300,000 objects) out of every later
-    collection: a full collection over them holds the GIL, and so the engine thread, for ~200 ms on a
-    CPU core (bench/gc_pause.py)."""
-    gc.collect()
-    gc.freeze()
 
 
 def serve_rank(tp, device: str, config: WorkerConfig) -> int:

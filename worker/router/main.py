@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from phasesplit.heap import freeze_loaded_objects
 from phasesplit.router.app import RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.metrics import POOLS
@@ -103,6 +104,7 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
 
 async def serve(settings: RouterSettings, tokenizers: TokenizerSource, host: str, port: int) -> None:
     runner, bound = await start_server(create_app(settings, tokenizers), host, port)
+    freeze_loaded_objects()
     print(f"phasesplit router serving {settings.served_model_name!r} on http://{host}:{bound}/v1", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
