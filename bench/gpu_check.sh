@@ -8,15 +8,15 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 
-# Import `phasesplit` from the source tree without installing it: worker/ is the package,
-# proto/phasesplit/v1 its `v1` and operator/ its `operator` subpackage (as pyproject maps them).
+# Import `phasesplit` from the source tree without installing it: worker/phasesplit is the package,
+# proto/phasesplit/v1 its `v1` and operator/phasesplit/operator its `operator` (as pyproject maps them).
 if ! "$PYTHON" -c "import phasesplit.v1, phasesplit.engine" 2>/dev/null; then
   SHIM="$(mktemp -d)"
   mkdir -p "$SHIM/phasesplit"
   cat > "$SHIM/phasesplit/__init__.py" <<EOF
-__path__ = ["$REPO/worker", "$REPO/proto/phasesplit", "$REPO"]
+__path__ = ["$REPO/worker/phasesplit", "$REPO/proto/phasesplit", "$REPO/operator/phasesplit"]
 EOF
-  ln -s "$REPO/worker/data" "$SHIM/phasesplit/data"  # package data (the tokenizer corpus)
+  ln -s "$REPO/worker/phasesplit/data" "$SHIM/phasesplit/data"  # package data (the tokenizer corpus)
   export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1

@@ -22,3 +22,11 @@ def test_operator_is_importable_as_part_of_the_package():
     code = "import phasesplit.operator.main, phasesplit.operator.builders"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_no_package_is_mapped_onto_a_folder_at_import_time():
+    # The source roots are plain setuptools package-dirs; nothing rewrites sys.modules on import.
+    code = "import sys, phasesplit; print(sorted(m for m in sys.modules if m.startswith('phasesplit')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['phasesplit']"

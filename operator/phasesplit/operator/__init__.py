@@ -1,0 +1,1 @@
+"""The Kubernetes operator (kopf): reconciles a SplitInference into its pools and router."""
