@@ -42,7 +42,7 @@ def manifest(mode: str = "builtin") -> dict:
         }})
 
 
-LONG_PROMPT = (pathlib.Path(__file__).resolve().parents[2] / "worker" / "data" / "prose.txt").read_text()[:2400]
+LONG_PROMPT = (pathlib.Path(__file__).resolve().parents[2] / "worker" / "phasesplit" / "data" / "prose.txt").read_text()[:2400]
 PROMPT_BURST = dict(prompt=LONG_PROMPT, max_tokens=1, clients=8)
 DECODE_BURST = dict(prompt="Hello there", max_tokens=150, clients=8)
 TRICKLE = dict(prompt="Hi", max_tokens=20, clients=2)
