@@ -17,9 +17,9 @@ import openai
 import pytest
 from support import prom
 from support.polling import eventually, wait_for
-from support.serving import metrics, wait_quiet
+from support.completions import body, stream
+from support.serving import metrics, wait_pool_restored, wait_quiet
 from support.words import WORDS
-from test_migration import body, stream, wait_pool_restored
 
 from phasesplit.local.processes import ManagedProcess, free_port, wait_http_ok
 
