@@ -109,7 +109,9 @@ def build_parser(**parser_options) -> argparse.ArgumentParser:
     for f in fields(WorkerConfig):
         options = dict(f.metadata)
         group = options.pop("group", None)
-        target = groups.setdefault(group, p.add_argument_group(group)) if group else p
+        if group and group not in groups:
+            groups[group] = p.add_argument_group(group)
+        target = groups[group] if group else p
         target.add_argument(flag(f.name), dest=f.name, **{**options, **_kind(f, hints[f.name])})
     return p
 
