@@ -8,7 +8,7 @@ runs the handler again after `delay`, doubled on each retry), what cannot is a `
 | 429 TooManyRequests                             | temporary | the server's rate limit                    |
 | 5xx (a webhook not ready, an etcd timeout)      | temporary | the server, or what it calls, is not ready |
 | nothing (connection refused, timed out)         | temporary | the server is restarting or unreachable    |
-| 400 BadRequest, 422 Invalid                     | permanent | the object as built is refused             |
+| 400 BadRequest, 422 Invalid, any other 4xx      | permanent | the object as built is refused             |
 | 403 Forbidden (RBAC, a quota)                   | permanent | an administrator must act                  |
 | 404 NotFound (a kind not installed: KEDA's CRD) | permanent | an administrator must act                  |
 
