@@ -19,7 +19,9 @@ kubernetes client and the operator meet on a real cluster:
 - a merge patch that names a `resourceVersion` other than the live one is 409 (optimistic
   concurrency);
 - a kind that is not declared (a CRD not installed, such as KEDA's) is 404.
-On demand it is slow to create (`create_delay`), so that a client can be stopped between creates.
+On demand it is slow to create (`create_delay`), so that a client can be stopped between creates,
+and refuses one object's writes with a given status (`refuse_writes`: a webhook not ready, an
+overloaded server, a validation it does not model) a given number of times.
 It runs in a background thread with its own loop (`EmulatorThread`), or as kmock's pytest fixture
 (`pytest.mark.kmock(cls=Emulator)`).
 """
@@ -27,6 +29,7 @@ It runs in a background thread with its own loop (`EmulatorThread`), or as kmock
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import itertools
 import pathlib
@@ -62,12 +65,33 @@ RESOURCES = {
     "events.k8s.io/v1/events": dict(kind="Event", namespaced=True),
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(kind="CustomResourceDefinition", namespaced=False),
 }
+WRITES = {"POST", "PUT", "PATCH", "DELETE"}
 VERBS = {"list", "watch", "get", "create", "patch", "update", "delete"}
 ACTION_VERBS = {enums.action.LIST: "list", enums.action.WATCH: "watch", enums.action.FETCH: "get",
                 enums.action.CREATE: "create", enums.action.UPDATE: "patch", enums.action.DELETE: "delete"}
 QUANTITY_KINDS = {"Deployment", "Pod", "HorizontalPodAutoscaler"}  # custom resources keep what was written
+REASONS = {400: "BadRequest", 403: "Forbidden", 409: "Conflict", 422: "Invalid", 429: "TooManyRequests",
+           500: "InternalError", 503: "ServiceUnavailable", 504: "Timeout"}
 RFC1035 = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+@dataclasses.dataclass
+class Fault:
+    """Writes of one object answered `status`: the next `times` of them (None: every one)."""
+    status: int
+    message: str
+    times: int | None
+    hits: int = 0  # writes refused so far
+
+    def fires(self) -> bool:
+        """Counts one write; whether it is refused."""
+        if self.times is not None:
+            if self.times == 0:
+                return False
+            self.times -= 1
+        self.hits += 1
+        return True
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -80,12 +104,22 @@ class Emulator(kmock.KubernetesEmulator):
         self.authorizer = chart_authorizer()
         self.denied: list[str] = []
         self.create_delay = 0.0  # seconds each create waits before it is stored (a slow API server)
+        self.faults: dict[tuple[str, str], Fault] = {}  # (plural, name) -> how its writes are refused
         for resource, info in RESOURCES.items():
             self.resources[resource] = dict(verbs=VERBS, **info)
         register_crd(self, build_crd())
 
     def kubeconfig(self, path: pathlib.Path, token: str = OPERATOR_TOKEN) -> pathlib.Path:
         return write_kubeconfig(path, str(self.url).rstrip("/"), token)
+
+    def refuse_writes(self, plural: str, name: str, status: int, times: int | None = None,
+                      message: str = "") -> Fault:
+        """Answers the next `times` writes (None: every write) of the object `plural`/`name` with
+        `status`, after authorization as a webhook or a validation would; returns the fault, whose
+        `hits` counts the writes refused."""
+        message = message or f"the server refused {plural}/{name} (HTTP {status})"
+        fault = self.faults[plural, name] = Fault(status, message, times)
+        return fault
 
     # ---- the request path ----
 
@@ -98,6 +132,7 @@ class Emulator(kmock.KubernetesEmulator):
             if request.resource not in self.resources:  # a kind whose CRD is not installed (KEDA's)
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             self._authorize(request)
+            self._refuse(request)
             if self.create_delay and self._creates(request):
                 await asyncio.sleep(self.create_delay)
             if request.method == "PATCH" and _content_type(request) == APPLY:
@@ -122,8 +157,7 @@ class Emulator(kmock.KubernetesEmulator):
         verb = ACTION_VERBS.get(request.action) or {"PUT": "update"}.get(str(request.method), "get")
         group, plural = request.resource.group or "", request.resource.plural
         resource = f"{plural}/{request.subresource}" if request.subresource else plural
-        name = request.name or ((request.data or {}).get("metadata", {}).get("name")
-                                if isinstance(request.data, dict) else None)
+        name = _name(request)
         needed = [(verb, group, resource, name)]
         if verb == "patch" and _content_type(request) == APPLY and self._live(request) is None:
             needed.append(("create", group, resource, name))  # apply that creates needs create too
@@ -137,6 +171,11 @@ class Emulator(kmock.KubernetesEmulator):
                            f'cannot {verb} resource "{resource}" in API group "{group}"{where}')
                 self.denied.append(message)
                 raise ApiError(403, "Forbidden", message)
+
+    def _refuse(self, request) -> None:
+        fault = self.faults.get((request.resource.plural, _name(request)))
+        if fault is not None and request.method in WRITES and fault.fires():
+            raise ApiError(fault.status, REASONS.get(fault.status, "InternalError"), fault.message)
 
     def _creates(self, request) -> bool:
         applies = request.method == "PATCH" and _content_type(request) == APPLY
@@ -308,6 +347,12 @@ def _now() -> str:
 def _bearer(request) -> str:
     auth = next((v for k, v in request.headers.items() if k.lower() == "authorization"), "")
     return auth.removeprefix("Bearer ").strip()
+
+
+def _name(request) -> str | None:
+    """The object a request is about: in its path, or in the body of a create."""
+    return request.name or ((request.data or {}).get("metadata", {}).get("name")
+                            if isinstance(request.data, dict) else None)
 
 
 def _content_type(request) -> str:

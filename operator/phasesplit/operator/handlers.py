@@ -17,7 +17,7 @@ import time
 import kopf
 
 from phasesplit.control import spec as si
-from phasesplit.operator import autoscaler, builders, reconcile
+from phasesplit.operator import autoscaler, builders, errors, reconcile
 from phasesplit.operator.kube import Kube, KubeError
 
 RESYNC_SECONDS = 60.0
@@ -65,8 +65,16 @@ def _report(outcome: reconcile.Outcome, body: kopf.Body, logger: logging.Logger)
         kopf.warn(body, reason="ApplyFailed", message="; ".join(outcome.failures))
 
 
-def reconcile_fn(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-    _report(reconcile.reconcile(memo.kube, dict(body), memo.cluster_domain), body, logger)
+def reconcile_fn(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, retry: int, **_) -> None:
+    """One pass; a failure is raised as kopf's own error (phasesplit.operator.errors) once the status
+    and Events say why, so that kopf retries what can heal, with backoff, and stops on what cannot."""
+    try:
+        outcome = reconcile.reconcile(memo.kube, dict(body), memo.cluster_domain)
+    except errors.API_ERRORS as e:
+        raise errors.from_exception(e, retry) from e
+    _report(outcome, body, logger)
+    if outcome.failures:
+        raise errors.from_failures(outcome.failures, outcome.statuses, retry)
 
 
 async def track(body: kopf.Body, type: str | None, memo: kopf.Memo, logger: logging.Logger, **_) -> None:

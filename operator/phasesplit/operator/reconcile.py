@@ -29,11 +29,16 @@ class Outcome:
     applied: dict[str, str] = field(default_factory=dict)  # "Kind/name" -> created | patched | unchanged
     pruned: list[str] = field(default_factory=list)  # "Kind/name" of owned children no longer wanted
     failures: list[str] = field(default_factory=list)  # "Kind/name: the server's message", one per child
+    statuses: list[int] = field(default_factory=list)  # the HTTP status of each failure
     problems: list[str] = field(default_factory=list)
     status: dict = field(default_factory=dict)
     status_written: bool = False
     newly_invalid: bool = False
     newly_failed: bool = False  # failures differ from what status last said
+
+    def failed(self, what: str, e: KubeError) -> None:
+        self.failures.append(f"{what}: {e.message}")
+        self.statuses.append(e.status)
 
 
 def owner_of(body: dict, cluster_domain: str = builders.CLUSTER_DOMAIN) -> builders.Owner:
@@ -145,11 +150,11 @@ def reconcile(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOM
             try:
                 outcome.applied[name], _ = apply(kube, child, replicas_elsewhere=autoscaled(child, spec))
             except KubeError as e:  # one child refused (a missing CRD, a quota): the others still go
-                outcome.failures.append(f"{name}: {e.message}")
+                outcome.failed(name, e)
         try:
             outcome.pruned = prune(kube, owner_of(body), children)
         except KubeError as e:
-            outcome.failures.append(f"pruning: {e.message}")
+            outcome.failed("pruning", e)
     write_status(kube, body, spec, problems, outcome, failures=outcome.failures, applied=body,
                  cluster_domain=cluster_domain)
     return outcome
