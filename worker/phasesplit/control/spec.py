@@ -310,7 +310,7 @@ class Pool(Spec):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[FreeObject] = Field(default_factory=list)
     affinity: FreeObject | None = None
-    drain_timeout_seconds: int = Field(60, ge=1, le=3600,
+    drain_timeout_seconds: int = Field(int(default("drain_timeout")), ge=1, le=3600,
                                        description="on SIGTERM, time to finish in-flight sequences")
     env: list[EnvVar] = Field(default_factory=list)
     engine: EngineSettings = Field(default_factory=EngineSettings)

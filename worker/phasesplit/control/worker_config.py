@@ -58,7 +58,7 @@ class WorkerConfig:
     kv_transfer_timeout: float = option(30.0, "seconds a transfer may stall")
     kv_lease: float = option(60.0, "seconds received KV waits for its Generate")
     layerwise: bool = option(True, "send the KV after the prompt phase instead of layer by layer during it")
-    drain_timeout: float = option(30.0, "seconds to finish in-flight work on SIGTERM")
+    drain_timeout: float = option(60.0, "seconds to finish in-flight work on SIGTERM")
     grpc_threads: int | None = option(None, "gRPC handler threads (default: enough for --max-num-seqs)")
     tensor_parallel: int = option(1, "shard the model over N ranks: N processes, one per GPU (cuda) or N gloo "
                                      "ranks (cpu)", metavar="N")
