@@ -5,7 +5,7 @@ import asyncio
 import openai
 from support.fake_worker import MODEL, FakeWorker
 
-from phasesplit.router.scheduling import pick_prompt_worker, pick_token_worker
+from phasesplit.router.scheduling import Turns, pick_prompt_worker, pick_token_worker
 from phasesplit.router.workers import WorkerState
 from phasesplit.v1 import worker_pb2 as pb
 
@@ -102,7 +102,8 @@ async def test_pick_prompt_worker_uses_the_larger_of_own_and_polled_queue():
 
 async def test_equal_prompt_workers_take_turns():
     a, b = worker("a:1", "prompt"), worker("b:1", "prompt")
-    assert [pick_prompt_worker([a, b]).address for _ in range(4)] == ["a:1", "b:1", "a:1", "b:1"]
+    turns = Turns()
+    assert [turns.take(pick_prompt_worker([a, b])).address for _ in range(4)] == ["a:1", "b:1", "a:1", "b:1"]
 
 
 async def test_token_reservations_count_until_a_poll_begun_after_the_kv_landed(tokenizer):
