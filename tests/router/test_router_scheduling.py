@@ -41,8 +41,8 @@ async def test_router_counts_the_prompt_tokens_it_has_sent(make_cluster):
     tasks = []
     for prompt in (long_prompt, short_prompt, short_prompt, short_prompt):
         tasks.append(asyncio.create_task(complete(cluster, prompt)))
-        await eventually(lambda: sum(w.inflight for w in cluster.router.pools["prompt"].workers.values()) == len(tasks),
-                         what="the router to send the prompt")   # in this order
+        await eventually(lambda: sum(len(w.prefills) for w in cluster.workers["prompt"]) == len(tasks),
+                         interval=0.01, what="a prompt worker to get the prompt")   # in this order
     await asyncio.gather(*tasks)
     counts = sorted(len(w.prefills) for w in cluster.workers["prompt"])
     assert counts == [1, 3], "the three short prompts queue behind each other, not behind the long one"

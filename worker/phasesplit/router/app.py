@@ -246,28 +246,12 @@ async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int
     first: Delta = await anext(deltas)   # errors before the first token are answered with their HTTP status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-
-    async def send(obj) -> None:
-        await response.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
-
-    completion_tokens, delta = 0, first
     try:
-        if shape.chat:
-            await send(shape.chunk("", None, include_usage, role=True))
-        while True:
-            completion_tokens += len(delta.token_ids)
-            if delta.text or delta.finish_reason:
-                await send(shape.chunk(delta.text, delta.finish_reason or None, include_usage))
-            if delta.finish_reason:
-                break
-            delta = await anext(deltas)
-        if include_usage:
-            await send(shape.usage_chunk(prompt_tokens, completion_tokens))
-        await send(b"[DONE]")
+        await _send_events(response, first, deltas, shape, prompt_tokens, include_usage)
     except APIError as e:
         try:
-            await send(e.body())
-            await send(b"[DONE]")
+            await _send(response, e.body())
+            await _send(response, b"[DONE]")
         except ConnectionResetError:
             return response
     except ConnectionResetError:
@@ -275,6 +259,28 @@ async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int
         return response   # leaving `deltas` unfinished cancels the request on the workers
     await response.write_eof()
     return response
+
+
+async def _send_events(response: web.StreamResponse, delta: Delta, deltas, shape: Shape, prompt_tokens: int,
+                       include_usage: bool) -> None:
+    """The stream's chunks from `delta` on, the usage (when asked for) and [DONE]."""
+    completion_tokens = 0
+    if shape.chat:
+        await _send(response, shape.chunk("", None, include_usage, role=True))
+    while True:
+        completion_tokens += len(delta.token_ids)
+        if delta.text or delta.finish_reason:
+            await _send(response, shape.chunk(delta.text, delta.finish_reason or None, include_usage))
+        if delta.finish_reason:
+            break
+        delta = await anext(deltas)
+    if include_usage:
+        await _send(response, shape.usage_chunk(prompt_tokens, completion_tokens))
+    await _send(response, b"[DONE]")
+
+
+async def _send(response: web.StreamResponse, obj: dict | bytes) -> None:
+    await response.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
 
 
 # ---- operations ----
