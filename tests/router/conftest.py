@@ -31,6 +31,10 @@ class Cluster:
     def all_workers(self) -> list[FakeWorker]:
         return [w for ws in self.workers.values() for w in ws]
 
+    async def polled(self) -> None:
+        """Returns once the router has polled every worker again: it sees what the test just changed."""
+        await self.router.pools.next_poll()
+
     async def metrics(self) -> dict[tuple[str, tuple], float]:
         """{(sample name, sorted labels): value} from GET /metrics, parsed by prometheus_client."""
         async with aiohttp.ClientSession() as session, session.get(self.url + "/metrics") as resp:

@@ -63,7 +63,7 @@ async def test_disconnect_during_a_migration_aborts_every_worker_of_the_new_atte
     cluster = await make_cluster(prompt=1, token=2, worker_options={"token_delay": 0.02, "prefill_delay": 0.5})
     prompt_w, (first, second) = cluster.workers["prompt"][0], cluster.workers["token"]
     second.num_kv_blocks = 500   # the first one is picked first
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     first.fail_after_tokens, first.failure = 5, "end"
     body = {"model": MODEL, "prompt": "a long story", "max_tokens": 500, "ignore_eos": True, "stream": True}
 

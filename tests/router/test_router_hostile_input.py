@@ -24,7 +24,8 @@ async def post(router, path: str, body) -> tuple[int, dict]:
     cluster, session = router
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with session.post(cluster.base_url + path, data=data, headers={"Content-Type": "application/json"}) as r:
-        return r.status, await r.json(content_type=None)
+        # a body the search finds valid may ask for a stream: its answer is events, not one JSON object
+        return r.status, await (r.json() if r.content_type == "application/json" else r.text())
 
 
 async def still_serves(router) -> None:

@@ -1,7 +1,5 @@
 """The mixed pool lends its workers to an overloaded prompt or token pool."""
 
-import asyncio
-
 import openai
 
 from support.fake_worker import MODEL
@@ -16,11 +14,11 @@ async def complete(cluster):
 async def test_mixed_worker_takes_prompts_only_while_the_prompt_pool_is_overloaded(make_cluster):
     cluster = await make_cluster(prompt=1, token=1, mixed=1)
     (prompt,), (mixed,) = cluster.workers["prompt"], cluster.workers["mixed"]
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     await complete(cluster)
     assert (len(prompt.prefills), len(mixed.prefills)) == (1, 0), "not overloaded: the mixed pool stays out"
     prompt.extra_waiting_tokens = 10_000
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     reply = await complete(cluster)
     assert reply.usage.completion_tokens == 3
     assert (len(prompt.prefills), len(mixed.prefills)) == (1, 1)
@@ -30,7 +28,7 @@ async def test_mixed_worker_decodes_when_no_token_worker_has_room(make_cluster):
     cluster = await make_cluster(prompt=1, token=1, mixed=1)
     (token,), (mixed,) = cluster.workers["token"], cluster.workers["mixed"]
     token.num_kv_blocks = 0
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     reply = await complete(cluster)
     assert reply.usage.completion_tokens == 3
     assert (len(token.generates), len(mixed.generates)) == (0, 1)
@@ -40,11 +38,11 @@ async def test_mixed_worker_decodes_when_the_token_workers_batch_is_full(make_cl
     cluster = await make_cluster(prompt=1, token=1, mixed=1)
     (token,), (mixed,) = cluster.workers["token"], cluster.workers["mixed"]
     token.max_running_requests = 4
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     await complete(cluster)
     assert (len(token.generates), len(mixed.generates)) == (1, 0), "room in the batch: the mixed pool stays out"
     token.extra_running = 4
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     reply = await complete(cluster)
     assert reply.usage.completion_tokens == 3
     assert (len(token.generates), len(mixed.generates)) == (1, 1)

@@ -5,6 +5,7 @@ import asyncio
 import aiohttp
 import openai
 from support.fake_worker import MODEL
+from support.polling import eventually
 
 NAMES = ["phasesplit_queue_requests", "phasesplit_queue_tokens", "phasesplit_inflight_requests",
          "phasesplit_pool_workers", "phasesplit_kv_blocks_used", "phasesplit_kv_blocks_free",
@@ -18,6 +19,10 @@ def pool(name):
     return (("pool", name),)
 
 
+async def gauge(cluster, name: str, pool_name: str, holds) -> bool:
+    return holds((await cluster.metrics())[(name, pool(pool_name))])
+
+
 async def test_metrics_after_traffic(make_cluster, tokenizer):
     cluster = await make_cluster(prompt=1, token=2)
     client = openai.AsyncOpenAI(base_url=cluster.base_url, api_key="x", max_retries=0)
@@ -26,7 +31,7 @@ async def test_metrics_after_traffic(make_cluster, tokenizer):
         await client.completions.create(model=MODEL, prompt=p, max_tokens=5, extra_body={"ignore_eos": True})
     async with aiohttp.ClientSession() as s, s.post(cluster.base_url + "/completions", data=b"{") as resp:
         assert resp.status == 400
-    await asyncio.sleep(0.3)   # a poll of the workers' load
+    await cluster.polled()   # the workers' load after the traffic
 
     m = await cluster.metrics()
 
@@ -58,14 +63,18 @@ async def test_queue_gauges_follow_the_phases(make_cluster, tokenizer):
     prompts = ["alpha beta gamma", "delta epsilon"]
     tasks = [asyncio.create_task(client.completions.create(model=MODEL, prompt=p, max_tokens=8,
                                                            extra_body={"ignore_eos": True})) for p in prompts]
-    await asyncio.sleep(0.4)
+    await eventually(lambda: gauge(cluster, "phasesplit_inflight_requests", "prompt", lambda v: v == 2),
+                     what="both requests in the prompt phase")
     m = await cluster.metrics()
     assert m[("phasesplit_queue_requests", pool("prompt"))] == 2
     assert m[("phasesplit_inflight_requests", pool("prompt"))] == 2
     assert m[("phasesplit_queue_tokens", pool("prompt"))] == sum(len(tokenizer.encode(p)) for p in prompts)
     assert m[("phasesplit_inflight_requests", pool("token"))] == 0
 
-    await asyncio.sleep(1.0)   # prefill done, decoding: 7 tokens each to come, one every 0.15 s
+    await eventually(lambda: gauge(cluster, "phasesplit_inflight_requests", "token", lambda v: v == 2),
+                     timeout=10, what="both requests decoding")   # 7 tokens each to come, one every 0.15 s
+    await eventually(lambda: gauge(cluster, "phasesplit_queue_tokens", "token", lambda v: v < 2 * 7),
+                     what="the first decoded token")
     m = await cluster.metrics()
     assert m[("phasesplit_inflight_requests", pool("prompt"))] == 0
     assert m[("phasesplit_queue_tokens", pool("prompt"))] == 0

@@ -56,7 +56,7 @@ async def test_a_token_worker_failing_mid_stream_is_invisible_to_the_client(make
     cluster = await make_cluster(prompt=1, token=2, worker_options={"token_delay": 0.005})
     first, second = cluster.workers["token"]
     second.num_kv_blocks = 500   # the first one is picked first
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     first.fail_after_tokens, first.failure = 7, failure
     with caplog.at_level(logging.INFO, logger="phasesplit.router.dispatch"):
         text, finish, usage, error = await stream(cluster)
@@ -79,7 +79,7 @@ async def test_a_token_worker_failing_mid_stream_is_invisible_to_the_client(make
 
 async def test_a_mixed_worker_failing_mid_stream_moves_to_another(make_cluster, tokenizer):
     cluster = await make_cluster(prompt=0, token=0, mixed=2, worker_options={"token_delay": 0.005})
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     for w in cluster.workers["mixed"]:
         w.fail_after_tokens = 5 if w is cluster.workers["mixed"][0] else None
     text, finish, usage, error = await stream(cluster)
@@ -88,7 +88,7 @@ async def test_a_mixed_worker_failing_mid_stream_moves_to_another(make_cluster, 
 
 async def test_migration_turned_off_ends_the_stream_with_an_error_event(make_cluster, tokenizer):
     cluster = await make_cluster(prompt=1, token=2, migration=MigrationPolicy(max_attempts=0))
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     for w in cluster.workers["token"]:
         w.fail_after_tokens, w.failure = 5, "end"
     text, finish, usage, error = await stream(cluster)
@@ -101,7 +101,7 @@ async def test_migration_turned_off_ends_the_stream_with_an_error_event(make_clu
 @pytest.mark.parametrize("failure", ["kill", "stall"])
 async def test_with_no_token_worker_left_the_stream_ends_with_a_clear_error_event(make_cluster, failure):
     cluster = await make_cluster(prompt=1, token=1)
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     cluster.workers["token"][0].fail_after_tokens, cluster.workers["token"][0].failure = 5, failure
     text, finish, usage, error = await stream(cluster)
     assert text and finish is None
@@ -113,7 +113,7 @@ async def test_with_no_token_worker_left_the_stream_ends_with_a_clear_error_even
 
 async def test_a_busy_worker_that_no_other_could_replace_is_waited_for_not_given_up(make_cluster, tokenizer, caplog):
     cluster = await make_cluster(prompt=1, token=1, worker_options={"token_delay": 0.005})   # stall timeout 1 s
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     (worker,) = cluster.workers["token"]
     worker.fail_after_tokens, worker.failure, worker.pause_seconds = 5, "pause", 2.5
     with caplog.at_level(logging.WARNING, logger="phasesplit.router.dispatch"):
@@ -128,7 +128,7 @@ async def test_a_stalled_worker_gets_no_new_work_and_its_stream_is_aborted_when_
     cluster = await make_cluster(prompt=1, token=2, worker_options={"token_delay": 0.005})
     first, second = cluster.workers["token"]
     second.num_kv_blocks = 500
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     first.fail_after_tokens, first.failure = 4, "stall"
     text, *_ = await stream(cluster)
     assert text == uninterrupted(tokenizer)
@@ -140,7 +140,7 @@ async def test_a_stalled_worker_gets_no_new_work_and_its_stream_is_aborted_when_
 
 async def test_a_prompt_worker_dead_before_output_is_skipped_and_not_picked_again(make_cluster, tokenizer):
     cluster = await make_cluster(prompt=2, token=1)
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     dead, alive = cluster.workers["prompt"]
     await dead.kill()
     for _ in range(4):
@@ -157,7 +157,7 @@ async def test_a_retry_after_an_aborted_first_attempt_works_with_a_single_token_
     dying, other = cluster.workers["prompt"]
     dying.fail_after_push = True          # pushes the KV, then fails as a worker dying right then does
     other.extra_waiting_tokens = 10_000   # so that the dying one is picked first
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     text, finish, usage, error = await stream(cluster, max_tokens=6)
     assert error is None and text == uninterrupted(tokenizer, 6)
     assert len(dying.prefills) == len(other.prefills) == 1
@@ -170,6 +170,6 @@ async def test_a_retry_after_an_aborted_first_attempt_works_with_a_single_token_
 async def test_a_burst_is_spread_over_idle_token_workers_by_in_flight_count(make_cluster):
     cluster = await make_cluster(prompt=1, token=2, worker_options={"token_delay": 0.01})
     cluster.workers["token"][0].num_kv_blocks = 1100   # both have ample room; one polls a little freer
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     await asyncio.gather(*(stream(cluster, max_tokens=12) for _ in range(16)))
     assert sorted(len(w.generates) for w in cluster.workers["token"]) == [8, 8]

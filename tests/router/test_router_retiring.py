@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 import openai
 from support.fake_worker import ADMIN_TOKEN, MODEL, FakeWorker
@@ -48,7 +46,7 @@ async def test_a_removed_worker_finishes_its_request_gets_no_new_one_and_is_list
         for _ in range(50):
             if not (await pools(cluster))["token"]["retiring"]:
                 break
-            await asyncio.sleep(0.1)
+            await cluster.polled()   # each round closes the retired workers with nothing in flight
         assert (await pools(cluster))["token"]["retiring"] == []
     finally:
         await spare.stop()

@@ -4,8 +4,9 @@ import asyncio
 
 import openai
 from support.fake_worker import MODEL, FakeWorker
+from support.polling import eventually
 
-from phasesplit.router.scheduling import pick_prompt_worker, pick_token_worker
+from phasesplit.router.scheduling import Turns, pick_prompt_worker, pick_token_worker
 from phasesplit.router.workers import WorkerState
 from phasesplit.v1 import worker_pb2 as pb
 
@@ -23,13 +24,13 @@ async def test_prompt_worker_with_the_shorter_polled_queue_gets_the_requests(mak
     cluster = await make_cluster(prompt=2, token=1)
     busy, idle = cluster.workers["prompt"]
     busy.extra_waiting_tokens = 500
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     for _ in range(3):
         await complete(cluster)
     assert (len(busy.prefills), len(idle.prefills)) == (0, 3)
 
     busy.extra_waiting_tokens, idle.extra_waiting_tokens = 0, 800
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     await complete(cluster)
     assert (len(busy.prefills), len(idle.prefills)) == (1, 3)
 
@@ -40,7 +41,8 @@ async def test_router_counts_the_prompt_tokens_it_has_sent(make_cluster):
     tasks = []
     for prompt in (long_prompt, short_prompt, short_prompt, short_prompt):
         tasks.append(asyncio.create_task(complete(cluster, prompt)))
-        await asyncio.sleep(0.05)
+        await eventually(lambda: sum(len(w.prefills) for w in cluster.workers["prompt"]) == len(tasks),
+                         interval=0.01, what="a prompt worker to get the prompt")   # in this order
     await asyncio.gather(*tasks)
     counts = sorted(len(w.prefills) for w in cluster.workers["prompt"])
     assert counts == [1, 3], "the three short prompts queue behind each other, not behind the long one"
@@ -50,7 +52,7 @@ async def test_token_worker_with_most_free_kv_blocks_is_chosen(make_cluster):
     cluster = await make_cluster(prompt=1, token=2)
     small, large = cluster.workers["token"]
     small.num_kv_blocks = 50
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     for _ in range(3):
         await complete(cluster)
     assert (len(small.generates), len(large.generates)) == (0, 3)
@@ -61,7 +63,7 @@ async def test_a_draining_prompt_worker_is_retried_once_on_another(make_cluster)
     draining, healthy = cluster.workers["prompt"]
     healthy.extra_waiting_tokens = 100   # the draining one looks better, so it is tried first
     draining.refuse_prefill = True       # it started draining after the last poll
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     reply = await complete(cluster)
     assert reply.usage.completion_tokens == 3
     assert len(draining.prefills) == 1 and len(healthy.prefills) == 1
@@ -79,7 +81,7 @@ async def test_a_worker_polled_as_draining_gets_no_work(make_cluster):
     draining, healthy = cluster.workers["prompt"]
     draining.draining = True
     healthy.extra_waiting_tokens = 10_000
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     await complete(cluster)
     assert (len(draining.prefills), len(healthy.prefills)) == (0, 1)
 
@@ -102,7 +104,8 @@ async def test_pick_prompt_worker_uses_the_larger_of_own_and_polled_queue():
 
 async def test_equal_prompt_workers_take_turns():
     a, b = worker("a:1", "prompt"), worker("b:1", "prompt")
-    assert [pick_prompt_worker([a, b]).address for _ in range(4)] == ["a:1", "b:1", "a:1", "b:1"]
+    turns = Turns()
+    assert [turns.take(pick_prompt_worker([a, b])).address for _ in range(4)] == ["a:1", "b:1", "a:1", "b:1"]
 
 
 async def test_token_reservations_count_until_a_poll_begun_after_the_kv_landed(tokenizer):

@@ -119,7 +119,7 @@ async def test_workers_of_another_tokenizer_get_work_only_once_the_router_has_fo
 async def test_a_router_given_a_model_directory_sends_nothing_to_workers_of_another_tokenizer(
         make_cluster, files_b):
     cluster = await make_cluster(prompt=0, token=0, mixed=1, worker_options={"tokenizer_files": files_b})
-    await asyncio.sleep(0.3)
+    await cluster.polled()
     status, body = await request(cluster, "GET", "/health")
     assert status == 503 and "is not the router's" in body["reason"]
     assert cluster.workers["mixed"][0].tokenizer_reads == 0, "a router given --model keeps its tokenizer"
@@ -138,7 +138,7 @@ async def test_a_request_that_waited_through_a_tokenizer_change_is_tokenized_aga
     await eventually(lambda: healthy(cluster))
     await set_pool(cluster, "mixed", [])        # the old worker is gone before the new one is ready
     waiting = asyncio.create_task(request(cluster, "POST", "/v1/chat/completions", CHAT))
-    await asyncio.sleep(0.3)
+    await eventually(lambda: cluster.router.dispatcher.queue.waiting == 1, what="the request to wait for a worker")
     new = await workers("mixed", files_b)
     await set_pool(cluster, "mixed", [new])
     with caplog.at_level(logging.INFO, logger="phasesplit.router.app"):

@@ -23,7 +23,7 @@ from phasesplit.fleet.instance import Instance
 from phasesplit.fleet.perf import Profiles, kv_transfer_time
 from phasesplit.fleet.trace import Trace
 from phasesplit.router.lending import LEND_QUEUE_TOKENS, prompt_candidates, token_candidates
-from phasesplit.router.scheduling import pick_mixed_worker, pick_prompt_worker, pick_token_worker
+from phasesplit.router.scheduling import Turns, pick_mixed_worker, pick_prompt_worker, pick_token_worker
 
 ROLES = ("prompt", "token", "mixed")
 
@@ -120,6 +120,7 @@ class Simulation:
         self.arrived = 0
         self.scaling_log: list[dict] = []
         self._names = itertools.count()
+        self.turns = Turns()   # as the router's: equal instances take turns
         for p in config.pools:
             for _ in range(p.machines * self.perf[p.role].instances_per_machine):
                 self._add_instance(p.role)
@@ -173,7 +174,7 @@ class Simulation:
         if policy is not pick_prompt_worker:
             for w in workers:
                 w.refresh(now)
-        return policy(workers)
+        return self.turns.take(policy(workers))
 
     def _pick_split(self, rid: int, now: float) -> tuple[Instance | None, Instance | None]:
         """Split serving, with a mixed pool (if any) lent to the overloaded side as the router does."""
@@ -182,7 +183,7 @@ class Simulation:
             w.refresh(now)
         prompt = prompt_candidates(self.pools["prompt"], mixed, self.config.lend_queue_tokens)
         token = token_candidates(self.pools["token"], mixed, self.prompt_tokens[rid] + 1)
-        return pick_prompt_worker(prompt), pick_token_worker(token)
+        return self.turns.take(pick_prompt_worker(prompt)), self.turns.take(pick_token_worker(token))
 
     # ---- callbacks from instances ----
     def first_token(self, rid: int, now: float) -> None:

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -16,11 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from phasesplit.engine.tokenizer import Tokenizer
-from phasesplit.router.dispatch import Delta, Dispatcher, Job, MigrationPolicy, TokenizerChanged
+from phasesplit.router.dispatch import Dispatcher, TokenizerChanged
 from phasesplit.router.metrics import POOLS, RouterMetrics
 from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body, unavailable
 from phasesplit.router.pools import Pools, WorkerSpec
 from phasesplit.router.prompts import check_prompt_length, chat_prompt_ids, completion_prompt_ids, sampling_params
+from phasesplit.router.request import Delta, Job, MigrationPolicy
 from phasesplit.router.responses import Shape
 from phasesplit.router.tokenizer_source import TokenizerSource
 from phasesplit.router.waiting import QueueSettings
@@ -63,7 +65,22 @@ class Router:
         return self.tokenizers.tokenizer, self.tokenizers.digest
 
 
+@dataclass(frozen=True)
+class Endpoint:
+    """What sets the two OpenAI generation endpoints apart."""
+    body: type[CompletionRequest] | type[ChatCompletionRequest]
+    prompt_ids: Callable   # (body, tokenizer) -> the prompt's token ids
+    param: str             # the body field the prompt comes from
+    chat: bool
+
+    @property
+    def id_prefix(self) -> str:
+        return "chatcmpl" if self.chat else "cmpl"
+
+
 ROUTER = web.AppKey("router", Router)
+ENDPOINTS = {"/v1/completions": Endpoint(CompletionRequest, completion_prompt_ids, "prompt", chat=False),
+             "/v1/chat/completions": Endpoint(ChatCompletionRequest, chat_prompt_ids, "messages", chat=True)}
 TOKENIZER_CHANGES = 3   # times a request is tokenized again because the workers moved to another tokenizer
 
 
@@ -75,8 +92,8 @@ def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer 
                   dns_interval=settings.dns_interval, served=settings.pools, tokenizer=source)
     app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=64 * 1024 * 1024)
     app[ROUTER] = Router(settings, source, metrics, pools, Dispatcher(pools, metrics, settings.migration, settings.queue))
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    for path in ENDPOINTS:
+        app.router.add_post(path, generate)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
@@ -143,34 +160,28 @@ async def require_api_key(request: web.Request, handler):
 
 
 # ---- OpenAI endpoints ----
-async def completions(request: web.Request) -> web.StreamResponse:
+async def generate(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions and /v1/chat/completions."""
     router = request.app[ROUTER]
+    endpoint = ENDPOINTS[request.match_info.route.resource.canonical]
     with _rejections(router):
-        req = parse_body(CompletionRequest, await request.read())
+        req = parse_body(endpoint.body, await request.read())
         _check_model(router, req.model)
-    return await _serve(request, router, req, completion_prompt_ids, "prompt", chat=False)
+    return await _serve(request, router, req, endpoint)
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    router = request.app[ROUTER]
-    with _rejections(router):
-        req = parse_body(ChatCompletionRequest, await request.read())
-        _check_model(router, req.model)
-    return await _serve(request, router, req, chat_prompt_ids, "messages", chat=True)
-
-
-async def _serve(request: web.Request, router: Router, req, prompt_ids, param: str, chat: bool) -> web.StreamResponse:
+async def _serve(request: web.Request, router: Router, req, endpoint: Endpoint) -> web.StreamResponse:
     """Tokenizes and answers; again with the new tokenizer when the workers moved to another while the
     request waited for them (nothing was sent yet)."""
     for _ in range(TOKENIZER_CHANGES):
         with _rejections(router):
             tokenizer, digest = await router.tokenizer()
-            ids = await asyncio.to_thread(prompt_ids, req, tokenizer)  # off the loop: long prompts
-            check_prompt_length(ids, router.max_model_len, param)
-            job = Job(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", ids,
+            ids = await asyncio.to_thread(endpoint.prompt_ids, req, tokenizer)  # off the loop: long prompts
+            check_prompt_length(ids, router.max_model_len, endpoint.param)
+            job = Job(f"{endpoint.id_prefix}-{uuid.uuid4().hex}", ids,
                       sampling_params(req, len(ids), router.max_model_len), tokenizer=digest)
         try:
-            return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=chat))
+            return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=endpoint.chat))
         except TokenizerChanged:
             log.info("request %s: the workers' tokenizer changed while it waited; tokenizing it again", job.request_id)
     with _rejections(router):
@@ -235,28 +246,12 @@ async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int
     first: Delta = await anext(deltas)   # errors before the first token are answered with their HTTP status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-
-    async def send(obj) -> None:
-        await response.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
-
-    completion_tokens, delta = 0, first
     try:
-        if shape.chat:
-            await send(shape.chunk("", None, include_usage, role=True))
-        while True:
-            completion_tokens += len(delta.token_ids)
-            if delta.text or delta.finish_reason:
-                await send(shape.chunk(delta.text, delta.finish_reason or None, include_usage))
-            if delta.finish_reason:
-                break
-            delta = await anext(deltas)
-        if include_usage:
-            await send(shape.usage_chunk(prompt_tokens, completion_tokens))
-        await send(b"[DONE]")
+        await _send_events(response, first, deltas, shape, prompt_tokens, include_usage)
     except APIError as e:
         try:
-            await send(e.body())
-            await send(b"[DONE]")
+            await _send(response, e.body())
+            await _send(response, b"[DONE]")
         except ConnectionResetError:
             return response
     except ConnectionResetError:
@@ -264,6 +259,28 @@ async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int
         return response   # leaving `deltas` unfinished cancels the request on the workers
     await response.write_eof()
     return response
+
+
+async def _send_events(response: web.StreamResponse, delta: Delta, deltas, shape: Shape, prompt_tokens: int,
+                       include_usage: bool) -> None:
+    """The stream's chunks from `delta` on, the usage (when asked for) and [DONE]."""
+    completion_tokens = 0
+    if shape.chat:
+        await _send(response, shape.chunk("", None, include_usage, role=True))
+    while True:
+        completion_tokens += len(delta.token_ids)
+        if delta.text or delta.finish_reason:
+            await _send(response, shape.chunk(delta.text, delta.finish_reason or None, include_usage))
+        if delta.finish_reason:
+            break
+        delta = await anext(deltas)
+    if include_usage:
+        await _send(response, shape.usage_chunk(prompt_tokens, completion_tokens))
+    await _send(response, b"[DONE]")
+
+
+async def _send(response: web.StreamResponse, obj: dict | bytes) -> None:
+    await response.write(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
 
 
 # ---- operations ----

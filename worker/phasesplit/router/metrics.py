@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily
 
 POOLS = ("prompt", "token", "mixed")
 OUTCOMES = ("success", "error", "cancelled", "rejected")
-# Why a request moved to another worker (dispatch.WorkerLost): before its first token a retry, after it a migration.
+# Why a request moved to another worker (failures.WorkerLost): before its first token a retry, after it a migration.
 FAILOVER_REASONS = ("prompt_worker_unavailable", "kv_transfer_failed", "worker_unavailable", "worker_error",
                     "worker_full", "worker_aborted", "stream_ended", "stalled")
 
@@ -60,6 +60,11 @@ class RouterMetrics:
                             "(attempts used up, or no worker left)", ["stage"], registry=r)
         self.worker_streams = WorkerStreams()
         r.register(self.worker_streams)
+        self._declare_series()
+
+    def _declare_series(self) -> None:
+        """Every labelled series exists from the start, at 0: a query sees the pools, outcomes and reasons
+        that have had nothing yet."""
         for pool in POOLS:
             for gauge in (self.queue_requests, self.queue_tokens, self.inflight_requests, self.pool_workers,
                           self.kv_utilization):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from phasesplit.router.metrics import POOLS, RouterMetrics
+from phasesplit.router.scheduling import Turns
 from phasesplit.router.workers import WorkerState, any_tokenizer
 
 if TYPE_CHECKING:
@@ -110,7 +111,9 @@ class Pools:
         self.pools = {name: Pool(name, list(specs.get(name, [])), accepts) for name in POOLS}
         # the pools this deployment has, even at 0 workers (default: those given a worker entry)
         self.served = set(served if served is not None else (name for name in POOLS if specs.get(name)))
+        self.turns = Turns()   # equal workers take turns
         self._changed = asyncio.Event()
+        self._rounds_begun = self._round_done = 0   # full poll rounds of all workers
         self.metrics = metrics
         self.poll_interval, self.dns_interval, self.poll_timeout = poll_interval, dns_interval, poll_timeout
         self._task: asyncio.Task | None = None
@@ -138,15 +141,21 @@ class Pools:
             pool.specs = specs
             await pool.reconcile(self.metrics)
         await self._poll(pool.workers.values())
+        self.notify()
         return pool
 
     async def refresh(self, resolve_dns: bool) -> None:
+        """One full round: the members resolved (with `resolve_dns`), retired workers closed, every worker polled."""
+        self._rounds_begun += 1
+        number = self._rounds_begun
         async with self._lock:
             for pool in self.pools.values():
                 if resolve_dns:
                     await pool.reconcile(self.metrics)
                 await pool.close_retired()
         await self._poll([w for p in self.pools.values() for w in p.workers.values()])
+        self._round_done = number
+        self.notify()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,15 +182,21 @@ class Pools:
             total = sum(x.kv_blocks_used + x.kv_blocks_free for x in loads)
             used = sum(x.kv_blocks_used for x in loads)
             self.metrics.kv_utilization.labels(pool=pool.name).set(used / total if total else 0.0)
-        self.notify()
 
     def notify(self) -> None:
         """Wakes whoever waits for a route or a poll: the workers' states have changed."""
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def next_poll(self) -> None:
+    async def changed(self) -> None:
+        """Completes at the next change of the workers' states (a poll, or a new tokenizer)."""
         await self._changed.wait()
+
+    async def next_poll(self) -> None:
+        """Completes once a full poll round of the workers, begun after this call, has ended."""
+        wanted = self._rounds_begun + 1
+        while self._round_done < wanted:
+            await self._changed.wait()
 
     async def wait_for_route(self) -> str:
         while (route := self.route()) is None:

@@ -56,7 +56,7 @@ class TokenizerSource:
 
     async def _follow(self, pools: Pools) -> None:
         while True:
-            await pools.next_poll()
+            await pools.changed()
             try:
                 if await self.update(pools):
                     pools.notify()

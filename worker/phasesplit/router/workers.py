@@ -101,6 +101,11 @@ class WorkerState:
         self._reserved.pop(request_id, None)
         self._settling.pop(request_id, None)
 
+    def assign(self, request_id: str, prompt_tokens: int = 0, kv_blocks: int = 0) -> "Assignment":
+        """`with worker.assign(...)`: the request counts on this worker (in flight, its prompt tokens queued,
+        its KV blocks reserved) until the block ends, on every path."""
+        return Assignment(self, request_id, prompt_tokens, kv_blocks)
+
     # ---- polling ----
     async def poll(self, timeout: float) -> None:
         self.polls += 1
@@ -146,3 +151,33 @@ class WorkerState:
             "waiting_tokens": load.waiting_tokens if load else None,
             "streams_ended": dict(load.streams_ended) if load else None,   # Generate streams, by how they ended
         }
+
+
+class Assignment:
+    """One request's share of a worker's accounting, given back in one place when the request leaves it."""
+
+    def __init__(self, worker: WorkerState, request_id: str, prompt_tokens: int, kv_blocks: int):
+        self.worker, self.request_id = worker, request_id
+        self.prompt_tokens, self.kv_blocks = prompt_tokens, kv_blocks
+
+    def __enter__(self) -> "Assignment":
+        if self.kv_blocks:
+            self.worker.reserve(self.request_id, self.kv_blocks)
+        self.worker.pending_tokens += self.prompt_tokens
+        self.worker.inflight += 1
+        return self
+
+    def prompt_done(self) -> None:
+        """The worker has taken the prompt in (answered it, or started the output): it is no longer queued."""
+        self.worker.pending_tokens -= self.prompt_tokens
+        self.prompt_tokens = 0
+
+    def kv_landed(self) -> None:
+        self.worker.settle(self.request_id)
+
+    def __exit__(self, *exc) -> bool:
+        self.prompt_done()
+        self.worker.inflight -= 1
+        if self.kv_blocks:
+            self.worker.unreserve(self.request_id)
+        return False
