@@ -18,7 +18,7 @@ import time
 import torch
 
 from phasesplit.engine.handoff import KVHandoff
-from phasesplit.engine.kv_cache import KVCapacityError
+from phasesplit.engine.engine import KVCapacityError
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.shard_receive import ExpectShard, ForgetShard, claim_on_every_rank
 from phasesplit.roles.tombstones import Tombstones
