@@ -52,7 +52,7 @@ def claim_on_every_rank(engine, request_id: str) -> bool:
 
 class ShardKV(blocks.CacheDestination):
     """One request's shard arriving into the blocks rank 0 reserved for it. It never frees them:
-    rank 0 does, after `forget_shard` closed this destination."""
+    rank 0 does, after `ForgetShard` closed this destination."""
 
     def __init__(self, engine, request_id: str, block_ids: list[int]):
         self.engine = engine
