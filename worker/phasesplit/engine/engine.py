@@ -15,10 +15,10 @@ from phasesplit.engine.handoff import KVHandoff
 from phasesplit.engine.kv_cache import BlockManager, KVCache, KVCapacityError, KVLayout, bytes_per_block
 from phasesplit.engine.loader import load_model, resolve_dtype
 from phasesplit.engine.parallel import TensorParallel
+from phasesplit.engine.postprocess import detokenize, postprocess
 from phasesplit.engine.runner import ForwardBatch, ModelRunner
 from phasesplit.engine.sampler import SamplingParams, sample
 from phasesplit.engine.scheduler import Scheduler
-from phasesplit.engine.postprocess import detokenize, postprocess
 from phasesplit.engine.sequence import Sequence, SequenceStatus, take_text
 from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
