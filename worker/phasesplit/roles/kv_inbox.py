@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from phasesplit.engine.handoff import KVHandoff
 from phasesplit.engine.engine import KVCapacityError
+from phasesplit.engine.handoff import KVHandoff
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.shard_receive import ExpectShard, ForgetShard, claim_on_every_rank
 from phasesplit.roles.tombstones import Tombstones
