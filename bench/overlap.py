@@ -30,6 +30,7 @@ import grpc
 from phasesplit.local.processes import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving
 from phasesplit.roles.server import WorkerServer, load_engine, parse_args as worker_args
 from phasesplit.tiny_model import make_tiny_model
+from phasesplit.transport.backends import NAMES as KV_BACKENDS, PUSH
 from phasesplit.transport.malloc import tune_malloc
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=2048)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--backend", default="grpc", choices=("grpc", "tcp", "nccl"), help="--kv-backend of both workers")
+    p.add_argument("--backend", default=PUSH, choices=KV_BACKENDS, help="--kv-backend of both workers")
     args = p.parse_args(argv)
     tune_malloc()
     with tempfile.TemporaryDirectory(prefix="phasesplit-overlap-") as tmp:

@@ -14,7 +14,7 @@ from phasesplit.engine.parallel import Shard, TensorParallel, check_tensor_paral
 from phasesplit.engine.ranks import RankGroup
 
 transformers = pytest.importorskip("transformers")
-from test_model_parity import BASE, write_checkpoint  # noqa: E402
+from support.checkpoints import BASE, write_checkpoint  # noqa: E402
 
 # kv 2 of 4 heads; kv 1 (replicated on both ranks) with llama3 rope; Qwen2 q/k/v biases with tied embeddings.
 PARITY_CASES = ("llama-gqa", "llama3-rope", "qwen2-bias-tied")

@@ -59,7 +59,9 @@ def _pods(objs):
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_pods_are_locked_down(path):
-    for pod in _pods(children(path.stem)):
+    pods = _pods(children(path.stem))
+    assert len(pods) >= 2, "every example has a router and at least one pool"
+    for pod in pods:
         assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
         assert pod["automountServiceAccountToken"] is False
         for c in pod["containers"]:
@@ -120,12 +122,15 @@ def test_every_argument_reference_is_defined_by_the_config_map():
     for name in ("tiny-cpu", "gpu", "heterogeneous"):
         objs = children(name)
         maps = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
+        from_config_maps = 0
         for pod in _pods(objs):
             c = pod["containers"][0]
             env = {e["name"] for e in c.get("env", [])}
             data = maps[c["envFrom"][0]["configMapRef"]["name"]] if c.get("envFrom") else {}
             for ref in re.findall(r"\$\((\w+)\)", " ".join(c["args"])):
                 assert ref in data or ref in env, (name, c["name"], ref)
+                from_config_maps += ref in data
+        assert from_config_maps, f"{name}: no worker takes a setting from its ConfigMap"
 
 
 def test_gpu_pools_run_on_cuda_and_cpu_pools_on_cpu():

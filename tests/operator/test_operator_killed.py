@@ -7,9 +7,9 @@ import time
 
 from support.examples import load_example
 from support.kube_emulator import EmulatorThread
+from support.operator_children import KINDS, NS, get_si, live_children, rendered
 from support.operator_harness import kube_client, start_operator, stop_operator
 from support.polling import wait_for
-from test_operator_process import KINDS, NS, get_si, live_children, rendered
 
 from phasesplit.operator import builders
 from phasesplit.operator.apply import matches

@@ -13,13 +13,8 @@ from phasesplit.operator.apply import matches
 from phasesplit.operator.kube import path
 from support.kube_emulator import EmulatorThread
 from support.operator_harness import kube_client, start_operator, stop_operator
+from support.operator_children import NS, get_si, live_children, rendered, si_path
 from support.polling import wait_for
-
-NS = "default"
-SI = ("phasesplit.io/v1alpha1", "SplitInference")
-KINDS = {"ConfigMap": "v1", "Service": "v1", "Deployment": "apps/v1", "NetworkPolicy": "networking.k8s.io/v1",
-         "PodDisruptionBudget": "policy/v1"}
-
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -32,29 +27,6 @@ def cluster(tmp_path_factory):
         yield state
         if state["proc"].poll() is None:
             stop_operator(state["proc"])
-
-
-def si_path(name):
-    return path(*SI, NS, name)
-
-
-def get_si(kube, name):
-    return kube.get(si_path(name))
-
-
-def live_children(kube, name):
-    out = {}
-    for kind, version in KINDS.items():
-        for obj in kube.list(version, kind, NS):
-            if obj["metadata"].get("labels", {}).get("app.kubernetes.io/instance") == name:
-                out[f"{kind}/{obj['metadata']['name']}"] = obj
-    return out
-
-
-def rendered(body):
-    from phasesplit.control import spec as si
-    return builders.build_children(builders.Owner(body["metadata"]["name"], NS, body["metadata"]["uid"]),
-                                   si.SplitInferenceSpec.model_validate(body["spec"]))
 
 
 def ready_condition(body):

@@ -9,7 +9,8 @@ import pytest
 from support.polling import wait_for
 
 from phasesplit.engine.engine import EngineConfig, LLMEngine
-from phasesplit.roles.core import WorkerCore, WorkerSettings
+from phasesplit.control.worker_config import WorkerConfig
+from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import FAILED, READY, KVInbox
 from phasesplit.roles.tombstones import Tombstones
 from phasesplit.transport.base import TransferAborted, layout_to_proto
@@ -22,7 +23,7 @@ TRANSFER_TIMEOUT = 0.3
 @pytest.fixture
 def inbox(tiny_model_dir):
     engine = LLMEngine(EngineConfig(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256))
-    core = WorkerCore(engine, WorkerSettings(role="token", served_model_name="tiny"))
+    core = WorkerCore(engine, WorkerConfig(role="token", model=str(tiny_model_dir), served_model_name="tiny"))
     core.loop.start()
     box = KVInbox(core, transfer_timeout=TRANSFER_TIMEOUT, lease=LEASE, reap_interval=0.05).start()
     yield box

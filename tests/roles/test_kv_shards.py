@@ -10,7 +10,8 @@ import time
 import pytest
 
 from phasesplit.engine.engine import EngineConfig, LLMEngine
-from phasesplit.roles.core import WorkerCore, WorkerSettings
+from phasesplit.control.worker_config import WorkerConfig
+from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import KVInbox
 from phasesplit.roles.shard_receive import ShardInbox
 from phasesplit.transport.base import TransferAborted, layout_to_proto
@@ -56,7 +57,7 @@ def ranks(tiny_model_dir):
     leader.tp = tp
     shard_inbox = ShardInbox(follower, timeout=5.0, lease=LEASE)
     tp.on_message = shard_inbox.on_message
-    core = WorkerCore(leader, WorkerSettings(role="token", served_model_name="tiny"))
+    core = WorkerCore(leader, WorkerConfig(role="token", model=str(tiny_model_dir), served_model_name="tiny"))
     core.loop.start()
     inbox = KVInbox(core, transfer_timeout=5.0, lease=LEASE, reap_interval=0.05).start()
     yield inbox, shard_inbox

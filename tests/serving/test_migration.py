@@ -4,7 +4,6 @@ clients closing streams during it leave every KV block free, a prompt worker kil
 and KV transfers costs no request, and local mode replaces a dead router as it replaces a dead worker."""
 
 import asyncio
-import json
 import os
 import random
 import signal
@@ -15,55 +14,14 @@ import httpx
 import pytest
 from support import prom
 from support.polling import poll, wait_for
-from support.serving import STALL_TIMEOUT, metrics, wait_quiet, worker_load
+from support.completions import MAX_TOKENS, body, stream
+from support.serving import STALL_TIMEOUT, metrics, wait_pool_restored, wait_quiet, worker_load
 from support.words import WORDS
 
 pytestmark = pytest.mark.slow
 
-MAX_TOKENS = 160
-
-
-def body(i: int, max_tokens: int = MAX_TOKENS) -> dict:
-    rng = random.Random(i)
-    body = {"model": "tiny", "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 60))),
-            "max_tokens": max_tokens, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    return body | ({"temperature": 0} if i % 2 == 0 else {"temperature": 1.0, "seed": 1000 + i})
-
-
-async def stream(client: httpx.AsyncClient, base_url: str, body: dict, progress: list[int] | None = None,
-                 close_after: int | None = None) -> tuple[str, str | None, int | None]:
-    """(text, finish reason, usage completion tokens); `progress[0]` counts chunks as they come."""
-    text, finish, usage = "", None, None
-    async with client.stream("POST", f"{base_url}/v1/completions", json=body) as reply:
-        assert reply.status_code == 200, await reply.aread()
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            assert "error" not in event, event
-            if event.get("usage"):
-                usage = event["usage"]["completion_tokens"]
-                continue
-            text += event["choices"][0]["text"]
-            finish = event["choices"][0]["finish_reason"] or finish
-            if progress is not None:
-                progress[0] += 1
-                if close_after is not None and progress[0] >= close_after:
-                    return text, None, None
-    return text, finish, usage
-
-
 def kv_used(address: str) -> int:
     return worker_load(address).kv_blocks_used
-
-
-def wait_pool_restored(cluster, pool: str, replicas: int) -> None:
-    """Until the supervisor's replacement serves and the router routes to `replicas` workers of the pool."""
-    def routable() -> bool:
-        with urllib.request.urlopen(f"{cluster.base_url}/admin/pools", timeout=5) as r:
-            workers = json.loads(r.read())[pool]["workers"]
-        return sum(w["routable"] for w in workers) == replicas
-    wait_for(routable, timeout=120, interval=0.5, what=f"{replicas} routable {pool} workers")
 
 
 def migrated(base_url: str) -> float:

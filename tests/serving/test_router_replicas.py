@@ -17,9 +17,9 @@ import openai
 import pytest
 from support import prom
 from support.polling import eventually, wait_for
-from support.serving import metrics, wait_quiet
+from support.completions import body, stream
+from support.serving import metrics, wait_pool_restored, wait_quiet
 from support.words import WORDS
-from test_migration import body, stream, wait_pool_restored
 
 from phasesplit.local.processes import ManagedProcess, free_port, wait_http_ok
 
@@ -82,7 +82,8 @@ def test_a_router_without_the_model_answers_a_chat_as_one_with_it(split, second_
 
 
 def test_a_client_retries_on_the_other_router_when_one_dies_mid_stream(split, mixed, second_router):
-    request = {"model": "tiny", "prompt": " ".join(WORDS[:40]), "max_tokens": 200, "temperature": 0,
+    # Long enough that the router is still streaming when a loaded machine's client reads chunk 4.
+    request = {"model": "tiny", "prompt": " ".join(WORDS[:40]), "max_tokens": 1200, "temperature": 0,
                "extra_body": {"ignore_eos": True}}
     replicas = [openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
                 for url in (split.base_url, second_router)]

@@ -8,8 +8,8 @@ import signal
 import time
 
 import pytest
+from support.completions import complete_all, prompts
 from support.serving import manifest, start_cluster, start_worker, worker_load
-from test_exactness import complete_all, prompts
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 
 from support import prom
-from support.polling import poll
+from support.polling import poll, wait_for
 
 from phasesplit.local import plan as local_plan
 from phasesplit.local.launcher import LocalCluster
@@ -108,3 +108,12 @@ def post_json(url: str, body, timeout: float = 30.0) -> tuple[int, dict]:
             return reply.status, json.loads(reply.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def wait_pool_restored(cluster, pool: str, replicas: int) -> None:
+    """Until the supervisor's replacement serves and the router routes to `replicas` workers of the pool."""
+    def routable() -> bool:
+        with urllib.request.urlopen(f"{cluster.base_url}/admin/pools", timeout=5) as r:
+            workers = json.loads(r.read())[pool]["workers"]
+        return sum(w["routable"] for w in workers) == replicas
+    wait_for(routable, timeout=120, interval=0.5, what=f"{replicas} routable {pool} workers")

@@ -14,11 +14,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from phasesplit.control.worker_config import DTYPES, ROLES, default
+from phasesplit.transport.backends import NAMES as KV_BACKENDS
+
 API_GROUP = "phasesplit.io"
 API_VERSION = "v1alpha1"
 KIND = "SplitInference"
 PLURAL = "splitinferences"
-POOL_ROLES = ("prompt", "token", "mixed")
+POOL_ROLES = ROLES
 IMAGE_REPOSITORY = "phasesplit/worker"  # unset images: this repository at the operator's own version
 
 _QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkKMGTPE]i?)?$"
@@ -94,31 +97,25 @@ class SimulatedEngine(Spec):
     """Workers that time each iteration by the performance model instead of running the model
     (`phasesplit worker --engine sim`): a pool layout tested without its GPUs. The model source
     still gives the tokenizer and config.json."""
-    model: str = Field("llama2-70b", min_length=1, max_length=128, description="model name in the profile table")
-    hardware: str = Field("h100-80gb", min_length=1, max_length=128,
+    model: str = Field(default("sim_model"), min_length=1, max_length=128,
+                       description="model name in the profile table")
+    hardware: str = Field(default("sim_hardware"), min_length=1, max_length=128,
                           description="hardware of every pool, a name in the profile table")
-    pool_hardware: dict[Literal["prompt", "token", "mixed"], str] = Field(
+    pool_hardware: dict[Literal[POOL_ROLES], str] = Field(
         default_factory=dict, description="hardware of individual pools, overriding `hardware`")
-    tensor_parallel: int = Field(8, ge=1, le=64, description="tensor-parallel size of one simulated instance")
+    tensor_parallel: int = Field(default("sim_tp"), ge=1, le=64,
+                                 description="tensor-parallel size of one simulated instance")
     profiles: str | None = Field(None, min_length=1, max_length=1024,
                                  description="profile table (CSV) inside the model directory; default: the bundled one")
-    time_scale: float = Field(1.0, gt=0, le=1000, description="every modelled time is multiplied by this")
-
-    def worker_args(self, pool: str, model_dir: str) -> list[str]:
-        """The worker flags that make a `pool` worker simulated."""
-        hardware = self.pool_hardware.get(pool, self.hardware)
-        args = ["--engine", "sim", "--sim-model", self.model, "--sim-hardware", hardware,
-                "--sim-tp", str(self.tensor_parallel), "--sim-time-scale", f"{self.time_scale:g}"]
-        if self.profiles:
-            args += ["--sim-profiles", f"{model_dir.rstrip('/')}/{self.profiles.lstrip('/')}"]
-        return args
+    time_scale: float = Field(default("sim_time_scale"), gt=0, le=1000,
+                              description="every modelled time is multiplied by this")
 
 
 class Model(Spec):
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
                       description="served model name (the `model` field of OpenAI requests)")
     source: ModelSource
-    dtype: Literal["float32", "float16", "bfloat16"] = "bfloat16"
+    dtype: Literal[DTYPES] = "bfloat16"  # the worker's own default is float32, for CPUs
     max_model_len: int | None = Field(None, ge=16, le=1048576, description="longest prompt plus output, in tokens")
     simulated: SimulatedEngine | None = None
 
@@ -225,11 +222,12 @@ class EngineSettings(Spec):
     model_config = _validations(cel(
         "!(has(self.numKvBlocks) && has(self.kvMemoryFraction))",
         "set at most one of numKvBlocks and kvMemoryFraction", ".numKvBlocks"))
-    max_num_batched_tokens: int = Field(2048, ge=1, le=1048576, description="prefill token budget per batch")
-    max_num_seqs: int = Field(64, ge=1, le=4096, description="largest batch")
+    max_num_batched_tokens: int = Field(default("max_num_batched_tokens"), ge=1, le=1048576,
+                                        description="prefill token budget per batch")
+    max_num_seqs: int = Field(default("max_num_seqs"), ge=1, le=4096, description="largest batch")
     num_kv_blocks: int | None = Field(None, ge=1, le=16777216, description="KV cache size in blocks")
     kv_memory_fraction: float | None = Field(None, gt=0, le=1, description="KV cache size as a share of free memory")
-    block_size: int = Field(16, ge=1, le=1024, description="tokens per KV block")
+    block_size: int = Field(default("block_size"), ge=1, le=1024, description="tokens per KV block")
     device: Literal["cpu", "cuda"] | None = Field(None, description="default: cuda when the pool requests a GPU")
 
     @model_validator(mode="after")
@@ -380,10 +378,10 @@ class TcpSettings(Spec):
 
 
 class KvTransfer(Spec):
-    backend: Literal["grpc", "nccl", "tcp"] = "grpc"
-    layerwise: bool = True
-    timeout_seconds: float = Field(30.0, gt=0, le=3600)
-    lease_seconds: float = Field(60.0, gt=0, le=3600)
+    backend: Literal[KV_BACKENDS] = default("kv_backend")
+    layerwise: bool = default("layerwise")
+    timeout_seconds: float = Field(default("kv_transfer_timeout"), gt=0, le=3600)
+    lease_seconds: float = Field(default("kv_lease"), gt=0, le=3600)
     nccl: NcclSettings = Field(default_factory=NcclSettings)
     tcp: TcpSettings = Field(default_factory=TcpSettings)
 

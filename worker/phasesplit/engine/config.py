@@ -1,4 +1,5 @@
-"""`ModelConfig`: a Hugging Face `config.json` (plus `generation_config.json`) read into one dataclass."""
+"""`ModelConfig`: a Hugging Face `config.json` (plus `generation_config.json`) read into one dataclass;
+`EngineConfig`: how one engine runs it (free of torch: the worker's settings take their defaults from it)."""
 
 import json
 from dataclasses import dataclass, field
@@ -159,3 +160,28 @@ def _rope(d: dict) -> tuple[float, dict | None]:
         if key not in scaling:
             raise ValueError(f"config.json: llama3 rope scaling is missing field {key!r}")
     return theta, {"rope_type": rope_type, **{k: scaling[k] for k in LLAMA3_ROPE_KEYS}}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model_dir: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_memory_fraction: float = 0.8  # of the device memory free after loading the model (CUDA)
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    served_model_name: str | None = None
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, must be an integer > 0")
+        for name in ("num_kv_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}: got {value!r}, must be an integer > 0 or unset")
+        if not 0 < self.kv_memory_fraction <= 1:
+            raise ValueError(f"kv_memory_fraction: got {self.kv_memory_fraction!r}, must be in (0, 1]")

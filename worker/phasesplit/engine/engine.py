@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from phasesplit.engine.config import EngineConfig
 from phasesplit.engine.handoff import KVHandoff
 from phasesplit.engine.kv_cache import BlockManager, KVCache, KVCapacityError, KVLayout, bytes_per_block
 from phasesplit.engine.loader import load_model, resolve_dtype
@@ -26,31 +27,6 @@ __all__ = ["EngineConfig", "EngineStats", "KVCapacityError", "KVHandoff", "KVLay
            "SamplingParams", "StepOutput"]
 
 CPU_KV_BYTES = 512 * 2**20  # default KV pool on CPU, where free memory is not a meaningful budget
-
-
-@dataclasses.dataclass(slots=True)
-class EngineConfig:
-    model_dir: str
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_memory_fraction: float = 0.8  # of the device memory free after loading the model (CUDA)
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    served_model_name: str | None = None
-
-    def __post_init__(self):
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                raise ValueError(f"{name}: got {getattr(self, name)!r}, must be an integer > 0")
-        for name in ("num_kv_blocks", "max_model_len"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"{name}: got {value!r}, must be an integer > 0 or unset")
-        if not 0 < self.kv_memory_fraction <= 1:
-            raise ValueError(f"kv_memory_fraction: got {self.kv_memory_fraction!r}, must be in (0, 1]")
 
 
 @dataclasses.dataclass(slots=True)

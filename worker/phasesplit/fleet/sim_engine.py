@@ -12,14 +12,14 @@ and never hit end-of-sequence, so a request runs to its `max_tokens`."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import torch
 
-from phasesplit.engine.config import ModelConfig
-from phasesplit.engine.engine import EngineConfig, LLMEngine
+from phasesplit.control.worker_config import WorkerConfig
+from phasesplit.engine.config import EngineConfig, ModelConfig
+from phasesplit.engine.engine import LLMEngine
 from phasesplit.engine.kv_cache import BlockManager, KVLayout
 from phasesplit.engine.loader import resolve_dtype
 from phasesplit.engine.parallel import TensorParallel
@@ -29,19 +29,6 @@ from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.fleet.perf import PerfModel, Profiles
 
 SENTENCE = " the fleet serves this token from a simulated engine."
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("simulated engine (--engine sim)")
-    g.add_argument("--engine", default="torch", choices=("torch", "sim"),
-                   help="torch: run the model; sim: time each iteration by the performance model")
-    g.add_argument("--sim-model", default="llama2-70b", help="model name in the profile table")
-    g.add_argument("--sim-hardware", default="h100-80gb", help="hardware name in the profile table")
-    g.add_argument("--sim-tp", type=int, default=8, help="tensor-parallel size of the simulated instance")
-    g.add_argument("--sim-profiles", metavar="CSV", help="profile table (default: the bundled one)")
-    g.add_argument("--sim-catalog", metavar="FILE", help="machine catalog (default: the bundled one)")
-    g.add_argument("--sim-time-scale", type=float, default=1.0,
-                   help="every modelled time is multiplied by this (e.g. 10: ten times slower than modelled)")
 
 
 class SimEngine(LLMEngine):
@@ -132,13 +119,9 @@ def _sleep_until(deadline: float) -> None:
         time.sleep(left)
 
 
-def load(args) -> SimEngine:
-    """The simulated engine a worker's config (`roles.server.WorkerConfig`) describes."""
-    profiles = Profiles(args.sim_profiles, args.sim_catalog)
-    perf = profiles.get(args.sim_model, args.sim_hardware, args.sim_tp)
-    config = EngineConfig(
-        model_dir=args.model, dtype=args.dtype, device="cpu", block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len, served_model_name=args.served_model_name)
-    return SimEngine(config, perf, profiles.num_layers(args.sim_model), profiles.shapes.get(args.sim_model),
-                     args.sim_time_scale, args.layerwise)
+def load(config: WorkerConfig) -> SimEngine:
+    """The simulated engine a worker's config describes (through `roles.engines`, for `--engine sim`)."""
+    profiles = Profiles(config.sim_profiles, config.sim_catalog)
+    perf = profiles.get(config.sim_model, config.sim_hardware, config.sim_tp)
+    return SimEngine(config.engine_config(device="cpu"), perf, profiles.num_layers(config.sim_model),
+                     profiles.shapes.get(config.sim_model), config.sim_time_scale, config.layerwise)

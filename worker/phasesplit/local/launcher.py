@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from phasesplit.control import worker_config
 from phasesplit.local import plan as local_plan
 from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, free_ports, phasesplit_argv,
                                     wait_grpc_serving, wait_http_ok)
@@ -281,7 +282,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", help="torch device for every worker (default: the worker's own choice)")
     p.add_argument("--kv-backend", choices=local_plan.KV_BACKENDS,
                    help="KV transfer backend; overrides spec.kvTransfer.backend (nccl on CPU caches runs over gloo)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds a stopped worker may finish its work")
+    p.add_argument("--drain-timeout", type=float, default=worker_config.default("drain_timeout"),
+                   help="seconds a stopped worker may finish its work (default: %(default)g)")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each process to be ready")
     p.add_argument("--autoscale-interval", type=_positive_seconds,
                    help="seconds between autoscaling evaluations (default: spec.autoscaling.intervalSeconds)")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import yaml
 
 from phasesplit.control import spec as si
-from phasesplit.control.worker_settings import worker_settings
-
-KV_BACKENDS = ("grpc", "nccl", "tcp")
+from phasesplit.control.worker_config import default
+from phasesplit.control.worker_settings import literal, worker_settings
+from phasesplit.transport.backends import NAMES as KV_BACKENDS
 
 
 @dataclass(slots=True)
@@ -68,17 +68,21 @@ def _overridden(spec: si.SplitInferenceSpec, device: str | None, kv_backend: str
 
 
 def build_plan(resource: si.SplitInference, model_dir: str | None = None, port: int | None = None,
-               drain_timeout: float = 30.0, device: str | None = None, kv_backend: str | None = None) -> LocalPlan:
+               drain_timeout: float = default("drain_timeout"), device: str | None = None, kv_backend: str | None = None) -> LocalPlan:
     """`device` and `kv_backend` (grpc, nccl or tcp) override the spec's."""
     spec = _overridden(resource.spec, device, kv_backend)
     model_dir = model_dir or _host_path(spec.model)
-    common = ["--model", model_dir, "--served-model-name", spec.model.name, "--drain-timeout", str(drain_timeout)]
-    pools = {role: PoolPlan(role, pool.replicas, ["--role", role, *common, *(
-        arg for s in worker_settings(spec, role, model_dir, in_cluster=False) for arg in s.literal())],
-        pool.tensor_parallel_size) for role, pool in spec.pools.items()}
+    pools = {role: PoolPlan(role, pool.replicas, _worker_args(spec, role, model_dir, drain_timeout),
+                            pool.tensor_parallel_size) for role, pool in spec.pools.items()}
     router_port = port if port is not None else spec.router.service.port
     return LocalPlan(name=resource.metadata.name, model_dir=model_dir, served_model_name=spec.model.name,
                      router_port=router_port, pools=pools, drain_timeout=drain_timeout, spec=spec)
+
+
+def _worker_args(spec: si.SplitInferenceSpec, role: str, model_dir: str, drain_timeout: float) -> list[str]:
+    own = literal({"role": role, "model": model_dir, "served_model_name": spec.model.name,
+                   "drain_timeout": drain_timeout})
+    return [arg for s in own + worker_settings(spec, role, model_dir, in_cluster=False) for arg in s.literal()]
 
 
 def _host_path(model: si.Model) -> str:

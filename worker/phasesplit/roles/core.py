@@ -6,25 +6,15 @@ import collections
 import contextlib
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 
+from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.roles.engine_loop import EngineLoop
 
 
-@dataclass(slots=True)
-class WorkerSettings:
-    role: str                      # "prompt" | "token" | "mixed"
-    served_model_name: str
-    kv_transfer_timeout: float = 30.0
-    kv_lease: float = 30.0
-    drain_timeout: float = 30.0
-    layerwise: bool = True
-
-
 class WorkerCore:
-    def __init__(self, engine, settings: WorkerSettings):
+    def __init__(self, engine, settings: WorkerConfig):  # settings.served_model_name: resolved
         self.engine = engine
         self.settings = settings
         self.loop = EngineLoop(engine)

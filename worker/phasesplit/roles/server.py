@@ -6,143 +6,50 @@ work is refused with UNAVAILABLE, what is in flight finishes within --drain-time
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import signal
 import sys
 import threading
 from concurrent import futures
-from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from phasesplit.control.worker_config import WorkerConfig, build_parser
 from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.heap import freeze_loaded_objects
 from phasesplit.roles.control import WorkerService
-from phasesplit.roles.core import WorkerCore, WorkerSettings
+from phasesplit.roles.core import WorkerCore
+from phasesplit.roles.engines import default_device, engine_kind, sending_transport
 from phasesplit.roles.kv_inbox import KVInbox
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("phasesplit.worker")
-ROLES = ("prompt", "token", "mixed")
 SERVICES = {"prompt": ("phasesplit.v1.PromptWorker",), "token": ("phasesplit.v1.TokenWorker",),
             "mixed": ("phasesplit.v1.PromptWorker", "phasesplit.v1.TokenWorker")}
 
 
-def default_device() -> str:
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerConfig:
-    """Everything one worker is started with (the command line, typed)."""
-    role: str
-    model: str
-    served_model_name: str | None = None
-    host: str = "0.0.0.0"
-    port: int = 50051
-    dtype: str = "float32"
-    device: str | None = None
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_memory_fraction: float = 0.8
-    max_num_batched_tokens: int = 2048
-    max_num_seqs: int = 64
-    max_model_len: int | None = None
-    kv_backend: str = "grpc"
-    nccl_port: int = 0
-    kv_transfer_timeout: float = 30.0
-    kv_lease: float = 30.0
-    layerwise: bool = True
-    drain_timeout: float = 30.0
-    grpc_threads: int | None = None
-    kv_tcp_port: int = 0
-    tensor_parallel: int = 1
-    engine: str = "torch"          # sim: iteration times from the performance model (phasesplit.fleet)
-    sim_model: str = "llama2-70b"
-    sim_hardware: str = "h100-80gb"
-    sim_tp: int = 8
-    sim_profiles: str | None = None
-    sim_catalog: str | None = None
-    sim_time_scale: float = 1.0
-
-    def __post_init__(self):
-        for name in ("kv_transfer_timeout", "kv_lease", "drain_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')}: must be > 0 seconds, got {getattr(self, name)}")
-        if self.tensor_parallel < 1:
-            raise ValueError(f"--tensor-parallel: must be >= 1, got {self.tensor_parallel}")
-
-
 def parse_args(argv: list[str]) -> WorkerConfig:
     """The command line as a `WorkerConfig`; flags left out take the config's defaults."""
-    p = argparse.ArgumentParser(prog="phasesplit worker", description=__doc__.split("\n\n")[0],
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--served-model-name", help="model name clients use (default: the directory's name)")
-    p.add_argument("--host", help="address to listen on (default: 0.0.0.0)")
-    p.add_argument("--port", type=int, help="gRPC port (default: 50051; 0 picks a free one); with --tensor-parallel N, "
-                   "rank r takes its KV shard on port + r")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32")
-    p.add_argument("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--block-size", type=int, help="tokens per KV block (default: 16)")
-    p.add_argument("--num-kv-blocks", type=int)
-    p.add_argument("--kv-memory-fraction", type=float, help="default: 0.8")
-    p.add_argument("--max-num-batched-tokens", type=int, help="default: 2048")
-    p.add_argument("--max-num-seqs", type=int, help="default: 64")
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--kv-backend", choices=("grpc", "nccl", "tcp"), help="default: grpc")
-    p.add_argument("--nccl-port", type=int,
-                   help="token side of --kv-backend nccl: port of the process-group rendezvous store (0: any free port)")
-    p.add_argument("--kv-tcp-port", type=int,
-                   help="token side of --kv-backend tcp: port the KV bytes arrive on (0: any free port)")
-    p.add_argument("--kv-transfer-timeout", type=float, help="seconds a transfer may stall (default: 30)")
-    p.add_argument("--kv-lease", type=float, help="seconds received KV waits for its Generate (default: 30)")
-    p.add_argument("--no-layerwise", dest="layerwise", action="store_false",
-                   help="send the KV after the prompt phase instead of layer by layer during it")
-    p.add_argument("--drain-timeout", type=float, help="seconds to finish in-flight work on SIGTERM (default: 30)")
-    p.add_argument("--grpc-threads", type=int, help="gRPC handler threads (default: enough for --max-num-seqs)")
-    p.add_argument("--tensor-parallel", type=int, metavar="N",
-                   help="shard the model over N ranks: N processes, one per GPU (cuda) or N gloo ranks (cpu)")
-    from phasesplit.fleet import sim_engine
-    sim_engine.add_arguments(p)
+    p = build_parser(prog="phasesplit worker", description=__doc__.split("\n\n")[0])
     try:
         return WorkerConfig(**vars(p.parse_args(argv)))
     except ValueError as e:
         p.error(str(e))
 
 
-def sending_transport(backend: str, timeout: float, device="cpu"):
-    from phasesplit import transport
-    options = {"device": device} if backend in ("nccl", "tcp") else {}  # they send from the cache's device
-    return transport.make_transport(backend, timeout=timeout, **options)
-
-
 def load_engine(config: WorkerConfig, tp=None, device: str | None = None):
-    if config.engine == "sim":
-        from phasesplit.fleet import sim_engine
-        return sim_engine.load(config)
-    from phasesplit.engine.engine import EngineConfig, LLMEngine
-    from phasesplit.engine.parallel import TensorParallel
-    return LLMEngine(EngineConfig(
-        model_dir=config.model, dtype=config.dtype, device=device or config.device or default_device(),
-        block_size=config.block_size, num_kv_blocks=config.num_kv_blocks, kv_memory_fraction=config.kv_memory_fraction,
-        max_num_batched_tokens=config.max_num_batched_tokens, max_num_seqs=config.max_num_seqs,
-        max_model_len=config.max_model_len, served_model_name=config.served_model_name), tp or TensorParallel())
+    return engine_kind(config).load(tp, device)
 
 
 class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, config: WorkerConfig, transport=None):
-        from phasesplit.transport import channels, grpc_kv, make_receiver
-        name = config.served_model_name or engine.layout.model
-        self.settings = WorkerSettings(role=config.role, served_model_name=name,
-                                       kv_transfer_timeout=config.kv_transfer_timeout, kv_lease=config.kv_lease,
-                                       drain_timeout=config.drain_timeout, layerwise=config.layerwise)
+        from phasesplit.transport import channels, grpc_kv
+        kind = engine_kind(config)
+        self.settings = dataclasses.replace(config, served_model_name=config.served_model_name or engine.layout.model)
         self.core = WorkerCore(engine, self.settings)
         self.transport = transport
         self.inbox = KVInbox(self.core, config.kv_transfer_timeout, config.kv_lease)
@@ -151,28 +58,21 @@ class WorkerServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                                   options=list(channels.SERVER_OPTIONS))
         aborts = []
-        simulated = config.engine == "sim"
         self.prompt = None
         self.kv_receiver = None
         if config.role in ("prompt", "mixed"):
-            from phasesplit.fleet.sim_handoff import SimHandoff
             from phasesplit.roles.prompt import PromptService
-            self.transport = transport or (SimHandoff(engine, config.kv_transfer_timeout) if simulated else
-                                           sending_transport(config.kv_backend, config.kv_transfer_timeout, engine.device))
+            self.transport = transport or kind.kv_sender(engine)
             self.prompt = PromptService(self.core, self.transport)
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
         if config.role in ("token", "mixed"):
-            from phasesplit.fleet.sim_handoff import SimReceiver
             from phasesplit.roles.token import TokenService
-            push = SimReceiver(self.inbox, timeout=config.kv_transfer_timeout) if simulated else None
-            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, push), self.server)
+            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, kind.push_receiver(self.inbox)),
+                                               self.server)
             aborts.append(self.inbox.abort)
-            backend = config.kv_backend
-            if backend != "grpc" and not simulated:  # PushKV (grpc) is served by every token worker
-                port = config.nccl_port if backend == "nccl" else config.kv_tcp_port
-                self.kv_receiver = make_receiver(backend, self.inbox, layout=engine.layout, device=engine.device,
-                                               timeout=config.kv_transfer_timeout, port=port)
+            self.kv_receiver = kind.backend_receiver(self.inbox, engine)
+            if self.kv_receiver is not None:
                 self.kv_receiver.add_to_server(self.server)
         tokenizer = read_tokenizer_files(config.model)
         pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending, tokenizer),

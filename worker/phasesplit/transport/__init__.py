@@ -9,15 +9,12 @@ takes gRPC pushes (`make_receiver("grpc", ...)`: the token service's PushKV).
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from phasesplit.transport.base import KVReceiver, KVSink, KVTransport
+from phasesplit.transport.backends import BACKENDS, PUSH
 
-# name -> ("module:sending class", "module:receiving class"); each accepts keyword options.
-BACKENDS = {
-    "grpc": ("grpc_kv:GrpcKVTransport", "grpc_receive:PushKVReceiver"),
-    "nccl": ("nccl_kv:NcclKVTransport", "nccl_receive:KVGroupService"),
-    "tcp": ("tcp_kv:TcpKVTransport", "tcp_receive:TcpKVReceiver"),
-}
+if TYPE_CHECKING:  # importing the package stays free of torch: the spec reads `backends` through it
+    from phasesplit.transport.base import KVReceiver, KVSink, KVTransport
 
 
 def _load(backend: str, side: int):
@@ -27,13 +24,13 @@ def _load(backend: str, side: int):
     return getattr(importlib.import_module(f"phasesplit.transport.{module}"), name)
 
 
-def make_transport(backend: str = "grpc", **options) -> KVTransport:
+def make_transport(backend: str = PUSH, **options) -> KVTransport:
     return _load(backend, 0)(**options)
 
 
 def make_receiver(backend: str, sink: KVSink, *, layout, device="cpu", timeout: float = 30.0,
                   port: int = 0) -> KVReceiver:
     """The receiving side of `backend` over `sink`; `port`: the backend's own listening port, if any (0: any free one)."""
-    if backend == "grpc":
+    if backend == PUSH:
         return _load(backend, 1)(sink, timeout=timeout)
     return _load(backend, 1)(sink, layout, device, timeout=timeout, port=port)
