@@ -59,15 +59,19 @@ def follow(engine, config, sending_transport) -> None:
                           "which is not free")
         server.start()
         log.info("rank %d takes its KV shard on %s:%d", rank, config.host, config.port + rank)
-    def on_message(message) -> None:
-        for handler in handlers:
-            handler.on_message(message)
-
     try:
-        engine.follow(on_message)
+        engine.follow(_to_each(handlers))
     finally:
         if server is not None:
             server.stop(grace=1.0).wait()
         for part in (receiver, transport):
             if part is not None:
                 part.close()
+
+
+def _to_each(handlers: list):
+    """Hands each of rank 0's messages to every handler; each takes only its own kinds."""
+    def on_message(message) -> None:
+        for handler in handlers:
+            handler.on_message(message)
+    return on_message
