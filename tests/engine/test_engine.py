@@ -116,15 +116,15 @@ def handoff(prompt_engine: LLMEngine, token_engine: LLMEngine, requests) -> dict
 
     tokens = {}
     for rid, (ids, params) in requests.items():
-        export = prompt_engine.export_kv(rid)
+        export = prompt_engine.handoff(rid)
         assert export.prompt_token_ids == ids and [export.first_token] == firsts[rid]
         dst = token_engine.reserve_kv(rid, len(ids))
-        src, dst = torch.tensor(export.block_ids), torch.tensor(dst)
+        src, dst = torch.tensor(prompt_engine.blocks_of(rid)), torch.tensor(dst)
         for layer in range(token_engine.model_config.num_layers):
-            token_engine.kv_cache.k[layer][dst] = prompt_engine.kv_cache.k[layer][src]
-            token_engine.kv_cache.v[layer][dst] = prompt_engine.kv_cache.v[layer][src]
+            for theirs, mine in zip(prompt_engine.kv_layer(layer), token_engine.kv_layer(layer)):
+                mine[dst] = theirs[src]
         assert prompt_engine.release(rid)
-        token_engine.add_prefilled(rid, ids, export.first_token, params)
+        token_engine.add_prefilled(export, params)
         tokens[rid] = [export.first_token]
     assert prompt_engine.num_used_blocks == 0
     while token_engine.has_unfinished():

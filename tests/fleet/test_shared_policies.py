@@ -24,20 +24,12 @@ from phasesplit.v1 import worker_pb2 as pb
 from support.fleet_profiles import CATALOG, toy_rows, write_profile
 
 
-class Detokenizer:
-    def push(self, token_id):
-        return "x"
-
-    def flush(self):
-        return ""
-
-
 def engine_batches(prompts, outputs, num_blocks, max_num_seqs, budget):
     """What the engine's scheduler runs, step by step: ("prefill", ids) or ("decode", batch size)."""
     sched = Scheduler(BlockManager(num_blocks, 1), max_num_seqs, budget, num_blocks, {0})
     for i, (n, out) in enumerate(zip(prompts, outputs)):
         params = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
-        sched.add(Sequence(str(i), [7] * n, params, Detokenizer(), None))
+        sched.add(Sequence(str(i), [7] * n, params))
     log = []
     while sched.has_unfinished():
         seqs, is_prefill = sched.schedule()

@@ -42,7 +42,7 @@ def used_blocks(inbox: KVInbox) -> int:
 
 def write_all(dest, inbox: KVInbox) -> None:
     layout = inbox.engine.layout
-    k = inbox.engine.kv_cache.k[0]
+    k, _ = inbox.engine.kv_layer(0)
     one_block = bytes(k[0].numel() * k.element_size())
     for layer in range(layout.num_layers):
         for kind in (0, 1):

@@ -13,7 +13,7 @@ from phasesplit.engine.engine import EngineConfig, LLMEngine
 from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import KVInbox
-from phasesplit.roles.shard_receive import STATE, ShardInbox
+from phasesplit.roles.shard_receive import ShardInbox
 from phasesplit.transport.base import TransferAborted, layout_to_proto
 from phasesplit.v1 import worker_pb2 as pb
 
@@ -21,14 +21,15 @@ LEASE = 0.4
 
 
 class InProcessRanks:
-    """Two ranks' command channel: rank 0's broadcast runs each command on the follower at once."""
+    """Two ranks' message channel: rank 0's broadcast hands each message to the follower at once."""
 
-    def __init__(self, follower_runner):
-        self.size, self.rank, self.follower = 2, 0, follower_runner
+    def __init__(self):
+        self.size, self.rank = 2, 0
+        self.on_message = None  # the follower's
         self.votes: list[int] = []
 
     def broadcast(self, item):
-        item.fn(self.follower, *item.args)
+        self.on_message(item)
         return item
 
     def min_over_ranks(self, value: int) -> int:  # the follower voted first (inside broadcast)
@@ -51,10 +52,11 @@ class FollowerRanks:
 def ranks(tiny_model_dir):
     config = EngineConfig(str(tiny_model_dir), num_kv_blocks=64, max_model_len=256)
     leader, follower = LLMEngine(config), LLMEngine(config)
-    tp = InProcessRanks(follower.runner)
-    follower.runner.tp = FollowerRanks(tp)
-    leader.tp = leader.runner.tp = tp
-    shard_inbox = follower.runner.state[STATE] = ShardInbox(follower, timeout=5.0, lease=LEASE)
+    tp = InProcessRanks()
+    follower.tp = FollowerRanks(tp)
+    leader.tp = tp
+    shard_inbox = ShardInbox(follower, timeout=5.0, lease=LEASE)
+    tp.on_message = shard_inbox.on_message
     core = WorkerCore(leader, WorkerConfig(role="token", model=str(tiny_model_dir), served_model_name="tiny"))
     core.loop.start()
     inbox = KVInbox(core, transfer_timeout=5.0, lease=LEASE, reap_interval=0.05).start()
@@ -69,7 +71,7 @@ def header(engine, request_id: str, num_tokens: int = 40) -> pb.KVHeader:
 
 
 def write_all(dest, engine) -> None:
-    k = engine.kv_cache.k[0]
+    k, _ = engine.kv_layer(0)
     one_block = memoryview(bytes(k[0].numel() * k.element_size()))
     for layer in range(engine.layout.num_layers):
         for kind in (0, 1):

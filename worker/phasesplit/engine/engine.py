@@ -1,4 +1,6 @@
-"""`LLMEngine`: the API the worker roles call (add a request, step, abort, and the split handoff)."""
+"""`LLMEngine`: the API the worker roles call (add a request, step, abort) and its KV connector: what
+a KV handoff reads and writes (a request's blocks, a layer's K/V, reserve/commit/release, a per-layer
+hook, and messages to the other tensor-parallel ranks)."""
 
 from __future__ import annotations
 
@@ -10,16 +12,18 @@ import torch
 from torch import Tensor
 
 from phasesplit.engine.config import EngineConfig
+from phasesplit.engine.handoff import KVHandoff
 from phasesplit.engine.kv_cache import BlockManager, KVCache, KVCapacityError, KVLayout, bytes_per_block
 from phasesplit.engine.loader import load_model, resolve_dtype
 from phasesplit.engine.parallel import TensorParallel
+from phasesplit.engine.postprocess import detokenize, postprocess
 from phasesplit.engine.runner import ForwardBatch, ModelRunner
 from phasesplit.engine.sampler import SamplingParams, sample
 from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence, SequenceStatus, take_text
 from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
-__all__ = ["EngineConfig", "EngineStats", "KVCapacityError", "KVExport", "KVLayout", "LLMEngine",
+__all__ = ["EngineConfig", "EngineStats", "KVCapacityError", "KVHandoff", "KVLayout", "LLMEngine",
            "SamplingParams", "StepOutput"]
 
 CPU_KV_BYTES = 512 * 2**20  # default KV pool on CPU, where free memory is not a meaningful budget
@@ -34,16 +38,6 @@ class StepOutput:
     # "stop" | "length" | "abort"; None while running, and for a prefill-only request that
     # finished here but continues elsewhere.
     finish_reason: str | None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class KVExport:
-    """A request's prompt KV as the prompt worker hands it to a token worker (its proto form is
-    phasesplit.v1.KVHeader, see roles.convert) and as the token worker holds it (in `block_ids`)."""
-    request_id: str
-    prompt_token_ids: list[int]
-    first_token: int | None  # None while the prefill is still running (e.g. inside layer_hook)
-    block_ids: list[int]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -102,9 +96,10 @@ class LLMEngine:
     def layer_hook(self, hook: Callable[[int, list[str]], None] | None) -> None:
         self.runner.layer_hook = hook
 
-    def follow(self) -> None:
-        """Ranks other than 0: run the batches and commands rank 0 broadcasts until `close()`."""
-        self.runner.follow()
+    def follow(self, on_message: Callable[[object], None] | None = None) -> None:
+        """Ranks other than 0: run the batches rank 0 broadcasts, and hand each message it sends
+        (`send_to_ranks`) to `on_message`, until `close()`."""
+        self.runner.follow(on_message)
 
     def close(self) -> None:
         """Rank 0: let the other ranks' `follow()` return."""
@@ -188,14 +183,40 @@ class LLMEngine:
             used_blocks=self.num_used_blocks, free_blocks=self.num_free_blocks,
             total_blocks=self.num_total_blocks, num_preemptions=s.num_preemptions)
 
-    # ---- the split handoff ----
+    # ---- the KV connector: what a handoff reads and writes ----
 
-    def export_kv(self, request_id: str) -> KVExport:
+    def handoff(self, request_id: str) -> KVHandoff:
+        """What the prompt phase of `request_id` hands on (its first token, once sampled)."""
+        seq = self._holding(request_id)
+        first = seq.output_token_ids[0] if seq.num_output_tokens else None
+        return KVHandoff(request_id, seq.prompt_token_ids, self.layout, first)
+
+    def blocks_of(self, request_id: str) -> list[int]:
+        """The cache blocks holding the request's KV, in its token order."""
+        return list(self._holding(request_id).block_table)
+
+    def _holding(self, request_id: str) -> Sequence:
         seq = self.requests.get(request_id)
         if seq is None or not seq.block_table:
             raise ValueError(f"request_id: {request_id!r} holds no KV blocks")
-        first = seq.output_token_ids[0] if seq.num_output_tokens else None
-        return KVExport(request_id, seq.prompt_token_ids, first, list(seq.block_table))
+        return seq
+
+    def prefill_blocks(self, request_id: str) -> list[int]:
+        """Any rank, inside `layer_hook`: the blocks the running prefill writes the request's KV to."""
+        return self.runner.batch.prefill_blocks(request_id, self.config.block_size)
+
+    def kv_layer(self, layer: int) -> tuple[Tensor, Tensor]:
+        """Views of one layer's whole K and V cache: [num_blocks, block_size, num_kv_heads, head_dim] each."""
+        return self.kv_cache.k[layer], self.kv_cache.v[layer]
+
+    def send_to_ranks(self, message) -> None:
+        """Rank 0: every other rank's `follow` hands `message` (a small dataclass: all that crosses) to
+        its `on_message`, in order with the batches. Nothing happens without tensor parallelism."""
+        if self.tp.size > 1:
+            self.tp.broadcast(message)
+
+    def is_reserved(self, request_id: str) -> bool:
+        return request_id in self.reserved
 
     def release(self, request_id: str) -> bool:
         """Free the blocks of a prefill-only request or of a reservation."""
@@ -219,9 +240,9 @@ class LLMEngine:
         self.reserved[request_id] = blocks
         return list(blocks)
 
-    def add_prefilled(self, request_id: str, prompt_token_ids: list[int], first_token: int,
-                      params: SamplingParams) -> None:
+    def add_prefilled(self, handoff: KVHandoff, params: SamplingParams) -> None:
         """Decode, from its reserved blocks, a request whose prompt KV was imported into the cache."""
+        request_id, prompt_token_ids, first_token = handoff.request_id, handoff.prompt_token_ids, handoff.first_token
         blocks = self.reserved.get(request_id)
         if blocks is None:
             raise ValueError(f"request_id: {request_id!r} has no reserved KV blocks (call reserve_kv first)")
@@ -241,6 +262,7 @@ class LLMEngine:
         seq.append_token(first_token)
         # The prompt worker already returned the first token and its text.
         seq.finish_reason = self.scheduler.finish_reason(seq, first_token)
+        detokenize(seq, first_token)
         seq.num_emitted_chars = len(seq.output_text)
         if seq.finish_reason:
             self.block_manager.deallocate(seq)
@@ -258,7 +280,7 @@ class LLMEngine:
         if not seqs:
             return outputs
         token_ids = self.prefill(seqs) if is_prefill else self.decode_one_token(seqs)
-        self.scheduler.postprocess(seqs, token_ids)
+        postprocess(self.scheduler, seqs, token_ids)
         return outputs + [self._output(seq) for seq in seqs if seq.finish_reason != "abort"]
 
     def _output(self, seq: Sequence) -> StepOutput:

@@ -1,7 +1,8 @@
 """`ModelRunner`: one forward pass of a scheduled batch over the model and its paged KV cache.
 
 Rank 0 schedules a `ForwardBatch` and, with tensor parallelism, broadcasts it; every rank runs it
-on its own shard of the model and of the KV cache (`follow` is the other ranks' whole life).
+on its own shard of the model and of the KV cache (`follow` is the other ranks' whole life, and
+passes on the other messages rank 0 sends: see `LLMEngine.send_to_ranks`).
 """
 
 from __future__ import annotations
@@ -42,14 +43,6 @@ class ForwardBatch:
         return (first_slots // block_size).tolist()
 
 
-@dataclasses.dataclass(slots=True)
-class Command:
-    """Rank 0's request that every rank calls `fn(runner, *args)` (e.g. on the KV of a transfer)."""
-
-    fn: Callable
-    args: tuple = ()
-
-
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, kv_cache: KVCache, block_size: int, device: torch.device):
         self.model = model
@@ -58,7 +51,6 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.layer_hook: Callable[[int, list[str]], None] | None = None
-        self.state: dict = {}  # what commands keep between calls on this rank
         self.batch: ForwardBatch | None = None  # the batch being run (layer hooks read it)
 
     def run(self, batch: ForwardBatch) -> Tensor | None:
@@ -67,26 +59,21 @@ class ModelRunner:
             self.tp.broadcast(batch)
         return self.forward(batch)
 
-    def command(self, fn: Callable, *args):
-        """Rank 0: `fn(runner, *args)` on every rank; rank 0's result."""
-        if self.tp.size > 1:
-            self.tp.broadcast(Command(fn, args))
-        return fn(self, *args)
-
     def stop_followers(self) -> None:
         if self.tp.size > 1:
             self.tp.broadcast(None)
 
-    def follow(self) -> None:
-        """Ranks other than 0: run what rank 0 broadcasts until it says stop."""
+    def follow(self, on_message: Callable[[object], None] | None = None) -> None:
+        """Ranks other than 0: run the batches rank 0 broadcasts, and hand anything else it sends to
+        `on_message`, until it says stop."""
         while (item := self.tp.broadcast(None)) is not None:
-            if isinstance(item, Command):
-                try:
-                    item.fn(self, *item.args)
-                except Exception:  # noqa: BLE001 - rank 0 reports its own result; this one only logs
-                    log.exception("rank %d: command %s failed", self.tp.rank, getattr(item.fn, "__name__", item.fn))
-            else:
+            if isinstance(item, ForwardBatch):
                 self.forward(item)
+            elif on_message is not None:
+                try:
+                    on_message(item)
+                except Exception:  # noqa: BLE001 - rank 0 reports its own result; this one only logs
+                    log.exception("rank %d: message %r failed", self.tp.rank, item)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> Tensor | None:

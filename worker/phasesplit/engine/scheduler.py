@@ -6,7 +6,7 @@ from collections import deque
 
 from phasesplit.engine.batching import take_prefill, take_ready
 from phasesplit.engine.kv_cache import BlockManager
-from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text
+from phasesplit.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
@@ -92,22 +92,18 @@ class Scheduler:
             seq.append_token(token_id)
             seq.finish_reason = self.finish_reason(seq, token_id)
             if seq.finish_reason or seq.prefill_only:
-                self._finish(seq)
+                self.finish(seq)
 
     def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        """Why `seq` ends after `token_id` was appended, or None; detokenizes the token."""
+        """Why `seq` ends after `token_id` was appended (EOS or its length), or None."""
         if token_id in self.eos_token_ids and not seq.params.ignore_eos:
-            reason = "stop"
-        elif push_text(seq, seq.detokenizer.push(token_id)):
             return "stop"
-        elif seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        else:
-            return None
-        push_text(seq, seq.detokenizer.flush())
-        return reason
+        if seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
 
-    def _finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence) -> None:
+        """A running sequence ends: a prefill-only one keeps its blocks for the handoff."""
         self.running.remove(seq)
         if seq.prefill_only:
             seq.status = SequenceStatus.HELD

@@ -19,12 +19,12 @@ class SequenceStatus(enum.Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer, prefill_only: bool = False):
+                 detokenizer: IncrementalDetokenizer | None = None, prefill_only: bool = False):
         self.request_id = request_id
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
-        self.detokenizer = detokenizer
+        self.detokenizer = detokenizer  # the engine's post-processing uses it; the scheduler never does
         self.prefill_only = prefill_only
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -58,8 +57,6 @@ class SimEngine(LLMEngine):
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}")
-        # The KV "tensors" of the handoff API: one placeholder per layer; no byte is ever stored.
-        self.kv_cache = SimpleNamespace(k=[None] * num_layers, v=[None] * num_layers)
         self.block_manager = BlockManager(num_blocks, config.block_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, set())
@@ -92,6 +89,10 @@ class SimEngine(LLMEngine):
         start = time.perf_counter()
         _sleep_until(start + self.perf.token_time(len(seqs)) * self.time_scale)
         return [self._token(seq) for seq in seqs]
+
+    def kv_layer(self, layer: int) -> tuple[None, None]:
+        """No KV is stored: the handoff's sender (`sim_handoff`) takes placeholders."""
+        return None, None
 
     def release(self, request_id: str) -> bool:
         self.prefilled.pop(request_id, None)

@@ -96,23 +96,12 @@ class SimSender:
 
 def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = 30.0) -> pb.PushKVReply:
     """The token side of a simulated handoff (the `receive` of `TokenService`): a header, then END."""
-    first = next(iter(request_iterator), None)
-    header = _decode(first, context).header if first is not None else None
-    if header is None:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
-    try:
-        check_header(header)
-    except ValueError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    try:
-        dest = sink.begin(header)
-    except TransferError as exc:
-        context.abort(status_of(exc), str(exc))
+    chunks = (_decode(raw, context) for raw in request_iterator)
+    dest = _begin(next(chunks, None), context, sink)
     committed = threading.Event()
     if not context.add_callback(lambda: committed.is_set() or dest.abort()):
         dest.abort()
-    for raw in request_iterator:
-        chunk = _decode(raw, context)
+    for chunk in chunks:
         if chunk.kind != END or chunk.header is not None or chunk.data:
             dest.abort()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -125,6 +114,20 @@ def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: f
         return pb.PushKVReply()
     dest.abort()
     context.abort(grpc.StatusCode.ABORTED, "the stream ended without its END message: the sender cancelled it")
+
+
+def _begin(first: wire.Chunk | None, context: grpc.ServicerContext, sink):
+    """The destination the stream's first chunk (its header) announces, in `sink`."""
+    try:
+        if first is None or first.header is None:
+            raise ValueError("the first KVChunk of a PushKV stream must carry the header")
+        check_header(first.header)
+    except ValueError as exc:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    try:
+        return sink.begin(first.header)
+    except TransferError as exc:
+        context.abort(status_of(exc), str(exc))
 
 
 def _decode(raw, context) -> wire.Chunk:

@@ -1,10 +1,8 @@
-"""Proto messages <-> engine objects: sampling parameters and the KV handoff."""
+"""Proto messages -> engine objects: the sampling parameters (the KV handoff maps itself: `KVHandoff`)."""
 
 from __future__ import annotations
 
-from phasesplit.engine.engine import KVExport
 from phasesplit.engine.sampler import SamplingParams
-from phasesplit.transport.base import layout_to_proto
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -19,18 +17,3 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop=tuple(msg.stop),
         ignore_eos=bool(msg.ignore_eos),
     )
-
-
-def kv_header(export: KVExport, layout) -> pb.KVHeader:
-    """The KV transfer's header: `export` without its blocks (the receiver reserves its own), with the layout."""
-    header = pb.KVHeader(request_id=export.request_id, layout=layout_to_proto(layout),
-                         prompt_token_ids=export.prompt_token_ids)
-    if export.first_token is not None:
-        header.first_token = export.first_token
-    return header
-
-
-def kv_export(header: pb.KVHeader, block_ids: list[int]) -> KVExport:
-    """The KV a header announces, held in `block_ids`."""
-    first = header.first_token if header.HasField("first_token") else None
-    return KVExport(header.request_id, list(header.prompt_token_ids), first, block_ids)

@@ -13,8 +13,8 @@ from concurrent import futures
 
 import grpc
 
-from phasesplit.roles.shard_receive import STATE as INBOX, ShardInbox
-from phasesplit.roles.shard_send import STATE as SENDERS, ShardSenders
+from phasesplit.roles.shard_receive import ShardInbox
+from phasesplit.roles.shard_send import ShardSenders
 from phasesplit.transport import channels, grpc_kv, make_receiver
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,15 @@ class ShardKVService:
 
 def follow(engine, config, sending_transport) -> None:
     """Until rank 0 closes the engine (`config`: the worker's `roles.server.WorkerConfig`)."""
-    runner, rank = engine.runner, engine.tp.rank
+    rank = engine.tp.rank
     transport = server = receiver = None
+    handlers = []  # what takes rank 0's messages on this rank
     if config.role in ("prompt", "mixed"):
         transport = sending_transport(config.kv_backend, config.kv_transfer_timeout, engine.device)
-        runner.state[SENDERS] = ShardSenders(runner, transport)
+        handlers.append(ShardSenders(engine, transport))
     if config.role in ("token", "mixed"):
-        inbox = runner.state[INBOX] = ShardInbox(engine, config.kv_transfer_timeout, config.kv_lease)
+        inbox = ShardInbox(engine, config.kv_transfer_timeout, config.kv_lease)
+        handlers.append(inbox)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * config.max_num_seqs + 8,
                                                         thread_name_prefix=f"rank{rank}-grpc"),
                              options=list(channels.SERVER_OPTIONS))
@@ -58,10 +60,18 @@ def follow(engine, config, sending_transport) -> None:
         server.start()
         log.info("rank %d takes its KV shard on %s:%d", rank, config.host, config.port + rank)
     try:
-        engine.follow()
+        engine.follow(_to_each(handlers))
     finally:
         if server is not None:
             server.stop(grace=1.0).wait()
         for part in (receiver, transport):
             if part is not None:
                 part.close()
+
+
+def _to_each(handlers: list):
+    """Hands each of rank 0's messages to every handler; each takes only its own kinds."""
+    def on_message(message) -> None:
+        for handler in handlers:
+            handler.on_message(message)
+    return on_message

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from phasesplit.engine.kv_cache import KVCapacityError
-from phasesplit.roles.convert import kv_export
+from phasesplit.engine.engine import KVCapacityError
+from phasesplit.engine.handoff import KVHandoff
 from phasesplit.roles.core import WorkerCore
-from phasesplit.roles.shard_receive import claim_shard, expect_shard, forget_shard
+from phasesplit.roles.shard_receive import ExpectShard, ForgetShard, claim_on_every_rank
 from phasesplit.roles.tombstones import Tombstones
 from phasesplit.transport import base, blocks
 from phasesplit.v1 import worker_pb2 as pb
@@ -31,12 +31,12 @@ RECEIVING, READY, CLAIMED, FAILED = "receiving", "ready", "claimed", "failed"
 
 
 class ReceivedKV(blocks.CacheDestination):
-    """One request's KV (`kv`: what the header announced, in the blocks reserved for it) arriving
-    into, or held in, the cache."""
+    """One request's KV (`kv`: what the header announced; `block_ids`: the blocks reserved for it)
+    arriving into, or held in, the cache."""
 
     def __init__(self, inbox: KVInbox, header: pb.KVHeader, block_ids: list[int]):
         self.inbox = inbox
-        self.kv = kv_export(header, block_ids)
+        self.kv = KVHandoff.from_proto(header)
         self.request_id = header.request_id
         self.block_ids = block_ids
         self.state = RECEIVING
@@ -48,8 +48,8 @@ class ReceivedKV(blocks.CacheDestination):
     def cache(self, layer: int, kind: int) -> torch.Tensor:
         if self.state != RECEIVING:
             raise base.TransferAborted(f"request {self.request_id}: transfer is {self.state}: {self.error}")
-        cache = self.inbox.engine.kv_cache
-        return cache.k[layer] if kind == base.K else cache.v[layer]
+        k, v = self.inbox.engine.kv_layer(layer)
+        return k if kind == base.K else v
 
     def written(self) -> None:
         self.touched = time.monotonic()
@@ -131,22 +131,16 @@ class KVInbox(base.KVSink):
                 self._entries[rid] = entry
                 self._changed.notify_all()
         except BaseException:
-            if rid not in self.engine.reserved:  # (a duplicate must not close the shards of the transfer under way)
-                self._on_ranks(forget_shard, rid)
+            if not self.engine.is_reserved(rid):  # (a duplicate must not close the shards of the transfer under way)
+                self.engine.send_to_ranks(ForgetShard(rid))
             raise
-        self._on_ranks(expect_shard, rid, entry.block_ids)
+        self.engine.send_to_ranks(ExpectShard(rid, entry.block_ids))
         return entry
-
-    def _on_ranks(self, command, *args):
-        """Engine thread: `command` on the other tensor-parallel ranks (a no-op on this one); its result here."""
-        if self.engine.tp.size > 1:
-            return self.engine.runner.command(command, *args)
-        return None
 
     def claim_shards(self, request_id: str) -> bool:
         """Generate, once this rank's KV is claimed: whether every other rank holds its shard too (they
         stop taking writes for it either way). Always true without tensor parallelism."""
-        return self.engine.tp.size == 1 or self.core.loop.run(self._on_ranks, claim_shard, request_id)
+        return self.engine.tp.size == 1 or self.core.loop.run(claim_on_every_rank, self.engine, request_id)
 
     # ---- Generate and Abort (gRPC threads) ----
 
@@ -182,7 +176,7 @@ class KVInbox(base.KVSink):
         self.core.loop.run(self._release, request_id)
 
     def _release(self, request_id: str) -> None:
-        self._on_ranks(forget_shard, request_id)  # before the blocks can go to another request
+        self.engine.send_to_ranks(ForgetShard(request_id))  # before the blocks can go to another request
         self.engine.release(request_id)
 
     # ---- lease and stall ----

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from phasesplit.engine.engine import KVExport
+from phasesplit.engine.handoff import KVHandoff
 from phasesplit.v1.conventions import KV_PEER_FAILED
-from phasesplit.roles.convert import kv_header, sampling_from_proto
+from phasesplit.roles.convert import sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
 from phasesplit.roles.remote_abort import RemoteAborts
@@ -75,8 +75,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                 transfer.timing.first_layer = now
             transfer.timing.last_layer = now
             if transfer.layerwise and transfer.sender is not None:
-                block_ids = engine.requests[rid].block_table
-                transfer.sender.send_layer(layer, engine.kv_cache.k[layer], engine.kv_cache.v[layer], block_ids)
+                transfer.sender.send_layer(layer, *engine.kv_layer(layer), engine.blocks_of(rid))
 
     # ---- gRPC threads ----
 
@@ -95,7 +94,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         with self._lock:
             self._transfers[rid] = transfer
         if transfer.layerwise:
-            self._open(request, context, transfer, first_token=None)
+            self._open(request, context, transfer, KVHandoff(rid, ids, self.core.engine.layout))
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         engine = self.core.engine
         try:
@@ -119,8 +118,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                 self._end_early(request, transfer)
             else:
                 if transfer.sender is None:
-                    block_ids = self.core.loop.run(lambda: engine.export_kv(rid).block_ids)
-                    self._open(request, context, transfer, first_token=first_token, block_ids=block_ids)
+                    handoff, block_ids = self.core.loop.run(lambda: (engine.handoff(rid), engine.blocks_of(rid)))
+                    self._open(request, context, transfer, handoff, block_ids)
                     self._send_all_layers(transfer, block_ids)
                 self._finish(request, transfer, context, timing)
             reply = pb.PrefillReply(first_token=first_token, first_text=out.text, finish_reason=out.finish_reason or "",
@@ -155,25 +154,23 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}")
 
-    def _open(self, request, context, transfer: _Transfer, first_token: int | None,
+    def _open(self, request, context, transfer: _Transfer, handoff: KVHandoff,
               block_ids: list[int] | None = None) -> None:
         """Opens this rank's transfer, and the other ranks' (which, given `block_ids`, send every layer at once)."""
-        export = KVExport(request.request_id, list(request.prompt_token_ids), first_token, [])
-        header = kv_header(export, self.core.engine.layout)
         transfer.timing.transfer_opened = time.perf_counter()
         try:
-            transfer.sender = self.transport.open(request.token_worker, header)
+            transfer.sender = self.transport.open(request.token_worker, handoff.to_proto())
         except (ValueError, TransferError) as exc:
             self._drop(request.request_id, abort_sender=False)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"KV transfer to {request.token_worker}: {exc}")
         if self.shards is not None:
-            transfer.shards = self.shards.open(request.request_id, request.token_worker, header, block_ids)
+            transfer.shards = self.shards.open(request.token_worker, handoff, block_ids)
 
     def _send_all_layers(self, transfer: _Transfer, block_ids: list[int]) -> None:
         """Serialized transfer: every layer after the prompt phase (the blocks are held, untouched)."""
         engine = self.core.engine
         for layer in range(engine.layout.num_layers):
-            transfer.sender.send_layer(layer, engine.kv_cache.k[layer], engine.kv_cache.v[layer], block_ids)
+            transfer.sender.send_layer(layer, *engine.kv_layer(layer), block_ids)
 
     def _finish(self, request, transfer: _Transfer, context, timing: PrefillTiming) -> None:
         rid = request.request_id

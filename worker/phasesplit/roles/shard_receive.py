@@ -1,23 +1,22 @@
 """A tensor-parallel token worker's other ranks: each takes its own KV-head shard of a transfer.
 
 Prompt rank r sends its shard to token rank r (on the worker's port + r, see `follower`). Blocks
-are rank 0's to give: its inbox reserves them and tells every rank with commands, which each rank
-runs in order between the batches rank 0 broadcasts:
+are rank 0's to give: its inbox reserves them and tells every rank with messages
+(`LLMEngine.send_to_ranks`), which each rank handles in order between the batches rank 0 broadcasts:
 
-- `expect_shard(rid, blocks)`: a transfer for `rid` writes into `blocks` (it may arrive before or
+- `ExpectShard(rid, blocks)`: a transfer for `rid` writes into `blocks` (it may arrive before or
   after this; `ShardInbox.begin` waits for it).
-- `forget_shard(rid)`: rank 0 freed the blocks, or refused the request: writes for it are refused
+- `ForgetShard(rid)`: rank 0 freed the blocks, or refused the request: writes for it are refused
   from now on. A write under way finishes first (the destination's lock), so no block is written
-  after rank 0 hands it to another request: that request's batches come after this command.
-- `claim_shard(rid)`: Generate takes the KV; every rank reports whether its shard is complete, and
-  rank 0 learns whether all of them are (a collective inside the command).
-
-Rank 0 itself runs these commands too, as no-ops: it has no `ShardInbox`.
+  after rank 0 hands it to another request: that request's batches come after this message.
+- `ClaimShard(rid)`: Generate takes the KV; every rank votes whether its shard is complete, and
+  rank 0 (which votes yes: it claimed its own) learns whether all of them are (a collective).
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -25,16 +24,38 @@ from phasesplit.roles.tombstones import Tombstones
 from phasesplit.transport import base, blocks
 from phasesplit.v1 import worker_pb2 as pb
 
-STATE = "shard_inbox"  # the key of a rank's ShardInbox in its runner's state
 RECEIVING, COMMITTED, CLOSED = "receiving", "committed", "closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ExpectShard:
+    request_id: str
+    block_ids: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetShard:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimShard:
+    request_id: str
+
+
+def claim_on_every_rank(engine, request_id: str) -> bool:
+    """Rank 0, on its engine thread, once it claimed its own KV: whether every other rank holds its
+    complete shard (they stop taking writes for it either way)."""
+    engine.send_to_ranks(ClaimShard(request_id))
+    return engine.tp.min_over_ranks(1) == 1
 
 
 class ShardKV(blocks.CacheDestination):
     """One request's shard arriving into the blocks rank 0 reserved for it. It never frees them:
-    rank 0 does, after `forget_shard` closed this destination."""
+    rank 0 does, after `ForgetShard` closed this destination."""
 
-    def __init__(self, cache, request_id: str, block_ids: list[int]):
-        self.kv_cache = cache
+    def __init__(self, engine, request_id: str, block_ids: list[int]):
+        self.engine = engine
         self.request_id = request_id
         self.block_ids = block_ids
         self.state = RECEIVING
@@ -44,7 +65,8 @@ class ShardKV(blocks.CacheDestination):
     def cache(self, layer: int, kind: int) -> torch.Tensor:
         if self.state != RECEIVING:
             raise base.TransferAborted(f"request {self.request_id}: shard is {self.state}: {self.why}")
-        return self.kv_cache.k[layer] if kind == base.K else self.kv_cache.v[layer]
+        k, v = self.engine.kv_layer(layer)
+        return k if kind == base.K else v
 
     def commit(self) -> None:
         with self.lock:
@@ -92,10 +114,18 @@ class ShardInbox(base.KVSink):
             if len(blocks_) != base.num_prompt_blocks(header):
                 raise base.TransferError(f"request {rid}: {base.num_prompt_blocks(header)} blocks announced, "
                                          f"rank 0 reserved {len(blocks_)}")
-            entry = self._entries[rid] = ShardKV(self.engine.kv_cache, rid, blocks_)
+            entry = self._entries[rid] = ShardKV(self.engine, rid, blocks_)
         return entry
 
-    # ---- rank 0's commands (this rank's main thread) ----
+    # ---- rank 0's messages (this rank's main thread) ----
+
+    def on_message(self, message) -> None:
+        if isinstance(message, ExpectShard):
+            self.expect(message.request_id, message.block_ids)
+        elif isinstance(message, ForgetShard):
+            self.forget(message.request_id)
+        elif isinstance(message, ClaimShard):
+            self.vote(message.request_id)
 
     def expect(self, request_id: str, block_ids: list[int]) -> None:
         with self._changed:
@@ -118,26 +148,14 @@ class ShardInbox(base.KVSink):
             entry = self._entries.pop(request_id, None)
         return entry is not None and entry.close("claimed by Generate")
 
+    def vote(self, request_id: str) -> None:
+        """This rank's part of `claim_on_every_rank`: the collective runs whatever the claim found."""
+        try:
+            complete = self.claim(request_id)
+        except Exception:  # noqa: BLE001 - every rank must join the collective
+            complete = False
+        self.engine.tp.min_over_ranks(int(complete))
+
     def pending(self) -> int:
         with self._changed:
             return len(self._expected)
-
-
-def expect_shard(runner, request_id: str, block_ids: list[int]) -> None:
-    if (inbox := runner.state.get(STATE)) is not None:
-        inbox.expect(request_id, block_ids)
-
-
-def forget_shard(runner, request_id: str) -> None:
-    if (inbox := runner.state.get(STATE)) is not None:
-        inbox.forget(request_id)
-
-
-def claim_shard(runner, request_id: str) -> bool:
-    """On every rank: whether every rank holds its complete shard (rank 0's own is, when it claims)."""
-    inbox = runner.state.get(STATE)
-    try:
-        complete = inbox is None or inbox.claim(request_id)
-    except Exception:  # noqa: BLE001 - the collective below must run on every rank regardless
-        complete = False
-    return runner.tp.min_over_ranks(int(complete)) == 1

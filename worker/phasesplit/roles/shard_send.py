@@ -1,12 +1,13 @@
 """A tensor-parallel prompt worker's KV transfers: each rank sends its own KV-head shard.
 
-Rank 0 sends its shard as a worker without tensor parallelism does (`prompt.PromptService`); for
-every other rank it broadcasts commands, run there in order between the batches:
+Rank 0 sends its shard as a worker without tensor parallelism does (`prompt.PromptService`); to
+every other rank it sends messages (`LLMEngine.send_to_ranks`), handled there in order between the
+batches:
 
-- `open_shard`: rank r opens a transfer of its shard to token rank r (the token worker's port + r),
+- `OpenShard`: rank r opens a transfer of its shard to token rank r (the token worker's port + r),
   through the worker's own KV transport, and sends each layer as its prefill writes it (or, given
   the blocks, every layer at once: a serialized transfer).
-- `abort_shard`: rank r aborts that transfer.
+- `AbortShard`: rank r aborts that transfer.
 
 How each follower's transfer ended goes back to rank 0 through the tensor group's store
 (`kv/<transfer number>/<rank>`), off every engine thread. Rank 0 answers Prefill only once every
@@ -20,15 +21,28 @@ import datetime
 import itertools
 import logging
 import threading
+from dataclasses import dataclass
 
 import grpc
 
+from phasesplit.engine.handoff import KVHandoff
 from phasesplit.transport.base import TransferAborted, TransferError, TransferTimeout, error_from_status, status_of
-from phasesplit.v1 import worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-STATE = "shard_senders"  # the key of a rank's ShardSenders in its runner's state
+
+@dataclass(frozen=True, slots=True)
+class OpenShard:
+    request_id: str
+    addr: str  # the token worker (its rank 0)
+    handoff: KVHandoff  # rank 0's
+    number: int  # the transfer's number: where the rank reports how it ended
+    block_ids: list[int] | None  # given: send every layer now (serialized); None: as the prefill writes them
+
+
+@dataclass(frozen=True, slots=True)
+class AbortShard:
+    request_id: str
 
 
 def shard_address(addr: str, rank: int) -> str:
@@ -58,28 +72,33 @@ class _Shard:
 class ShardSenders:
     """A prompt worker's rank r > 0: its transfers, by request id."""
 
-    def __init__(self, runner, transport):
-        self.runner = runner
-        self.tp = runner.tp
+    def __init__(self, engine, transport):
+        self.engine = engine
+        self.tp = engine.tp
         self.transport = transport
         self._shards: dict[str, _Shard] = {}
         self._lock = threading.Lock()
-        runner.layer_hook = self.on_layer
+        engine.layer_hook = self.on_layer
 
-    def open(self, request_id: str, addr: str, header: pb.KVHeader, number: int, block_ids: list[int] | None) -> None:
-        header = pb.KVHeader.FromString(header.SerializeToString())
-        header.layout.tensor_parallel_rank = self.tp.rank
+    def on_message(self, message) -> None:
+        if isinstance(message, OpenShard):
+            self.open(message)
+        elif isinstance(message, AbortShard):
+            self.abort(message.request_id)
+
+    def open(self, message: OpenShard) -> None:
+        handoff = message.handoff.for_rank(self.tp.rank)
         try:
-            sender = self.transport.open(shard_address(addr, self.tp.rank), header)
+            sender = self.transport.open(shard_address(message.addr, self.tp.rank), handoff.to_proto())
         except (ValueError, TransferError) as exc:
-            self._report(number, exc)
+            self._report(message.number, exc)
             return
-        shard = _Shard(sender, number, header.layout.num_layers)
+        shard = _Shard(sender, message.number, handoff.layout.num_layers)
         with self._lock:
-            self._shards[request_id] = shard
-        if block_ids is not None:
+            self._shards[message.request_id] = shard
+        if message.block_ids is not None:
             for layer in range(shard.num_layers):
-                self._send(request_id, shard, layer, block_ids)
+                self._send(message.request_id, shard, layer, message.block_ids)
 
     def on_layer(self, layer: int, request_ids: list[str]) -> None:
         """The layer hook: this rank's prefill wrote `layer` of these requests."""
@@ -87,7 +106,7 @@ class ShardSenders:
             with self._lock:
                 shard = self._shards.get(rid)
             if shard is not None:
-                self._send(rid, shard, layer, self.runner.batch.prefill_blocks(rid, self.runner.block_size))
+                self._send(rid, shard, layer, self.engine.prefill_blocks(rid))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -101,8 +120,7 @@ class ShardSenders:
             return len(self._shards)
 
     def _send(self, rid: str, shard: _Shard, layer: int, block_ids: list[int]) -> None:
-        cache = self.runner.kv_cache
-        shard.sender.send_layer(layer, cache.k[layer], cache.v[layer], block_ids)
+        shard.sender.send_layer(layer, *self.engine.kv_layer(layer), block_ids)
         if layer == shard.num_layers - 1:
             threading.Thread(target=self._end, args=(rid, shard, False), name=f"kv-shard-{rid}", daemon=True).start()
 
@@ -130,17 +148,6 @@ class ShardSenders:
         else:
             value = f"OK {result}"
         self.tp.store.set(_key(number, self.tp.rank), value)
-
-
-def open_shard(runner, request_id: str, addr: str, header: pb.KVHeader, number: int,
-               block_ids: list[int] | None) -> None:
-    if (senders := runner.state.get(STATE)) is not None:
-        senders.open(request_id, addr, header, number, block_ids)
-
-
-def abort_shard(runner, request_id: str) -> None:
-    if (senders := runner.state.get(STATE)) is not None:
-        senders.abort(request_id)
 
 
 class ShardRun:
@@ -187,14 +194,15 @@ class LeaderShards:
         self.engine = core.engine
         self._numbers = itertools.count(1)
 
-    def open(self, request_id: str, addr: str, header: pb.KVHeader, block_ids: list[int] | None = None) -> ShardRun:
+    def open(self, addr: str, handoff: KVHandoff, block_ids: list[int] | None = None) -> ShardRun:
         run = ShardRun(self.engine.tp, next(self._numbers))
-        self.core.loop.run(self.engine.runner.command, open_shard, request_id, addr, header, run.number, block_ids)
+        message = OpenShard(handoff.request_id, addr, handoff, run.number, block_ids)
+        self.core.loop.run(self.engine.send_to_ranks, message)
         return run
 
     def abort(self, request_id: str, run: ShardRun, timeout: float) -> None:
         """Aborts the followers' transfers and waits (at most `timeout`) until none reads the blocks."""
-        self.core.loop.run(self.engine.runner.command, abort_shard, request_id)
+        self.core.loop.run(self.engine.send_to_ranks, AbortShard(request_id))
         try:
             run.result(timeout)
         except TransferError:

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from phasesplit.engine.kv_cache import KVCapacityError
+from phasesplit.engine.engine import KVCapacityError
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engine_loop import Finished
 from phasesplit.v1 import worker_pb2 as pb

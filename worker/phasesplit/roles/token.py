@@ -57,8 +57,8 @@ class TokenService(pb_grpc.TokenWorkerServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"request_id: no KV for {rid!r} arrived within {timeout:g} s")
         if entry.state == FAILED:
             context.abort(grpc.StatusCode.ABORTED, f"request {rid}: KV transfer failed: {entry.error}")
-        first_token = request.first_token if request.HasField("first_token") else entry.kv.first_token
-        if first_token is None:
+        handoff = entry.kv.with_first_token(request.first_token if request.HasField("first_token") else None)
+        if handoff.first_token is None:
             self.inbox.abort(rid)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "first_token: required (the prompt worker's first token) when the KV header lacks it")
@@ -71,7 +71,7 @@ class TokenService(pb_grpc.TokenWorkerServicer):
 
         def add():
             try:
-                engine.add_prefilled(rid, entry.kv.prompt_token_ids, first_token, params)
+                engine.add_prefilled(handoff, params)
             except BaseException:
                 engine.release(rid)
                 raise

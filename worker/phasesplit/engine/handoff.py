@@ -1,0 +1,47 @@
+"""`KVHandoff`: what the prompt worker hands the token worker with a request's prompt KV, mapped 1:1
+onto phasesplit.v1.KVHeader (the first message of every KV transfer). The blocks themselves are not
+part of it: each side keeps the request's KV in blocks of its own cache."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from phasesplit.engine.kv_cache import KVLayout
+from phasesplit.transport.base import layout_to_proto
+from phasesplit.v1 import worker_pb2 as pb
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KVHandoff:
+    request_id: str
+    prompt_token_ids: list[int]
+    layout: KVLayout  # the sending rank's
+    first_token: int | None = None  # None while the prefill still runs (a layer-wise transfer opens first)
+    block_hashes: list[int] = dataclasses.field(default_factory=list)  # one per full prompt block; empty today
+    num_cached_blocks: int = 0  # leading blocks the receiver already holds, which do not move; 0 today
+
+    def to_proto(self) -> pb.KVHeader:
+        header = pb.KVHeader(request_id=self.request_id, layout=layout_to_proto(self.layout),
+                             prompt_token_ids=self.prompt_token_ids, block_hashes=self.block_hashes,
+                             num_cached_blocks=self.num_cached_blocks)
+        if self.first_token is not None:
+            header.first_token = self.first_token
+        return header
+
+    @classmethod
+    def from_proto(cls, header: pb.KVHeader) -> KVHandoff:
+        msg = header.layout
+        layout = KVLayout(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(KVLayout)})
+        if not msg.tensor_parallel_size:  # a sender without tensor parallelism may leave it unset
+            layout = dataclasses.replace(layout, tensor_parallel_size=1)
+        return cls(header.request_id, list(header.prompt_token_ids), layout,
+                   header.first_token if header.HasField("first_token") else None,
+                   list(header.block_hashes), header.num_cached_blocks)
+
+    def with_first_token(self, first_token: int | None) -> KVHandoff:
+        """The Generate call's first token where it brings one (a layer-wise transfer's header has none)."""
+        return self if first_token is None else dataclasses.replace(self, first_token=first_token)
+
+    def for_rank(self, rank: int) -> KVHandoff:
+        """The same handoff of tensor-parallel rank `rank`'s shard."""
+        return dataclasses.replace(self, layout=dataclasses.replace(self.layout, tensor_parallel_rank=rank))
