@@ -34,7 +34,7 @@ def option(default=dataclasses.MISSING, help: str | None = None, *, engine: str 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """Everything one worker is started with (the command line, typed)."""
-    role: str = option(choices=ROLES)
+    role: str = option(help="prompt: the prompt phase; token: the token phase; mixed: both", choices=ROLES)
     model: str = option(help="Hugging Face model directory")
     served_model_name: str | None = option(None, "model name clients use (default: the directory's name)")
     host: str = option("0.0.0.0", "address to listen on")

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.control import worker_config
 from phasesplit.local import plan as local_plan
 from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, free_ports, phasesplit_argv,
@@ -275,7 +276,8 @@ def _positive_seconds(text: str) -> float:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit local", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="phasesplit local", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("file", help="SplitInference YAML (the same manifest you would kubectl apply)")
     p.add_argument("--model", help="model directory; overrides spec.model.source")
     p.add_argument("--port", type=int, help="router port (default: spec.router.service.port; 0 picks a free one)")
@@ -283,7 +285,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-backend", choices=local_plan.KV_BACKENDS,
                    help="KV transfer backend; overrides spec.kvTransfer.backend (nccl on CPU caches runs over gloo)")
     p.add_argument("--drain-timeout", type=float, default=worker_config.default("drain_timeout"),
-                   help="seconds a stopped worker may finish its work (default: %(default)g)")
+                   help="seconds a stopped worker may finish its work")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each process to be ready")
     p.add_argument("--autoscale-interval", type=_positive_seconds,
                    help="seconds between autoscaling evaluations (default: spec.autoscaling.intervalSeconds)")

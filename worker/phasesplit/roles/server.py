@@ -16,9 +16,10 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from phasesplit.control.worker_config import WorkerConfig, build_parser
+from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.heap import freeze_loaded_objects
+from phasesplit.roles.command import parse_args  # noqa: F401 - also this module's
 from phasesplit.roles.control import WorkerService
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engines import default_device, engine_kind, sending_transport
@@ -28,15 +29,6 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 log = logging.getLogger("phasesplit.worker")
 SERVICES = {"prompt": ("phasesplit.v1.PromptWorker",), "token": ("phasesplit.v1.TokenWorker",),
             "mixed": ("phasesplit.v1.PromptWorker", "phasesplit.v1.TokenWorker")}
-
-
-def parse_args(argv: list[str]) -> WorkerConfig:
-    """The command line as a `WorkerConfig`; flags left out take the config's defaults."""
-    p = build_parser(prog="phasesplit worker", description=__doc__.split("\n\n")[0])
-    try:
-        return WorkerConfig(**vars(p.parse_args(argv)))
-    except ValueError as e:
-        p.error(str(e))
 
 
 def load_engine(config: WorkerConfig, tp=None, device: str | None = None):
@@ -117,7 +109,10 @@ class WorkerServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    return run(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run(config: WorkerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(name)s %(levelname)s %(message)s")
     if config.tensor_parallel > 1:
         return supervise(config)
@@ -160,6 +155,7 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
     except ImportError:
         pass
     try:
+        log.info("loading model %s (weights, then the KV cache)", config.model)
         engine = load_engine(config, tp, device)
         freeze_loaded_objects()
         if not leader:
