@@ -3,7 +3,8 @@
 The router and every pool's workers run as `phasesplit` child processes on 127.0.0.1. Pools can
 grow and shrink while it runs (`LocalCluster.add_worker` / `remove_worker`), which is what the
 autoscaling policy drives. Ctrl-C or SIGTERM stops everything; children also die with the
-launcher if it is killed."""
+launcher if it is killed. The router's port is checked before anything loads; a process that keeps
+failing is not restarted forever (`restarts`)."""
 
 from __future__ import annotations
 
@@ -26,12 +27,20 @@ import grpc
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.control import worker_config
 from phasesplit.local import plan as local_plan
+from phasesplit.local import ports
 from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, free_ports, phasesplit_argv,
-                                    wait_grpc_serving, wait_http_ok)
+                                        wait_grpc_serving, wait_http_ok)
+from phasesplit.local.progress import Progress
+from phasesplit.local.restarts import Restarts
 from phasesplit.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("phasesplit.local")
 HOST = "127.0.0.1"
+API_KEY_ENV = "PHASESPLIT_API_KEY"  # the router's, which local mode also reads
+
+
+class StartCancelled(ProcessFailed):
+    pass
 
 
 @dataclass(slots=True)
@@ -42,8 +51,10 @@ class WorkerHandle:
 
 
 class LocalCluster:
-    def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0):
+    def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0,
+                 api_key: str | None = None):
         self.plan = plan
+        self.api_key = api_key  # clients must send it; None: the router takes requests without a key
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
         self.workers: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
@@ -54,6 +65,7 @@ class LocalCluster:
         self._retiring: list[threading.Thread] = []
         self._starting: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
         self._admin_token = secrets.token_urlsafe(32)  # only this launcher may repoint the router's pools
+        self.restarts = Restarts()
 
     @property
     def endpoint(self) -> str:
@@ -66,16 +78,28 @@ class LocalCluster:
     # ---- start and stop ----
 
     def start(self) -> None:
-        started = [self._spawn_worker(pool.name) for pool in self.plan.pools.values() for _ in range(pool.replicas)]
+        started = [self.begin_start(pool.name) for pool in self.plan.pools.values() for _ in range(pool.replicas)]
         for handle in started:
-            wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
-            self.workers[handle.pool].append(handle)
+            self.finish_start(handle)
         self._start_router()
 
     def _start_router(self) -> None:
-        self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir,
-                                     env={**os.environ, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}).start()
-        wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
+        env = {**os.environ, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}
+        env.pop(API_KEY_ENV, None)
+        if self.api_key:
+            env[API_KEY_ENV] = self.api_key
+        self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir, env=env).start()
+        try:
+            wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
+        except ProcessFailed:
+            self.router.stop(5)
+            raise
+
+    def processes(self) -> list[ManagedProcess]:
+        """The router and every worker, in the router or still starting."""
+        with self._lock:
+            handles = [h for pools in (self.workers, self._starting) for pool in pools.values() for h in pool]
+        return [h.proc for h in handles] + ([self.router] if self.router is not None else [])
 
     def supervise(self, interval: float = 1.0) -> threading.Event:
         """Replaces dead processes every `interval` seconds in a background thread until the event is set."""
@@ -129,7 +153,7 @@ class LocalCluster:
             raise
         with self._lock:
             if handle not in self._starting[pool]:
-                raise ProcessFailed(f"{handle.proc.name} was cancelled while it started")
+                raise StartCancelled(f"{handle.proc.name} was cancelled while it started")
             self._starting[pool].remove(handle)
             self.workers[pool].append(handle)
             self._publish(pool)
@@ -189,18 +213,40 @@ class LocalCluster:
         A new router listens on the same port and is given the current members of every pool."""
         names = []
         if self.router is not None and not self.router.alive():
-            log.warning("router exited with code %s; starting a new one", self.router.popen.returncode)
-            self._start_router()
+            self._restart_router()
             names.append("router")
         with self._lock:
             dead = [h for pool in self.workers.values() for h in pool if not h.proc.alive()]
         for handle in dead:
-            log.warning("%s exited with code %s; starting a new one", handle.proc.name, handle.proc.popen.returncode)
             with self._lock:
                 self.workers[handle.pool].remove(handle)
                 self._publish(handle.pool)
-            self.add_worker(handle.pool)
+            self._replace_worker(handle)
         return names + [h.proc.name for h in dead]
+
+    def _restart_router(self) -> None:
+        """ProcessFailed once the router crash-loops (`Restarts`)."""
+        while True:
+            self.restarts.died("router", self.router)
+            log.warning("router exited with code %s; starting a new one", self.router.popen.returncode)
+            try:
+                return self._start_router()
+            except ProcessFailed as exc:
+                log.warning("%s", str(exc).splitlines()[0].rstrip(":"))
+
+    def _replace_worker(self, dead: WorkerHandle) -> None:
+        """ProcessFailed once the pool's workers crash-loop (`Restarts`)."""
+        while True:
+            self.restarts.died(dead.pool, dead.proc)
+            log.warning("%s exited with code %s; starting a new one", dead.proc.name, dead.proc.popen.returncode)
+            dead = self.begin_start(dead.pool)
+            try:
+                self.finish_start(dead)
+                return
+            except StartCancelled:  # the pool shrank meanwhile
+                return
+            except ProcessFailed as exc:
+                log.warning("%s", str(exc).splitlines()[0].rstrip(":"))
 
     def addresses(self, pool: str) -> list[str]:
         with self._lock:
@@ -232,7 +278,7 @@ class LocalCluster:
 
     def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
-        token = self._admin_token if method != "GET" else os.environ.get("PHASESPLIT_API_KEY")
+        token = self._admin_token if method != "GET" else self.api_key
         if token:
             headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body).encode()
@@ -290,7 +336,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--autoscale-interval", type=_positive_seconds,
                    help="seconds between autoscaling evaluations (default: spec.autoscaling.intervalSeconds)")
     p.add_argument("--log-dir", help="where each process writes its log (default: a new temporary directory)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--api-key-file", metavar="FILE", help="require the API key in FILE as a bearer token "
+                     f"(spec.router.apiKeySecret is not read in local mode; also: env {API_KEY_ENV})")
+    key.add_argument("--api-key", metavar="KEY", help="require KEY as a bearer token (other users of the "
+                     "machine can read a command line: prefer --api-key-file)")
     return p.parse_args(argv)
+
+
+def read_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key-file, --api-key or the environment's PHASESPLIT_API_KEY; None: no key is required."""
+    if args.api_key_file:
+        key = pathlib.Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: the file is empty")
+        return key
+    return args.api_key or os.environ.get(API_KEY_ENV) or None
+
+
+def api_key_notice(spec, api_key: str | None) -> str | None:
+    """What the console says about the API key: required, or asked for by the spec but not required."""
+    if api_key:
+        return "the router requires the API key (Authorization: Bearer KEY)"
+    secret = spec.router.api_key_secret
+    if secret is not None:
+        return (f"warning: spec.router.apiKeySecret (Secret {secret.name}, key {secret.key}) is not read in local "
+                f"mode, so the router takes requests without a key; pass --api-key-file FILE (or --api-key, or "
+                f"{API_KEY_ENV}) to require one")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,19 +371,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         the_plan = local_plan.build_plan(local_plan.read_manifest(args.file), args.model, args.port,
-                                   args.drain_timeout, args.device, args.kv_backend)
+                                         args.drain_timeout, args.device, args.kv_backend)
+        api_key = read_api_key(args)
+        if the_plan.router_port:
+            ports.check_free(HOST, the_plan.router_port, "--port" if args.port is not None else "spec.router.service.port")
     except (OSError, ValueError) as exc:
         print(f"phasesplit local: {exc}", file=sys.stderr)
         return 2
+    if notice := api_key_notice(the_plan.spec, api_key):
+        print(f"phasesplit local: {notice}", file=sys.stderr if notice.startswith("warning") else sys.stdout, flush=True)
     log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix="phasesplit-local-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout)
+    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout, api_key)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     code = 0
+    progress = Progress(cluster.processes, lambda line: print(f"phasesplit local: {line}", flush=True)).start()
     try:
         print(f"phasesplit local: logs in {log_dir}", flush=True)
         cluster.start()
+        progress.show()
         pools = ", ".join(f"{name}={len(cluster.addresses(name))}" for name in the_plan.pools)
         print(f"phasesplit local: ready ({pools}); OpenAI endpoint {cluster.endpoint}", flush=True)
         autoscaler = _start_autoscaler(cluster, args.autoscale_interval)
@@ -327,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        progress.stop()
         cluster.stop()
         print("phasesplit local: stopped", flush=True)
     return code

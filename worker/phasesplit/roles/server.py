@@ -162,13 +162,14 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
             from phasesplit.roles.follower import follow
             follow(engine, config, sending_transport)
             return 0
-        server = WorkerServer(engine, config).start()
+        server = WorkerServer(engine, config)
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)
         return 2
     log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", config.role,
              server.settings.served_model_name, config.host, server.port, engine.num_total_blocks,
              engine.layout.block_size, engine.device, engine.tp.size)
+    server.start()  # SERVING from here on: local mode reads the line above once it sees SERVING
     while not stop.wait(1.0):
         pass
     log.info("draining (up to %g s)", config.drain_timeout)
