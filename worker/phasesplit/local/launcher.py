@@ -22,8 +22,6 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-import grpc
-
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.control import worker_config
 from phasesplit.local import plan as local_plan
@@ -32,7 +30,6 @@ from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port
                                         wait_grpc_serving, wait_http_ok)
 from phasesplit.local.progress import Progress
 from phasesplit.local.restarts import Restarts
-from phasesplit.v1 import worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("phasesplit.local")
 HOST = "127.0.0.1"
@@ -81,6 +78,10 @@ class LocalCluster:
         started = [self.begin_start(pool.name) for pool in self.plan.pools.values() for _ in range(pool.replicas)]
         for handle in started:
             self.finish_start(handle)
+        try:  # checked before the workers loaded too; a program may have taken it since
+            ports.check_free(HOST, self.router_port, "--port or spec.router.service.port")
+        except ports.PortInUse as exc:
+            raise ProcessFailed(f"router: {exc}") from None
         self._start_router()
 
     def _start_router(self) -> None:
@@ -295,6 +296,8 @@ class LocalCluster:
 
 def _load(address: str) -> int:
     """Requests and KV a worker holds; a worker that does not answer counts as idle."""
+    import grpc  # here, not above: a refused command line or port answers before gRPC loads
+    from phasesplit.v1 import worker_pb2, worker_pb2_grpc
     try:
         with grpc.insecure_channel(address) as channel:
             load = worker_pb2_grpc.WorkerStub(channel).Load(worker_pb2.LoadRequest(), timeout=2)

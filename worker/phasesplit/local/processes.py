@@ -16,9 +16,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from phasesplit import parent_death
 from phasesplit.local import ports
 
@@ -146,6 +143,8 @@ def phasesplit_argv(*args: str) -> list[str]:
 
 def wait_grpc_serving(proc: ManagedProcess, address: str, timeout: float) -> None:
     """Polls the standard gRPC health service until it answers SERVING."""
+    import grpc  # here, not above: a refused command line or port answers before gRPC loads
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
