@@ -8,8 +8,6 @@ import os
 import random
 import re
 
-import kopf
-
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.operator import builders
 
@@ -46,6 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
+    import kopf  # here, not above: --help answers without loading kopf and the Kubernetes client
     from phasesplit.operator import handlers
     handlers.WATCHED_NAMESPACES[:] = args.namespace
     registry = kopf.get_default_registry()  # with kopf's own login handlers
