@@ -19,7 +19,7 @@ import pytest
 import yaml
 from support.examples import split_inference
 
-from phasesplit.local.launcher import api_key_notice
+from phasesplit.local.keys import notice as api_key_notice
 from phasesplit.local.plan import validate_manifest
 from phasesplit.local.processes import ManagedProcess, ProcessFailed, free_port, phasesplit_argv, wait_http_ok
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.control import worker_config
+from phasesplit.local import keys
 from phasesplit.local import plan as local_plan
 from phasesplit.local import ports
 from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, free_ports, phasesplit_argv,
@@ -33,7 +34,6 @@ from phasesplit.local.restarts import Restarts
 
 log = logging.getLogger("phasesplit.local")
 HOST = "127.0.0.1"
-API_KEY_ENV = "PHASESPLIT_API_KEY"  # the router's, which local mode also reads
 
 
 class StartCancelled(ProcessFailed):
@@ -51,7 +51,8 @@ class LocalCluster:
     def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0,
                  api_key: str | None = None):
         self.plan = plan
-        self.api_key = api_key  # clients must send it; None: the router takes requests without a key
+        # clients must send it (by default the environment's, as the router's own); None: no key
+        self.api_key = os.environ.get(keys.ENV) if api_key is None else api_key
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
         self.workers: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
@@ -86,9 +87,9 @@ class LocalCluster:
 
     def _start_router(self) -> None:
         env = {**os.environ, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}
-        env.pop(API_KEY_ENV, None)
+        env.pop(keys.ENV, None)
         if self.api_key:
-            env[API_KEY_ENV] = self.api_key
+            env[keys.ENV] = self.api_key
         self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir, env=env).start()
         try:
             wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
@@ -339,34 +340,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--autoscale-interval", type=_positive_seconds,
                    help="seconds between autoscaling evaluations (default: spec.autoscaling.intervalSeconds)")
     p.add_argument("--log-dir", help="where each process writes its log (default: a new temporary directory)")
-    key = p.add_mutually_exclusive_group()
-    key.add_argument("--api-key-file", metavar="FILE", help="require the API key in FILE as a bearer token "
-                     f"(spec.router.apiKeySecret is not read in local mode; also: env {API_KEY_ENV})")
-    key.add_argument("--api-key", metavar="KEY", help="require KEY as a bearer token (other users of the "
-                     "machine can read a command line: prefer --api-key-file)")
+    keys.add_flags(p)
     return p.parse_args(argv)
-
-
-def read_api_key(args: argparse.Namespace) -> str | None:
-    """--api-key-file, --api-key or the environment's PHASESPLIT_API_KEY; None: no key is required."""
-    if args.api_key_file:
-        key = pathlib.Path(args.api_key_file).read_text().strip()
-        if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file}: the file is empty")
-        return key
-    return args.api_key or os.environ.get(API_KEY_ENV) or None
-
-
-def api_key_notice(spec, api_key: str | None) -> str | None:
-    """What the console says about the API key: required, or asked for by the spec but not required."""
-    if api_key:
-        return "the router requires the API key (Authorization: Bearer KEY)"
-    secret = spec.router.api_key_secret
-    if secret is not None:
-        return (f"warning: spec.router.apiKeySecret (Secret {secret.name}, key {secret.key}) is not read in local "
-                f"mode, so the router takes requests without a key; pass --api-key-file FILE (or --api-key, or "
-                f"{API_KEY_ENV}) to require one")
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -375,17 +350,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         the_plan = local_plan.build_plan(local_plan.read_manifest(args.file), args.model, args.port,
                                          args.drain_timeout, args.device, args.kv_backend)
-        api_key = read_api_key(args)
+        key = keys.read(args)
         if the_plan.router_port:
-            ports.check_free(HOST, the_plan.router_port, "--port" if args.port is not None else "spec.router.service.port")
+            setting = "--port" if args.port is not None else "spec.router.service.port"
+            ports.check_free(HOST, the_plan.router_port, setting)
     except (OSError, ValueError) as exc:
         print(f"phasesplit local: {exc}", file=sys.stderr)
         return 2
-    if notice := api_key_notice(the_plan.spec, api_key):
-        print(f"phasesplit local: {notice}", file=sys.stderr if notice.startswith("warning") else sys.stdout, flush=True)
+    if notice := keys.notice(the_plan.spec, key):
+        print(f"phasesplit local: {notice}", file=sys.stderr if notice.startswith("warning") else sys.stdout,
+              flush=True)
     log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix="phasesplit-local-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout, api_key)
+    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout, key)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     code = 0
