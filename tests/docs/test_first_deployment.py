@@ -255,6 +255,13 @@ def test_the_commands_name_what_the_yaml_creates():
     assert copied == f"{loader['metadata']['name']}:{mount}/{spec['model']['source']['pvc']['path']}"
 
 
+def test_the_metrics_the_guide_greps_for_are_the_routers():
+    from phasesplit.router.metrics import RouterMetrics
+    names = re.search(r'grep -E "\^phasesplit_\((.*?)\)"', GUIDE).group(1).split("|")
+    exported = RouterMetrics().render().decode()
+    assert all(re.search(rf"^phasesplit_{name}\b", exported, re.M) for name in names), names
+
+
 def test_the_python_example_compiles():
     (example,) = blocks("python")
     compile(example, "first-deployment.md", "exec")
