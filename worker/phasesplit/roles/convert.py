@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from phasesplit.engine.engine import KVExport
 from phasesplit.engine.sampler import SamplingParams
-from phasesplit.transport.base import layout_to_proto
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -23,7 +22,7 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
 
 def kv_header(export: KVExport, layout) -> pb.KVHeader:
     """The KV transfer's header: `export` without its blocks (the receiver reserves its own), with the layout."""
-    header = pb.KVHeader(request_id=export.request_id, layout=layout_to_proto(layout),
+    header = pb.KVHeader(request_id=export.request_id, layout=layout.to_proto(),
                          prompt_token_ids=export.prompt_token_ids)
     if export.first_token is not None:
         header.first_token = export.first_token

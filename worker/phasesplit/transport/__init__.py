@@ -15,7 +15,7 @@ from phasesplit.transport.base import KVReceiver, KVSink, KVTransport
 # name -> ("module:sending class", "module:receiving class"); each accepts keyword options.
 BACKENDS = {
     "grpc": ("grpc_kv:GrpcKVTransport", "grpc_receive:PushKVReceiver"),
-    "nccl": ("nccl_kv:NcclKVTransport", "nccl_receive:KVGroupService"),
+    "nccl": ("nccl_kv:NcclKVTransport", "nccl_receive:NcclKVReceiver"),
     "tcp": ("tcp_kv:TcpKVTransport", "tcp_receive:TcpKVReceiver"),
 }
 
