@@ -18,8 +18,7 @@ from phasesplit.transport import wire
 from phasesplit.transport.base import (END, TransferAborted, TransferError, TransferResult, TransferTimeout,
                                        check_header, error_from_status, status_of)
 from phasesplit.transport.channels import Channels
-from phasesplit.transport.grpc_kv import _PUSH_KV
-from phasesplit.transport.grpc_receive import PushKVReceiver
+from phasesplit.transport.grpc_receive import PUSH_KV, PushKVReceiver
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -53,7 +52,7 @@ class SimSender:
         self._opened = time.perf_counter()
         self._end = threading.Event()
         self._aborted = False
-        push_kv = channel.stream_unary(_PUSH_KV, request_serializer=None,
+        push_kv = channel.stream_unary(PUSH_KV, request_serializer=None,
                                        response_deserializer=pb.PushKVReply.FromString)
         self._call = push_kv.future(self._requests(header))
 

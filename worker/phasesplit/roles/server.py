@@ -138,7 +138,7 @@ class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, config: WorkerConfig, transport=None):
-        from phasesplit.transport import channels, grpc_kv, make_receiver
+        from phasesplit.transport import channels, make_receiver
         name = config.served_model_name or engine.layout.model
         self.settings = WorkerSettings(role=config.role, served_model_name=name,
                                        kv_transfer_timeout=config.kv_transfer_timeout, kv_lease=config.kv_lease,
@@ -164,9 +164,12 @@ class WorkerServer:
             aborts.append(self.prompt.abort)
         if config.role in ("token", "mixed"):
             from phasesplit.fleet.sim_handoff import SimReceiver
-            from phasesplit.roles.token import TokenService
-            push = SimReceiver(self.inbox, timeout=config.kv_transfer_timeout) if simulated else None
-            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, push), self.server)
+            from phasesplit.roles.token import TokenService, add_generate_to_server
+            push = SimReceiver(self.inbox, timeout=config.kv_transfer_timeout, track=self.core.tracked) if simulated \
+                else make_receiver("grpc", self.inbox, layout=engine.layout, timeout=config.kv_transfer_timeout,
+                                   track=self.core.tracked)
+            push.add_to_server(self.server)
+            add_generate_to_server(TokenService(self.core, self.inbox), self.server)
             aborts.append(self.inbox.abort)
             backend = config.kv_backend
             if backend != "grpc" and not simulated:  # PushKV (grpc) is served by every token worker
