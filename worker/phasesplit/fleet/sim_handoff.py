@@ -16,9 +16,9 @@ import grpc
 from phasesplit.fleet.perf import kv_transfer_time
 from phasesplit.transport import wire
 from phasesplit.transport.base import (END, TransferAborted, TransferError, TransferResult, TransferTimeout,
-                                       check_header, error_from_status, status_of)
+                                       error_from_status, status_of)
 from phasesplit.transport.channels import Channels
-from phasesplit.transport.grpc_receive import PUSH_KV, PushKVReceiver
+from phasesplit.transport.grpc_receive import PUSH_KV, PushKVReceiver, read_header
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -95,14 +95,7 @@ class SimSender:
 
 def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = 30.0) -> pb.PushKVReply:
     """The token side of a simulated handoff (the `receive` of `TokenService`): a header, then END."""
-    first = next(iter(request_iterator), None)
-    header = _decode(first, context).header if first is not None else None
-    if header is None:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
-    try:
-        check_header(header)
-    except ValueError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    header = read_header(iter(request_iterator), context.abort)
     try:
         dest = sink.begin(header)
     except TransferError as exc:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import grpc
 import numpy as np
@@ -69,6 +70,23 @@ class PushKVReceiver:
         pass
 
 
+def read_header(requests: Iterator, refuse: Callable[[grpc.StatusCode, str], NoReturn]) -> pb.KVHeader:
+    """The checked header a PushKV stream's first chunk carries; `refuse(code, message)` (it raises)
+    a stream without one."""
+    first = next(requests, None)
+    try:
+        header = None if first is None else wire.decode(first).header
+    except wire.WireError as exc:
+        refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed KVChunk: {exc}")
+    if header is None:
+        refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
+    try:
+        check_header(header)
+    except ValueError as exc:
+        refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    return header
+
+
 def handle_push_kv(request_iterator, context: grpc.ServicerContext, sink: KVSink, *,
                    timeout: float = 30.0) -> pb.PushKVReply:
     """Receive one PushKV stream (raw chunk bytes or parsed KVChunk messages) into `sink`."""
@@ -102,14 +120,7 @@ class _Receiver:
             watchdog.join()
 
     def _receive(self, requests) -> pb.PushKVReply:
-        first = next(requests, None)
-        header = None if first is None else self._decode(first).header
-        if header is None:
-            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
-        try:
-            check_header(header)
-        except ValueError as exc:
-            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        header = read_header(requests, self._refuse)
         self._begin(header)
         layout = header.layout
         num_blocks = num_prompt_blocks(header)
