@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 
 from phasesplit.transport import kv_group
-from phasesplit.transport.pair_kv import LayerItem, PairKVTransport, Peer
+from phasesplit.transport.pair_kv import PairKVTransport
+from phasesplit.transport.pair_link import LayerItem, Peer
 
 MAX_FRAMES_IN_FLIGHT = 4  # layers sent and not yet received, per pair
 

@@ -1,9 +1,9 @@
 """The sending side shared by the per-pair backends (nccl, tcp): gRPC for control, a pooled link for the bytes.
 
-Per token worker address the prompt worker keeps one `Pair`: a data link (a process group in
-`nccl_kv`, a TCP connection in `tcp_kv`) made on first use through `KVGroup.Connect`, reused by
-every transfer to that worker, and discarded as soon as a send fails or times out (the next
-transfer makes a new one). A transfer is one `KVGroup.Push` call: the token worker reserves
+Per token worker address the prompt worker keeps one `Pair`: a data link (see `pair_link`: a
+process group in `nccl_kv`, a TCP connection in `tcp_kv`) made on first use through
+`KVGroup.Connect`, reused by every transfer to that worker, and discarded as soon as a send
+fails or times out (the next transfer makes a new one). A transfer is one `KVGroup.Push` call: the token worker reserves
 blocks and answers `accepted`, the pair's thread sends each queued layer (K and V of the
 sequence's blocks in one frame), the token worker answers `committed` once every layer arrived.
 
@@ -20,9 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import grpc
 import torch
@@ -34,6 +32,7 @@ from phasesplit.transport.base import (
 )
 from phasesplit.transport.channels import Channels
 from phasesplit.transport.layout import KVLayout
+from phasesplit.transport.pair_link import LayerItem, LinkKind, Peer
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -43,19 +42,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_QUEUED_LAYERS = 4096
 
 
-# ---- what the engine thread queues for the pair's thread ----
-
-@dataclass(slots=True)
-class LayerItem:
-    """One layer of one transfer: blocks `ids` of the caches `k` and `v`."""
-
-    sender: PairKVSender
-    layer: int
-    k: torch.Tensor
-    v: torch.Tensor
-    ids: list[int]
-    ready: object | None  # accelerator event recorded after the layer was written
-
+# ---- what the engine thread queues for the pair's thread (and LayerItem) ----
 
 @dataclass(slots=True)
 class AbortItem:
@@ -75,50 +62,6 @@ class IdleItem:
 
 
 QueueItem = LayerItem | AbortItem | CloseItem
-
-
-# ---- the data path ----
-
-@dataclass(frozen=True, slots=True)
-class Peer:
-    """Where a link goes: the token worker's side of one pair, as `Connect` answered it."""
-
-    addr: str
-    host: str
-    port: int
-    group_id: str
-    backend: str
-    device: torch.device
-    layout: KVLayout
-    timeout: float
-
-
-class Link(Protocol):
-    """A pair's data path; every method raises kv_group.GroupBroken when the path failed."""
-
-    @property
-    def in_flight(self) -> int:
-        """Frames started and not yet completed."""
-
-    def send_layer(self, item: LayerItem) -> None:
-        """Start sending one layer's frame; `sent(item)` (given to the link) once it completed."""
-
-    def retire(self, keep: int) -> None:
-        """Complete the oldest frames in flight until at most `keep` remain."""
-
-    def send_op(self, transfer_id: int, op: int) -> None:
-        """Send a frame without data (kv_group.ABORT, CLOSE)."""
-
-    def discard(self) -> None:
-        """Tear the path down without waiting on the peer."""
-
-
-class LinkKind(Protocol):
-    def backend_for(self, device: torch.device) -> str:
-        """The data path's name in `KVGroupConnect.backend`."""
-
-    def __call__(self, peer: Peer, sent: Callable[[LayerItem], None]) -> Link:
-        """Join the token worker's side."""
 
 
 # ---- one transfer ----

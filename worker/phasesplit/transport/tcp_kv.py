@@ -21,7 +21,8 @@ import torch
 from phasesplit.transport import kv_group, sockets
 from phasesplit.transport.base import K, V
 from phasesplit.transport.blocks import read_pieces, to_host
-from phasesplit.transport.pair_kv import LayerItem, PairKVTransport, Peer
+from phasesplit.transport.pair_kv import PairKVTransport
+from phasesplit.transport.pair_link import LayerItem, Peer
 
 
 class SocketLink:
