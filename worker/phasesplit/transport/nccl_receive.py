@@ -22,8 +22,8 @@ class StoreListener:
 
     def __init__(self, port: int, device: torch.device, layout: KVLayout, timeout: float, idle_timeout: float):
         self.backend = kv_group.backend_for(device)
-        self._device, self._layout = device, layout
-        self._timeout, self._idle_timeout = timeout, idle_timeout
+        self.device, self.layout = device, layout
+        self.timeout, self.idle_timeout = timeout, idle_timeout
         try:
             self.store = kv_group.host_store(port, timeout)
         except (RuntimeError, OSError) as exc:
@@ -46,13 +46,13 @@ class GroupReceiveLink:
     def __init__(self, listener: StoreListener, group_id: str, bind_host: str):
         self._listener = listener
         self._group_id, self._bind_host = group_id, bind_host
-        self._cuda = listener._device.type == "cuda"
+        self._cuda = listener.device.type == "cuda"
         self.pg = None
 
     def join(self) -> None:
         listener = self._listener
         self.pg = kv_group.make_group(listener.backend, listener.store, self._group_id, kv_group.TOKEN_RANK,
-                                      self._bind_host, listener._timeout)
+                                      self._bind_host, listener.timeout)
 
     def discard(self) -> None:
         pg, self.pg = self.pg, None  # destroyed now, with its threads, not by the interpreter at exit
@@ -62,14 +62,14 @@ class GroupReceiveLink:
         """Read frames until CLOSE. While layer i is stored into its destination, layer i+1 is already
         arriving into the other buffer when the sender is ahead."""
         listener = self._listener
-        layout, device = listener._layout, listener._device
+        layout, device = listener.layout, listener.device
         buffers = kv_group.Buffers(2, layout.torch_dtype, device)
         meta = torch.empty(kv_group.META_LEN, dtype=torch.int64, device=device)
         meta_work = kv_group.irecv(self.pg, meta, kv_group.PROMPT_RANK, _WAITING)
         stored = None  # (incoming, layer, frame) received and not yet written
         frames = 0
         while True:
-            kv_group.wait(meta_work, listener._idle_timeout, _WAITING, cuda=self._cuda)
+            kv_group.wait(meta_work, listener.idle_timeout, _WAITING, cuda=self._cuda)
             transfer_id, layer, num_blocks, op = meta.tolist()
             if op == kv_group.CLOSE:
                 _store(stored)
@@ -90,7 +90,7 @@ class GroupReceiveLink:
             meta_work = kv_group.irecv(self.pg, meta, kv_group.PROMPT_RANK, _WAITING)
             _store(stored)
             for work in works:
-                kv_group.wait(work, listener._timeout, what, cuda=self._cuda)
+                kv_group.wait(work, listener.timeout, what, cuda=self._cuda)
             stored = (incoming, layer, frame)
             if not meta_work.is_completed():  # no next frame yet: store this one now, not after it
                 _store(stored)
