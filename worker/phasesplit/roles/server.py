@@ -47,7 +47,7 @@ class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, config: WorkerConfig, transport=None):
-        from phasesplit.transport import channels, grpc_kv
+        from phasesplit.transport import channels
         kind = engine_kind(config)
         self.settings = dataclasses.replace(config, served_model_name=config.served_model_name or engine.layout.model)
         self.core = WorkerCore(engine, self.settings)
@@ -67,9 +67,9 @@ class WorkerServer:
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
         if config.role in ("token", "mixed"):
-            from phasesplit.roles.token import TokenService
-            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, kind.push_receiver(self.inbox)),
-                                               self.server)
+            from phasesplit.roles.token import TokenService, add_generate_to_server
+            kind.push_receiver(self.inbox, self.core.tracked).add_to_server(self.server)
+            add_generate_to_server(TokenService(self.core, self.inbox), self.server)
             aborts.append(self.inbox.abort)
             self.kv_receiver = kind.backend_receiver(self.inbox, engine)
             if self.kv_receiver is not None:
