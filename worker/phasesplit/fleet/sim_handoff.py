@@ -15,6 +15,7 @@ import grpc
 
 from phasesplit.fleet.perf import kv_transfer_time
 from phasesplit.transport import wire
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (END, TransferAborted, TransferError, TransferResult, TransferTimeout,
                                        error_from_status, status_of)
 from phasesplit.transport.channels import Channels
@@ -26,7 +27,7 @@ class SimHandoff:
     """The sending side (a `KVTransport`) of a prompt worker whose engine is a `SimEngine`."""
     name = "sim"
 
-    def __init__(self, engine, timeout: float = 30.0):
+    def __init__(self, engine, timeout: float = TIMEOUT):
         self.engine = engine
         self.timeout = timeout
         self._channels = Channels()
@@ -93,7 +94,7 @@ class SimSender:
         self._call.cancel()
 
 
-def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = 30.0) -> pb.PushKVReply:
+def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = TIMEOUT) -> pb.PushKVReply:
     """The token side of a simulated handoff (the `receive` of `TokenService`): a header, then END."""
     header = read_header(iter(request_iterator), context.abort)
     try:

@@ -47,9 +47,8 @@ class TorchEngine:
         if config.kv_backend == PUSH:
             return None
         from phasesplit.transport import make_receiver
-        port = config.nccl_port if config.kv_backend == "nccl" else config.kv_tcp_port
         return make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
-                             timeout=config.kv_transfer_timeout, port=port)
+                             timeout=config.kv_transfer_timeout, port=config.kv_port)
 
 
 @dataclass(frozen=True, slots=True)

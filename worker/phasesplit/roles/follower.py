@@ -47,7 +47,7 @@ def follow(engine, config, sending_transport) -> None:
         make_receiver(PUSH, inbox, layout=engine.layout, timeout=config.kv_transfer_timeout).add_to_server(server)
         add_generate_to_server(ShardKVService(), server)
         if config.kv_backend != PUSH:
-            port = config.nccl_port if config.kv_backend == "nccl" else config.kv_tcp_port
+            port = config.kv_port
             receiver = make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
                                      timeout=config.kv_transfer_timeout, port=port + rank if port else 0)
             receiver.add_to_server(server)

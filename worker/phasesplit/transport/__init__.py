@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from phasesplit.transport.backends import BACKENDS, PUSH
+from phasesplit.transport.backends import BACKENDS, PUSH, TIMEOUT
 
 if TYPE_CHECKING:  # importing the package stays free of torch: the spec reads `backends` through it
     from phasesplit.transport.base import KVReceiver, KVSink, KVTransport
@@ -28,7 +28,7 @@ def make_transport(backend: str = PUSH, **options) -> KVTransport:
     return _load(backend, 0)(**options)
 
 
-def make_receiver(backend: str, sink: KVSink, *, layout, device="cpu", timeout: float = 30.0,
+def make_receiver(backend: str, sink: KVSink, *, layout, device="cpu", timeout: float = TIMEOUT,
                   port: int = 0, **options) -> KVReceiver:
     """The receiving side of `backend` over `sink`; `port`: the backend's own listening port, if any
     (0: any free one); `options`: the backend's own (grpc: `track`, see `grpc_receive.PushKVReceiver`)."""

@@ -10,3 +10,4 @@ BACKENDS = {
 }
 NAMES = tuple(BACKENDS)
 PUSH = "grpc"  # the default; every token worker also takes its pushes (the token service's PushKV)
+TIMEOUT = 30.0  # seconds a transfer may stall (`--kv-transfer-timeout`, `kvTransfer.timeoutSeconds`)

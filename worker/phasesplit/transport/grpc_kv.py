@@ -19,6 +19,7 @@ import grpc
 import torch
 
 from phasesplit.transport import wire
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (
     K, V, KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, block_bytes,
     check_header, error_from_status,
@@ -31,7 +32,6 @@ from phasesplit.v1 import worker_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_QUEUED_CHUNKS = 256
-DEFAULT_TIMEOUT = 30.0
 
 
 @dataclass(slots=True)
@@ -201,7 +201,7 @@ class GrpcKVTransport:
     name = "grpc"
 
     def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_queued_chunks: int = DEFAULT_MAX_QUEUED_CHUNKS, timeout: float = DEFAULT_TIMEOUT):
+                 max_queued_chunks: int = DEFAULT_MAX_QUEUED_CHUNKS, timeout: float = TIMEOUT):
         if not 4096 <= chunk_bytes <= MAX_MESSAGE_BYTES // 2:
             raise ValueError(f"chunk_bytes must be in [4096, {MAX_MESSAGE_BYTES // 2}], got {chunk_bytes}")
         if max_queued_chunks < 1:

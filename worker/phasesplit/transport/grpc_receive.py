@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from phasesplit.transport import wire
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (
     END, KVDestination, KVSink, TransferError, block_bytes, check_header, num_prompt_blocks, status_of,
 )
@@ -47,7 +48,7 @@ class PushKVReceiver:
     """The grpc backend's receiving side: serves TokenWorker.PushKV into `sink`. `track`: a context
     entered for the length of each call (the worker counts it as a request in flight)."""
 
-    def __init__(self, sink: KVSink, *, timeout: float = 30.0,
+    def __init__(self, sink: KVSink, *, timeout: float = TIMEOUT,
                  track: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, **_unused):
         self.sink = sink
         self.timeout = timeout
@@ -88,7 +89,7 @@ def read_header(requests: Iterator, refuse: Callable[[grpc.StatusCode, str], NoR
 
 
 def handle_push_kv(request_iterator, context: grpc.ServicerContext, sink: KVSink, *,
-                   timeout: float = 30.0) -> pb.PushKVReply:
+                   timeout: float = TIMEOUT) -> pb.PushKVReply:
     """Receive one PushKV stream (raw chunk bytes or parsed KVChunk messages) into `sink`."""
     return _Receiver(context, sink, timeout).run(request_iterator)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from phasesplit.transport import kv_group
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import KVSink, TransferAborted
 from phasesplit.transport.layout import KVLayout, as_layout
 from phasesplit.transport.pair_receive import IDLE_TIMEOUT, Group, Incoming, KVGroupService, check_options
@@ -106,7 +107,7 @@ class NcclKVReceiver(KVGroupService):
     """Serves `KVGroup` for the nccl backend on a token worker; hosts the rendezvous store on `port`."""
 
     def __init__(self, sink: KVSink, layout: KVLayout | pb.KVLayout, device: str | torch.device, *,
-                 timeout: float = 30.0, port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
+                 timeout: float = TIMEOUT, port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
         check_options(timeout, port)
         device = torch.device(device)
         listener = StoreListener(port, device, as_layout(layout), timeout, idle_timeout)

@@ -26,6 +26,7 @@ import grpc
 import torch
 
 from phasesplit.transport import kv_group
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (
     KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, check_header,
     error_from_status,
@@ -38,7 +39,6 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_QUEUED_LAYERS = 4096
 
 
@@ -337,7 +337,7 @@ class PairKVTransport:
     """Sends KV to token workers over one pooled `link` per token worker address (see `nccl_kv`, `tcp_kv`)."""
 
     def __init__(self, name: str, link: LinkKind, *, device: str | torch.device = "cpu",
-                 timeout: float = DEFAULT_TIMEOUT, max_queued_layers: int = DEFAULT_MAX_QUEUED_LAYERS):
+                 timeout: float = TIMEOUT, max_queued_layers: int = DEFAULT_MAX_QUEUED_LAYERS):
         if not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
         if max_queued_layers < 1:

@@ -17,6 +17,7 @@ import uuid
 import torch
 
 from phasesplit.transport import kv_group, sockets
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import K, V, KVDataLoss, KVSink, TransferAborted, TransferError
 from phasesplit.transport.layout import KVLayout, as_layout
 from phasesplit.transport.pair_receive import IDLE_TIMEOUT, Group, Incoming, KVGroupService, check_options
@@ -173,7 +174,7 @@ class TcpKVReceiver(KVGroupService):
     """Serves `KVGroup` for the tcp backend on a token worker; the KV bytes arrive on `port`."""
 
     def __init__(self, sink: KVSink, layout: KVLayout | pb.KVLayout, device: str | torch.device, *,
-                 timeout: float = 30.0, port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
+                 timeout: float = TIMEOUT, port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
         check_options(timeout, port)
         listener = SocketListener(port, as_layout(layout), timeout, idle_timeout)
         super().__init__(sink, layout, torch.device(device), listener, timeout=timeout)
