@@ -5,11 +5,12 @@ deployment, instead of all of them queueing on the workers without bound.
 
 The room is the batch limit the workers report (`max_running_requests`, their `max_num_seqs`) summed over
 the ready workers that decode for the current route (token and mixed workers on the split route, mixed on
-the mixed route); a worker that reports none leaves the room unbounded. Each router counts only its own
-requests. A request admitted holds its place until it ends, across retries and migrations. While it waits
-it counts in its route's queue gauges, the demand the autoscaler reads, as a request queued on a worker
-does. Requests for a pool with no ready worker first wait in the `EmptyPoolQueue` (scale-from-zero), under
-its own, longer bounds.
+the mixed route); a worker that reports none leaves the room unbounded, and so does a route gone (the
+dispatcher answers that with its 503). Each router counts only its own requests. A request admitted holds
+its place until it ends, across retries and migrations. While it waits it counts in the queue gauges of
+the pool whose batches it waits for (token, or mixed), the demand the autoscaler reads, as it would
+queued on a worker of that pool. Requests for a pool with no ready worker first wait in the
+`EmptyPoolQueue` (scale-from-zero), under its own, longer bounds.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from dataclasses import dataclass
 
 from phasesplit.router.metrics import RouterMetrics
 from phasesplit.router.openai_api import APIError, rate_limited
-from phasesplit.router.pools import ROUTE_POOLS, Pools
+from phasesplit.router.pools import Pools
 
 DECODE_POOLS = {"split": ("token", "mixed"), "mixed": ("mixed",)}   # the mixed pool is lent to the split route
+WAITS_FOR = {"split": ("token",), "mixed": ("mixed",)}   # the pool whose demand a waiting request is
 
 
 @dataclass(frozen=True)
@@ -42,10 +44,10 @@ class Admission:
         pools.listeners.append(self._hand_out)   # a poll may show more room
 
     def room(self) -> int | None:
-        """Requests the ready decoding workers' batches hold (None: unbounded; 0 while no route can serve)."""
+        """Requests the ready decoding workers' batches hold (None: unbounded)."""
         route = self.pools.route()
         if route is None:
-            return 0
+            return None
         workers = [w for pool in DECODE_POOLS[route] for w in self.pools[pool].routable()]
         if any(not w.max_batch for w in workers):
             return None
@@ -71,7 +73,7 @@ class Admission:
         turn = asyncio.get_running_loop().create_future()
         self._waiting.append(turn)
         self.metrics.admission_waiting.inc()
-        demand = self.metrics.demand(ROUTE_POOLS[route], prompt_tokens, max_tokens)
+        demand = self.metrics.demand(WAITS_FOR[route], prompt_tokens, max_tokens)
         start = time.monotonic()
         try:
             async with asyncio.timeout(self.settings.max_queue_wait):
