@@ -72,6 +72,7 @@ class Admission:
     async def _wait_turn(self, route: str, prompt_tokens: int, max_tokens: int) -> None:
         turn = asyncio.get_running_loop().create_future()
         self._waiting.append(turn)
+        self._hand_out()   # the turns ahead may all be gone (their clients left)
         self.metrics.admission_waiting.inc()
         demand = self.metrics.demand(WAITS_FOR[route], prompt_tokens, max_tokens)
         start = time.monotonic()
