@@ -87,7 +87,7 @@ TOKENIZER_CHANGES = 3   # times a request is tokenized again because the workers
 def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer | None) -> web.Application:
     """`tokenizer` None: read from the workers."""
     source = tokenizer if isinstance(tokenizer, TokenizerSource) else TokenizerSource(tokenizer)
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(settings.served_model_name)
     pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
                   dns_interval=settings.dns_interval, served=settings.pools, tokenizer=source)
     app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=64 * 1024 * 1024)
