@@ -283,7 +283,8 @@ def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) 
     grace = PRESTOP_SECONDS + pool.drain_timeout_seconds + 10  # slack beyond the drain timeout
     shm = str(pool.pod.shm_size) if pool.pod.shm_size is not None else shm_size(pool.tensor_parallel_size)
     pod_spec = _pod_spec(spec, container, placement, grace, shm=shm)
-    deployment = _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, {}, pool.rollout)
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
+    deployment = _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, scrape, pool.rollout)
     _overlay(deployment["spec"]["template"], pool.pod)
     return deployment
 

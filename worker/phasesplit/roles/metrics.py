@@ -4,10 +4,13 @@ served model) and `role`; Prometheus adds the worker's address as `instance`."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from phasesplit.roles.core import WorkerCore
+if TYPE_CHECKING:
+    from phasesplit.roles.core import WorkerCore
 
 LABELS = ("model_name", "role")
 
