@@ -90,6 +90,12 @@ class RouterMetrics:
             self.requests.labels(outcome=outcome)
         self.prompt_tokens.labels()
         self.generation_tokens.labels()
+        # A series born with its first observation would hide that observation from rate().
+        for pool in ("prompt", "mixed"):
+            self.ttft.labels(pool=pool)
+        for pool in ("token", "mixed"):
+            self.tbt.labels(pool=pool)
+            self.latency.labels(pool=pool)
         for stage in ("before_output", "mid_stream"):
             self.lost.labels(stage=stage)
             for reason in FAILOVER_REASONS:
