@@ -28,8 +28,6 @@ from phasesplit.local.processes import ManagedProcess, free_port
 from phasesplit.operator import builders, scaler_objects
 from phasesplit.operator.metrics_source import PrometheusQuery, pool_query, quantile_query, router_selector
 
-pytestmark = pytest.mark.slow
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "phasesplit"
 RULES = CHART / "rules" / "vllm.yaml"
@@ -42,6 +40,11 @@ DATA_TIMEOUT = 30.0
 def prometheus_binary() -> str | None:
     local = ROOT / ".venv" / "bin" / "prometheus"
     return os.environ.get("PROMETHEUS") or (str(local) if local.exists() else shutil.which("prometheus"))
+
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not prometheus_binary(), reason="no Prometheus server: `make setup` installs Debian's (hack/install-prometheus.sh) "
+    "where apt-get can download it; or set PROMETHEUS to a prometheus binary")]
 
 
 def query(url: str, promql: str) -> list[dict]:
@@ -62,12 +65,10 @@ def ready(url: str) -> bool:
         return False
 
 
-@pytest.fixture
-def prometheus(split, tmp_path):
-    binary = prometheus_binary()
-    if not binary:
-        pytest.skip("no Prometheus server: `make setup` installs Debian's (hack/install-prometheus.sh) where "
-                    "apt-get can download it; or set PROMETHEUS to a prometheus binary")
+@pytest.fixture(scope="module")
+def prometheus(clusters, tmp_path_factory):
+    """Scrapes the split cluster's router and workers every second, with the chart's vLLM rules loaded."""
+    split, tmp_path = clusters[0], tmp_path_factory.mktemp("prometheus")
     labels = {"namespace": OWNER.namespace, "service": builders.service_name(OWNER)}
     config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "rule_files": [str(RULES)],
               "scrape_configs": [
@@ -77,7 +78,7 @@ def prometheus(split, tmp_path):
                       {"targets": split.metrics_addresses(), "labels": labels}]}]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    argv = [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+    argv = [prometheus_binary(), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}"]
     proc = ManagedProcess("prometheus", argv, tmp_path).start()
     url = f"http://127.0.0.1:{port}"
