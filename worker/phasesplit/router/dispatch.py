@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import grpc
 
+from phasesplit.router.admission import Admission, AdmissionSettings
 from phasesplit.router.failures import (WorkerLost, lost_in_prefill, lost_in_stream, no_worker, request_lost,
                                         worker_failed)
 from phasesplit.router.lending import prompt_candidates, token_candidates
@@ -35,18 +36,28 @@ class TokenizerChanged(Exception):
 
 class Dispatcher:
     def __init__(self, pools: Pools, metrics: RouterMetrics, policy: MigrationPolicy = MigrationPolicy(),
-                 queue: QueueSettings = QueueSettings()):
+                 queue: QueueSettings = QueueSettings(), admission: AdmissionSettings = AdmissionSettings()):
         self.pools, self.metrics, self.policy = pools, metrics, policy
         self.queue = EmptyPoolQueue(pools, metrics, queue)
+        self.admission = Admission(pools, metrics, admission)
         self._cleanup: set[asyncio.Task] = set()
 
     async def run(self, job: Job) -> AsyncIterator[Delta]:
-        """Yields the request's output; closing the iterator early cancels the request on every worker."""
+        """Yields the request's output once it is admitted; closing the iterator early cancels the request on
+        every worker."""
+        prompt_tokens, max_tokens = len(job.prompt_token_ids), job.sampling.max_tokens
         try:
-            route = await self.queue.route(len(job.prompt_token_ids), job.sampling.max_tokens)
+            route = await self.queue.route(prompt_tokens, max_tokens)
+            slot = await self.admission.admit(route, prompt_tokens, max_tokens)
         except APIError:
             self.metrics.requests.labels(outcome="rejected").inc()
             raise
+        with slot:
+            async with aclosing(self._admitted(job, route)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def _admitted(self, job: Job, route: str) -> AsyncIterator[Delta]:
         if self._tokenizer_changed(job):
             raise TokenizerChanged(job.request_id)
         run, outcome = RequestRun(job, self.policy, route=route), "error"

@@ -6,6 +6,8 @@ Per pool (`prompt`, `token`, `mixed`), as the router sees its own traffic:
   (prompt: Prefill unanswered; token, mixed: no token received yet);
 - queue_tokens: prompt pool and mixed pool: prompt tokens not yet prefilled;
   token pool: tokens still to generate.
+A request waiting in the router (for a pool's first worker, or for admission) counts in the queue and
+in-flight gauges of the pools it waits for, as it would queued on a worker.
 
 Per request (labelled `model_name`, the served model name): outcomes, prompt and generation tokens, and
 the TTFT/TBT/E2E histograms, labelled `pool` too: the pool of the worker that did that part (TTFT: the
@@ -14,11 +16,15 @@ first token's worker, prompt or mixed; TBT and E2E: the worker that generated an
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 
 POOLS = ("prompt", "token", "mixed")
 OUTCOMES = ("success", "error", "cancelled", "rejected")
+# Why admission refused a request with a 429: too many waiting, waited too long, too many on its API key.
+REFUSALS = ("queue_full", "queue_wait", "key_limit")
 # Why a request moved to another worker (failures.WorkerLost): before its first token a retry, after it a migration.
 FAILOVER_REASONS = ("prompt_worker_unavailable", "kv_transfer_failed", "worker_unavailable", "worker_error",
                     "worker_full", "worker_aborted", "stream_ended", "stalled")
@@ -72,6 +78,14 @@ class RouterMetrics:
                                 buckets=_LATENCY_BUCKETS, registry=r)
         self.lost = Counter("phasesplit_requests_lost", "Requests a worker failure ended with an error "
                             "(attempts used up, or no worker left)", ["stage"], registry=r)
+        self.admission_waiting = Gauge("phasesplit_admission_waiting", "Requests waiting for room in the "
+                                       "workers' batches before they start", registry=r)
+        self.admission_running = Gauge("phasesplit_admission_running", "Requests admitted and not finished",
+                                       registry=r)
+        self.admission_wait = Histogram("phasesplit_admission_wait_seconds", "Time admitted requests waited to start",
+                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self.admission_refused = Counter("phasesplit_admission_refused", "Requests refused with a 429, by reason "
+                                         "(queue_full, queue_wait, key_limit)", ["reason"], registry=r)
         self.worker_streams = WorkerStreams()
         r.register(self.worker_streams)
         self._declare_series()
@@ -96,6 +110,8 @@ class RouterMetrics:
         for pool in ("token", "mixed"):
             self.tbt.labels(pool=pool)
             self.latency.labels(pool=pool)
+        for reason in REFUSALS:
+            self.admission_refused.labels(reason=reason)
         for stage in ("before_output", "mid_stream"):
             self.lost.labels(stage=stage)
             for reason in FAILOVER_REASONS:
@@ -106,6 +122,11 @@ class RouterMetrics:
 
     def phase(self, pool: str, queued_tokens: int) -> "Phase":
         return Phase(self, pool, queued_tokens)
+
+    def demand(self, pools: Iterable[str], prompt_tokens: int, max_tokens: int) -> list["Phase"]:
+        """A request waiting in the router for `pools`, queued in each (close every phase when it stops waiting)."""
+        queued_tokens = {"prompt": prompt_tokens, "mixed": prompt_tokens, "token": max_tokens}
+        return [self.phase(pool, queued_tokens[pool]) for pool in pools]
 
     def set_worker_load(self, worker: str, load) -> None:
         """What a poll of the worker (a `WorkerLoad`) read."""
