@@ -82,11 +82,15 @@ class WorkerServer:
         if not self.port:
             raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
         self.core.on_drain.append(self._not_serving)
+        self.metrics = None   # the /metrics HTTP server, with --metrics-port
 
     def start(self) -> "WorkerServer":
         self.core.loop.start()
         self.inbox.start()
         self.server.start()
+        if self.settings.metrics_port:
+            from phasesplit.roles.metrics import serve_metrics
+            self.metrics = serve_metrics(self.core, self.settings.host, self.settings.metrics_port)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self
 
@@ -99,6 +103,8 @@ class WorkerServer:
 
     def stop(self) -> None:
         self.server.stop(grace=1.0).wait()
+        if self.metrics is not None:
+            self.metrics.shutdown()
         self.inbox.stop()
         self.core.loop.stop()
         if self.prompt is not None:
