@@ -133,22 +133,14 @@ def token_worker(layout_bytes: bytes, num_blocks: int, conn, backends: tuple[str
 
     from phasesplit.transport import make_receiver
     from phasesplit.transport.channels import SERVER_OPTIONS
-    from phasesplit.transport.grpc_kv import add_token_worker_to_server
-    from phasesplit.v1 import worker_pb2_grpc
 
     tune_malloc()
     layout = pb.KVLayout.FromString(layout_bytes)
     k, v = make_caches(layout, num_blocks, fill=False)
     sink = BenchSink(layout, k, v)
 
-    push_kv = make_receiver("grpc", sink, layout=layout, timeout=60)
-
-    class Servicer(worker_pb2_grpc.TokenWorkerServicer):
-        def PushKV(self, request_iterator, context):
-            return push_kv.push_kv(request_iterator, context)
-
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=SERVER_OPTIONS)
-    add_token_worker_to_server(Servicer(), server)
+    make_receiver("grpc", sink, layout=layout, timeout=60).add_to_server(server)
     server.add_generic_rpc_handlers((bare_grpc_handler(k, v, sink),))
     grpc_port = server.add_insecure_port("127.0.0.1:0")
     server.start()

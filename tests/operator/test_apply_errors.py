@@ -7,8 +7,8 @@ import kopf
 import pytest
 import urllib3
 from support.examples import split_inference
-from support.kube_emulator import OPERATOR_TOKEN, Emulator
-from support.operator_harness import running_operator, server_metadata
+from support.kube_emulator import Emulator
+from support.operator_harness import in_process_operator, server_metadata
 from support.polling import eventually
 
 from phasesplit.operator import errors, handlers
@@ -33,11 +33,8 @@ def cluster(kmock):
 
 @pytest.fixture
 def operator(cluster, tmp_path, monkeypatch):
-    """Every handler of the operator in this event loop; its client reads the kubeconfig as in a process."""
-    kubeconfig = tmp_path / "kubeconfig"
-    cluster.kubeconfig(kubeconfig)
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    return running_operator(cluster.url, OPERATOR_TOKEN)
+    """Every handler of the operator in this event loop (call it to start)."""
+    return in_process_operator(cluster, tmp_path, monkeypatch)
 
 
 def exists(cluster, plural: str, name: str) -> bool:
@@ -63,7 +60,7 @@ def events(cluster, text: str) -> list[dict]:
 async def test_a_transient_server_error_on_one_child_is_retried_within_seconds(cluster, operator, caplog):
     fault = cluster.refuse_writes("deployments", "tiny-token", 503, times=2,
                                   message="etcdserver: request timed out")
-    async with operator:
+    async with operator():
         await eventually(lambda: children_applied(cluster).get("status") == "True"
                          and exists(cluster, "deployments", "tiny-token"),
                          timeout=CONVERGED_WITHIN, what="the refused Deployment applied by a kopf retry")
@@ -77,7 +74,7 @@ async def test_a_transient_server_error_on_one_child_is_retried_within_seconds(c
 async def test_a_refused_child_is_reported_and_not_retried(cluster, operator, caplog):
     invalid = 'Service "tiny-prompt" is invalid: spec.ports[0].appProtocol: Invalid value'
     fault = cluster.refuse_writes("services", "tiny-prompt", 422, message=invalid)
-    async with operator:
+    async with operator():
         condition = await eventually(lambda: (c := children_applied(cluster)).get("status") == "False" and c,
                                      timeout=CONVERGED_WITHIN, what="ChildrenApplied=False")
         assert condition["reason"] == "ApplyFailed" and f"Service/tiny-prompt: {invalid}" in condition["message"]

@@ -6,8 +6,8 @@ import asyncio
 import kmock
 import pytest
 from support.examples import split_inference
-from support.kube_emulator import OPERATOR_TOKEN, Emulator
-from support.operator_harness import running_operator, server_metadata
+from support.kube_emulator import Emulator
+from support.operator_harness import in_process_operator, server_metadata
 from support.polling import eventually
 
 from phasesplit.operator import autoscaler, builders
@@ -75,11 +75,8 @@ def cluster(kmock, router_metrics, tmp_path):
 
 @pytest.fixture
 def operator(cluster, tmp_path, monkeypatch):
-    """Every handler of the operator in this event loop; its client reads the kubeconfig as in a process."""
-    kubeconfig = tmp_path / "kubeconfig"
-    cluster.kubeconfig(kubeconfig)
-    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    return lambda: running_operator(cluster.url, OPERATOR_TOKEN)
+    """Every handler of the operator in this event loop (call it to start)."""
+    return in_process_operator(cluster, tmp_path, monkeypatch)
 
 
 @pytest.fixture

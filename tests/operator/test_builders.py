@@ -148,6 +148,19 @@ def test_router_points_at_the_headless_pool_services_and_is_scraped():
     assert router["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
 
+def test_workers_serve_their_metrics_on_the_port_they_declare_and_open():
+    objs = children("tiny-cpu")
+    workers = [o["spec"]["template"] for o in objs if o["kind"] == "Deployment" and "router" not in o["metadata"]["name"]]
+    assert len(workers) == 2
+    for pod in workers:
+        c = pod["spec"]["containers"][0]
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
+        assert c["args"][c["args"].index("--metrics-port") + 1] == str(port)
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    assert {"ports": [{"port": port, "protocol": "TCP"}]} in policy["spec"]["ingress"]   # from any scraper
+
+
 def test_network_policy_admits_only_this_inference():
     policy = next(o for o in children("tiny-cpu") if o["kind"] == "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["prompt", "token"]

@@ -13,7 +13,7 @@ from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import FAILED, READY, KVInbox
 from phasesplit.roles.tombstones import Tombstones
-from phasesplit.transport.base import TransferAborted, layout_to_proto
+from phasesplit.transport.base import TransferAborted
 from phasesplit.v1 import worker_pb2 as pb
 
 LEASE = 0.4
@@ -32,7 +32,7 @@ def inbox(tiny_model_dir):
 
 
 def header(inbox: KVInbox, request_id: str, num_tokens: int = 40) -> pb.KVHeader:
-    return pb.KVHeader(request_id=request_id, layout=layout_to_proto(inbox.engine.layout),
+    return pb.KVHeader(request_id=request_id, layout=inbox.engine.layout.to_proto(),
                        prompt_token_ids=list(range(1, num_tokens + 1)), first_token=5)
 
 

@@ -78,7 +78,8 @@ async def make_cluster(tokenizer, tiny_model_dir):
                    extra_specs: dict[str, list[str]] | None = None,
                    migration: MigrationPolicy = MigrationPolicy(stall_timeout=1.0),
                    queue: QueueSettings = QueueSettings(), served: tuple[str, ...] | None = None,
-                   tokenizer_from_workers: bool = False) -> Cluster:
+                   tokenizer_from_workers: bool = False, **limits) -> Cluster:
+        """`limits`: more RouterSettings (admission, header_timeout, body_timeout)."""
         workers: dict[str, list[FakeWorker]] = {}
         for pool, count in (("prompt", prompt), ("token", token), ("mixed", mixed)):
             workers[pool] = [FakeWorker(pool, tokenizer, **(worker_options or {})) for _ in range(count)]
@@ -94,7 +95,7 @@ async def make_cluster(tokenizer, tiny_model_dir):
             tokenizers = TokenizerSource.from_dir(tiny_model_dir)
         settings = RouterSettings(served_model_name=MODEL, max_model_len=max_model_len, api_key=api_key,
                                   admin_token=admin_token, workers=specs, poll_interval=0.1, dns_interval=0.2,
-                                  migration=migration, queue=queue, pools=served)
+                                  migration=migration, queue=queue, pools=served, **limits)
         app = create_app(settings, tokenizers)
         runner, port = await start_server(app, "127.0.0.1", 0)
         started.append(runner)

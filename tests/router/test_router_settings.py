@@ -6,6 +6,7 @@ import pytest
 from support.serving import manifest
 
 from phasesplit.local.plan import build_plan, validate_manifest
+from phasesplit.router.admission import AdmissionSettings
 from phasesplit.router.main import build_parser, settings_from_args
 from phasesplit.router.openai_api import APIError, CompletionRequest
 from phasesplit.router.prompts import sampling_params
@@ -28,6 +29,19 @@ def test_local_mode_gives_the_router_the_manifests_max_model_len_and_migration_k
     assert err.value.param == "max_tokens"
 
 
+def test_local_mode_gives_the_router_the_manifests_admission_settings(tiny_model_dir):
+    doc = manifest("admission", {"prompt": 1, "token": 1})
+    doc["spec"]["router"]["admission"] = {"maxQueueWaitSeconds": 5, "maxQueueLength": 64, "maxStreamsPerKey": 8}
+    admission = router_settings(doc, tiny_model_dir).admission
+    assert (admission.max_queue_wait, admission.max_queue_length, admission.max_streams_per_key) == (5.0, 64, 8)
+
+
+def test_admission_defaults_are_generous(tiny_model_dir):
+    doc = manifest("defaults", {"mixed": 1})
+    del doc["spec"]["router"]
+    assert router_settings(doc, tiny_model_dir).admission == AdmissionSettings(30.0, 1024, 1024)
+
+
 def test_migration_is_on_by_default(tiny_model_dir):
     doc = manifest("defaults", {"mixed": 1})
     del doc["spec"]["router"]
@@ -37,6 +51,9 @@ def test_migration_is_on_by_default(tiny_model_dir):
 @pytest.mark.parametrize("flags, message", [
     (["--queue-size", "-1"], "--queue-size must be >= 0"),
     (["--queue-timeout", "0"], "--queue-timeout > 0"),
+    (["--max-queue-wait", "0"], "--max-queue-wait > 0"),
+    (["--max-queue-length", "-1"], "--max-queue-length and --max-streams-per-key must be >= 0"),
+    (["--header-timeout", "0"], "--header-timeout and --body-timeout must be > 0"),
     (["--pools", "prompt,decode"], "--pools: unknown pool decode; allowed: prompt, token, mixed"),
 ])
 def test_bad_queue_settings_name_the_flag(tiny_model_dir, flags, message):

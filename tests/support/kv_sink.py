@@ -13,7 +13,6 @@ from phasesplit.transport import make_receiver
 from phasesplit.transport.base import CapacityError, TransferAborted, check_layout, num_prompt_blocks
 from phasesplit.transport.blocks import CacheDestination
 from phasesplit.transport.channels import SERVER_OPTIONS
-from phasesplit.transport.grpc_kv import add_token_worker_to_server
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc
 
@@ -169,10 +168,10 @@ class KVServer:
         self.executor = futures.ThreadPoolExecutor(max_workers=4)
         self.server = grpc.server(self.executor, options=SERVER_OPTIONS)
         servicer = KVServicer(sink, timeout)
-        if generated_registration:
+        if generated_registration:  # PushKV takes parsed KVChunk messages
             worker_pb2_grpc.add_TokenWorkerServicer_to_server(servicer, self.server)
         else:
-            add_token_worker_to_server(servicer, self.server)
+            servicer.receiver.add_to_server(self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.addr = f"127.0.0.1:{self.port}"
         self.server.start()

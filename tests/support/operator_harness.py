@@ -17,6 +17,7 @@ import uuid
 
 import kopf
 import kubernetes
+from support.kube_emulator import OPERATOR_TOKEN
 
 from phasesplit.operator import handlers
 from phasesplit.operator.kube import Kube
@@ -70,6 +71,15 @@ async def running_operator(server: str, token: str, tick_seconds: float = 0.3):
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait_for(task, timeout=10)
+
+
+def in_process_operator(emulator, tmp_path: pathlib.Path, monkeypatch):
+    """What starts `running_operator` against a kmock `emulator` with the operator's token (call it);
+    the handlers' own client reads a kubeconfig written for the same server, as in a process."""
+    kubeconfig = tmp_path / "kubeconfig"
+    emulator.kubeconfig(kubeconfig)
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    return lambda: running_operator(emulator.url, OPERATOR_TOKEN)
 
 
 def server_metadata(name: str, namespace: str | None, **extra) -> dict:

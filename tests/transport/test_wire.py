@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import dataclasses
 import subprocess
 import sys
 
@@ -13,8 +12,9 @@ from support.kv_sink import make_header, make_layout
 
 from phasesplit.transport import make_transport, wire
 from phasesplit.transport.base import (
-    LayoutMismatch, block_bytes, check_layout, layout_fingerprint, num_prompt_blocks, validate_layout,
+    LayoutMismatch, block_bytes, check_layout, num_prompt_blocks, validate_layout,
 )
+from phasesplit.transport.layout import KVLayout
 from phasesplit.transport.blocks import read_pieces, runs, write_blocks
 from phasesplit.v1 import worker_pb2 as pb
 
@@ -74,18 +74,12 @@ def test_layout_mismatch_names_each_field_with_both_values():
     check_layout(ours, make_layout("bfloat16", block_size=16))
 
 
-def test_fingerprint_accepts_any_object_with_the_layout_fields():
-    @dataclasses.dataclass
-    class EngineLayout:
-        model: str = "tiny"
-        dtype: str = "float32"
-        num_layers: int = 3
-        num_kv_heads: int = 2
-        head_dim: int = 8
-        block_size: int = 4
-
-    assert layout_fingerprint(EngineLayout()) == layout_fingerprint(make_layout())
-    assert layout_fingerprint(dataclasses.asdict(EngineLayout())) == layout_fingerprint(make_layout())
+def test_the_engine_layout_and_the_header_layout_are_one_type():
+    engine_layout = KVLayout(model="tiny", dtype="float32", num_layers=3, num_kv_heads=2, head_dim=8, block_size=4)
+    assert KVLayout.from_proto(make_layout()) == engine_layout  # an unset tensor_parallel_size is 1
+    assert KVLayout.from_proto(engine_layout.to_proto()) == engine_layout
+    check_layout(engine_layout, make_layout())
+    check_layout(make_layout(), engine_layout)
 
 
 @pytest.mark.parametrize("field, value, message", [

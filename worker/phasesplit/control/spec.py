@@ -172,9 +172,23 @@ class Migration(Spec):
                                          "started, before the router counts the worker as stalled and migrates")
 
 
+class Admission(Spec):
+    max_queue_wait_seconds: float = Field(30.0, gt=0, le=3600, description="seconds a request may wait for room in "
+                                          "the workers' batches; one that cannot start within it is refused with a "
+                                          "429 and Retry-After (a pool with no ready worker is waited for apart: "
+                                          "scale-from-zero)")
+    max_queue_length: int = Field(1024, ge=0, le=1000000, description="requests that may wait for room at once; "
+                                  "one more is refused with a 429 at once")
+    max_streams_per_key: int = Field(1024, ge=0, le=1000000, description="requests one API key may have in flight "
+                                     "(without apiKeySecret: all clients together); more are refused with a 429; "
+                                     "0: no limit")
+
+
 class Router(Spec):
     replicas: int = Field(1, ge=0, le=100)
     migration: Migration = Field(default_factory=Migration)
+    admission: Admission = Field(default_factory=Admission, description="what the router admits when the workers' "
+                                 "batches are full (each router replica counts its own requests)")
     service: RouterService = Field(default_factory=RouterService)
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret whose key is the required bearer token")
     resources: Resources = Field(default_factory=_router_resources)
@@ -185,8 +199,11 @@ class Router(Spec):
 
 def router_flags(spec: "SplitInferenceSpec") -> list[str]:
     """The router's command-line flags that come from the spec (the operator and local mode both pass them)."""
-    migration = spec.router.migration
-    flags = ["--max-migrations", str(migration.max_attempts), "--stall-timeout", f"{migration.stall_timeout_seconds:g}"]
+    migration, admission = spec.router.migration, spec.router.admission
+    flags = ["--max-migrations", str(migration.max_attempts), "--stall-timeout", f"{migration.stall_timeout_seconds:g}",
+             "--max-queue-wait", f"{admission.max_queue_wait_seconds:g}",
+             "--max-queue-length", str(admission.max_queue_length),
+             "--max-streams-per-key", str(admission.max_streams_per_key)]
     if spec.model.max_model_len:
         flags += ["--max-model-len", str(spec.model.max_model_len)]
     return flags

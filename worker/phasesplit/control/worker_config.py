@@ -55,9 +55,11 @@ class WorkerConfig:
     nccl_port: int = option(0, "token side of --kv-backend nccl: port of the process-group rendezvous store, "
                                "0 for any free one")
     kv_tcp_port: int = option(0, "token side of --kv-backend tcp: port the KV bytes arrive on, 0 for any free one")
-    kv_transfer_timeout: float = option(30.0, "seconds a transfer may stall")
+    kv_transfer_timeout: float = option(backends.TIMEOUT, "seconds a transfer may stall")
     kv_lease: float = option(60.0, "seconds received KV waits for its Generate")
     layerwise: bool = option(True, "send the KV after the prompt phase instead of layer by layer during it")
+    metrics_port: int = option(0, "port of the worker's own Prometheus /metrics (engine queue, batch, KV cache), "
+                                  "0 for none")
     drain_timeout: float = option(60.0, "seconds to finish in-flight work on SIGTERM")
     grpc_threads: int | None = option(None, "gRPC handler threads (default: enough for --max-num-seqs)")
     tensor_parallel: int = option(1, "shard the model over N ranks: N processes, one per GPU (cuda) or N gloo "
@@ -80,6 +82,11 @@ class WorkerConfig:
                 raise ValueError(f"{flag(name)}: must be > 0 seconds, got {getattr(self, name)}")
         if self.tensor_parallel < 1:
             raise ValueError(f"{flag('tensor_parallel')}: must be >= 1, got {self.tensor_parallel}")
+
+    @property
+    def kv_port(self) -> int:
+        """The token side's data port of its --kv-backend (0: any free one, or a backend without one)."""
+        return {"nccl": self.nccl_port, "tcp": self.kv_tcp_port}.get(self.kv_backend, 0)
 
     def engine_config(self, device: str) -> EngineConfig:
         """The engine's share of these settings."""

@@ -22,6 +22,7 @@ from phasesplit.engine.sampler import SamplingParams, sample
 from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence, SequenceStatus, take_text
 from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from phasesplit.transport.layout import dtype_name
 
 __all__ = ["EngineConfig", "EngineStats", "KVCapacityError", "KVHandoff", "KVLayout", "LLMEngine",
            "SamplingParams", "StepOutput"]
@@ -68,7 +69,7 @@ class LLMEngine:
         mc = self.model_config
         self.layout = KVLayout(
             model=config.served_model_name or os.path.basename(os.path.normpath(config.model_dir)),
-            dtype=str(self.dtype).removeprefix("torch."), num_layers=mc.num_layers,
+            dtype=dtype_name(self.dtype), num_layers=mc.num_layers,
             num_kv_heads=len(self.model.shard.kv_heads), head_dim=mc.head_dim, block_size=config.block_size,
             tensor_parallel_size=tp.size, tensor_parallel_rank=tp.rank)
         model_limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)

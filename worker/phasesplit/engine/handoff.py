@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from phasesplit.engine.kv_cache import KVLayout
-from phasesplit.transport.base import layout_to_proto
+from phasesplit.transport.layout import KVLayout
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -21,7 +20,7 @@ class KVHandoff:
     num_cached_blocks: int = 0  # leading blocks the receiver already holds, which do not move; 0 today
 
     def to_proto(self) -> pb.KVHeader:
-        header = pb.KVHeader(request_id=self.request_id, layout=layout_to_proto(self.layout),
+        header = pb.KVHeader(request_id=self.request_id, layout=self.layout.to_proto(),
                              prompt_token_ids=self.prompt_token_ids, block_hashes=self.block_hashes,
                              num_cached_blocks=self.num_cached_blocks)
         if self.first_token is not None:
@@ -30,11 +29,7 @@ class KVHandoff:
 
     @classmethod
     def from_proto(cls, header: pb.KVHeader) -> KVHandoff:
-        msg = header.layout
-        layout = KVLayout(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(KVLayout)})
-        if not msg.tensor_parallel_size:  # a sender without tensor parallelism may leave it unset
-            layout = dataclasses.replace(layout, tensor_parallel_size=1)
-        return cls(header.request_id, list(header.prompt_token_ids), layout,
+        return cls(header.request_id, list(header.prompt_token_ids), KVLayout.from_proto(header.layout),
                    header.first_token if header.HasField("first_token") else None,
                    list(header.block_hashes), header.num_cached_blocks)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -10,35 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from phasesplit.transport.layout import KVLayout
+
 if TYPE_CHECKING:
     from phasesplit.engine.sequence import Sequence
 
 
 class KVCapacityError(RuntimeError):
     """The cache has too few free blocks for the request."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class KVLayout:
-    """What two engines must agree on before KV blocks can move between them (per tensor-parallel
-    rank: `num_kv_heads` is what one rank's cache holds)."""
-
-    model: str
-    dtype: str
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    block_size: int
-    tensor_parallel_size: int = 1
-    tensor_parallel_rank: int = 0
-
-    def differences(self, other: KVLayout) -> list[str]:
-        """Names and values of the fields that differ, e.g. `["head_dim: 64 != 128"]`."""
-        return [
-            f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(other, f.name)
-        ]
 
 
 class BlockManager:

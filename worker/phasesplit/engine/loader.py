@@ -10,13 +10,9 @@ from torch import nn
 from phasesplit.engine.config import ModelConfig
 from phasesplit.engine.model import LlamaForCausalLM
 from phasesplit.engine.parallel import TensorParallel
+from phasesplit.transport.layout import DTYPES
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -25,10 +21,11 @@ def resolve_dtype(dtype: str | torch.dtype | None, config: ModelConfig | None = 
     if dtype is None or dtype == "auto":
         dtype = config.torch_dtype if config is not None else "float32"
     if isinstance(dtype, torch.dtype):
-        if dtype not in SUPPORTED_DTYPES:
+        if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported: use float32, bfloat16 or float16")
         return dtype
     name = str(dtype).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported: use float32, bfloat16 or float16")
     return DTYPES[name]

@@ -27,6 +27,7 @@ from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence
 from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.fleet.perf import PerfModel, Profiles
+from phasesplit.transport.layout import dtype_name
 
 SENTENCE = " the fleet serves this token from a simulated engine."
 
@@ -48,7 +49,7 @@ class SimEngine(LLMEngine):
         shape = shape or {}
         self.layout = KVLayout(
             model=config.served_model_name or os.path.basename(os.path.normpath(config.model_dir)),
-            dtype=str(self.dtype).removeprefix("torch."), num_layers=num_layers,
+            dtype=dtype_name(self.dtype), num_layers=num_layers,
             num_kv_heads=int(shape.get("num_kv_heads", self.model_config.num_kv_heads)),
             head_dim=int(shape.get("head_dim", self.model_config.head_dim)), block_size=config.block_size)
         # A simulation has no position-embedding limit: --max-model-len may exceed the tokenizer model's.

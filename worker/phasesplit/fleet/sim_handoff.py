@@ -15,11 +15,11 @@ import grpc
 
 from phasesplit.fleet.perf import kv_transfer_time
 from phasesplit.transport import wire
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (END, TransferAborted, TransferError, TransferResult, TransferTimeout,
-                                       check_header, error_from_status, status_of)
+                                       error_from_status, status_of)
 from phasesplit.transport.channels import Channels
-from phasesplit.transport.grpc_kv import _PUSH_KV
-from phasesplit.transport.grpc_receive import PushKVReceiver
+from phasesplit.transport.grpc_receive import PUSH_KV, PushKVReceiver, read_header
 from phasesplit.v1 import worker_pb2 as pb
 
 
@@ -27,7 +27,7 @@ class SimHandoff:
     """The sending side (a `KVTransport`) of a prompt worker whose engine is a `SimEngine`."""
     name = "sim"
 
-    def __init__(self, engine, timeout: float = 30.0):
+    def __init__(self, engine, timeout: float = TIMEOUT):
         self.engine = engine
         self.timeout = timeout
         self._channels = Channels()
@@ -53,7 +53,7 @@ class SimSender:
         self._opened = time.perf_counter()
         self._end = threading.Event()
         self._aborted = False
-        push_kv = channel.stream_unary(_PUSH_KV, request_serializer=None,
+        push_kv = channel.stream_unary(PUSH_KV, request_serializer=None,
                                        response_deserializer=pb.PushKVReply.FromString)
         self._call = push_kv.future(self._requests(header))
 
@@ -94,14 +94,18 @@ class SimSender:
         self._call.cancel()
 
 
-def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = 30.0) -> pb.PushKVReply:
+def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = TIMEOUT) -> pb.PushKVReply:
     """The token side of a simulated handoff (the `receive` of `TokenService`): a header, then END."""
-    chunks = (_decode(raw, context) for raw in request_iterator)
-    dest = _begin(next(chunks, None), context, sink)
+    header = read_header(iter(request_iterator), context.abort)
+    try:
+        dest = sink.begin(header)
+    except TransferError as exc:
+        context.abort(status_of(exc), str(exc))
     committed = threading.Event()
     if not context.add_callback(lambda: committed.is_set() or dest.abort()):
         dest.abort()
-    for chunk in chunks:
+    for raw in request_iterator:
+        chunk = _decode(raw, context)
         if chunk.kind != END or chunk.header is not None or chunk.data:
             dest.abort()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -114,20 +118,6 @@ def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: f
         return pb.PushKVReply()
     dest.abort()
     context.abort(grpc.StatusCode.ABORTED, "the stream ended without its END message: the sender cancelled it")
-
-
-def _begin(first: wire.Chunk | None, context: grpc.ServicerContext, sink):
-    """The destination the stream's first chunk (its header) announces, in `sink`."""
-    try:
-        if first is None or first.header is None:
-            raise ValueError("the first KVChunk of a PushKV stream must carry the header")
-        check_header(first.header)
-    except ValueError as exc:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-    try:
-        return sink.begin(first.header)
-    except TransferError as exc:
-        context.abort(status_of(exc), str(exc))
 
 
 def _decode(raw, context) -> wire.Chunk:

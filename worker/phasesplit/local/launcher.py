@@ -45,6 +45,7 @@ class WorkerHandle:
     pool: str
     address: str
     proc: ManagedProcess
+    metrics_address: str = ""   # the worker's own Prometheus /metrics
 
 
 class LocalCluster:
@@ -254,15 +255,22 @@ class LocalCluster:
         with self._lock:
             return [h.address for h in self.workers.get(pool, [])]
 
+    def metrics_addresses(self) -> list[str]:
+        """Where every worker serves its own /metrics."""
+        with self._lock:
+            return [h.metrics_address for pool in self.workers.values() for h in pool]
+
     # ---- helpers ----
 
     def _spawn_worker(self, pool: str) -> WorkerHandle:
         with self._lock:
             self._serial += 1
             name = f"{pool}-{self._serial}"
-        port = free_ports(self.plan.pools[pool].tensor_parallel_size)
-        argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port))
-        return WorkerHandle(pool, f"{HOST}:{port}", ManagedProcess(name, argv, self.log_dir).start())
+        port, metrics_port = free_ports(self.plan.pools[pool].tensor_parallel_size), free_port()
+        argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port),
+                               "--metrics-port", str(metrics_port))
+        return WorkerHandle(pool, f"{HOST}:{port}", ManagedProcess(name, argv, self.log_dir).start(),
+                            f"{HOST}:{metrics_port}")
 
     def router_argv(self, port: int) -> list[str]:
         """A router on `port` over the current members of every pool (another replica: another port)."""

@@ -8,7 +8,6 @@ import grpc
 
 import phasesplit
 from phasesplit.engine.tokenizer import tokenizer_digest
-from phasesplit.transport.base import layout_to_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -29,7 +28,7 @@ class WorkerService(pb_grpc.WorkerServicer):
     def Info(self, request, context):
         engine = self.core.engine
         return pb.WorkerInfo(role=self.core.role, model=self.core.settings.served_model_name,
-                             layout=layout_to_proto(engine.layout), max_model_len=engine.max_model_len,
+                             layout=engine.layout.to_proto(), max_model_len=engine.max_model_len,
                              num_kv_blocks=engine.num_total_blocks, version=phasesplit.__version__,
                              tokenizer_digest=self.tokenizer_digest)
 

@@ -36,9 +36,10 @@ class TorchEngine:
     def kv_sender(self, engine):
         return sending_transport(self.config.kv_backend, self.config.kv_transfer_timeout, engine.device)
 
-    def push_receiver(self, inbox):
-        """None: the token service takes gRPC pushes itself."""
-        return None
+    def push_receiver(self, inbox, track):
+        """The token worker's PushKV (every token worker takes gRPC pushes, whatever --kv-backend)."""
+        from phasesplit.transport import make_receiver
+        return make_receiver(PUSH, inbox, layout=None, timeout=self.config.kv_transfer_timeout, track=track)
 
     def backend_receiver(self, inbox, engine):
         """What the token worker adds to its server for `--kv-backend`; None for grpc (PushKV, always served)."""
@@ -46,9 +47,8 @@ class TorchEngine:
         if config.kv_backend == PUSH:
             return None
         from phasesplit.transport import make_receiver
-        port = config.nccl_port if config.kv_backend == "nccl" else config.kv_tcp_port
         return make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
-                             timeout=config.kv_transfer_timeout, port=port)
+                             timeout=config.kv_transfer_timeout, port=config.kv_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +63,9 @@ class SimulatedEngine:
         from phasesplit.fleet.sim_handoff import SimHandoff
         return SimHandoff(engine, self.config.kv_transfer_timeout)
 
-    def push_receiver(self, inbox):
+    def push_receiver(self, inbox, track):
         from phasesplit.fleet.sim_handoff import SimReceiver
-        return SimReceiver(inbox, timeout=self.config.kv_transfer_timeout)
+        return SimReceiver(inbox, timeout=self.config.kv_transfer_timeout, track=track)
 
     def backend_receiver(self, inbox, engine):
         return None

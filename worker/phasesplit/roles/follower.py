@@ -15,19 +15,15 @@ import grpc
 
 from phasesplit.roles.shard_receive import ShardInbox
 from phasesplit.roles.shard_send import ShardSenders
-from phasesplit.transport import channels, grpc_kv, make_receiver
+from phasesplit.roles.token import add_generate_to_server
+from phasesplit.transport import channels, make_receiver
+from phasesplit.transport.backends import PUSH
 
 log = logging.getLogger(__name__)
 
 
 class ShardKVService:
-    """TokenWorker on a follower rank: PushKV into its ShardInbox; Generate belongs to rank 0."""
-
-    def __init__(self, inbox: ShardInbox, timeout: float):
-        self.receiver = make_receiver("grpc", inbox, layout=inbox.engine.layout, timeout=timeout)
-
-    def PushKV(self, request_iterator, context):
-        return self.receiver.push_kv(request_iterator, context)
+    """TokenWorker.Generate on a follower rank, refused: it belongs to rank 0 (PushKV takes the rank's shard)."""
 
     def Generate(self, request, context):
         context.abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -48,9 +44,10 @@ def follow(engine, config, sending_transport) -> None:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * config.max_num_seqs + 8,
                                                         thread_name_prefix=f"rank{rank}-grpc"),
                              options=list(channels.SERVER_OPTIONS))
-        grpc_kv.add_token_worker_to_server(ShardKVService(inbox, config.kv_transfer_timeout), server)
-        if config.kv_backend != "grpc":
-            port = config.nccl_port if config.kv_backend == "nccl" else config.kv_tcp_port
+        make_receiver(PUSH, inbox, layout=engine.layout, timeout=config.kv_transfer_timeout).add_to_server(server)
+        add_generate_to_server(ShardKVService(), server)
+        if config.kv_backend != PUSH:
+            port = config.kv_port
             receiver = make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
                                      timeout=config.kv_transfer_timeout, port=port + rank if port else 0)
             receiver.add_to_server(server)

@@ -39,7 +39,7 @@ class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, config: WorkerConfig, transport=None):
-        from phasesplit.transport import channels, grpc_kv
+        from phasesplit.transport import channels
         kind = engine_kind(config)
         self.settings = dataclasses.replace(config, served_model_name=config.served_model_name or engine.layout.model)
         self.core = WorkerCore(engine, self.settings)
@@ -59,9 +59,9 @@ class WorkerServer:
             pb_grpc.add_PromptWorkerServicer_to_server(self.prompt, self.server)
             aborts.append(self.prompt.abort)
         if config.role in ("token", "mixed"):
-            from phasesplit.roles.token import TokenService
-            grpc_kv.add_token_worker_to_server(TokenService(self.core, self.inbox, kind.push_receiver(self.inbox)),
-                                               self.server)
+            from phasesplit.roles.token import TokenService, add_generate_to_server
+            kind.push_receiver(self.inbox, self.core.tracked).add_to_server(self.server)
+            add_generate_to_server(TokenService(self.core, self.inbox), self.server)
             aborts.append(self.inbox.abort)
             self.kv_receiver = kind.backend_receiver(self.inbox, engine)
             if self.kv_receiver is not None:
@@ -74,11 +74,15 @@ class WorkerServer:
         if not self.port:
             raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
         self.core.on_drain.append(self._not_serving)
+        self.metrics = None   # the /metrics HTTP server, with --metrics-port
 
     def start(self) -> "WorkerServer":
         self.core.loop.start()
         self.inbox.start()
         self.server.start()
+        if self.settings.metrics_port:
+            from phasesplit.roles.metrics import serve_metrics
+            self.metrics = serve_metrics(self.core, self.settings.host, self.settings.metrics_port)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self
 
@@ -91,6 +95,8 @@ class WorkerServer:
 
     def stop(self) -> None:
         self.server.stop(grace=1.0).wait()
+        if self.metrics is not None:
+            self.metrics.shutdown()
         self.inbox.stop()
         self.core.loop.stop()
         if self.prompt is not None:
@@ -163,13 +169,13 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
             follow(engine, config, sending_transport)
             return 0
         server = WorkerServer(engine, config)
+        log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)",
+                 config.role, server.settings.served_model_name, config.host, server.port, engine.num_total_blocks,
+                 engine.layout.block_size, engine.device, engine.tp.size)
+        server.start()  # SERVING from here on: local mode reads the line above once it sees SERVING
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)
         return 2
-    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", config.role,
-             server.settings.served_model_name, config.host, server.port, engine.num_total_blocks,
-             engine.layout.block_size, engine.device, engine.tp.size)
-    server.start()  # SERVING from here on: local mode reads the line above once it sees SERVING
     while not stop.wait(1.0):
         pass
     log.info("draining (up to %g s)", config.drain_timeout)

@@ -1,5 +1,5 @@
-"""`TokenWorker`: PushKV into the paged cache; Generate decodes from it (or, on a mixed worker,
-runs both phases for a request that brings its prompt)."""
+"""`TokenWorker.Generate`: decodes from the KV pushed into the paged cache (PushKV: the transport's
+grpc receiver), or, on a mixed worker, runs both phases for a request that brings its prompt."""
 
 from __future__ import annotations
 
@@ -9,21 +9,22 @@ from phasesplit.roles.convert import sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import FAILED, KVInbox
 from phasesplit.roles.streaming import stream_tokens
-from phasesplit.transport import make_receiver
-from phasesplit.transport.base import KVReceiver
+from phasesplit.transport.grpc_receive import add_token_worker_method
+from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 
+def add_generate_to_server(service, server: grpc.Server) -> None:
+    """TokenWorker.Generate of `service`; PushKV is the KV receiver's (`PushKVReceiver.add_to_server`)."""
+    add_token_worker_method(server, "Generate", grpc.unary_stream_rpc_method_handler(
+        service.Generate, request_deserializer=pb.GenerateRequest.FromString,
+        response_serializer=pb.TokenEvent.SerializeToString))
+
+
 class TokenService(pb_grpc.TokenWorkerServicer):
-    def __init__(self, core: WorkerCore, inbox: KVInbox, receiver: KVReceiver | None = None):
+    def __init__(self, core: WorkerCore, inbox: KVInbox):
         self.core = core
         self.inbox = inbox
-        self.receiver = receiver or make_receiver("grpc", inbox, layout=core.engine.layout,
-                                                  timeout=core.settings.kv_transfer_timeout)
-
-    def PushKV(self, request_iterator, context):
-        with self.core.tracked():
-            return self.receiver.push_kv(request_iterator, context)
 
     def Generate(self, request, context):
         with self.core.tracked():

@@ -9,6 +9,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
@@ -17,11 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from phasesplit.engine.tokenizer import Tokenizer
+from phasesplit.router.admission import AdmissionSettings, KeyStreams
 from phasesplit.router.dispatch import Dispatcher, TokenizerChanged
 from phasesplit.router.metrics import POOLS, RouterMetrics
 from phasesplit.router.openai_api import APIError, ChatCompletionRequest, CompletionRequest, parse_body, unavailable
 from phasesplit.router.pools import Pools, WorkerSpec
-from phasesplit.router.prompts import check_prompt_length, chat_prompt_ids, completion_prompt_ids, sampling_params
+from phasesplit.router.prompts import (check_prompt_chars, check_prompt_length, chat_prompt_ids, completion_prompt_ids,
+                                      sampling_params)
 from phasesplit.router.request import Delta, Job, MigrationPolicy
 from phasesplit.router.responses import Shape
 from phasesplit.router.tokenizer_source import TokenizerSource
@@ -41,7 +44,10 @@ class RouterSettings:
     dns_interval: float = 5.0
     migration: MigrationPolicy = field(default_factory=MigrationPolicy)
     queue: QueueSettings = field(default_factory=QueueSettings)   # requests held for a pool with no worker
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)   # requests held until there is room
     pools: tuple[str, ...] | None = None   # the pools served, even at 0 workers; None: those given workers
+    header_timeout: float = 30.0   # seconds a connection may take to send a request's headers (and may idle)
+    body_timeout: float = 60.0     # seconds a request may take to send its body
 
 
 @dataclass
@@ -51,6 +57,8 @@ class Router:
     metrics: RouterMetrics
     pools: Pools
     dispatcher: Dispatcher
+    key_streams: KeyStreams
+    tokenizing: ThreadPoolExecutor   # tokenization, off the event loop, TOKENIZER_THREADS at a time
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -79,19 +87,25 @@ class Endpoint:
 
 
 ROUTER = web.AppKey("router", Router)
+CLIENT_KEY = web.RequestKey("client_key", str)
 ENDPOINTS = {"/v1/completions": Endpoint(CompletionRequest, completion_prompt_ids, "prompt", chat=False),
              "/v1/chat/completions": Endpoint(ChatCompletionRequest, chat_prompt_ids, "messages", chat=True)}
 TOKENIZER_CHANGES = 3   # times a request is tokenized again because the workers moved to another tokenizer
+BODY_LIMIT_MIB = 8      # request bodies larger are refused (413) before they are read whole
+TOKENIZER_THREADS = 4
 
 
 def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer | None) -> web.Application:
     """`tokenizer` None: read from the workers."""
     source = tokenizer if isinstance(tokenizer, TokenizerSource) else TokenizerSource(tokenizer)
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(settings.served_model_name)
     pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
                   dns_interval=settings.dns_interval, served=settings.pools, tokenizer=source)
-    app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=64 * 1024 * 1024)
-    app[ROUTER] = Router(settings, source, metrics, pools, Dispatcher(pools, metrics, settings.migration, settings.queue))
+    app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=BODY_LIMIT_MIB * 2**20)
+    dispatcher = Dispatcher(pools, metrics, settings.migration, settings.queue, settings.admission)
+    app[ROUTER] = Router(settings, source, metrics, pools, dispatcher,
+                         KeyStreams(settings.admission.max_streams_per_key, metrics),
+                         ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize"))
     for path in ENDPOINTS:
         app.router.add_post(path, generate)
     app.router.add_get("/v1/models", models)
@@ -117,6 +131,7 @@ async def _stop(app: web.Application) -> None:
     await router.dispatcher.drain_cleanup()
     await router.tokenizers.stop()
     await router.pools.stop()
+    router.tokenizing.shutdown(wait=False, cancel_futures=True)
 
 
 # ---- middleware ----
@@ -125,7 +140,7 @@ async def openai_errors(request: web.Request, handler):
     try:
         return await handler(request)
     except APIError as e:
-        return web.json_response(e.body(), status=e.status)
+        return web.json_response(e.body(), status=e.status, headers=e.headers)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -156,6 +171,7 @@ async def require_api_key(request: web.Request, handler):
         if not hmac.compare_digest(given.encode(), settings.api_key.encode()):
             raise APIError(401, "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
+    request[CLIENT_KEY] = settings.api_key or ""   # whose streams a request counts among ("": no key is set)
     return await handler(request)
 
 
@@ -165,9 +181,23 @@ async def generate(request: web.Request) -> web.StreamResponse:
     router = request.app[ROUTER]
     endpoint = ENDPOINTS[request.match_info.route.resource.canonical]
     with _rejections(router):
-        req = parse_body(endpoint.body, await request.read())
+        req = parse_body(endpoint.body, await _read_body(request, router.settings.body_timeout))
         _check_model(router, req.model)
-    return await _serve(request, router, req, endpoint)
+        stream = router.key_streams.take(request.get(CLIENT_KEY, ""))
+    with stream:
+        return await _serve(request, router, req, endpoint)
+
+
+async def _read_body(request: web.Request, timeout: float) -> bytes:
+    """The body, within the size limit and the time limit (a client sending it slowly holds a connection)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"request body: larger than the router's limit of {BODY_LIMIT_MIB} MiB",
+                       code="request_too_large") from None
+    except TimeoutError:
+        raise APIError(408, f"request body: not received within {timeout:g} s", code="request_timeout") from None
 
 
 async def _serve(request: web.Request, router: Router, req, endpoint: Endpoint) -> web.StreamResponse:
@@ -176,7 +206,9 @@ async def _serve(request: web.Request, router: Router, req, endpoint: Endpoint) 
     for _ in range(TOKENIZER_CHANGES):
         with _rejections(router):
             tokenizer, digest = await router.tokenizer()
-            ids = await asyncio.to_thread(endpoint.prompt_ids, req, tokenizer)  # off the loop: long prompts
+            check_prompt_chars(req, router.max_model_len, endpoint.param)   # before the work of tokenizing it
+            ids = await asyncio.get_running_loop().run_in_executor(router.tokenizing, endpoint.prompt_ids, req,
+                                                                   tokenizer)
             check_prompt_length(ids, router.max_model_len, endpoint.param)
             job = Job(f"{endpoint.id_prefix}-{uuid.uuid4().hex}", ids,
                       sampling_params(req, len(ids), router.max_model_len), tokenizer=digest)

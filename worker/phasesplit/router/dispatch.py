@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import grpc
 
+from phasesplit.router.admission import Admission, AdmissionSettings
 from phasesplit.router.failures import (WorkerLost, lost_in_prefill, lost_in_stream, no_worker, request_lost,
                                         worker_failed)
 from phasesplit.router.lending import prompt_candidates, token_candidates
@@ -35,18 +36,28 @@ class TokenizerChanged(Exception):
 
 class Dispatcher:
     def __init__(self, pools: Pools, metrics: RouterMetrics, policy: MigrationPolicy = MigrationPolicy(),
-                 queue: QueueSettings = QueueSettings()):
+                 queue: QueueSettings = QueueSettings(), admission: AdmissionSettings = AdmissionSettings()):
         self.pools, self.metrics, self.policy = pools, metrics, policy
         self.queue = EmptyPoolQueue(pools, metrics, queue)
+        self.admission = Admission(pools, metrics, admission)
         self._cleanup: set[asyncio.Task] = set()
 
     async def run(self, job: Job) -> AsyncIterator[Delta]:
-        """Yields the request's output; closing the iterator early cancels the request on every worker."""
+        """Yields the request's output once it is admitted; closing the iterator early cancels the request on
+        every worker."""
+        prompt_tokens, max_tokens = len(job.prompt_token_ids), job.sampling.max_tokens
         try:
-            route = await self.queue.route(len(job.prompt_token_ids), job.sampling.max_tokens)
+            route = await self.queue.route(prompt_tokens, max_tokens)
+            slot = await self.admission.admit(route, prompt_tokens, max_tokens)
         except APIError:
             self.metrics.requests.labels(outcome="rejected").inc()
             raise
+        with slot:
+            async with aclosing(self._admitted(job, route)) as deltas:
+                async for delta in deltas:
+                    yield delta
+
+    async def _admitted(self, job: Job, route: str) -> AsyncIterator[Delta]:
         if self._tokenizer_changed(job):
             raise TokenizerChanged(job.request_id)
         run, outcome = RequestRun(job, self.policy, route=route), "error"
@@ -69,13 +80,16 @@ class Dispatcher:
         if not n:
             return
         now = time.monotonic()
+        self.metrics.generation_tokens.labels().inc(n)
         if run.first_token is None:
             run.first_token = run.last_token = now
-            self.metrics.ttft.observe(now - run.job.arrival)
+            self.metrics.ttft.labels(pool=run.prompt_pool).observe(now - run.job.arrival)
+            self.metrics.prompt_tokens.labels().inc(len(run.job.prompt_token_ids))
             n -= 1
         if n:   # tokens held back with an incomplete character arrive together with the next text
+            tbt = self.metrics.tbt.labels(pool=run.token_pool)
             for _ in range(n):
-                self.metrics.tbt.observe((now - run.last_token) / n)
+                tbt.observe((now - run.last_token) / n)
         run.last_token = now
         run.completion_tokens += len(delta.token_ids)
 
@@ -84,7 +98,7 @@ class Dispatcher:
         self.metrics.requests.labels(outcome=outcome).inc()
         elapsed = time.monotonic() - job.arrival
         if outcome == "success":
-            self.metrics.latency.observe(elapsed)
+            self.metrics.latency.labels(pool=run.token_pool).observe(elapsed)
         log.log(logging.INFO if run.failures else logging.DEBUG,
                 "request %s %s route=%s prompt_worker=%s token_worker=%s failed_workers=[%s] prompt_tokens=%d "
                 "completion_tokens=%d ttft=%s e2e=%.4f prompt_phase=[%s]", job.request_id, outcome, run.route,
@@ -162,18 +176,19 @@ class Dispatcher:
         worker = self._pick("token", pick_token_worker(candidates, exclude=run.failed, tokens=tokens), run)
         if run.token_worker and worker.address != run.token_worker:
             log.info("request %s: token worker %s -> %s", run.job.request_id, run.token_worker, worker.address)
-        run.token_worker = worker.address
+        run.token_worker, run.token_pool = worker.address, worker.pool
         return worker
 
     def _pick_prompt_worker(self, run: RequestRun) -> WorkerState:
         candidates = prompt_candidates(self.pools["prompt"].workers.values(), self.pools["mixed"].workers.values())
         worker = self._pick("prompt", pick_prompt_worker(candidates, exclude=run.failed), run)
-        run.prompt_worker = worker.address
+        run.prompt_worker, run.prompt_pool = worker.address, worker.pool
         return worker
 
     def _pick_mixed_worker(self, run: RequestRun) -> WorkerState:
         worker = self._pick("mixed", pick_mixed_worker(self.pools["mixed"].workers.values(), exclude=run.failed), run)
         run.prompt_worker = run.token_worker = worker.address
+        run.prompt_pool = run.token_pool = worker.pool
         return worker
 
     # ---- split: prompt worker then token worker ----

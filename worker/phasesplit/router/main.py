@@ -14,7 +14,8 @@ from aiohttp import web
 
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.heap import freeze_loaded_objects
-from phasesplit.router.app import RouterSettings, create_app
+from phasesplit.router.admission import AdmissionSettings
+from phasesplit.router.app import ROUTER, RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.metrics import POOLS
 from phasesplit.router.pools import parse_worker_list
@@ -49,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a pool with no ready worker (0: answer 503 at once)")
     p.add_argument("--queue-timeout", type=float, default=QueueSettings.timeout,
                    help="seconds a request may wait for a pool with no ready worker before a 503")
+    p.add_argument("--max-queue-wait", type=float, default=AdmissionSettings.max_queue_wait,
+                   help="seconds a request may wait for room in the workers' batches before a 429")
+    p.add_argument("--max-queue-length", type=int, default=AdmissionSettings.max_queue_length,
+                   help="requests that may wait for room in the workers' batches; one more is a 429 at once")
+    p.add_argument("--max-streams-per-key", type=int, default=AdmissionSettings.max_streams_per_key,
+                   help="requests one API key may have in flight (no key set: all clients together; 0: no limit)")
+    p.add_argument("--header-timeout", type=float, default=RouterSettings.header_timeout,
+                   help="seconds a connection may take to send a request's headers, and may stay idle")
+    p.add_argument("--body-timeout", type=float, default=RouterSettings.body_timeout,
+                   help="seconds a request may take to send its body before a 408")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="lowest level of the messages logged")
     return p
@@ -77,6 +88,11 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         raise SystemExit("phasesplit router: --max-migrations must be >= 0 and --stall-timeout > 0 seconds")
     if args.queue_size < 0 or not args.queue_timeout > 0:
         raise SystemExit("phasesplit router: --queue-size must be >= 0 and --queue-timeout > 0 seconds")
+    if args.max_queue_length < 0 or args.max_streams_per_key < 0 or not args.max_queue_wait > 0:
+        raise SystemExit("phasesplit router: --max-queue-length and --max-streams-per-key must be >= 0 and "
+                         "--max-queue-wait > 0 seconds")
+    if not (args.header_timeout > 0 and args.body_timeout > 0):
+        raise SystemExit("phasesplit router: --header-timeout and --body-timeout must be > 0 seconds")
     served = tuple(p.strip() for p in args.pools.split(",") if p.strip()) if args.pools is not None else None
     if served is not None and (unknown := set(served) - set(POOLS)):
         raise SystemExit(f"phasesplit router: --pools: unknown pool {', '.join(sorted(unknown))}; "
@@ -91,12 +107,18 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                           admin_token=os.environ.get("PHASESPLIT_ADMIN_TOKEN") or None,
                           workers=workers, poll_interval=args.poll_interval, dns_interval=args.dns_interval,
                           migration=MigrationPolicy(args.max_migrations, args.stall_timeout),
-                          queue=QueueSettings(args.queue_size, args.queue_timeout), pools=served)
+                          queue=QueueSettings(args.queue_size, args.queue_timeout),
+                          admission=AdmissionSettings(args.max_queue_wait, args.max_queue_length,
+                                                      args.max_streams_per_key),
+                          pools=served, header_timeout=args.header_timeout, body_timeout=args.body_timeout)
 
 
 async def start_server(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
-    """Serves `app`; a client that disconnects cancels its handler (and so its request on the workers)."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
+    """Serves `app`; a client that disconnects cancels its handler (and so its request on the workers). The
+    keep-alive timer runs from a connection's start until its request's headers are in, and again after each
+    response: a client sending its headers slowly is cut off at the header timeout."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS,
+                           keepalive_timeout=app[ROUTER].settings.header_timeout)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

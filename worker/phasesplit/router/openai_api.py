@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Bounds of the proto fields the values travel in (worker.proto): a value outside is the request's error.
 INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256   # OpenAI allows 4; each one costs the workers on every token
 
 
 def _unicode(text: str) -> str:
@@ -37,9 +39,10 @@ class APIError(Exception):
     """An error answered as `{"error": {"message", "type", "param", "code"}}`."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -47,6 +50,12 @@ class APIError(Exception):
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, type="service_unavailable_error", code="service_unavailable")
+
+
+def rate_limited(message: str, retry_after: float) -> APIError:
+    """A 429 as OpenAI's request rate limit answers it: its clients raise `RateLimitError` and honour `Retry-After`."""
+    return APIError(429, message, type="requests", code="rate_limit_exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 class StreamOptions(BaseModel):
@@ -83,6 +92,10 @@ class _Generation(BaseModel):
             stop = [stop]
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ValueError("stop must be a non-empty string or a list of non-empty strings")
+        if len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, not {len(stop)}")
+        if too_long := next((s for s in stop if len(s) > MAX_STOP_CHARS), None):
+            raise ValueError(f"a stop string may have at most {MAX_STOP_CHARS} characters, not {len(too_long)}")
         return [_unicode(s) for s in stop]
 
     @property

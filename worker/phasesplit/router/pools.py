@@ -113,6 +113,7 @@ class Pools:
         self.served = set(served if served is not None else (name for name in POOLS if specs.get(name)))
         self.turns = Turns()   # equal workers take turns
         self._changed = asyncio.Event()
+        self.listeners: list[Callable[[], None]] = []   # called at every change of the workers' states
         self._rounds_begun = self._round_done = 0   # full poll rounds of all workers
         self.metrics = metrics
         self.poll_interval, self.dns_interval, self.poll_timeout = poll_interval, dns_interval, poll_timeout
@@ -187,6 +188,8 @@ class Pools:
         """Wakes whoever waits for a route or a poll: the workers' states have changed."""
         self._changed.set()
         self._changed = asyncio.Event()
+        for listener in self.listeners:
+            listener()
 
     async def changed(self) -> None:
         """Completes at the next change of the workers' states (a poll, or a new tokenizer)."""

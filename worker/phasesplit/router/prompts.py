@@ -6,6 +6,23 @@ from phasesplit.router.openai_api import APIError, ChatCompletionRequest, Comple
 from phasesplit.v1 import worker_pb2 as pb
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions; chat defaults to the rest of the context
+# Characters per token a prompt may average before it is refused untokenized: text averages 3 to 5; 16 leaves
+# room for code and long whitespace runs, and keeps a prompt that could never fit from being tokenized at all.
+CHARS_PER_TOKEN = 16
+
+
+def check_prompt_chars(req: CompletionRequest | ChatCompletionRequest, max_model_len: int, param: str) -> None:
+    """Refuses a prompt too long to fit the context at any plausible number of characters per token, before it
+    is tokenized (token ids are counted as they are)."""
+    if isinstance(req, CompletionRequest):
+        size = len(req.prompt) if isinstance(req.prompt, str) else 0
+    else:
+        size = sum(len(m.content or "") + len(m.name or "") for m in req.messages)
+    limit = max_model_len * CHARS_PER_TOKEN
+    if size > limit:
+        raise APIError(400, f"{param}: this model's maximum context length is {max_model_len} tokens, so at most "
+                            f"{limit} characters are accepted ({CHARS_PER_TOKEN} per token); the prompt has {size}",
+                       param=param, code="context_length_exceeded")
 
 
 def completion_prompt_ids(req: CompletionRequest, tokenizer) -> list[int]:

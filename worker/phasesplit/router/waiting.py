@@ -39,8 +39,7 @@ class EmptyPoolQueue:
         if self.waiting >= self.settings.size:
             raise unavailable(f"{named} has no ready worker and the queue for it is full "
                               f"({self.settings.size} requests wait); retry later")
-        queued_tokens = {"prompt": prompt_tokens, "mixed": prompt_tokens, "token": max_tokens}
-        phases = [self.metrics.phase(p, queued_tokens[p]) for p in empty]
+        phases = self.metrics.demand(empty, prompt_tokens, max_tokens)
         self.waiting += 1
         try:
             return await asyncio.wait_for(self.pools.wait_for_route(), self.settings.timeout)

@@ -24,79 +24,17 @@ from typing import Protocol
 import grpc
 import torch
 
+from phasesplit.transport.errors import (  # noqa: F401  (the contract's errors, re-exported)
+    STATUS, CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError, TransferTimeout,
+    error_from_status, status_of,
+)
+from phasesplit.transport.layout import (  # noqa: F401  (re-exported)
+    DTYPES, KVLayout, block_bytes, check_layout, validate_layout,
+)
 from phasesplit.v1 import worker_pb2 as pb
 
 K, V = 0, 1  # KVChunk.kind
 END = 2  # KVChunk.kind of a stream's last message (no data): the sender sent every chunk and finished
-
-LAYOUT_FIELDS = ("model", "dtype", "num_layers", "num_kv_heads", "head_dim", "block_size",
-                 "tensor_parallel_size", "tensor_parallel_rank")
-# What a layout without tensor parallelism (or from a sender that predates it) holds.
-_TP_DEFAULTS = {"tensor_parallel_size": 1, "tensor_parallel_rank": 0}
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class TransferError(RuntimeError):
-    """A KV transfer failed; the destination was (or must be) freed."""
-
-
-class LayoutMismatch(TransferError):
-    """The two workers' KV layouts differ; `fields` maps each differing field to (ours, theirs)."""
-
-    def __init__(self, fields: dict[str, tuple[object, object]] | None = None, message: str | None = None):
-        self.fields = dict(fields or {})
-        if message is None:
-            diffs = ", ".join(f"{name}: {ours!r} here, {theirs!r} from the sender"
-                              for name, (ours, theirs) in self.fields.items())
-            message = f"KV layout mismatch ({diffs})"
-            if "tensor_parallel_size" in self.fields:
-                ours, theirs = self.fields["tensor_parallel_size"]
-                message += (f": this token worker has tensor-parallel size {ours}, the prompt worker {theirs}; "
-                            "KV moves rank to rank, so both pools need the same tensorParallelSize")
-        super().__init__(message)
-
-
-class CapacityError(TransferError):
-    """The token worker cannot hold the KV (not enough free blocks, or draining)."""
-
-
-class KVDataLoss(TransferError):
-    """A chunk failed its checksum, or the stream ended before every block arrived."""
-
-
-class TransferTimeout(TransferError):
-    """No progress within the transfer timeout."""
-
-
-class TransferAborted(TransferError):
-    """The transfer was aborted by the sender or the receiver."""
-
-
-# Each error as the gRPC status that carries it (token worker -> prompt worker -> router); the first
-# match wins, so a subclass comes before its base. A plain TransferError (peer unreachable, a
-# request this token worker cannot take) is UNAVAILABLE: another token worker may take it.
-STATUS = (
-    (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
-    (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (KVDataLoss, grpc.StatusCode.DATA_LOSS),
-    (TransferTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (TransferAborted, grpc.StatusCode.ABORTED),
-    (TransferError, grpc.StatusCode.UNAVAILABLE),
-)
-_ERROR_OF = {code: kind for kind, code in reversed(STATUS)} | {grpc.StatusCode.CANCELLED: TransferAborted}
-
-
-def status_of(exc: TransferError) -> grpc.StatusCode:
-    """The status a TransferError is sent as."""
-    return next(code for kind, code in STATUS if isinstance(exc, kind))
-
-
-def error_from_status(code: grpc.StatusCode, details: str) -> TransferError:
-    """The TransferError a token worker's status stands for (a status not in STATUS: a plain one)."""
-    kind = _ERROR_OF.get(code, TransferError)
-    message = f"token worker refused the KV ({code.name}): {details}"
-    return kind(message=message) if kind is LayoutMismatch else kind(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,44 +155,6 @@ class LayerShape:
         if min(ids) < 0 or max(ids) >= k.shape[0]:
             raise ValueError(f"block_ids must be in [0, {k.shape[0]}), got {ids}")
         return ids
-
-
-def layout_to_proto(layout) -> pb.KVLayout:
-    """Any object with the layout fields (the engine's KVLayout, a dict, a KVLayout message)."""
-    if isinstance(layout, pb.KVLayout):
-        return layout
-    get = (lambda name: layout.get(name, _TP_DEFAULTS.get(name))) if isinstance(layout, dict) \
-        else lambda name: getattr(layout, name, _TP_DEFAULTS.get(name))
-    return pb.KVLayout(**{name: get(name) for name in LAYOUT_FIELDS})
-
-
-def layout_fingerprint(layout) -> tuple:
-    """The fields two workers must agree on, as a comparable tuple (an unset tensor_parallel_size is 1)."""
-    msg = layout_to_proto(layout)
-    return tuple(getattr(msg, name) or _TP_DEFAULTS.get(name, getattr(msg, name)) for name in LAYOUT_FIELDS)
-
-
-def check_layout(ours, theirs) -> None:
-    """Raise LayoutMismatch naming every field where `theirs` (the sender's) differs from `ours`."""
-    fields = {name: (a, b) for name, a, b in zip(LAYOUT_FIELDS, layout_fingerprint(ours), layout_fingerprint(theirs))
-              if a != b}
-    if fields:
-        raise LayoutMismatch(fields)
-
-
-def validate_layout(layout: pb.KVLayout) -> None:
-    """Raise ValueError naming the first field of a KVLayout that no worker could hold."""
-    if layout.dtype not in DTYPES:
-        raise ValueError(f"layout.dtype must be one of {sorted(DTYPES)}, got {layout.dtype!r}")
-    for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
-        if getattr(layout, name) < 1:
-            raise ValueError(f"layout.{name} must be >= 1, got {getattr(layout, name)}")
-
-
-def block_bytes(layout: pb.KVLayout) -> int:
-    """Bytes of one block of one layer's K (or V)."""
-    itemsize = DTYPES[layout.dtype].itemsize
-    return layout.block_size * layout.num_kv_heads * layout.head_dim * itemsize
 
 
 def num_prompt_blocks(header: pb.KVHeader) -> int:

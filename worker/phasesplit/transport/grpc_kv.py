@@ -1,5 +1,5 @@
 """KV over gRPC: `TokenWorker.PushKV`, a client stream of ~1 MiB KVChunks (sending side here,
-receiving side in `grpc_receive`, re-exported).
+receiving side in `grpc_receive`).
 
 Synchronous gRPC throughout: the prompt worker's engine thread calls `send_layer`, which only
 queues the layer; gRPC's request thread reads the blocks, checksums them and encodes each chunk
@@ -19,37 +19,19 @@ import grpc
 import torch
 
 from phasesplit.transport import wire
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (
     K, V, KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, block_bytes,
     check_header, error_from_status,
 )
 from phasesplit.transport.blocks import read_pieces, to_host
-from phasesplit.transport.channels import MAX_MESSAGE_BYTES, SERVER_OPTIONS, Channels  # noqa: F401  (re-exported)
-from phasesplit.transport.grpc_receive import PushKVReceiver, handle_push_kv  # noqa: F401  (re-exported)
+from phasesplit.transport.channels import MAX_MESSAGE_BYTES, Channels
+from phasesplit.transport.grpc_receive import PUSH_KV
 from phasesplit.transport.malloc import tune_malloc
 from phasesplit.v1 import worker_pb2 as pb
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 DEFAULT_MAX_QUEUED_CHUNKS = 256
-DEFAULT_TIMEOUT = 30.0
-
-_SERVICE = "phasesplit.v1.TokenWorker"
-_PUSH_KV = f"/{_SERVICE}/PushKV"
-
-
-def add_token_worker_to_server(servicer, server: grpc.Server) -> None:
-    """Like the generated add_TokenWorkerServicer_to_server, but PushKV gets raw chunk bytes
-    (decoded by `handle_push_kv` without copying the payload)."""
-    handlers = {
-        "PushKV": grpc.stream_unary_rpc_method_handler(
-            servicer.PushKV, request_deserializer=None,
-            response_serializer=pb.PushKVReply.SerializeToString),
-        "Generate": grpc.unary_stream_rpc_method_handler(
-            servicer.Generate, request_deserializer=pb.GenerateRequest.FromString,
-            response_serializer=pb.TokenEvent.SerializeToString),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
-    server.add_registered_method_handlers(_SERVICE, handlers)
 
 
 @dataclass(slots=True)
@@ -87,7 +69,7 @@ class GrpcKVSender:
         self._progress = time.monotonic()
         self._started = time.perf_counter()
         self._done = threading.Event()
-        push_kv = channel.stream_unary(_PUSH_KV, request_serializer=None,
+        push_kv = channel.stream_unary(PUSH_KV, request_serializer=None,
                                        response_deserializer=pb.PushKVReply.FromString)
         self._call = push_kv.future(self._requests())
         self._call.add_done_callback(self._on_done)
@@ -219,7 +201,7 @@ class GrpcKVTransport:
     name = "grpc"
 
     def __init__(self, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 max_queued_chunks: int = DEFAULT_MAX_QUEUED_CHUNKS, timeout: float = DEFAULT_TIMEOUT):
+                 max_queued_chunks: int = DEFAULT_MAX_QUEUED_CHUNKS, timeout: float = TIMEOUT):
         if not 4096 <= chunk_bytes <= MAX_MESSAGE_BYTES // 2:
             raise ValueError(f"chunk_bytes must be in [4096, {MAX_MESSAGE_BYTES // 2}], got {chunk_bytes}")
         if max_queued_chunks < 1:

@@ -1,9 +1,8 @@
 """The token worker's side of PushKV: header check, verified writes into a KVDestination, completeness.
 
-A TokenWorker servicer (sync gRPC server) implements PushKV as
-
-    def PushKV(self, request_iterator, context):
-        return self.receiver.push_kv(request_iterator, context)   # a PushKVReceiver
+`PushKVReceiver.add_to_server` serves `TokenWorker.PushKV` on a (sync) gRPC server, taking each
+chunk as raw bytes (decoded by `wire` without copying the payload); the worker serves the
+service's other method, Generate, itself (`add_token_worker_method`).
 
 Status codes the sender sees: those of `base.STATUS` (layout mismatch, capacity, data loss,
 abort), INVALID_ARGUMENT for a malformed chunk, and CANCELLED (no chunk within `timeout`: the
@@ -15,13 +14,17 @@ Whatever ends a transfer short of commit aborts the destination exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 import grpc
 import numpy as np
 
 from phasesplit.transport import wire
+from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (
     END, KVDestination, KVSink, TransferError, block_bytes, check_header, num_prompt_blocks, status_of,
 )
@@ -29,29 +32,64 @@ from phasesplit.transport.malloc import tune_malloc
 from phasesplit.v1 import worker_pb2 as pb
 
 _KIND_NAMES = ("K", "V")
+TOKEN_WORKER = "phasesplit.v1.TokenWorker"
+PUSH_KV = f"/{TOKEN_WORKER}/PushKV"
+
+
+def add_token_worker_method(server: grpc.Server, method: str, handler: grpc.RpcMethodHandler) -> None:
+    """Serve one method of TokenWorker (the generated add_TokenWorkerServicer_to_server takes both
+    from one servicer; PushKV is the KV receiver's, Generate the worker's)."""
+    handlers = {method: handler}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(TOKEN_WORKER, handlers),))
+    server.add_registered_method_handlers(TOKEN_WORKER, handlers)
 
 
 class PushKVReceiver:
-    """The grpc backend's receiving side: `push_kv` serves TokenWorker.PushKV into `sink` (the
-    token service calls it, so it adds no service of its own)."""
+    """The grpc backend's receiving side: serves TokenWorker.PushKV into `sink`. `track`: a context
+    entered for the length of each call (the worker counts it as a request in flight)."""
 
-    def __init__(self, sink: KVSink, *, timeout: float = 30.0, **_unused):
+    def __init__(self, sink: KVSink, *, timeout: float = TIMEOUT,
+                 track: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, **_unused):
         self.sink = sink
         self.timeout = timeout
+        self._track = track
         tune_malloc()  # gRPC hands each ~1 MiB message over in a fresh buffer: keep the heap from page-faulting
 
     def push_kv(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVReply:
         return handle_push_kv(request_iterator, context, self.sink, timeout=self.timeout)
 
     def add_to_server(self, server: grpc.Server) -> None:
-        pass
+        handler = grpc.stream_unary_rpc_method_handler(self._serve, request_deserializer=None,
+                                                       response_serializer=pb.PushKVReply.SerializeToString)
+        add_token_worker_method(server, "PushKV", handler)
+
+    def _serve(self, request_iterator, context: grpc.ServicerContext) -> pb.PushKVReply:
+        with self._track():
+            return self.push_kv(request_iterator, context)
 
     def close(self) -> None:
         pass
 
 
+def read_header(requests: Iterator, refuse: Callable[[grpc.StatusCode, str], NoReturn]) -> pb.KVHeader:
+    """The checked header a PushKV stream's first chunk carries; `refuse(code, message)` (it raises)
+    a stream without one."""
+    first = next(requests, None)
+    try:
+        header = None if first is None else wire.decode(first).header
+    except wire.WireError as exc:
+        refuse(grpc.StatusCode.INVALID_ARGUMENT, f"malformed KVChunk: {exc}")
+    if header is None:
+        refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
+    try:
+        check_header(header)
+    except ValueError as exc:
+        refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    return header
+
+
 def handle_push_kv(request_iterator, context: grpc.ServicerContext, sink: KVSink, *,
-                   timeout: float = 30.0) -> pb.PushKVReply:
+                   timeout: float = TIMEOUT) -> pb.PushKVReply:
     """Receive one PushKV stream (raw chunk bytes or parsed KVChunk messages) into `sink`."""
     return _Receiver(context, sink, timeout).run(request_iterator)
 
@@ -83,14 +121,7 @@ class _Receiver:
             watchdog.join()
 
     def _receive(self, requests) -> pb.PushKVReply:
-        first = next(requests, None)
-        header = None if first is None else self._decode(first).header
-        if header is None:
-            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, "the first KVChunk of a PushKV stream must carry the header")
-        try:
-            check_header(header)
-        except ValueError as exc:
-            self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        header = read_header(requests, self._refuse)
         self._begin(header)
         layout = header.layout
         num_blocks = num_prompt_blocks(header)

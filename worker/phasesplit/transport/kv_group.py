@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from phasesplit.transport import blocks
-from phasesplit.transport.base import DTYPES, TransferError
+from phasesplit.transport.base import TransferError
 
 TOKEN_RANK, PROMPT_RANK = 0, 1
 DATA, ABORT, CLOSE = 0, 1, 2  # frame ops
@@ -159,10 +159,6 @@ def meta(transfer_id: int, layer: int, num_blocks: int, op: int, device: torch.d
 def frame_shape(layout, num_blocks: int) -> tuple[int, ...]:
     """K and V of one layer, received as two messages into the two halves."""
     return (2, num_blocks, layout.block_size, layout.num_kv_heads, layout.head_dim)
-
-
-def frame_dtype(layout) -> torch.dtype:
-    return DTYPES[layout.dtype]
 
 
 class Buffers:

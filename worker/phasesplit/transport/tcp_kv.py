@@ -1,78 +1,77 @@
-"""KV over plain TCP (`--kv-backend tcp`): gRPC for control, a pooled socket per worker pair for the bytes.
+"""KV over plain TCP (`--kv-backend tcp`): gRPC for control (`pair_kv`), a pooled socket per worker pair for the bytes.
 
-The control path is the nccl backend's (`KVGroup.Connect` checks the layout and answers the token
-worker's data port; each transfer is one `KVGroup.Push`: reserve, `accepted`, `committed`; errors,
-timeouts and aborts as there). Only the data path differs: instead of a process group, one TCP
-connection per token worker address (see `sockets` for the frames), made on first use, reused by
-every transfer to that worker, and discarded when a send fails or stalls past the timeout; that
-fails only the transfers on it (the router retries them), and the next transfer connects anew.
+The control path is the pair backends' (`KVGroup.Connect` checks the layout and answers the token
+worker's data port; each transfer is one `KVGroup.Push`: reserve, `accepted`, `committed`). Each
+pair's link is one TCP connection (see `sockets` for the frames); a connection that fails or
+stalls past the timeout fails only the transfers on it (the router retries them), and the next
+transfer connects anew.
 
-The pair's thread sends each layer with `sendmsg` straight from the cache blocks (one view per
-run of consecutive blocks; an accelerator's blocks are gathered into pinned host memory first).
+A layer is sent with `sendmsg` straight from the cache blocks (one view per run of consecutive
+blocks; an accelerator's blocks are gathered into pinned host memory first).
 """
 
 from __future__ import annotations
 
 import socket
 import uuid
+from collections.abc import Callable
 
 import torch
 
 from phasesplit.transport import kv_group, sockets
 from phasesplit.transport.base import K, V
 from phasesplit.transport.blocks import read_pieces, to_host
-from phasesplit.transport.nccl_kv import NcclKVSender, NcclKVTransport, _Pair
-from phasesplit.v1 import worker_pb2 as pb
+from phasesplit.transport.pair_kv import PairKVTransport
+from phasesplit.transport.pair_link import LayerItem, Peer
 
 
-class _SocketPair(_Pair):
-    """This prompt worker's connection to one token worker, and the thread that sends over it."""
+class SocketLink:
+    """A pair's data path over one TCP connection to the token worker's KV port; nothing stays in flight."""
+
+    in_flight = 0
 
     @staticmethod
-    def link_backend(device: torch.device) -> str:
+    def backend_for(device: torch.device) -> str:
         return "tcp"
 
-    def _join(self, host: str, endpoint: pb.KVGroupEndpoint) -> socket.socket:
+    def __init__(self, peer: Peer, sent: Callable[[LayerItem], None]):
+        self._addr = peer.addr
+        self._sent = sent
         try:
-            sock = socket.create_connection((host, endpoint.store_port), timeout=self.timeout)
-            sockets.tune(sock, self.timeout)
-            sock.sendall(sockets.HELLO.pack(sockets.MAGIC, uuid.UUID(self.group_id).bytes))
+            self.sock = socket.create_connection((peer.host, peer.port), timeout=peer.timeout)
+            sockets.tune(self.sock, peer.timeout)
+            self.sock.sendall(sockets.HELLO.pack(sockets.MAGIC, uuid.UUID(peer.group_id).bytes))
         except OSError as exc:
-            raise kv_group.GroupBroken(f"cannot reach the KV port {host}:{endpoint.store_port}: {exc}") from exc
-        return sock
+            raise kv_group.GroupBroken(f"cannot reach the KV port {peer.host}:{peer.port}: {exc}") from exc
 
-    def _send_layer(self, sender: NcclKVSender, layer: int, k, v, ids: list[int], ready) -> None:
-        if not sender.wants_data() or not sender.wait_accepted():
-            return
+    def send_layer(self, item: LayerItem) -> None:
         views = []
-        for cache in (k, v):
-            host, host_ids = to_host(cache, ids, ready)
+        for cache in (item.k, item.v):
+            host, host_ids = to_host(cache, item.ids, item.ready)
             views.append(read_pieces(host, host_ids, 0, len(host_ids)))
         try:
-            self.group.sendall(sockets.FRAME.pack(sender.transfer_id, layer, len(ids), kv_group.DATA))
-            crcs = [sockets.send_views(self.group, views[kind]) for kind in (K, V)]
-            self.group.sendall(sockets.TRAILER.pack(*crcs))
+            self.sock.sendall(sockets.FRAME.pack(item.sender.transfer_id, item.layer, len(item.ids), kv_group.DATA))
+            crcs = [sockets.send_views(self.sock, views[kind]) for kind in (K, V)]
+            self.sock.sendall(sockets.TRAILER.pack(*crcs))
         except OSError as exc:
-            raise kv_group.GroupBroken(f"sending layer {layer} to {self.addr} failed: {exc}") from exc
-        if sender.layer_sent():
-            self._forget(sender)
+            raise kv_group.GroupBroken(f"sending layer {item.layer} to {self._addr} failed: {exc}") from exc
+        self._sent(item)
 
-    def _retire(self, keep: int) -> None:
+    def retire(self, keep: int) -> None:
         """Nothing in flight: a layer is sent when sendmsg returns."""
 
-    def _send_frame(self, transfer_id: int, layer: int, num_blocks: int, op: int) -> None:
+    def send_op(self, transfer_id: int, op: int) -> None:
         try:
-            self.group.sendall(sockets.FRAME.pack(transfer_id, layer, num_blocks, op))
+            self.sock.sendall(sockets.FRAME.pack(transfer_id, 0, 0, op))
         except OSError as exc:
-            raise kv_group.GroupBroken(f"sending a frame to {self.addr} failed: {exc}") from exc
+            raise kv_group.GroupBroken(f"sending a frame to {self._addr} failed: {exc}") from exc
 
-    def _discard(self) -> None:
-        if self.group is not None:
-            self.group.close()
+    def discard(self) -> None:
+        self.sock.close()
 
 
-class TcpKVTransport(NcclKVTransport):
+class TcpKVTransport(PairKVTransport):
     """Sends KV to token workers over one pooled TCP connection per token worker address."""
 
-    name = "tcp"
-    pair_class = _SocketPair
+    def __init__(self, **options):
+        super().__init__("tcp", SocketLink, **options)
