@@ -5,7 +5,8 @@ kubernetes client and the operator meet on a real cluster:
 - server-side metadata: `uid`, `resourceVersion` (bumped on every write), `creationTimestamp`,
   `generation` (bumped on spec changes); list `kind`/`apiVersion`; CRDs register their resource;
 - RBAC: a request made with the operator's token (`OPERATOR_TOKEN`) is checked against the rules
-  the chart binds to the operator's ServiceAccount (`helm template`), and answered 403 when none
+  the chart binds to the operator's ServiceAccount (`helm template` with `chart_sets`: by default
+  the cluster-wide install the tests' operator runs as), and answered 403 when none
   allows it; setting `blockOwnerDeletion` needs `update` on the owner's `finalizers`. Every denial
   is kept in `denied`. The tests' own token (`ADMIN_TOKEN`) may do anything;
 - defaults and validation: a Deployment's missing or null `replicas` becomes 1; resource
@@ -48,6 +49,7 @@ from phasesplit.operator.crd import build_crd
 from support.rbac import chart_authorizer
 
 OPERATOR_TOKEN, ADMIN_TOKEN = "operator", "admin"
+CLUSTER_WIDE = ("rbac.clusterWide=true",)  # the chart's values for an operator that watches every namespace
 APPLY = "application/apply-patch+yaml"
 # Resources the operator reads or writes, declared up front as kmock requires.
 RESOURCES = {
@@ -101,7 +103,7 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.versions = itertools.count(1000)
         self.history: int | None = None  # requests kept for assertions; None: all
-        self.authorizer = chart_authorizer()
+        self.authorizer = chart_authorizer(*CLUSTER_WIDE)
         self.denied: list[str] = []
         self.create_delay = 0.0  # seconds each create waits before it is stored (a slow API server)
         self.faults: dict[tuple[str, str], Fault] = {}  # (plural, name) -> how its writes are refused
@@ -535,8 +537,9 @@ def write_kubeconfig(path: pathlib.Path, url: str, token: str) -> pathlib.Path:
 class EmulatorThread:
     """Runs the emulator on 127.0.0.1 in a daemon thread; `url` and `kubeconfig()` for clients."""
 
-    def __init__(self, crds: list[dict] = (), history: int | None = None):
+    def __init__(self, crds: list[dict] = (), history: int | None = None, chart_sets: tuple[str, ...] = CLUSTER_WIDE):
         self.crds = list(crds)
+        self.chart_sets = chart_sets
         self.history = history
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
@@ -565,6 +568,7 @@ class EmulatorThread:
             for crd in self.crds:
                 register_crd(emulator, crd)
             emulator.history = self.history
+            emulator.authorizer = chart_authorizer(*self.chart_sets)
             self.emulator = emulator
             self.url = f"http://127.0.0.1:{server.port}"
             self.started.set()

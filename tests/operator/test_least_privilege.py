@@ -1,0 +1,164 @@
+"""What the chart lets the operator do: by default only in the namespaces it watches (cluster-wide it
+may list and watch CRDs, as kopf needs), and on pods only their pod-deletion-cost (the
+ValidatingAdmissionPolicy, its CEL run here with cel-python); the operator works with no more."""
+
+import copy
+import subprocess
+
+import celpy
+import kmock
+import pytest
+from support.examples import split_inference
+from support.kube_emulator import Emulator
+from support.operator_harness import in_process_operator, server_metadata
+from support.polling import eventually
+from support.rbac import CHART, NAMESPACE, chart_authorizer, render_chart
+
+from phasesplit.operator.autoscaler import DELETION_COST
+
+pytestmark = pytest.mark.kmock(cls=Emulator)
+
+KOPF_DISCOVERY = [{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+                   "verbs": ["list", "watch"]}]
+WORKLOAD_NS = "models"
+SI = "phasesplit.io/v1alpha1/splitinferences"
+
+
+def operator_args(docs: list[dict]) -> list[str]:
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_the_default_install_grants_nothing_cluster_wide_but_what_kopf_needs():
+    authorizer = chart_authorizer()
+    assert [g.rule for g in authorizer.grants if g.namespace is None] == KOPF_DISCOVERY
+    assert {g.namespace for g in authorizer.grants} == {None, NAMESPACE}
+    assert not authorizer.allows("create", "apps", "deployments", "kube-system")
+    assert authorizer.allows("create", "apps", "deployments", NAMESPACE)
+    args = operator_args(render_chart())
+    assert f"--namespace={NAMESPACE}" in args and "--all-namespaces" not in args
+
+
+def test_watched_namespaces_get_a_role_each_and_the_operator_watches_them():
+    docs = render_chart("operator.watchNamespaces={models,staging}")
+    roles = {(d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")}
+    assert roles == {(kind, ns) for kind in ("Role", "RoleBinding") for ns in ("models", "staging")}
+    assert [a for a in operator_args(docs) if a.startswith("--namespace")] == ["--namespace=models",
+                                                                                "--namespace=staging"]
+    authorizer = chart_authorizer("operator.watchNamespaces={models,staging}")
+    assert authorizer.allows("patch", "phasesplit.io", "splitinferences/status", "staging")
+    assert not authorizer.allows("patch", "phasesplit.io", "splitinferences/status", NAMESPACE)
+
+
+def test_cluster_wide_is_asked_for_and_excludes_a_namespace_list(helm):
+    docs = render_chart("rbac.clusterWide=true")
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    assert "--all-namespaces" in operator_args(docs)
+    assert chart_authorizer("rbac.clusterWide=true").allows("create", "apps", "deployments", "anywhere")
+    both = subprocess.run([helm, "template", "x", str(CHART), "--set", "rbac.clusterWide=true",
+                           "--set", "operator.watchNamespaces={models}"], capture_output=True, text=True)
+    assert both.returncode != 0 and "operator.watchNamespaces" in both.stderr
+
+
+def test_images_are_referable_by_digest():
+    digest = "sha256:" + "a" * 64
+    deployment = next(d for d in render_chart(f"operator.image.digest={digest}") if d["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == f"phasesplit/operator@{digest}"
+
+
+# ---- the operator with the default install's RBAC ----
+
+@pytest.fixture
+def namespaced_cluster(kmock):
+    kmock.authorizer = chart_authorizer(f"operator.watchNamespaces={{{WORKLOAD_NS}}}")
+    for ns, name in ((WORKLOAD_NS, "tiny"), ("elsewhere", "other")):
+        body = split_inference(name, ns, spec={"autoscaling": {"mode": "none"}})
+        body["metadata"] = server_metadata(name, ns)
+        kmock.objects[SI, ns, name] = body
+    return kmock
+
+
+async def test_the_operator_works_in_its_namespaces_with_the_namespaced_rbac(namespaced_cluster, tmp_path,
+                                                                             monkeypatch):
+    cluster = namespaced_cluster
+    operator = in_process_operator(cluster, tmp_path, monkeypatch, namespaces=(WORKLOAD_NS,))
+
+    def ready():
+        status = cluster.objects[SI, WORKLOAD_NS, "tiny"].raw.get("status") or {}
+        return any(c["type"] == "ChildrenApplied" and c["status"] == "True" for c in status.get("conditions", []))
+
+    async with operator():
+        await eventually(ready, timeout=30, what="the SplitInference's children applied")
+    deployments = {key[2] for key, obj in cluster.objects.items()
+                   if key[0] == kmock.resource("apps/v1/deployments") and not obj.deleted}
+    assert deployments == {"tiny-router", "tiny-prompt", "tiny-token"}  # none for the unwatched namespace
+    assert cluster.denied == []
+
+
+# ---- the ValidatingAdmissionPolicy on the operator's pod patches ----
+
+def admission_policy() -> dict:
+    return next(d for d in render_chart() if d["kind"] == "ValidatingAdmissionPolicy")
+
+
+def admitted(policy: dict, old: dict, new: dict, username: str) -> list[str]:
+    """The messages of the validations that refuse `old` -> `new`, as the API server evaluates them."""
+    env = celpy.Environment()
+
+    def run(expression: str, activation: dict):
+        return env.program(env.compile(expression)).evaluate(activation)
+
+    activation = {"object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old),
+                  "request": celpy.json_to_cel({"userInfo": {"username": username}})}
+    spec = policy["spec"]
+    if not all(run(c["expression"], activation) for c in spec["matchConditions"]):
+        return []
+    variables = celpy.celtypes.MapType()
+    for v in spec["variables"]:
+        variables[celpy.celtypes.StringType(v["name"])] = run(v["expression"], {**activation, "variables": variables})
+    activation["variables"] = variables
+    return [v["message"] for v in spec["validations"] if not run(v["expression"], activation)]
+
+
+OPERATOR = f"system:serviceaccount:{NAMESPACE}:phasesplit"
+POD = {"metadata": {"name": "tiny-prompt-0", "namespace": "default",
+                    "labels": {"app.kubernetes.io/managed-by": "phasesplit-operator", "phasesplit.io/role": "prompt"},
+                    "annotations": {"kubectl.kubernetes.io/restartedAt": "now"},
+                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "rs", "uid": "u"}]},
+       "spec": {"containers": [{"name": "worker", "image": "phasesplit/worker:0.1.0"}]}}
+
+
+def changed(edit) -> dict:
+    pod = copy.deepcopy(POD)
+    edit(pod)
+    return pod
+
+
+def test_the_operator_may_set_only_the_deletion_cost_of_its_own_pods():
+    policy = admission_policy()
+    cost = changed(lambda p: p["metadata"]["annotations"].update({DELETION_COST: "-5"}))
+    assert admitted(policy, POD, cost, OPERATOR) == []
+    assert admitted(policy, cost, changed(lambda p: p["metadata"]["annotations"].update({DELETION_COST: "3"})),
+                    OPERATOR) == []
+    refused = {
+        "a label": changed(lambda p: p["metadata"]["labels"].update({"phasesplit.io/role": "token"})),
+        "the image": changed(lambda p: p["spec"]["containers"][0].update({"image": "evil/image"})),
+        "another annotation": changed(lambda p: p["metadata"]["annotations"].update({"x": "y"})),
+        "an annotation removed": changed(lambda p: p["metadata"].pop("annotations")),
+        "the owners": changed(lambda p: p["metadata"].pop("ownerReferences")),
+    }
+    for what, pod in refused.items():
+        assert admitted(policy, POD, pod, OPERATOR), what
+    foreign = changed(lambda p: p["metadata"]["labels"].pop("app.kubernetes.io/managed-by"))
+    assert admitted(policy, foreign, {**foreign, "metadata": {**foreign["metadata"], "annotations": {
+        **foreign["metadata"]["annotations"], DELETION_COST: "1"}}}, OPERATOR)
+    assert admitted(policy, POD, refused["a label"], "system:serviceaccount:ml:someone-else") == []
+
+
+def test_the_policy_binds_to_the_operators_service_account_and_can_be_left_out():
+    policy = admission_policy()
+    assert OPERATOR in policy["spec"]["matchConditions"][0]["expression"]
+    docs = render_chart()
+    binding = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert not [d for d in render_chart("admissionPolicy.enabled=false") if "AdmissionPolicy" in d["kind"]]
