@@ -14,7 +14,10 @@ from support.operator_harness import in_process_operator, server_metadata
 from support.polling import eventually
 from support.rbac import CHART, NAMESPACE, chart_authorizer, render_chart
 
+from phasesplit.control import spec as si
+from phasesplit.operator import builders, crd
 from phasesplit.operator.autoscaler import DELETION_COST
+from support.crd_validator import validate
 
 pytestmark = pytest.mark.kmock(cls=Emulator)
 
@@ -162,3 +165,13 @@ def test_the_policy_binds_to_the_operators_service_account_and_can_be_left_out()
     binding = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding")
     assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
     assert not [d for d in render_chart("admissionPolicy.enabled=false") if "AdmissionPolicy" in d["kind"]]
+
+
+def test_the_spec_takes_images_by_digest():
+    digest = "sha256:" + "b" * 64
+    doc = split_inference(spec={"images": {"worker": f"registry.example/phasesplit/worker@{digest}",
+                                           "router": f"registry.example/phasesplit/worker@{digest}"}})
+    assert validate(crd.build_crd(), doc) == []
+    spec = si.SplitInference.model_validate(doc).spec
+    image = f"registry.example/phasesplit/worker@{digest}"
+    assert builders.worker_image(spec, spec.pools.token) == builders.router_image(spec) == image
