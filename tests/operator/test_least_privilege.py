@@ -5,18 +5,19 @@ ValidatingAdmissionPolicy, its CEL run here with cel-python); the operator works
 import copy
 import subprocess
 
-import celpy
 import kmock
 import pytest
+from support.admission import OPERATOR_USER, Policy, chart_policies
 from support.examples import split_inference
-from support.kube_emulator import Emulator
-from support.operator_harness import in_process_operator, server_metadata
+from support.kube_emulator import OPERATOR_TOKEN, Emulator, EmulatorThread
+from support.operator_harness import in_process_operator, kube_client, server_metadata
 from support.polling import eventually
 from support.rbac import CHART, NAMESPACE, chart_authorizer, render_chart
 
 from phasesplit.control import spec as si
 from phasesplit.operator import builders, crd
 from phasesplit.operator.autoscaler import DELETION_COST
+from phasesplit.operator.kube import KubeError
 from support.crd_validator import validate
 
 pytestmark = pytest.mark.kmock(cls=Emulator)
@@ -100,30 +101,11 @@ async def test_the_operator_works_in_its_namespaces_with_the_namespaced_rbac(nam
 
 # ---- the ValidatingAdmissionPolicy on the operator's pod patches ----
 
-def admission_policy() -> dict:
-    return next(d for d in render_chart() if d["kind"] == "ValidatingAdmissionPolicy")
+def admission_policy() -> Policy:
+    (policy,) = chart_policies()
+    return policy
 
 
-def admitted(policy: dict, old: dict, new: dict, username: str) -> list[str]:
-    """The messages of the validations that refuse `old` -> `new`, as the API server evaluates them."""
-    env = celpy.Environment()
-
-    def run(expression: str, activation: dict):
-        return env.program(env.compile(expression)).evaluate(activation)
-
-    activation = {"object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old),
-                  "request": celpy.json_to_cel({"userInfo": {"username": username}})}
-    spec = policy["spec"]
-    if not all(run(c["expression"], activation) for c in spec["matchConditions"]):
-        return []
-    variables = celpy.celtypes.MapType()
-    for v in spec["variables"]:
-        variables[celpy.celtypes.StringType(v["name"])] = run(v["expression"], {**activation, "variables": variables})
-    activation["variables"] = variables
-    return [v["message"] for v in spec["validations"] if not run(v["expression"], activation)]
-
-
-OPERATOR = f"system:serviceaccount:{NAMESPACE}:phasesplit"
 POD = {"metadata": {"name": "tiny-prompt-0", "namespace": "default",
                     "labels": {"app.kubernetes.io/managed-by": "phasesplit-operator", "phasesplit.io/role": "prompt"},
                     "annotations": {"kubectl.kubernetes.io/restartedAt": "now"},
@@ -140,9 +122,9 @@ def changed(edit) -> dict:
 def test_the_operator_may_set_only_the_deletion_cost_of_its_own_pods():
     policy = admission_policy()
     cost = changed(lambda p: p["metadata"]["annotations"].update({DELETION_COST: "-5"}))
-    assert admitted(policy, POD, cost, OPERATOR) == []
-    assert admitted(policy, cost, changed(lambda p: p["metadata"]["annotations"].update({DELETION_COST: "3"})),
-                    OPERATOR) == []
+    assert policy.refusals(POD, cost, OPERATOR_USER) == []
+    again = changed(lambda p: p["metadata"]["annotations"].update({DELETION_COST: "3"}))
+    assert policy.refusals(cost, again, OPERATOR_USER) == []
     refused = {
         "a label": changed(lambda p: p["metadata"]["labels"].update({"phasesplit.io/role": "token"})),
         "the image": changed(lambda p: p["spec"]["containers"][0].update({"image": "evil/image"})),
@@ -151,19 +133,18 @@ def test_the_operator_may_set_only_the_deletion_cost_of_its_own_pods():
         "the owners": changed(lambda p: p["metadata"].pop("ownerReferences")),
     }
     for what, pod in refused.items():
-        assert admitted(policy, POD, pod, OPERATOR), what
+        assert policy.refusals(POD, pod, OPERATOR_USER), what
     foreign = changed(lambda p: p["metadata"]["labels"].pop("app.kubernetes.io/managed-by"))
-    assert admitted(policy, foreign, {**foreign, "metadata": {**foreign["metadata"], "annotations": {
-        **foreign["metadata"]["annotations"], DELETION_COST: "1"}}}, OPERATOR)
-    assert admitted(policy, POD, refused["a label"], "system:serviceaccount:ml:someone-else") == []
+    assert policy.refusals(foreign, {**foreign, "metadata": {**foreign["metadata"], "annotations": {
+        **foreign["metadata"]["annotations"], DELETION_COST: "1"}}}, OPERATOR_USER)
+    assert policy.refusals(POD, refused["a label"], "system:serviceaccount:ml:someone-else") == []
 
 
 def test_the_policy_binds_to_the_operators_service_account_and_can_be_left_out():
     policy = admission_policy()
-    assert OPERATOR in policy["spec"]["matchConditions"][0]["expression"]
-    docs = render_chart()
-    binding = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding")
-    assert binding["spec"] == {"policyName": policy["metadata"]["name"], "validationActions": ["Deny"]}
+    assert OPERATOR_USER in policy.spec["matchConditions"][0]["expression"]
+    binding = next(d for d in render_chart() if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"] == {"policyName": policy.name, "validationActions": ["Deny"]}
     assert not [d for d in render_chart("admissionPolicy.enabled=false") if "AdmissionPolicy" in d["kind"]]
 
 
@@ -175,3 +156,17 @@ def test_the_spec_takes_images_by_digest():
     spec = si.SplitInference.model_validate(doc).spec
     image = f"registry.example/phasesplit/worker@{digest}"
     assert builders.worker_image(spec, spec.pools.token) == builders.router_image(spec) == image
+
+
+def test_the_emulator_holds_the_operators_pod_patches_to_the_policy():
+    with EmulatorThread() as server:
+        admin, operator = kube_client(server.url), kube_client(server.url, OPERATOR_TOKEN)
+        pod_without_owner = changed(lambda p: p["metadata"].pop("ownerReferences"))  # the collector would delete it
+        admin.create({"apiVersion": "v1", "kind": "Pod", **pod_without_owner})
+        pod = "/api/v1/namespaces/default/pods/tiny-prompt-0"
+        operator.patch(pod, {"metadata": {"annotations": {DELETION_COST: "7"}}})
+        assert admin.get(pod)["metadata"]["annotations"][DELETION_COST] == "7"
+        with pytest.raises(KubeError) as refused:
+            operator.patch(pod, {"metadata": {"labels": {"phasesplit.io/role": "token"}}})
+        assert refused.value.status == 422 and "pod-patches" in server.emulator.denied[-1]
+        assert admin.get(pod)["metadata"]["labels"]["phasesplit.io/role"] == "prompt"

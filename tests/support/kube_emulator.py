@@ -9,6 +9,8 @@ kubernetes client and the operator meet on a real cluster:
   the cluster-wide install the tests' operator runs as), and answered 403 when none
   allows it; setting `blockOwnerDeletion` needs `update` on the owner's `finalizers`. Every denial
   is kept in `denied`. The tests' own token (`ADMIN_TOKEN`) may do anything;
+- admission: the operator's merge patches of existing objects pass the chart's
+  ValidatingAdmissionPolicies (its pod patches may set only the pod-deletion-cost), else 422;
 - defaults and validation: a Deployment's missing or null `replicas` becomes 1; resource
   quantities are rewritten in canonical form (`1` -> "1", `0.5` -> "500m"); names are checked
   (a Service name is an RFC 1035 label, others DNS-1123 subdomains), 422 otherwise;
@@ -46,6 +48,7 @@ from kmock._internal import enums
 
 from phasesplit.operator import quantity
 from phasesplit.operator.crd import build_crd
+from support.admission import OPERATOR_USER, chart_policies
 from support.rbac import chart_authorizer
 
 OPERATOR_TOKEN, ADMIN_TOKEN = "operator", "admin"
@@ -104,6 +107,7 @@ class Emulator(kmock.KubernetesEmulator):
         self.versions = itertools.count(1000)
         self.history: int | None = None  # requests kept for assertions; None: all
         self.authorizer = chart_authorizer(*CLUSTER_WIDE)
+        self.policies = chart_policies(*CLUSTER_WIDE)
         self.denied: list[str] = []
         self.create_delay = 0.0  # seconds each create waits before it is stored (a slow API server)
         self.faults: dict[tuple[str, str], Fault] = {}  # (plural, name) -> how its writes are refused
@@ -134,6 +138,7 @@ class Emulator(kmock.KubernetesEmulator):
             if request.resource not in self.resources:  # a kind whose CRD is not installed (KEDA's)
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             self._authorize(request)
+            self._admit(request)
             self._refuse(request)
             if self.create_delay and self._creates(request):
                 await asyncio.sleep(self.create_delay)
@@ -173,6 +178,23 @@ class Emulator(kmock.KubernetesEmulator):
                            f'cannot {verb} resource "{resource}" in API group "{group}"{where}')
                 self.denied.append(message)
                 raise ApiError(403, "Forbidden", message)
+
+    def _admit(self, request) -> None:
+        """The chart's admission policies, on the operator's merge patches of existing objects."""
+        if _bearer(request) != OPERATOR_TOKEN or request.action != enums.action.UPDATE or request.subresource \
+                or not isinstance(request.data, dict) or _content_type(request) == APPLY:
+            return
+        live = self._live(request)
+        if live is None:
+            return
+        after = _merged(live, request.data)
+        for policy in self.policies:
+            if policy.matches(request.resource.group or "", request.resource.plural, "UPDATE") and \
+                    (refused := policy.refusals(live, after, OPERATOR_USER)):
+                message = (f'{live.get("kind")} "{request.name}" is forbidden: ValidatingAdmissionPolicy '
+                           f'{policy.name!r} denied request: {"; ".join(refused)}')
+                self.denied.append(message)
+                raise ApiError(422, "Invalid", message)
 
     def _refuse(self, request) -> None:
         fault = self.faults.get((request.resource.plural, _name(request)))
@@ -569,6 +591,7 @@ class EmulatorThread:
                 register_crd(emulator, crd)
             emulator.history = self.history
             emulator.authorizer = chart_authorizer(*self.chart_sets)
+            emulator.policies = chart_policies(*self.chart_sets)
             self.emulator = emulator
             self.url = f"http://127.0.0.1:{server.port}"
             self.started.set()
