@@ -289,8 +289,8 @@ def test_a_pool_pod_overlay_meets_rdma_and_cluster_policies():
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "DoNotSchedule"}],
         "priorityClassName": "inference", "runtimeClassName": "nvidia", "schedulerName": "volcano",
-        "volumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}],
-        "volumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}],
+        "volumes": [{"name": "topology", "configMap": {"name": "nccl-topology"}}],
+        "volumeMounts": [{"name": "topology", "mountPath": "/etc/nccl"}],
         "addCapabilities": ["IPC_LOCK"], "shmSize": "64Gi"}
     doc["spec"]["pools"]["token"]["env"] = [{"name": "NCCL_IB_GID_INDEX", "value": "3"}]
     assert validate(CRD, doc) == []
@@ -302,7 +302,7 @@ def test_a_pool_pod_overlay_meets_rdma_and_cluster_policies():
     assert template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "rdma-net"
     assert (pod["priorityClassName"], pod["runtimeClassName"], pod["schedulerName"]) == ("inference", "nvidia", "volcano")
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
-    assert {"name": "ib", "mountPath": "/dev/infiniband"} in worker["volumeMounts"]
+    assert {"name": "topology", "mountPath": "/etc/nccl"} in worker["volumeMounts"]
     assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
     assert next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "64Gi"
     assert {"name": "NCCL_IB_GID_INDEX", "value": "3"} in worker["env"]

@@ -31,6 +31,7 @@ def test_helm_lint_is_clean(helm):
 
 
 @pytest.mark.parametrize("sets", [(), ("operator.replicas=2",), ("operator.watchNamespaces={models,staging}",),
+                                  ("rbac.clusterWide=true",), ("operator.image.digest=sha256:" + "0" * 64,),
                                   ("crds.enabled=false", "serviceAccount.create=false", "serviceAccount.name=ops")])
 def test_rendered_objects_validate_against_kubernetes_openapi(helm, sets):
     for obj in render(helm, *sets):
@@ -101,7 +102,7 @@ def test_examples_validate_against_the_crd(path):
 
 
 def test_the_operator_reads_no_secrets_and_may_block_owner_deletion(helm):
-    rules = [r for o in render(helm) if o["kind"] == "ClusterRole" for r in o["rules"]]
+    rules = [r for o in render(helm) if o["kind"] in ("ClusterRole", "Role") for r in o["rules"]]
     assert not [r for r in rules if "secrets" in r["resources"]]
     assert any("splitinferences/finalizers" in r["resources"] and r["verbs"] == ["update"] for r in rules)
     assert any("pods" in r["resources"] and {"list", "patch"} <= set(r["verbs"]) for r in rules)
