@@ -27,6 +27,7 @@ from phasesplit.control import spec as si
 from phasesplit.operator import crd, reconcile
 
 GUIDE = (ROOT / "docs" / "first-deployment.md").read_text()
+MODEL_NAMESPACE = "llm"  # where the guide puts the model's objects
 K8S_VERSION = "1.37.0"
 
 
@@ -61,8 +62,21 @@ def commands() -> list[list[str]]:
     return lines
 
 
+def without_namespace(words: list[str]) -> list[str]:
+    """A kubectl command without its `-n NAMESPACE` (the namespace: `namespace_of`)."""
+    if words[:1] != ["kubectl"] or "-n" not in words:
+        return words
+    i = words.index("-n")
+    return words[:i] + words[i + 2:]
+
+
+def namespace_of(words: list[str]) -> str | None:
+    return words[words.index("-n") + 1] if "-n" in words else None
+
+
 def commands_of(*prefix: str) -> list[list[str]]:
-    return [c for c in commands() if c[:len(prefix)] == list(prefix)]
+    """The commands that start with `prefix`, kubectl's `-n NAMESPACE` left out."""
+    return [without_namespace(c) for c in commands() if without_namespace(c)[:len(prefix)] == list(prefix)]
 
 
 def the_split_inference() -> dict:
@@ -126,7 +140,9 @@ def test_the_docker_builds_name_real_files_args_and_sources():
         assert set(build["args"]) <= set(declared), f"{build['file']}: undeclared --build-arg"
         values = {**declared, **build["args"]}
         for image in re.findall(r"^FROM (\S+)", text, re.M):
-            resolved = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)] or "", image)
+            resolved = re.sub(r"\$\{(\w+):\+([^}]*)\}", lambda m: m.group(2) if values[m.group(1)].strip('"') else "",
+                              image)
+            resolved = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)].strip('"'), resolved)
             assert re.fullmatch(r"[\w./-]+:[\w.-]+", resolved), f"{build['file']}: FROM {image} -> {resolved!r}"
         for sources in re.findall(r"^COPY (.+) \S+$", text, re.M):
             for source in sources.split():
@@ -162,7 +178,7 @@ def test_what_is_pushed_is_what_was_built_and_what_the_yaml_and_helm_use():
 
 def test_every_file_a_command_uses_is_in_the_guide():
     files = yaml_files()
-    used = [c[-1] for c in commands_of("kubectl", "apply", "-f")] + [c[2] for c in commands_of("phasesplit", "render")]
+    used = [c[-1] for c in commands_of("kubectl", "apply", "-f")] + [c[-1] for c in commands_of("phasesplit", "render")]
     assert used and all(name in files for name in used), used
 
 
@@ -180,12 +196,13 @@ def test_the_yaml_validates_against_kubernetes_and_the_crd():
 
 def test_phasesplit_render_of_the_guides_file_prints_valid_objects(tmp_path):
     (command,) = commands_of("phasesplit", "render")
-    (tmp_path / command[2]).write_text(yaml.safe_dump_all(yaml_files()[command[2]]))
+    (tmp_path / command[-1]).write_text(yaml.safe_dump_all(yaml_files()[command[-1]]))
     out = subprocess.run([sys.executable, "-m", "phasesplit.cli", *command[1:]], cwd=tmp_path,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for obj in yaml.safe_load_all(out.stdout):
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        assert obj["metadata"]["namespace"] == namespace_of(command)
 
 
 @pytest.fixture
@@ -215,23 +232,26 @@ def test_the_guides_yaml_applies_and_the_operator_mounts_the_claim(kubectl, tmp_
     admin = kube_client(kubectl.server.url)
     for name, docs in files.items():
         (tmp_path / name).write_text(yaml.safe_dump_all(docs))
-    for command in commands_of("kubectl", "apply", "-f"):
+    applies = [c for c in commands() if without_namespace(c)[:3] == ["kubectl", "apply", "-f"]]
+    namespace = MODEL_NAMESPACE
+    for command in applies:
+        assert namespace_of(command) == namespace
         for doc in files[command[-1]]:
-            if doc["kind"] == "SplitInference":
-                assert "created" in kubectl("apply", "--validate=false", "-f", command[-1])
-                assert "unchanged" in kubectl("apply", "--validate=false", "-f", command[-1])
+            if doc["kind"] == "SplitInference":   # the guide's own command
+                assert "created" in kubectl(*command[1:], "--validate=false")
+                assert "unchanged" in kubectl(*command[1:], "--validate=false")
             else:   # the emulator's discovery lists only the API groups kubectl needs for the SplitInference
-                admin.create({**doc, "metadata": {**doc["metadata"], "namespace": "default"}})
+                admin.create({**doc, "metadata": {**doc["metadata"], "namespace": namespace}})
     name = the_split_inference()["metadata"]["name"]
-    assert kubectl("get", "si", name, "-o", "name").strip() == f"splitinference.phasesplit.io/{name}"
-    body = admin.get(f"/apis/phasesplit.io/v1alpha1/namespaces/default/splitinferences/{name}")
+    assert kubectl("-n", namespace, "get", "si", name, "-o", "name").strip() == f"splitinference.phasesplit.io/{name}"
+    body = admin.get(f"/apis/phasesplit.io/v1alpha1/namespaces/{namespace}/splitinferences/{name}")
     outcome = reconcile.reconcile(kube_client(kubectl.server.url, OPERATOR_TOKEN), body)
     claim = the_split_inference()["spec"]["model"]["source"]["pvc"]["claimName"]
     assert any(doc["kind"] == "PersistentVolumeClaim" and doc["metadata"]["name"] == claim
                for docs in files.values() for doc in docs)
     for pool in ("prompt", "token"):
         assert f"Deployment/{name}-{pool}" in outcome.applied
-        deployment = admin.get(f"/apis/apps/v1/namespaces/default/deployments/{name}-{pool}")
+        deployment = admin.get(f"/apis/apps/v1/namespaces/{namespace}/deployments/{name}-{pool}")
         volumes = deployment["spec"]["template"]["spec"]["volumes"]
         assert {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} in volumes
 
@@ -241,7 +261,7 @@ def test_the_guides_yaml_applies_and_the_operator_mounts_the_claim(kubectl, tmp_
 def test_the_commands_name_what_the_yaml_creates():
     doc = the_split_inference()
     name, spec = doc["metadata"]["name"], doc["spec"]
-    text = "\n".join(" ".join(c) for c in commands())
+    text = "\n".join(" ".join(without_namespace(c)) for c in commands())
     secret = spec["router"]["apiKeySecret"]
     assert f"kubectl create secret generic {secret['name']} --from-literal={secret['key']}=" in text
     assert f"kubectl port-forward svc/{name} {spec['router']['service']['port']}:" in text
@@ -284,7 +304,8 @@ def test_the_helm_install_renders_the_operator_the_guide_waits_for(helm):
     assert out.returncode == 0, out.stderr
     objects = [o for o in yaml.safe_load_all(out.stdout) if o]
     namespace = install[install.index("-n") + 1]
-    (rollout,) = commands_of("kubectl", "-n", namespace, "rollout", "status")
+    (rollout,) = [c for c in commands() if without_namespace(c)[:3] == ["kubectl", "rollout", "status"]]
+    assert namespace_of(rollout) == namespace
     deployment = next(o for o in objects if o["kind"] == "Deployment"
                       and f"deployment/{o['metadata']['name']}" == rollout[-1])
     values = dict(install[i + 1].split("=", 1) for i, w in enumerate(install) if w == "--set")
@@ -292,6 +313,16 @@ def test_the_helm_install_renders_the_operator_the_guide_waits_for(helm):
     assert image == f"{values['operator.image.repository']}:{values['operator.image.tag']}"
     assert any(o["kind"] == "CustomResourceDefinition" and o["metadata"]["name"] == "splitinferences.phasesplit.io"
                for o in objects)
+    # the operator may work in the namespace the guide puts the model in
+    assert values["operator.watchNamespaces"] == "{" + MODEL_NAMESPACE + "}"
+    assert any(o["kind"] == "RoleBinding" and o["metadata"]["namespace"] == MODEL_NAMESPACE for o in objects)
+
+
+def test_every_command_on_the_models_objects_names_their_namespace():
+    for command in commands():
+        if command[:1] == ["kubectl"] and "rollout" not in command and command[1:3] != ["create", "namespace"]:
+            assert namespace_of(command) == MODEL_NAMESPACE, command
+    assert ["kubectl", "create", "namespace", MODEL_NAMESPACE] in commands()
 
 
 def test_the_charts_notes_send_people_to_a_volume_not_to_a_hostpath_example(helm, tmp_path):
