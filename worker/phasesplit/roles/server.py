@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.heap import freeze_loaded_objects
-from phasesplit.roles.command import parse_args  # noqa: F401 - also this module's
+from phasesplit.roles.command import main, parse_args  # noqa: F401 - also this module's
 from phasesplit.roles.control import WorkerService
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engines import default_device, engine_kind, sending_transport
@@ -114,12 +114,8 @@ class WorkerServer:
             self.health.set(service, status)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(sys.argv[1:] if argv is None else argv))
-
-
 def run(config: WorkerConfig) -> int:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(name)s %(levelname)s %(message)s")
+    """The worker, once `phasesplit.roles.command` has read its command line and set up logging."""
     if config.tensor_parallel > 1:
         return supervise(config)
     return serve(config)
