@@ -17,6 +17,7 @@ FORMATS = ("text", "json")
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_METADATA = "x-request-id"   # the same id on the router's calls to workers (gRPC metadata)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:~+=/-]{1,128}")
+_json_lines = False   # set by configure(): then announce() logs instead of printing
 
 
 def add_logging_flags(parser: argparse.ArgumentParser, level: str = "INFO", fmt: str = "text") -> None:
@@ -48,6 +49,8 @@ def configure_logging(args: argparse.Namespace, component: str) -> None:
 
 
 def configure(component: str, level: str = "INFO", fmt: str = "text", stream=None) -> logging.Handler:
+    global _json_lines
+    _json_lines = fmt == "json"
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(component) if fmt == "json" else TextFormatter(component))
     root = logging.getLogger()
@@ -56,6 +59,14 @@ def configure(component: str, level: str = "INFO", fmt: str = "text", stream=Non
     root.addHandler(handler)
     root.setLevel(level)
     return handler
+
+
+def announce(message: str) -> None:
+    """A line for whoever started the command (stdout), or, in JSON mode, a log line like every other."""
+    if _json_lines:
+        logging.getLogger("phasesplit").info(message)
+    else:
+        print(message, flush=True)
 
 
 class TextFormatter(logging.Formatter):

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.heap import freeze_loaded_objects
-from phasesplit.logs import add_logging_flags, configure_logging
+from phasesplit.logs import add_logging_flags, announce, configure_logging
 from phasesplit.router.admission import AdmissionSettings
 from phasesplit.router.app import ROUTER, RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
@@ -129,7 +129,7 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
 async def serve(settings: RouterSettings, tokenizers: TokenizerSource, host: str, port: int) -> None:
     runner, bound = await start_server(create_app(settings, tokenizers), host, port)
     freeze_loaded_objects()
-    print(f"phasesplit router serving {settings.served_model_name!r} on http://{host}:{bound}/v1", flush=True)
+    announce(f"phasesplit router serving {settings.served_model_name!r} on http://{host}:{bound}/v1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
