@@ -77,3 +77,20 @@ def test_a_yaml_error_names_the_file_and_the_line(tmp_path):
     out = render(str(path))
     assert out.returncode == 2
     assert out.stderr.startswith(f"phasesplit render: {path}: line 4, column 2: not valid YAML: "), out.stderr
+
+
+def test_every_pattern_of_the_crd_has_words_for_people():
+    from phasesplit.operator.crd import build_crd
+    from phasesplit.validation import PATTERN_WORDS
+
+    def patterns(node):
+        if isinstance(node, dict):
+            yield from ([node["pattern"]] if isinstance(node.get("pattern"), str) else [])
+            for value in node.values():
+                yield from patterns(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from patterns(value)
+
+    found = set(patterns(build_crd()))
+    assert found and found <= set(PATTERN_WORDS), found - set(PATTERN_WORDS)
