@@ -95,3 +95,13 @@ def test_a_router_process_logs_json_lines_with_the_request_id(tmp_path):
     [access] = [line for line in lines if line.get("request_id") == "cli-test-1"]
     assert access["logger"] == "phasesplit.router.access" and access["message"].startswith("GET /v1/models 200 ")
     assert out == "" and proc.returncode == 0
+
+
+def test_the_operators_lines_name_the_object_they_are_about(captured):
+    logs.configure("operator", "INFO", "text", stream=captured)
+    ref = {"namespace": "ml", "name": "chat", "kind": "SplitInference"}
+    logging.getLogger("kopf.objects").info("reconciled", extra={"k8s_ref": ref})
+    assert captured.getvalue().rstrip().endswith("operator kopf.objects: [ml/chat] reconciled")
+    logs.configure("operator", "INFO", "json", stream=captured)
+    logging.getLogger("kopf.objects").info("reconciled", extra={"k8s_ref": ref})
+    assert json.loads(captured.getvalue().splitlines()[-1])["object"] == "ml/chat"

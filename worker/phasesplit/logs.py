@@ -73,9 +73,11 @@ class TextFormatter(logging.Formatter):
     """`2026-01-02 03:04:05,678 INFO router phasesplit.router.app: message [request_id=...]`"""
 
     def __init__(self, component: str):
-        super().__init__(f"%(asctime)s %(levelname)s {component} %(name)s: %(message)s")
+        super().__init__(f"%(asctime)s %(levelname)s {component} %(name)s: %(object_prefix)s%(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
+        obj = _object_of(record)
+        record.object_prefix = f"[{obj}] " if obj else ""
         line = super().format(record)
         request_id = getattr(record, "request_id", None)
         if request_id and request_id not in record.getMessage():
@@ -94,13 +96,19 @@ class JsonFormatter(logging.Formatter):
                  "component": self.component, "message": record.getMessage()}
         if getattr(record, "request_id", None):
             entry["request_id"] = record.request_id
-        if isinstance(getattr(record, "k8s_ref", None), dict):   # kopf's per-object loggers
-            entry["object"] = "/".join(filter(None, (record.k8s_ref.get("namespace"), record.k8s_ref.get("name"))))
+        if obj := _object_of(record):
+            entry["object"] = obj
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
             entry["exception"] = record.exc_text
         return json.dumps(entry, default=str)
+
+
+def _object_of(record: logging.LogRecord) -> str:
+    """`namespace/name` of the object a kopf handler's logger is about, else ""."""
+    ref = getattr(record, "k8s_ref", None)
+    return "/".join(filter(None, (ref.get("namespace"), ref.get("name")))) if isinstance(ref, dict) else ""
 
 
 def _iso_time(created: float) -> str:
