@@ -36,7 +36,8 @@ async def test_prompt_worker_with_the_shorter_polled_queue_gets_the_requests(mak
 
 
 async def test_router_counts_the_prompt_tokens_it_has_sent(make_cluster):
-    cluster = await make_cluster(prompt=2, token=1, worker_options={"prefill_delay": 0.5})
+    # The long prompt's prefill outlasts sending the short ones even when a loaded machine sends them slowly.
+    cluster = await make_cluster(prompt=2, token=1, worker_options={"prefill_delay": 2.0})
     long_prompt, short_prompt = "word " * 100, "hi"
     tasks = []
     for prompt in (long_prompt, short_prompt, short_prompt, short_prompt):
