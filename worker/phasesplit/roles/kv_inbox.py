@@ -7,7 +7,11 @@ claimed within the lease, and transfers that stall past the transfer timeout, ar
 
 An abort frees the request's KV in whatever state it is (receiving, ready) and leaves a tombstone
 for the lease's length: KV that arrives for the request afterwards (its transfer was still on the
-way when the abort came) is refused instead of held."""
+way when the abort came) is refused instead of held.
+
+Reservations no data has reached yet are capped per caller (its credential and host): at most
+half the cache, beyond one reservation. A stream that sends its header and nothing more holds its
+blocks only until the transfer timeout, and one caller cannot hold most of the cache that way."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import time
 
 import torch
 
+from phasesplit import auth
 from phasesplit.engine.engine import KVCapacityError
 from phasesplit.engine.handoff import KVHandoff
 from phasesplit.roles.core import WorkerCore
@@ -34,8 +39,10 @@ class ReceivedKV(blocks.CacheDestination):
     """One request's KV (`kv`: what the header announced; `block_ids`: the blocks reserved for it)
     arriving into, or held in, the cache."""
 
-    def __init__(self, inbox: KVInbox, header: pb.KVHeader, block_ids: list[int]):
+    def __init__(self, inbox: KVInbox, header: pb.KVHeader, block_ids: list[int], caller: auth.Caller | None = None):
         self.inbox = inbox
+        self.caller = caller
+        self.data_arrived = False
         self.kv = KVHandoff.from_proto(header)
         self.request_id = header.request_id
         self.block_ids = block_ids
@@ -52,6 +59,7 @@ class ReceivedKV(blocks.CacheDestination):
         return k if kind == base.K else v
 
     def written(self) -> None:
+        self.data_arrived = True
         self.touched = time.monotonic()
 
     def commit(self) -> None:
@@ -85,6 +93,8 @@ class ReceivedKV(blocks.CacheDestination):
 
 
 class KVInbox(base.KVSink):
+    WAITING_SHARE = 0.5  # of the cache: what one caller's reservations without data may hold
+
     def __init__(self, core: WorkerCore, transfer_timeout: float, lease: float, reap_interval: float = 0.5):
         self.core = core
         self.engine = core.engine
@@ -108,14 +118,15 @@ class KVInbox(base.KVSink):
 
     def begin(self, header: pb.KVHeader) -> ReceivedKV:
         base.check_layout(self.engine.layout, header.layout)
+        caller = auth.current_caller()
         try:
-            return self.core.loop.run(self._reserve, header)
+            return self.core.loop.run(self._reserve, header, caller)
         except KVCapacityError as exc:
             raise base.CapacityError(f"request {header.request_id}: {exc}") from exc
         except ValueError as exc:
             raise base.TransferError(f"request {header.request_id}: {exc}") from exc
 
-    def _reserve(self, header: pb.KVHeader) -> ReceivedKV:
+    def _reserve(self, header: pb.KVHeader, caller: auth.Caller | None = None) -> ReceivedKV:
         """Engine thread. The tombstone check, the reservation and the entry are one step for abort().
         With tensor parallelism the other ranks learn the blocks (or the refusal) before anything else."""
         rid = header.request_id
@@ -127,7 +138,8 @@ class KVInbox(base.KVSink):
                     log.warning("request %s: KV refused: the request was aborted here within the last %g s "
                                 "(a retry must use a new request id)", rid, self.lease)
                     raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
-                entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)))
+                self._check_waiting(caller, len(header.prompt_token_ids))
+                entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)), caller)
                 self._entries[rid] = entry
                 self._changed.notify_all()
         except BaseException:
@@ -136,6 +148,16 @@ class KVInbox(base.KVSink):
             raise
         self.engine.send_to_ranks(ExpectShard(rid, entry.block_ids))
         return entry
+
+    def _check_waiting(self, caller: auth.Caller | None, num_tokens: int) -> None:
+        """Refuses a caller whose reservations without data would hold more than their share of the cache."""
+        waiting = [e for e in self._entries.values() if e.caller == caller and e.state == RECEIVING
+                   and not e.data_arrived]
+        held = sum(len(e.block_ids) for e in waiting)
+        wanted = -(-num_tokens // self.engine.layout.block_size)
+        if waiting and held + wanted > self.WAITING_SHARE * self.engine.num_total_blocks:
+            raise KVCapacityError(f"{len(waiting)} transfers from this caller hold {held} blocks and sent no data "
+                                  "yet: no more until data arrives")
 
     def claim_shards(self, request_id: str) -> bool:
         """Generate, once this rank's KV is claimed: whether every other rank holds its shard too (they

@@ -1,8 +1,12 @@
 """`phasesplit worker --role prompt|token|mixed --model DIR ...`: one worker as a gRPC server.
 
-Serves `Worker` plus `PromptWorker` (prompt, mixed) and/or `TokenWorker` (token, mixed), and the
-standard gRPC health service (SERVING once the model is loaded). SIGTERM or SIGINT drains: new
-work is refused with UNAVAILABLE, what is in flight finishes within --drain-timeout, exit 0."""
+Serves `Worker` plus `PromptWorker` (prompt, mixed) and/or `TokenWorker` (token, mixed) to the
+callers the token allows (`phasesplit.auth`), at most as many calls at once as it has threads
+(more are refused with RESOURCE_EXHAUSTED, not queued). The standard gRPC health service answers
+on that port and, apart from the work's threads, on --health-port: "" (readiness: SERVING once
+the model is loaded, NOT_SERVING while draining) and "liveness" (SERVING while the process runs).
+SIGTERM or SIGINT drains: new work is refused with UNAVAILABLE, what is in flight finishes within
+--drain-timeout, exit 0."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from phasesplit import auth
 from phasesplit.control.worker_config import WorkerConfig, build_parser
 from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.heap import freeze_loaded_objects
@@ -26,6 +31,7 @@ from phasesplit.roles.kv_inbox import KVInbox
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("phasesplit.worker")
+LIVENESS = "liveness"
 SERVICES = {"prompt": ("phasesplit.v1.PromptWorker",), "token": ("phasesplit.v1.TokenWorker",),
             "mixed": ("phasesplit.v1.PromptWorker", "phasesplit.v1.TokenWorker")}
 
@@ -47,16 +53,15 @@ class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, config: WorkerConfig, transport=None):
-        from phasesplit.transport import channels
         kind = engine_kind(config)
         self.settings = dataclasses.replace(config, served_model_name=config.served_model_name or engine.layout.model)
         self.core = WorkerCore(engine, self.settings)
         self.transport = transport
         self.inbox = KVInbox(self.core, config.kv_transfer_timeout, config.kv_lease)
         self.health = health.HealthServicer()
-        threads = config.grpc_threads or 2 * config.max_num_seqs + 16
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                                  options=list(channels.SERVER_OPTIONS))
+        self.server = work_server(config, "grpc")
+        self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                                         maximum_concurrent_rpcs=16)
         aborts = []
         self.prompt = None
         self.kv_receiver = None
@@ -75,18 +80,25 @@ class WorkerServer:
             if self.kv_receiver is not None:
                 self.kv_receiver.add_to_server(self.server)
         tokenizer = read_tokenizer_files(config.model)
-        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending, tokenizer),
-                                             self.server)
+        kv_aborts = [self.inbox.abort] if config.role in ("token", "mixed") else []
+        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending, tokenizer,
+                                                           kv_aborts), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
         if not self.port:
             raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
+        self.health_port = self.health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        if not self.health_port:
+            raise OSError(f"--health-port: cannot listen on {config.host}:{config.health_port}")
         self.core.on_drain.append(self._not_serving)
 
     def start(self) -> "WorkerServer":
         self.core.loop.start()
         self.inbox.start()
         self.server.start()
+        self.health_server.start()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self
 
@@ -99,6 +111,7 @@ class WorkerServer:
 
     def stop(self) -> None:
         self.server.stop(grace=1.0).wait()
+        self.health_server.stop(grace=None)
         self.inbox.stop()
         self.core.loop.stop()
         if self.prompt is not None:
@@ -116,9 +129,21 @@ class WorkerServer:
             self.health.set(service, status)
 
 
+def work_server(config: WorkerConfig, thread_name: str) -> grpc.Server:
+    """The server of the work's RPCs: as many at once as it has threads, only from callers the token allows."""
+    from phasesplit.transport import channels
+    threads = config.grpc_threads or 2 * config.max_num_seqs + 16
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=thread_name),
+                       options=list(channels.SERVER_OPTIONS), maximum_concurrent_rpcs=threads,
+                       interceptors=[auth.Guard(auth.worker_token())])
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(name)s %(levelname)s %(message)s")
+    if auth.worker_token() is None:
+        log.warning("no %s (or %s): this worker takes RPCs from anyone who can reach its port",
+                    auth.TOKEN_ENV, auth.TOKEN_FILE_ENV)
     if config.tensor_parallel > 1:
         return supervise(config)
     return serve(config)
@@ -170,8 +195,8 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)
         return 2
-    log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", config.role,
-             server.settings.served_model_name, config.host, server.port, engine.num_total_blocks,
+    log.info("%s worker serving %s on %s:%d, health on port %d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", config.role,
+             server.settings.served_model_name, config.host, server.port, server.health_port, engine.num_total_blocks,
              engine.layout.block_size, engine.device, engine.tp.size)
     while not stop.wait(1.0):
         pass
