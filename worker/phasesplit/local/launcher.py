@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from phasesplit import auth
 from phasesplit.control import worker_config
 from phasesplit.local import plan as local_plan
 from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, free_ports, phasesplit_argv,
@@ -41,7 +42,8 @@ class WorkerHandle:
 
 
 class LocalCluster:
-    def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0):
+    def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0,
+                 worker_token: str | None = None):
         self.plan = plan
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
@@ -53,6 +55,9 @@ class LocalCluster:
         self._retiring: list[threading.Thread] = []
         self._starting: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
         self._admin_token = secrets.token_urlsafe(32)  # only this launcher may repoint the router's pools
+        # This run's workers take calls only from its router and its prompt workers (by env, never on argv).
+        self._worker_env = {**os.environ, auth.TOKEN_ENV: worker_token or auth.new_token()}
+        self._worker_env.pop(auth.TOKEN_FILE_ENV, None)
 
     @property
     def endpoint(self) -> str:
@@ -73,7 +78,7 @@ class LocalCluster:
 
     def _start_router(self) -> None:
         self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir,
-                                     env={**os.environ, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}).start()
+                                     env={**self._worker_env, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}).start()
         wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
 
     def supervise(self, interval: float = 1.0) -> threading.Event:
@@ -213,7 +218,8 @@ class LocalCluster:
             name = f"{pool}-{self._serial}"
         port = free_ports(self.plan.pools[pool].tensor_parallel_size)
         argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port))
-        return WorkerHandle(pool, f"{HOST}:{port}", ManagedProcess(name, argv, self.log_dir).start())
+        proc = ManagedProcess(name, argv, self.log_dir, env=self._worker_env).start()
+        return WorkerHandle(pool, f"{HOST}:{port}", proc)
 
     def router_argv(self, port: int) -> list[str]:
         """A router on `port` over the current members of every pool (another replica: another port)."""
@@ -243,14 +249,15 @@ class LocalCluster:
         handles = self.workers[pool]
         if not handles:
             raise ValueError(f"pool {pool!r} has no worker to remove")
-        return min(reversed(handles), key=lambda h: _load(h.address))
+        return min(reversed(handles), key=lambda h: _load(h.address, self._worker_env[auth.TOKEN_ENV]))
 
 
-def _load(address: str) -> int:
+def _load(address: str, token: str) -> int:
     """Requests and KV a worker holds; a worker that does not answer counts as idle."""
     try:
         with grpc.insecure_channel(address) as channel:
-            load = worker_pb2_grpc.WorkerStub(channel).Load(worker_pb2.LoadRequest(), timeout=2)
+            load = worker_pb2_grpc.WorkerStub(channel).Load(worker_pb2.LoadRequest(), timeout=2,
+                                                            metadata=auth.call_metadata(auth.ROUTER, token))
         return load.waiting_requests + load.running_requests + load.pending_transfers
     except grpc.RpcError:
         return 0
