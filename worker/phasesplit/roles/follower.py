@@ -47,7 +47,8 @@ def follow(engine, config, sending_transport) -> None:
         if config.kv_backend != PUSH:
             port = config.kv_port
             receiver = make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
-                                     timeout=config.kv_transfer_timeout, port=port + rank if port else 0)
+                                     timeout=config.kv_transfer_timeout, port=port + rank if port else 0,
+                                     host=config.host)
             receiver.add_to_server(server)
         if not server.add_insecure_port(f"{config.host}:{config.port + rank}"):
             raise OSError(f"--port: rank {rank} takes its KV shard on {config.host}:{config.port + rank}, "
