@@ -35,6 +35,8 @@ PRESTOP_SECONDS = 15
 # then finishes the streams it holds for up to ROUTER_SHUTDOWN_SECONDS (aiohttp's shutdown timeout).
 ROUTER_PRESTOP_SECONDS = 10
 ROUTER_SHUTDOWN_SECONDS = 60
+# Workers listen (gRPC, the KV port, the rendezvous store) on the pod's address only.
+POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 # glibc keeps large KV buffers mapped instead of faulting fresh pages (see the KV transport notes).
 MALLOC_ENV = [{"name": "MALLOC_MMAP_THRESHOLD_", "value": "134217728"},
               {"name": "MALLOC_TRIM_THRESHOLD_", "value": "1073741824"}]
@@ -241,7 +243,7 @@ def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dic
 def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[str]:
     """`phasesplit worker` arguments; engine settings come from the ConfigMap as $(VAR) references."""
     args = ["worker", "--role", role, "--model", MODEL_DIR, "--served-model-name", spec.model.name,
-            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--health-port", str(WORKER_HEALTH_PORT),
+            "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--health-port", str(WORKER_HEALTH_PORT),
             "--drain-timeout", str(pool.drain_timeout_seconds)]
     return args + [arg for setting in worker_settings(spec, role, MODEL_DIR) for arg in setting.reference()]
 
@@ -275,7 +277,7 @@ def build_token_secret(owner: Owner, token: str) -> dict:
 
 
 def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool: si.Pool) -> dict:
-    env = [*MALLOC_ENV, {"name": "HOME", "value": "/tmp"}, token_env(owner), *_nccl_env(spec),
+    env = [*MALLOC_ENV, {"name": "HOME", "value": "/tmp"}, POD_IP_ENV, token_env(owner), *_nccl_env(spec),
            *(e.model_dump(by_alias=True, exclude_none=True) for e in pool.env)]
     ports = [{"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
              {"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"}]

@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from phasesplit.roles.server import work_server
+from phasesplit.roles.server import listen_address, work_server
 from phasesplit.roles.shard_receive import ShardInbox
 from phasesplit.roles.shard_send import ShardSenders
 from phasesplit.roles.token import add_generate_to_server
@@ -50,7 +50,7 @@ def follow(engine, config, sending_transport) -> None:
                                      timeout=config.kv_transfer_timeout, port=port + rank if port else 0,
                                      host=config.host)
             receiver.add_to_server(server)
-        if not server.add_insecure_port(f"{config.host}:{config.port + rank}"):
+        if not server.add_insecure_port(listen_address(config.host, config.port + rank)):
             raise OSError(f"--port: rank {rank} takes its KV shard on {config.host}:{config.port + rank}, "
                           "which is not free")
         server.start()

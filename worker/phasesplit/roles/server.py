@@ -85,10 +85,10 @@ class WorkerServer:
                                                            kv_aborts), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        self.port = self.server.add_insecure_port(listen_address(config.host, config.port))
         if not self.port:
             raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
-        self.health_port = self.health_server.add_insecure_port(f"{config.host}:{config.health_port}")
+        self.health_port = self.health_server.add_insecure_port(listen_address(config.host, config.health_port))
         if not self.health_port:
             raise OSError(f"--health-port: cannot listen on {config.host}:{config.health_port}")
         self.core.on_drain.append(self._not_serving)
@@ -127,6 +127,10 @@ class WorkerServer:
     def _set_health(self, status) -> None:
         for service in ("", "phasesplit.v1.Worker", *SERVICES[self.settings.role]):
             self.health.set(service, status)
+
+
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def work_server(config: WorkerConfig, thread_name: str) -> grpc.Server:
