@@ -69,10 +69,15 @@ def start_worker(model_dir, log_dir: pathlib.Path, role: str, *extra: str) -> tu
     return proc, f"127.0.0.1:{port}"
 
 
+def worker_channel(address: str, caller: str = auth.ROUTER) -> grpc.Channel:
+    """A channel to a cluster's worker that calls as `caller` (the router, unless told otherwise)."""
+    credential = auth.Credential(auth.call_metadata(caller, WORKER_TOKEN))
+    return grpc.intercept_channel(grpc.insecure_channel(address), credential)
+
+
 def worker_load(address: str) -> pb.WorkerLoad:
-    with grpc.insecure_channel(address) as channel:
-        return pb_grpc.WorkerStub(channel).Load(pb.LoadRequest(), timeout=5,
-                                                metadata=auth.call_metadata(auth.ROUTER, WORKER_TOKEN))
+    with worker_channel(address) as channel:
+        return pb_grpc.WorkerStub(channel).Load(pb.LoadRequest(), timeout=5)
 
 
 def metrics(base_url: str) -> prom.Samples:
