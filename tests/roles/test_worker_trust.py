@@ -135,20 +135,29 @@ def test_a_token_worker_of_another_split_inference_refuses_the_kv(workers):
     wait_for(lambda: workers["prompt"].core.loop.stats.used_blocks == 0, timeout=10, what="the prompt's blocks freed")
 
 
-def test_header_only_pushes_cannot_pin_most_of_the_cache_and_are_freed(tiny_model_dir):
-    token = start("token", tiny_model_dir, TOKEN, "--kv-transfer-timeout", "1")
+def test_header_only_pushes_cannot_keep_the_cache_from_another_caller_and_are_freed(tiny_model_dir):
+    # Two callers with the same credential, told apart by their address: IPv4 and IPv6 loopback.
+    token = start("token", tiny_model_dir, TOKEN, "--host", "::", "--kv-transfer-timeout", "1")
     release = threading.Event()
     try:
         total = token.core.engine.num_total_blocks
-        with channel(token, auth.PROMPT_WORKER) as t:
-            pushes = [idle_push(t, header_chunk(token, f"pin-{i}", 250), release) for i in range(8)]
+        flood = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{token.port}"),
+                                       auth.Credential(auth.call_metadata(auth.PROMPT_WORKER, TOKEN)))
+        other = grpc.intercept_channel(grpc.insecure_channel(f"[::1]:{token.port}"),
+                                       auth.Credential(auth.call_metadata(auth.PROMPT_WORKER, TOKEN)))
+        with flood, other:
+            pushes = [idle_push(flood, header_chunk(token, f"pin-{i}", 250), release) for i in range(8)]
             wait_for(lambda: sum(f.done() for f in pushes) + token.inbox.pending() == 8, timeout=10,
                      what="each header reserved or refused")
-            assert token.core.loop.stats.used_blocks <= total // 2
-            assert any(f.done() and f.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for f in pushes)
+            assert token.core.loop.stats.used_blocks > total // 2, "one caller alone may fill the cache"
+            legit = idle_push(other, header_chunk(token, "legit", 250), release)
+            wait_for(lambda: "legit" in token.inbox._entries or legit.done(), timeout=10, what="the other's header")
+            assert not legit.done(), "the other caller's KV is taken"
+            flooded = [e for e in token.inbox._entries.values() if e.request_id.startswith("pin-")
+                       and e.state == "receiving"]
+            assert sum(len(e.block_ids) for e in flooded) <= total // 2
             wait_for(lambda: token.core.loop.stats.used_blocks == 0, timeout=10,
                      what="the blocks of streams that sent no data freed")
-            release.set()
     finally:
         release.set()
         token.stop()

@@ -9,9 +9,10 @@ An abort frees the request's KV in whatever state it is (receiving, ready) and l
 for the lease's length: KV that arrives for the request afterwards (its transfer was still on the
 way when the abort came) is refused instead of held.
 
-Reservations no data has reached yet are capped per caller (its credential and host): at most
-half the cache, beyond one reservation. A stream that sends its header and nothing more holds its
-blocks only until the transfer timeout, and one caller cannot hold most of the cache that way."""
+Reservations no data has reached yet are freed after the transfer timeout, and held per caller (its
+credential and host): when a reservation does not fit, those of other callers beyond half the cache
+are freed to make room (newest first). A flood of header-only streams from one caller thus cannot
+keep the cache from another; one caller's own transfers are never cut short this way."""
 
 from __future__ import annotations
 
@@ -73,13 +74,14 @@ class ReceivedKV(blocks.CacheDestination):
     def abort(self, error: str = "the transfer ended before every block arrived") -> None:
         self.fail(error)
 
-    def fail(self, error: str) -> bool:
-        """Frees the blocks unless Generate already owns them. True when this call freed them."""
+    def fail(self, error: str, release=None) -> bool:
+        """Frees the blocks unless Generate already owns them (by `release`, on the engine thread). True
+        when this call freed them."""
         with self.lock:
             if self.state in (CLAIMED, FAILED):
                 return False
             self.state, self.error = FAILED, error
-            self.inbox.release_blocks(self.request_id)
+            (release or self.inbox.release_blocks)(self.request_id)
             self.touched = time.monotonic()
         self.settled.set()
         return True
@@ -138,8 +140,8 @@ class KVInbox(base.KVSink):
                     log.warning("request %s: KV refused: the request was aborted here within the last %g s "
                                 "(a retry must use a new request id)", rid, self.lease)
                     raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
-                self._check_waiting(caller, len(header.prompt_token_ids))
-                entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)), caller)
+                entry = ReceivedKV(self, header, self._reserve_blocks(rid, len(header.prompt_token_ids), caller),
+                                   caller)
                 self._entries[rid] = entry
                 self._changed.notify_all()
         except BaseException:
@@ -149,15 +151,35 @@ class KVInbox(base.KVSink):
         self.engine.send_to_ranks(ExpectShard(rid, entry.block_ids))
         return entry
 
-    def _check_waiting(self, caller: auth.Caller | None, num_tokens: int) -> None:
-        """Refuses a caller whose reservations without data would hold more than their share of the cache."""
-        waiting = [e for e in self._entries.values() if e.caller == caller and e.state == RECEIVING
-                   and not e.data_arrived]
-        held = sum(len(e.block_ids) for e in waiting)
-        wanted = -(-num_tokens // self.engine.layout.block_size)
-        if waiting and held + wanted > self.WAITING_SHARE * self.engine.num_total_blocks:
-            raise KVCapacityError(f"{len(waiting)} transfers from this caller hold {held} blocks and sent no data "
-                                  "yet: no more until data arrives")
+    def _reserve_blocks(self, rid: str, num_tokens: int, caller: auth.Caller | None) -> list[int]:
+        """Engine thread, under `_changed`: the blocks, made room for by other callers' idle excess if need be."""
+        try:
+            return self.engine.reserve_kv(rid, num_tokens)
+        except KVCapacityError:
+            if not self._free_idle_excess(caller):
+                raise
+            return self.engine.reserve_kv(rid, num_tokens)
+
+    def _free_idle_excess(self, caller: auth.Caller | None) -> bool:
+        """Frees other callers' reservations that no data reached yet, beyond half the cache each; True if any."""
+        share = self.WAITING_SHARE * self.engine.num_total_blocks
+        idle: dict = {}
+        for entry in self._entries.values():
+            if entry.caller != caller and entry.state == RECEIVING and not entry.data_arrived:
+                idle.setdefault(entry.caller, []).append(entry)
+        freed = False
+        for entries in idle.values():
+            held = sum(len(e.block_ids) for e in entries)
+            for entry in reversed(entries):  # the newest first
+                if held <= share:
+                    break
+                held -= len(entry.block_ids)
+                if entry.fail("freed for another caller: no data arrived and its caller held over half the cache",
+                              release=self._release):
+                    log.warning("request %s: KV reservation freed (no data yet, its caller held %d+ blocks)",
+                                entry.request_id, held)
+                    freed = True
+        return freed
 
     def claim_shards(self, request_id: str) -> bool:
         """Generate, once this rank's KV is claimed: whether every other rank holds its shard too (they
