@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 HELM := $(VENV)/bin/helm
+PROMETHEUS := $(VENV)/bin/prometheus
 
 .PHONY: setup test demo proto manifests bench clean
 
@@ -20,7 +21,11 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 $(HELM): $(STAMP) hack/install-helm.sh
 	VENV=$(VENV) sh hack/install-helm.sh
 
-test: setup $(HELM)
+# Debian's Prometheus server, for the test that evaluates the chart's queries (skipped without it).
+$(PROMETHEUS): $(STAMP) hack/install-prometheus.sh
+	VENV=$(VENV) sh hack/install-prometheus.sh
+
+test: setup $(HELM) $(PROMETHEUS)
 	$(PY) -m pytest -q
 
 demo: setup

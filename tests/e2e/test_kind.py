@@ -61,7 +61,8 @@ def cluster(tmp_path_factory):
         run("docker", "exec", node, "chmod", "-R", "a+rX", "/var/lib/phasesplit/models")
         helm = str(ROOT / ".venv" / "bin" / "helm")
         run(helm, "install", "phasesplit", str(ROOT / "charts" / "phasesplit"), "--namespace", "phasesplit-system",
-            "--create-namespace", "--wait", "--timeout", "180s", env=env)
+            "--create-namespace", "--set", f"operator.watchNamespaces={{{NAMESPACE}}}", "--wait", "--timeout", "180s",
+            env=env)
         yield env
     finally:
         subprocess.run(["kind", "delete", "cluster", "--name", CLUSTER], capture_output=True)

@@ -40,7 +40,8 @@ def deployment(body: dict, pool: str) -> dict:
 def pod(name: str, pool: str, ip: str) -> dict:
     owner = builders.Owner("tiny", NS, "")
     meta = server_metadata(name, NS, labels=builders.labels(owner, pool))
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "status": {"podIP": ip, "phase": "Running"}}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": {"containers": [{"name": "worker"}]},
+            "status": {"podIP": ip, "phase": "Running"}}
 
 
 def replicas(cluster, pool: str) -> int:

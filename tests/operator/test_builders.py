@@ -151,6 +151,19 @@ def test_router_points_at_the_headless_pool_services_and_is_scraped():
     assert router["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
 
+def test_workers_serve_their_metrics_on_the_port_they_declare_and_open():
+    objs = children("tiny-cpu")
+    workers = [o["spec"]["template"] for o in objs if o["kind"] == "Deployment" and "router" not in o["metadata"]["name"]]
+    assert len(workers) == 2
+    for pod in workers:
+        c = pod["spec"]["containers"][0]
+        port = next(p["containerPort"] for p in c["ports"] if p["name"] == "metrics")
+        assert c["args"][c["args"].index("--metrics-port") + 1] == str(port)
+        assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    assert {"ports": [{"port": port, "protocol": "TCP"}]} in policy["spec"]["ingress"]   # from any scraper
+
+
 def test_network_policy_admits_only_this_inference():
     policy = next(o for o in children("tiny-cpu") if o["kind"] == "NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchExpressions"][0]["values"] == ["prompt", "token"]
@@ -279,8 +292,8 @@ def test_a_pool_pod_overlay_meets_rdma_and_cluster_policies():
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "DoNotSchedule"}],
         "priorityClassName": "inference", "runtimeClassName": "nvidia", "schedulerName": "volcano",
-        "volumes": [{"name": "ib", "hostPath": {"path": "/dev/infiniband"}}],
-        "volumeMounts": [{"name": "ib", "mountPath": "/dev/infiniband"}],
+        "volumes": [{"name": "topology", "configMap": {"name": "nccl-topology"}}],
+        "volumeMounts": [{"name": "topology", "mountPath": "/etc/nccl"}],
         "addCapabilities": ["IPC_LOCK"], "shmSize": "64Gi"}
     doc["spec"]["pools"]["token"]["env"] = [{"name": "NCCL_IB_GID_INDEX", "value": "3"}]
     assert validate(CRD, doc) == []
@@ -292,7 +305,7 @@ def test_a_pool_pod_overlay_meets_rdma_and_cluster_policies():
     assert template["metadata"]["annotations"]["k8s.v1.cni.cncf.io/networks"] == "rdma-net"
     assert (pod["priorityClassName"], pod["runtimeClassName"], pod["schedulerName"]) == ("inference", "nvidia", "volcano")
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
-    assert {"name": "ib", "mountPath": "/dev/infiniband"} in worker["volumeMounts"]
+    assert {"name": "topology", "mountPath": "/etc/nccl"} in worker["volumeMounts"]
     assert worker["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
     assert next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "64Gi"
     assert {"name": "NCCL_IB_GID_INDEX", "value": "3"} in worker["env"]

@@ -1,5 +1,6 @@
 """The Helm chart and manifests/: lint, render, the real Kubernetes schemas, generated files current."""
 
+import re
 import subprocess
 import sys
 
@@ -30,6 +31,7 @@ def test_helm_lint_is_clean(helm):
 
 
 @pytest.mark.parametrize("sets", [(), ("operator.replicas=2",), ("operator.watchNamespaces={models,staging}",),
+                                  ("rbac.clusterWide=true",), ("operator.image.digest=sha256:" + "0" * 64,),
                                   ("crds.enabled=false", "serviceAccount.create=false", "serviceAccount.name=ops")])
 def test_rendered_objects_validate_against_kubernetes_openapi(helm, sets):
     for obj in render(helm, *sets):
@@ -100,9 +102,10 @@ def test_examples_validate_against_the_crd(path):
 
 
 def test_the_operator_reads_no_secrets_and_may_block_owner_deletion(helm):
-    rules = [r for o in render(helm) if o["kind"] == "ClusterRole" for r in o["rules"]]
+    rules = [r for o in render(helm) if o["kind"] in ("ClusterRole", "Role") for r in o["rules"]]
     # It makes each SplitInference's worker-token Secret, and can neither read nor change one.
-    assert [r["verbs"] for r in rules if "secrets" in r["resources"]] == [["create"]]
+    secret_verbs = [r["verbs"] for r in rules if "secrets" in r["resources"]]
+    assert secret_verbs and all(verbs == ["create"] for verbs in secret_verbs)
     assert any("splitinferences/finalizers" in r["resources"] and r["verbs"] == ["update"] for r in rules)
     assert any("pods" in r["resources"] and {"list", "patch"} <= set(r["verbs"]) for r in rules)
 
@@ -134,24 +137,64 @@ def test_a_pod_monitor_gives_router_series_the_labels_every_query_selects(helm):
     assert len(forced) == 1
 
 
-def test_the_dashboard_queries_only_series_the_router_exports(helm):
+def exported_series() -> set[str]:
+    """Every series name the router and the workers export (a histogram's and a counter's samples too)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from phasesplit.roles.metrics import EngineCollector
+    from phasesplit.router.metrics import RouterMetrics
+    stats = SimpleNamespace(waiting_requests=1, running_requests=1, used_blocks=1, free_blocks=1, total_blocks=2,
+                            num_preemptions=1)
+    core = SimpleNamespace(loop=SimpleNamespace(stats=stats), settings=SimpleNamespace(served_model_name="m"),
+                           role="token")
+    workers = CollectorRegistry()
+    workers.register(EngineCollector(core))
+    exported = set()
+    for text in (RouterMetrics("m").render(), generate_latest(workers)):
+        for family in text_string_to_metric_families(text.decode()):
+            exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket", f"{family.name}_sum",
+                         f"{family.name}_count"}
+    return exported
+
+
+def vllm_rules(helm) -> list[dict]:
+    has_crd = ("--api-versions", "monitoring.coreos.com/v1/PrometheusRule")
+    assert not [o for o in render_with(helm, *has_crd) if o["kind"] == "PrometheusRule"]   # off by default
+    (rule,) = [o for o in render_with(helm, "--set", "monitoring.vllmRules.enabled=true") if o["kind"] == "PrometheusRule"]
+    return [r for group in rule["spec"]["groups"] for r in group["rules"]]
+
+
+def test_the_dashboard_queries_only_series_the_router_and_workers_export(helm):
     import json
     import re
 
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from phasesplit.router.metrics import RouterMetrics
     (config_map,) = [o for o in render(helm) if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard")]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     dashboard = json.loads(config_map["data"]["phasesplit.json"])
-    exported = set()
-    for family in text_string_to_metric_families(RouterMetrics().render().decode()):
-        exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket"}
+    exported = exported_series()
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for word in ("queue", "workers", "first token", "between tokens", "end-to-end", "kv transfer", "utilisation"):
+    for word in ("queue", "workers", "first token", "between tokens", "end-to-end", "kv transfer", "utilisation",
+                 "by outcome", "tokens per second", "engine queue", "kv cache usage", "preemptions"):
         assert word in titles, word
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
             names = set(re.findall(r"\b(phasesplit_[a-z_]+)\{", target["expr"]))
             assert names and names <= exported, (panel["title"], names - exported)
             assert 'namespace="$namespace",service="$service"' in target["expr"]
+
+
+def test_the_vllm_recording_rules_read_exported_series_and_name_vllms(helm):
+    rules = vllm_rules(helm)
+    exported = exported_series()
+    for rule in rules:
+        assert set(re.findall(r"\b(phasesplit_[a-z_]+)", rule["expr"])) <= exported, rule
+    recorded = {r["record"] for r in rules}
+    for histogram in ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds"):
+        assert {f"vllm:{histogram}_{part}" for part in ("bucket", "sum", "count")} <= recorded
+    assert {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:gpu_cache_usage_perc",
+            "vllm:prompt_tokens_total", "vllm:generation_tokens_total"} <= recorded
+    documented = (ROOT / "docs" / "metrics.md").read_text()
+    assert all(f"`{name.removesuffix('_bucket')}`" in documented for name in recorded if not name.endswith(("_sum", "_count")))

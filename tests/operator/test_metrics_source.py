@@ -22,11 +22,11 @@ async def test_latency_p90_covers_only_requests_since_the_previous_read(router_m
     router_metrics.set_pool("prompt")
     scrape = RouterScrape(router_metrics.url)
     for _ in range(100):
-        router_metrics.ttft.observe(3.0)        # an old slow period
+        router_metrics.ttft.labels(pool="prompt").observe(3.0)    # an old slow period
     first = await scrape.read()
     assert 2.5 < first.pools["prompt"].ttft_p90_seconds <= 5
     for _ in range(100):
-        router_metrics.ttft.observe(0.07)       # now fast again
+        router_metrics.ttft.labels(pool="mixed").observe(0.07)    # now fast again (all pools count)
     second = await scrape.read()
     assert 0.05 < second.pools["prompt"].ttft_p90_seconds <= 0.1
     third = await scrape.read()                 # no new requests: no figure, not a stale one

@@ -64,6 +64,14 @@ INVALID = [
     ("zero ranks", [("spec.pools.token.tensorParallelSize", 0)], "spec.pools.token.tensorParallelSize"),
     ("unequal prompt and token ranks", [("spec.pools.prompt.tensorParallelSize", 2)],
      "spec.pools.token.tensorParallelSize"),
+    ("a LoadBalancer router without a key", [("spec.router.service.type", "LoadBalancer")], "spec.router.apiKeySecret"),
+    ("a NodePort router without a key", [("spec.router.service.type", "NodePort")], "spec.router.apiKeySecret"),
+    ("a capability beyond IPC_LOCK", [("spec.pools.token.pod", {"addCapabilities": ["IPC_LOCK", "SYS_ADMIN"]})],
+     "spec.pools.token.pod.addCapabilities"),
+    ("a hostPath volume", [("spec.pools.token.pod", {"volumes": [{"name": "root", "hostPath": {"path": "/"}}]})],
+     "spec.pools.token.pod.volumes"),
+    ("a volume with two sources", [("spec.pools.prompt.pod", {"volumes": [
+        {"name": "x", "emptyDir": {}, "secret": {"secretName": "s"}}]})], "spec.pools.prompt.pod.volumes"),
 ]
 
 
@@ -159,3 +167,29 @@ def test_a_zero_drain_timeout_that_the_worker_would_refuse_is_refused_here():
 
 def test_printer_columns_show_the_mixed_pool():
     assert ".status.pools.mixed.ready" in [c["jsonPath"] for c in CRD["spec"]["versions"][0]["additionalPrinterColumns"]]
+
+
+@pytest.mark.parametrize("router", [
+    {"service": {"type": "LoadBalancer"}, "apiKeySecret": {"name": "key"}},
+    {"service": {"type": "NodePort"}, "allowUnauthenticated": True},
+    {"service": {"type": "ClusterIP"}}])
+def test_an_exposed_router_has_a_key_or_says_it_needs_none(router):
+    doc = load_example("tiny-cpu")
+    doc["spec"]["router"] = router
+    assert validate(CRD, doc) == []
+    si.SplitInference.model_validate(doc)
+
+
+def test_the_allowed_capabilities_and_volume_types_pass_both():
+    doc = load_example("tiny-cpu")
+    volumes = [{"name": kind.lower(), kind: {}} for kind in si.ALLOWED_VOLUME_TYPES]
+    doc["spec"]["pools"]["token"]["pod"] = {"addCapabilities": list(si.ALLOWED_CAPABILITIES), "volumes": volumes}
+    assert validate(CRD, doc) == []
+    si.SplitInference.model_validate(doc)
+
+
+def test_the_volume_and_capability_rules_are_bounded_for_the_cel_cost_estimate():
+    overlay = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["pools"][
+        "properties"]["token"]["properties"]["pod"]["properties"]
+    assert overlay["volumes"]["maxItems"] and overlay["volumes"]["items"]["maxProperties"] == 2
+    assert overlay["addCapabilities"]["maxItems"] and overlay["addCapabilities"]["items"]["maxLength"]

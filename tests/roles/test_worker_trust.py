@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.polling import wait_for
 
 from phasesplit import auth
+from phasesplit.grpc_auth import Credential
 from phasesplit.roles.server import WorkerServer, load_engine, parse_args
 from phasesplit.transport.grpc_receive import PUSH_KV
 from phasesplit.v1 import worker_pb2 as pb
@@ -49,7 +50,7 @@ def channel(server: WorkerServer, caller: str | None, token: str = TOKEN, port: 
     plain = grpc.insecure_channel(f"127.0.0.1:{port or server.port}")
     if caller is None:
         return plain
-    return grpc.intercept_channel(plain, auth.Credential(auth.call_metadata(caller, token)))
+    return grpc.intercept_channel(plain, Credential(auth.call_metadata(caller, token)))
 
 
 def code_of(call) -> grpc.StatusCode:
@@ -142,9 +143,9 @@ def test_header_only_pushes_cannot_keep_the_cache_from_another_caller_and_are_fr
     try:
         total = token.core.engine.num_total_blocks
         flood = grpc.intercept_channel(grpc.insecure_channel(f"127.0.0.1:{token.port}"),
-                                       auth.Credential(auth.call_metadata(auth.PROMPT_WORKER, TOKEN)))
+                                       Credential(auth.call_metadata(auth.PROMPT_WORKER, TOKEN)))
         other = grpc.intercept_channel(grpc.insecure_channel(f"[::1]:{token.port}"),
-                                       auth.Credential(auth.call_metadata(auth.PROMPT_WORKER, TOKEN)))
+                                       Credential(auth.call_metadata(auth.PROMPT_WORKER, TOKEN)))
         with flood, other:
             pushes = [idle_push(flood, header_chunk(token, f"pin-{i}", 250), release) for i in range(8)]
             wait_for(lambda: sum(f.done() for f in pushes) + token.inbox.pending() == 8, timeout=10,

@@ -14,8 +14,8 @@ async def assert_nothing_in_flight(cluster):
     for pool in ("prompt", "token", "mixed"):
         for name in ("phasesplit_inflight_requests", "phasesplit_queue_requests", "phasesplit_queue_tokens"):
             assert metrics[(name, (("pool", pool),))] == 0, (name, pool)
-    assert metrics[("phasesplit_requests_total", (("outcome", "cancelled"),))] == 1
-    assert metrics[("phasesplit_requests_total", (("outcome", "success"),))] == 0
+    assert metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "cancelled")))] == 1
+    assert metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "success")))] == 0
 
 
 @pytest.mark.parametrize("pools", [{"prompt": 1, "token": 1}, {"prompt": 0, "token": 0, "mixed": 1}],

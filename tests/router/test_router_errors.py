@@ -136,5 +136,5 @@ async def test_worker_dying_mid_stream_ends_the_stream_with_an_error(make_cluste
     assert events[-1] == b"[DONE]"
     assert_openai_error(json.loads(events[-2]))
     metrics = await cluster.metrics()
-    assert metrics[("phasesplit_requests_total", (("outcome", "error"),))] == 1
+    assert metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "error")))] == 1
     assert metrics[("phasesplit_inflight_requests", (("pool", "token"),))] == 0

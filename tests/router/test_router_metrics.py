@@ -12,11 +12,20 @@ NAMES = ["phasesplit_queue_requests", "phasesplit_queue_tokens", "phasesplit_inf
          "phasesplit_kv_utilization", "phasesplit_time_to_first_token_seconds_count",
          "phasesplit_time_between_tokens_seconds_count", "phasesplit_request_latency_seconds_count",
          "phasesplit_kv_transfer_bytes_total", "phasesplit_kv_transfer_seconds_total", "phasesplit_requests_total",
-         "phasesplit_worker_streams_ended_total"]
+         "phasesplit_worker_streams_ended_total", "phasesplit_prompt_tokens_total", "phasesplit_generation_tokens_total"]
 
 
 def pool(name):
     return (("pool", name),)
+
+
+def model(**labels):
+    """The labels of a request-level series: the served model's name and `labels`."""
+    return tuple(sorted({"model_name": MODEL, **labels}.items()))
+
+
+def model_pool(name):
+    return model(pool=name)
 
 
 async def gauge(cluster, name: str, pool_name: str, holds) -> bool:
@@ -46,15 +55,17 @@ async def test_metrics_after_traffic(make_cluster, tokenizer):
     ended = {w.address: m.get(("phasesplit_worker_streams_ended_total", (("reason", "length"), ("worker", w.address))), 0)
              for w in cluster.workers["token"]}
     assert sum(ended.values()) == 3, f"each request ended its stream by length on a token worker: {ended}"
-    assert m[("phasesplit_time_to_first_token_seconds_count", ())] == 3
-    assert m[("phasesplit_time_between_tokens_seconds_count", ())] == 3 * 4
-    assert m[("phasesplit_request_latency_seconds_count", ())] == 3
+    assert m[("phasesplit_time_to_first_token_seconds_count", model_pool("prompt"))] == 3
+    assert m[("phasesplit_time_between_tokens_seconds_count", model_pool("token"))] == 3 * 4
+    assert m[("phasesplit_request_latency_seconds_count", model_pool("token"))] == 3
     prompt_tokens = sum(len(tokenizer.encode(p)) for p in prompts)
+    assert m[("phasesplit_prompt_tokens_total", model())] == prompt_tokens
+    assert m[("phasesplit_generation_tokens_total", model())] == 3 * 5
     assert m[("phasesplit_kv_transfer_bytes_total", ())] == 1024 * prompt_tokens
     assert m[("phasesplit_kv_transfer_seconds_total", ())] > 0
-    assert m[("phasesplit_requests_total", (("outcome", "success"),))] == 3
-    assert m[("phasesplit_requests_total", (("outcome", "rejected"),))] == 1
-    assert m[("phasesplit_requests_total", (("outcome", "error"),))] == 0
+    assert m[("phasesplit_requests_total", model(outcome="success"))] == 3
+    assert m[("phasesplit_requests_total", model(outcome="rejected"))] == 1
+    assert m[("phasesplit_requests_total", model(outcome="error"))] == 0
 
 
 async def test_queue_gauges_follow_the_phases(make_cluster, tokenizer):

@@ -72,7 +72,7 @@ async def test_a_token_worker_failing_mid_stream_is_invisible_to_the_client(make
     metrics = await cluster.metrics()
     assert migrations(metrics) == {reason: 1}
     assert metrics[("phasesplit_migration_resume_seconds_count", ())] == 1
-    assert metrics[("phasesplit_requests_total", (("outcome", "success"),))] == 1
+    assert metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "success")))] == 1
     assert any(first.address in r.getMessage() and second.address in r.getMessage() for r in caplog.records), \
         "a log line names both workers"
 
@@ -95,7 +95,7 @@ async def test_migration_turned_off_ends_the_stream_with_an_error_event(make_clu
     assert finish is None and error["code"] == "worker_error" and "without a finish reason" in error["message"]
     metrics = await cluster.metrics()
     assert metrics[("phasesplit_requests_lost_total", (("stage", "mid_stream"),))] == 1
-    assert metrics[("phasesplit_requests_total", (("outcome", "error"),))] == 1
+    assert metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "error")))] == 1
 
 
 @pytest.mark.parametrize("failure", ["kill", "stall"])
@@ -121,7 +121,7 @@ async def test_a_busy_worker_that_no_other_could_replace_is_waited_for_not_given
     assert error is None and text == uninterrupted(tokenizer) and finish == "length"
     assert any("waiting on" in r.getMessage() for r in caplog.records)
     metrics = await cluster.metrics()
-    assert migrations(metrics) == {} and metrics[("phasesplit_requests_total", (("outcome", "success"),))] == 1
+    assert migrations(metrics) == {} and metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "success")))] == 1
 
 
 async def test_a_stalled_worker_gets_no_new_work_and_its_stream_is_aborted_when_it_resumes(make_cluster, tokenizer):

@@ -54,8 +54,8 @@ async def test_streamed_completion_ends_with_usage(make_cluster, tokenizer):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert chunks[-1].usage.prompt_tokens == len(prompt_ids)
     metrics = await cluster.metrics()
-    assert metrics[("phasesplit_requests_total", (("outcome", "success"),))] == 1
-    assert metrics[("phasesplit_request_latency_seconds_count", ())] == 1
+    assert metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "success")))] == 1
+    assert metrics[("phasesplit_request_latency_seconds_count", (("model_name", MODEL), ("pool", "token")))] == 1
     assert cluster.workers["token"][0].aborted == [] and cluster.workers["prompt"][0].aborted == []
 
 

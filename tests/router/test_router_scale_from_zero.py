@@ -5,7 +5,7 @@ import asyncio
 
 import aiohttp
 import pytest
-from support.fake_worker import ADMIN_TOKEN
+from support.fake_worker import ADMIN_TOKEN, MODEL
 from support.polling import eventually
 
 from phasesplit.router.waiting import QueueSettings
@@ -66,7 +66,7 @@ async def test_a_request_that_waits_too_long_gets_a_503_naming_the_pool(make_clu
     assert "token pool" in body["error"]["message"] and "0.3 s" in body["error"]["message"]
     m = await cluster.metrics()
     assert gauge(m, "queue_requests", "token") == 0 and gauge(m, "queue_tokens", "token") == 0
-    assert m[("phasesplit_requests_total", (("outcome", "rejected"),))] == 1
+    assert m[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "rejected")))] == 1
 
 
 async def test_a_full_queue_answers_503_at_once(make_cluster):

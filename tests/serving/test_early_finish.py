@@ -6,7 +6,6 @@ be on its way when the request is already over; it must be refused or freed, not
 
 import asyncio
 import random
-import string
 
 import httpx
 import pytest
@@ -25,7 +24,6 @@ BURST = 30
 ROUNDS = 3
 # One burst holds at most BURST * 21 blocks: room for one burst, not for the KV of two.
 TOKEN_KV_BLOCKS = 660
-STOP_AT_ANY_CHARACTER = list(string.ascii_letters + string.digits + string.punctuation + " \n")
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +47,24 @@ def prompts(tokenizer: Tokenizer, rng: random.Random, n: int) -> list[str]:
     return out
 
 
-def body(i: int, prompt: str) -> dict:
-    """Thirds: max_tokens 1, max_tokens 2, and a stop list that the first token's text hits."""
+def body(i: int, prompt: str, first_text: str) -> dict:
+    """Thirds: max_tokens 1, max_tokens 2, and a stop string that the first token's text hits."""
     request = {"model": "tiny", "prompt": prompt, "temperature": 0, "stream": i % 2 == 0}
     if i % 3 == 0:
         return request | {"max_tokens": 1, "ignore_eos": True}
     if i % 3 == 1:
         return request | {"max_tokens": 2, "ignore_eos": True}
-    return request | {"max_tokens": 16, "stop": STOP_AT_ANY_CHARACTER}
+    return request | {"max_tokens": 16, "stop": [first_text[:1] or "\n"]}
+
+
+async def first_texts(client: httpx.AsyncClient, url: str, texts: list[str]) -> list[str]:
+    """Each prompt's greedy first token as text (what a stop string must hit to end the request there)."""
+    async def one(text):
+        reply = await client.post(url, json={"model": "tiny", "prompt": text, "temperature": 0, "max_tokens": 1,
+                                             "ignore_eos": True})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["text"]
+    return await asyncio.gather(*(one(text) for text in texts))
 
 
 async def send(client: httpx.AsyncClient, url: str, request: dict) -> str:
@@ -84,7 +92,9 @@ async def send(client: httpx.AsyncClient, url: str, request: dict) -> str:
 async def burst(base_url: str, texts: list[str]) -> list[str]:
     url = f"{base_url}/v1/completions"
     async with httpx.AsyncClient(timeout=60) as client:
-        return await asyncio.gather(*(send(client, url, body(i, text)) for i, text in enumerate(texts)))
+        firsts = await first_texts(client, url, texts)
+        return await asyncio.gather(*(send(client, url, body(i, text, first))
+                                      for i, (text, first) in enumerate(zip(texts, firsts))))
 
 
 def test_requests_ending_at_their_first_tokens_leave_no_kv_on_the_token_worker(small_token_cache, tiny_model_dir):

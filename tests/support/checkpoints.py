@@ -29,10 +29,11 @@ def to_classic_layout(config: dict) -> dict:
     return config
 
 
-def write_checkpoint(path, case: str, layout: str):
+def write_checkpoint(path, case: str, layout: str, **overrides):
+    """`overrides`: config fields over BASE's and the case's (e.g. the vocab_size of a tokenizer)."""
     config_cls, model_cls, extra = CASES[case]
     torch.manual_seed(0)
-    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**BASE, **extra))
+    hf = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**BASE, **extra, **overrides}))
     with torch.no_grad():  # random everything (norms and biases too) so every weight shows in the logits
         for param in hf.parameters():
             param.normal_(0.0, 0.1 if param.dim() > 1 else 0.5).add_(1.0 if param.dim() == 1 else 0.0)

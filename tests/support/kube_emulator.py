@@ -5,9 +5,12 @@ kubernetes client and the operator meet on a real cluster:
 - server-side metadata: `uid`, `resourceVersion` (bumped on every write), `creationTimestamp`,
   `generation` (bumped on spec changes); list `kind`/`apiVersion`; CRDs register their resource;
 - RBAC: a request made with the operator's token (`OPERATOR_TOKEN`) is checked against the rules
-  the chart binds to the operator's ServiceAccount (`helm template`), and answered 403 when none
+  the chart binds to the operator's ServiceAccount (`helm template` with `chart_sets`: by default
+  the cluster-wide install the tests' operator runs as), and answered 403 when none
   allows it; setting `blockOwnerDeletion` needs `update` on the owner's `finalizers`. Every denial
   is kept in `denied`. The tests' own token (`ADMIN_TOKEN`) may do anything;
+- admission: the operator's merge patches of existing objects pass the chart's
+  ValidatingAdmissionPolicies (its pod patches may set only the pod-deletion-cost), else 422;
 - defaults and validation: a Deployment's missing or null `replicas` becomes 1; resource
   quantities are rewritten in canonical form (`1` -> "1", `0.5` -> "500m"); names are checked
   (a Service name is an RFC 1035 label, others DNS-1123 subdomains), 422 otherwise;
@@ -45,9 +48,11 @@ from kmock._internal import enums
 
 from phasesplit.operator import quantity
 from phasesplit.operator.crd import build_crd
+from support.admission import OPERATOR_USER, chart_policies
 from support.rbac import chart_authorizer
 
 OPERATOR_TOKEN, ADMIN_TOKEN = "operator", "admin"
+CLUSTER_WIDE = ("rbac.clusterWide=true",)  # the chart's values for an operator that watches every namespace
 APPLY = "application/apply-patch+yaml"
 # Resources the operator reads or writes, declared up front as kmock requires.
 RESOURCES = {
@@ -101,7 +106,8 @@ class Emulator(kmock.KubernetesEmulator):
         super().__attrs_post_init__()
         self.versions = itertools.count(1000)
         self.history: int | None = None  # requests kept for assertions; None: all
-        self.authorizer = chart_authorizer()
+        self.authorizer = chart_authorizer(*CLUSTER_WIDE)
+        self.policies = chart_policies(*CLUSTER_WIDE)
         self.denied: list[str] = []
         self.create_delay = 0.0  # seconds each create waits before it is stored (a slow API server)
         self.faults: dict[tuple[str, str], Fault] = {}  # (plural, name) -> how its writes are refused
@@ -132,6 +138,7 @@ class Emulator(kmock.KubernetesEmulator):
             if request.resource not in self.resources:  # a kind whose CRD is not installed (KEDA's)
                 raise ApiError(404, "NotFound", "the server could not find the requested resource")
             self._authorize(request)
+            self._admit(request)
             self._refuse(request)
             if self.create_delay and self._creates(request):
                 await asyncio.sleep(self.create_delay)
@@ -171,6 +178,23 @@ class Emulator(kmock.KubernetesEmulator):
                            f'cannot {verb} resource "{resource}" in API group "{group}"{where}')
                 self.denied.append(message)
                 raise ApiError(403, "Forbidden", message)
+
+    def _admit(self, request) -> None:
+        """The chart's admission policies, on the operator's merge patches of existing objects."""
+        if _bearer(request) != OPERATOR_TOKEN or request.action != enums.action.UPDATE or request.subresource \
+                or not isinstance(request.data, dict) or _content_type(request) == APPLY:
+            return
+        live = self._live(request)
+        if live is None:
+            return
+        after = _merged(live, request.data)
+        for policy in self.policies:
+            if policy.matches(request.resource.group or "", request.resource.plural, "UPDATE") and \
+                    (refused := policy.refusals(live, after, OPERATOR_USER)):
+                message = (f'{live.get("kind")} "{request.name}" is forbidden: ValidatingAdmissionPolicy '
+                           f'{policy.name!r} denied request: {"; ".join(refused)}')
+                self.denied.append(message)
+                raise ApiError(422, "Invalid", message)
 
     def _refuse(self, request) -> None:
         fault = self.faults.get((request.resource.plural, _name(request)))
@@ -535,8 +559,9 @@ def write_kubeconfig(path: pathlib.Path, url: str, token: str) -> pathlib.Path:
 class EmulatorThread:
     """Runs the emulator on 127.0.0.1 in a daemon thread; `url` and `kubeconfig()` for clients."""
 
-    def __init__(self, crds: list[dict] = (), history: int | None = None):
+    def __init__(self, crds: list[dict] = (), history: int | None = None, chart_sets: tuple[str, ...] = CLUSTER_WIDE):
         self.crds = list(crds)
+        self.chart_sets = chart_sets
         self.history = history
         self.loop = asyncio.new_event_loop()
         self.started = threading.Event()
@@ -565,6 +590,8 @@ class EmulatorThread:
             for crd in self.crds:
                 register_crd(emulator, crd)
             emulator.history = self.history
+            emulator.authorizer = chart_authorizer(*self.chart_sets)
+            emulator.policies = chart_policies(*self.chart_sets)
             self.emulator = emulator
             self.url = f"http://127.0.0.1:{server.port}"
             self.started.set()

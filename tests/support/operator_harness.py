@@ -50,9 +50,10 @@ def stop_operator(proc: subprocess.Popen) -> int:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(server: str, token: str, tick_seconds: float = 0.3):
-    """kopf in this event loop with the operator's handlers, logged in to `server` with `token`;
-    the handlers' own client reads $KUBECONFIG (the caller points it at the same server)."""
+async def running_operator(server: str, token: str, tick_seconds: float = 0.3, namespaces: tuple[str, ...] = ()):
+    """kopf in this event loop with the operator's handlers, logged in to `server` with `token`,
+    watching `namespaces` (none: every namespace); the handlers' own client reads $KUBECONFIG (the
+    caller points it at the same server)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -62,9 +63,12 @@ async def running_operator(server: str, token: str, tick_seconds: float = 0.3):
     handlers.register(registry, tick_seconds=tick_seconds)
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
+    # kmock cannot serve the list of namespaces that kopf tries before it watches given ones; refused it
+    # (the chart does not grant it), kopf takes the names it was given, as it does here.
+    settings.scanning.disabled = bool(namespaces)
     stop = asyncio.Event()
-    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, clusterwide=True,
-                                             standalone=True, stop_flag=stop))
+    task = asyncio.create_task(kopf.operator(registry=registry, settings=settings, clusterwide=not namespaces,
+                                             namespaces=list(namespaces), standalone=True, stop_flag=stop))
     try:
         yield
     finally:
@@ -73,13 +77,13 @@ async def running_operator(server: str, token: str, tick_seconds: float = 0.3):
             await asyncio.wait_for(task, timeout=10)
 
 
-def in_process_operator(emulator, tmp_path: pathlib.Path, monkeypatch):
+def in_process_operator(emulator, tmp_path: pathlib.Path, monkeypatch, namespaces: tuple[str, ...] = ()):
     """What starts `running_operator` against a kmock `emulator` with the operator's token (call it);
     the handlers' own client reads a kubeconfig written for the same server, as in a process."""
     kubeconfig = tmp_path / "kubeconfig"
     emulator.kubeconfig(kubeconfig)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
-    return lambda: running_operator(emulator.url, OPERATOR_TOKEN)
+    return lambda: running_operator(emulator.url, OPERATOR_TOKEN, namespaces=namespaces)
 
 
 def server_metadata(name: str, namespace: str | None, **extra) -> dict:

@@ -8,7 +8,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def parse(text: str) -> Samples:
-    """{(sample name, sorted labels): value}, e.g. {("phasesplit_requests_total", (("outcome", "success"),)): 3.0}."""
+    """{(sample name, sorted labels): value}, e.g. {("phasesplit_pool_workers", (("pool", "token"),)): 2.0}."""
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text) for s in family.samples}
 

@@ -14,6 +14,7 @@ from support import prom
 from support.polling import poll, wait_for
 
 from phasesplit import auth
+from phasesplit.grpc_auth import Credential
 from phasesplit.local import plan as local_plan
 from phasesplit.local.launcher import LocalCluster
 from phasesplit.local.processes import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving
@@ -71,7 +72,7 @@ def start_worker(model_dir, log_dir: pathlib.Path, role: str, *extra: str) -> tu
 
 def worker_channel(address: str, caller: str = auth.ROUTER) -> grpc.Channel:
     """A channel to a cluster's worker that calls as `caller` (the router, unless told otherwise)."""
-    credential = auth.Credential(auth.call_metadata(caller, WORKER_TOKEN))
+    credential = Credential(auth.call_metadata(caller, WORKER_TOKEN))
     return grpc.intercept_channel(grpc.insecure_channel(address), credential)
 
 

@@ -1,23 +1,25 @@
 """`phasesplit generate`: one-shot generation with the engine, streamed to stdout or as one JSON object."""
 
+from __future__ import annotations
+
 import argparse
 import json
 import sys
 
-from phasesplit.engine.config import ModelConfig
-from phasesplit.engine.engine import EngineConfig, LLMEngine, SamplingParams
-from phasesplit.engine.parallel import check_tensor_parallel
+from phasesplit.cli_format import HelpFormatter
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit generate", description=__doc__.splitlines()[0])
-    p.add_argument("prompt", metavar="PROMPT")
+    p = argparse.ArgumentParser(prog="phasesplit generate", description=__doc__.splitlines()[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("prompt", metavar="PROMPT", help="the text to continue")
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep the likeliest tokens "
+                   "up to this total probability (1: off)")
     p.add_argument("--top-k", type=int, default=0, help="0 means off")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed: the same seed gives the same text")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="generate max-tokens tokens even past EOS")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
@@ -30,6 +32,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from phasesplit.engine.config import ModelConfig
+    from phasesplit.engine.engine import EngineConfig, LLMEngine, SamplingParams
+    from phasesplit.engine.parallel import check_tensor_parallel
     try:
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 max_tokens=args.max_tokens, stop=tuple(args.stop), ignore_eos=args.ignore_eos)

@@ -8,6 +8,8 @@ import os
 from importlib import resources
 from pathlib import Path
 
+from phasesplit.cli_format import HelpFormatter
+
 BOS, EOS, IM_START, IM_END = "<|bos|>", "<|eos|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [BOS, EOS, IM_START, IM_END]  # ids 0..3, in this order
 CHAT_TEMPLATE = (
@@ -131,9 +133,10 @@ def make_tiny_model(out_dir, seed: int = 0, preset: str = "tiny") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phasesplit make-tiny-model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="phasesplit make-tiny-model", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("dir", help="output directory (created if missing)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for the weights")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
                         help="tiny: for tests and the demo; small: about 100M parameters, for benchmarks")
     args = parser.parse_args(argv)

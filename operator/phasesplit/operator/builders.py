@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 
 from phasesplit.control import spec as si
-from phasesplit.control.worker_settings import worker_settings
+from phasesplit.control.worker_settings import METRICS_PORT, worker_settings
 
 WORKER_PORT = 50051
 WORKER_HEALTH_PORT = 50050  # the gRPC health service, apart from the work's threads (probes only)
@@ -280,7 +280,8 @@ def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool:
     env = [*MALLOC_ENV, {"name": "HOME", "value": "/tmp"}, POD_IP_ENV, token_env(owner), *_nccl_env(spec),
            *(e.model_dump(by_alias=True, exclude_none=True) for e in pool.env)]
     ports = [{"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
-             {"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"}]
+             {"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"},
+             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
     if spec.kv_transfer.backend == "nccl":
         ports.append({"name": "nccl", "containerPort": spec.kv_transfer.nccl.port, "protocol": "TCP"})
     if spec.kv_transfer.backend == "tcp":
@@ -309,7 +310,8 @@ def build_pool_deployment(owner: Owner, spec: si.SplitInferenceSpec, role: str) 
     grace = PRESTOP_SECONDS + pool.drain_timeout_seconds + 10  # slack beyond the drain timeout
     shm = str(pool.pod.shm_size) if pool.pod.shm_size is not None else shm_size(pool.tensor_parallel_size)
     pod_spec = _pod_spec(spec, container, placement, grace, shm=shm)
-    deployment = _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, {}, pool.rollout)
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": str(METRICS_PORT), "prometheus.io/path": "/metrics"}
+    deployment = _deployment(owner, pool_name(owner, role), role, pool.replicas, pod_spec, scrape, pool.rollout)
     _overlay(deployment["spec"]["template"], pool.pod)
     return deployment
 
@@ -399,7 +401,7 @@ def build_router_service(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
 # --- network policy --------------------------------------------------------------------------
 
 def build_network_policy(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
-    """Only this SplitInference's router and workers reach the worker ports."""
+    """Only this SplitInference's router and workers reach the worker ports; anyone may read their metrics."""
     roles = [role for role, _ in spec.pools.items()]
     members = {"app.kubernetes.io/name": "phasesplit", "app.kubernetes.io/instance": owner.name}
     workers = {"matchLabels": members, "matchExpressions": [{"key": ROLE_LABEL, "operator": "In", "values": roles}]}
@@ -411,6 +413,7 @@ def build_network_policy(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
         ingress.append({"from": [{"podSelector": workers}]})
     if spec.kv_transfer.backend == "tcp":  # prompt workers send the KV bytes to the token workers' KV port
         ingress.append({"from": [{"podSelector": workers}], "ports": [_port_range(spec.kv_transfer.tcp.port, ranks)]})
+    ingress.append({"ports": [{"port": METRICS_PORT, "protocol": "TCP"}]})   # Prometheus, wherever it runs
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": metadata(owner, network_policy_name(owner), "network"),
             "spec": {"podSelector": workers, "policyTypes": ["Ingress"], "ingress": ingress}}

@@ -16,7 +16,7 @@ from phasesplit.control import spec as si
 
 _KEEP = {"type", "properties", "required", "items", "additionalProperties", "description", "default", "enum",
          "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength", "maxLength", "pattern",
-         "minItems", "maxItems", "anyOf", "format", "nullable",
+         "minItems", "maxItems", "maxProperties", "anyOf", "format", "nullable",
          "x-kubernetes-validations", "x-kubernetes-preserve-unknown-fields", "x-kubernetes-int-or-string"}
 
 MAX_NAME_LENGTH = 45  # children append up to 18 characters and must stay within 63

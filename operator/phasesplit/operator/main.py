@@ -8,8 +8,7 @@ import os
 import random
 import re
 
-import kopf
-
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.operator import builders
 
 DEFAULT_PEERING = "phasesplit"
@@ -24,7 +23,7 @@ def cluster_domain(value: str) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit operator", description=__doc__)
+    p = argparse.ArgumentParser(prog="phasesplit operator", description=__doc__, formatter_class=HelpFormatter)
     scope = p.add_mutually_exclusive_group()
     scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (default)")
     scope.add_argument("-n", "--namespace", action="append", default=[], help="watch only these namespaces")
@@ -38,13 +37,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cluster-domain", type=cluster_domain,
                    default=os.environ.get("PHASESPLIT_CLUSTER_DOMAIN", builders.CLUSTER_DOMAIN),
                    help="the cluster's DNS domain, in the addresses the router and status use "
-                        "(env PHASESPLIT_CLUSTER_DOMAIN; default %(default)s)")
-    p.add_argument("--verbose", action="store_true")
+                        "(env PHASESPLIT_CLUSTER_DOMAIN; default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="log kopf's debug messages")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv or [])
+    import kopf  # here, not above: --help answers without loading kopf and the Kubernetes client
     from phasesplit.operator import handlers
     handlers.WATCHED_NAMESPACES[:] = args.namespace
     registry = kopf.get_default_registry()  # with kopf's own login handlers

@@ -10,6 +10,7 @@ import sys
 import pydantic
 import yaml
 
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.control import spec as si
 from phasesplit.operator import builders
 from phasesplit.operator.apply import stamped
@@ -18,12 +19,12 @@ from phasesplit.operator.reconcile import autoscaled
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit render", description=__doc__)
+    p = argparse.ArgumentParser(prog="phasesplit render", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("file", help="YAML with one or more SplitInference documents ('-': standard input)")
     p.add_argument("-n", "--namespace", default=None,
                    help="namespace for documents that name none (default: 'default')")
     p.add_argument("--cluster-domain", type=cluster_domain, default=builders.CLUSTER_DOMAIN,
-                   help="the cluster's DNS domain, as the operator's --cluster-domain (default %(default)s)")
+                   help="the cluster's DNS domain, as the operator's --cluster-domain (default: %(default)s)")
     return p.parse_args(argv)
 
 

@@ -54,7 +54,8 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 
 class RouterScrape:
-    """Reads the router's Prometheus text; TTFT/TBT P90 cover the requests since the previous read."""
+    """Reads the router's Prometheus text; TTFT/TBT P90 cover the requests since the previous read, all pools
+    together (as `quantile_query`'s `sum by (le)`)."""
 
     def __init__(self, url: str):
         self.url = url
@@ -89,7 +90,11 @@ class RouterScrape:
         return Snapshot(pool_metrics(gauges, p90.get(TTFT), p90.get(TBT)), load)
 
     def _recent_quantile(self, fam) -> float | None:
-        now = {float(s.labels["le"]): s.value for s in fam.samples if s.name.endswith("_bucket")}
+        now: dict[float, float] = {}   # summed over the pools and models: one P90 for all of them
+        for s in fam.samples:
+            if s.name.endswith("_bucket"):
+                le = float(s.labels["le"])
+                now[le] = now.get(le, 0.0) + s.value
         before = self._previous.get(fam.name, {})
         self._previous[fam.name] = now
         delta = [(le, count - before.get(le, 0.0)) for le, count in now.items()]

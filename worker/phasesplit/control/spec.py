@@ -184,17 +184,33 @@ class Admission(Spec):
                                      "0: no limit")
 
 
+EXPOSED_SERVICE_TYPES = ("NodePort", "LoadBalancer")  # reachable from outside the cluster
+UNAUTHENTICATED_MESSAGE = ("apiKeySecret: a NodePort or LoadBalancer router is reachable from outside the cluster "
+                           "and needs an API key (or allowUnauthenticated: true)")
+
+
 class Router(Spec):
+    model_config = _validations(cel(
+        "self.service.type == 'ClusterIP' || has(self.apiKeySecret) || self.allowUnauthenticated",
+        UNAUTHENTICATED_MESSAGE, ".apiKeySecret"))
     replicas: int = Field(1, ge=0, le=100)
     migration: Migration = Field(default_factory=Migration)
     admission: Admission = Field(default_factory=Admission, description="what the router admits when the workers' "
                                  "batches are full (each router replica counts its own requests)")
     service: RouterService = Field(default_factory=RouterService)
     api_key_secret: SecretKeyRef | None = Field(None, description="Secret whose key is the required bearer token")
+    allow_unauthenticated: bool = Field(False, description="serve a NodePort or LoadBalancer router without "
+                                        "apiKeySecret (refused otherwise)")
     resources: Resources = Field(default_factory=_router_resources)
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[FreeObject] = Field(default_factory=list)
     affinity: FreeObject | None = None
+
+    @model_validator(mode="after")
+    def _exposed_needs_key(self) -> Router:
+        if self.service.type in EXPOSED_SERVICE_TYPES and not self.api_key_secret and not self.allow_unauthenticated:
+            raise ValueError(UNAUTHENTICATED_MESSAGE)
+        return self
 
 
 def router_flags(spec: "SplitInferenceSpec") -> list[str]:
@@ -266,6 +282,20 @@ _GPU_MESSAGE = "resources.{part}['nvidia.com/gpu'] must equal tensorParallelSize
 
 RESERVED_VOLUMES = ("model", "tmp", "shm")  # the volumes the operator mounts itself
 _RESERVED_PREFIXES = ("app.kubernetes.io/", "phasesplit.io/")  # the labels the Services select on
+# Pinned (registered) memory for RDMA; every other capability stays dropped.
+ALLOWED_CAPABILITIES = ("IPC_LOCK",)
+# The volume types Pod Security's restricted level allows, and image volumes: nothing from the node.
+ALLOWED_VOLUME_TYPES = ("configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "image", "persistentVolumeClaim",
+                        "projected", "secret")
+_CAPABILITIES_MESSAGE = f"addCapabilities: only {', '.join(ALLOWED_CAPABILITIES)} may be added (pinned memory for RDMA)"
+_VOLUMES_MESSAGE = f"volumes: a name and one source each, of these types: {', '.join(ALLOWED_VOLUME_TYPES)}"
+# A Volume: its name and one source, as a map so that CEL can see its keys.
+VolumeObject = Annotated[dict[str, Any], WithJsonSchema({
+    "type": "object", "maxProperties": 2, "additionalProperties": {"x-kubernetes-preserve-unknown-fields": True}})]
+
+
+def _cel_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
 
 
 class PodOverlay(Spec):
@@ -273,18 +303,24 @@ class PodOverlay(Spec):
     IPC_LOCK, a large /dev/shm) or a scheduler need, without forking the operator's templates."""
     model_config = _validations(
         cel("!has(self.labels) || self.labels.all(k, !k.startsWith('app.kubernetes.io/') && !k.startsWith('phasesplit.io/'))",
-            "labels: app.kubernetes.io/ and phasesplit.io/ labels are the operator's (its selectors use them)"))
-    # Volume names are checked by the operator only: CEL cannot see into free-form objects.
+            "labels: app.kubernetes.io/ and phasesplit.io/ labels are the operator's (its selectors use them)"),
+        cel(f"!has(self.addCapabilities) || self.addCapabilities.all(c, c in {_cel_list(ALLOWED_CAPABILITIES)})",
+            _CAPABILITIES_MESSAGE, ".addCapabilities"),
+        cel(f"!has(self.volumes) || self.volumes.all(v, v.all(k, k == 'name' || k in {_cel_list(ALLOWED_VOLUME_TYPES)}))",
+            _VOLUMES_MESSAGE, ".volumes"))
+    # Reserved volume names are checked here only.
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict, description="e.g. k8s.v1.cni.cncf.io/networks")
     topology_spread_constraints: list[FreeObject] = Field(default_factory=list)
     priority_class_name: str | None = None
     runtime_class_name: str | None = None
     scheduler_name: str | None = None
-    volumes: list[FreeObject] = Field(default_factory=list)
+    volumes: list[VolumeObject] = Field(default_factory=list, max_length=32,
+                                        description=f"types: {', '.join(ALLOWED_VOLUME_TYPES)}")
     volume_mounts: list[FreeObject] = Field(default_factory=list, description="mounts in the worker container")
-    add_capabilities: list[Annotated[str, Field(pattern=r"^[A-Z_]+$")]] = Field(
-        default_factory=list, description="Linux capabilities added to the worker container, e.g. IPC_LOCK for RDMA")
+    add_capabilities: list[Annotated[str, Field(pattern=r"^[A-Z_]+$", max_length=64)]] = Field(
+        default_factory=list, max_length=8,
+        description=f"Linux capabilities added to the worker container: {', '.join(ALLOWED_CAPABILITIES)} (for RDMA)")
     shm_size: Quantity | None = Field(None, description="size of /dev/shm (default: 1Gi, 2Gi per rank with tensor "
                                                         "parallelism)")
 
@@ -295,6 +331,10 @@ class PodOverlay(Spec):
                              "(its selectors use them)")
         if any(v.get("name") in RESERVED_VOLUMES for v in self.volumes):
             raise ValueError("volumes: model, tmp and shm are the operator's own volume names")
+        if any(c not in ALLOWED_CAPABILITIES for c in self.add_capabilities):
+            raise ValueError(f"{_CAPABILITIES_MESSAGE}: {self.add_capabilities}")
+        if any(len(v) > 2 or any(k != "name" and k not in ALLOWED_VOLUME_TYPES for k in v) for v in self.volumes):
+            raise ValueError(f"{_VOLUMES_MESSAGE}: {[v.get('name') for v in self.volumes]}")
         return self
 
 

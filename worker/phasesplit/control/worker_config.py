@@ -34,7 +34,7 @@ def option(default=dataclasses.MISSING, help: str | None = None, *, engine: str 
 @dataclass(frozen=True, slots=True)
 class WorkerConfig:
     """Everything one worker is started with (the command line, typed)."""
-    role: str = option(choices=ROLES)
+    role: str = option(help="prompt: the prompt phase; token: the token phase; mixed: both", choices=ROLES)
     model: str = option(help="Hugging Face model directory")
     served_model_name: str | None = option(None, "model name clients use (default: the directory's name)")
     host: str = option("0.0.0.0", "address to listen on")
@@ -60,6 +60,8 @@ class WorkerConfig:
     kv_transfer_timeout: float = option(backends.TIMEOUT, "seconds a transfer may stall")
     kv_lease: float = option(60.0, "seconds received KV waits for its Generate")
     layerwise: bool = option(True, "send the KV after the prompt phase instead of layer by layer during it")
+    metrics_port: int = option(0, "port of the worker's own Prometheus /metrics (engine queue, batch, KV cache), "
+                                  "0 for none")
     drain_timeout: float = option(60.0, "seconds to finish in-flight work on SIGTERM")
     grpc_threads: int | None = option(None, "gRPC handler threads (default: enough for --max-num-seqs)")
     tensor_parallel: int = option(1, "shard the model over N ranks: N processes, one per GPU (cuda) or N gloo "

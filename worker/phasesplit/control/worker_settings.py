@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from phasesplit.control import spec as si
 from phasesplit.control.worker_config import flag
 
+METRICS_PORT = 8001   # a worker pod's own Prometheus /metrics (the container port named `metrics`)
+
 
 @dataclass(frozen=True, slots=True)
 class Setting:
@@ -79,5 +81,6 @@ def worker_settings(spec: si.SplitInferenceSpec, role: str, model_dir: str, in_c
         settings.append(Setting("layerwise", None))
     if in_cluster:  # the token side hosts the pair groups' store (nccl) or takes the KV bytes (tcp) on this port
         settings += literal({"nccl_port": kv.nccl.port if kv.backend == "nccl" else None,
-                             "kv_tcp_port": kv.tcp.port if kv.backend == "tcp" else None})
+                             "kv_tcp_port": kv.tcp.port if kv.backend == "tcp" else None,
+                             "metrics_port": METRICS_PORT})
     return settings

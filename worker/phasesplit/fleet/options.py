@@ -16,7 +16,7 @@ def add_workload(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic", metavar="PROMPT:OUTPUT", help="sizes in tokens, each N or LOW-HIGH (needs --rate)")
     g.add_argument("--rate", type=float, help="re-draw arrivals as Poisson at this many requests/s")
     g.add_argument("--requests", type=int, help="number of requests (default: the trace's)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of the synthetic sizes and the Poisson arrivals")
 
 
 def add_cluster_model(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_cluster_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--catalog", metavar="FILE", help="machine catalog, JSON or YAML (default: the bundled one)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="largest batch of an instance")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill token budget")
-    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--serialized-kv", action="store_true", help="send the KV after the prefill, not layer by layer")
 
 

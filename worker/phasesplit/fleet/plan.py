@@ -13,6 +13,7 @@ import sys
 
 import yaml
 
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.fleet import options
 from phasesplit.fleet.emit import split_inference
 from phasesplit.fleet.search import Candidate, Planner, designs
@@ -20,13 +21,15 @@ from phasesplit.fleet.sim import PoolSpec, SimConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit plan", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="phasesplit plan", description=__doc__.splitlines()[0].split(": ", 1)[1],
+                                formatter_class=HelpFormatter)
     options.add_workload(p)
     options.add_cluster_model(p)
     options.add_slos(p)
     g = p.add_argument_group("search")
     g.add_argument("--hardware", help="comma-separated hardware kinds on offer (default: every one profiled)")
-    g.add_argument("--objective", choices=("cost", "power", "throughput"), default="cost")
+    g.add_argument("--objective", choices=("cost", "power", "throughput"), default="cost",
+                   help="what the best candidate minimizes (cost, power) or maximizes (throughput), SLOs met")
     g.add_argument("--max-cost", type=float, help="budget in cost per hour (throughput objective)")
     g.add_argument("--max-power", type=float, help="budget in watts (throughput objective)")
     g.add_argument("--no-baseline", action="store_true", help="only split designs")

@@ -15,11 +15,13 @@ import sys
 import time
 from pathlib import Path
 
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.fleet.perf import PROFILE_COLUMNS, load_catalog
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit profile", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="phasesplit profile", description=__doc__.splitlines()[0].split(": ", 1)[1],
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
     p.add_argument("--name", help="model name in the table (default: the directory's name)")
     p.add_argument("--device", default="cpu", help="e.g. cpu, cuda, cuda:1")

@@ -6,13 +6,14 @@ import argparse
 import json
 import sys
 
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.fleet import options
 from phasesplit.fleet.report import summarize, table
 from phasesplit.fleet.sim import PoolSpec, SimConfig, simulate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit simulate", description=__doc__.split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="phasesplit simulate", description=__doc__.split(": ", 1)[1], formatter_class=HelpFormatter)
     options.add_workload(p)
     options.add_cluster_model(p)
     g = p.add_argument_group("cluster (N: 8-GPU machines of hardware HW; MIN-MAX makes the pool elastic)")

@@ -3,7 +3,8 @@
 The router and every pool's workers run as `phasesplit` child processes on 127.0.0.1. Pools can
 grow and shrink while it runs (`LocalCluster.add_worker` / `remove_worker`), which is what the
 autoscaling policy drives. Ctrl-C or SIGTERM stops everything; children also die with the
-launcher if it is killed."""
+launcher if it is killed. The router's port is checked before anything loads; a process that keeps
+failing is not restarted forever (`restarts`)."""
 
 from __future__ import annotations
 
@@ -21,17 +22,23 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-import grpc
-
 from phasesplit import auth
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.control import worker_config
+from phasesplit.local import keys
 from phasesplit.local import plan as local_plan
+from phasesplit.local import ports
 from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port, free_ports, phasesplit_argv,
-                                    wait_grpc_serving, wait_http_ok)
-from phasesplit.v1 import worker_pb2, worker_pb2_grpc
+                                        wait_grpc_serving, wait_http_ok)
+from phasesplit.local.progress import Progress
+from phasesplit.local.restarts import Restarts
 
 log = logging.getLogger("phasesplit.local")
 HOST = "127.0.0.1"
+
+
+class StartCancelled(ProcessFailed):
+    pass
 
 
 @dataclass(slots=True)
@@ -39,12 +46,15 @@ class WorkerHandle:
     pool: str
     address: str
     proc: ManagedProcess
+    metrics_address: str = ""   # the worker's own Prometheus /metrics
 
 
 class LocalCluster:
     def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0,
-                 worker_token: str | None = None):
+                 api_key: str | None = None, worker_token: str | None = None):
         self.plan = plan
+        # clients must send it (by default the environment's, as the router's own); None: no key
+        self.api_key = os.environ.get(keys.ENV) if api_key is None else api_key
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
         self.workers: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
@@ -58,6 +68,7 @@ class LocalCluster:
         # This run's workers take calls only from its router and its prompt workers (by env, never on argv).
         self._worker_env = {**os.environ, auth.TOKEN_ENV: worker_token or auth.new_token()}
         self._worker_env.pop(auth.TOKEN_FILE_ENV, None)
+        self.restarts = Restarts()
 
     @property
     def endpoint(self) -> str:
@@ -70,16 +81,32 @@ class LocalCluster:
     # ---- start and stop ----
 
     def start(self) -> None:
-        started = [self._spawn_worker(pool.name) for pool in self.plan.pools.values() for _ in range(pool.replicas)]
+        started = [self.begin_start(pool.name) for pool in self.plan.pools.values() for _ in range(pool.replicas)]
         for handle in started:
-            wait_grpc_serving(handle.proc, handle.address, self.ready_timeout)
-            self.workers[handle.pool].append(handle)
+            self.finish_start(handle)
+        try:  # checked before the workers loaded too; a program may have taken it since
+            ports.check_free(HOST, self.router_port, "--port or spec.router.service.port")
+        except ports.PortInUse as exc:
+            raise ProcessFailed(f"router: {exc}") from None
         self._start_router()
 
     def _start_router(self) -> None:
-        self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir,
-                                     env={**self._worker_env, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}).start()
-        wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
+        env = {**self._worker_env, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}
+        env.pop(keys.ENV, None)
+        if self.api_key:
+            env[keys.ENV] = self.api_key
+        self.router = ManagedProcess("router", self.router_argv(self.router_port), self.log_dir, env=env).start()
+        try:
+            wait_http_ok(self.router, f"{self.base_url}/health", self.ready_timeout)
+        except ProcessFailed:
+            self.router.stop(5)
+            raise
+
+    def processes(self) -> list[ManagedProcess]:
+        """The router and every worker, in the router or still starting."""
+        with self._lock:
+            handles = [h for pools in (self.workers, self._starting) for pool in pools.values() for h in pool]
+        return [h.proc for h in handles] + ([self.router] if self.router is not None else [])
 
     def supervise(self, interval: float = 1.0) -> threading.Event:
         """Replaces dead processes every `interval` seconds in a background thread until the event is set."""
@@ -133,7 +160,7 @@ class LocalCluster:
             raise
         with self._lock:
             if handle not in self._starting[pool]:
-                raise ProcessFailed(f"{handle.proc.name} was cancelled while it started")
+                raise StartCancelled(f"{handle.proc.name} was cancelled while it started")
             self._starting[pool].remove(handle)
             self.workers[pool].append(handle)
             self._publish(pool)
@@ -193,22 +220,49 @@ class LocalCluster:
         A new router listens on the same port and is given the current members of every pool."""
         names = []
         if self.router is not None and not self.router.alive():
-            log.warning("router exited with code %s; starting a new one", self.router.popen.returncode)
-            self._start_router()
+            self._restart_router()
             names.append("router")
         with self._lock:
             dead = [h for pool in self.workers.values() for h in pool if not h.proc.alive()]
         for handle in dead:
-            log.warning("%s exited with code %s; starting a new one", handle.proc.name, handle.proc.popen.returncode)
             with self._lock:
                 self.workers[handle.pool].remove(handle)
                 self._publish(handle.pool)
-            self.add_worker(handle.pool)
+            self._replace_worker(handle)
         return names + [h.proc.name for h in dead]
+
+    def _restart_router(self) -> None:
+        """ProcessFailed once the router crash-loops (`Restarts`)."""
+        while True:
+            self.restarts.died("router", self.router)
+            log.warning("router exited with code %s; starting a new one", self.router.popen.returncode)
+            try:
+                return self._start_router()
+            except ProcessFailed as exc:
+                log.warning("%s", str(exc).splitlines()[0].rstrip(":"))
+
+    def _replace_worker(self, dead: WorkerHandle) -> None:
+        """ProcessFailed once the pool's workers crash-loop (`Restarts`)."""
+        while True:
+            self.restarts.died(dead.pool, dead.proc)
+            log.warning("%s exited with code %s; starting a new one", dead.proc.name, dead.proc.popen.returncode)
+            dead = self.begin_start(dead.pool)
+            try:
+                self.finish_start(dead)
+                return
+            except StartCancelled:  # the pool shrank meanwhile
+                return
+            except ProcessFailed as exc:
+                log.warning("%s", str(exc).splitlines()[0].rstrip(":"))
 
     def addresses(self, pool: str) -> list[str]:
         with self._lock:
             return [h.address for h in self.workers.get(pool, [])]
+
+    def metrics_addresses(self) -> list[str]:
+        """Where every worker serves its own /metrics."""
+        with self._lock:
+            return [h.metrics_address for pool in self.workers.values() for h in pool]
 
     # ---- helpers ----
 
@@ -216,10 +270,11 @@ class LocalCluster:
         with self._lock:
             self._serial += 1
             name = f"{pool}-{self._serial}"
-        port = free_ports(self.plan.pools[pool].tensor_parallel_size)
-        argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port))
+        port, metrics_port = free_ports(self.plan.pools[pool].tensor_parallel_size), free_port()
+        argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port),
+                               "--metrics-port", str(metrics_port))
         proc = ManagedProcess(name, argv, self.log_dir, env=self._worker_env).start()
-        return WorkerHandle(pool, f"{HOST}:{port}", proc)
+        return WorkerHandle(pool, f"{HOST}:{port}", proc, f"{HOST}:{metrics_port}")
 
     def router_argv(self, port: int) -> list[str]:
         """A router on `port` over the current members of every pool (another replica: another port)."""
@@ -237,7 +292,7 @@ class LocalCluster:
 
     def _admin(self, method: str, path: str, body: dict | None = None) -> dict:
         headers = {"Content-Type": "application/json"}
-        token = self._admin_token if method != "GET" else os.environ.get("PHASESPLIT_API_KEY")
+        token = self._admin_token if method != "GET" else self.api_key
         if token:
             headers["Authorization"] = f"Bearer {token}"
         data = None if body is None else json.dumps(body).encode()
@@ -254,6 +309,8 @@ class LocalCluster:
 
 def _load(address: str, token: str) -> int:
     """Requests and KV a worker holds; a worker that does not answer counts as idle."""
+    import grpc  # here, not above: a refused command line or port answers before gRPC loads
+    from phasesplit.v1 import worker_pb2, worker_pb2_grpc
     try:
         with grpc.insecure_channel(address) as channel:
             load = worker_pb2_grpc.WorkerStub(channel).Load(worker_pb2.LoadRequest(), timeout=2,
@@ -282,7 +339,8 @@ def _positive_seconds(text: str) -> float:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="phasesplit local", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="phasesplit local", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
     p.add_argument("file", help="SplitInference YAML (the same manifest you would kubectl apply)")
     p.add_argument("--model", help="model directory; overrides spec.model.source")
     p.add_argument("--port", type=int, help="router port (default: spec.router.service.port; 0 picks a free one)")
@@ -290,11 +348,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--kv-backend", choices=local_plan.KV_BACKENDS,
                    help="KV transfer backend; overrides spec.kvTransfer.backend (nccl on CPU caches runs over gloo)")
     p.add_argument("--drain-timeout", type=float, default=worker_config.default("drain_timeout"),
-                   help="seconds a stopped worker may finish its work (default: %(default)g)")
+                   help="seconds a stopped worker may finish its work")
     p.add_argument("--ready-timeout", type=float, default=120.0, help="seconds to wait for each process to be ready")
     p.add_argument("--autoscale-interval", type=_positive_seconds,
                    help="seconds between autoscaling evaluations (default: spec.autoscaling.intervalSeconds)")
     p.add_argument("--log-dir", help="where each process writes its log (default: a new temporary directory)")
+    keys.add_flags(p)
     return p.parse_args(argv)
 
 
@@ -303,19 +362,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         the_plan = local_plan.build_plan(local_plan.read_manifest(args.file), args.model, args.port,
-                                   args.drain_timeout, args.device, args.kv_backend)
+                                         args.drain_timeout, args.device, args.kv_backend)
+        key = keys.read(args)
+        if the_plan.router_port:
+            setting = "--port" if args.port is not None else "spec.router.service.port"
+            ports.check_free(HOST, the_plan.router_port, setting)
     except (OSError, ValueError) as exc:
         print(f"phasesplit local: {exc}", file=sys.stderr)
         return 2
+    if notice := keys.notice(the_plan.spec, key):
+        print(f"phasesplit local: {notice}", file=sys.stderr if notice.startswith("warning") else sys.stdout,
+              flush=True)
     log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix="phasesplit-local-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout)
+    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout, key)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     code = 0
+    progress = Progress(cluster.processes, lambda line: print(f"phasesplit local: {line}", flush=True)).start()
     try:
         print(f"phasesplit local: logs in {log_dir}", flush=True)
         cluster.start()
+        progress.show()
         pools = ", ".join(f"{name}={len(cluster.addresses(name))}" for name in the_plan.pools)
         print(f"phasesplit local: ready ({pools}); OpenAI endpoint {cluster.endpoint}", flush=True)
         autoscaler = _start_autoscaler(cluster, args.autoscale_interval)
@@ -332,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        progress.stop()
         cluster.stop()
         print("phasesplit local: stopped", flush=True)
     return code

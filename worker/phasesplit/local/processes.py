@@ -13,12 +13,11 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from phasesplit import parent_death
+from phasesplit.local import ports
 
 _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
 
@@ -76,6 +75,7 @@ class ManagedProcess:
         self.log_path = log_dir / f"{name}.log"
         self.env = env
         self.popen: subprocess.Popen | None = None
+        self.ready_at: float | None = None  # time.monotonic() when it was first found ready
 
     def start(self) -> "ManagedProcess":
         # The death signal fires when the *thread* that forked exits: fork from one long-lived thread.
@@ -95,6 +95,10 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def served_seconds(self) -> float | None:
+        """How long it has been ready (None: never was)."""
+        return None if self.ready_at is None else time.monotonic() - self.ready_at
+
     def log_tail(self, lines: int = 30) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -102,8 +106,8 @@ class ManagedProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
-    def fail(self, why: str) -> ProcessFailed:
-        return ProcessFailed(f"{self.name} {why} (log {self.log_path}):\n{self.log_tail()}")
+    def fail(self, why: str, lines: int = 30) -> ProcessFailed:
+        return ProcessFailed(f"{self.name} {why} (log {self.log_path}):\n{self.log_tail(lines)}")
 
     def signal(self, sig: int) -> None:
         if self.alive():
@@ -139,6 +143,8 @@ def phasesplit_argv(*args: str) -> list[str]:
 
 def wait_grpc_serving(proc: ManagedProcess, address: str, timeout: float) -> None:
     """Polls the standard gRPC health service until it answers SERVING."""
+    import grpc  # here, not above: a refused command line or port answers before gRPC loads
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -148,6 +154,7 @@ def wait_grpc_serving(proc: ManagedProcess, address: str, timeout: float) -> Non
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    proc.ready_at = time.monotonic()
                     return
             except grpc.RpcError:
                 pass
@@ -157,16 +164,20 @@ def wait_grpc_serving(proc: ManagedProcess, address: str, timeout: float) -> Non
 
 
 def wait_http_ok(proc: ManagedProcess, url: str, timeout: float) -> None:
+    """Polls `url` until it answers 200 from `proc` itself: a 200 from another process listening on the
+    same port (which `proc` then fails to bind) does not count."""
+    port = urllib.parse.urlsplit(url).port
     deadline = time.monotonic() + timeout
     while True:
         if not proc.alive():
             raise proc.fail(f"exited with code {proc.popen.returncode} before it was ready")
         try:
             with urllib.request.urlopen(url, timeout=1.0) as reply:
-                if reply.status == 200:
+                if reply.status == 200 and ports.listens(proc.pid, port):
+                    proc.ready_at = time.monotonic()
                     return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise proc.fail(f"{url} not 200 after {timeout:.0f} s")
+            raise proc.fail(f"{url} not answered by it with 200 after {timeout:.0f} s")
         time.sleep(0.2)

@@ -21,9 +21,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from phasesplit import auth
-from phasesplit.control.worker_config import WorkerConfig, build_parser
+from phasesplit.grpc_auth import Guard
+from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.heap import freeze_loaded_objects
+from phasesplit.roles.command import parse_args  # noqa: F401 - also this module's
 from phasesplit.roles.control import WorkerService
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engines import default_device, engine_kind, sending_transport
@@ -34,15 +36,6 @@ log = logging.getLogger("phasesplit.worker")
 LIVENESS = "liveness"
 SERVICES = {"prompt": ("phasesplit.v1.PromptWorker",), "token": ("phasesplit.v1.TokenWorker",),
             "mixed": ("phasesplit.v1.PromptWorker", "phasesplit.v1.TokenWorker")}
-
-
-def parse_args(argv: list[str]) -> WorkerConfig:
-    """The command line as a `WorkerConfig`; flags left out take the config's defaults."""
-    p = build_parser(prog="phasesplit worker", description=__doc__.split("\n\n")[0])
-    try:
-        return WorkerConfig(**vars(p.parse_args(argv)))
-    except ValueError as e:
-        p.error(str(e))
 
 
 def load_engine(config: WorkerConfig, tp=None, device: str | None = None):
@@ -92,6 +85,7 @@ class WorkerServer:
         if not self.health_port:
             raise OSError(f"--health-port: cannot listen on {config.host}:{config.health_port}")
         self.core.on_drain.append(self._not_serving)
+        self.metrics = None   # the /metrics HTTP server, with --metrics-port
 
     def start(self) -> "WorkerServer":
         self.core.loop.start()
@@ -99,6 +93,9 @@ class WorkerServer:
         self.server.start()
         self.health_server.start()
         self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+        if self.settings.metrics_port:
+            from phasesplit.roles.metrics import serve_metrics
+            self.metrics = serve_metrics(self.core, self.settings.host, self.settings.metrics_port)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         return self
 
@@ -112,6 +109,8 @@ class WorkerServer:
     def stop(self) -> None:
         self.server.stop(grace=1.0).wait()
         self.health_server.stop(grace=None)
+        if self.metrics is not None:
+            self.metrics.shutdown()
         self.inbox.stop()
         self.core.loop.stop()
         if self.prompt is not None:
@@ -139,11 +138,14 @@ def work_server(config: WorkerConfig, thread_name: str) -> grpc.Server:
     threads = config.grpc_threads or 2 * config.max_num_seqs + 16
     return grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=thread_name),
                        options=list(channels.SERVER_OPTIONS), maximum_concurrent_rpcs=threads,
-                       interceptors=[auth.Guard(auth.worker_token())])
+                       interceptors=[Guard(auth.worker_token())])
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(sys.argv[1:] if argv is None else argv)
+    return run(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run(config: WorkerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(name)s %(levelname)s %(message)s")
     if auth.worker_token() is None:
         log.warning("no %s (or %s): this worker takes RPCs from anyone who can reach its port",
@@ -189,19 +191,21 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
     except ImportError:
         pass
     try:
+        log.info("loading model %s (weights, then the KV cache)", config.model)
         engine = load_engine(config, tp, device)
         freeze_loaded_objects()
         if not leader:
             from phasesplit.roles.follower import follow
             follow(engine, config, sending_transport)
             return 0
-        server = WorkerServer(engine, config).start()
+        server = WorkerServer(engine, config)
+        log.info("%s worker serving %s on %s:%d, health on port %d (%d KV blocks of %d tokens, device %s, "
+                 "tensor parallel %d)", config.role, server.settings.served_model_name, config.host, server.port,
+                 server.health_port, engine.num_total_blocks, engine.layout.block_size, engine.device, engine.tp.size)
+        server.start()  # SERVING from here on: local mode reads the line above once it sees SERVING
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)
         return 2
-    log.info("%s worker serving %s on %s:%d, health on port %d (%d KV blocks of %d tokens, device %s, tensor parallel %d)", config.role,
-             server.settings.served_model_name, config.host, server.port, server.health_port, engine.num_total_blocks,
-             engine.layout.block_size, engine.device, engine.tp.size)
     while not stop.wait(1.0):
         pass
     log.info("draining (up to %g s)", config.drain_timeout)

@@ -98,7 +98,7 @@ TOKENIZER_THREADS = 4
 def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer | None) -> web.Application:
     """`tokenizer` None: read from the workers."""
     source = tokenizer if isinstance(tokenizer, TokenizerSource) else TokenizerSource(tokenizer)
-    metrics = RouterMetrics()
+    metrics = RouterMetrics(settings.served_model_name)
     pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
                   dns_interval=settings.dns_interval, served=settings.pools, tokenizer=source)
     app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=BODY_LIMIT_MIB * 2**20)

@@ -80,13 +80,16 @@ class Dispatcher:
         if not n:
             return
         now = time.monotonic()
+        self.metrics.generation_tokens.labels().inc(n)
         if run.first_token is None:
             run.first_token = run.last_token = now
-            self.metrics.ttft.observe(now - run.job.arrival)
+            self.metrics.ttft.labels(pool=run.prompt_pool).observe(now - run.job.arrival)
+            self.metrics.prompt_tokens.labels().inc(len(run.job.prompt_token_ids))
             n -= 1
         if n:   # tokens held back with an incomplete character arrive together with the next text
+            tbt = self.metrics.tbt.labels(pool=run.token_pool)
             for _ in range(n):
-                self.metrics.tbt.observe((now - run.last_token) / n)
+                tbt.observe((now - run.last_token) / n)
         run.last_token = now
         run.completion_tokens += len(delta.token_ids)
 
@@ -95,7 +98,7 @@ class Dispatcher:
         self.metrics.requests.labels(outcome=outcome).inc()
         elapsed = time.monotonic() - job.arrival
         if outcome == "success":
-            self.metrics.latency.observe(elapsed)
+            self.metrics.latency.labels(pool=run.token_pool).observe(elapsed)
         log.log(logging.INFO if run.failures else logging.DEBUG,
                 "request %s %s route=%s prompt_worker=%s token_worker=%s failed_workers=[%s] prompt_tokens=%d "
                 "completion_tokens=%d ttft=%s e2e=%.4f prompt_phase=[%s]", job.request_id, outcome, run.route,
@@ -173,18 +176,19 @@ class Dispatcher:
         worker = self._pick("token", pick_token_worker(candidates, exclude=run.failed, tokens=tokens), run)
         if run.token_worker and worker.address != run.token_worker:
             log.info("request %s: token worker %s -> %s", run.job.request_id, run.token_worker, worker.address)
-        run.token_worker = worker.address
+        run.token_worker, run.token_pool = worker.address, worker.pool
         return worker
 
     def _pick_prompt_worker(self, run: RequestRun) -> WorkerState:
         candidates = prompt_candidates(self.pools["prompt"].workers.values(), self.pools["mixed"].workers.values())
         worker = self._pick("prompt", pick_prompt_worker(candidates, exclude=run.failed), run)
-        run.prompt_worker = worker.address
+        run.prompt_worker, run.prompt_pool = worker.address, worker.pool
         return worker
 
     def _pick_mixed_worker(self, run: RequestRun) -> WorkerState:
         worker = self._pick("mixed", pick_mixed_worker(self.pools["mixed"].workers.values(), exclude=run.failed), run)
         run.prompt_worker = run.token_worker = worker.address
+        run.prompt_pool = run.token_pool = worker.pool
         return worker
 
     # ---- split: prompt worker then token worker ----

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from phasesplit.cli_format import HelpFormatter
 from phasesplit.heap import freeze_loaded_objects
 from phasesplit.router.admission import AdmissionSettings
 from phasesplit.router.app import ROUTER, RouterSettings, create_app
@@ -26,13 +27,13 @@ SHUTDOWN_SECONDS = 60.0  # on SIGTERM, streams in flight get this long to finish
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phasesplit router", description=__doc__)
+    p = argparse.ArgumentParser(prog="phasesplit router", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="model directory to read the tokenizer and config.json from (default: read "
                    "them from the first ready worker, and follow the workers when their model changes)")
     p.add_argument("--served-model-name", help="the name clients send as `model` (default: the directory name; "
                    "required without --model)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: a free one)")
     p.add_argument("--prompt-workers", default="", help="comma-separated host:port or dns:NAME:PORT")
     p.add_argument("--token-workers", default="", help="comma-separated host:port or dns:NAME:PORT")
     p.add_argument("--mixed-workers", default="", help="comma-separated host:port or dns:NAME:PORT")
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a connection may take to send a request's headers, and may stay idle")
     p.add_argument("--body-timeout", type=float, default=RouterSettings.body_timeout,
                    help="seconds a request may take to send its body before a 408")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="lowest level of the messages logged")
     return p
 
 

@@ -8,6 +8,10 @@ Per pool (`prompt`, `token`, `mixed`), as the router sees its own traffic:
   token pool: tokens still to generate.
 A request waiting in the router (for a pool's first worker, or for admission) counts in the queue and
 in-flight gauges of the pools it waits for, as it would queued on a worker.
+
+Per request (labelled `model_name`, the served model name): outcomes, prompt and generation tokens, and
+the TTFT/TBT/E2E histograms, labelled `pool` too: the pool of the worker that did that part (TTFT: the
+first token's worker, prompt or mixed; TBT and E2E: the worker that generated and finished, token or mixed).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ _TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 
 class RouterMetrics:
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         self.registry = CollectorRegistry()
+        self.model_name = model_name
         r = self.registry
         self.queue_requests = Gauge("phasesplit_queue_requests", "Requests waiting for a worker of the pool",
                                     ["pool"], registry=r)
@@ -45,17 +50,26 @@ class RouterMetrics:
         self.kv_blocks_free = Gauge("phasesplit_kv_blocks_free", "KV cache blocks free", ["worker"], registry=r)
         self.kv_utilization = Gauge("phasesplit_kv_utilization", "Used over total KV blocks in the pool",
                                     ["pool"], registry=r)
-        self.ttft = Histogram("phasesplit_time_to_first_token_seconds", "Time to first token",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.tbt = Histogram("phasesplit_time_between_tokens_seconds", "Time between output tokens",
-                             buckets=_TBT_BUCKETS, registry=r)
-        self.latency = Histogram("phasesplit_request_latency_seconds", "End-to-end request latency",
-                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = self._per_model(Histogram(
+            "phasesplit_time_to_first_token_seconds", "Time to first token, by the pool that made it",
+            ["model_name", "pool"], buckets=_LATENCY_BUCKETS, registry=r))
+        self.tbt = self._per_model(Histogram(
+            "phasesplit_time_between_tokens_seconds", "Time between output tokens, by the pool that made them",
+            ["model_name", "pool"], buckets=_TBT_BUCKETS, registry=r))
+        self.latency = self._per_model(Histogram(
+            "phasesplit_request_latency_seconds", "End-to-end latency of successful requests, by the pool that "
+            "finished them", ["model_name", "pool"], buckets=_LATENCY_BUCKETS, registry=r))
+        self.prompt_tokens = self._per_model(Counter(
+            "phasesplit_prompt_tokens", "Prompt tokens of the requests that got their first token",
+            ["model_name"], registry=r))
+        self.generation_tokens = self._per_model(Counter(
+            "phasesplit_generation_tokens", "Output tokens sent to clients", ["model_name"], registry=r))
         self.kv_transfer_bytes = Counter("phasesplit_kv_transfer_bytes", "KV bytes moved prompt -> token",
                                          registry=r)
         self.kv_transfer_seconds = Counter("phasesplit_kv_transfer_seconds", "Seconds spent moving KV",
                                            registry=r)
-        self.requests = Counter("phasesplit_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.requests = self._per_model(Counter("phasesplit_requests", "Requests by outcome",
+                                                ["model_name", "outcome"], registry=r))
         self.migrations = Counter("phasesplit_migrations", "Requests moved to another worker after a worker failed "
                                   "them (stage: before_output = retried, mid_stream = migrated)",
                                   ["reason", "stage"], registry=r)
@@ -76,6 +90,9 @@ class RouterMetrics:
         r.register(self.worker_streams)
         self._declare_series()
 
+    def _per_model(self, metric) -> "ForModel":
+        return ForModel(metric, self.model_name)
+
     def _declare_series(self) -> None:
         """Every labelled series exists from the start, at 0: a query sees the pools, outcomes and reasons
         that have had nothing yet."""
@@ -85,6 +102,14 @@ class RouterMetrics:
                 gauge.labels(pool=pool).set(0)
         for outcome in OUTCOMES:
             self.requests.labels(outcome=outcome)
+        self.prompt_tokens.labels()
+        self.generation_tokens.labels()
+        # A series born with its first observation would hide that observation from rate().
+        for pool in ("prompt", "mixed"):
+            self.ttft.labels(pool=pool)
+        for pool in ("token", "mixed"):
+            self.tbt.labels(pool=pool)
+            self.latency.labels(pool=pool)
         for reason in REFUSALS:
             self.admission_refused.labels(reason=reason)
         for stage in ("before_output", "mid_stream"):
@@ -116,6 +141,17 @@ class RouterMetrics:
             except KeyError:
                 pass
         self.worker_streams.by_worker.pop(worker, None)
+
+
+class ForModel:
+    """A request-level metric whose `model_name` label is the router's served model: `labels(...)` takes
+    the other labels only."""
+
+    def __init__(self, metric, model_name: str):
+        self._metric, self._model_name = metric, model_name
+
+    def labels(self, **labels: str):
+        return self._metric.labels(model_name=self._model_name, **labels)
 
 
 class WorkerStreams:

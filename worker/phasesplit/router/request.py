@@ -65,6 +65,8 @@ class RequestRun:
     route: str = ""
     prompt_worker: str = ""
     token_worker: str = ""
+    prompt_pool: str = ""    # the pools of those workers (a mixed worker may lend itself to either phase)
+    token_pool: str = ""
     sent: list[int] = field(default_factory=list)    # tokens whose text reached the client
     held: list[int] = field(default_factory=list)    # this attempt's tokens whose text is held back
     failed: set[str] = field(default_factory=set)    # addresses of the workers that failed it

@@ -8,6 +8,7 @@ import threading
 import grpc
 
 from phasesplit import auth
+from phasesplit.grpc_auth import authenticated
 
 MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = (("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -24,8 +25,8 @@ class Channels:
     def get(self, addr: str) -> grpc.Channel:
         with self._lock:
             if addr not in self._channels:
-                self._channels[addr] = auth.authenticated(grpc.insecure_channel(addr, options=self._options),
-                                                          auth.PROMPT_WORKER)
+                self._channels[addr] = authenticated(grpc.insecure_channel(addr, options=self._options),
+                                                     auth.PROMPT_WORKER)
             return self._channels[addr]
 
     def close(self) -> None:
