@@ -50,3 +50,48 @@ def test_render_names_what_is_wrong(tmp_path):
     out = render(str(path))
     assert out.returncode == 1 and "spec.pools.token.engine.numKvBlocks" in out.stderr
     assert render(str(tmp_path / "missing.yaml")).returncode == 2
+
+
+def test_render_says_what_is_wrong_in_plain_words(tmp_path):
+    path = tmp_path / "si.yaml"
+    cases = [
+        ({"pools": {"token": {"engine": {"maxNumSeq": 4}}}},
+         "spec.pools.token.engine.maxNumSeq: unknown field; did you mean `maxNumSeqs`?"),
+        ({"model": {"dtype": "fp8"}}, "spec.model.dtype: must be one of 'float32', 'float16' or 'bfloat16', got 'fp8'"),
+        ({"pools": {"prompt": {"engine": {"blockSize": 32}}}},
+         "the KV layout must match): prompt 32, token 16"),
+    ]
+    for spec, message in cases:
+        path.write_text(yaml.safe_dump(split_inference("chat", spec=spec)))
+        out = render(str(path))
+        assert out.returncode == 1 and message in out.stderr, out.stderr
+        assert f"phasesplit render: {path}: SplitInference 'chat': " in out.stderr
+    path.write_text(yaml.safe_dump(split_inference("7b-chat")))
+    out = render(str(path))
+    assert "metadata.name: must be a DNS label" in out.stderr and "got '7b-chat'" in out.stderr
+    assert "pattern" not in out.stderr and "^[a-z]" not in out.stderr
+
+
+def test_a_yaml_error_names_the_file_and_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("kind: SplitInference\nmetadata:\n  name: x\n spec: [\n")
+    out = render(str(path))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"phasesplit render: {path}: line 4, column 2: not valid YAML: "), out.stderr
+
+
+def test_every_pattern_of_the_crd_has_words_for_people():
+    from phasesplit.operator.crd import build_crd
+    from phasesplit.validation import PATTERN_WORDS
+
+    def patterns(node):
+        if isinstance(node, dict):
+            yield from ([node["pattern"]] if isinstance(node.get("pattern"), str) else [])
+            for value in node.values():
+                yield from patterns(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from patterns(value)
+
+    found = set(patterns(build_crd()))
+    assert found and found <= set(PATTERN_WORDS), found - set(PATTERN_WORDS)

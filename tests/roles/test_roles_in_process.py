@@ -93,3 +93,21 @@ def test_every_worker_serves_its_tokenizer_files_and_names_them_by_digest(roles,
                 files[chunk.name] = files.get(chunk.name, b"") + chunk.data
             assert files == on_disk and "tokenizer.json" in files
             assert stub.Info(pb.InfoRequest(), timeout=10).tokenizer_digest == tokenizer_digest(on_disk)
+
+
+def test_the_workers_lines_about_a_request_carry_the_routers_request_id(roles, caplog):
+    prompt, token, prompt_stub, token_stub = roles
+    sampling = pb.SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    metadata = (("x-request-id", "client-trace-7"),)
+    with caplog.at_level(logging.INFO, logger="phasesplit.roles"):
+        reply = prompt_stub.Prefill(pb.PrefillRequest(request_id="traced", prompt_token_ids=PROMPT, sampling=sampling,
+                                                      token_worker=f"127.0.0.1:{token.port}"), timeout=30,
+                                    metadata=metadata)
+        list(token_stub.Generate(pb.GenerateRequest(request_id="traced", sampling=sampling,
+                                                    first_token=reply.first_token), timeout=30, metadata=metadata))
+        split_run(roles, "untraced", PROMPT, sampling)
+    traced = [r for r in caplog.records if getattr(r, "request_id", None) == "client-trace-7"]
+    assert {r.name for r in traced} == {"phasesplit.roles.prompt", "phasesplit.roles.token"}
+    assert all("request traced: " in r.getMessage() for r in traced)
+    untraced = [r for r in caplog.records if "request untraced: " in r.getMessage()]
+    assert len(untraced) == 2 and all(r.request_id == "untraced" for r in untraced)

@@ -138,3 +138,29 @@ async def test_worker_dying_mid_stream_ends_the_stream_with_an_error(make_cluste
     metrics = await cluster.metrics()
     assert metrics[("phasesplit_requests_total", (("model_name", MODEL), ("outcome", "error")))] == 1
     assert metrics[("phasesplit_inflight_requests", (("pool", "token"),))] == 0
+
+
+JARGON = ("Input should", "Value error", "after validation", "Extra inputs", "String should", "validation error")
+
+
+@pytest.mark.parametrize("path,body,param,message", [
+    ("/v1/chat/completions", {"model": MODEL, "messages": []}, "messages", "messages: must have at least 1 item"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": "hi"}, "messages", "messages: must be a list, got 'hi'"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [5]}, "messages[0]",
+     "messages[0]: must be an object of fields, got 5"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role",
+     "messages[0].role: must be one of 'system', 'developer', 'user', 'assistant' or 'tool', got 'robot'"),
+    ("/v1/completions", GOOD | {"temperature": 5}, "temperature",
+     "temperature: must be less than or equal to 2.0, got 5"),
+    ("/v1/completions", GOOD | {"max_tokens": "x"}, "max_tokens", "max_tokens: must be an integer, got 'x'"),
+    ("/v1/completions", GOOD | {"max_tokens": 1.5}, "max_tokens", "max_tokens: must be a whole number, got 1.5"),
+    ("/v1/completions", GOOD | {"stream": "maybe"}, "stream", "stream: must be true or false, got 'maybe'"),
+    ("/v1/completions", GOOD | {"model": 5}, "model", "model: must be a string, got 5"),
+    ("/v1/completions", GOOD | {"logit_bias": {"1": 2}}, "logit_bias", "logit_bias: logit_bias is not supported"),
+])
+async def test_400_messages_say_what_is_allowed_in_plain_words(make_cluster, path, body, param, message):
+    cluster = await make_cluster()
+    status, reply = await post(cluster, path, body)
+    assert status == 400 and reply["error"]["param"] == param
+    assert reply["error"]["message"].startswith(message)
+    assert not any(word in reply["error"]["message"] for word in JARGON), reply["error"]["message"]

@@ -18,6 +18,7 @@ import math
 import grpc
 
 from phasesplit.engine.tokenizer import tokenizer_digest
+from phasesplit.logs import request_id_from_metadata
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1.conventions import KV_PEER_FAILED
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -51,6 +52,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.prefills: list[pb.PrefillRequest] = []
         self.generates: list[pb.GenerateRequest] = []
         self.aborted: list[str] = []
+        self.log_ids: list[str] = []              # the x-request-id metadata of each Prefill and Generate
         self.active: set[str] = set()            # requests being prefilled or generated right now
         self.streams_ended: collections.Counter[str] = collections.Counter()   # Generate streams, by finish reason
         self.kv: dict[str, pb.KVHeader] = {}      # pushed KV not yet claimed by Generate
@@ -113,6 +115,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillReply:
         await self._alive()
         self.prefills.append(request)
+        self.log_ids.append(request_id_from_metadata(context, ""))
         if self.refuse_prefill or self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "worker is draining")
         rid, prompt = request.request_id, list(request.prompt_token_ids)
@@ -156,6 +159,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
     async def Generate(self, request: pb.GenerateRequest, context):
         await self._alive()
         self.generates.append(request)
+        self.log_ids.append(request_id_from_metadata(context, ""))
         rid, sampling = request.request_id, request.sampling
         if request.prompt_token_ids:
             sequence, produced = list(request.prompt_token_ids), 0

@@ -9,6 +9,7 @@ import random
 import re
 
 from phasesplit.cli_format import HelpFormatter
+from phasesplit.logs import add_logging_flags, configure
 from phasesplit.operator import builders
 
 DEFAULT_PEERING = "phasesplit"
@@ -38,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    default=os.environ.get("PHASESPLIT_CLUSTER_DOMAIN", builders.CLUSTER_DOMAIN),
                    help="the cluster's DNS domain, in the addresses the router and status use "
                         "(env PHASESPLIT_CLUSTER_DOMAIN; default: %(default)s)")
-    p.add_argument("--verbose", action="store_true", help="log kopf's debug messages")
+    p.add_argument("--verbose", action="store_true", help="the same as --log-level DEBUG (kopf's debug messages too)")
+    add_logging_flags(p)
     return p.parse_args(argv)
 
 
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     handlers.register(registry)
 
     priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
-    kopf.configure(verbose=args.verbose)
+    kopf.configure(verbose=args.verbose)   # kopf's own logger settings; the lines take the one phasesplit format
+    configure(component="operator", level="DEBUG" if args.verbose else args.log_level, fmt=args.log_format)
     asyncio.run(kopf.operator(
         registry=registry,
         clusterwide=not args.namespace,

@@ -18,6 +18,7 @@ from phasesplit.operator import builders, checks, status
 from phasesplit.operator.apply import apply
 from phasesplit.operator.prune import ROLLOUT_KINDS, prune
 from phasesplit.operator.kube import Kube, KubeError, path
+from phasesplit.validation import messages
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def parse(body: dict) -> tuple[si.SplitInferenceSpec | None, list[str]]:
     try:
         return si.SplitInferenceSpec.model_validate(body.get("spec") or {}), []
     except pydantic.ValidationError as e:
-        return None, [f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()]
+        return None, messages(e, si.SplitInferenceSpec, prefix="spec")
 
 
 def desired_state(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOMAIN

@@ -16,6 +16,7 @@ from phasesplit.operator import builders
 from phasesplit.operator.apply import stamped
 from phasesplit.operator.main import cluster_domain
 from phasesplit.operator.reconcile import autoscaled
+from phasesplit.validation import one_line, yaml_problem
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,8 +35,7 @@ def rendered(doc: dict, namespace: str | None = None, domain: str = builders.CLU
     try:
         resource = si.SplitInference.model_validate(doc)
     except pydantic.ValidationError as e:
-        raise ValueError("; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                                   for err in e.errors())) from None
+        raise ValueError(one_line(e, si.SplitInference)) from None
     if problems := si.feasibility_problems(resource.spec):
         raise ValueError("; ".join(f"spec.{p}" for p in problems))
     owner = builders.Owner(resource.metadata.name, resource.metadata.namespace or namespace or "default", "", domain)
@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text = sys.stdin.read() if args.file == "-" else open(args.file).read()
         docs = [d for d in yaml.safe_load_all(text) if d]
-    except (OSError, yaml.YAMLError) as e:
-        print(f"phasesplit render: {args.file}: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"phasesplit render: {args.file}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as e:
+        print(f"phasesplit render: {yaml_problem(args.file, e)}", file=sys.stderr)
         return 2
     objects = []
     for doc in docs:

@@ -247,7 +247,8 @@ class PoolAutoscaling(Spec):
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas})")
         if self.metric == "kvUtilization" and self.target_per_replica > 1.0:
-            raise ValueError("targetPerReplica is a fraction (<= 1) when metric is kvUtilization")
+            raise ValueError(f"targetPerReplica is a fraction (<= 1) when metric is kvUtilization, "
+                             f"not {self.target_per_replica:g}")
         return self
 
 
@@ -411,7 +412,8 @@ class Pools(Spec):
         if not ((self.prompt and self.token) or self.mixed):
             raise ValueError("set both prompt and token pools (or a mixed pool)")
         if self.prompt and self.token and self.prompt.engine.block_size != self.token.engine.block_size:
-            raise ValueError("prompt and token pools must use the same engine.blockSize (the KV layout must match)")
+            raise ValueError("prompt and token pools must use the same engine.blockSize (the KV layout must match): "
+                             f"prompt {self.prompt.engine.block_size}, token {self.token.engine.block_size}")
         if self.prompt and self.token and self.prompt.tensor_parallel_size != self.token.tensor_parallel_size:
             raise ValueError(f"{SPLIT_TP_MESSAGE}: prompt {self.prompt.tensor_parallel_size}, "
                              f"token {self.token.tensor_parallel_size}")

@@ -32,6 +32,7 @@ from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port
                                         wait_grpc_serving, wait_http_ok)
 from phasesplit.local.progress import Progress
 from phasesplit.local.restarts import Restarts
+from phasesplit.logs import add_logging_flags, configure_logging, logging_argv
 
 log = logging.getLogger("phasesplit.local")
 HOST = "127.0.0.1"
@@ -51,10 +52,11 @@ class WorkerHandle:
 
 class LocalCluster:
     def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0,
-                 api_key: str | None = None, worker_token: str | None = None):
+                 api_key: str | None = None, log_flags: tuple[str, ...] = (), worker_token: str | None = None):
         self.plan = plan
         # clients must send it (by default the environment's, as the router's own); None: no key
         self.api_key = os.environ.get(keys.ENV) if api_key is None else api_key
+        self.log_flags = tuple(log_flags)   # every child logs as the launcher does
         self.log_dir = log_dir
         self.ready_timeout = ready_timeout
         self.workers: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
@@ -272,7 +274,7 @@ class LocalCluster:
             name = f"{pool}-{self._serial}"
         port, metrics_port = free_ports(self.plan.pools[pool].tensor_parallel_size), free_port()
         argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port),
-                               "--metrics-port", str(metrics_port))
+                               "--metrics-port", str(metrics_port), *self.log_flags)
         proc = ManagedProcess(name, argv, self.log_dir, env=self._worker_env).start()
         return WorkerHandle(pool, f"{HOST}:{port}", proc, f"{HOST}:{metrics_port}")
 
@@ -280,7 +282,8 @@ class LocalCluster:
         """A router on `port` over the current members of every pool (another replica: another port)."""
         argv = phasesplit_argv("router", "--model", self.plan.model_dir, "--served-model-name",
                                self.plan.served_model_name, "--host", HOST, "--port", str(port),
-                               *self.plan.router_args, "--pools", ",".join(self.plan.pools))
+                               *self.plan.router_args, "--pools", ",".join(self.plan.pools),
+                               *self.log_flags)
         for pool in self.plan.pools:
             argv += [f"--{pool}-workers", ",".join(self.addresses(pool))]
         return argv
@@ -354,12 +357,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds between autoscaling evaluations (default: spec.autoscaling.intervalSeconds)")
     p.add_argument("--log-dir", help="where each process writes its log (default: a new temporary directory)")
     keys.add_flags(p)
+    add_logging_flags(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(args, "local")
     try:
         the_plan = local_plan.build_plan(local_plan.read_manifest(args.file), args.model, args.port,
                                          args.drain_timeout, args.device, args.kv_backend)
@@ -375,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix="phasesplit-local-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout, key)
+    cluster = LocalCluster(the_plan, log_dir, args.ready_timeout, key, logging_argv(args))
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     code = 0

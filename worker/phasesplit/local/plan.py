@@ -5,12 +5,14 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
+import pydantic
 import yaml
 
 from phasesplit.control import spec as si
 from phasesplit.control.worker_config import default
 from phasesplit.control.worker_settings import literal, worker_settings
 from phasesplit.transport.backends import NAMES as KV_BACKENDS
+from phasesplit.validation import one_line, yaml_problem
 
 
 @dataclass(slots=True)
@@ -37,18 +39,31 @@ class LocalPlan:
 
 
 def read_manifest(path: str | pathlib.Path) -> si.SplitInference:
-    """The SplitInference document from a YAML file (the first one of that kind in it)."""
-    with open(path) as f:
-        docs = [d for d in yaml.safe_load_all(f) if d]
+    """The SplitInference document from a YAML file (the first one of that kind in it); a ValueError names the
+    file, the document and the field, as `phasesplit render` does."""
+    try:
+        with open(path) as f:
+            docs = [d for d in yaml.safe_load_all(f) if d]
+    except yaml.YAMLError as e:
+        raise ValueError(yaml_problem(path, e)) from None
+    except OSError as e:
+        raise ValueError(f"{path}: {e.strerror or e}") from None
     for doc in docs:
-        if doc.get("kind") == "SplitInference":
-            return validate_manifest(doc)
+        if isinstance(doc, dict) and doc.get("kind") == si.KIND:
+            name = (doc.get("metadata") or {}).get("name", "?")
+            try:
+                return validate_manifest(doc)
+            except ValueError as e:
+                raise ValueError(f"{path}: SplitInference {name!r}: {e}") from None
     raise ValueError(f"{path}: no document with kind: SplitInference")
 
 
 def validate_manifest(doc: dict) -> si.SplitInference:
     """Checks the document with the spec's pydantic models, and what local mode needs of it."""
-    resource = si.SplitInference.model_validate(doc)
+    try:
+        resource = si.SplitInference.model_validate(doc)
+    except pydantic.ValidationError as e:
+        raise ValueError(one_line(e, si.SplitInference)) from None
     problems = si.feasibility_problems(resource.spec, in_cluster=False)
     if problems:
         raise ValueError("spec." + "; spec.".join(problems))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from phasesplit.engine.handoff import KVHandoff
+from phasesplit.logs import request_id_from_metadata
 from phasesplit.v1.conventions import KV_PEER_FAILED
 from phasesplit.roles.convert import sampling_from_proto
 from phasesplit.roles.core import WorkerCore
@@ -89,6 +90,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         rid = request.request_id
         params = self._validate(request, context)
         ids = list(request.prompt_token_ids)
+        log.info("request %s: prefill of %d prompt tokens", rid, len(ids),
+                 extra={"request_id": request_id_from_metadata(context, rid)})
         # A request that cannot outlive its first token (max_tokens=1) has no token phase: no KV moves.
         transfer = _Transfer(timing, self.core.settings.layerwise and params.max_tokens > 1)
         with self._lock:

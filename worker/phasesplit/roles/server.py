@@ -25,7 +25,7 @@ from phasesplit.grpc_auth import Guard
 from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.heap import freeze_loaded_objects
-from phasesplit.roles.command import parse_args  # noqa: F401 - also this module's
+from phasesplit.roles.command import main, parse_args  # noqa: F401 - also this module's
 from phasesplit.roles.control import WorkerService
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.engines import default_device, engine_kind, sending_transport
@@ -141,12 +141,8 @@ def work_server(config: WorkerConfig, thread_name: str) -> grpc.Server:
                        interceptors=[Guard(auth.worker_token())])
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(sys.argv[1:] if argv is None else argv))
-
-
 def run(config: WorkerConfig) -> int:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(name)s %(levelname)s %(message)s")
+    """The worker, once `phasesplit.roles.command` has read its command line and set up logging."""
     if auth.worker_token() is None:
         log.warning("no %s (or %s): this worker takes RPCs from anyone who can reach its port",
                     auth.TOKEN_ENV, auth.TOKEN_FILE_ENV)

@@ -3,8 +3,11 @@ grpc receiver), or, on a mixed worker, runs both phases for a request that bring
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 
+from phasesplit.logs import request_id_from_metadata
 from phasesplit.roles.convert import sampling_from_proto
 from phasesplit.roles.core import WorkerCore
 from phasesplit.roles.kv_inbox import FAILED, KVInbox
@@ -12,6 +15,8 @@ from phasesplit.roles.streaming import stream_tokens
 from phasesplit.transport.grpc_receive import add_token_worker_method
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 
 def add_generate_to_server(service, server: grpc.Server) -> None:
@@ -35,6 +40,9 @@ class TokenService(pb_grpc.TokenWorkerServicer):
             except ValueError as exc:
                 self.inbox.abort(request.request_id)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling.{exc}")
+            phases = "prefill and decode" if request.prompt_token_ids else "decode from the prompt worker's KV"
+            log.info("request %s: %s", request.request_id, phases,
+                     extra={"request_id": request_id_from_metadata(context, request.request_id)})
             if request.prompt_token_ids:
                 yield from self._both_phases(request, params, context)
             else:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from phasesplit.engine.tokenizer import Tokenizer
+from phasesplit.router.access_log import JOB, access_log, add_request_id_header, request_id
 from phasesplit.router.admission import AdmissionSettings, KeyStreams
 from phasesplit.router.dispatch import Dispatcher, TokenizerChanged
 from phasesplit.router.metrics import POOLS, RouterMetrics
@@ -101,7 +102,9 @@ def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer 
     metrics = RouterMetrics(settings.served_model_name)
     pools = Pools(settings.workers, metrics, poll_interval=settings.poll_interval,
                   dns_interval=settings.dns_interval, served=settings.pools, tokenizer=source)
-    app = web.Application(middlewares=[openai_errors, require_api_key], client_max_size=BODY_LIMIT_MIB * 2**20)
+    app = web.Application(middlewares=[access_log, openai_errors, require_api_key],
+                          client_max_size=BODY_LIMIT_MIB * 2**20)
+    app.on_response_prepare.append(add_request_id_header)
     dispatcher = Dispatcher(pools, metrics, settings.migration, settings.queue, settings.admission)
     app[ROUTER] = Router(settings, source, metrics, pools, dispatcher,
                          KeyStreams(settings.admission.max_streams_per_key, metrics),
@@ -211,7 +214,9 @@ async def _serve(request: web.Request, router: Router, req, endpoint: Endpoint) 
                                                                    tokenizer)
             check_prompt_length(ids, router.max_model_len, endpoint.param)
             job = Job(f"{endpoint.id_prefix}-{uuid.uuid4().hex}", ids,
-                      sampling_params(req, len(ids), router.max_model_len), tokenizer=digest)
+                      sampling_params(req, len(ids), router.max_model_len), tokenizer=digest,
+                      log_id=request_id(request))
+            request[JOB] = job
         try:
             return await _answer(request, router, req, job, Shape(job.request_id, req.model, chat=endpoint.chat))
         except TokenizerChanged:

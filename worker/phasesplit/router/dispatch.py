@@ -13,6 +13,7 @@ from contextlib import aclosing
 
 import grpc
 
+from phasesplit.logs import REQUEST_ID_METADATA
 from phasesplit.router.admission import Admission, AdmissionSettings
 from phasesplit.router.failures import (WorkerLost, lost_in_prefill, lost_in_stream, no_worker, request_lost,
                                         worker_failed)
@@ -95,6 +96,7 @@ class Dispatcher:
 
     def _finish(self, run: RequestRun, outcome: str) -> None:
         job = run.job
+        job.completion_tokens = run.completion_tokens
         self.metrics.requests.labels(outcome=outcome).inc()
         elapsed = time.monotonic() - job.arrival
         if outcome == "success":
@@ -104,7 +106,7 @@ class Dispatcher:
                 "completion_tokens=%d ttft=%s e2e=%.4f prompt_phase=[%s]", job.request_id, outcome, run.route,
                 run.prompt_worker, run.token_worker, ", ".join(run.failures), len(job.prompt_token_ids),
                 run.completion_tokens, f"{run.first_token - job.arrival:.4f}" if run.first_token else "-", elapsed,
-                run.prefill)
+                run.prefill, extra={"request_id": job.log_id})
 
     # ---- attempts: retries before output, migrations after ----
     async def _resilient(self, run: RequestRun) -> AsyncIterator[Delta]:
@@ -211,7 +213,7 @@ class Dispatcher:
                 sampling = attempt.sampling
                 request = pb.GenerateRequest(request_id=rid, sampling=sampling, first_token=reply.first_token)
                 remaining = max(sampling.max_tokens - 1, 0)
-                async with aclosing(self._generate(token_w, "token", request, remaining)) as events:
+                async with aclosing(self._generate(token_w, "token", request, remaining, attempt.job)) as events:
                     async for delta in events:
                         finished = bool(delta.finish_reason)
                         yield delta
@@ -226,7 +228,8 @@ class Dispatcher:
                                     token_worker=token_w.address)
         phase = self.metrics.phase("prompt", len(ids))
         with prompt_w.assign(attempt.request_id, prompt_tokens=len(ids)):
-            call = prompt_w.prompt.Prefill(request, metadata=prompt_w.metadata)
+            call = prompt_w.prompt.Prefill(request,
+                                           metadata=prompt_w.metadata + (_log_metadata(attempt.job) or ()))
             try:
                 reply = await call
             except grpc.aio.AioRpcError as e:
@@ -249,18 +252,18 @@ class Dispatcher:
         worker = self._pick_mixed_worker(run)
         request = pb.GenerateRequest(request_id=attempt.request_id, sampling=attempt.sampling, prompt_token_ids=ids)
         with worker.assign(attempt.request_id, prompt_tokens=len(ids)) as assignment:
-            async with aclosing(self._generate(worker, "mixed", request, len(ids))) as events:
+            async with aclosing(self._generate(worker, "mixed", request, len(ids), attempt.job)) as events:
                 async for delta in events:
                     assignment.prompt_done()
                     yield delta
 
     # ---- one Generate stream ----
     async def _generate(self, worker: WorkerState, pool: str, request: pb.GenerateRequest,
-                        queued_tokens: int) -> AsyncIterator[Delta]:
+                        queued_tokens: int, job: Job) -> AsyncIterator[Delta]:
         """Relays one Generate stream as deltas; the prompt's tokens count as queued (mixed) or the output still
         to come (token). Output starts with a token worker's first event, a mixed worker's second."""
         phase = self.metrics.phase(pool, queued_tokens)
-        call = worker.token.Generate(request, metadata=worker.metadata)
+        call = worker.token.Generate(request, metadata=worker.metadata + (_log_metadata(job) or ()))
         finished = False
         events = watch_stalls(aiter(call), self.policy.stall_timeout, started=pool == "token",
                               wait_on=self._waits_on(worker, request.request_id))
@@ -314,3 +317,8 @@ class Dispatcher:
     async def drain_cleanup(self) -> None:
         while self._cleanup:
             await asyncio.gather(*list(self._cleanup), return_exceptions=True)
+
+
+def _log_metadata(job: Job) -> tuple[tuple[str, str], ...] | None:
+    """The request's X-Request-Id for the worker's log lines about it."""
+    return ((REQUEST_ID_METADATA, job.log_id),) if job.log_id else None

@@ -14,6 +14,7 @@ from aiohttp import web
 
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.heap import freeze_loaded_objects
+from phasesplit.logs import add_logging_flags, announce, configure_logging
 from phasesplit.router.admission import AdmissionSettings
 from phasesplit.router.app import ROUTER, RouterSettings, create_app
 from phasesplit.router.dispatch import MigrationPolicy
@@ -60,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a connection may take to send a request's headers, and may stay idle")
     p.add_argument("--body-timeout", type=float, default=RouterSettings.body_timeout,
                    help="seconds a request may take to send its body before a 408")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="lowest level of the messages logged")
+    add_logging_flags(p)
     return p
 
 
@@ -129,7 +129,7 @@ async def start_server(app: web.Application, host: str, port: int) -> tuple[web.
 async def serve(settings: RouterSettings, tokenizers: TokenizerSource, host: str, port: int) -> None:
     runner, bound = await start_server(create_app(settings, tokenizers), host, port)
     freeze_loaded_objects()
-    print(f"phasesplit router serving {settings.served_model_name!r} on http://{host}:{bound}/v1", flush=True)
+    announce(f"phasesplit router serving {settings.served_model_name!r} on http://{host}:{bound}/v1")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -141,7 +141,7 @@ async def serve(settings: RouterSettings, tokenizers: TokenizerSource, host: str
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args, "router")
     settings = settings_from_args(args)
     tokenizers = TokenizerSource.from_dir(args.model) if args.model else TokenizerSource()
     asyncio.run(serve(settings, tokenizers, args.host, args.port))

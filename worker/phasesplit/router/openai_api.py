@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from phasesplit import validation
+
 # Bounds of the proto fields the values travel in (worker.proto): a value outside is the request's error.
 INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256   # OpenAI allows 4; each one costs the workers on every token
@@ -172,14 +174,6 @@ class ChatCompletionRequest(_Generation):
         return [m.model_dump(exclude_none=True) | {"content": m.content or ""} for m in self.messages]
 
 
-def param_name(loc: tuple) -> str:
-    """('messages', 0, 'content') -> 'messages[0].content'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     """Validates a JSON body; any problem is an APIError (400) naming the field."""
     try:
@@ -193,9 +187,5 @@ def parse_body(model: type[BaseModel], raw: bytes) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        first = e.errors(include_url=False)[0]
-        param = param_name(tuple(first["loc"]))
-        message = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "missing":
-            message = "is required"
-        raise APIError(400, f"{param}: {message}", param=param or None) from None
+        param, message = validation.first(e, model)
+        raise APIError(400, f"{param}: {message}" if param else message, param=param or None) from None

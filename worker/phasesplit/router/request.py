@@ -15,6 +15,8 @@ class Job:
     sampling: pb.SamplingParams
     arrival: float = field(default_factory=time.monotonic)
     tokenizer: str = ""   # digest of the tokenizer that made prompt_token_ids ("": not known)
+    log_id: str = ""      # the X-Request-Id, which the router's and the workers' log lines about the job carry
+    completion_tokens: int = 0   # sent to the client so far
 
 
 @dataclass
