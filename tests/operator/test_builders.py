@@ -89,8 +89,11 @@ def test_workers_probe_grpc_health_and_outlive_their_drain():
     token = next(o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-70b-split-token")
     pod = token["spec"]["template"]["spec"]
     worker = pod["containers"][0]
+    health_port = int(worker["args"][worker["args"].index("--health-port") + 1])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert worker[probe]["grpc"]["port"] == builders.WORKER_PORT
+        assert worker[probe]["grpc"]["port"] == builders.WORKER_HEALTH_PORT == health_port
+    assert "service" not in worker["readinessProbe"]["grpc"]  # "": NOT_SERVING once the drain begins
+    assert worker["livenessProbe"]["grpc"]["service"] == builders.LIVENESS_SERVICE
     drain = int(worker["args"][worker["args"].index("--drain-timeout") + 1])
     prestop = pod["containers"][0]["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert drain == 300 and pod["terminationGracePeriodSeconds"] > prestop + drain

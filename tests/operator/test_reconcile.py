@@ -197,3 +197,18 @@ def test_a_pools_previous_config_map_stays_until_its_rollout_has_ended(server, a
     assert reconcile.refresh_status(operator, NS, "configs").pruned == [f"ConfigMap/{old}"]
     assert admin.get(path("v1", "ConfigMap", NS, old)) is None
     assert server.emulator.denied == []
+
+
+def test_the_worker_token_secret_is_made_once_and_never_rewritten(server, admin, operator):
+    create(admin, "tokens", {})
+    reconcile.reconcile(operator, admin.get(si_path("tokens")))
+    secret_path = path("v1", "Secret", NS, "tokens-worker-token")
+    token = admin.get(secret_path)
+    assert token is not None and token["metadata"]["ownerReferences"][0]["name"] == "tokens"
+    reconcile._TOKENS_MADE.clear()  # as after an operator restart
+    reconcile.reconcile(operator, admin.get(si_path("tokens")))
+    assert admin.get(secret_path)["data"] == token["data"]
+    for name in ("tokens-router", "tokens-token"):
+        env = deployment(admin, name)["spec"]["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "PHASESPLIT_WORKER_TOKEN",
+                "valueFrom": {"secretKeyRef": {"name": "tokens-worker-token", "key": "token"}}} in env

@@ -7,7 +7,7 @@ import time
 import grpc
 import pytest
 from support.polling import poll
-from support.serving import post_json, start_worker, worker_load
+from support.serving import post_json, start_worker, worker_channel, worker_load
 
 from phasesplit.transport import wire
 from phasesplit.v1 import worker_pb2 as pb
@@ -70,7 +70,7 @@ def wait_blocks_free(address: str, timeout: float) -> pb.WorkerLoad:
 
 def test_a_token_worker_with_another_block_size_refuses_the_kv_naming_the_field(split, odd_token_worker):
     prompt_worker = split.addresses("prompt")[0]
-    with grpc.insecure_channel(prompt_worker) as channel:
+    with worker_channel(prompt_worker) as channel:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.PromptWorkerStub(channel).Prefill(pb.PrefillRequest(
                 request_id="mismatch-1", prompt_token_ids=PROMPT, sampling=GREEDY, token_worker=odd_token_worker),

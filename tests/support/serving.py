@@ -13,6 +13,8 @@ import grpc
 from support import prom
 from support.polling import poll, wait_for
 
+from phasesplit import auth
+from phasesplit.grpc_auth import Credential
 from phasesplit.local import plan as local_plan
 from phasesplit.local.launcher import LocalCluster
 from phasesplit.local.processes import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving
@@ -21,6 +23,7 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 ENGINE = {"numKvBlocks": 2048, "maxNumSeqs": 64, "maxNumBatchedTokens": 2048}
 MAX_MODEL_LEN = 2048
+WORKER_TOKEN = auth.new_token()  # the clusters' workers (extra workers started by hand take calls from anyone)
 STALL_TIMEOUT = 10.0  # long enough that a loaded 2-core machine is not taken for a stalled worker
 
 
@@ -42,7 +45,7 @@ def start_cluster(doc: dict, model_dir, log_dir: pathlib.Path) -> LocalCluster:
     doc = local_plan.validate_manifest(doc)
     plan = local_plan.build_plan(doc, str(model_dir), port=free_port(), drain_timeout=10)
     log_dir.mkdir(parents=True, exist_ok=True)
-    cluster = LocalCluster(plan, log_dir, ready_timeout=180)
+    cluster = LocalCluster(plan, log_dir, ready_timeout=180, worker_token=WORKER_TOKEN)
     try:
         cluster.start()
     except BaseException:
@@ -67,8 +70,14 @@ def start_worker(model_dir, log_dir: pathlib.Path, role: str, *extra: str) -> tu
     return proc, f"127.0.0.1:{port}"
 
 
+def worker_channel(address: str, caller: str = auth.ROUTER) -> grpc.Channel:
+    """A channel to a cluster's worker that calls as `caller` (the router, unless told otherwise)."""
+    credential = Credential(auth.call_metadata(caller, WORKER_TOKEN))
+    return grpc.intercept_channel(grpc.insecure_channel(address), credential)
+
+
 def worker_load(address: str) -> pb.WorkerLoad:
-    with grpc.insecure_channel(address) as channel:
+    with worker_channel(address) as channel:
         return pb_grpc.WorkerStub(channel).Load(pb.LoadRequest(), timeout=5)
 
 

@@ -3,6 +3,7 @@ path per token worker, reused by every transfer, rebuilt when it breaks; gRPC as
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 
@@ -13,10 +14,12 @@ from support.kv_sink import (
     make_layout, send_all,
 )
 
-from phasesplit.transport import sockets
+from phasesplit.transport import sockets, tcp_receive
 from phasesplit.transport.base import KVDataLoss, TransferError, block_bytes
 from phasesplit.transport.nccl_kv import NcclKVTransport
+from phasesplit.transport.kv_group import host_store
 from phasesplit.transport.tcp_kv import TcpKVTransport
+from phasesplit.transport.tcp_receive import TcpKVReceiver
 
 
 @pytest.mark.parametrize("first", [0, 5])
@@ -143,3 +146,21 @@ def test_tcp_from_and_into_cuda_caches():
         assert_received(sink, [t.cpu() for t in k], [t.cpu() for t in v], SENDER_BLOCKS)
     finally:
         server.stop()
+
+
+def test_the_tcp_and_store_listeners_bind_the_workers_address_and_cap_unnamed_connections():
+    receiver = TcpKVReceiver(TensorSink(make_layout()), make_layout(), "cpu", host="127.0.0.1")
+    store, store_socket = host_store(0, 5.0, "127.0.0.1")
+    try:
+        assert receiver.listener.sock.getsockname()[0] == "127.0.0.1"
+        assert store_socket.getsockname()[0] == "127.0.0.1" and store.port == store_socket.getsockname()[1]
+        port = receiver.listener.port
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(tcp_receive.MAX_UNNAMED_CONNECTIONS)]
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(5)
+        assert extra.recv(1) == b"", "a connection beyond the cap is closed at once"
+        for s in [*silent, extra]:
+            s.close()
+    finally:
+        receiver.close()
+        store_socket.close()

@@ -6,6 +6,7 @@ so they are tested without a server and applied idempotently by the handlers.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.metadata
 import json
@@ -15,6 +16,10 @@ from phasesplit.control import spec as si
 from phasesplit.control.worker_settings import METRICS_PORT, worker_settings
 
 WORKER_PORT = 50051
+WORKER_HEALTH_PORT = 50050  # the gRPC health service, apart from the work's threads (probes only)
+LIVENESS_SERVICE = "liveness"  # stays SERVING while the worker drains; "" (readiness) does not
+TOKEN_KEY = "token"  # in the SplitInference's worker-token Secret
+TOKEN_ENV = "PHASESPLIT_WORKER_TOKEN"  # phasesplit.auth.TOKEN_ENV (the operator imports no grpc)
 ROUTER_PORT = 8000
 MODEL_DIR = "/models/model"
 CLUSTER_DOMAIN = "cluster.local"  # the cluster's DNS domain, unless the operator is told another
@@ -30,6 +35,8 @@ PRESTOP_SECONDS = 15
 # then finishes the streams it holds for up to ROUTER_SHUTDOWN_SECONDS (aiohttp's shutdown timeout).
 ROUTER_PRESTOP_SECONDS = 10
 ROUTER_SHUTDOWN_SECONDS = 60
+# Workers listen (gRPC, the KV port, the rendezvous store) on the pod's address only.
+POD_IP_ENV = {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}
 # glibc keeps large KV buffers mapped instead of faulting fresh pages (see the KV transport notes).
 MALLOC_ENV = [{"name": "MALLOC_MMAP_THRESHOLD_", "value": "134217728"},
               {"name": "MALLOC_TRIM_THRESHOLD_", "value": "1073741824"}]
@@ -67,6 +74,10 @@ def config_name(owner: Owner, role: str, data: dict[str, str]) -> str:
     roll onto it, while pods still running keep the one they started with."""
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
     return f"{owner.name}-{role}-engine-{digest}"
+
+
+def token_secret_name(owner: Owner) -> str:
+    return f"{owner.name}-worker-token"
 
 
 def network_policy_name(owner: Owner) -> str:
@@ -232,7 +243,8 @@ def _deployment(owner: Owner, name: str, role: str, replicas: int, pod_spec: dic
 def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[str]:
     """`phasesplit worker` arguments; engine settings come from the ConfigMap as $(VAR) references."""
     args = ["worker", "--role", role, "--model", MODEL_DIR, "--served-model-name", spec.model.name,
-            "--host", "0.0.0.0", "--port", str(WORKER_PORT), "--drain-timeout", str(pool.drain_timeout_seconds)]
+            "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--health-port", str(WORKER_HEALTH_PORT),
+            "--drain-timeout", str(pool.drain_timeout_seconds)]
     return args + [arg for setting in worker_settings(spec, role, MODEL_DIR) for arg in setting.reference()]
 
 
@@ -246,14 +258,29 @@ def _nccl_env(spec: si.SplitInferenceSpec) -> list[dict]:
     return env
 
 
-def _grpc_probe(period: int, failures: int) -> dict:
-    return {"grpc": {"port": WORKER_PORT}, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
+def _grpc_probe(period: int, failures: int, service: str = "") -> dict:
+    grpc = {"port": WORKER_HEALTH_PORT, **({"service": service} if service else {})}
+    return {"grpc": grpc, "periodSeconds": period, "timeoutSeconds": 5, "failureThreshold": failures}
+
+
+def token_env(owner: Owner) -> dict:
+    """The SplitInference's worker token (`build_token_secret`), for its router and workers."""
+    return {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": token_secret_name(owner), "key": TOKEN_KEY}}}
+
+
+def build_token_secret(owner: Owner, token: str) -> dict:
+    """Made once, never patched (see `reconcile.ensure_token_secret`): the credentials of every router and
+    worker of the SplitInference derive from it."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": metadata(owner, token_secret_name(owner), "credentials"),
+            "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
 
 
 def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool: si.Pool) -> dict:
-    env = [*MALLOC_ENV, {"name": "HOME", "value": "/tmp"}, *_nccl_env(spec),
+    env = [*MALLOC_ENV, {"name": "HOME", "value": "/tmp"}, POD_IP_ENV, token_env(owner), *_nccl_env(spec),
            *(e.model_dump(by_alias=True, exclude_none=True) for e in pool.env)]
     ports = [{"name": "grpc", "containerPort": WORKER_PORT, "protocol": "TCP"},
+             {"name": "health", "containerPort": WORKER_HEALTH_PORT, "protocol": "TCP"},
              {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
     if spec.kv_transfer.backend == "nccl":
         ports.append({"name": "nccl", "containerPort": spec.kv_transfer.nccl.port, "protocol": "TCP"})
@@ -264,10 +291,10 @@ def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool:
         "args": worker_args(spec, role, pool),
         "envFrom": [{"configMapRef": {"name": config_name(owner, role, engine_settings(spec, role))}}],
         "env": env, "ports": ports,
-        # SERVING on the gRPC health service only once the model is loaded.
+        # Readiness: SERVING once the model is loaded, until the drain; liveness: while the process runs.
         "startupProbe": _grpc_probe(period=5, failures=360),
         "readinessProbe": _grpc_probe(period=5, failures=2),
-        "livenessProbe": _grpc_probe(period=10, failures=6),
+        "livenessProbe": _grpc_probe(period=10, failures=6, service=LIVENESS_SERVICE),
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SECONDS}}},
         "securityContext": container_security(),
     }
@@ -333,7 +360,7 @@ def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
 
 
 def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:
-    env = [{"name": "HOME", "value": "/tmp"}]
+    env = [{"name": "HOME", "value": "/tmp"}, token_env(owner)]
     if secret := spec.router.api_key_secret:
         env.append({"name": "PHASESPLIT_API_KEY",
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": secret.key}}})

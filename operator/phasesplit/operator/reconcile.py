@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import secrets
 from dataclasses import dataclass, field
 
 import pydantic
@@ -146,6 +147,11 @@ def reconcile(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOM
     spec, children, problems = desired_state(kube, body, cluster_domain)
     outcome.problems = problems
     if not problems:
+        try:
+            name = f"Secret/{builders.token_secret_name(owner_of(body))}"
+            outcome.applied[name] = ensure_token_secret(kube, owner_of(body))
+        except KubeError as e:
+            outcome.failed(name, e)
         for child in children:
             name = f"{child['kind']}/{child['metadata']['name']}"
             try:
@@ -158,6 +164,26 @@ def reconcile(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOM
             outcome.failed("pruning", e)
     write_status(kube, body, spec, problems, outcome, failures=outcome.failures, applied=body,
                  cluster_domain=cluster_domain)
+    return outcome
+
+
+_TOKENS_MADE: set[tuple[str, str, str]] = set()  # (namespace, name, uid): the Secret exists, seen by this process
+
+
+def ensure_token_secret(kube: Kube, owner: builders.Owner) -> str:
+    """Creates the worker-token Secret with a fresh token unless it exists (once per SplitInference and
+    operator process); never reads nor overwrites it: the operator may only create Secrets."""
+    key = (owner.namespace, owner.name, owner.uid)
+    if key in _TOKENS_MADE:
+        return "unchanged"
+    try:
+        kube.create(builders.build_token_secret(owner, secrets.token_urlsafe(32)))
+        outcome = "created"
+    except KubeError as e:
+        if e.status != 409:
+            raise
+        outcome = "unchanged"
+    _TOKENS_MADE.add(key)
     return outcome
 
 

@@ -1,5 +1,6 @@
 """`phasesplit render FILE.yaml`: print, as YAML, every object the operator would apply for each
-SplitInference in FILE (the operator's own builders, no cluster), to review or diff an upgrade."""
+SplitInference in FILE (the operator's own builders, no cluster), to review or diff an upgrade.
+Not the worker-token Secret: the operator makes it once, with a fresh token, and never shows it."""
 
 from __future__ import annotations
 

@@ -205,16 +205,6 @@ class AbortReply(_message.Message):
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
 
-class DrainRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
-
-class DrainReply(_message.Message):
-    __slots__ = ("in_flight",)
-    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
-    in_flight: int
-    def __init__(self, in_flight: _Optional[int] = ...) -> None: ...
-
 class TokenizerFilesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

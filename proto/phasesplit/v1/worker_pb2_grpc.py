@@ -239,11 +239,6 @@ class WorkerStub:
                 request_serializer=phasesplit_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
                 response_deserializer=phasesplit_dot_v1_dot_worker__pb2.AbortReply.FromString,
                 _registered_method=True)
-        self.Drain = channel.unary_unary(
-                '/phasesplit.v1.Worker/Drain',
-                request_serializer=phasesplit_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
-                response_deserializer=phasesplit_dot_v1_dot_worker__pb2.DrainReply.FromString,
-                _registered_method=True)
         self.TokenizerFiles = channel.unary_stream(
                 '/phasesplit.v1.Worker/TokenizerFiles',
                 request_serializer=phasesplit_dot_v1_dot_worker__pb2.TokenizerFilesRequest.SerializeToString,
@@ -272,15 +267,9 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Drain(self, request, context):
-        """Stop taking new work; finish what is held. Also triggered by SIGTERM.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def TokenizerFiles(self, request, context):
-        """The tokenizer files of the served model (tokenizer.json, its config, the chat template): a
+        """(Drain is no RPC: SIGTERM, the pod's own termination, drains a worker.)
+        The tokenizer files of the served model (tokenizer.json, its config, the chat template): a
         router reads its tokenizer from them and needs no copy of the model.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -304,11 +293,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Abort,
                     request_deserializer=phasesplit_dot_v1_dot_worker__pb2.AbortRequest.FromString,
                     response_serializer=phasesplit_dot_v1_dot_worker__pb2.AbortReply.SerializeToString,
-            ),
-            'Drain': grpc.unary_unary_rpc_method_handler(
-                    servicer.Drain,
-                    request_deserializer=phasesplit_dot_v1_dot_worker__pb2.DrainRequest.FromString,
-                    response_serializer=phasesplit_dot_v1_dot_worker__pb2.DrainReply.SerializeToString,
             ),
             'TokenizerFiles': grpc.unary_stream_rpc_method_handler(
                     servicer.TokenizerFiles,
@@ -397,33 +381,6 @@ class Worker:
             '/phasesplit.v1.Worker/Abort',
             phasesplit_dot_v1_dot_worker__pb2.AbortRequest.SerializeToString,
             phasesplit_dot_v1_dot_worker__pb2.AbortReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Drain(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/phasesplit.v1.Worker/Drain',
-            phasesplit_dot_v1_dot_worker__pb2.DrainRequest.SerializeToString,
-            phasesplit_dot_v1_dot_worker__pb2.DrainReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class WorkerConfig:
     host: str = option("0.0.0.0", "address to listen on")
     port: int = option(50051, "gRPC port, 0 for a free one; with --tensor-parallel N, rank r takes its KV "
                               "shard on port + r")
+    health_port: int = option(0, "port of the gRPC health service, served apart from the work's threads "
+                                 "(0: any free one)")
     dtype: str = option(engine="dtype", help="of the weights and the KV cache", choices=DTYPES)
     device: str | None = option(None, "torch device, e.g. cpu, cuda, cuda:1 (default: cuda when available)")
     block_size: int = option(engine="block_size", help="tokens per KV block")

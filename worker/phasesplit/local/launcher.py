@@ -22,6 +22,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
+from phasesplit import auth
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.control import worker_config
 from phasesplit.local import keys
@@ -51,7 +52,7 @@ class WorkerHandle:
 
 class LocalCluster:
     def __init__(self, plan: local_plan.LocalPlan, log_dir: pathlib.Path, ready_timeout: float = 120.0,
-                 api_key: str | None = None, log_flags: tuple[str, ...] = ()):
+                 api_key: str | None = None, log_flags: tuple[str, ...] = (), worker_token: str | None = None):
         self.plan = plan
         # clients must send it (by default the environment's, as the router's own); None: no key
         self.api_key = os.environ.get(keys.ENV) if api_key is None else api_key
@@ -66,6 +67,9 @@ class LocalCluster:
         self._retiring: list[threading.Thread] = []
         self._starting: dict[str, list[WorkerHandle]] = {name: [] for name in plan.pools}
         self._admin_token = secrets.token_urlsafe(32)  # only this launcher may repoint the router's pools
+        # This run's workers take calls only from its router and its prompt workers (by env, never on argv).
+        self._worker_env = {**os.environ, auth.TOKEN_ENV: worker_token or auth.new_token()}
+        self._worker_env.pop(auth.TOKEN_FILE_ENV, None)
         self.restarts = Restarts()
 
     @property
@@ -89,7 +93,7 @@ class LocalCluster:
         self._start_router()
 
     def _start_router(self) -> None:
-        env = {**os.environ, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}
+        env = {**self._worker_env, "PHASESPLIT_ADMIN_TOKEN": self._admin_token}
         env.pop(keys.ENV, None)
         if self.api_key:
             env[keys.ENV] = self.api_key
@@ -271,8 +275,8 @@ class LocalCluster:
         port, metrics_port = free_ports(self.plan.pools[pool].tensor_parallel_size), free_port()
         argv = phasesplit_argv("worker", *self.plan.pools[pool].worker_args, "--host", HOST, "--port", str(port),
                                "--metrics-port", str(metrics_port), *self.log_flags)
-        return WorkerHandle(pool, f"{HOST}:{port}", ManagedProcess(name, argv, self.log_dir).start(),
-                            f"{HOST}:{metrics_port}")
+        proc = ManagedProcess(name, argv, self.log_dir, env=self._worker_env).start()
+        return WorkerHandle(pool, f"{HOST}:{port}", proc, f"{HOST}:{metrics_port}")
 
     def router_argv(self, port: int) -> list[str]:
         """A router on `port` over the current members of every pool (another replica: another port)."""
@@ -303,16 +307,17 @@ class LocalCluster:
         handles = self.workers[pool]
         if not handles:
             raise ValueError(f"pool {pool!r} has no worker to remove")
-        return min(reversed(handles), key=lambda h: _load(h.address))
+        return min(reversed(handles), key=lambda h: _load(h.address, self._worker_env[auth.TOKEN_ENV]))
 
 
-def _load(address: str) -> int:
+def _load(address: str, token: str) -> int:
     """Requests and KV a worker holds; a worker that does not answer counts as idle."""
     import grpc  # here, not above: a refused command line or port answers before gRPC loads
     from phasesplit.v1 import worker_pb2, worker_pb2_grpc
     try:
         with grpc.insecure_channel(address) as channel:
-            load = worker_pb2_grpc.WorkerStub(channel).Load(worker_pb2.LoadRequest(), timeout=2)
+            load = worker_pb2_grpc.WorkerStub(channel).Load(worker_pb2.LoadRequest(), timeout=2,
+                                                            metadata=auth.call_metadata(auth.ROUTER, token))
         return load.waiting_requests + load.running_requests + load.pending_transfers
     except grpc.RpcError:
         return 0

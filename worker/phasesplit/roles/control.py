@@ -1,4 +1,7 @@
-"""The `Worker` service every role serves: Info, Load, Abort, Drain, TokenizerFiles."""
+"""The `Worker` service every role serves: Info, Load, Abort, TokenizerFiles.
+
+Drain is no RPC: only the worker's own SIGTERM (the pod's termination) drains it. Abort from the
+router stops the request wherever it is; from a prompt worker it only frees KV pushed here."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ from typing import Callable
 import grpc
 
 import phasesplit
+from phasesplit import auth
 from phasesplit.engine.tokenizer import tokenizer_digest
 from phasesplit.roles.core import WorkerCore
 from phasesplit.v1 import worker_pb2 as pb
@@ -18,9 +22,10 @@ FILE_CHUNK_BYTES = 1 << 20
 
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, core: WorkerCore, aborts: list[Callable[[str], bool]], pending_transfers: Callable[[], int],
-                 tokenizer_files: dict[str, bytes]):
+                 tokenizer_files: dict[str, bytes], kv_aborts: list[Callable[[str], bool]] = ()):
         self.core = core
         self.aborts = aborts  # each role's own abort (KV senders, received KV); True when it held the request
+        self.kv_aborts = list(kv_aborts)  # the received KV's only: what a prompt worker may abort
         self.pending_transfers = pending_transfers
         self.tokenizer_files = tokenizer_files
         self.tokenizer_digest = tokenizer_digest(tokenizer_files) if "tokenizer.json" in tokenizer_files else ""
@@ -44,15 +49,14 @@ class WorkerService(pb_grpc.WorkerServicer):
     def Abort(self, request, context):
         if not request.request_id:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
+        caller = auth.current_caller()
+        if caller is not None and caller.role == auth.PROMPT_WORKER:
+            return pb.AbortReply(found=any([abort(request.request_id) for abort in self.kv_aborts]))
         found = False
         for abort in self.aborts:
             found = abort(request.request_id) or found
         found = self.core.loop.abort(request.request_id).result() or found
         return pb.AbortReply(found=found)
-
-    def Drain(self, request, context):
-        self.core.drain()
-        return pb.DrainReply(in_flight=self.core.inflight + self.pending_transfers())
 
     def TokenizerFiles(self, request, context):
         if not self.tokenizer_digest:

@@ -48,7 +48,7 @@ class TorchEngine:
             return None
         from phasesplit.transport import make_receiver
         return make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
-                             timeout=config.kv_transfer_timeout, port=config.kv_port)
+                             timeout=config.kv_transfer_timeout, port=config.kv_port, host=config.host)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,14 +9,14 @@ Health, Generate and everything else stay with rank 0.
 from __future__ import annotations
 
 import logging
-from concurrent import futures
 
 import grpc
 
+from phasesplit.roles.server import listen_address, work_server
 from phasesplit.roles.shard_receive import ShardInbox
 from phasesplit.roles.shard_send import ShardSenders
 from phasesplit.roles.token import add_generate_to_server
-from phasesplit.transport import channels, make_receiver
+from phasesplit.transport import make_receiver
 from phasesplit.transport.backends import PUSH
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,16 @@ def follow(engine, config, sending_transport) -> None:
     if config.role in ("token", "mixed"):
         inbox = ShardInbox(engine, config.kv_transfer_timeout, config.kv_lease)
         handlers.append(inbox)
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2 * config.max_num_seqs + 8,
-                                                        thread_name_prefix=f"rank{rank}-grpc"),
-                             options=list(channels.SERVER_OPTIONS))
+        server = work_server(config, f"rank{rank}-grpc")
         make_receiver(PUSH, inbox, layout=engine.layout, timeout=config.kv_transfer_timeout).add_to_server(server)
         add_generate_to_server(ShardKVService(), server)
         if config.kv_backend != PUSH:
             port = config.kv_port
             receiver = make_receiver(config.kv_backend, inbox, layout=engine.layout, device=engine.device,
-                                     timeout=config.kv_transfer_timeout, port=port + rank if port else 0)
+                                     timeout=config.kv_transfer_timeout, port=port + rank if port else 0,
+                                     host=config.host)
             receiver.add_to_server(server)
-        if not server.add_insecure_port(f"{config.host}:{config.port + rank}"):
+        if not server.add_insecure_port(listen_address(config.host, config.port + rank)):
             raise OSError(f"--port: rank {rank} takes its KV shard on {config.host}:{config.port + rank}, "
                           "which is not free")
         server.start()

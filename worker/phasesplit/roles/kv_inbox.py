@@ -7,7 +7,12 @@ claimed within the lease, and transfers that stall past the transfer timeout, ar
 
 An abort frees the request's KV in whatever state it is (receiving, ready) and leaves a tombstone
 for the lease's length: KV that arrives for the request afterwards (its transfer was still on the
-way when the abort came) is refused instead of held."""
+way when the abort came) is refused instead of held.
+
+Reservations no data has reached yet are freed after the transfer timeout, and held per caller (its
+credential and host): when a reservation does not fit, those of other callers beyond half the cache
+are freed to make room (newest first). A flood of header-only streams from one caller thus cannot
+keep the cache from another; one caller's own transfers are never cut short this way."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import time
 
 import torch
 
+from phasesplit import auth
 from phasesplit.engine.engine import KVCapacityError
 from phasesplit.engine.handoff import KVHandoff
 from phasesplit.roles.core import WorkerCore
@@ -34,8 +40,10 @@ class ReceivedKV(blocks.CacheDestination):
     """One request's KV (`kv`: what the header announced; `block_ids`: the blocks reserved for it)
     arriving into, or held in, the cache."""
 
-    def __init__(self, inbox: KVInbox, header: pb.KVHeader, block_ids: list[int]):
+    def __init__(self, inbox: KVInbox, header: pb.KVHeader, block_ids: list[int], caller: auth.Caller | None = None):
         self.inbox = inbox
+        self.caller = caller
+        self.data_arrived = False
         self.kv = KVHandoff.from_proto(header)
         self.request_id = header.request_id
         self.block_ids = block_ids
@@ -52,6 +60,7 @@ class ReceivedKV(blocks.CacheDestination):
         return k if kind == base.K else v
 
     def written(self) -> None:
+        self.data_arrived = True
         self.touched = time.monotonic()
 
     def commit(self) -> None:
@@ -65,13 +74,14 @@ class ReceivedKV(blocks.CacheDestination):
     def abort(self, error: str = "the transfer ended before every block arrived") -> None:
         self.fail(error)
 
-    def fail(self, error: str) -> bool:
-        """Frees the blocks unless Generate already owns them. True when this call freed them."""
+    def fail(self, error: str, release=None) -> bool:
+        """Frees the blocks unless Generate already owns them (by `release`, on the engine thread). True
+        when this call freed them."""
         with self.lock:
             if self.state in (CLAIMED, FAILED):
                 return False
             self.state, self.error = FAILED, error
-            self.inbox.release_blocks(self.request_id)
+            (release or self.inbox.release_blocks)(self.request_id)
             self.touched = time.monotonic()
         self.settled.set()
         return True
@@ -85,6 +95,8 @@ class ReceivedKV(blocks.CacheDestination):
 
 
 class KVInbox(base.KVSink):
+    WAITING_SHARE = 0.5  # of the cache: what one caller's reservations without data may hold
+
     def __init__(self, core: WorkerCore, transfer_timeout: float, lease: float, reap_interval: float = 0.5):
         self.core = core
         self.engine = core.engine
@@ -108,14 +120,15 @@ class KVInbox(base.KVSink):
 
     def begin(self, header: pb.KVHeader) -> ReceivedKV:
         base.check_layout(self.engine.layout, header.layout)
+        caller = auth.current_caller()
         try:
-            return self.core.loop.run(self._reserve, header)
+            return self.core.loop.run(self._reserve, header, caller)
         except KVCapacityError as exc:
             raise base.CapacityError(f"request {header.request_id}: {exc}") from exc
         except ValueError as exc:
             raise base.TransferError(f"request {header.request_id}: {exc}") from exc
 
-    def _reserve(self, header: pb.KVHeader) -> ReceivedKV:
+    def _reserve(self, header: pb.KVHeader, caller: auth.Caller | None = None) -> ReceivedKV:
         """Engine thread. The tombstone check, the reservation and the entry are one step for abort().
         With tensor parallelism the other ranks learn the blocks (or the refusal) before anything else."""
         rid = header.request_id
@@ -127,7 +140,8 @@ class KVInbox(base.KVSink):
                     log.warning("request %s: KV refused: the request was aborted here within the last %g s "
                                 "(a retry must use a new request id)", rid, self.lease)
                     raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
-                entry = ReceivedKV(self, header, self.engine.reserve_kv(rid, len(header.prompt_token_ids)))
+                entry = ReceivedKV(self, header, self._reserve_blocks(rid, len(header.prompt_token_ids), caller),
+                                   caller)
                 self._entries[rid] = entry
                 self._changed.notify_all()
         except BaseException:
@@ -136,6 +150,36 @@ class KVInbox(base.KVSink):
             raise
         self.engine.send_to_ranks(ExpectShard(rid, entry.block_ids))
         return entry
+
+    def _reserve_blocks(self, rid: str, num_tokens: int, caller: auth.Caller | None) -> list[int]:
+        """Engine thread, under `_changed`: the blocks, made room for by other callers' idle excess if need be."""
+        try:
+            return self.engine.reserve_kv(rid, num_tokens)
+        except KVCapacityError:
+            if not self._free_idle_excess(caller):
+                raise
+            return self.engine.reserve_kv(rid, num_tokens)
+
+    def _free_idle_excess(self, caller: auth.Caller | None) -> bool:
+        """Frees other callers' reservations that no data reached yet, beyond half the cache each; True if any."""
+        share = self.WAITING_SHARE * self.engine.num_total_blocks
+        idle: dict = {}
+        for entry in self._entries.values():
+            if entry.caller != caller and entry.state == RECEIVING and not entry.data_arrived:
+                idle.setdefault(entry.caller, []).append(entry)
+        freed = False
+        for entries in idle.values():
+            held = sum(len(e.block_ids) for e in entries)
+            for entry in reversed(entries):  # the newest first
+                if held <= share:
+                    break
+                held -= len(entry.block_ids)
+                if entry.fail("freed for another caller: no data arrived and its caller held over half the cache",
+                              release=self._release):
+                    log.warning("request %s: KV reservation freed (no data yet, its caller held %d+ blocks)",
+                                entry.request_id, held)
+                    freed = True
+        return freed
 
     def claim_shards(self, request_id: str) -> bool:
         """Generate, once this rank's KV is claimed: whether every other rank holds its shard too (they

@@ -1,8 +1,12 @@
 """`phasesplit worker --role prompt|token|mixed --model DIR ...`: one worker as a gRPC server.
 
-Serves `Worker` plus `PromptWorker` (prompt, mixed) and/or `TokenWorker` (token, mixed), and the
-standard gRPC health service (SERVING once the model is loaded). SIGTERM or SIGINT drains: new
-work is refused with UNAVAILABLE, what is in flight finishes within --drain-timeout, exit 0."""
+Serves `Worker` plus `PromptWorker` (prompt, mixed) and/or `TokenWorker` (token, mixed) to the
+callers the token allows (`phasesplit.auth`), at most as many calls at once as it has threads
+(more are refused with RESOURCE_EXHAUSTED, not queued). The standard gRPC health service answers
+on that port and, apart from the work's threads, on --health-port: "" (readiness: SERVING once
+the model is loaded, NOT_SERVING while draining) and "liveness" (SERVING while the process runs).
+SIGTERM or SIGINT drains: new work is refused with UNAVAILABLE, what is in flight finishes within
+--drain-timeout, exit 0."""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from phasesplit import auth
+from phasesplit.grpc_auth import Guard
 from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.engine.tokenizer import read_tokenizer_files
 from phasesplit.heap import freeze_loaded_objects
@@ -27,6 +33,7 @@ from phasesplit.roles.kv_inbox import KVInbox
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger("phasesplit.worker")
+LIVENESS = "liveness"
 SERVICES = {"prompt": ("phasesplit.v1.PromptWorker",), "token": ("phasesplit.v1.TokenWorker",),
             "mixed": ("phasesplit.v1.PromptWorker", "phasesplit.v1.TokenWorker")}
 
@@ -39,16 +46,15 @@ class WorkerServer:
     """The engine, its roles' services and the gRPC server around them."""
 
     def __init__(self, engine, config: WorkerConfig, transport=None):
-        from phasesplit.transport import channels
         kind = engine_kind(config)
         self.settings = dataclasses.replace(config, served_model_name=config.served_model_name or engine.layout.model)
         self.core = WorkerCore(engine, self.settings)
         self.transport = transport
         self.inbox = KVInbox(self.core, config.kv_transfer_timeout, config.kv_lease)
         self.health = health.HealthServicer()
-        threads = config.grpc_threads or 2 * config.max_num_seqs + 16
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
-                                  options=list(channels.SERVER_OPTIONS))
+        self.server = work_server(config, "grpc")
+        self.health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"),
+                                         maximum_concurrent_rpcs=16)
         aborts = []
         self.prompt = None
         self.kv_receiver = None
@@ -67,12 +73,17 @@ class WorkerServer:
             if self.kv_receiver is not None:
                 self.kv_receiver.add_to_server(self.server)
         tokenizer = read_tokenizer_files(config.model)
-        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending, tokenizer),
-                                             self.server)
+        kv_aborts = [self.inbox.abort] if config.role in ("token", "mixed") else []
+        pb_grpc.add_WorkerServicer_to_server(WorkerService(self.core, aborts, self.inbox.pending, tokenizer,
+                                                           kv_aborts), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.port = self.server.add_insecure_port(listen_address(config.host, config.port))
         if not self.port:
             raise OSError(f"--port: cannot listen on {config.host}:{config.port}")
+        self.health_port = self.health_server.add_insecure_port(listen_address(config.host, config.health_port))
+        if not self.health_port:
+            raise OSError(f"--health-port: cannot listen on {config.host}:{config.health_port}")
         self.core.on_drain.append(self._not_serving)
         self.metrics = None   # the /metrics HTTP server, with --metrics-port
 
@@ -80,6 +91,8 @@ class WorkerServer:
         self.core.loop.start()
         self.inbox.start()
         self.server.start()
+        self.health_server.start()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         if self.settings.metrics_port:
             from phasesplit.roles.metrics import serve_metrics
             self.metrics = serve_metrics(self.core, self.settings.host, self.settings.metrics_port)
@@ -95,6 +108,7 @@ class WorkerServer:
 
     def stop(self) -> None:
         self.server.stop(grace=1.0).wait()
+        self.health_server.stop(grace=None)
         if self.metrics is not None:
             self.metrics.shutdown()
         self.inbox.stop()
@@ -114,8 +128,24 @@ class WorkerServer:
             self.health.set(service, status)
 
 
+def listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def work_server(config: WorkerConfig, thread_name: str) -> grpc.Server:
+    """The server of the work's RPCs: as many at once as it has threads, only from callers the token allows."""
+    from phasesplit.transport import channels
+    threads = config.grpc_threads or 2 * config.max_num_seqs + 16
+    return grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix=thread_name),
+                       options=list(channels.SERVER_OPTIONS), maximum_concurrent_rpcs=threads,
+                       interceptors=[Guard(auth.worker_token())])
+
+
 def run(config: WorkerConfig) -> int:
     """The worker, once `phasesplit.roles.command` has read its command line and set up logging."""
+    if auth.worker_token() is None:
+        log.warning("no %s (or %s): this worker takes RPCs from anyone who can reach its port",
+                    auth.TOKEN_ENV, auth.TOKEN_FILE_ENV)
     if config.tensor_parallel > 1:
         return supervise(config)
     return serve(config)
@@ -165,9 +195,9 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
             follow(engine, config, sending_transport)
             return 0
         server = WorkerServer(engine, config)
-        log.info("%s worker serving %s on %s:%d (%d KV blocks of %d tokens, device %s, tensor parallel %d)",
-                 config.role, server.settings.served_model_name, config.host, server.port, engine.num_total_blocks,
-                 engine.layout.block_size, engine.device, engine.tp.size)
+        log.info("%s worker serving %s on %s:%d, health on port %d (%d KV blocks of %d tokens, device %s, "
+                 "tensor parallel %d)", config.role, server.settings.served_model_name, config.host, server.port,
+                 server.health_port, engine.num_total_blocks, engine.layout.block_size, engine.device, engine.tp.size)
         server.start()  # SERVING from here on: local mode reads the line above once it sees SERVING
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: {exc}", file=sys.stderr)

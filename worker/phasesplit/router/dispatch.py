@@ -228,7 +228,8 @@ class Dispatcher:
                                     token_worker=token_w.address)
         phase = self.metrics.phase("prompt", len(ids))
         with prompt_w.assign(attempt.request_id, prompt_tokens=len(ids)):
-            call = prompt_w.prompt.Prefill(request, metadata=_log_metadata(attempt.job))
+            call = prompt_w.prompt.Prefill(request,
+                                           metadata=prompt_w.metadata + (_log_metadata(attempt.job) or ()))
             try:
                 reply = await call
             except grpc.aio.AioRpcError as e:
@@ -262,7 +263,7 @@ class Dispatcher:
         """Relays one Generate stream as deltas; the prompt's tokens count as queued (mixed) or the output still
         to come (token). Output starts with a token worker's first event, a mixed worker's second."""
         phase = self.metrics.phase(pool, queued_tokens)
-        call = worker.token.Generate(request, metadata=_log_metadata(job))
+        call = worker.token.Generate(request, metadata=worker.metadata + (_log_metadata(job) or ()))
         finished = False
         events = watch_stalls(aiter(call), self.policy.stall_timeout, started=pool == "token",
                               wait_on=self._waits_on(worker, request.request_id))

@@ -108,7 +108,8 @@ def _makes_route(pools: Pools, digest: str) -> bool:
 
 async def _fetch(worker: WorkerState, timeout: float) -> dict[str, bytes]:
     parts: dict[str, list[bytes]] = {}
-    async for chunk in worker.worker.TokenizerFiles(pb.TokenizerFilesRequest(), timeout=timeout):
+    async for chunk in worker.worker.TokenizerFiles(pb.TokenizerFilesRequest(), timeout=timeout,
+                                                 metadata=worker.metadata):
         parts.setdefault(chunk.name, []).append(chunk.data)
     return {name: b"".join(data) for name, data in parts.items()}
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import grpc
 
+from phasesplit import auth
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -31,6 +32,7 @@ class WorkerState:
         self.prompt = pb_grpc.PromptWorkerStub(self.channel)
         self.token = pb_grpc.TokenWorkerStub(self.channel)
         self.worker = pb_grpc.WorkerStub(self.channel)
+        self.metadata = auth.call_metadata(auth.ROUTER)  # sent with every call: the workers' Guard checks it
         self.info: pb.WorkerInfo | None = None
         self.load: pb.WorkerLoad | None = None
         self.error = "not polled yet"
@@ -112,11 +114,11 @@ class WorkerState:
         index = self.polls
         try:
             if self.info is None:
-                self.info = await self.worker.Info(pb.InfoRequest(), timeout=timeout)
+                self.info = await self.worker.Info(pb.InfoRequest(), timeout=timeout, metadata=self.metadata)
                 if not self.serves_pool:
                     log.warning("worker %s has role %r and cannot serve the %s pool",
                                 self.address, self.info.role, self.pool)
-            self.load = await self.worker.Load(pb.LoadRequest(), timeout=timeout)
+            self.load = await self.worker.Load(pb.LoadRequest(), timeout=timeout, metadata=self.metadata)
             self.answered_at = time.monotonic()
             self.error = "draining" if self.load.draining else ""
         except grpc.aio.AioRpcError as e:
@@ -131,7 +133,8 @@ class WorkerState:
 
     async def abort(self, request_id: str, timeout: float = 2.0) -> None:
         try:
-            await self.worker.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout)
+            await self.worker.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout,
+                                    metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             log.debug("abort of %s on %s failed: %s", request_id, self.address, e.code().name)
 

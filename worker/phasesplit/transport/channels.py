@@ -1,10 +1,14 @@
-"""gRPC channels to other workers, one per address, kept until close()."""
+"""gRPC channels to other workers, one per address, kept until close(); every call on them carries the
+prompt-worker credential (`phasesplit.auth`): the only worker-to-worker calls are a prompt worker's."""
 
 from __future__ import annotations
 
 import threading
 
 import grpc
+
+from phasesplit import auth
+from phasesplit.grpc_auth import authenticated
 
 MAX_MESSAGE_BYTES = 64 << 20
 CHANNEL_OPTIONS = (("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -21,7 +25,8 @@ class Channels:
     def get(self, addr: str) -> grpc.Channel:
         with self._lock:
             if addr not in self._channels:
-                self._channels[addr] = grpc.insecure_channel(addr, options=self._options)
+                self._channels[addr] = authenticated(grpc.insecure_channel(addr, options=self._options),
+                                                     auth.PROMPT_WORKER)
             return self._channels[addr]
 
     def close(self) -> None:

@@ -52,10 +52,24 @@ def local_address_towards(host: str) -> str:
             return "127.0.0.1"
 
 
-def host_store(port: int, timeout: float) -> dist.TCPStore:
-    """The token worker's rendezvous store, listening on every interface (port 0: any free port)."""
-    return dist.TCPStore("0.0.0.0", port, None, True, datetime.timedelta(seconds=timeout),
-                         wait_for_workers=False)
+def host_store(port: int, timeout: float, host: str = "") -> tuple[dist.TCPStore, socket.socket | None]:
+    """The token worker's rendezvous store (port 0: any free port), listening on `host` (the worker's --host;
+    every interface when it is "" or a wildcard), and the listening socket it was given (keep it open)."""
+    if is_wildcard(host):
+        return dist.TCPStore("0.0.0.0", port, None, True, datetime.timedelta(seconds=timeout),
+                             wait_for_workers=False), None
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        store = dist.TCPStore(host, sock.getsockname()[1], None, True, datetime.timedelta(seconds=timeout),
+                              wait_for_workers=False, master_listen_fd=sock.fileno())
+    except BaseException:
+        sock.close()
+        raise
+    return store, sock
+
+
+def is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::", "[::]")
 
 
 def connect_store(host: str, port: int, timeout: float) -> dist.TCPStore:

@@ -19,14 +19,15 @@ _WAITING = "waiting for a KV frame"
 
 
 class StoreListener:
-    """The rendezvous store (a TCPStore on every interface) where prompt workers form their pair groups."""
+    """The rendezvous store (a TCPStore on the worker's address) where prompt workers form their pair groups."""
 
-    def __init__(self, port: int, device: torch.device, layout: KVLayout, timeout: float, idle_timeout: float):
+    def __init__(self, port: int, device: torch.device, layout: KVLayout, timeout: float, idle_timeout: float,
+                 host: str = ""):
         self.backend = kv_group.backend_for(device)
         self.device, self.layout = device, layout
         self.timeout, self.idle_timeout = timeout, idle_timeout
         try:
-            self.store = kv_group.host_store(port, timeout)
+            self.store, self._socket = kv_group.host_store(port, timeout, host)
         except (RuntimeError, OSError) as exc:
             raise OSError(f"cannot host the KV rendezvous store on port {port}: {exc}") from exc
 
@@ -107,8 +108,8 @@ class NcclKVReceiver(KVGroupService):
     """Serves `KVGroup` for the nccl backend on a token worker; hosts the rendezvous store on `port`."""
 
     def __init__(self, sink: KVSink, layout: KVLayout | pb.KVLayout, device: str | torch.device, *,
-                 timeout: float = TIMEOUT, port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
+                 timeout: float = TIMEOUT, port: int = 0, idle_timeout: float = IDLE_TIMEOUT, host: str = ""):
         check_options(timeout, port)
         device = torch.device(device)
-        listener = StoreListener(port, device, as_layout(layout), timeout, idle_timeout)
+        listener = StoreListener(port, device, as_layout(layout), timeout, idle_timeout, host)
         super().__init__(sink, layout, device, listener, timeout=timeout)

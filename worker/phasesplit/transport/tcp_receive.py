@@ -24,6 +24,7 @@ from phasesplit.transport.pair_receive import IDLE_TIMEOUT, Group, Incoming, KVG
 from phasesplit.v1 import worker_pb2 as pb
 
 _SCRATCH = 1 << 20
+MAX_UNNAMED_CONNECTIONS = 64  # accepted, HELLO not read yet: each holds a thread until its HELLO or timeout
 
 
 class SocketListener:
@@ -31,14 +32,14 @@ class SocketListener:
 
     backend = "tcp"
 
-    def __init__(self, port: int, layout: KVLayout, timeout: float, idle_timeout: float):
+    def __init__(self, port: int, layout: KVLayout, timeout: float, idle_timeout: float, host: str = ""):
         self.frame_bytes = layout.block_bytes
+        self._unnamed = threading.BoundedSemaphore(MAX_UNNAMED_CONNECTIONS)
         self.timeout, self.idle_timeout = timeout, idle_timeout
         self._links: dict[str, SocketReceiveLink] = {}  # by group id, until their connection arrives
         self._lock = threading.Lock()
         try:
-            self.sock = socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True) \
-                if socket.has_dualstack_ipv6() else socket.create_server(("0.0.0.0", port))
+            self.sock = _listen(host, port)
         except OSError as exc:
             raise OSError(f"cannot listen for KV on port {port}: {exc}") from exc
         self._acceptor = threading.Thread(target=self._accept, name="kv-tcp-accept", daemon=True)
@@ -72,7 +73,16 @@ class SocketListener:
                 sock, _ = self.sock.accept()
             except OSError:  # closed
                 return
-            threading.Thread(target=self._hello, args=(sock,), name="kv-tcp-hello", daemon=True).start()
+            if not self._unnamed.acquire(blocking=False):
+                sock.close()  # too many connections that named no group yet
+                continue
+            threading.Thread(target=self._hello_once, args=(sock,), name="kv-tcp-hello", daemon=True).start()
+
+    def _hello_once(self, sock: socket.socket) -> None:
+        try:
+            self._hello(sock)
+        finally:
+            self._unnamed.release()
 
     def _hello(self, sock: socket.socket) -> None:
         try:
@@ -87,6 +97,15 @@ class SocketListener:
             sock.close()
             return
         link.attach(sock)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The KV port on the worker's address; on every interface when `host` is a wildcard."""
+    if not kv_group.is_wildcard(host):
+        return socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    if socket.has_dualstack_ipv6():
+        return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+    return socket.create_server(("0.0.0.0", port))
 
 
 class SocketReceiveLink:
@@ -174,7 +193,7 @@ class TcpKVReceiver(KVGroupService):
     """Serves `KVGroup` for the tcp backend on a token worker; the KV bytes arrive on `port`."""
 
     def __init__(self, sink: KVSink, layout: KVLayout | pb.KVLayout, device: str | torch.device, *,
-                 timeout: float = TIMEOUT, port: int = 0, idle_timeout: float = IDLE_TIMEOUT):
+                 timeout: float = TIMEOUT, port: int = 0, idle_timeout: float = IDLE_TIMEOUT, host: str = ""):
         check_options(timeout, port)
-        listener = SocketListener(port, as_layout(layout), timeout, idle_timeout)
+        listener = SocketListener(port, as_layout(layout), timeout, idle_timeout, host)
         super().__init__(sink, layout, torch.device(device), listener, timeout=timeout)
