@@ -214,6 +214,7 @@ def test_progress_shows_each_worker_loading_then_serving(tiny_model_dir, tmp_pat
     launcher.wait_line(r"OpenAI endpoint")
     for name in ("prompt-1", "token-2"):
         assert re.search(rf"{name} \(pid \d+\): loading model", launcher.output), launcher.output
+        assert re.search(rf"{name} \(pid \d+\): allocating the KV cache", launcher.output), launcher.output
         assert re.search(rf"{name} \(pid \d+\): serving \(\d+ KV blocks of 16 tokens, device cpu\)",
                          launcher.output), launcher.output
     assert re.search(r"router \(pid \d+\): serving", launcher.output)

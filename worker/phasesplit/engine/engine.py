@@ -5,6 +5,7 @@ hook, and messages to the other tensor-parallel ranks)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 
@@ -23,6 +24,8 @@ from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence, SequenceStatus, take_text
 from phasesplit.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from phasesplit.transport.layout import dtype_name
+
+log = logging.getLogger(__name__)
 
 __all__ = ["EngineConfig", "EngineStats", "KVCapacityError", "KVHandoff", "KVLayout", "LLMEngine",
            "SamplingParams", "StepOutput"]
@@ -78,6 +81,7 @@ class LLMEngine:
         self.max_model_len = config.max_model_len or model_limit
         num_blocks = tp.min_over_ranks(self._num_kv_blocks())
         self.max_model_len = min(self.max_model_len, num_blocks * config.block_size)
+        log.info("allocating the KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
         self.kv_cache = KVCache(self.layout, num_blocks, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
         self.block_manager = BlockManager(num_blocks, config.block_size)

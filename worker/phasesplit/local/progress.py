@@ -9,7 +9,8 @@ from typing import Callable, Iterable
 
 from phasesplit.local.processes import ManagedProcess
 
-LOADING = "loading model"  # what a worker logs before it loads its weights and allocates its KV cache
+LOADING = "loading model"  # what a worker logs before it loads its weights
+ALLOCATING_KV = "allocating the KV cache"  # what its engine logs once the weights are in
 DONE = -1  # serving: nothing more to show
 KV_DETAILS = re.compile(r"\((\d+ KV blocks of \d+ tokens, device [^,)]+)")
 
@@ -19,7 +20,9 @@ def states(proc: ManagedProcess) -> list[str]:
     reached = ["starting"]
     log = proc.log_tail(200)
     if LOADING in log:
-        reached.append("loading model (weights, then the KV cache)")
+        reached.append("loading model weights")
+    if ALLOCATING_KV in log:
+        reached.append("allocating the KV cache")
     if proc.ready_at is not None:
         details = KV_DETAILS.search(log)
         reached.append(f"serving ({details.group(1)})" if details else "serving")
