@@ -320,3 +320,19 @@ def test_an_overlay_cannot_take_the_operators_labels_or_volumes(overlay, field):
     doc["spec"]["pools"]["token"]["pod"] = overlay
     with pytest.raises(pydantic.ValidationError, match=field):
         si.SplitInference.model_validate(doc)
+
+
+def test_the_specs_log_format_and_level_reach_the_router_and_every_worker():
+    def args_of(logging: dict | None) -> list[list[str]]:
+        doc = load_example("tiny-cpu")
+        if logging is not None:
+            doc["spec"]["logging"] = logging
+        spec = si.SplitInference.model_validate(doc).spec
+        objs = builders.build_children(builders.Owner("tiny", "default", "uid-1"), spec)
+        return [pod["containers"][0]["args"] for pod in _pods(objs)]
+
+    assert not any("--log-format" in args or "--log-level" in args for args in args_of(None))  # pods unchanged
+    for args in args_of({"format": "json", "level": "DEBUG"}):
+        assert args[args.index("--log-format") + 1] == "json" and args[args.index("--log-level") + 1] == "DEBUG"
+    with pytest.raises(pydantic.ValidationError, match="format"):
+        args_of({"format": "xml"})

@@ -14,13 +14,14 @@ import time
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")
+LEVEL, FORMAT = "INFO", "text"  # the defaults
 REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_METADATA = "x-request-id"   # the same id on the router's calls to workers (gRPC metadata)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:~+=/-]{1,128}")
 _json_lines = False   # set by configure(): then announce() logs instead of printing
 
 
-def add_logging_flags(parser: argparse.ArgumentParser, level: str = "INFO", fmt: str = "text") -> None:
+def add_logging_flags(parser: argparse.ArgumentParser, level: str = LEVEL, fmt: str = FORMAT) -> None:
     parser.add_argument("--log-level", default=level, choices=LEVELS, type=str.upper,
                         help="the least severe log lines written (default: %(default)s)")
     parser.add_argument("--log-format", default=fmt, choices=FORMATS,
@@ -48,7 +49,7 @@ def configure_logging(args: argparse.Namespace, component: str) -> None:
     configure(component, getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
 
 
-def configure(component: str, level: str = "INFO", fmt: str = "text", stream=None) -> logging.Handler:
+def configure(component: str, level: str = LEVEL, fmt: str = FORMAT, stream=None) -> logging.Handler:
     global _json_lines
     _json_lines = fmt == "json"
     handler = logging.StreamHandler(stream or sys.stderr)

@@ -245,7 +245,8 @@ def worker_args(spec: si.SplitInferenceSpec, role: str, pool: si.Pool) -> list[s
     args = ["worker", "--role", role, "--model", MODEL_DIR, "--served-model-name", spec.model.name,
             "--host", "$(POD_IP)", "--port", str(WORKER_PORT), "--health-port", str(WORKER_HEALTH_PORT),
             "--drain-timeout", str(pool.drain_timeout_seconds)]
-    return args + [arg for setting in worker_settings(spec, role, MODEL_DIR) for arg in setting.reference()]
+    return (args + [arg for setting in worker_settings(spec, role, MODEL_DIR) for arg in setting.reference()]
+            + si.logging_flags(spec))
 
 
 def _nccl_env(spec: si.SplitInferenceSpec) -> list[dict]:
@@ -356,7 +357,7 @@ def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
     args = ["router", "--served-model-name", spec.model.name, "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
     for role, _ in spec.pools.items():
         args += [f"--{role}-workers", f"dns:{service_host(owner, pool_name(owner, role))}:{WORKER_PORT}"]
-    return args + si.router_flags(spec)
+    return args + si.router_flags(spec) + si.logging_flags(spec)
 
 
 def router_container(owner: Owner, spec: si.SplitInferenceSpec) -> dict:

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
+from phasesplit import logs
 from phasesplit.control.worker_config import DTYPES, ROLES, default
 from phasesplit.transport.backends import NAMES as KV_BACKENDS
 
@@ -479,6 +480,24 @@ class Autoscaling(Spec):
 
 # --- the resource ----------------------------------------------------------------------------
 
+class Logging(Spec):
+    format: Literal[logs.FORMATS] = Field(logs.FORMAT, description="the router's and workers' log lines: text for "
+                                          "people, json for log collectors (one object per line); local mode "
+                                          "takes its own --log-format")
+    level: Literal[logs.LEVELS] = Field(logs.LEVEL, description="the least severe lines the router and workers "
+                                        "write; local mode takes its own --log-level")
+
+
+def logging_flags(spec: "SplitInferenceSpec") -> list[str]:
+    """The router's and workers' logging flags; none at the defaults, so pods made before stay as they are."""
+    flags = []
+    if spec.logging.format != logs.FORMAT:
+        flags += ["--log-format", spec.logging.format]
+    if spec.logging.level != logs.LEVEL:
+        flags += ["--log-level", spec.logging.level]
+    return flags
+
+
 class SplitInferenceSpec(Spec):
     model: Model
     images: Images = Field(default_factory=Images)
@@ -486,6 +505,7 @@ class SplitInferenceSpec(Spec):
     pools: Pools
     kv_transfer: KvTransfer = Field(default_factory=KvTransfer)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    logging: Logging = Field(default_factory=Logging)
 
 
 class Metadata(BaseModel):
