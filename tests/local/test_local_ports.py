@@ -4,6 +4,7 @@ forever, and the API key can be required. Real processes; waits on their output 
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -218,3 +219,11 @@ def test_progress_shows_each_worker_loading_then_serving(tiny_model_dir, tmp_pat
         assert re.search(rf"{name} \(pid \d+\): serving \(\d+ KV blocks of 16 tokens, device cpu\)",
                          launcher.output), launcher.output
     assert re.search(r"router \(pid \d+\): serving", launcher.output)
+
+
+def test_in_json_mode_local_modes_own_lines_are_json_too(tiny_model_dir, tmp_path, launchers):
+    launcher = launchers(str(write_manifest(tmp_path, {})), "--model", str(tiny_model_dir), "--port", "0",
+                         "--log-format", "json")
+    ready = launcher.wait_line(r"OpenAI endpoint")
+    line = json.loads(ready.string)
+    assert line["message"].startswith("phasesplit local: ready") and line["level"] == "INFO"

@@ -32,7 +32,7 @@ from phasesplit.local.processes import (ManagedProcess, ProcessFailed, free_port
                                         wait_grpc_serving, wait_http_ok)
 from phasesplit.local.progress import Progress
 from phasesplit.local.restarts import Restarts
-from phasesplit.logs import add_logging_flags, configure_logging, logging_argv
+from phasesplit.logs import add_logging_flags, announce, configure_logging, logging_argv
 
 log = logging.getLogger("phasesplit.local")
 HOST = "127.0.0.1"
@@ -383,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     code = 0
-    progress = Progress(cluster.processes, lambda line: print(f"phasesplit local: {line}", flush=True)).start()
+    progress = Progress(cluster.processes, lambda line: announce(f"phasesplit local: {line}")).start()
     try:
-        print(f"phasesplit local: logs in {log_dir}", flush=True)
+        announce(f"phasesplit local: logs in {log_dir}")
         cluster.start()
         progress.show()
         pools = ", ".join(f"{name}={len(cluster.addresses(name))}" for name in the_plan.pools)
-        print(f"phasesplit local: ready ({pools}); OpenAI endpoint {cluster.endpoint}", flush=True)
+        announce(f"phasesplit local: ready ({pools}); OpenAI endpoint {cluster.endpoint}")
         autoscaler = _start_autoscaler(cluster, args.autoscale_interval)
         try:
             _watch(cluster)
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             if autoscaler is not None:
                 autoscaler.stop()
     except _Stop as stop:
-        print(f"phasesplit local: {stop}, stopping", flush=True)
+        announce(f"phasesplit local: {stop}, stopping")
     except ProcessFailed as exc:
         print(f"phasesplit local: {exc}", file=sys.stderr, flush=True)
         code = 1
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         progress.stop()
         cluster.stop()
-        print("phasesplit local: stopped", flush=True)
+        announce("phasesplit local: stopped")
     return code
 
 
