@@ -19,6 +19,12 @@ REQUEST_ID_HEADER = "X-Request-Id"
 REQUEST_ID_METADATA = "x-request-id"   # the same id on the router's calls to workers (gRPC metadata)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:~+=/-]{1,128}")
 _json_lines = False   # set by configure(): then announce() logs instead of printing
+_configured = ("phasesplit", LEVEL, FORMAT)   # configure()'s arguments, for processes this one spawns
+
+
+def configured() -> tuple[str, str, str]:
+    """(component, level, format) as `configure` last set them: a spawned child calls `configure(*...)`."""
+    return _configured
 
 
 def add_logging_flags(parser: argparse.ArgumentParser, level: str = LEVEL, fmt: str = FORMAT) -> None:
@@ -46,12 +52,13 @@ def logging_argv(args: argparse.Namespace) -> list[str]:
 
 def configure_logging(args: argparse.Namespace, component: str) -> None:
     """Replaces the root logger's handlers with one on stderr in the chosen format."""
-    configure(component, getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
+    configure(component, getattr(args, "log_level", LEVEL), getattr(args, "log_format", FORMAT))
 
 
 def configure(component: str, level: str = LEVEL, fmt: str = FORMAT, stream=None) -> logging.Handler:
-    global _json_lines
+    global _json_lines, _configured
     _json_lines = fmt == "json"
+    _configured = (component, level, fmt)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(component) if fmt == "json" else TextFormatter(component))
     root = logging.getLogger()

@@ -20,7 +20,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from phasesplit import auth
+from phasesplit import auth, logs
 from phasesplit.grpc_auth import Guard
 from phasesplit.control.worker_config import WorkerConfig
 from phasesplit.engine.tokenizer import read_tokenizer_files
@@ -159,7 +159,8 @@ def supervise(config: WorkerConfig) -> int:
     from phasesplit.engine.ranks import RankGroup
     try:
         check_tensor_parallel(ModelConfig.from_dir(config.model), config.tensor_parallel)
-        group = RankGroup(config.tensor_parallel, serve_rank, (config,), config.device or default_device())
+        group = RankGroup(config.tensor_parallel, serve_rank, (config, logs.configured()),
+                          config.device or default_device())
     except (OSError, ValueError) as exc:
         print(f"phasesplit worker: --tensor-parallel: {exc}", file=sys.stderr)
         return 2
@@ -170,7 +171,9 @@ def supervise(config: WorkerConfig) -> int:
     return code
 
 
-def serve_rank(tp, device: str, config: WorkerConfig) -> int:
+def serve_rank(tp, device: str, config: WorkerConfig, logging_settings: tuple[str, str, str]) -> int:
+    component, level, fmt = logging_settings
+    logs.configure(f"{component}-rank{tp.rank}", level, fmt)   # a spawned rank starts with no handlers
     return serve(config, tp, device)
 
 
