@@ -27,6 +27,25 @@ log = logging.getLogger("phasesplit.router")
 SHUTDOWN_SECONDS = 60.0  # on SIGTERM, streams in flight get this long to finish
 
 
+# The router's bounds on waiting and slow clients: (flag, type, default, help).
+LIMITS = (
+    ("--queue-size", int, QueueSettings.size,
+     "requests that may wait for a pool with no ready worker (0: answer 503 at once)"),
+    ("--queue-timeout", float, QueueSettings.timeout,
+     "seconds a request may wait for a pool with no ready worker before a 503"),
+    ("--max-queue-wait", float, AdmissionSettings.max_queue_wait,
+     "seconds a request may wait for room in the workers' batches before a 429"),
+    ("--max-queue-length", int, AdmissionSettings.max_queue_length,
+     "requests that may wait for room in the workers' batches; one more is a 429 at once"),
+    ("--max-streams-per-key", int, AdmissionSettings.max_streams_per_key,
+     "requests one API key may have in flight (no key set: all clients together; 0: no limit)"),
+    ("--header-timeout", float, RouterSettings.header_timeout,
+     "seconds a connection may take to send a request's headers, and may stay idle"),
+    ("--body-timeout", float, RouterSettings.body_timeout,
+     "seconds a request may take to send its body before a 408"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="phasesplit router", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", help="model directory to read the tokenizer and config.json from (default: read "
@@ -47,20 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds without a token, once output has started, before the worker counts as stalled")
     p.add_argument("--pools", help="comma-separated pools this router serves, also while they have no worker "
                    "(scaled to zero): requests wait for them (default: the pools given workers)")
-    p.add_argument("--queue-size", type=int, default=QueueSettings.size,
-                   help="requests that may wait for a pool with no ready worker (0: answer 503 at once)")
-    p.add_argument("--queue-timeout", type=float, default=QueueSettings.timeout,
-                   help="seconds a request may wait for a pool with no ready worker before a 503")
-    p.add_argument("--max-queue-wait", type=float, default=AdmissionSettings.max_queue_wait,
-                   help="seconds a request may wait for room in the workers' batches before a 429")
-    p.add_argument("--max-queue-length", type=int, default=AdmissionSettings.max_queue_length,
-                   help="requests that may wait for room in the workers' batches; one more is a 429 at once")
-    p.add_argument("--max-streams-per-key", type=int, default=AdmissionSettings.max_streams_per_key,
-                   help="requests one API key may have in flight (no key set: all clients together; 0: no limit)")
-    p.add_argument("--header-timeout", type=float, default=RouterSettings.header_timeout,
-                   help="seconds a connection may take to send a request's headers, and may stay idle")
-    p.add_argument("--body-timeout", type=float, default=RouterSettings.body_timeout,
-                   help="seconds a request may take to send its body before a 408")
+    for flag, kind, default, help_text in LIMITS:
+        p.add_argument(flag, type=kind, default=default, help=help_text)
     add_logging_flags(p)
     return p
 
