@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from phasesplit.cli_format import HelpFormatter
+
+if TYPE_CHECKING:  # the engine (torch) is imported only once the arguments are read
+    from phasesplit.engine.engine import LLMEngine
+    from phasesplit.engine.sampler import SamplingParams
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
