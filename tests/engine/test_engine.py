@@ -156,8 +156,9 @@ def test_a_token_engine_refuses_kv_it_cannot_hold(make_engine):
     assert engine.abort("a") and engine.num_used_blocks == 0
 
 
-def test_no_blocks_leak_after_aborts_mid_prefill_and_mid_decode(make_engine):
-    engine = make_engine(max_num_batched_tokens=64)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_no_blocks_leak_after_aborts_mid_prefill_and_mid_decode(make_engine, chunked):
+    engine = make_engine(max_num_batched_tokens=64 if not chunked else 24, chunked_prefill=chunked)
     requests = random_requests(8, seed=3, vocab=engine.model_config.vocab_size)
     for rid, (ids, params) in requests.items():
         engine.add_request(rid, ids, params)

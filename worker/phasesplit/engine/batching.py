@@ -34,3 +34,34 @@ def take_ready(ready: deque[T], num_running: int, max_num_seqs: int) -> list[T]:
     while ready and num_running + len(joining) < max_num_seqs:
         joining.append(ready.popleft())
     return joining
+
+
+def take_chunks(started: list[T], waiting: deque[T], token_budget: int, free_slots: int,
+                num_tokens: Callable[[T], int], admit: Callable[[T], bool],
+                splittable: Callable[[T], bool]) -> list[tuple[T, int]]:
+    """Prompt chunks for a step whose decodes are taken already (stall-free batching): prompts begun
+    in earlier steps go on first, then waiting ones join first come first served while `free_slots`
+    allow and `admit` (the KV check, which reserves on success) accepts. Each takes as many of its
+    `num_tokens` still to compute as `token_budget` has left. A prompt that is not `splittable` runs
+    whole: when it fits, or as the step's first prompt."""
+    chunks: list[tuple[T, int]] = []
+    budget = token_budget
+    for item in started:
+        if budget <= 0:
+            break
+        n = min(num_tokens(item), budget)
+        chunks.append((item, n))
+        budget -= n
+    while waiting and free_slots > 0 and budget > 0:
+        item = waiting[0]
+        n = num_tokens(item)
+        if splittable(item):
+            n = min(n, budget)
+        elif n > budget and chunks:
+            break
+        if not admit(item):
+            break
+        chunks.append((waiting.popleft(), n))
+        budget -= n
+        free_slots -= 1
+    return chunks

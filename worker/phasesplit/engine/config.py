@@ -170,7 +170,8 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_memory_fraction: float = 0.8  # of the device memory free after loading the model (CUDA)
-    max_num_batched_tokens: int = 2048
+    max_num_batched_tokens: int = 2048  # tokens one step computes (a prompt not split runs whole, alone)
+    chunked_prefill: bool = True  # split prompts across steps, after the running decodes
     max_num_seqs: int = 64
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     served_model_name: str | None = None
@@ -183,5 +184,7 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}: got {value!r}, must be an integer > 0 or unset")
+        if not isinstance(self.chunked_prefill, bool):
+            raise ValueError(f"chunked_prefill: got {self.chunked_prefill!r}, must be true or false")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction: got {self.kv_memory_fraction!r}, must be in (0, 1]")

@@ -87,7 +87,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size)
         eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, eos)
+                                   self.max_model_len, eos, config.chunked_prefill)
         self.requests: dict[str, Sequence] = {}
         self.reserved: dict[str, list[int]] = {}
         self.pending: list[StepOutput] = []
@@ -284,37 +284,42 @@ class LLMEngine:
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return outputs
-        token_ids = self.prefill(seqs) if is_prefill else self.decode_one_token(seqs)
+        token_ids = self.execute(seqs, is_prefill)
         postprocess(self.scheduler, seqs, token_ids)
-        return outputs + [self._output(seq) for seq in seqs if seq.finish_reason != "abort"]
+        return outputs + [self._output(seq) for seq, token_id in zip(seqs, token_ids)
+                          if token_id is not None and seq.finish_reason != "abort"]
 
     def _output(self, seq: Sequence) -> StepOutput:
         if seq.status is SequenceStatus.FINISHED:
             del self.requests[seq.request_id]
         return StepOutput(seq.request_id, [seq.last_token], take_text(seq), seq.is_finished, seq.finish_reason)
 
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
-        """Every token of each sequence (none cached) in one flat batch; returns the next token of each."""
-        bs = self.config.block_size
-        positions = [torch.arange(seq.num_tokens) for seq in seqs]
-        slots = [torch.tensor(seq.block_table)[p // bs] * bs + p % bs for seq, p in zip(seqs, positions)]
-        cu_seqlens = [0]
-        for seq in seqs:
-            cu_seqlens.append(cu_seqlens[-1] + seq.num_tokens)
-        batch = ForwardBatch([seq.request_id for seq in seqs], _longs([t for seq in seqs for t in seq.token_ids]),
-                             torch.cat(positions), torch.cat(slots), cu_seqlens=cu_seqlens)
-        return self._sample(self.runner.run(batch), seqs)
+    def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
+        """One step: each sequence's scheduled tokens (a decode's one, a prompt's chunk) over its cached
+        context, in one flat batch. Returns the next token of each sequence the step brings to its end,
+        None for a prompt chunk that is not its last."""
+        logits = self.runner.run(self.forward_batch(seqs))
+        done = [i for i, seq in enumerate(seqs) if seq.num_scheduled_tokens == seq.num_uncached_tokens]
+        token_ids: list[int | None] = [None] * len(seqs)
+        if done:
+            sampled = self._sample(logits[done], [seqs[i] for i in done])
+            for i, token_id in zip(done, sampled):
+                token_ids[i] = token_id
+        return token_ids
 
-    def decode_one_token(self, seqs: list[Sequence]) -> list[int]:
-        """The last token of each sequence, attending over its cached context; returns the next ones."""
+    def forward_batch(self, seqs: list[Sequence]) -> ForwardBatch:
         bs = self.config.block_size
-        max_blocks = max(len(seq.block_table) for seq in seqs)
-        batch = ForwardBatch(
-            [seq.request_id for seq in seqs], _longs([seq.last_token for seq in seqs]),
-            _longs([seq.num_tokens - 1 for seq in seqs]), _longs([seq.slot(seq.num_tokens - 1, bs) for seq in seqs]),
-            block_tables=_longs([seq.block_table + [0] * (max_blocks - len(seq.block_table)) for seq in seqs]),
-            context_lens=_longs([seq.num_tokens for seq in seqs]))
-        return self._sample(self.runner.run(batch), seqs)
+        input_ids, positions, slots, cu_seqlens, context_lens = [], [], [], [0], []
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_cached_tokens + seq.num_scheduled_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.slot(p, bs) for p in range(start, end))
+            cu_seqlens.append(cu_seqlens[-1] + end - start)
+            context_lens.append(end)
+        return ForwardBatch([seq.request_id for seq in seqs], _longs(input_ids), _longs(positions), _longs(slots),
+                            cu_seqlens, context_lens, [list(seq.block_table) for seq in seqs],
+                            [seq.request_id for seq in seqs if seq.num_cached_tokens < seq.num_prompt_tokens])
 
     def _sample(self, logits: Tensor, seqs: list[Sequence]) -> list[int]:
         return sample(logits, [seq.params for seq in seqs], [seq.num_tokens for seq in seqs])

@@ -1,4 +1,5 @@
-"""The paged KV pool (`KVCache`), its block accounting (`BlockManager`) and paged attention."""
+"""The paged KV pool (`KVCache`) and its block accounting (`BlockManager`); attention over it is in
+`attention.py`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from phasesplit.transport.layout import KVLayout
@@ -81,41 +81,7 @@ class KVCache:
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
-    def gather(self, layer: int, block_tables: Tensor) -> tuple[Tensor, Tensor]:
-        """block_tables [B, max_blocks] -> k, v [B, Hkv, max_blocks * block_size, D]."""
-        b, nb = block_tables.shape
-        flat = block_tables.reshape(-1)
-        # index_select copies whole blocks; advanced indexing (cache[tables]) is several times slower on CPU
-        k = self.k[layer].index_select(0, flat)  # [B * NB, BS, Hkv, D]
-        v = self.v[layer].index_select(0, flat)
-        _, bs, h, d = k.shape
-        return k.view(b, nb * bs, h, d).transpose(1, 2), v.view(b, nb * bs, h, d).transpose(1, 2)
-
 
 def bytes_per_block(layout: KVLayout, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * layout.num_layers * layout.block_size * layout.num_kv_heads * layout.head_dim * elem
-
-
-def prefill_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: list[int]) -> Tensor:
-    """Causal attention within each packed sequence (no cached prefix).
-
-    q [T, H, D], k/v [T, Hkv, D], cu_seqlens [0, n0, n0+n1, ...] -> [T, H, D]
-    """
-    out = torch.empty_like(q)
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
-        ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
-        vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-        out[start:end] = o.squeeze(0).transpose(0, 1)
-    return out
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """One new token per sequence over its gathered, padded context.
-
-    q [B, H, D], k/v [B, Hkv, L, D], mask [B, 1, 1, L] (True = attend) -> [B, H, D]
-    """
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True)
-    return o.squeeze(2)

@@ -9,12 +9,13 @@ from phasesplit.engine.scheduler import Scheduler
 from phasesplit.engine.sequence import Sequence, SequenceStatus, push_text
 
 
-def postprocess(scheduler: Scheduler, seqs: list[Sequence], token_ids: list[int]) -> None:
-    """A step's sampled tokens: the scheduler's bookkeeping, then their text."""
+def postprocess(scheduler: Scheduler, seqs: list[Sequence], token_ids: list[int | None]) -> None:
+    """A step's sampled tokens (None: a prompt chunk that is not its last): the scheduler's bookkeeping,
+    then their text."""
     scheduler.postprocess(seqs, token_ids)
     for seq, token_id in zip(seqs, token_ids):
-        if seq.finish_reason == "abort":
-            continue  # aborted during the step: its token was dropped
+        if token_id is None or seq.finish_reason == "abort":
+            continue  # no token yet, or aborted during the step: its token was dropped
         running = seq.status is SequenceStatus.RUNNING
         if detokenize(seq, token_id) and running:
             scheduler.finish(seq)

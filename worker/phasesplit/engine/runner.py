@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from phasesplit.engine.kv_cache import KVCache, decode_attention, prefill_attention
+from phasesplit.engine.attention import paged_attention, seq_spans
+from phasesplit.engine.kv_cache import KVCache
 from phasesplit.engine.model import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -22,25 +23,24 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(slots=True)
 class ForwardBatch:
-    """One step as rank 0 scheduled it (CPU tensors): everything a rank needs to run it."""
+    """One step as rank 0 scheduled it (CPU tensors and lists): everything a rank needs to run it.
+
+    Each sequence brings some new tokens (one for a decode, a chunk of its prompt for a prefill) that
+    attend to its cached context plus themselves; they are packed one sequence after the other."""
 
     request_ids: list[str]
     input_ids: Tensor  # [T]
     positions: Tensor  # [T]
     slot_mapping: Tensor  # [T]: where each token's K/V goes in the cache
-    cu_seqlens: list[int] | None = None  # prefill: [0, n0, n0+n1, ...]
-    block_tables: Tensor | None = None  # decode: [B, max_blocks]
-    context_lens: Tensor | None = None  # decode: [B]
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.cu_seqlens is not None
+    cu_seqlens: list[int]  # [0, n0, n0+n1, ...]: each sequence's new tokens
+    context_lens: list[int]  # each sequence's tokens once the step has run (cached plus new)
+    block_tables: list[list[int]]  # each sequence's blocks
+    prefill_ids: list[str]  # the sequences whose prompt tokens this step computes (the layer hook's)
 
     def prefill_blocks(self, request_id: str, block_size: int) -> list[int]:
-        """The cache blocks a prefilled sequence's KV went to (its tokens start at position 0)."""
+        """The cache blocks a sequence's KV lies in, up to what this step writes."""
         i = self.request_ids.index(request_id)
-        first_slots = self.slot_mapping[self.cu_seqlens[i]:self.cu_seqlens[i + 1]:block_size]
-        return (first_slots // block_size).tolist()
+        return self.block_tables[i][: -(-self.context_lens[i] // block_size)]
 
 
 class ModelRunner:
@@ -77,29 +77,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> Tensor | None:
+        """float32 logits [sequences, vocab] of each sequence's last new token (None on ranks other than 0)."""
         self.batch = batch
         slot_mapping = batch.slot_mapping.to(self.device)
-        if batch.is_prefill:
-            cu_seqlens, request_ids = batch.cu_seqlens, batch.request_ids
+        spans = seq_spans(batch.cu_seqlens, batch.context_lens, batch.block_tables, self.block_size)
+        hook_ids = batch.prefill_ids
 
-            def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                self.kv_cache.write(layer, k, v, slot_mapping)
-                if self.layer_hook is not None:
-                    self.layer_hook(layer, request_ids)
-                return prefill_attention(q, k, v, cu_seqlens)
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            self.kv_cache.write(layer, k, v, slot_mapping)
+            if self.layer_hook is not None and hook_ids:
+                self.layer_hook(layer, hook_ids)
+            return paged_attention(q, k, v, self.kv_cache.k[layer], self.kv_cache.v[layer], spans)
 
-            last = torch.tensor([end - 1 for end in cu_seqlens[1:]], device=self.device)
-        else:
-            block_tables = batch.block_tables.to(self.device)
-            context_lens = batch.context_lens.to(self.device)
-            length = block_tables.shape[1] * self.block_size
-            mask = (torch.arange(length, device=self.device)[None, :] < context_lens[:, None])[:, None, None, :]
-
-            def attention(layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                self.kv_cache.write(layer, k, v, slot_mapping)
-                k_ctx, v_ctx = self.kv_cache.gather(layer, block_tables)
-                return decode_attention(q, k_ctx, v_ctx, mask)
-
-            last = None
+        last = torch.tensor([end - 1 for end in batch.cu_seqlens[1:]], device=self.device)
         hidden = self.model(batch.input_ids.to(self.device), batch.positions.to(self.device), attention)
-        return self.model.compute_logits(hidden if last is None else hidden[last])
+        return self.model.compute_logits(hidden[last])

@@ -1,17 +1,23 @@
-"""Continuous batching: waiting and running queues, a prefill token budget, preemption by recompute."""
+"""Continuous batching: waiting and running queues, a token budget per step, preemption by recompute.
+
+Without chunked prefill a step is either a prefill (whole prompts, first) or a decode of every
+running sequence. With it (stall-free batching) every step decodes the running sequences and fills
+the rest of the budget with prompt chunks; a prompt longer than the budget runs over several steps.
+Either way each scheduled sequence's `num_scheduled_tokens` says how many of its tokens the step
+computes, from `num_cached_tokens` on."""
 
 from __future__ import annotations
 
 from collections import deque
 
-from phasesplit.engine.batching import take_prefill, take_ready
+from phasesplit.engine.batching import take_chunks, take_prefill, take_ready
 from phasesplit.engine.kv_cache import BlockManager
 from phasesplit.engine.sequence import Sequence, SequenceStatus
 
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, eos_token_ids: set[int]):
+                 max_model_len: int, eos_token_ids: set[int], chunked_prefill: bool = False):
         capacity = block_manager.num_blocks * block_manager.block_size
         if max_model_len > capacity:
             # Otherwise a lone sequence could outgrow the whole cache and wait forever.
@@ -21,6 +27,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
+        self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: deque[Sequence] = deque()
         self.ready: deque[Sequence] = deque()  # K/V imported, waiting for a decode slot
@@ -39,13 +46,31 @@ class Scheduler:
         return bool(self.waiting or self.running or self.ready)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """The next batch and whether it is a prefill. Prefill goes first; otherwise every running
-        sequence decodes, preempting the newest ones while blocks run out."""
+        """The next batch and whether it computes prompt tokens."""
+        if self.chunked_prefill:
+            return self._schedule_mixed()
         seqs = self._schedule_prefill()
         if seqs:
-            return seqs, True
+            return _scheduled(seqs, lambda seq: seq.num_uncached_tokens), True
         self.running.extend(take_ready(self.ready, len(self.running), self.max_num_seqs))
-        return self._schedule_decode(), False
+        return _scheduled(self._schedule_decode(), lambda seq: 1), False
+
+    def _schedule_mixed(self) -> tuple[list[Sequence], bool]:
+        """Every running sequence's next token first (preempting the newest while blocks run out), then
+        prompt chunks up to the token budget."""
+        self.running.extend(take_ready(self.ready, len(self.running), self.max_num_seqs))
+        running = self._schedule_decode()
+        decodes = [seq for seq in running if seq.num_uncached_tokens == 1]
+        started = [seq for seq in running if seq.num_uncached_tokens > 1]
+        chunks = take_chunks(started, self.waiting, self.max_num_batched_tokens - len(decodes),
+                             self.max_num_seqs - len(self.running), lambda seq: seq.num_uncached_tokens,
+                             self._admit, lambda seq: not seq.prefill_only)
+        self.running.extend(seq for seq, _ in chunks if seq not in started)  # the newly admitted
+        for seq in decodes:
+            seq.num_scheduled_tokens = 1
+        for seq, n in chunks:
+            seq.num_scheduled_tokens = n
+        return decodes + [seq for seq, _ in chunks], bool(chunks)
 
     def _schedule_prefill(self) -> list[Sequence]:
         seqs = take_prefill(self.waiting, self.max_num_batched_tokens, self.max_num_seqs - len(self.running),
@@ -84,11 +109,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int]) -> None:
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int | None]) -> None:
+        """`token_ids`: each sequence's next token, None for a prompt chunk that is not its last."""
         for seq, token_id in zip(seqs, token_ids):
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted during the step (e.g. from a layer hook)
-            seq.num_cached_tokens = seq.num_tokens
+            seq.num_cached_tokens += seq.num_scheduled_tokens
+            if token_id is None:
+                continue
             seq.append_token(token_id)
             seq.finish_reason = self.finish_reason(seq, token_id)
             if seq.finish_reason or seq.prefill_only:
@@ -118,3 +146,9 @@ class Scheduler:
         self.block_manager.deallocate(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
+
+
+def _scheduled(seqs: list[Sequence], num_tokens) -> list[Sequence]:
+    for seq in seqs:
+        seq.num_scheduled_tokens = num_tokens(seq)
+    return seqs

@@ -30,6 +30,7 @@ class Sequence:
         self.block_table: list[int] = []
         # Tokens whose K/V are in the cache; the rest are computed by the next step.
         self.num_cached_tokens = 0
+        self.num_scheduled_tokens = 0  # how many of the rest the current step computes
         self.output_text = ""
         self.num_emitted_chars = 0
         self.finish_reason: str | None = None
@@ -49,6 +50,10 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_uncached_tokens(self) -> int:
+        return len(self.token_ids) - self.num_cached_tokens
 
     @property
     def last_token(self) -> int:

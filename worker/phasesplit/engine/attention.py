@@ -1,0 +1,134 @@
+"""Attention of a step's new tokens over each sequence's paged context.
+
+A decode (one new token) and a prefill chunk (some prompt tokens) are the same computation: the
+new tokens' queries attend causally to the sequence's cached tokens plus themselves. Their K/V are
+written to the cache first, so the whole context is read through the block table; consecutive
+block ids are one view of the cache, never a copy. On CUDA flash-attn's paged kernel runs it when
+installed (it needs blocks of a multiple of 256 tokens); elsewhere each sequence's scores are
+computed over its block views (measured fastest on CPU: see bench/engine.py), and a prefill with
+nothing cached yet attends within its own new K/V through SDPA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:  # the CPU image and CUDA images without flash-attn
+    flash_attn_with_kvcache = None
+
+FLASH_BLOCK_MULTIPLE = 256  # flash-attn's paged KV wants blocks of a multiple of this many tokens
+SCORE_BYTES = 32 * 2**20  # a prefill chunk's scores are computed this many bytes at a time
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SeqSpan:
+    """One sequence of a step: its new tokens are rows `start:end` of the batch, the last of them at
+    position `context_len - 1`; its context (cached and new tokens) lies in `runs` of consecutive
+    blocks, (first block id, number of blocks) each."""
+
+    start: int
+    end: int
+    context_len: int
+    block_ids: tuple[int, ...]
+    runs: tuple[tuple[int, int], ...]
+
+    @property
+    def num_new(self) -> int:
+        return self.end - self.start
+
+    @property
+    def num_cached(self) -> int:
+        return self.context_len - self.num_new
+
+
+def seq_spans(cu_seqlens: list[int], context_lens: list[int], block_tables: list[list[int]],
+              block_size: int) -> list[SeqSpan]:
+    spans = []
+    for i, context_len in enumerate(context_lens):
+        block_ids = tuple(block_tables[i][: -(-context_len // block_size)])
+        spans.append(SeqSpan(cu_seqlens[i], cu_seqlens[i + 1], context_len, block_ids, block_runs(block_ids)))
+    return spans
+
+
+def block_runs(block_ids: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(first, count) for each stretch of consecutive ids: `(4, 5, 6, 9)` -> `((4, 3), (9, 1))`."""
+    runs: list[list[int]] = []
+    for b in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    return tuple((first, count) for first, count in runs)
+
+
+def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    spans: list[SeqSpan]) -> Tensor:
+    """q [T, H, D] and the step's own k/v [T, Hkv, D] (already written to the cache), one layer's
+    cache [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
+    if flash_attn_with_kvcache is not None and q.is_cuda and k_cache.shape[1] % FLASH_BLOCK_MULTIPLE == 0:
+        return _flash_paged(q, k_cache, v_cache, spans)
+    out = torch.empty_like(q)
+    for s in spans:
+        if s.num_cached == 0 and s.num_new > 1:
+            out[s.start:s.end] = _causal_sdpa(q[s.start:s.end], k[s.start:s.end], v[s.start:s.end])
+        else:
+            out[s.start:s.end] = _over_blocks(q[s.start:s.end], k_cache, v_cache, s)
+    return out
+
+
+def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    # q [n, H, D], k/v [n, Hkv, D]: a fresh prompt attends only within itself
+    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       is_causal=True, enable_gqa=True)
+    return o.transpose(0, 1)
+
+
+def _over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> Tensor:
+    """q [n, H, D]: the new tokens of `span`, over its whole context read from block views."""
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    keys, values = _views(k_cache, span), _views(v_cache, span)
+    qg = q.view(n, num_kv_heads, num_heads // num_kv_heads, head_dim) * head_dim**-0.5  # [n, Hkv, G, D]
+    rows = max(1, SCORE_BYTES // (4 * num_heads * span.context_len))
+    out = torch.empty_like(qg)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        scores = torch.cat([torch.einsum("nhgd,lhd->hgnl", qg[r0:r1], key) for key in keys], dim=-1)
+        if n > 1:  # the chunk's own later tokens are masked out; a decode sees its whole context
+            positions = torch.arange(span.num_cached + r0, span.num_cached + r1, device=q.device)
+            future = torch.arange(span.context_len, device=q.device)[None, :] > positions[:, None]
+            scores = scores.masked_fill(future, float("-inf"))
+        probs = scores.float().softmax(-1).to(q.dtype)  # [Hkv, G, rows, L]
+        acc, at = None, 0
+        for value in values:
+            part = torch.einsum("hgnl,lhd->nhgd", probs[..., at:at + value.shape[0]], value)
+            acc, at = part if acc is None else acc + part, at + value.shape[0]
+        out[r0:r1] = acc
+    return out.view(n, num_heads, head_dim)
+
+
+def _views(cache: Tensor, span: SeqSpan) -> list[Tensor]:
+    """The span's context as views of the cache, one per run of consecutive blocks: [tokens, Hkv, D]."""
+    views, left = [], span.context_len
+    for first, count in span.runs:
+        view = cache[first:first + count].flatten(0, 1)[:left]
+        views.append(view)
+        left -= view.shape[0]
+    return views
+
+
+def _flash_paged(q: Tensor, k_cache: Tensor, v_cache: Tensor, spans: list[SeqSpan]) -> Tensor:
+    out = torch.empty_like(q)
+    for s in spans:
+        block_table = torch.tensor([s.block_ids], dtype=torch.int32, device=q.device)
+        cache_seqlens = torch.tensor([s.context_len], dtype=torch.int32, device=q.device)
+        o = flash_attn_with_kvcache(q[None, s.start:s.end], k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                    block_table=block_table, causal=True)  # causal: aligned to the context's end
+        out[s.start:s.end] = o[0]
+    return out
