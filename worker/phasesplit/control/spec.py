@@ -258,7 +258,9 @@ class EngineSettings(Spec):
         "!(has(self.numKvBlocks) && has(self.kvMemoryFraction))",
         "set at most one of numKvBlocks and kvMemoryFraction", ".numKvBlocks"))
     max_num_batched_tokens: int = Field(default("max_num_batched_tokens"), ge=1, le=1048576,
-                                        description="prefill token budget per batch")
+                                        description="token budget per step")
+    chunked_prefill: bool = Field(default("chunked_prefill"), description="split long prompts over several steps, "
+                                  "each beside the running decodes (prompt workers always prefill whole prompts)")
     max_num_seqs: int = Field(default("max_num_seqs"), ge=1, le=4096, description="largest batch")
     num_kv_blocks: int | None = Field(None, ge=1, le=16777216, description="KV cache size in blocks")
     kv_memory_fraction: float | None = Field(None, gt=0, le=1, description="KV cache size as a share of free memory")

@@ -49,7 +49,9 @@ class WorkerConfig:
                                        "(default: from --kv-memory-fraction)")
     kv_memory_fraction: float = option(engine="kv_memory_fraction", help="KV cache size as a share of the "
                                        "device memory free after loading the model")
-    max_num_batched_tokens: int = option(engine="max_num_batched_tokens", help="prefill token budget per batch")
+    max_num_batched_tokens: int = option(engine="max_num_batched_tokens", help="token budget per step")
+    chunked_prefill: bool = option(engine="chunked_prefill", help="run each prompt whole in one step instead of "
+                                   "in chunks beside the running decodes (prefill-only prompts always run whole)")
     max_num_seqs: int = option(engine="max_num_seqs", help="largest batch")
     max_model_len: int | None = option(engine="max_model_len", help="longest prompt plus output, in tokens "
                                        "(default: the model's max_position_embeddings)")
