@@ -29,7 +29,7 @@ def test_two_ranks_match_transformers_and_one_rank_token_for_token(tmp_path, tin
         hf_cls = write_checkpoint(checkpoints[case], case, "classic")
         with torch.no_grad():
             expected[case] = hf_cls.from_pretrained(checkpoints[case], dtype=torch.float32)(input_ids[None]).logits[0]
-    one_rank = tp_ranks.greedy(LLMEngine(EngineConfig(str(tiny_model_dir), block_size=4, max_num_batched_tokens=64)),
+    one_rank = tp_ranks.greedy(LLMEngine(EngineConfig(str(tiny_model_dir), block_size=4, max_num_batched_tokens=8)),
                                PROMPTS, 10)
 
     results = multiprocessing.get_context("spawn").Queue()

@@ -25,8 +25,9 @@ from support.fleet_profiles import CATALOG, toy_rows, write_profile
 
 
 def engine_batches(prompts, outputs, num_blocks, max_num_seqs, budget):
-    """What the engine's scheduler runs, step by step: ("prefill", ids) or ("decode", batch size)."""
-    sched = Scheduler(BlockManager(num_blocks, 1), max_num_seqs, budget, num_blocks, {0})
+    """What the engine's scheduler runs, step by step: ("prefill", ids) or ("decode", batch size). The
+    simulator does not model chunked prefill: both run without it."""
+    sched = Scheduler(BlockManager(num_blocks, 1), max_num_seqs, budget, num_blocks, {0}, chunked_prefill=False)
     for i, (n, out) in enumerate(zip(prompts, outputs)):
         params = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
         sched.add(Sequence(str(i), [7] * n, params))

@@ -16,7 +16,7 @@ def logits_and_greedy(tp, device, checkpoints, input_ids, engine_dir, prompts, m
             logits = model.compute_logits(model(input_ids, torch.arange(len(input_ids)), dense_causal_attention()))
         if tp.is_leader:
             results.put(("logits", name, logits.tolist()))  # plain data: the queue outlives this process
-    engine = LLMEngine(EngineConfig(str(engine_dir), block_size=4, max_num_batched_tokens=64), tp)
+    engine = LLMEngine(EngineConfig(str(engine_dir), block_size=4, max_num_batched_tokens=8), tp)
     if not tp.is_leader:
         engine.follow()
         return 0
@@ -26,7 +26,7 @@ def logits_and_greedy(tp, device, checkpoints, input_ids, engine_dir, prompts, m
 
 
 def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Every prompt at once (batched prefill, then decode), greedy, `max_tokens` each."""
+    """Every prompt at once (in chunks of the budget beside the decodes), greedy, `max_tokens` each."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     out = {str(i): [] for i in range(len(prompts))}
     for rid, ids in zip(out, prompts):
