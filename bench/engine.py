@@ -6,7 +6,13 @@ EOS ignored so both sides produce exactly the requested tokens. The engine batch
 arrival order, left-padded, each generating until its longest request is done. Throughput counts
 only the tokens the requests asked for.
 
-    python bench/engine.py [--model DIR] [--requests 64] [--batch-size 16] [--device cpu]
+Long context (--case long-context): decode tokens/s of a batch of --long-batch sequences at
+--long-context tokens each (their KV imported as a token worker does, so nothing is prefilled),
+attending through the block table (the engine's path) against the decode path it replaced, which
+copied every sequence's whole context out of the cache per layer (`gather_attention`, kept here
+only as the baseline); once with each sequence's blocks consecutive, once with them scattered.
+
+    python bench/engine.py [--model DIR] [--requests 64] [--batch-size 16] [--device cpu] [--case all]
 
 Without --model a `small` preset checkpoint (about 100M parameters) is written to a temporary dir.
 """
@@ -17,8 +23,10 @@ import tempfile
 import time
 
 import torch
+import torch.nn.functional as F
 
-from phasesplit.engine.engine import EngineConfig, LLMEngine, SamplingParams
+from phasesplit.engine import runner
+from phasesplit.engine.engine import EngineConfig, KVHandoff, LLMEngine, SamplingParams
 from phasesplit.tiny_model import make_tiny_model
 
 
@@ -55,6 +63,58 @@ def run_transformers(model, requests, batch_size: int, device: torch.device) -> 
     return generated, time.perf_counter() - start
 
 
+def gather_attention(q, k, v, k_cache, v_cache, spans):
+    """The decode attention the engine had before it read the cache through block views: every
+    sequence's context copied out of the cache (padded to the longest), then one masked SDPA."""
+    assert all(s.num_new == 1 for s in spans), "the gather path only decodes"
+    max_blocks = max(len(s.block_ids) for s in spans)
+    tables = torch.tensor([list(s.block_ids) + [0] * (max_blocks - len(s.block_ids)) for s in spans],
+                          device=q.device)
+    b, (bs, h, d) = len(spans), k_cache.shape[1:]
+    k_ctx = k_cache.index_select(0, tables.reshape(-1)).view(b, max_blocks * bs, h, d).transpose(1, 2)
+    v_ctx = v_cache.index_select(0, tables.reshape(-1)).view(b, max_blocks * bs, h, d).transpose(1, 2)
+    context_lens = torch.tensor([s.context_len for s in spans], device=q.device)
+    mask = (torch.arange(max_blocks * bs, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k_ctx, v_ctx, attn_mask=mask, enable_gqa=True).squeeze(2)
+
+
+def decode_at_context(model_dir: str, args, attention, scattered: bool) -> float:
+    """Decode tokens/s of --long-batch sequences whose --long-context tokens of KV are in the cache."""
+    blocks_per_seq = -(-(args.long_context + args.long_steps + 1) // 16)
+    engine = LLMEngine(EngineConfig(model_dir, dtype=args.dtype, device=args.device, block_size=16,
+                                    num_kv_blocks=args.long_batch * blocks_per_seq + 1,
+                                    max_num_seqs=args.long_batch))
+    for cache in (*engine.kv_cache.k, *engine.kv_cache.v):
+        cache.normal_()
+    if scattered:
+        random.Random(0).shuffle(engine.block_manager.free_block_ids)
+    params = SamplingParams(temperature=0, max_tokens=args.long_steps + 2, ignore_eos=True)
+    for i in range(args.long_batch):
+        prompt = [random.Random(i).randrange(4, 1000) for _ in range(args.long_context)]
+        engine.reserve_kv(str(i), len(prompt))
+        engine.add_prefilled(KVHandoff(str(i), prompt, engine.layout, first_token=5), params)
+    engine.step()  # warm-up
+    saved, runner.paged_attention = runner.paged_attention, attention
+    try:
+        start = time.perf_counter()
+        tokens = sum(len(out.token_ids) for _ in range(args.long_steps) for out in engine.step())
+        _sync(engine.device)
+        return tokens / (time.perf_counter() - start)
+    finally:
+        runner.paged_attention = saved
+
+
+def long_context(model_dir: str, args) -> None:
+    print(f"long context: {args.long_batch} sequences at {args.long_context} tokens, {args.long_steps} decode steps, "
+          f"{args.dtype} on {args.device} ({torch.get_num_threads()} threads)")
+    for scattered in (False, True):
+        paged = decode_at_context(model_dir, args, runner.paged_attention, scattered)
+        gather = decode_at_context(model_dir, args, gather_attention, scattered)
+        blocks = "scattered blocks" if scattered else "consecutive blocks"
+        print(f"  {blocks:18}  block views: {paged:7.1f} tokens/s   gather (before): {gather:7.1f} tokens/s   "
+              f"ratio {paged / gather:.2f}x")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -68,10 +128,20 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--case", choices=("all", "throughput", "long-context"), default="all")
+    p.add_argument("--long-context", type=int, default=4000, help="tokens of context per sequence")
+    p.add_argument("--long-batch", type=int, default=8)
+    p.add_argument("--long-steps", type=int, default=8)
     args = p.parse_args()
     model_dir = args.model or str(make_tiny_model(tempfile.mkdtemp(prefix="phasesplit-bench-"), preset="small"))
-    device = torch.device(args.device)
+    if args.case in ("all", "throughput"):
+        throughput(model_dir, args)
+    if args.case in ("all", "long-context"):
+        long_context(model_dir, args)
 
+
+def throughput(model_dir: str, args) -> None:
+    device = torch.device(args.device)
     engine = LLMEngine(EngineConfig(model_dir, dtype=args.dtype, device=args.device, max_num_seqs=args.batch_size))
     requests = workload(args.requests, args.seed, engine.model_config.vocab_size)
     run_engine(engine, requests[:2])  # warm-up

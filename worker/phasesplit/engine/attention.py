@@ -75,10 +75,12 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
         return _flash_paged(q, k_cache, v_cache, spans)
     out = torch.empty_like(q)
     for s in spans:
-        if s.num_cached == 0 and s.num_new > 1:
+        if s.num_new == 1:
+            out[s.start] = _decode_over_blocks(q[s.start], k_cache, v_cache, s)
+        elif s.num_cached == 0:
             out[s.start:s.end] = _causal_sdpa(q[s.start:s.end], k[s.start:s.end], v[s.start:s.end])
         else:
-            out[s.start:s.end] = _over_blocks(q[s.start:s.end], k_cache, v_cache, s)
+            out[s.start:s.end] = _chunk_over_blocks(q[s.start:s.end], k_cache, v_cache, s)
     return out
 
 
@@ -89,8 +91,29 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return o.transpose(0, 1)
 
 
-def _over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> Tensor:
-    """q [n, H, D]: the new tokens of `span`, over its whole context read from block views."""
+def _decode_over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> Tensor:
+    """q [H, D]: one new token over its context, as two matrix products per run of blocks on the
+    cache's own layout ([tokens, Hkv * D] rows): the queries are laid out block-diagonally, so each
+    KV head's keys meet only the query heads that share it."""
+    num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    eye = torch.eye(num_kv_heads, dtype=q.dtype, device=q.device)
+    q_diag = torch.einsum("hx,hgd->hdxg", eye, q.view(num_kv_heads, -1, head_dim) * head_dim**-0.5)
+    q_diag = q_diag.reshape(num_kv_heads * head_dim, num_heads)  # [Hkv * D, H]
+    keys = [view.flatten(1) for view in _views(k_cache, span)]  # [tokens, Hkv * D] each
+    values = [view.flatten(1) for view in _views(v_cache, span)]
+    probs = torch.cat([key @ q_diag for key in keys]).float().softmax(0).to(q.dtype)  # [L, H]
+    out = None
+    for p, value in zip(probs.split([key.shape[0] for key in keys]), values):
+        part = p.T @ value  # [H, Hkv * D]: each query head against every KV head; its own is on the diagonal
+        out = part if out is None else out + part
+    out = out.view(num_kv_heads, -1, num_kv_heads, head_dim).diagonal(dim1=0, dim2=2)  # [G, D, Hkv]
+    return out.permute(2, 0, 1).reshape(num_heads, head_dim)
+
+
+def _chunk_over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> Tensor:
+    """q [n, H, D]: a prompt chunk over its whole context (cached and its own tokens) read from block
+    views; causal, its scores computed a few rows at a time."""
     n, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     keys, values = _views(k_cache, span), _views(v_cache, span)
@@ -100,10 +123,9 @@ def _over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> 
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         scores = torch.cat([torch.einsum("nhgd,lhd->hgnl", qg[r0:r1], key) for key in keys], dim=-1)
-        if n > 1:  # the chunk's own later tokens are masked out; a decode sees its whole context
-            positions = torch.arange(span.num_cached + r0, span.num_cached + r1, device=q.device)
-            future = torch.arange(span.context_len, device=q.device)[None, :] > positions[:, None]
-            scores = scores.masked_fill(future, float("-inf"))
+        positions = torch.arange(span.num_cached + r0, span.num_cached + r1, device=q.device)
+        future = torch.arange(span.context_len, device=q.device)[None, :] > positions[:, None]
+        scores = scores.masked_fill(future, float("-inf"))
         probs = scores.float().softmax(-1).to(q.dtype)  # [Hkv, G, rows, L]
         acc, at = None, 0
         for value in values:
