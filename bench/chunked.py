@@ -7,7 +7,7 @@ streams; meanwhile --prompts prompts of 2,000 to 4,000 tokens arrive, one every 
 prompt's whole prefill; chunked prefill computes at most --budget tokens per step beside the decodes.
 Targets: TBT P99 at most 0.5x of unchunked, TTFT P50 at most 1.3x.
 
-    python bench/chunked.py [--model DIR] [--streams 16] [--prompts 4] [--gap 8] [--budget 512]
+    python bench/chunked.py [--model DIR] [--streams 16] [--prompts 4] [--gap 15] [--budget 512]
 """
 
 import argparse
@@ -42,28 +42,32 @@ def run(model_dir: str, args, chunked: bool) -> dict[str, list[float]]:
     engine.add_request("warm-up", [rng.randrange(4, vocab) for _ in range(600)], SamplingParams(max_tokens=1))
     for i in range(args.streams):
         engine.add_request(f"s{i}", [rng.randrange(4, vocab) for _ in range(STREAM_PROMPT)], stream)
-    started: set[str] = set()
-    while len(started) < args.streams:  # every stream decoding before the clock starts
-        started |= {out.request_id for out in engine.step() if out.request_id.startswith("s")}
+    last: dict[str, float] = {}  # each stream's latest token
+    while len(last) < args.streams:  # every stream decoding before the prompts arrive
+        for out in engine.step():
+            if out.request_id.startswith("s"):
+                last[out.request_id] = time.perf_counter()
 
     pending = arrivals(args, vocab)
-    arrived, ttft, tbt, last = {}, [], [], {}
+    arrived, ttft, tbt, end = {}, [], [], None
     start = time.perf_counter()
-    while len(ttft) < args.prompts:
-        now = time.perf_counter() - start
-        while pending and pending[0][0] <= now:
+    # until every prompt has its first token and every stream one more after that (a stall counts whole)
+    while end is None or any(t < end for t in last.values()):
+        now = time.perf_counter()
+        while pending and pending[0][0] <= now - start:
             rid = f"p{len(arrived)}"
             engine.add_request(rid, pending.pop(0)[1], SamplingParams(temperature=0, max_tokens=1))
             arrived[rid] = now
         outputs = engine.step()
-        t = time.perf_counter() - start
+        t = time.perf_counter()
         for out in outputs:
             if out.request_id in arrived:
                 ttft.append(t - arrived[out.request_id])
             elif out.request_id.startswith("s"):
-                if out.request_id in last:
-                    tbt.append(t - last[out.request_id])
+                tbt.append(t - last[out.request_id])
                 last[out.request_id] = t
+        if end is None and len(ttft) == args.prompts:
+            end = t
     return {"tbt": tbt, "ttft": ttft}
 
 
@@ -72,7 +76,7 @@ def main() -> None:
     p.add_argument("--model", help="model directory (default: a fresh `small` preset)")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--prompts", type=int, default=4)
-    p.add_argument("--gap", type=float, default=8.0, help="seconds between the prompts' arrivals")
+    p.add_argument("--gap", type=float, default=15.0, help="seconds between the prompts' arrivals")
     p.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens (tokens per step)")
     p.add_argument("--kv-blocks", type=int, default=2000, help="of 16 tokens")
     p.add_argument("--seed", type=int, default=0)

@@ -4,9 +4,12 @@ A decode (one new token) and a prefill chunk (some prompt tokens) are the same c
 new tokens' queries attend causally to the sequence's cached tokens plus themselves. Their K/V are
 written to the cache first, so the whole context is read through the block table; consecutive
 block ids are one view of the cache, never a copy. On CUDA flash-attn's paged kernel runs it when
-installed (it needs blocks of a multiple of 256 tokens); elsewhere each sequence's scores are
-computed over its block views (measured fastest on CPU: see bench/engine.py), and a prefill with
-nothing cached yet attends within its own new K/V through SDPA.
+installed (it needs half precision and blocks of a multiple of 256 tokens). Otherwise each
+sequence is computed on its block views: a decode as two matrix products per run of consecutive
+blocks, a chunk as per-head products a few rows at a time, and a prompt with nothing cached yet
+through SDPA on its own K/V. On CPU these measured fastest; SDPA on strided block views, a
+per-block online-softmax loop and flex_attention (unfused without torch.compile) were slower
+(bench/engine.py compares the path with the gather it replaced).
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
                     spans: list[SeqSpan]) -> Tensor:
     """q [T, H, D] and the step's own k/v [T, Hkv, D] (already written to the cache), one layer's
     cache [num_blocks, block_size, Hkv, D] -> [T, H, D]."""
-    if flash_attn_with_kvcache is not None and q.is_cuda and k_cache.shape[1] % FLASH_BLOCK_MULTIPLE == 0:
+    if _flash_fits(q, k_cache):
         return _flash_paged(q, k_cache, v_cache, spans)
     out = torch.empty_like(q)
     for s in spans:
@@ -82,6 +85,11 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
         else:
             out[s.start:s.end] = _chunk_over_blocks(q[s.start:s.end], k_cache, v_cache, s)
     return out
+
+
+def _flash_fits(q: Tensor, k_cache: Tensor) -> bool:
+    return (flash_attn_with_kvcache is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+            and k_cache.shape[1] % FLASH_BLOCK_MULTIPLE == 0)
 
 
 def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -47,7 +47,7 @@ class StepOutput:
 @dataclasses.dataclass(frozen=True, slots=True)
 class EngineStats:
     waiting_requests: int
-    waiting_tokens: int  # tokens the waiting requests still have to prefill
+    waiting_tokens: int  # prompt tokens still to prefill (of waiting requests and of prompts begun in chunks)
     running_requests: int
     held_requests: int  # prefill-only requests whose blocks await export
     reserved_requests: int  # blocks reserved for KV arriving from a prompt worker
@@ -180,7 +180,8 @@ class LLMEngine:
         live = [*s.waiting, *s.running, *s.ready]
         return EngineStats(
             waiting_requests=len(s.waiting),
-            waiting_tokens=sum(seq.num_tokens for seq in s.waiting),
+            waiting_tokens=sum(seq.num_uncached_tokens for seq in s.waiting)
+            + sum(seq.num_uncached_tokens - 1 for seq in s.running),  # and the rest of prompts begun in chunks
             running_requests=len(s.running) + len(s.ready),
             held_requests=sum(seq.status is SequenceStatus.HELD for seq in self.requests.values()),
             reserved_requests=len(self.reserved),
