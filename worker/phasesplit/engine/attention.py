@@ -77,12 +77,14 @@ def paged_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     if _flash_fits(q, k_cache):
         return _flash_paged(q, k_cache, v_cache, spans)
     out = torch.empty_like(q)
+    decodes = [s for s in spans if s.num_new == 1]
+    if decodes:
+        rows = [s.start for s in decodes]
+        out[rows] = _decode_over_blocks(q[rows], k_cache, v_cache, decodes)
     for s in spans:
-        if s.num_new == 1:
-            out[s.start] = _decode_over_blocks(q[s.start], k_cache, v_cache, s)
-        elif s.num_cached == 0:
+        if s.num_new > 1 and s.num_cached == 0:
             out[s.start:s.end] = _causal_sdpa(q[s.start:s.end], k[s.start:s.end], v[s.start:s.end])
-        else:
+        elif s.num_new > 1:
             out[s.start:s.end] = _chunk_over_blocks(q[s.start:s.end], k_cache, v_cache, s)
     return out
 
@@ -99,24 +101,42 @@ def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return o.transpose(0, 1)
 
 
-def _decode_over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> Tensor:
-    """q [H, D]: one new token over its context, as two matrix products per run of blocks on the
-    cache's own layout ([tokens, Hkv * D] rows): the queries are laid out block-diagonally, so each
-    KV head's keys meet only the query heads that share it."""
-    num_heads, head_dim = q.shape
+def _decode_over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, spans: list[SeqSpan]) -> Tensor:
+    """q [B, H, D]: one new token per span over its context, as two matrix products per run of blocks
+    on the cache's own layout ([tokens, Hkv * D] rows). The queries are laid out block-diagonally
+    ([Hkv * D, H] per token), so each KV head's keys meet only the query heads that share it."""
+    b, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     eye = torch.eye(num_kv_heads, dtype=q.dtype, device=q.device)
-    q_diag = torch.einsum("hx,hgd->hdxg", eye, q.view(num_kv_heads, -1, head_dim) * head_dim**-0.5)
-    q_diag = q_diag.reshape(num_kv_heads * head_dim, num_heads)  # [Hkv * D, H]
-    keys = [view.flatten(1) for view in _views(k_cache, span)]  # [tokens, Hkv * D] each
-    values = [view.flatten(1) for view in _views(v_cache, span)]
-    probs = torch.cat([key @ q_diag for key in keys]).float().softmax(0).to(q.dtype)  # [L, H]
-    out = None
-    for p, value in zip(probs.split([key.shape[0] for key in keys]), values):
-        part = p.T @ value  # [H, Hkv * D]: each query head against every KV head; its own is on the diagonal
-        out = part if out is None else out + part
-    out = out.view(num_kv_heads, -1, num_kv_heads, head_dim).diagonal(dim1=0, dim2=2)  # [G, D, Hkv]
-    return out.permute(2, 0, 1).reshape(num_heads, head_dim)
+    q_diag = torch.einsum("hx,bhgd->bhdxg", eye, q.view(b, num_kv_heads, -1, head_dim) * head_dim**-0.5)
+    q_diag = q_diag.reshape(b, num_kv_heads * head_dim, num_heads)
+    k_rows, v_rows = k_cache.view(-1, num_kv_heads * head_dim), v_cache.view(-1, num_kv_heads * head_dim)
+    block_size = k_cache.shape[1]
+    mixed = torch.empty(b, num_heads, num_kv_heads * head_dim, dtype=q.dtype, device=q.device)
+    for i, span in enumerate(spans):
+        slices, left = [], span.context_len  # the context's rows, one slice per run of blocks
+        for first, count in span.runs:
+            n = min(left, count * block_size)
+            slices.append(slice(first * block_size, first * block_size + n))
+            left -= n
+        parts = [k_rows[r] @ q_diag[i] for r in slices]
+        probs = _softmax(parts[0] if len(parts) == 1 else torch.cat(parts), 0)  # [L, H]
+        at = 0
+        for r in slices:  # each query head against every KV head: its own is on the diagonal
+            n = r.stop - r.start
+            if at == 0:
+                torch.matmul(probs[:n].T, v_rows[r], out=mixed[i])
+            else:
+                mixed[i] += probs[at:at + n].T @ v_rows[r]
+            at += n
+    out = mixed.view(b, num_kv_heads, -1, num_kv_heads, head_dim).diagonal(dim1=1, dim2=3)  # [B, G, D, Hkv]
+    return out.permute(0, 3, 1, 2).reshape(b, num_heads, head_dim)
+
+
+def _softmax(scores: Tensor, dim: int) -> Tensor:
+    if scores.dtype == torch.float32:
+        return scores.softmax(dim)
+    return scores.float().softmax(dim).to(scores.dtype)
 
 
 def _chunk_over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> Tensor:
@@ -134,7 +154,7 @@ def _chunk_over_blocks(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpa
         positions = torch.arange(span.num_cached + r0, span.num_cached + r1, device=q.device)
         future = torch.arange(span.context_len, device=q.device)[None, :] > positions[:, None]
         scores = scores.masked_fill(future, float("-inf"))
-        probs = scores.float().softmax(-1).to(q.dtype)  # [Hkv, G, rows, L]
+        probs = _softmax(scores, -1)  # [Hkv, G, rows, L]
         acc, at = None, 0
         for value in values:
             part = torch.einsum("hgnl,lhd->nhgd", probs[..., at:at + value.shape[0]], value)

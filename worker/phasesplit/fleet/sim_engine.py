@@ -59,8 +59,10 @@ class SimEngine(LLMEngine):
             raise ValueError(f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}")
         self.block_manager = BlockManager(num_blocks, config.block_size)
+        # Without chunked prefill whatever the config says: the performance model prices a prefill
+        # batch and a decode iteration, not yet a step that mixes them.
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, set(), config.chunked_prefill)
+                                   self.max_model_len, set(), chunked_prefill=False)
         self.requests, self.reserved, self.pending = {}, {}, []
         self.layer_hook = None
         self.prefilled: dict[str, tuple[float, float]] = {}  # prefill-only request -> (end, modelled seconds)
@@ -71,15 +73,13 @@ class SimEngine(LLMEngine):
 
     # ---- the two iterations, timed by the model ----
 
-    def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
+    def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         return self.prefill(seqs) if is_prefill else self.decode_one_token(seqs)
 
-    def prefill(self, seqs: list[Sequence]) -> list[int | None]:
-        """A step with prompt tokens (with chunked prefill also the decodes beside them), priced as a
-        prefill of all its tokens."""
+    def prefill(self, seqs: list[Sequence]) -> list[int]:
         start = time.perf_counter()
-        ids = [seq.request_id for seq in seqs if seq.num_cached_tokens < seq.num_prompt_tokens]
-        modelled = self.perf.prompt_time(sum(seq.num_scheduled_tokens for seq in seqs))
+        ids = [seq.request_id for seq in seqs]
+        modelled = self.perf.prompt_time(sum(seq.num_tokens for seq in seqs))
         seconds, layers = modelled * self.time_scale, self.layout.num_layers
         for layer in range(layers):
             # Layer by layer, so that a layer-wise handoff sees each layer finish when the model says it does.
@@ -88,9 +88,8 @@ class SimEngine(LLMEngine):
             if self.layerwise or layer == layers - 1:
                 _sleep_until(start + seconds * (layer + 1) / layers)
         end = time.perf_counter()
-        done = [seq.num_scheduled_tokens == seq.num_uncached_tokens for seq in seqs]
-        self.prefilled.update((seq.request_id, (end, modelled)) for seq, d in zip(seqs, done) if d and seq.prefill_only)
-        return [self._token(seq) if d else None for seq, d in zip(seqs, done)]
+        self.prefilled.update((seq.request_id, (end, modelled)) for seq in seqs if seq.prefill_only)
+        return [self._token(seq) for seq in seqs]
 
     def decode_one_token(self, seqs: list[Sequence]) -> list[int]:
         start = time.perf_counter()
