@@ -1,5 +1,6 @@
 """`phasesplit profile` measures the project's own engine into a table `simulate` can use."""
 
+import csv
 import json
 
 from phasesplit.cli import main as cli
@@ -25,3 +26,14 @@ def test_profile_of_the_tiny_model_drives_a_simulation(tiny_model_dir, tmp_path,
 def test_profile_refuses_bad_sizes(tiny_model_dir, tmp_path, capsys):
     assert cli(["profile", "--model", str(tiny_model_dir), "--prompt-sizes", "0,x", "--out", str(tmp_path / "p")]) == 2
     assert "--prompt-sizes: '0,x' is not a comma-separated list" in capsys.readouterr().err
+
+
+def test_profile_times_a_prompt_chunk_beside_decodes(tiny_model_dir, tmp_path, capsys):
+    out, mixed = tmp_path / "tiny.csv", tmp_path / "mixed.csv"
+    assert cli(["profile", "--model", str(tiny_model_dir), "--name", "tiny", "--prompt-sizes", "8,32",
+                "--batch-sizes", "1,4", "--token-steps", "3", "--repeats", "1", "--out", str(out),
+                "--mixed-out", str(mixed)]) == 0
+    with mixed.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(int(r["chunk_tokens"]), int(r["num_decodes"])) for r in rows] == [(8, 1), (8, 4), (32, 1), (32, 4)]
+    assert all(r["model"] == "tiny" and float(r["step_time"]) > 0 for r in rows)

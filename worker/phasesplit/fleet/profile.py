@@ -4,6 +4,10 @@ Writes a profile table in the schema of the bundled one (`phasesplit.fleet.perf`
 and `plan` work for the user's own model and hardware. Each point runs a batch of `batch_size`
 prompts of `prompt_size` tokens: the first engine step is the batch's prefill (`prompt_time`),
 the next `--token-steps` are decode iterations of the whole batch (`token_time`, their mean).
+
+With `--mixed-out`, also the steps chunked prefill runs: a prompt chunk of each prompt size beside
+each batch size of decoding sequences, one step each (`step_time`), in a table of their own
+(`MIXED_COLUMNS`), so that a chunked-prefill iteration can be priced.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from pathlib import Path
 
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.fleet.perf import PROFILE_COLUMNS, load_catalog
+
+MIXED_COLUMNS = ("model", "hardware", "chunk_tokens", "num_decodes", "step_time", "tensor_parallel")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--token-steps", type=int, default=8, help="decode iterations timed per point")
     p.add_argument("--repeats", type=int, default=2, help="runs per point")
     p.add_argument("--out", required=True, metavar="CSV", help="where to write the profile table")
+    p.add_argument("--mixed-out", metavar="CSV", help="also time mixed steps (a prompt chunk beside decodes) "
+                                                      "into this table")
     return p.parse_args(argv)
 
 
@@ -74,6 +82,40 @@ def measure(engine, prompt_size: int, batch_size: int, token_steps: int) -> tupl
     return (prefilled - start) * 1e3, (end - prefilled) * 1e3 / max(steps, 1), (end - start) * 1e3
 
 
+def measure_mixed(engine, chunk_tokens: int, num_decodes: int) -> float:
+    """ms of one step computing a `chunk_tokens`-token prompt beside `num_decodes` decoding sequences."""
+    from phasesplit.engine.engine import SamplingParams
+    vocab = engine.model_config.vocab_size
+    tag = time.monotonic_ns()
+    decoding = [f"d{chunk_tokens}-{num_decodes}-{i}-{tag}" for i in range(num_decodes)]
+    for i, rid in enumerate(decoding):
+        engine.add_request(rid, [(11 + 17 * i + j) % vocab for j in range(8)],
+                           SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.step()  # their prefill: they decode from here on
+    chunk = f"c{chunk_tokens}-{num_decodes}-{tag}"
+    engine.add_request(chunk, [(5 + 13 * j) % vocab for j in range(chunk_tokens)],
+                       SamplingParams(temperature=0, max_tokens=1))
+    start = time.perf_counter()
+    stepped = {out.request_id for out in engine.step()}
+    elapsed = (time.perf_counter() - start) * 1e3
+    if stepped != {chunk, *decoding}:
+        raise RuntimeError(f"the {chunk_tokens}-token chunk and {num_decodes} decodes did not run as one step")
+    while engine.has_unfinished():
+        engine.step()
+    return elapsed
+
+
+def profile_mixed(engine, args: argparse.Namespace, name: str, hardware: str) -> list[dict]:
+    rows = []
+    for chunk_tokens in _sizes(args.prompt_sizes, "--prompt-sizes"):
+        for num_decodes in _sizes(args.batch_sizes, "--batch-sizes"):
+            for _ in range(args.repeats):
+                rows.append({"model": name, "hardware": hardware, "chunk_tokens": chunk_tokens,
+                             "num_decodes": num_decodes, "tensor_parallel": 1,
+                             "step_time": round(measure_mixed(engine, chunk_tokens, num_decodes), 4)})
+    return rows
+
+
 def profile(args: argparse.Namespace) -> list[dict]:
     from phasesplit.engine.engine import EngineConfig, LLMEngine
     from phasesplit.engine.kv_cache import bytes_per_block
@@ -82,8 +124,8 @@ def profile(args: argparse.Namespace) -> list[dict]:
         raise ValueError("--token-steps and --repeats: must be >= 1")
     longest = prompts[-1] + args.token_steps + 1
     engine = LLMEngine(EngineConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=longest,
-                                    max_num_seqs=batches[-1], max_num_batched_tokens=prompts[-1] * batches[-1],
-                                    num_kv_blocks=batches[-1] * (-(-longest // 16)) + 1))
+                                    max_num_seqs=batches[-1] + 1, max_num_batched_tokens=(prompts[-1] + 1) * batches[-1],
+                                    num_kv_blocks=(batches[-1] + 1) * (-(-longest // 16)) + 1))
     name = args.name or os.path.basename(os.path.normpath(args.model))
     hardware = args.hardware or hardware_name(args.device)
     kv_bytes = bytes_per_block(engine.layout, engine.dtype) / engine.layout.block_size
@@ -99,6 +141,8 @@ def profile(args: argparse.Namespace) -> list[dict]:
                              "token_time": round(token_ms, 4), "e2e_time": round(e2e_ms, 4), "tensor_parallel": 1,
                              "kv_bytes_per_token": kv_bytes, "num_layers": engine.layout.num_layers,
                              "kv_capacity_tokens": _capacity_tokens(args.device, kv_bytes, engine)})
+    if args.mixed_out:
+        write(profile_mixed(engine, args, name, hardware), args.mixed_out, MIXED_COLUMNS)
     return rows
 
 
@@ -112,9 +156,9 @@ def _capacity_tokens(device: str, kv_bytes: float, engine) -> int:
     return int(CPU_KV_BYTES // kv_bytes)
 
 
-def write(rows: list[dict], path: str | Path) -> None:
+def write(rows: list[dict], path: str | Path, columns: tuple[str, ...] = PROFILE_COLUMNS) -> None:
     with Path(path).open("w", newline="") as f:
-        writer = csv.DictWriter(f, PROFILE_COLUMNS)
+        writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
 
