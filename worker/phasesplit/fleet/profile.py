@@ -123,8 +123,10 @@ def profile(args: argparse.Namespace) -> list[dict]:
     if args.token_steps < 1 or args.repeats < 1:
         raise ValueError("--token-steps and --repeats: must be >= 1")
     longest = prompts[-1] + args.token_steps + 1
+    # room for the largest batch, and for --mixed-out's chunk beside it
     engine = LLMEngine(EngineConfig(args.model, dtype=args.dtype, device=args.device, max_model_len=longest,
-                                    max_num_seqs=batches[-1] + 1, max_num_batched_tokens=(prompts[-1] + 1) * batches[-1],
+                                    max_num_seqs=batches[-1] + 1,
+                                    max_num_batched_tokens=(prompts[-1] + 1) * batches[-1],
                                     num_kv_blocks=(batches[-1] + 1) * (-(-longest // 16)) + 1))
     name = args.name or os.path.basename(os.path.normpath(args.model))
     hardware = args.hardware or hardware_name(args.device)
