@@ -70,12 +70,25 @@ def gather_attention(q, k, v, k_cache, v_cache, spans):
     max_blocks = max(len(s.block_ids) for s in spans)
     tables = torch.tensor([list(s.block_ids) + [0] * (max_blocks - len(s.block_ids)) for s in spans],
                           device=q.device)
-    b, (bs, h, d) = len(spans), k_cache.shape[1:]
-    k_ctx = k_cache.index_select(0, tables.reshape(-1)).view(b, max_blocks * bs, h, d).transpose(1, 2)
-    v_ctx = v_cache.index_select(0, tables.reshape(-1)).view(b, max_blocks * bs, h, d).transpose(1, 2)
+    b, (h, _, bs, d) = len(spans), k_cache.shape
+    k_ctx = k_cache.index_select(1, tables.reshape(-1)).view(h, b, max_blocks * bs, d).transpose(0, 1)
+    v_ctx = v_cache.index_select(1, tables.reshape(-1)).view(h, b, max_blocks * bs, d).transpose(0, 1)
     context_lens = torch.tensor([s.context_len for s in spans], device=q.device)
     mask = (torch.arange(max_blocks * bs, device=q.device)[None, :] < context_lens[:, None])[:, None, None, :]
     return F.scaled_dot_product_attention(q.unsqueeze(2), k_ctx, v_ctx, attn_mask=mask, enable_gqa=True).squeeze(2)
+
+
+def scatter_blocks(block_manager) -> None:
+    """Every block its own run from now on: blocks are taken in a shuffled order."""
+    order = list(range(block_manager.num_blocks))
+    random.Random(0).shuffle(order)
+
+    def take(n, after=None):
+        ids = [b for b in order if block_manager.is_free[b]][:n]
+        block_manager.is_free[ids] = False
+        block_manager.num_free_blocks -= n
+        return ids
+    block_manager.take = take
 
 
 def decode_at_context(model_dir: str, args, attention, scattered: bool) -> float:
@@ -87,7 +100,7 @@ def decode_at_context(model_dir: str, args, attention, scattered: bool) -> float
     for cache in (*engine.kv_cache.k, *engine.kv_cache.v):
         cache.normal_()
     if scattered:
-        random.Random(0).shuffle(engine.block_manager.free_block_ids)
+        scatter_blocks(engine.block_manager)
     params = SamplingParams(temperature=0, max_tokens=args.long_steps + 2, ignore_eos=True)
     for i in range(args.long_batch):
         prompt = [random.Random(i).randrange(4, 1000) for _ in range(args.long_context)]

@@ -213,7 +213,7 @@ class LLMEngine:
 
     def kv_layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """Views of one layer's whole K and V cache: [num_blocks, block_size, num_kv_heads, head_dim] each."""
-        return self.kv_cache.k[layer], self.kv_cache.v[layer]
+        return self.kv_cache.blocks(layer)
 
     def send_to_ranks(self, message) -> None:
         """Rank 0: every other rank's `follow` hands `message` (a small dataclass: all that crosses) to
