@@ -27,6 +27,35 @@ def test_bytes_arrive_identical_between_scattered_blocks(no_thread_leaks, backen
     assert_received(server.sink, k, v, SENDER_BLOCKS)
 
 
+def test_a_layer_sent_in_pieces_arrives_whole(backend):
+    """A chunked prefill sends each chunk's blocks of every layer as the chunk is computed."""
+    layout = make_layout()
+    server = backend.serve(TensorSink(layout))
+    k, v = make_cache(layout, 32, seed=3)
+    pieces = [(0, 5), (5, 9), (9, 12)]  # (first, end): uneven, the last one ends mid-run
+    with backend.transport() as transport:
+        sender = transport.open(server.addr, make_header(layout, 45))
+        for first, end in pieces:
+            for layer in range(layout.num_layers):
+                sender.send_layer(layer, k[layer], v[layer], SENDER_BLOCKS[first:end], first=first)
+        result = sender.finish()
+    assert result.bytes == 2 * layout.num_layers * 12 * block_bytes(layout)
+    assert_received(server.sink, k, v, SENDER_BLOCKS)
+
+
+def test_finish_before_the_last_piece_fails_and_frees_the_blocks(backend):
+    layout = make_layout()
+    server = backend.serve(TensorSink(layout))
+    k, v = make_cache(layout, 32, seed=3)
+    with backend.transport() as transport:
+        sender = transport.open(server.addr, make_header(layout, 45))
+        for layer in range(layout.num_layers):
+            sender.send_layer(layer, k[layer], v[layer], SENDER_BLOCKS[:6])
+        with pytest.raises(KVDataLoss, match=r"every block was sent of layers \[0, 1, 2\]"):
+            sender.finish()
+    assert all_free(server.sink)
+
+
 def test_per_sequence_tensors_without_block_ids(backend):
     layout = make_layout("bfloat16")
     server = backend.serve(TensorSink(layout))
@@ -141,7 +170,8 @@ def test_concurrent_transfers_of_different_sizes_interleave(backend):
 @pytest.mark.parametrize("bad, message", [
     (dict(layer=3), r"layer must be in \[0, 3\)"),
     (dict(k=torch.zeros(32, 4, 2, 8, dtype=torch.float16)), "k must be torch.float32"),
-    (dict(block_ids=[0]), "block_ids has 1 ids, the prompt needs 12"),
+    (dict(block_ids=[0], first=4), "first must be 0"),
+    (dict(block_ids=[]), "block_ids must not be empty"),
     (dict(block_ids=[0, 99] * 6), r"block_ids must be in \[0, 32\)"),
 ])
 def test_bad_send_layer_arguments_name_the_argument(backend, bad, message):

@@ -45,10 +45,12 @@ class TransferResult:
 
 class KVSender(Protocol):
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-                   block_ids: list[int] | None = None) -> None:
+                   block_ids: list[int] | None = None, first: int = 0) -> None:
         """Queue one layer's K and V. k, v: [n_blocks, block_size, kv_heads, head_dim], the
         sequence's blocks in order; or, with `block_ids`, whole layer caches [num_blocks, ...]
-        from which blocks `block_ids` are sent in that order. The tensors are read later, by the
+        from which blocks `block_ids` are sent in that order, as the sequence's blocks from
+        position `first` on (a chunked prefill sends each layer in pieces, in order: each piece
+        starts where the layer's last one ended). The tensors are read later, by the
         sender's thread: leave those blocks untouched until finish() or abort() returns.
         Blocks while the queue is full (backpressure). Never raises for a failed transfer:
         finish() reports it."""
@@ -131,12 +133,15 @@ class LayerShape:
                    (layout.block_size, layout.num_kv_heads, layout.head_dim), DTYPES[layout.dtype])
 
     def check(self, layer: int, k: torch.Tensor, v: torch.Tensor, block_ids: Sequence[int] | None,
-              sent: set[int], device: torch.device | None = None) -> list[int]:
-        """The block ids to send for send_layer's arguments; ValueError naming the argument that is wrong."""
+              sent: list[int], device: torch.device | None = None, first: int = 0) -> list[int]:
+        """The block ids to send for send_layer's arguments; ValueError naming the argument that is
+        wrong. `sent`: how many blocks of each layer were sent before (see `Progress`)."""
         if not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        if layer in sent:
+        if sent[layer] == self.num_blocks:
             raise ValueError(f"layer {layer} was already sent")
+        if first != sent[layer]:
+            raise ValueError(f"first must be {sent[layer]} (where layer {layer}'s last piece ended), got {first}")
         for name, t in (("k", k), ("v", v)):
             if t.dtype != self.dtype or t.dim() != 4 or tuple(t.shape[1:]) != self.block_shape:
                 raise ValueError(f"{name} must be {self.dtype} [blocks, {', '.join(map(str, self.block_shape))}]"
@@ -146,15 +151,30 @@ class LayerShape:
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k and v must hold the same blocks, got {k.shape[0]} and {v.shape[0]}")
         if block_ids is None:
-            if k.shape[0] < self.num_blocks:
+            if first or k.shape[0] < self.num_blocks:
                 raise ValueError(f"k holds {k.shape[0]} blocks, the prompt needs {self.num_blocks}")
             return list(range(self.num_blocks))
-        ids = [int(i) for i in block_ids[:self.num_blocks]]
-        if len(ids) < self.num_blocks:
-            raise ValueError(f"block_ids has {len(ids)} ids, the prompt needs {self.num_blocks}")
+        ids = [int(i) for i in block_ids[:self.num_blocks - first]]
+        if not ids:
+            raise ValueError("block_ids must not be empty")
         if min(ids) < 0 or max(ids) >= k.shape[0]:
             raise ValueError(f"block_ids must be in [0, {k.shape[0]}), got {ids}")
         return ids
+
+
+class Progress:
+    """How many blocks of each layer a sender has queued (pieces arrive in order)."""
+
+    def __init__(self, shape: LayerShape):
+        self.shape = shape
+        self.sent = [0] * shape.num_layers
+
+    def add(self, layer: int, num_blocks: int) -> None:
+        self.sent[layer] += num_blocks
+
+    def missing(self) -> list[int]:
+        """Layers not every block of which was queued."""
+        return [layer for layer, n in enumerate(self.sent) if n < self.shape.num_blocks]
 
 
 def num_prompt_blocks(header: pb.KVHeader) -> int:

@@ -21,8 +21,8 @@ import torch
 from phasesplit.transport import wire
 from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (
-    K, V, KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, block_bytes,
-    check_header, error_from_status,
+    K, V, KVDataLoss, LayerShape, Progress, TransferAborted, TransferError, TransferResult, TransferTimeout,
+    block_bytes, check_header, error_from_status,
 )
 from phasesplit.transport.blocks import read_pieces, to_host
 from phasesplit.transport.channels import MAX_MESSAGE_BYTES, Channels
@@ -40,6 +40,7 @@ class _Layer:
     k: torch.Tensor
     v: torch.Tensor
     ids: list[int]
+    first: int  # the position of ids[0] in the sequence's blocks
     ready: object | None  # accelerator event recorded after the layer was written
 
 
@@ -53,16 +54,14 @@ class GrpcKVSender:
         self._header.CopyFrom(header)
         self._shape = LayerShape.of(header)
         self._num_layers = self._shape.num_layers
-        self._num_blocks = self._shape.num_blocks
         self._per_chunk = max(1, chunk_bytes // block_bytes(header.layout))
-        self._chunks_per_layer = 2 * math.ceil(self._num_blocks / self._per_chunk)
         self._max_queued = max_queued_chunks
         self._timeout = timeout
 
         self._cond = threading.Condition()
         self._pending: collections.deque[_Layer] = collections.deque()
         self._queued = 0           # chunks of queued layers not yet handed to gRPC
-        self._layers_seen: set[int] = set()
+        self._queued_blocks = Progress(self._shape)
         self._closing = False      # finish() called: end the stream once the queue drains
         self._error: TransferError | None = None
         self._bytes_sent = 0
@@ -84,17 +83,18 @@ class GrpcKVSender:
         return self._queued
 
     def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor,
-                   block_ids: list[int] | None = None) -> None:
-        ids = self._shape.check(layer, k, v, block_ids, self._layers_seen)
+                   block_ids: list[int] | None = None, first: int = 0) -> None:
+        ids = self._shape.check(layer, k, v, block_ids, self._queued_blocks.sent, first=first)
         ready = None
         if k.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        item = _Layer(layer, k, v, ids, ready)
+        item = _Layer(layer, k, v, ids, first, ready)
+        chunks = 2 * math.ceil(len(ids) / self._per_chunk)
         with self._cond:
-            self._layers_seen.add(layer)
+            self._queued_blocks.add(layer, len(ids))
             deadline = time.monotonic() + self._timeout
-            while self._error is None and self._queued and self._queued + self._chunks_per_layer > self._max_queued:
+            while self._error is None and self._queued and self._queued + chunks > self._max_queued:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -102,7 +102,7 @@ class GrpcKVSender:
             else:
                 if self._error is None:
                     self._pending.append(item)
-                    self._queued += self._chunks_per_layer
+                    self._queued += chunks
                     self._progress = time.monotonic()
                     self._cond.notify_all()
                 return
@@ -110,11 +110,11 @@ class GrpcKVSender:
 
     def finish(self) -> TransferResult:
         with self._cond:
-            missing = sorted(set(range(self._num_layers)) - self._layers_seen)
+            missing = self._queued_blocks.missing()
             self._closing = True
             self._cond.notify_all()
         if missing:
-            self._fail(KVDataLoss(f"finish() before send_layer() for layers {missing}"))
+            self._fail(KVDataLoss(f"finish() before every block was sent of layers {missing}"))
         self._wait_done()
         if self._error is not None:
             raise self._error
@@ -131,7 +131,8 @@ class GrpcKVSender:
             try:
                 chunks = list(self._plan(item))
                 for kind, host, ids, start, count in chunks:
-                    data = wire.encode_data(item.layer, kind, start, count, read_pieces(host, ids, start, count))
+                    data = wire.encode_data(item.layer, kind, item.first + start, count,
+                                            read_pieces(host, ids, start, count))
                     if self._error is not None:
                         break
                     yield data
@@ -149,8 +150,8 @@ class GrpcKVSender:
     def _plan(self, item: _Layer):
         for kind, cache in ((K, item.k), (V, item.v)):
             host, ids = to_host(cache, item.ids, item.ready)
-            for start in range(0, self._num_blocks, self._per_chunk):
-                yield kind, host, ids, start, min(self._per_chunk, self._num_blocks - start)
+            for start in range(0, len(item.ids), self._per_chunk):
+                yield kind, host, ids, start, min(self._per_chunk, len(item.ids) - start)
 
     def _end_without_closing(self) -> None:
         """Returning from the request iterator half-closes the stream. A failed or aborted transfer

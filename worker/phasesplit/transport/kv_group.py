@@ -6,8 +6,9 @@ default global group. Every wait has a deadline: a peer that dies or hangs makes
 `GroupBroken`, and a broken group is discarded (the next transfer builds a new one).
 
 Over the group, the prompt worker (rank 1) sends to the token worker (rank 0) a stream of frames:
-a meta tensor `[transfer_id, layer, num_blocks, op]`, followed for DATA frames by two tensors
-`[num_blocks, block_size, kv_heads, head_dim]` in the layout's dtype, K then V. Several frames may
+a meta tensor `[transfer_id, layer, first block, num_blocks, op]`, followed for DATA frames by two
+tensors `[num_blocks, block_size, kv_heads, head_dim]` in the layout's dtype, K then V (a layer
+whole, or a piece of it when the prefill was chunked). Several frames may
 be in flight (`isend`); the receiver posts the next meta receive before it stores a layer.
 """
 
@@ -28,7 +29,7 @@ from phasesplit.transport.base import TransferError
 
 TOKEN_RANK, PROMPT_RANK = 0, 1
 DATA, ABORT, CLOSE = 0, 1, 2  # frame ops
-META_LEN = 4
+META_LEN = 5
 _TAG = 0
 
 
@@ -166,8 +167,8 @@ def recv(group: dist.ProcessGroup, tensor: torch.Tensor, peer: int, timeout: flo
     wait(irecv(group, tensor, peer, what), timeout, what, cuda=tensor.device.type == "cuda")
 
 
-def meta(transfer_id: int, layer: int, num_blocks: int, op: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([transfer_id, layer, num_blocks, op], dtype=torch.int64, device=device)
+def meta(transfer_id: int, layer: int, first: int, num_blocks: int, op: int, device: torch.device) -> torch.Tensor:
+    return torch.tensor([transfer_id, layer, first, num_blocks, op], dtype=torch.int64, device=device)
 
 
 def frame_shape(layout, num_blocks: int) -> tuple[int, ...]:

@@ -47,7 +47,8 @@ class GroupLink:
         self.retire(MAX_FRAMES_IN_FLIGHT - 1)
         parts = self._frame(item)
         what = f"sending layer {item.layer} to {self._peer.addr}"
-        meta = kv_group.meta(item.sender.transfer_id, item.layer, len(item.ids), kv_group.DATA, self._peer.device)
+        meta = kv_group.meta(item.sender.transfer_id, item.layer, item.first, len(item.ids), kv_group.DATA,
+                             self._peer.device)
         works = [kv_group.isend(self.group, t, kv_group.TOKEN_RANK, what) for t in (meta, *parts)]
         self._in_flight.append((item, works, (meta, *parts), what))
 
@@ -59,7 +60,7 @@ class GroupLink:
             self._sent(item)
 
     def send_op(self, transfer_id: int, op: int) -> None:
-        meta = kv_group.meta(transfer_id, 0, 0, op, self._peer.device)
+        meta = kv_group.meta(transfer_id, 0, 0, 0, op, self._peer.device)
         kv_group.send(self.group, meta, kv_group.TOKEN_RANK, self._peer.timeout,
                       f"sending a frame to {self._peer.addr}")
 

@@ -68,11 +68,11 @@ class GroupReceiveLink:
         buffers = kv_group.Buffers(2, layout.torch_dtype, device)
         meta = torch.empty(kv_group.META_LEN, dtype=torch.int64, device=device)
         meta_work = kv_group.irecv(self.pg, meta, kv_group.PROMPT_RANK, _WAITING)
-        stored = None  # (incoming, layer, frame) received and not yet written
+        stored = None  # (incoming, layer, first block, frame) received and not yet written
         frames = 0
         while True:
             kv_group.wait(meta_work, listener.idle_timeout, _WAITING, cuda=self._cuda)
-            transfer_id, layer, num_blocks, op = meta.tolist()
+            transfer_id, layer, first, num_blocks, op = meta.tolist()
             if op == kv_group.CLOSE:
                 _store(stored)
                 group.broken("the prompt worker closed the KV group")
@@ -93,15 +93,15 @@ class GroupReceiveLink:
             _store(stored)
             for work in works:
                 kv_group.wait(work, listener.timeout, what, cuda=self._cuda)
-            stored = (incoming, layer, frame)
+            stored = (incoming, layer, first, frame)
             if not meta_work.is_completed():  # no next frame yet: store this one now, not after it
                 _store(stored)
                 stored = None
 
 
-def _store(stored: tuple[Incoming | None, int, torch.Tensor] | None) -> None:
+def _store(stored: tuple[Incoming | None, int, int, torch.Tensor] | None) -> None:
     if stored is not None and stored[0] is not None:
-        stored[0].write(stored[1], stored[2])
+        stored[0].write(*stored[1:])
 
 
 class NcclKVReceiver(KVGroupService):

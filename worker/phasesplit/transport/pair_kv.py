@@ -28,7 +28,7 @@ import torch
 from phasesplit.transport import kv_group
 from phasesplit.transport.backends import TIMEOUT
 from phasesplit.transport.base import (
-    KVDataLoss, LayerShape, TransferAborted, TransferError, TransferResult, TransferTimeout, check_header,
+    KVDataLoss, LayerShape, Progress, TransferAborted, TransferError, TransferResult, TransferTimeout, check_header,
     error_from_status,
 )
 from phasesplit.transport.channels import Channels
@@ -76,9 +76,9 @@ class PairKVSender:
         self._shape = LayerShape.of(header)
         self.num_layers = self._shape.num_layers
         self._cond = threading.Condition()
-        self._layers_seen: set[int] = set()
+        self._queued_blocks = Progress(self._shape)
         self._accepted = False
-        self._layers_sent = 0
+        self._blocks_sent = 0  # of every layer together
         self._bytes = 0
         self._committed = False
         self._ended = False           # the Push call ended (committed or failed)
@@ -100,23 +100,24 @@ class PairKVSender:
 
     # ---- KVSender ----
 
-    def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, block_ids: list[int] | None = None) -> None:
-        ids = self._shape.check(layer, k, v, block_ids, self._layers_seen,
-                                None if self._pair is None else self._pair.device)
+    def send_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor, block_ids: list[int] | None = None,
+                   first: int = 0) -> None:
+        ids = self._shape.check(layer, k, v, block_ids, self._queued_blocks.sent,
+                                None if self._pair is None else self._pair.device, first)
         with self._cond:
-            self._layers_seen.add(layer)
+            self._queued_blocks.add(layer, len(ids))
             if self._error is not None:
                 return
         ready = None
         if k.device.type == "cuda":
             ready = torch.cuda.Event()
             ready.record()
-        self._pair.submit(LayerItem(self, layer, k, v, ids, ready), self._timeout)
+        self._pair.submit(LayerItem(self, layer, k, v, ids, first, ready), self._timeout)
 
     def finish(self) -> TransferResult:
-        missing = sorted(set(range(self.num_layers)) - self._layers_seen)
+        missing = self._queued_blocks.missing()
         if missing:
-            self.fail(KVDataLoss(f"finish() before send_layer() for layers {missing}"))
+            self.fail(KVDataLoss(f"finish() before every block was sent of layers {missing}"))
         with self._cond:
             if not self._cond.wait_for(lambda: self._ended or self._error is not None, self._timeout * 2):
                 self._error = self._error or TransferTimeout(  # the pair's queue, then the token worker's commit
@@ -154,17 +155,21 @@ class PairKVSender:
         with self._cond:
             return self._error is None
 
-    def layer_sent(self) -> bool:
-        """Counts a sent layer; True when it was the last one."""
+    def layer_sent(self, item: LayerItem) -> bool:
+        """Counts a sent layer or piece; True when it was the last one."""
         with self._cond:
-            self._layers_sent += 1
+            self._blocks_sent += len(item.ids)
             self._cond.notify_all()
-            return self._layers_sent == self.num_layers
+            return self._blocks_sent == self._total_blocks
 
     def owes_abort_frame(self) -> bool:
-        """Accepted by the token worker, which still expects layers that will not come."""
+        """Accepted by the token worker, which still expects blocks that will not come."""
         with self._cond:
-            return self._accepted and self._layers_sent < self.num_layers
+            return self._accepted and self._blocks_sent < self._total_blocks
+
+    @property
+    def _total_blocks(self) -> int:
+        return self.num_layers * self._shape.num_blocks
 
     def release(self) -> None:
         self._released.set()
@@ -306,7 +311,7 @@ class Pair:
             self.link.send_layer(item)
 
     def _layer_sent(self, item: LayerItem) -> None:
-        if item.sender.layer_sent():
+        if item.sender.layer_sent(item):
             self._forget(item.sender)
 
     def _abort(self, sender: PairKVSender) -> None:

@@ -21,13 +21,15 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class LayerItem:
-    """One layer of one transfer: blocks `ids` of the caches `k` and `v`."""
+    """One layer (or a piece of it) of one transfer: blocks `ids` of the caches `k` and `v`, the
+    sequence's blocks from position `first` on."""
 
     sender: PairKVSender
     layer: int
     k: torch.Tensor
     v: torch.Tensor
     ids: list[int]
+    first: int
     ready: object | None  # accelerator event recorded after the layer was written
 
 

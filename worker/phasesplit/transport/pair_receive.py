@@ -38,14 +38,15 @@ def check_options(timeout: float, port: int) -> None:
 
 
 class Incoming:
-    """One transfer's progress: which layers arrived into its destination."""
+    """One transfer's progress: how many blocks of each layer arrived into its destination (a layer
+    comes whole or in pieces, in order)."""
 
     def __init__(self, dest: KVDestination, header: pb.KVHeader):
         self.dest = dest
         self.request_id = header.request_id
         self.num_layers = header.layout.num_layers
         self.num_blocks = num_prompt_blocks(header)
-        self.layers: set[int] = set()
+        self.received = [0] * self.num_layers
         self.bytes = 0
         self.error: TransferError | None = None
         self.progress = time.monotonic()
@@ -53,37 +54,39 @@ class Incoming:
         self.ended = False  # committed or failed: the destination is no longer ours to touch
 
     def complete(self) -> bool:
-        return len(self.layers) == self.num_layers
+        return all(n == self.num_blocks for n in self.received)
 
-    def accepts(self, layer: int, num_blocks: int) -> bool:
-        """Whether a frame of `layer` with `num_blocks` blocks is to be stored (a bad one fails the transfer)."""
+    def accepts(self, layer: int, first: int, num_blocks: int) -> bool:
+        """Whether a frame of blocks [first, first + num_blocks) of `layer` is to be stored (a bad one
+        fails the transfer)."""
         with self.cond:
             if self.ended:
                 return False
-            if num_blocks != self.num_blocks or not 0 <= layer < self.num_layers or layer in self.layers:
-                self._fail(TransferError(f"bad frame: layer {layer} with {num_blocks} blocks "
-                                         f"(expected each of {self.num_layers} layers once, {self.num_blocks} blocks)"))
+            if (not 0 <= layer < self.num_layers or first != self.received[layer] or num_blocks < 1
+                    or first + num_blocks > self.num_blocks):
+                self._fail(TransferError(f"bad frame: layer {layer} blocks [{first}, {first + num_blocks}) (expected "
+                                         f"each of {self.num_layers} layers' {self.num_blocks} blocks once, in order)"))
                 return False
             return True
 
-    def stored(self, layer: int, nbytes: int) -> None:
+    def stored(self, layer: int, num_blocks: int, nbytes: int) -> None:
         with self.cond:
-            self.layers.add(layer)
+            self.received[layer] += num_blocks
             self.bytes += nbytes
             self.progress = time.monotonic()
             self.cond.notify_all()
 
-    def write(self, layer: int, frame: torch.Tensor) -> None:
-        """frame: [2, num_blocks, block_size, kv_heads, head_dim] (K, V) of `layer`."""
-        if not self.accepts(layer, frame.shape[1]):
+    def write(self, layer: int, first: int, frame: torch.Tensor) -> None:
+        """frame: [2, num_blocks, block_size, kv_heads, head_dim] (K, V) of `layer`'s blocks from `first` on."""
+        if not self.accepts(layer, first, frame.shape[1]):
             return
         try:
             for kind in (K, V):
-                self.dest.write_tensor(layer, kind, 0, frame[kind])
+                self.dest.write_tensor(layer, kind, first, frame[kind])
         except Exception as exc:  # noqa: BLE001 - the destination refused (freed, aborted): drop the frame
             self.fail(TransferAborted(f"writing layer {layer} failed: {exc}"))
             return
-        self.stored(layer, frame.numel() * frame.element_size())
+        self.stored(layer, frame.shape[1], frame.numel() * frame.element_size())
 
     def commit(self) -> bool:
         with self.cond:

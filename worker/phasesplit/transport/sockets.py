@@ -1,8 +1,9 @@
 """The tcp backend's data path: frames of KV bytes over one plain TCP connection per worker pair.
 
 A connection starts with HELLO (magic, the pair's group id). Then the prompt worker sends frames:
-FRAME (transfer id, layer, number of blocks, op), for DATA frames followed by the K then the V
-bytes of the layer's blocks ([num_blocks, block_size, kv_heads, head_dim] each) and a TRAILER
+FRAME (transfer id, layer, first block, number of blocks, op), for DATA frames followed by the K
+then the V bytes of those blocks of the layer ([num_blocks, block_size, kv_heads, head_dim] each:
+a layer comes whole, or in pieces when the prefill was chunked) and a TRAILER
 with the CRC32C of each. The bytes go from the sender's cache blocks (`sendmsg` over views of
 them) into the receiver's reserved blocks (`recv_into` views of them) with no copy in between;
 each piece is checksummed right next to its send or receive, while it is still in the CPU cache.
@@ -18,7 +19,7 @@ import crc32c
 
 MAGIC = b"PSKV1\0\0\0"
 HELLO = struct.Struct("<8s16s")      # MAGIC, group id (uuid bytes)
-FRAME = struct.Struct("<QIII")       # transfer id, layer, num_blocks, op (kv_group.DATA / ABORT / CLOSE)
+FRAME = struct.Struct("<QIIII")      # transfer id, layer, first block, num_blocks, op (kv_group.DATA / ABORT / CLOSE)
 TRAILER = struct.Struct("<II")       # CRC32C of the K bytes, of the V bytes
 PIECE = 256 << 10                    # checksummed and sent (or received) per piece: stays in the CPU cache
 _MAX_IOV = 64

@@ -50,7 +50,8 @@ class SocketLink:
             host, host_ids = to_host(cache, item.ids, item.ready)
             views.append(read_pieces(host, host_ids, 0, len(host_ids)))
         try:
-            self.sock.sendall(sockets.FRAME.pack(item.sender.transfer_id, item.layer, len(item.ids), kv_group.DATA))
+            self.sock.sendall(sockets.FRAME.pack(item.sender.transfer_id, item.layer, item.first, len(item.ids),
+                                                 kv_group.DATA))
             crcs = [sockets.send_views(self.sock, views[kind]) for kind in (K, V)]
             self.sock.sendall(sockets.TRAILER.pack(*crcs))
         except OSError as exc:
@@ -62,7 +63,7 @@ class SocketLink:
 
     def send_op(self, transfer_id: int, op: int) -> None:
         try:
-            self.sock.sendall(sockets.FRAME.pack(transfer_id, 0, 0, op))
+            self.sock.sendall(sockets.FRAME.pack(transfer_id, 0, 0, 0, op))
         except OSError as exc:
             raise kv_group.GroupBroken(f"sending a frame to {self._addr} failed: {exc}") from exc
 

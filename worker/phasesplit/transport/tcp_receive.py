@@ -146,7 +146,7 @@ class SocketReceiveLink:
         scratch = bytearray(_SCRATCH)
         while True:
             sock.settimeout(self._listener.idle_timeout)
-            transfer_id, layer, num_blocks, op = sockets.recv_struct(sock, sockets.FRAME)
+            transfer_id, layer, first, num_blocks, op = sockets.recv_struct(sock, sockets.FRAME)
             sock.settimeout(self._listener.timeout)
             incoming = group.incoming(transfer_id)
             if op == kv_group.CLOSE:
@@ -156,16 +156,16 @@ class SocketReceiveLink:
                 if incoming is not None:
                     incoming.fail(TransferAborted("aborted by the prompt worker"))
                 continue
-            self._layer(sock, incoming, layer, num_blocks, scratch)
+            self._layer(sock, incoming, layer, first, num_blocks, scratch)
 
-    def _layer(self, sock: socket.socket, incoming: Incoming | None, layer: int, num_blocks: int,
+    def _layer(self, sock: socket.socket, incoming: Incoming | None, layer: int, first: int, num_blocks: int,
                scratch: bytearray) -> None:
         size = num_blocks * self._listener.frame_bytes
-        taken = incoming is not None and incoming.accepts(layer, num_blocks)
+        taken = incoming is not None and incoming.accepts(layer, first, num_blocks)
         crcs = []
         for kind in (K, V):
             if taken:
-                taken = _into_blocks(sock, incoming, layer, kind, num_blocks, crcs)
+                taken = _into_blocks(sock, incoming, layer, kind, first, num_blocks, crcs)
             if len(crcs) <= kind:  # not received into blocks: keep the connection in step
                 sockets.skip(sock, size, scratch)
                 crcs.append(None)
@@ -176,13 +176,14 @@ class SocketReceiveLink:
             if crcs[kind] != sent[kind]:
                 incoming.fail(KVDataLoss(f"checksum mismatch in layer {layer} {name}"))
                 return
-        incoming.stored(layer, 2 * size)
+        incoming.stored(layer, num_blocks, 2 * size)
 
 
-def _into_blocks(sock, incoming: Incoming, layer: int, kind: int, num_blocks: int, crcs: list) -> bool:
+def _into_blocks(sock, incoming: Incoming, layer: int, kind: int, first: int, num_blocks: int, crcs: list) -> bool:
     """Receive one K or V into the destination's blocks; False when the destination refused them."""
     try:
-        incoming.dest.receive(layer, kind, 0, num_blocks, lambda views: crcs.append(sockets.recv_views(sock, views)))
+        incoming.dest.receive(layer, kind, first, num_blocks,
+                              lambda views: crcs.append(sockets.recv_views(sock, views)))
     except TransferError as exc:  # freed or aborted here meanwhile
         incoming.fail(TransferAborted(f"writing layer {layer} failed: {exc}"))
         return False
