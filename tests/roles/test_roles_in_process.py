@@ -19,10 +19,10 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 PROMPT = list(range(20, 60))
 
 
-def start(role: str, model_dir) -> WorkerServer:
+def start(role: str, model_dir, *flags: str) -> WorkerServer:
     args = parse_args(["--role", role, "--model", str(model_dir), "--served-model-name", "tiny", "--host", "127.0.0.1",
                        "--port", "0", "--num-kv-blocks", "64", "--max-model-len", "256", "--kv-lease", "5",
-                       "--kv-transfer-timeout", "5", "--grpc-threads", "16"])
+                       "--kv-transfer-timeout", "5", "--grpc-threads", "16", *flags])
     return WorkerServer(load_engine(args), args).start()
 
 
@@ -68,6 +68,47 @@ def test_split_roles_give_the_tokens_of_one_engine_and_free_every_block(roles, t
         sampling.seed = seed
     assert split_run(roles, f"same-{seed}", PROMPT, sampling) == alone(tiny_model_dir, PROMPT, params)
     wait_for(lambda: used_blocks(roles[0]) == used_blocks(roles[1]) == 0, timeout=5, what="every block free")
+
+
+class PieceLog:
+    """Wraps a prompt worker's transport: which blocks of which layer each send_layer queued, in order."""
+
+    def __init__(self, transport):
+        self.transport, self.pieces = transport, []
+
+    def open(self, addr, header):
+        sender = self.transport.open(addr, header)
+        send_layer = sender.send_layer
+
+        def logged(layer, k, v, block_ids=None, first=0):
+            self.pieces.append((layer, first, len(block_ids)))
+            send_layer(layer, k, v, block_ids, first)
+        sender.send_layer = logged
+        return sender
+
+
+@pytest.mark.parametrize("backend", ["grpc", "tcp", "nccl"])
+def test_a_chunked_prefill_sends_each_chunks_kv_as_it_is_computed(tiny_model_dir, backend):
+    """A 40-token prompt on a prompt worker whose step budget is one 16-token block: three chunks, each
+    chunk's blocks of every layer queued right after that layer of that chunk ran; the token worker
+    commits once the last piece arrived, and the tokens are one engine's."""
+    flags = ("--max-num-batched-tokens", "16", "--kv-backend", backend)
+    prompt, token = start("prompt", tiny_model_dir, *flags), start("token", tiny_model_dir, *flags)
+    log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in (prompt, token)]
+    try:
+        stubs = (pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1]))
+        params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        sampling = pb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        assert split_run((prompt, token, *stubs), "chunked", PROMPT, sampling) == alone(tiny_model_dir, PROMPT, params)
+        layers = prompt.core.engine.layout.num_layers
+        assert log.pieces == [(layer, first, 1) for first in range(3) for layer in range(layers)]
+        wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")
+    finally:
+        for channel in channels:
+            channel.close()
+        for server in (prompt, token):
+            server.stop()
 
 
 def test_kv_for_an_aborted_request_id_is_refused_with_a_reason_in_the_log(roles, caplog):

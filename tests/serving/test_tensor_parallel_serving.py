@@ -57,11 +57,13 @@ def test_a_dead_rank_takes_the_worker_down_with_a_nonzero_exit(tiny_model_dir, t
 
 @pytest.fixture(scope="module", params=["grpc", "tcp", "nccl"])
 def split_tp2(request, tiny_model_dir, tmp_path_factory):
-    """Prompt and token pools of 2 gloo ranks each: every rank moves its own KV-head shard."""
+    """Prompt and token pools of 2 gloo ranks each: every rank moves its own KV-head shard. The prompt
+    pool's step budget is four blocks, so longer prompts are prefilled, and their KV sent, in chunks."""
     doc = manifest(f"split-tp2-{request.param}", {"prompt": 1, "token": 1})
     doc["spec"]["kvTransfer"]["backend"] = request.param
     for pool in ("prompt", "token"):
         doc["spec"]["pools"][pool]["tensorParallelSize"] = 2
+    doc["spec"]["pools"]["prompt"].setdefault("engine", {})["maxNumBatchedTokens"] = 64
     cluster = start_cluster(doc, tiny_model_dir, tmp_path_factory.mktemp(f"split-tp2-{request.param}-logs"))
     yield cluster
     cluster.stop(15)

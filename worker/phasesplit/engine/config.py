@@ -186,5 +186,8 @@ class EngineConfig:
                 raise ValueError(f"{name}: got {value!r}, must be an integer > 0 or unset")
         if not isinstance(self.chunked_prefill, bool):
             raise ValueError(f"chunked_prefill: got {self.chunked_prefill!r}, must be true or false")
+        if self.chunked_prefill and self.max_num_batched_tokens < self.block_size:
+            raise ValueError(f"max_num_batched_tokens: got {self.max_num_batched_tokens}, must be at least block_size "
+                             f"({self.block_size}) with chunked prefill (a prompt worker's chunks are whole blocks)")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ValueError(f"kv_memory_fraction: got {self.kv_memory_fraction!r}, must be in (0, 1]")

@@ -33,6 +33,11 @@ class KVHandoff:
                    header.first_token if header.HasField("first_token") else None,
                    list(header.block_hashes), header.num_cached_blocks)
 
+    @property
+    def num_blocks(self) -> int:
+        """The blocks the prompt's KV fills: what a transfer moves per layer."""
+        return -(-len(self.prompt_token_ids) // self.layout.block_size)
+
     def with_first_token(self, first_token: int | None) -> KVHandoff:
         """The Generate call's first token where it brings one (a layer-wise transfer's header has none)."""
         return self if first_token is None else dataclasses.replace(self, first_token=first_token)

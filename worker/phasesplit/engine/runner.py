@@ -37,10 +37,14 @@ class ForwardBatch:
     block_tables: list[list[int]]  # each sequence's blocks
     prefill_ids: list[str]  # the sequences whose prompt tokens this step computes (the layer hook's)
 
-    def prefill_blocks(self, request_id: str, block_size: int) -> list[int]:
-        """The cache blocks a sequence's KV lies in, up to what this step writes."""
+    def prefill_piece(self, request_id: str, block_size: int) -> tuple[int, list[int]]:
+        """The blocks this step writes a sequence's prompt KV to: the position of the first in its
+        block table, and their ids. A chunk that does not end its prompt ends on a block boundary
+        (`batching.take_chunks`), so the pieces of a prompt never share a block."""
         i = self.request_ids.index(request_id)
-        return self.block_tables[i][: -(-self.context_lens[i] // block_size)]
+        num_cached = self.context_lens[i] - (self.cu_seqlens[i + 1] - self.cu_seqlens[i])
+        first = num_cached // block_size
+        return first, self.block_tables[i][first:-(-self.context_lens[i] // block_size)]
 
 
 class ModelRunner:

@@ -64,13 +64,17 @@ class Scheduler:
         started = [seq for seq in running if seq.num_uncached_tokens > 1]
         chunks = take_chunks(started, self.waiting, self.max_num_batched_tokens - len(decodes),
                              self.max_num_seqs - len(self.running), lambda seq: seq.num_uncached_tokens,
-                             self._admit, lambda seq: not seq.prefill_only)
+                             self._admit, lambda seq: True, self._chunk_unit)
         self.running.extend(seq for seq, _ in chunks if seq not in started)  # the newly admitted
         for seq in decodes:
             seq.num_scheduled_tokens = 1
         for seq, n in chunks:
             seq.num_scheduled_tokens = n
         return decodes + [seq for seq, _ in chunks], bool(chunks)
+
+    def _chunk_unit(self, seq: Sequence) -> int:
+        """A prefill-only prompt's KV moves chunk by chunk: its chunks end on block boundaries."""
+        return self.block_manager.block_size if seq.prefill_only else 1
 
     def _schedule_prefill(self) -> list[Sequence]:
         seqs = take_prefill(self.waiting, self.max_num_batched_tokens, self.max_num_seqs - len(self.running),

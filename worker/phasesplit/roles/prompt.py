@@ -72,11 +72,12 @@ class PromptService(pb_grpc.PromptWorkerServicer):
             transfer = self._transfers.get(rid)
             if transfer is None:
                 continue
-            if layer == 0:
+            if not transfer.timing.first_layer:
                 transfer.timing.first_layer = now
             transfer.timing.last_layer = now
             if transfer.layerwise and transfer.sender is not None:
-                transfer.sender.send_layer(layer, *engine.kv_layer(layer), engine.blocks_of(rid))
+                first, block_ids = engine.prefill_piece(rid)
+                transfer.sender.send_layer(layer, *engine.kv_layer(layer), block_ids, first)
 
     # ---- gRPC threads ----
 

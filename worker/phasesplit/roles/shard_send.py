@@ -58,8 +58,8 @@ def _key(number: int, rank: int) -> str:
 class _Shard:
     """One follower transfer; `report` writes how it ended, once."""
 
-    def __init__(self, sender, number: int, num_layers: int):
-        self.sender, self.number, self.num_layers = sender, number, num_layers
+    def __init__(self, sender, number: int, num_layers: int, num_blocks: int):
+        self.sender, self.number, self.num_layers, self.num_blocks = sender, number, num_layers, num_blocks
         self._reported = False
         self._lock = threading.Lock()
 
@@ -93,12 +93,12 @@ class ShardSenders:
         except (ValueError, TransferError) as exc:
             self._report(message.number, exc)
             return
-        shard = _Shard(sender, message.number, handoff.layout.num_layers)
+        shard = _Shard(sender, message.number, handoff.layout.num_layers, handoff.num_blocks)
         with self._lock:
             self._shards[message.request_id] = shard
         if message.block_ids is not None:
             for layer in range(shard.num_layers):
-                self._send(message.request_id, shard, layer, message.block_ids)
+                self._send(message.request_id, shard, layer, 0, message.block_ids)
 
     def on_layer(self, layer: int, request_ids: list[str]) -> None:
         """The layer hook: this rank's prefill wrote `layer` of these requests."""
@@ -106,7 +106,7 @@ class ShardSenders:
             with self._lock:
                 shard = self._shards.get(rid)
             if shard is not None:
-                self._send(rid, shard, layer, self.engine.prefill_blocks(rid))
+                self._send(rid, shard, layer, *self.engine.prefill_piece(rid))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -119,9 +119,9 @@ class ShardSenders:
         with self._lock:
             return len(self._shards)
 
-    def _send(self, rid: str, shard: _Shard, layer: int, block_ids: list[int]) -> None:
-        shard.sender.send_layer(layer, *self.engine.kv_layer(layer), block_ids)
-        if layer == shard.num_layers - 1:
+    def _send(self, rid: str, shard: _Shard, layer: int, first: int, block_ids: list[int]) -> None:
+        shard.sender.send_layer(layer, *self.engine.kv_layer(layer), block_ids, first)
+        if layer == shard.num_layers - 1 and first + len(block_ids) >= shard.num_blocks:
             threading.Thread(target=self._end, args=(rid, shard, False), name=f"kv-shard-{rid}", daemon=True).start()
 
     def _end(self, rid: str, shard: _Shard, abort: bool) -> None:
