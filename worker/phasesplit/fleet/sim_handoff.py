@@ -63,7 +63,7 @@ class SimSender:
         if not self._aborted:
             yield wire.encode_end()
 
-    def send_layer(self, layer, k, v, block_ids=None) -> None:
+    def send_layer(self, layer, k, v, block_ids=None, first=0) -> None:
         """Nothing to queue: the engine's layer hook marks the prefill's progress itself."""
 
     def finish(self) -> TransferResult:
