@@ -10,7 +10,7 @@ stream has a token after its first (whole-prompt prefill stalls every stream for
 whole prefill; chunked prefill computes at most --budget tokens per step beside the decodes).
 Targets: TBT P99 at most 0.5x of unchunked, TTFT P50 at most 1.3x.
 
-    python bench/chunked.py [--model DIR] [--streams 16] [--prompts 4] [--budget 512]
+    python bench/chunked.py [--model DIR] [--streams 16] [--prompts 4] [--budget 512] [--threads N]
 """
 
 import argparse
@@ -71,7 +71,11 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=512, help="max_num_batched_tokens (tokens per step) when chunked")
     p.add_argument("--kv-blocks", type=int, default=1000, help="of 16 tokens, per engine")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; on a machine shared with other "
+                                              "work, 1 avoids waiting on descheduled threads at every operation)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model_dir = args.model or str(make_tiny_model(tempfile.mkdtemp(prefix="phasesplit-bench-"), preset="small"))
 
     engines = {chunked: mixed_worker(model_dir, args, chunked) for chunked in (False, True)}

@@ -138,10 +138,11 @@ def _chunk(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: SeqSpan) -> Tensor
 
 
 def _causal_sdpa(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    # q [n, H, D], k/v [n, Hkv, D]: a fresh prompt attends only within itself
-    o = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+    # q [n, H, D], k/v [n, Hkv, D]: a fresh prompt attends only within itself. Batched 4-d inputs take
+    # the fused CPU kernel (3-d ones measured 5x slower at 2,500 tokens).
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                        is_causal=True, enable_gqa=True)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def _flash_fits(q: Tensor, k_cache: Tensor) -> bool:
