@@ -136,3 +136,16 @@ def test_another_clients_tokens_are_untouched_and_a_stop_list_examines_only_its_
     assert together["a2"] == alone["a"] and len(together["b"]) == 40
     text_b = engine.tokenizer.decode(together["b"])
     assert sum(map(len, examined)) == len(text_b)
+
+
+def test_each_request_builds_its_automaton_once_however_many_distinct_stop_lists_are_in_flight(monkeypatch):
+    built = []
+    init = StopMatcher.__init__
+    monkeypatch.setattr(StopMatcher, "__init__", lambda self, stops: built.append(stops) or init(self, stops))
+    cached_stop_matcher.cache_clear()
+    seqs = [sequence((f"stop {i}", "the end")) for i in range(40)]   # more lists than the cache keeps
+    for _ in range(50):
+        for seq in seqs:
+            assert not push_text(seq, "word ")
+            take_text(seq)
+    assert len(built) == 40

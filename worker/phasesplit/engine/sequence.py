@@ -34,7 +34,9 @@ class Sequence:
         self.num_cached_tokens = 0
         self.output_text = ""
         self.num_emitted_chars = 0
-        self.stop_state = 0  # the stop strings' matcher after output_text (see stop_strings.py)
+        # The stop strings' automaton (held here: a shared one may leave the cache) and its state after output_text.
+        self.stop_matcher = stop_matcher(params.stop) if params.stop else None
+        self.stop_state = 0
         self.finish_reason: str | None = None
 
     @property
@@ -74,10 +76,10 @@ class Sequence:
 
 def push_text(seq: Sequence, delta: str) -> bool:
     """Add detokenized text; True when a stop string appeared (the text is cut where it starts)."""
-    if not seq.params.stop:
+    if seq.stop_matcher is None:
         seq.output_text += delta
         return False
-    seq.stop_state, start = stop_matcher(seq.params.stop).feed(seq.stop_state, delta)
+    seq.stop_state, start = seq.stop_matcher.feed(seq.stop_state, delta)
     if start is None:
         seq.output_text += delta
         return False
@@ -89,8 +91,8 @@ def push_text(seq: Sequence, delta: str) -> bool:
 def take_text(seq: Sequence) -> str:
     """The text not yet returned, minus a tail that might still grow into a stop string."""
     end = len(seq.output_text)
-    if not seq.is_finished and seq.params.stop:
-        end -= stop_matcher(seq.params.stop).pending(seq.stop_state)
+    if not seq.is_finished and seq.stop_matcher is not None:
+        end -= seq.stop_matcher.pending(seq.stop_state)
     delta = seq.output_text[seq.num_emitted_chars:end]
     seq.num_emitted_chars = max(seq.num_emitted_chars, end)
     return delta

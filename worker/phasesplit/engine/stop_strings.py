@@ -71,5 +71,6 @@ class StopMatcher:
 
 @functools.lru_cache(maxsize=16)
 def stop_matcher(stops: tuple[str, ...]) -> StopMatcher:
-    """One automaton per distinct stop list, shared by the requests that send it."""
+    """One automaton per distinct stop list, shared by the requests that send it (the 16 lists used last
+    are kept: 16 strings of 256 characters make about 1 MiB)."""
     return StopMatcher(stops)
