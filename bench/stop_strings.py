@@ -4,7 +4,8 @@ no stop strings, measured in the same run.
 1. The matching alone: a token's text pushed and the streamable text taken (`push_text` + `take_text`),
    microseconds per token, for prose that never matches and for text that keeps matching partially.
 2. The engine: another client's stream (greedy, `tiny` preset on the CPU) decoding beside requests
-   that send the stop list, against the same batch without it: milliseconds per step.
+   that send the stop list, against the same batch without it on a second engine, a step of each in
+   turn: milliseconds per step.
 
     python bench/stop_strings.py [--tokens 20000] [--steps 64] [--batch 8] [--rounds 4]
 """
@@ -50,31 +51,36 @@ def matching(tokens: int) -> None:
         print(f"  {name:34} {per_token_us(pieces, stops):8.2f}")
 
 
-def step_ms(engine: LLMEngine, prompt: list[int], batch: int, steps: int, stops: tuple[str, ...]) -> list[float]:
-    """Each decode step's time in milliseconds."""
+def start(engine: LLMEngine, prompt: list[int], batch: int, steps: int, stops: tuple[str, ...]) -> None:
+    """`batch` requests of `steps` decode steps each (request 0 without stop strings), prefilled."""
     for i in range(batch):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, ignore_eos=True, max_tokens=steps + 1,
                                                           stop=stops if i else ()))
-    engine.step()  # the prefill
-    times = []
-    while engine.has_unfinished():
-        start = time.perf_counter()
-        engine.step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    engine.step()
+
+
+def timed_step(engine: LLMEngine) -> float:
+    start = time.perf_counter()
+    engine.step()
+    return (time.perf_counter() - start) * 1e3
 
 
 def engine_steps(steps: int, batch: int, rounds: int) -> None:
+    """Two engines on the same model, one step each in turn, so that the machine's load falls on both."""
     with tempfile.TemporaryDirectory() as tmp:
-        engine = LLMEngine(EngineConfig(str(make_tiny_model(tmp, seed=0, preset="tiny"))))
-        prompt = engine.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
+        model = str(make_tiny_model(tmp, seed=0, preset="tiny"))
+        plain, stopping = LLMEngine(EngineConfig(model)), LLMEngine(EngineConfig(model))
+        prompt = plain.tokenizer.encode("The quick brown fox jumps over the lazy dog.")
         stops = legal_stops(random.Random(1), False)
-        step_ms(engine, prompt, batch, 4, ())  # warm-up
         none, legal = [], []
-        for _ in range(rounds):  # alternated, so that a change in the machine's load falls on both
-            none += step_ms(engine, prompt, batch, steps, ())
-            legal += step_ms(engine, prompt, batch, steps, stops)
-        print(f"engine, ms per decode step (median of {len(none)}), {batch} sequences, request 0 sends no stop strings:")
+        for _ in range(rounds):
+            start(plain, prompt, batch, steps, ())
+            start(stopping, prompt, batch, steps, stops)
+            while plain.has_unfinished() or stopping.has_unfinished():
+                none.append(timed_step(plain))
+                legal.append(timed_step(stopping))
+        print(f"engine, ms per decode step (median of {len(none)}, in turn), {batch} sequences, "
+              f"request 0 sends no stop strings:")
         print(f"  the others send none {statistics.median(none):7.2f}   "
               f"the others send 16 x 256 {statistics.median(legal):7.2f}   "
               f"ratio {statistics.median(legal) / statistics.median(none):5.2f}")
