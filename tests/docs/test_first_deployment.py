@@ -143,7 +143,8 @@ def test_the_docker_builds_name_real_files_args_and_sources():
             resolved = re.sub(r"\$\{(\w+):\+([^}]*)\}", lambda m: m.group(2) if values[m.group(1)].strip('"') else "",
                               image)
             resolved = re.sub(r"\$\{(\w+)\}", lambda m: values[m.group(1)].strip('"'), resolved)
-            assert re.fullmatch(r"[\w./-]+:[\w.-]+", resolved), f"{build['file']}: FROM {image} -> {resolved!r}"
+            assert re.fullmatch(r"[\w./-]+:[\w.-]+@sha256:[0-9a-f]{64}", resolved), (
+                f"{build['file']}: FROM {image} -> {resolved!r} (an image pinned by digest)")
         for sources in re.findall(r"^COPY (.+) \S+$", text, re.M):
             for source in sources.split():
                 if source == ".":

@@ -1,4 +1,4 @@
-"""The images the chart and the operator run: base images pinnable by digest, dependencies
+"""The images the chart and the operator run: base images pinned by digest, dependencies
 installed from hashed lock files (hack/lock_requirements.py) that agree with the project's pins."""
 
 import importlib.util
@@ -16,10 +16,10 @@ def pins(text: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("image", DOCKERFILES)
-def test_the_base_image_takes_a_digest_and_dependencies_are_installed_by_hash(image):
+def test_the_base_image_is_pinned_by_digest_and_dependencies_are_installed_by_hash(image):
     text = (ROOT / image / "Dockerfile").read_text()
     base, digest = DOCKERFILES[image]
-    assert f'ARG {digest}=""' in text
+    assert re.search(rf"^ARG {digest}=sha256:[0-9a-f]{{64}}$", text, re.M), "the base image is not pinned"
     assert f"FROM ${{{base}}}${{{digest}:+@}}${{{digest}}}" in text
     assert f"COPY {image}/requirements.lock ./" in text and "pip install --require-hashes -r requirements.lock" in text
     assert "--no-deps --no-build-isolation ." in text  # the project itself: no unhashed build dependencies

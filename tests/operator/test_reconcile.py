@@ -205,10 +205,40 @@ def test_the_worker_token_secret_is_made_once_and_never_rewritten(server, admin,
     secret_path = path("v1", "Secret", NS, "tokens-worker-token")
     token = admin.get(secret_path)
     assert token is not None and token["metadata"]["ownerReferences"][0]["name"] == "tokens"
-    reconcile._TOKENS_MADE.clear()  # as after an operator restart
+    reconcile._TOKEN_REVISIONS.clear()  # as after an operator restart
     reconcile.reconcile(operator, admin.get(si_path("tokens")))
     assert admin.get(secret_path)["data"] == token["data"]
     for name in ("tokens-router", "tokens-token"):
         env = deployment(admin, name)["spec"]["template"]["spec"]["containers"][0]["env"]
         assert {"name": "PHASESPLIT_WORKER_TOKEN",
                 "valueFrom": {"secretKeyRef": {"name": "tokens-worker-token", "key": "token"}}} in env
+    assert server.emulator.denied == []
+
+
+def token_revisions(admin, name: str) -> set:
+    """The worker-token revision on each pod template of `name`'s router and pools."""
+    return {deployment(admin, f"{name}-{role}")["spec"]["template"]["metadata"]["annotations"].get(
+        "phasesplit.io/worker-token-uid") for role in ("router", "prompt", "token")}
+
+
+def test_a_deleted_worker_token_secret_is_made_anew_by_the_resync_and_rolls_every_pod(server, admin, operator):
+    create(admin, "rotate", {})
+    reconcile.reconcile(operator, admin.get(si_path("rotate")))
+    secret_path = path("v1", "Secret", NS, "rotate-worker-token")
+    first = admin.get(secret_path)
+    assert token_revisions(admin, "rotate") == {first["metadata"]["uid"]}
+
+    admin.delete(secret_path)
+    reconcile.reconcile(operator, admin.get(si_path("rotate")), recheck_token=True)  # the periodic resync
+    second = admin.get(secret_path)
+    assert second is not None and second["data"] != first["data"]
+    assert token_revisions(admin, "rotate") == {second["metadata"]["uid"]}, "the pods keep the old token"
+
+    reconcile._TOKEN_REVISIONS.clear()  # an operator restarted since: the revision is read off the router
+    before = len(writes(server))
+    reconcile.reconcile(operator, admin.get(si_path("rotate")), recheck_token=True)
+    assert admin.get(secret_path)["data"] == second["data"]
+    assert token_revisions(admin, "rotate") == {second["metadata"]["uid"]}
+    new_writes = writes(server)[before:]
+    assert len(new_writes) == 1 and new_writes[0].endswith(f"POST /api/v1/namespaces/{NS}/secrets"), new_writes
+    assert server.emulator.denied == []  # with `create` alone on Secrets

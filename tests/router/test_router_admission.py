@@ -12,6 +12,7 @@ from support import prom
 from support.fake_worker import MODEL
 from support.polling import eventually
 
+from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.router.admission import AdmissionSettings
 from phasesplit.router.pools import WorkerSpec
 
@@ -87,6 +88,25 @@ async def test_an_overload_burst_is_refused_quickly_with_429_and_the_admitted_ke
     assert prom.value(m, "phasesplit_requests_total", outcome="rejected") == BURST - BATCH
     assert prom.value(m, "phasesplit_admission_running") == prom.value(m, "phasesplit_admission_waiting") == 0
     assert prom.value(m, "phasesplit_queue_requests") == prom.value(m, "phasesplit_inflight_requests") == 0
+
+
+async def test_a_request_that_finds_the_queue_full_is_refused_before_it_is_tokenized(busy_cluster, monkeypatch):
+    cluster, api = busy_cluster, client(busy_cluster)
+    first = [asyncio.create_task(timed_completion(api, stream=True)) for _ in range(BATCH + QUEUE)]
+
+    async def queue_is_full():
+        return prom.value(await cluster.metrics(), "phasesplit_admission_waiting") == QUEUE
+    await eventually(queue_is_full, what="the admission queue to fill")
+    tokenized = []
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text, *a, **k: tokenized.append(text) or
+                        encode(self, text, *a, **k))
+    excess = await asyncio.gather(*(timed_completion(api, stream=True) for _ in range(BURST - BATCH - QUEUE)))
+    assert all(isinstance(e, openai.RateLimitError) for _, e in excess), excess
+    assert "hello world" not in tokenized, "a request refused for a full queue was tokenized"
+    await asyncio.gather(*first)
+    m = await cluster.metrics()
+    assert prom.value(m, "phasesplit_admission_refused_total", reason="queue_full") == BURST - BATCH - QUEUE
 
 
 async def test_a_request_waits_for_a_place_that_frees_within_the_wait(make_cluster):

@@ -30,6 +30,7 @@ class Outcome:
     seconds: float            # from sending to the last byte (served) or to the refusal
     tokens: int = 0           # completion tokens the usage reported
     retry_after: str | None = None
+    first_token: float | None = None   # seconds from sending to the first token (served)
 
 
 async def one(client: httpx.AsyncClient, base_url: str, i: int, max_tokens: int) -> Outcome:
@@ -40,13 +41,14 @@ async def one(client: httpx.AsyncClient, base_url: str, i: int, max_tokens: int)
         if reply.status_code != 200:
             await reply.aread()
             return Outcome(reply.status_code, time.monotonic() - start, retry_after=reply.headers.get("Retry-After"))
-        tokens = 0
+        tokens, first_token = 0, None
         async for line in reply.aiter_lines():
             if line.startswith("data: {"):
                 event = json.loads(line[6:])
                 assert "error" not in event, event
                 tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
-        return Outcome(200, time.monotonic() - start, tokens)
+                first_token = first_token or time.monotonic() - start
+        return Outcome(200, time.monotonic() - start, tokens, first_token=first_token)
 
 
 async def burst(base_url: str, n: int, max_tokens: int) -> list[Outcome]:

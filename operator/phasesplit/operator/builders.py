@@ -20,6 +20,8 @@ WORKER_HEALTH_PORT = 50050  # the gRPC health service, apart from the work's thr
 LIVENESS_SERVICE = "liveness"  # stays SERVING while the worker drains; "" (readiness) does not
 TOKEN_KEY = "token"  # in the SplitInference's worker-token Secret
 TOKEN_ENV = "PHASESPLIT_WORKER_TOKEN"  # phasesplit.auth.TOKEN_ENV (the operator imports no grpc)
+# On the pod templates that read the token: the uid of the Secret it came from (a new one rolls them).
+TOKEN_REVISION_ANNOTATION = "phasesplit.io/worker-token-uid"
 ROUTER_PORT = 8000
 MODEL_DIR = "/models/model"
 CLUSTER_DOMAIN = "cluster.local"  # the cluster's DNS domain, unless the operator is told another
@@ -270,11 +272,24 @@ def token_env(owner: Owner) -> dict:
 
 
 def build_token_secret(owner: Owner, token: str) -> dict:
-    """Made once, never patched (see `reconcile.ensure_token_secret`): the credentials of every router and
-    worker of the SplitInference derive from it."""
+    """Made when missing, never read nor patched (see `reconcile.ensure_token_secret`): the credentials of
+    every router and worker of the SplitInference derive from it."""
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
             "metadata": metadata(owner, token_secret_name(owner), "credentials"),
             "data": {TOKEN_KEY: base64.b64encode(token.encode()).decode()}}
+
+
+def with_token_revision(children: list[dict], revision: str | None) -> list[dict]:
+    """`children`, whose Deployments that read the worker token name the Secret it came from (`revision`:
+    its uid; None leaves them as built), so that a Secret made anew rolls them onto its token."""
+    if revision is None:
+        return children
+    for child in children:
+        template = child["spec"]["template"] if child["kind"] == "Deployment" else None
+        if template and any(env.get("name") == TOKEN_ENV for c in template["spec"]["containers"]
+                            for env in c.get("env", [])):
+            template["metadata"].setdefault("annotations", {})[TOKEN_REVISION_ANNOTATION] = revision
+    return children
 
 
 def worker_container(spec: si.SplitInferenceSpec, owner: Owner, role: str, pool: si.Pool) -> dict:

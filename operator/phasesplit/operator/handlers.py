@@ -97,7 +97,8 @@ def child_deployment_changed(namespace: str, labels: kopf.Labels, memo: kopf.Mem
 
 async def periodic(memo: kopf.Memo, tick_seconds: float, logger: logging.Logger) -> None:
     """Every tick: the builtin autoscaler for each SplitInference; every RESYNC_SECONDS: a reconcile
-    that heals drift (a deleted or edited child, a Secret or PVC that appeared later)."""
+    that heals drift (a deleted or edited child, a deleted worker-token Secret, a Secret or PVC that
+    appeared later)."""
     states: dict[str, dict] = {}  # per SplitInference uid: the autoscaler's memory, the last resync
     while True:
         await asyncio.sleep(tick_seconds)
@@ -107,7 +108,8 @@ async def periodic(memo: kopf.Memo, tick_seconds: float, logger: logging.Logger)
                 await autoscaler.tick(memo.kube, body, state, logger, memo.cluster_domain)
                 if time.monotonic() - state["resynced"] >= RESYNC_SECONDS:
                     state["resynced"] = time.monotonic()
-                    outcome = await asyncio.to_thread(reconcile.reconcile, memo.kube, body, memo.cluster_domain)
+                    outcome = await asyncio.to_thread(reconcile.reconcile, memo.kube, body, memo.cluster_domain,
+                                                        recheck_token=True)
                     _report(outcome, body, logger)
             except Exception as e:  # one SplitInference's failure must not stop the others'
                 logger.warning(f"periodic work on {key[0]}/{key[1]} failed: {e}")

@@ -141,25 +141,29 @@ def si_path(owner: builders.Owner, subresource: str | None = None) -> str:
     return path(f"{si.API_GROUP}/{si.API_VERSION}", si.KIND, owner.namespace, owner.name, subresource)
 
 
-def reconcile(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOMAIN) -> Outcome:
-    """Apply every child (unless the spec cannot work) and write the status."""
+def reconcile(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOMAIN,
+              recheck_token: bool = False) -> Outcome:
+    """Apply every child (unless the spec cannot work) and write the status. `recheck_token`: make the
+    worker-token Secret again if it was deleted (the periodic resync asks; see `ensure_token_secret`)."""
     outcome = Outcome()
     spec, children, problems = desired_state(kube, body, cluster_domain)
     outcome.problems = problems
     if not problems:
+        owner = owner_of(body)
+        name = f"Secret/{builders.token_secret_name(owner)}"
         try:
-            name = f"Secret/{builders.token_secret_name(owner_of(body))}"
-            outcome.applied[name] = ensure_token_secret(kube, owner_of(body))
+            outcome.applied[name], revision = ensure_token_secret(kube, owner, recheck_token)
         except KubeError as e:
             outcome.failed(name, e)
-        for child in children:
+            revision = known_token_revision(kube, owner)
+        for child in builders.with_token_revision(children, revision):
             name = f"{child['kind']}/{child['metadata']['name']}"
             try:
                 outcome.applied[name], _ = apply(kube, child, replicas_elsewhere=autoscaled(child, spec))
             except KubeError as e:  # one child refused (a missing CRD, a quota): the others still go
                 outcome.failed(name, e)
         try:
-            outcome.pruned = prune(kube, owner_of(body), children)
+            outcome.pruned = prune(kube, owner, children)
         except KubeError as e:
             outcome.failed("pruning", e)
     write_status(kube, body, spec, problems, outcome, failures=outcome.failures, applied=body,
@@ -167,24 +171,39 @@ def reconcile(kube: Kube, body: dict, cluster_domain: str = builders.CLUSTER_DOM
     return outcome
 
 
-_TOKENS_MADE: set[tuple[str, str, str]] = set()  # (namespace, name, uid): the Secret exists, seen by this process
+# (namespace, name, uid) -> the uid of the worker-token Secret as this process made or found it
+_TOKEN_REVISIONS: dict[tuple[str, str, str], str | None] = {}
 
 
-def ensure_token_secret(kube: Kube, owner: builders.Owner) -> str:
-    """Creates the worker-token Secret with a fresh token unless it exists (once per SplitInference and
-    operator process); never reads nor overwrites it: the operator may only create Secrets."""
+def ensure_token_secret(kube: Kube, owner: builders.Owner, recheck: bool = False) -> tuple[str, str | None]:
+    """Creates the worker-token Secret with a fresh token unless it exists; returns what happened and the
+    token's revision (the Secret's uid), which the pod templates carry so that a new token rolls them.
+
+    The operator may only create Secrets: it never reads one, so it learns whether the Secret still exists
+    by creating it again (a 409 writes nothing), on its first pass over a SplitInference and on each
+    resync (`recheck`); a deleted Secret is made anew, with a new token, within a resync."""
     key = (owner.namespace, owner.name, owner.uid)
-    if key in _TOKENS_MADE:
-        return "unchanged"
+    if key in _TOKEN_REVISIONS and not recheck:
+        return "unchanged", _TOKEN_REVISIONS[key]
     try:
-        kube.create(builders.build_token_secret(owner, secrets.token_urlsafe(32)))
-        outcome = "created"
+        created = kube.create(builders.build_token_secret(owner, secrets.token_urlsafe(32)))
     except KubeError as e:
         if e.status != 409:
             raise
-        outcome = "unchanged"
-    _TOKENS_MADE.add(key)
-    return outcome
+        _TOKEN_REVISIONS[key] = known_token_revision(kube, owner)
+        return "unchanged", _TOKEN_REVISIONS[key]
+    _TOKEN_REVISIONS[key] = created["metadata"].get("uid")
+    return "created", _TOKEN_REVISIONS[key]
+
+
+def known_token_revision(kube: Kube, owner: builders.Owner) -> str | None:
+    """The token's revision as this process knows it, else as the router's pod template carries it."""
+    key = (owner.namespace, owner.name, owner.uid)
+    if key in _TOKEN_REVISIONS:
+        return _TOKEN_REVISIONS[key]
+    router = kube.get(path("apps/v1", "Deployment", owner.namespace, builders.router_name(owner))) or {}
+    template = router.get("spec", {}).get("template", {}).get("metadata", {})
+    return (template.get("annotations") or {}).get(builders.TOKEN_REVISION_ANNOTATION)
 
 
 def refresh_status(kube: Kube, namespace: str, name: str, autoscaling: dict | None = None,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from typing import TYPE_CHECKING
 
+from phasesplit.engine.stop_strings import stop_matcher
+
 if TYPE_CHECKING:
     from phasesplit.engine.sampler import SamplingParams
     from phasesplit.engine.tokenizer import IncrementalDetokenizer
@@ -33,6 +35,9 @@ class Sequence:
         self.num_scheduled_tokens = 0  # how many of the rest the current step computes
         self.output_text = ""
         self.num_emitted_chars = 0
+        # The stop strings' automaton (held here: a shared one may leave the cache) and its state after output_text.
+        self.stop_matcher = stop_matcher(params.stop) if params.stop else None
+        self.stop_state = 0
         self.finish_reason: str | None = None
 
     @property
@@ -76,31 +81,23 @@ class Sequence:
 
 def push_text(seq: Sequence, delta: str) -> bool:
     """Add detokenized text; True when a stop string appeared (the text is cut where it starts)."""
-    stops = seq.params.stop
-    if not stops:
+    if seq.stop_matcher is None:
         seq.output_text += delta
         return False
-    start = max(0, len(seq.output_text) - max(map(len, stops)) + 1)
-    seq.output_text += delta
-    hits = [i for i in (seq.output_text.find(s, start) for s in stops) if i >= 0]
-    if hits:
-        seq.output_text = seq.output_text[: min(hits)]
-    return bool(hits)
+    seq.stop_state, start = seq.stop_matcher.feed(seq.stop_state, delta)
+    if start is None:
+        seq.output_text += delta
+        return False
+    cut = len(seq.output_text) + start
+    seq.output_text = (seq.output_text + delta)[:cut]
+    return True
 
 
 def take_text(seq: Sequence) -> str:
     """The text not yet returned, minus a tail that might still grow into a stop string."""
     end = len(seq.output_text)
-    if not seq.is_finished:
-        end -= _stop_prefix_len(seq.output_text, seq.params.stop)
+    if not seq.is_finished and seq.stop_matcher is not None:
+        end -= seq.stop_matcher.pending(seq.stop_state)
     delta = seq.output_text[seq.num_emitted_chars:end]
     seq.num_emitted_chars = max(seq.num_emitted_chars, end)
     return delta
-
-
-def _stop_prefix_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
-    for n in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
-        if any(s.startswith(text[-n:]) for s in stops):
-            return n
-    return 0

@@ -63,11 +63,16 @@ class Admission:
             self._take()
             self.metrics.admission_wait.observe(0.0)
             return Held(self.release)
+        self.refuse_if_full()
+        await self._wait_turn(route, prompt_tokens, max_tokens)
+        return Held(self.release)
+
+    def refuse_if_full(self) -> None:
+        """A 429 at once when `max_queue_length` requests already wait: the router calls it before it
+        tokenizes a request too, so that the excess of a burst costs nothing but its refusal."""
         if len(self._waiting) >= self.settings.max_queue_length:
             raise self._refuse("queue_full", f"the router is at capacity and {len(self._waiting)} requests "
                                              "already wait to start (maxQueueLength); retry later")
-        await self._wait_turn(route, prompt_tokens, max_tokens)
-        return Held(self.release)
 
     async def _wait_turn(self, route: str, prompt_tokens: int, max_tokens: int) -> None:
         turn = asyncio.get_running_loop().create_future()

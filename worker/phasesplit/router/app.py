@@ -210,6 +210,7 @@ async def _serve(request: web.Request, router: Router, req, endpoint: Endpoint) 
         with _rejections(router):
             tokenizer, digest = await router.tokenizer()
             check_prompt_chars(req, router.max_model_len, endpoint.param)   # before the work of tokenizing it
+            router.dispatcher.admission.refuse_if_full()
             ids = await asyncio.get_running_loop().run_in_executor(router.tokenizing, endpoint.prompt_ids, req,
                                                                    tokenizer)
             check_prompt_length(ids, router.max_model_len, endpoint.param)
