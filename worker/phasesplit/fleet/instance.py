@@ -10,6 +10,11 @@ first, as `phasesplit.engine.scheduler.Scheduler` does) and can also act as eith
 Decoding is simulated by stretches: between two changes of the decode batch every iteration takes
 the same time, so one event covers all iterations up to the next finish; a request that arrives
 meanwhile joins at the next iteration boundary.
+
+With prefix caching (a trace of block hashes) the instance keeps an LRU cache of 512-token prompt
+blocks as large as its KV memory: a prefill computes the tokens its cache lacks (priced as a
+prefill of those tokens), a prompt's blocks enter the cache when its prefill ends (a token
+instance's when its KV arrives).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from phasesplit.engine.batching import take_prefill, take_ready
 from phasesplit.fleet.perf import PerfModel
+from phasesplit.fleet.prefix_cache import PrefixCache
+from phasesplit.fleet.trace import HASH_BLOCK_TOKENS
 
 if TYPE_CHECKING:
     from phasesplit.fleet.sim import Simulation
@@ -55,6 +62,7 @@ class Instance:
         self.stopped: float | None = None
         self.block_size = bs = sim.config.block_size
         self.capacity_blocks = perf.kv_capacity_tokens // bs
+        self.cache = PrefixCache(perf.kv_capacity_tokens // HASH_BLOCK_TOKENS) if sim.blocks is not None else None
 
     # ---- what the router sees ----
     @property
@@ -126,7 +134,7 @@ class Instance:
         self.busy_until = None
         if self.waiting:
             batch = take_prefill(self.waiting, cfg.max_num_batched_tokens, self._prefill_slots(),
-                                 self.sim.prompt_tokens.__getitem__, self._admit)
+                                 self._to_compute, self._admit)
             if batch:
                 self._start_prefill(batch, now)
                 return
@@ -159,10 +167,17 @@ class Instance:
         if math.ceil(n / self.sim.config.block_size) > self.free_blocks:
             return False
         self.prefill_tokens_held += n
+        if self.cache is not None:
+            self.sim.cached[rid] = self.sim.cached_on(self, rid)
+            self.cache.touch(self.sim.blocks[rid])
         return True
 
+    def _to_compute(self, rid: int) -> int:
+        """Prompt tokens the prefill of `rid` computes: those the prefix cache lacks."""
+        return self.sim.prompt_tokens[rid] - self.sim.cached_on(self, rid)
+
     def _start_prefill(self, batch: list[int], now: float) -> None:
-        tokens = sum(self.sim.prompt_tokens[r] for r in batch)
+        tokens = sum(self.sim.prompt_tokens[r] - self.sim.cached[r] for r in batch)
         dt = self.perf.prompt_time(tokens)
         self.prefilling = batch
         self.busy_until = now + dt
@@ -176,7 +191,9 @@ class Instance:
         sim = self.sim
         for rid in batch:
             n = sim.prompt_tokens[rid]
-            self.queued_prompt_tokens -= n
+            self.queued_prompt_tokens -= sim.queued[rid]
+            if self.cache is not None:
+                self.cache.insert(sim.blocks[rid])
             sim.first_token(rid, now)
             target = sim.token_target[rid]
             if sim.output_tokens[rid] <= 1:
@@ -194,7 +211,7 @@ class Instance:
                 self.resident_tokens += n
                 self._join(rid, sim.output_tokens[rid] - 1)
             else:
-                delay = sim.kv_handoff_time(self, target, n, dt)
+                delay = sim.kv_handoff_time(self, target, n - sim.cached_on(target, rid), dt)
                 sim.at(now + delay, self._handed_off, rid)
         self._boundary(now, 0)
 
@@ -204,6 +221,8 @@ class Instance:
         target = self.sim.token_target[rid]
         target.release_reservation(rid)
         target.resident_tokens += self.sim.prompt_tokens[rid]
+        if target.cache is not None:
+            target.cache.insert(self.sim.blocks[rid])
         target.add_ready(rid, now)
         if self.busy_until is None and self.waiting:
             self._boundary(now, 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from phasesplit.fleet.cache_routing import LEAST_LOADED, POLICIES
 from phasesplit.fleet.perf import Profiles
 from phasesplit.fleet.report import PAPER_SLOS, Slo
 from phasesplit.fleet.trace import Trace, load_trace, redraw, synthetic
@@ -11,8 +12,9 @@ from phasesplit.fleet.trace import Trace, load_trace, redraw, synthetic
 
 def add_workload(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--trace", metavar="CSV", help="Azure-format trace (TIMESTAMP, ContextTokens, GeneratedTokens), "
-                   "or a bundled one: code, conv")
+    g.add_argument("--trace", metavar="CSV", help="Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens), "
+                   "Mooncake-format JSON lines (timestamp, input_length, output_length, hash_ids), or a bundled "
+                   "one: code, conv, mooncake-conv, mooncake-synthetic")
     g.add_argument("--synthetic", metavar="PROMPT:OUTPUT", help="sizes in tokens, each N or LOW-HIGH (needs --rate)")
     g.add_argument("--rate", type=float, help="re-draw arrivals as Poisson at this many requests/s")
     g.add_argument("--requests", type=int, help="number of requests (default: the trace's)")
@@ -29,6 +31,11 @@ def add_cluster_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill token budget")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     g.add_argument("--serialized-kv", action="store_true", help="send the KV after the prefill, not layer by layer")
+    g.add_argument("--routing", metavar="|".join(POLICIES), default=LEAST_LOADED,
+                   help="the router's policy (spec.router.routing.policy): cacheAware sends a request where its "
+                        "prefix is cached, leastLoaded to the shortest queue")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="instances keep no prefix cache (only traces with block hashes have one)")
 
 
 def add_slos(p: argparse.ArgumentParser) -> None:
@@ -51,7 +58,7 @@ def workload(args: argparse.Namespace) -> Trace:
     if args.rate is not None:
         return redraw(trace, args.rate, args.requests, args.seed)
     if args.requests is not None:
-        trace = Trace(trace.arrival[:args.requests], trace.prompt[:args.requests], trace.output[:args.requests])
+        trace = trace.head(args.requests)
     return trace
 
 
@@ -68,4 +75,5 @@ def engine_settings(args: argparse.Namespace) -> dict:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     return {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-            "block_size": args.block_size, "layerwise": not args.serialized_kv}
+            "block_size": args.block_size, "layerwise": not args.serialized_kv, "routing": args.routing,
+            "prefix_caching": not args.no_prefix_cache}

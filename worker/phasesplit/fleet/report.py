@@ -54,6 +54,10 @@ def summarize(outcome: Outcome, reference: PerfModel | None = None) -> dict:
         "pools": outcome.pools,
         "cost_per_hour": round(sum(p["cost_per_hour"] for p in outcome.pools.values()), 2),
         "power_w": round(sum(p["power_w"] for p in outcome.pools.values()), 1),
+        "prefix_caching": outcome.prefix_caching,
+        "prefix_hit_ratio": round(outcome.cached_tokens / outcome.prefilled_tokens, 4) if outcome.prefilled_tokens
+        else 0.0,
+        "kv_bytes_moved": int(outcome.kv_bytes_moved),
     }
     if reference is not None:
         base = uncontended(outcome, reference)
@@ -124,11 +128,15 @@ def table(summary: dict) -> str:
             row = summary["slowdown"][m]
             lines.append(f"{m.upper() + ' x':8}" + "".join(_cell(row[q]) for q in QUANTILES))
         lines.append(f"(x: slowdown against the request alone on {summary['slowdown_reference']})")
-    lines.append(f"{'pool':8}{'hardware':>16}{'machines':>10}{'util':>8}{'$/h':>10}{'power W':>10}")
+    lines.append(f"{'pool':8}{'hardware':>16}{'machines':>10}{'util':>8}{'$/h':>10}{'power W':>10}{'KV tokens':>12}")
     for role, p in summary["pools"].items():
         lines.append(f"{role:8}{p['hardware']:>16}{p['machines']:>10g}{p['utilization']:>8.1%}"
-                     f"{p['cost_per_hour']:>10.2f}{p['power_w']:>10.0f}")
+                     f"{p['cost_per_hour']:>10.2f}{p['power_w']:>10.0f}{p['kv_capacity_tokens']:>12,}")
     lines.append(f"{'total':8}{'':>16}{'':>10}{'':>8}{summary['cost_per_hour']:>10.2f}{summary['power_w']:>10.0f}")
+    if summary["prefix_caching"]:
+        lines.append(f"prefix cache: {summary['prefix_hit_ratio']:.1%} of prompt tokens served from a cache")
+    if summary["kv_bytes_moved"]:
+        lines.append(f"KV handed off: {summary['kv_bytes_moved'] / 1e9:,.1f} GB")
     return "\n".join(lines)
 
 
