@@ -40,7 +40,8 @@ def test_a_bigger_budget_buys_a_higher_rate(toy_profiles):
 
 def test_designs_cover_baselines_and_every_pairing():
     names = [str(d) for d in designs(["a", "b"])]
-    assert names == ["baseline a", "baseline b", "split a -> a", "split a -> b", "split b -> a", "split b -> b"]
+    assert names == ["baseline a", "chunked a", "baseline b", "chunked b", "split a -> a", "split a -> b",
+                     "split b -> a", "split b -> b"]
 
 
 def test_plan_command_ranks_by_cost_and_emits_a_valid_splitinference(tmp_path, capsys):
@@ -50,7 +51,7 @@ def test_plan_command_ranks_by_cost_and_emits_a_valid_splitinference(tmp_path, c
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines()[1:] if line[:2].strip().isdigit()]
     costs = [float(line.split()[-7]) for line in rows]
-    assert len(rows) == 6 and costs == sorted(costs) and "met" in rows[0]
+    assert len(rows) == 8 and costs == sorted(costs) and "met" in rows[0]
     doc = yaml.safe_load(out.read_text())
     spec = SplitInference.model_validate(doc).spec
     assert doc["metadata"]["name"] == "conv-plan"

@@ -15,6 +15,10 @@ With prefix caching (a trace of block hashes) the instance keeps an LRU cache of
 blocks as large as its KV memory: a prefill computes the tokens its cache lacks (priced as a
 prefill of those tokens), a prompt's blocks enter the cache when its prefill ends (a token
 instance's when its KV arrives).
+
+With chunked prefill (`chunked_prefill`: the step's token budget; mixed instances only) every step
+takes the running decodes, then prompt chunks up to the budget less the decodes (the engine's
+`take_chunks`), and costs `perf.mixed_time`; a step without chunks is a plain decode iteration.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import math
 from collections import deque
 from typing import TYPE_CHECKING
 
-from phasesplit.engine.batching import take_prefill, take_ready
+from phasesplit.engine.batching import take_chunks, take_prefill, take_ready
 from phasesplit.fleet.perf import PerfModel
 from phasesplit.fleet.prefix_cache import PrefixCache
 from phasesplit.fleet.trace import HASH_BLOCK_TOKENS
@@ -54,7 +58,10 @@ class Instance:
         self.resident_tokens = 0             # prompt KV tokens of the decoding requests (as the engine's blocks)
         self.prefill_tokens_held = 0         # prompt KV of a prefill batch until it is handed off
         self.busy_until = None               # end of the current event's work, None when idle
-        self.prefilling: list[int] = []
+        self.prefilling: list = []          # the prefill batch, or a mixed step's chunks, in progress
+        self.chunk_budget = sim.config.chunked_prefill if role == "mixed" else 0
+        self.partial: list[int] = []         # prompts begun in chunks
+        self.left: dict[int, int] = {}       # prompt tokens still to compute, per admitted chunked prompt
         self.stretch = (0.0, 0.0, 0)         # (start time, iteration seconds, iterations)
         self.version = 0
         self.busy_seconds = 0.0
@@ -132,6 +139,9 @@ class Instance:
             self._leave(rid)
             self.sim.finish(rid, now)
         self.busy_until = None
+        if self.chunk_budget:
+            self._chunked_step(now)
+            return
         if self.waiting:
             batch = take_prefill(self.waiting, cfg.max_num_batched_tokens, self._prefill_slots(),
                                  self._to_compute, self._admit)
@@ -188,31 +198,84 @@ class Instance:
     def _prefill_end(self, now: float, arg: tuple[int, float]) -> None:
         _, dt = arg
         batch, self.prefilling = self.prefilling, []
-        sim = self.sim
         for rid in batch:
-            n = sim.prompt_tokens[rid]
-            self.queued_prompt_tokens -= sim.queued[rid]
-            if self.cache is not None:
-                self.cache.insert(sim.blocks[rid])
-            sim.first_token(rid, now)
-            target = sim.token_target[rid]
-            if sim.output_tokens[rid] <= 1:
-                self.prefill_tokens_held -= n
+            self._prompt_done(rid, now, dt)
+        self._boundary(now, 0)
+
+    def _prompt_done(self, rid: int, now: float, dt: float) -> None:
+        """The prompt's last token is computed (`dt`: the last step's seconds): its first token, then
+        the end, a decode here, or the handoff."""
+        sim = self.sim
+        n = sim.prompt_tokens[rid]
+        self.queued_prompt_tokens -= sim.queued[rid]
+        if self.cache is not None:
+            self.cache.insert(sim.blocks[rid])
+        sim.first_token(rid, now)
+        target = sim.token_target[rid]
+        if sim.output_tokens[rid] <= 1:
+            self.prefill_tokens_held -= n
+            self.inflight -= 1
+            if target is not None:
+                target.release_reservation(rid)
+                target.inflight -= 1
+            sim.finish(rid, now)
+        elif target is None or target is self:
+            self.prefill_tokens_held -= n
+            if target is self:   # a mixed instance lent as both prompt and token machine
+                self.release_reservation(rid)
                 self.inflight -= 1
-                if target is not None:
-                    target.release_reservation(rid)
-                    target.inflight -= 1
-                sim.finish(rid, now)
-            elif target is None or target is self:
-                self.prefill_tokens_held -= n
-                if target is self:   # a mixed instance lent as both prompt and token machine
-                    self.release_reservation(rid)
-                    self.inflight -= 1
-                self.resident_tokens += n
-                self._join(rid, sim.output_tokens[rid] - 1)
-            else:
-                delay = sim.kv_handoff_time(self, target, n - sim.cached_on(target, rid), dt)
-                sim.at(now + delay, self._handed_off, rid)
+            self.resident_tokens += n
+            self._join(rid, sim.output_tokens[rid] - 1)
+        else:
+            delay = sim.kv_handoff_time(self, target, n - sim.cached_on(target, rid), dt)
+            sim.at(now + delay, self._handed_off, rid)
+
+    # ---- chunked prefill ----
+    def _chunked_step(self, now: float) -> None:
+        cfg = self.sim.config
+        for rid in take_ready(self.ready, self.num_running + len(self.partial), cfg.max_num_seqs):
+            self._join(rid, self.sim.output_tokens[rid] - 1)
+        chunks = []
+        if self.partial or self.waiting:
+            chunks = take_chunks(self.partial, self.waiting, self.chunk_budget - self.num_running,
+                                 cfg.max_num_seqs - self.num_running - len(self.partial), self._left_to_compute,
+                                 self._admit_chunked, lambda rid: True)
+        if chunks:
+            self._start_mixed(chunks, now)
+        elif self.num_running:
+            self._start_decode(now)
+        elif self.stopped is None and not self.routable and not self.inflight:
+            self.sim.retire(self, now)
+
+    def _left_to_compute(self, rid: int) -> int:
+        return self.left[rid] if rid in self.left else self._to_compute(rid)
+
+    def _admit_chunked(self, rid: int) -> bool:
+        if not self._admit(rid):
+            return False
+        self.left[rid] = self.sim.prompt_tokens[rid] - self.sim.cached[rid]
+        return True
+
+    def _start_mixed(self, chunks: list[tuple[int, int]], now: float) -> None:
+        prompt = self.sim.prompt_tokens
+        dt = self.perf.mixed_time([(prompt[rid] - self.left[rid], n) for rid, n in chunks], self.num_running)
+        self.partial += [rid for rid, _ in chunks if rid not in self.partial]
+        self.prefilling = chunks
+        self.busy_until = now + dt
+        self.busy_seconds += dt
+        self.version += 1
+        self.sim.at(self.busy_until, self._mixed_end, dt)
+
+    def _mixed_end(self, now: float, dt: float) -> None:
+        chunks, self.prefilling = self.prefilling, []
+        if self.num_running:
+            self.step += 1   # the step decoded every running sequence once
+        for rid, n in chunks:
+            self.left[rid] -= n
+            if not self.left[rid]:
+                del self.left[rid]
+                self.partial.remove(rid)
+                self._prompt_done(rid, now, dt)
         self._boundary(now, 0)
 
     def _handed_off(self, now: float, rid: int) -> None:

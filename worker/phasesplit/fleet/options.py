@@ -27,6 +27,8 @@ def add_cluster_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=8, help="tensor-parallel size of one engine instance")
     g.add_argument("--profiles", metavar="CSV", help="profile table (default: the bundled Splitwise one)")
     g.add_argument("--catalog", metavar="FILE", help="machine catalog, JSON or YAML (default: the bundled one)")
+    g.add_argument("--mixed-profiles", metavar="CSV", help="mixed-step table (phasesplit profile --mixed-out) that "
+                   "prices chunked-prefill steps (default: a model derived from the profile table)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="largest batch of an instance")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="prefill token budget")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -63,7 +65,7 @@ def workload(args: argparse.Namespace) -> Trace:
 
 
 def profiles(args: argparse.Namespace) -> Profiles:
-    return Profiles(args.profiles, args.catalog)
+    return Profiles(args.profiles, args.catalog, mixed=args.mixed_profiles)
 
 
 def slos(args: argparse.Namespace) -> tuple[Slo, ...]:
@@ -77,3 +79,8 @@ def engine_settings(args: argparse.Namespace) -> dict:
     return {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
             "block_size": args.block_size, "layerwise": not args.serialized_kv, "routing": args.routing,
             "prefix_caching": not args.no_prefix_cache}
+
+
+def chunk_budget(args: argparse.Namespace) -> int:
+    """--chunked-prefill's step budget: 0 (off), the value given, or --max-num-batched-tokens."""
+    return args.max_num_batched_tokens if args.chunked_prefill == -1 else args.chunked_prefill

@@ -1,6 +1,8 @@
 """`phasesplit plan`: search designs and pool sizes for a workload, SLOs and a cost or power objective.
 
-Objectives: `cost` or `power` (the cheapest, or lowest-power, design that meets the SLOs at the
+Designs: the non-split baseline (whole prefills pause the decodes, as in the Splitwise paper),
+the non-split design with chunked prefill (vLLM's default), and split designs of each hardware
+pairing. Objectives: `cost` or `power` (the cheapest, or lowest-power, design that meets the SLOs at the
 workload's rate), or `throughput` (the highest rate at the SLOs within `--max-cost` or
 `--max-power`). Prints the ranked candidates with their simulated figures; `--emit FILE` writes
 the best one as a SplitInference.
@@ -10,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 import yaml
 
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.fleet import options
 from phasesplit.fleet.emit import split_inference
-from phasesplit.fleet.search import Candidate, Planner, designs
+from phasesplit.fleet.search import COLOCATED, Candidate, Planner, designs
 from phasesplit.fleet.sim import PoolSpec, SimConfig
 
 
@@ -34,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--max-power", type=float, help="budget in watts (throughput objective)")
     g.add_argument("--no-baseline", action="store_true", help="only split designs")
     g.add_argument("--no-split", action="store_true", help="only non-split designs")
+    g.add_argument("--no-chunked", action="store_true", help="leave out the non-split designs with chunked prefill")
+    g.add_argument("--chunked-prefill", type=int, metavar="BUDGET",
+                   help="step budget of the chunked-prefill designs (default: --max-num-batched-tokens)")
     g.add_argument("--mixed", metavar="HW:N[-M]", help="give split designs a mixed pool of N machines of HW, "
                    "or search every size from N to M (0: no mixed pool)")
     g.add_argument("--sample", type=int, default=2000, help="requests simulated per candidate (with --rate)")
@@ -57,7 +63,7 @@ def render(candidates: list[Candidate]) -> str:
              f"{'E2E90':>8}  SLOs"]
     for i, c in enumerate(candidates, 1):
         s = c.summary
-        sizes = f"{c.prompt}" if c.design.kind == "baseline" else f"{c.prompt}+{c.token}"
+        sizes = f"{c.prompt}" if c.design.kind in COLOCATED else f"{c.prompt}+{c.token}"
         if c.design.mixed_machines:
             sizes += f"+{c.design.mixed_machines}"
         lines.append(f"{i:>2} {str(c.design):<36}{sizes:>10}{c.cost:>9.1f}{c.power / 1000:>8.1f}"
@@ -94,7 +100,7 @@ def search(args: argparse.Namespace, planner: Planner) -> list[Candidate]:
     found = []
     rate = args.rate
     for design in designs(kinds, split=not args.no_split, baseline=not args.no_baseline, mixed=mixed_hw,
-                          mixed_sizes=mixed_sizes):
+                          mixed_sizes=mixed_sizes, chunked=not args.no_chunked):
         if args.objective == "throughput":
             measure, limit = (("cost_per_hour", args.max_cost) if args.max_cost is not None
                               else ("power_w", args.max_power))
@@ -116,8 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         profiles = options.profiles(args)
         engine = options.engine_settings(args)
         trace = options.workload(args)
+        chunk_budget = args.max_num_batched_tokens if args.chunked_prefill is None else args.chunked_prefill
         planner = Planner(profiles, _base(args, engine), trace, options.slos(args), args.slo_reference,
-                          num_requests=args.sample, seed=args.seed)
+                          num_requests=args.sample, seed=args.seed, chunk_budget=chunk_budget)
+        replace(planner.base, chunked_prefill=chunk_budget)   # checks the budget
         profiles.get(args.model, args.slo_reference, args.tp)
         candidates = search(args, planner)
         if not candidates:
@@ -126,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.emit:
             doc = split_inference(candidates[0], profiles, name=args.name, model=args.model,
                                   served_name=args.served_model_name or args.model, tp=args.tp,
-                                  source=args.source, engine=engine)
+                                  source=args.source, engine=engine, chunk_budget=chunk_budget)
     except ValueError as e:
         print(f"phasesplit plan: error: {e}", file=sys.stderr)
         return 2

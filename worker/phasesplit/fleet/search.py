@@ -1,5 +1,6 @@
-"""The provisioning search: which designs (non-split, or split pools of each hardware pairing), how
-many machines each, checked by simulation against the SLOs.
+"""The provisioning search: which designs (non-split with whole prefills, the paper's baseline;
+non-split with chunked prefill, what vLLM runs by default; or split pools of each hardware
+pairing), how many machines each, checked by simulation against the SLOs.
 
 Splitwise provisions each pool on its own; so does this: for a split design, the prompt pool is
 the fewest machines that meet the SLOs with a generous token pool, then the token pool the fewest
@@ -23,11 +24,13 @@ from phasesplit.fleet.sim import PoolSpec, SimConfig, simulate
 from phasesplit.fleet.trace import Trace, redraw
 
 MAX_MACHINES = 512
+COLOCATED = ("baseline", "chunked")   # one mixed pool: whole prefills first, or chunks beside the decodes
 
 
 @dataclass(frozen=True)
 class Design:
-    """`baseline` (one mixed pool) on one hardware, or `split` with a prompt and a token hardware."""
+    """`baseline` or `chunked` (one mixed pool, without or with chunked prefill) on one hardware, or
+    `split` with a prompt and a token hardware."""
     kind: str
     prompt_hw: str
     token_hw: str = ""
@@ -35,14 +38,14 @@ class Design:
     mixed_machines: int = 0
 
     def pools(self, prompt: int, token: int = 0) -> tuple[PoolSpec, ...]:
-        if self.kind == "baseline":
+        if self.kind in COLOCATED:
             return (PoolSpec("mixed", self.prompt_hw, prompt),)
         pools = (PoolSpec("prompt", self.prompt_hw, prompt), PoolSpec("token", self.token_hw, token))
         return pools + ((PoolSpec("mixed", self.mixed_hw, self.mixed_machines),) if self.mixed_machines else ())
 
     def __str__(self) -> str:
-        if self.kind == "baseline":
-            return f"baseline {self.prompt_hw}"
+        if self.kind in COLOCATED:
+            return f"{self.kind} {self.prompt_hw}"
         mixed = f" + mixed {self.mixed_hw}" if self.mixed_machines else ""
         return f"split {self.prompt_hw} -> {self.token_hw}{mixed}"
 
@@ -74,6 +77,7 @@ class Planner:
     reference: str
     num_requests: int = 2000
     seed: int = 0
+    chunk_budget: int = 2048  # the step budget of `chunked` designs
     simulations: int = 0
     _seen: dict = field(default_factory=dict, repr=False)
 
@@ -85,7 +89,8 @@ class Planner:
 
     def _simulate(self, design: Design, prompt: int, token: int, rate: float | None) -> Candidate:
         trace = self.trace if rate is None else redraw(self.trace, rate, self.num_requests, self.seed)
-        config = replace(self.base, pools=design.pools(prompt, token))
+        config = replace(self.base, pools=design.pools(prompt, token),
+                         chunked_prefill=self.chunk_budget if design.kind == "chunked" else 0)
         reference = self.profiles.get(self.base.model, self.reference, self.base.tp)
         summary = summarize(simulate(config, self.profiles, trace), reference)
         self.simulations += 1
@@ -94,7 +99,7 @@ class Planner:
 
     # ---- the fewest machines for a load ----
     def smallest(self, design: Design, rate: float | None) -> Candidate | None:
-        if design.kind == "baseline":
+        if design.kind in COLOCATED:
             n = _fewest(lambda n: self.evaluate(design, n, 0, rate).met)
             return None if n is None else self.evaluate(design, n, 0, rate)
         if design.mixed_machines:
@@ -178,9 +183,11 @@ def _fewest(ok: Callable[[int], bool], high: int | None = None) -> int | None:
 
 
 def designs(hardware: list[str], split: bool = True, baseline: bool = True, mixed: str | None = None,
-            mixed_sizes: tuple[int, ...] = ()) -> list[Design]:
-    """Baselines of each hardware, and split designs of each pairing, each with every mixed-pool size."""
-    out = [Design("baseline", hw) for hw in hardware] if baseline else []
+            mixed_sizes: tuple[int, ...] = (), chunked: bool = True) -> list[Design]:
+    """Baselines of each hardware (whole prefills, then with chunked prefill), and split designs of
+    each pairing, each with every mixed-pool size."""
+    out = [Design(kind, hw) for hw in hardware for kind in COLOCATED if kind != "chunked" or chunked] \
+        if baseline else []
     if split:
         sizes = mixed_sizes if mixed else (0,)
         out += [Design("split", p, t, mixed if n else "", n) for p in hardware for t in hardware for n in sizes]

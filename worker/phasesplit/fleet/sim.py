@@ -78,9 +78,13 @@ class SimConfig:
     routing: str = LEAST_LOADED                    # spec.router.routing.policy: cacheAware or leastLoaded
     prefix_caching: bool = True                    # instances keep a prefix cache (traces with block hashes)
     local_prefill_tokens: int = LOCAL_PREFILL_TOKENS   # cacheAware: token workers prefill what is left up to this
+    chunked_prefill: int = 0                       # mixed instances' step budget with chunked prefill (0: off)
 
     def __post_init__(self):
         check_policy(self.routing)
+        if self.chunked_prefill < 0 or 0 < self.chunked_prefill <= self.max_num_seqs:
+            raise ValueError(f"--chunked-prefill: the step budget must exceed --max-num-seqs ({self.max_num_seqs}) "
+                             f"so that a step has room for a chunk beside a full decode batch, got {self.chunked_prefill}")
         roles = [p.role for p in self.pools]
         if not self.pools or sorted(set(roles)) != sorted(roles):
             raise ValueError("pools: give each of --prompt, --token, --mixed/--baseline at most once, and at least one")

@@ -21,6 +21,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     g.add_argument("--token", metavar="HW:N[:MIN-MAX]", help="token pool")
     g.add_argument("--mixed", metavar="HW:N[:MIN-MAX]", help="mixed pool, lent to the overloaded side")
     g.add_argument("--baseline", metavar="HW:N[:MIN-MAX]", help="non-split: every machine runs both phases")
+    g.add_argument("--chunked-prefill", type=int, nargs="?", const=-1, default=0, metavar="BUDGET",
+                   help="mixed and baseline instances run chunked prefill: each step takes the running decodes, "
+                        "then prompt chunks up to BUDGET tokens (default: --max-num-batched-tokens)")
     g.add_argument("--startup-seconds", type=float, default=60.0, help="time for a new machine to serve")
     options.add_slos(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -33,7 +36,7 @@ def config_from(args: argparse.Namespace) -> SimConfig:
     pools = [PoolSpec.parse(role, text) for role, text in
              (("prompt", args.prompt), ("token", args.token), ("mixed", args.mixed or args.baseline)) if text]
     return SimConfig(model=args.model, tp=args.tp, pools=tuple(pools), startup_seconds=args.startup_seconds,
-                     **options.engine_settings(args))
+                     chunked_prefill=options.chunk_budget(args), **options.engine_settings(args))
 
 
 def main(argv: list[str] | None = None) -> int:
