@@ -108,3 +108,26 @@ def test_simulate_command_names_the_bad_field(capsys, args, message):
     from phasesplit.cli import main as cli
     assert cli(["simulate", "--trace", "code", "--requests", "10", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_simulate_shows_the_offered_rate_beside_the_completed_one(capsys):
+    from phasesplit.cli import main as cli
+    assert cli(["simulate", "--trace", "code", "--rate", "30", "--requests", "300", "--baseline", "h100-80gb:1"]) == 0
+    text = capsys.readouterr().out
+    assert "offered 2" in text and "drained after the last arrival" in text
+    assert cli(["simulate", "--trace", "code", "--rate", "30", "--requests", "300", "--baseline", "h100-80gb:1",
+                "--json"]) == 0
+    import json
+    s = json.loads(capsys.readouterr().out)
+    assert 25 < s["offered_rps"] < 35 and s["throughput_rps"] < s["offered_rps"] / 2 and s["drain_s"] > 10
+
+
+def test_decode_batches_beyond_the_measured_ones_are_flagged(toy_profiles):
+    trace = poisson(rate=50, n=300, output=(50, 100))
+    wide = SimConfig("toy", 1, (PoolSpec("mixed", "toy-gpu", 1),), max_num_seqs=16)
+    s = summarize(simulate(wide, toy_profiles, trace))
+    assert s["extrapolated"]["decode_batch"]["largest_measured"] == 8
+    assert 8 < s["extrapolated"]["decode_batch"]["largest_run"] <= 16
+    assert any("decode batches of up to" in w and "extrapolated" in w for w in s["warnings"])
+    narrow = summarize(simulate(cluster(mixed="toy-gpu:1"), toy_profiles, poisson(rate=1, n=20, prompt=(50, 60))))
+    assert narrow["warnings"] == [] and narrow["extrapolated"] == {}

@@ -157,6 +157,7 @@ class Instance:
 
     def _start_decode(self, now: float) -> None:
         """Iterations of the same batch until its first request finishes (or work arrives: `_wake`)."""
+        self.sim.note_size("decode_batch", self.num_running, self.perf.largest_measured_batch)
         dt = self.perf.token_time(self.num_running)
         k = self.finishing[0][0] - self.step
         self.version += 1
@@ -188,6 +189,7 @@ class Instance:
 
     def _start_prefill(self, batch: list[int], now: float) -> None:
         tokens = sum(self.sim.prompt_tokens[r] - self.sim.cached[r] for r in batch)
+        self.sim.note_size("prefill_tokens", tokens, self.perf.largest_measured_prefill)
         dt = self.perf.prompt_time(tokens)
         self.prefilling = batch
         self.busy_until = now + dt
@@ -258,6 +260,7 @@ class Instance:
 
     def _start_mixed(self, chunks: list[tuple[int, int]], now: float) -> None:
         prompt = self.sim.prompt_tokens
+        self.sim.note_size("decode_batch", self.num_running, self.perf.largest_measured_batch)
         dt = self.perf.mixed_time([(prompt[rid] - self.left[rid], n) for rid, n in chunks], self.num_running)
         self.partial += [rid for rid, _ in chunks if rid not in self.partial]
         self.prefilling = chunks

@@ -136,6 +136,10 @@ class PerfModel:
     def largest_measured_batch(self) -> int:
         return int(self.token_ms.xs[-1])
 
+    @property
+    def largest_measured_prefill(self) -> int:
+        return int(self.prompt_ms.xs[-1])
+
     def mixed_time(self, chunks: list[tuple[int, int]], num_decodes: int) -> float:
         """Seconds for one chunked-prefill step: `chunks` as (tokens done before, tokens now) of each
         prompt, beside `num_decodes` decoding sequences (the module's docstring says how)."""

@@ -115,6 +115,7 @@ class Outcome:
     prefilled_tokens: int = 0     # prompt tokens of the prefilled requests, cached or not
     kv_bytes_moved: float = 0.0   # KV bytes handed from prompt to token instances
     prefix_caching: bool = False
+    extrapolated: dict[str, dict[str, int]] = field(default_factory=dict)   # sizes run beyond the profile
 
 
 class Simulation:
@@ -136,6 +137,7 @@ class Simulation:
         self.queued = [0] * n        # prompt tokens the router counted against its prompt instance
         self.kv_bytes_moved = 0.0
         self.cache_aware = config.routing == CACHE_AWARE
+        self.extrapolated: dict[str, dict[str, int]] = {}
         self.perf = {p.role: profiles.get(config.model, p.hardware, config.tp) for p in config.pools}
         self.num_layers = profiles.num_layers(config.model)
         self.pools: dict[str, list[Instance]] = {p.role: [] for p in config.pools}
@@ -225,6 +227,13 @@ class Simulation:
         return self.turns.take(pick_prompt_worker(prompt)), self.turns.take(pick_token_worker(token))
 
     # ---- callbacks from instances ----
+    def note_size(self, kind: str, size: int, largest_measured: int) -> None:
+        """Record an iteration whose `kind` (decode_batch, prefill_tokens) lies beyond the profile's points."""
+        if size > largest_measured:
+            seen = self.extrapolated.setdefault(kind, {"largest_run": size, "largest_measured": largest_measured})
+            seen["largest_run"] = max(seen["largest_run"], size)
+            seen["largest_measured"] = max(seen["largest_measured"], largest_measured)
+
     def first_token(self, rid: int, now: float) -> None:
         self.first[rid] = now
 
@@ -319,7 +328,8 @@ class Simulation:
                        end, self.rejected, self.scaling_log,
                        cached_tokens=sum(self.cached[i] for i in prefilled),
                        prefilled_tokens=sum(self.prompt_tokens[i] for i in prefilled),
-                       kv_bytes_moved=self.kv_bytes_moved, prefix_caching=self.blocks is not None)
+                       kv_bytes_moved=self.kv_bytes_moved, prefix_caching=self.blocks is not None,
+                       extrapolated=self.extrapolated)
 
 
 def simulate(config: SimConfig, profiles: Profiles, trace: Trace) -> Outcome:
