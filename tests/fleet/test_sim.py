@@ -131,3 +131,15 @@ def test_decode_batches_beyond_the_measured_ones_are_flagged(toy_profiles):
     assert any("decode batches of up to" in w and "extrapolated" in w for w in s["warnings"])
     narrow = summarize(simulate(cluster(mixed="toy-gpu:1"), toy_profiles, poisson(rate=1, n=20, prompt=(50, 60))))
     assert narrow["warnings"] == [] and narrow["extrapolated"] == {}
+
+
+def test_the_timeline_samples_each_pools_load_for_the_plots(toy_profiles):
+    from dataclasses import replace
+    config = replace(cluster(prompt="toy-gpu:1", token="toy-gpu:1"), timeline_interval=0.5)
+    out = simulate(config, toy_profiles, poisson(rate=3, n=400, prompt=(300, 900)))
+    s = summarize(out)
+    for role in ("prompt", "token"):
+        line = out.timeline[role]
+        assert line["time"] == sorted(line["time"]) and line["time"][-1] >= out.duration - 0.5
+        assert np.mean(line["utilization"]) == pytest.approx(s["pools"][role]["utilization"], abs=0.05)
+    assert max(out.timeline["prompt"]["queue"]) > 0

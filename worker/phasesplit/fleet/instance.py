@@ -86,6 +86,15 @@ class Instance:
         self.refresh(now)
         return 1.0 - (self.free_blocks + self.reserved_blocks) / max(self.capacity_blocks, 1)
 
+    def busy_at(self, now: float) -> float:
+        """Busy seconds up to `now` (a prefill is counted when it starts, a decode stretch when it ends)."""
+        if self.busy_until is None:
+            return self.busy_seconds
+        if self.prefilling:
+            return self.busy_seconds - max(self.busy_until - now, 0.0)
+        t0, dt, k = self.stretch
+        return self.busy_seconds + min(max(now - t0, 0.0), dt * k)
+
     def _step_at(self, now: float) -> int:
         if self.busy_until is None or self.prefilling:
             return self.step

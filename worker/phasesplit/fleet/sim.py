@@ -79,6 +79,7 @@ class SimConfig:
     prefix_caching: bool = True                    # instances keep a prefix cache (traces with block hashes)
     local_prefill_tokens: int = LOCAL_PREFILL_TOKENS   # cacheAware: token workers prefill what is left up to this
     chunked_prefill: int = 0                       # mixed instances' step budget with chunked prefill (0: off)
+    timeline_interval: float = 0.0                 # seconds between samples of each pool's load (0: none)
 
     def __post_init__(self):
         check_policy(self.routing)
@@ -116,6 +117,7 @@ class Outcome:
     kv_bytes_moved: float = 0.0   # KV bytes handed from prompt to token instances
     prefix_caching: bool = False
     extrapolated: dict[str, dict[str, int]] = field(default_factory=dict)   # sizes run beyond the profile
+    timeline: dict[str, dict[str, list[float]]] = field(default_factory=dict)   # pool -> time, utilization, queue
 
 
 class Simulation:
@@ -138,6 +140,8 @@ class Simulation:
         self.kv_bytes_moved = 0.0
         self.cache_aware = config.routing == CACHE_AWARE
         self.extrapolated: dict[str, dict[str, int]] = {}
+        self.timeline = {p.role: {"time": [], "utilization": [], "queue": []} for p in config.pools}
+        self._busy_seen = {p.role: 0.0 for p in config.pools}
         self.perf = {p.role: profiles.get(config.model, p.hardware, config.tp) for p in config.pools}
         self.num_layers = profiles.num_layers(config.model)
         self.pools: dict[str, list[Instance]] = {p.role: [] for p in config.pools}
@@ -160,6 +164,8 @@ class Simulation:
         arrival = [float(t) for t in self.trace.arrival]
         if self.scaler:
             self.at(self.config.autoscale_interval, self._autoscale, None)
+        if self.config.timeline_interval > 0:
+            self.at(self.config.timeline_interval, self._sample, None)
         events, n = self._events, len(arrival)
         while self.arrived < n or events:
             i = self.arrived
@@ -307,6 +313,22 @@ class Simulation:
     def _started(self, now: float, w: Instance) -> None:
         w.routable = True
 
+    # ---- the load over time (for plots) ----
+    def _sample(self, now: float, _) -> None:
+        """Each pool's busy share over the last interval and its queue (requests waiting) now."""
+        interval = self.config.timeline_interval
+        for role, workers in self.pools.items():
+            busy = sum(w.busy_at(now) for w in workers + self.retired[role])
+            share = (busy - self._busy_seen[role]) / (max(len(workers), 1) * interval)
+            self._busy_seen[role] = busy
+            line = self.timeline[role]
+            line["time"].append(round(now, 3))
+            line["utilization"].append(round(min(max(share, 0.0), 1.0), 4))
+            line["queue"].append(sum(len(w.waiting) + len(w.ready) for w in workers))
+        if self.arrived < len(self.first) or any(w.busy_until is not None or w.inflight
+                                                  for workers in self.pools.values() for w in workers):
+            self.at(now + interval, self._sample, None)
+
     # ---- results ----
     def _outcome(self, arrival: list[float]) -> Outcome:
         end = max((f for f in self.finished if not math.isnan(f)), default=0.0)
@@ -329,7 +351,7 @@ class Simulation:
                        cached_tokens=sum(self.cached[i] for i in prefilled),
                        prefilled_tokens=sum(self.prompt_tokens[i] for i in prefilled),
                        kv_bytes_moved=self.kv_bytes_moved, prefix_caching=self.blocks is not None,
-                       extrapolated=self.extrapolated)
+                       extrapolated=self.extrapolated, timeline=self.timeline)
 
 
 def simulate(config: SimConfig, profiles: Profiles, trace: Trace) -> Outcome:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from phasesplit.cli_format import HelpFormatter
 from phasesplit.fleet import options
@@ -26,7 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "then prompt chunks up to BUDGET tokens (default: --max-num-batched-tokens)")
     g.add_argument("--startup-seconds", type=float, default=60.0, help="time for a new machine to serve")
     options.add_slos(p)
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON document")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the latency CDFs against the SLOs and each pool's "
+                   "utilisation and queue over time (needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -47,8 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         trace = options.workload(args)
         reference = profiles.get(args.model, args.slo_reference, args.tp)
         slos = options.slos(args)
-        summary = summarize(simulate(config, profiles, trace), reference)
+        if args.plot:
+            span = float(trace.arrival[-1] - trace.arrival[0]) if len(trace) > 1 else 1.0
+            config = replace(config, timeline_interval=max(span / 300, 0.05))
+        outcome = simulate(config, profiles, trace)
+        summary = summarize(outcome, reference)
         summary["slos"] = {str(slo): {"value": slo.value(summary), "met": slo.met(summary)} for slo in slos}
+        if args.plot:
+            from phasesplit.fleet.plots import plot_simulation
+            plot_simulation(outcome, summary, slos, reference, args.plot)
     except ValueError as e:
         print(f"phasesplit simulate: error: {e}", file=sys.stderr)
         return 2
@@ -58,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(table(summary))
         print("SLOs: " + ", ".join(f"{name} {'met' if r['met'] else 'MISSED'} ({r['value']})"
                                    for name, r in summary["slos"].items()))
+        if args.plot:
+            print(f"plotted {args.plot}")
     return 0
 
 
