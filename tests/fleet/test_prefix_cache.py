@@ -11,6 +11,7 @@ from phasesplit.fleet.cache_routing import pick_cache_aware, pick_cache_aware_to
 from phasesplit.fleet.perf import Profiles
 from phasesplit.fleet.prefix_cache import PrefixCache, cached_tokens, pooled_hit_ratio
 from phasesplit.fleet.report import summarize
+from phasesplit.router.scheduling import pick_mixed_worker, pick_prompt_worker
 from phasesplit.fleet.sim import PoolSpec, SimConfig, simulate
 from phasesplit.fleet.trace import load_trace, redraw
 
@@ -68,9 +69,19 @@ def worker(name, queued=0, inflight=0, free_blocks=100, block_size=16, max_batch
 def test_cache_aware_goes_where_the_prefix_is_unless_the_queue_there_costs_more():
     warm, cold = worker("warm", queued=3000), worker("cold", queued=0)
     held = {"warm": 4000, "cold": 0}
-    assert pick_cache_aware([warm, cold], lambda w: held[w.address], 5000) is warm
+    assert pick_cache_aware([warm, cold], lambda w: held[w.address], 5000, pick_prompt_worker) is warm
     warm.queued_prompt_tokens = 5000
-    assert pick_cache_aware([warm, cold], lambda w: held[w.address], 5000) is cold
+    assert pick_cache_aware([warm, cold], lambda w: held[w.address], 5000, pick_prompt_worker) is cold
+
+
+def test_a_short_shared_prefix_or_a_busy_machine_does_not_steer_the_pick():
+    seen, fresh = worker("seen", inflight=3), worker("fresh", inflight=0)
+    held = {"seen": 512, "fresh": 0}   # a system prompt: a tenth of the prompt
+    assert pick_cache_aware([seen, fresh], lambda w: held[w.address], 5000, pick_mixed_worker) is fresh
+    held["seen"] = 4500
+    assert pick_cache_aware([seen, fresh], lambda w: held[w.address], 5000, pick_mixed_worker) is seen
+    seen.inflight = 20   # far busier than the least busy: balance first
+    assert pick_cache_aware([seen, fresh], lambda w: held[w.address], 5000, pick_mixed_worker) is fresh
 
 
 def test_cache_aware_token_pick_keeps_a_conversation_where_it_decoded_while_there_is_room():
@@ -82,6 +93,7 @@ def test_cache_aware_token_pick_keeps_a_conversation_where_it_decoded_while_ther
     held["home"], home.busy_slots = 900, 64   # batch full: no room
     assert pick_cache_aware_token([home, other], lambda w: held[w.address], 1000) is other
     assert prefill_locally(9800, 10000, 512) and not prefill_locally(9000, 10000, 512)
+    assert not prefill_locally(10000, 10000, 0)   # off by default, as the router
 
 
 def run(pools, routing, n=2000, caching=True):

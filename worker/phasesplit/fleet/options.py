@@ -36,6 +36,9 @@ def add_cluster_model(p: argparse.ArgumentParser) -> None:
     g.add_argument("--routing", metavar="|".join(POLICIES), default=LEAST_LOADED,
                    help="the router's policy (spec.router.routing.policy): cacheAware sends a request where its "
                         "prefix is cached, leastLoaded to the shortest queue")
+    g.add_argument("--local-prefill-tokens", type=int, default=0, metavar="N",
+                   help="cacheAware split serving: a token worker prefills a request itself when at most N of its "
+                        "prompt tokens are not in its cache (conditional disaggregation; 0: never)")
     g.add_argument("--no-prefix-cache", action="store_true",
                    help="instances keep no prefix cache (only traces with block hashes have one)")
 
@@ -73,12 +76,14 @@ def slos(args: argparse.Namespace) -> tuple[Slo, ...]:
 
 
 def engine_settings(args: argparse.Namespace) -> dict:
+    if args.local_prefill_tokens < 0:
+        raise ValueError(f"--local-prefill-tokens: must be >= 0, got {args.local_prefill_tokens}")
     for name in ("tp", "max_num_seqs", "max_num_batched_tokens", "block_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     return {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
             "block_size": args.block_size, "layerwise": not args.serialized_kv, "routing": args.routing,
-            "prefix_caching": not args.no_prefix_cache}
+            "prefix_caching": not args.no_prefix_cache, "local_prefill_tokens": args.local_prefill_tokens}
 
 
 def chunk_budget(args: argparse.Namespace) -> int:

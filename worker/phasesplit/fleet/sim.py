@@ -216,7 +216,8 @@ class Simulation:
         for w in workers:
             w.refresh(now)
         if self.cache_aware:
-            return self.turns.take(pick_cache_aware(workers, lambda w: self.cached_on(w, rid), self.prompt_tokens[rid]))
+            return self.turns.take(pick_cache_aware(workers, lambda w: self.cached_on(w, rid), self.prompt_tokens[rid],
+                                                    pick_mixed_worker))
         return self.turns.take(pick_mixed_worker(workers))
 
     def _pick_split(self, rid: int, now: float) -> tuple[Instance | None, Instance | None]:
@@ -228,7 +229,7 @@ class Simulation:
         token = token_candidates(self.pools["token"], mixed, self.prompt_tokens[rid] + 1)
         if self.cache_aware:
             cached, n = (lambda w: self.cached_on(w, rid)), self.prompt_tokens[rid]
-            return (self.turns.take(pick_cache_aware(prompt, cached, n)),
+            return (self.turns.take(pick_cache_aware(prompt, cached, n, pick_prompt_worker)),
                     self.turns.take(pick_cache_aware_token(token, cached, n + 1)))
         return self.turns.take(pick_prompt_worker(prompt)), self.turns.take(pick_token_worker(token))
 
