@@ -123,7 +123,8 @@ def plot_plan(candidates, path: str, budget: tuple[str, float] | None = None) ->
     ax.set(xlabel="cost per hour", ylabel="requests/s at the SLOs",
            title="candidates: cost against throughput (star: best; hollow: SLOs missed)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.margins(x=0.2, y=0.08)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=5, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
