@@ -163,3 +163,10 @@ def test_simulated_instance_runs_chunked_prefill_steps_as_the_engine_scheduler(t
     real = engine_chunked_steps(prompts, outputs, blocks, seqs, budget)
     assert any(kind == "step" and decodes for kind, decodes, *_ in real)   # chunks rode beside decodes
     assert simulated_chunked_steps(tmp_path, monkeypatch, prompts, outputs, blocks, seqs, budget) == real
+
+
+def test_the_simulator_routes_cache_aware_with_the_importable_pure_functions():
+    from phasesplit.fleet import cache_routing
+    for name in ("pick_cache_aware", "pick_cache_aware_token", "prefill_locally"):
+        assert getattr(sim_module, name) is getattr(cache_routing, name)
+    assert cache_routing.POLICIES == ("cacheAware", "leastLoaded")
