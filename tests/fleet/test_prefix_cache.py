@@ -48,7 +48,8 @@ def test_bundled_mooncake_traces_load_with_their_block_hashes():
 @pytest.mark.parametrize("row, message", [
     ({"timestamp": 0, "input_length": 10, "output_length": 1}, "missing field(s) hash_ids"),
     ({"timestamp": 0, "input_length": 1025, "output_length": 1, "hash_ids": [1, 2]}, "2 hash_ids for 1025"),
-    ({"timestamp": 0, "input_length": "x", "output_length": 1, "hash_ids": [1]}, "input_length, output_length must be numbers"),
+    ({"timestamp": 0, "input_length": "x", "output_length": 1, "hash_ids": [1]},
+     "input_length, output_length must be numbers"),
 ])
 def test_a_bad_mooncake_line_is_named(tmp_path, row, message):
     path = tmp_path / "t.jsonl.gz"
@@ -131,7 +132,8 @@ def test_simulate_json_reports_the_cache_and_each_pools_kv_capacity(capsys):
                 "--token", "a100-80gb:2", "--routing", "cacheAware", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert 0 < s["prefix_hit_ratio"] < 1 and s["kv_bytes_moved"] > 0
-    assert s["pools"]["prompt"]["kv_capacity_tokens"] == 2 * Profiles().get("llama2-70b", "h100-80gb", 8).kv_capacity_tokens
+    per_machine = Profiles().get("llama2-70b", "h100-80gb", 8).kv_capacity_tokens
+    assert s["pools"]["prompt"]["kv_capacity_tokens"] == 2 * per_machine
     assert cli(["simulate", "--trace", "code", "--requests", "10", "--baseline", "h100-80gb:1",
                 "--routing", "nearest"]) == 2
     assert "--routing" in capsys.readouterr().err

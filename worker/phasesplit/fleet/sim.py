@@ -85,7 +85,8 @@ class SimConfig:
         check_policy(self.routing)
         if self.chunked_prefill < 0 or 0 < self.chunked_prefill <= self.max_num_seqs:
             raise ValueError(f"--chunked-prefill: the step budget must exceed --max-num-seqs ({self.max_num_seqs}) "
-                             f"so that a step has room for a chunk beside a full decode batch, got {self.chunked_prefill}")
+                             "so that a step has room for a chunk beside a full decode batch, "
+                             f"got {self.chunked_prefill}")
         roles = [p.role for p in self.pools]
         if not self.pools or sorted(set(roles)) != sorted(roles):
             raise ValueError("pools: give each of --prompt, --token, --mixed/--baseline at most once, and at least one")
