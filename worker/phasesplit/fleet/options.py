@@ -12,7 +12,7 @@ from phasesplit.fleet.trace import Trace, load_trace, redraw, synthetic
 
 def add_workload(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("workload")
-    g.add_argument("--trace", metavar="CSV", help="Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens), "
+    g.add_argument("--trace", metavar="FILE|NAME", help="Azure-format CSV (TIMESTAMP, ContextTokens, GeneratedTokens), "
                    "Mooncake-format JSON lines (timestamp, input_length, output_length, hash_ids), or a bundled "
                    "one: code, conv, mooncake-conv, mooncake-synthetic")
     g.add_argument("--synthetic", metavar="PROMPT:OUTPUT", help="sizes in tokens, each N or LOW-HIGH (needs --rate)")
