@@ -2,10 +2,12 @@
 compute in `usage.prompt_tokens_details.cached_tokens` (streamed usage too), and a request under another
 `cache_salt` finds none of them. Each test salts its requests afresh, so earlier requests cannot warm it."""
 
+import urllib.request
 import uuid
 
 import openai
 import pytest
+from support.prom import parse, value
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +43,26 @@ def test_a_repeated_chat_reports_cached_tokens_and_another_salt_none(mixed):
     assert other.prompt_tokens_details.cached_tokens == 0 and other.prompt_tokens == first.prompt_tokens
 
 
+def worker_counts(cluster) -> tuple[float, float]:
+    """The prefix cache's (queries, hits) in tokens, from the one worker's /metrics."""
+    (address,) = cluster.metrics_addresses()
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as reply:
+        samples = parse(reply.read().decode())
+    return (value(samples, "phasesplit_worker_prefix_cache_queries_total"),
+            value(samples, "phasesplit_worker_prefix_cache_hits_total"))
+
+
+def test_the_worker_counts_the_tokens_it_looked_up_and_found(mixed):
+    salt = uuid.uuid4().hex
+    with client_of(mixed) as client:
+        first = chat(client, salt)
+        queries, hits = worker_counts(mixed)
+        second = chat(client, salt)
+    after = worker_counts(mixed)
+    assert after == (queries + second.prompt_tokens, hits + second.prompt_tokens_details.cached_tokens)
+    assert second.prompt_tokens_details.cached_tokens > 0 and first.prompt_tokens == second.prompt_tokens
+
+
 def test_split_workers_report_what_the_prompt_worker_found_cached(split):
     """Three completions of one prompt over two prompt workers: at least one lands where it ran before."""
     salt = uuid.uuid4().hex
@@ -51,8 +73,8 @@ def test_split_workers_report_what_the_prompt_worker_found_cached(split):
     assert cached[0] == 0 and max(cached) > 0, cached
 
 
-@pytest.mark.parametrize(("salt", "message"), [("", "must not be empty"), ("x" * 1025, "must be at most 1024 characters"),
-                                               (7, "must be a string")])
+@pytest.mark.parametrize(("salt", "message"), [
+    ("", "must not be empty"), ("x" * 1025, "must be at most 1024 characters"), (7, "must be a string")])
 def test_a_bad_cache_salt_is_a_400_naming_the_field(mixed, salt, message):
     with client_of(mixed) as client, pytest.raises(openai.BadRequestError) as caught:
         client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"cache_salt": salt})

@@ -66,7 +66,8 @@ class Scheduler:
         decodes = [seq for seq in running if seq.num_uncached_tokens == 1]
         started = [seq for seq in running if seq.num_uncached_tokens > 1]
         chunks = take_chunks(started, self.waiting, self.max_num_batched_tokens - len(decodes),
-                             self.max_num_seqs - len(self.running), self.tokens_to_compute, self._admit, lambda seq: not seq.prefill_only)
+                             self.max_num_seqs - len(self.running), self.tokens_to_compute, self._admit,
+                             lambda seq: not seq.prefill_only)
         self.running.extend(seq for seq, _ in chunks if seq not in started)  # the newly admitted
         for seq in decodes:
             seq.num_scheduled_tokens = 1
