@@ -84,7 +84,7 @@ def scatter_blocks(block_manager) -> None:
     random.Random(0).shuffle(order)
 
     def pick_fresh(n, after=None):
-        return [b for b in order if block_manager.is_free[b]][:n]
+        return [b for b in order if block_manager.is_free[b] and not block_manager.is_cached[b]][:n]
     block_manager.pick_fresh = pick_fresh
 
 

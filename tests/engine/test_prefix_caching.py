@@ -72,7 +72,7 @@ def assert_no_leak(engine: LLMEngine) -> None:
     bm = engine.block_manager
     assert not engine.has_unfinished()
     assert (bm.num_free_blocks, int(bm.ref_count.sum()), bm.is_free.all()) == (bm.num_blocks, 0, True)
-    assert len(bm.evictable) == bm.num_cached_blocks
+    assert len(bm.evictable) == bm.num_cached_blocks == int(bm.is_cached.sum())
 
 
 @pytest.mark.parametrize("chunked", [False, True])
@@ -129,6 +129,29 @@ def test_a_prompt_cached_whole_still_computes_its_last_token(make_engine, length
     out = engine.step()[0]
     assert (out.num_cached_tokens, steps[0]) == (cached, (cached, length - cached))
     assert out.token_ids == first[:1]
+
+
+def test_a_block_is_shared_only_once_its_kv_is_written(make_engine):
+    """A finished request's last token was sampled but never computed: the block it fills is not cached."""
+    engine = make_engine()
+    prompt = tokens(40, 4)
+    output = run(engine, {"a": (prompt, SamplingParams(max_tokens=8, **GREEDY))})["a"]  # 48 tokens, 47 computed
+    follow_up = {"b": (prompt + output + tokens(2, 5), SamplingParams(max_tokens=6, **GREEDY))}
+    steps = computed_tokens(engine)
+    assert run(engine, follow_up) == run(make_engine(prefix_caching=False), follow_up)
+    assert steps[0] == (32, 18)
+
+
+def test_a_prompt_aborted_midway_leaves_only_the_blocks_it_computed(make_engine):
+    engine = make_engine(max_num_batched_tokens=BLOCK)
+    prompt, params = tokens(80, 6), SamplingParams(max_tokens=5, **GREEDY)
+    engine.add_request("aborted", prompt, params)
+    engine.step()  # its first chunk: one block
+    assert engine.abort("aborted")
+    steps = computed_tokens(engine)
+    again = {"again": (prompt, params)}
+    assert run(engine, again) == run(make_engine(prefix_caching=False), again)
+    assert steps[0] == (BLOCK, BLOCK)
 
 
 def test_a_salted_request_never_uses_another_salts_blocks(make_engine):

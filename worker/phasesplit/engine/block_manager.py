@@ -35,6 +35,7 @@ class BlockManager:
         self.prefix_caching = prefix_caching
         self.ref_count = numpy.zeros(num_blocks, dtype=numpy.int64)
         self.is_free = numpy.ones(num_blocks, dtype=bool)  # held by nobody (it may still be cached)
+        self.is_cached = numpy.zeros(num_blocks, dtype=bool)  # registered under a hash
         self.num_free_blocks = num_blocks
         self.hash_of_block: dict[int, int] = {}
         self.block_of_hash: dict[int, int] = {}
@@ -88,12 +89,14 @@ class BlockManager:
             if block_hash not in self.block_of_hash and block not in self.hash_of_block:
                 self.block_of_hash[block_hash] = block
                 self.hash_of_block[block] = block_hash
+                self.is_cached[block] = True
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
 
     def _evict(self, n: int) -> None:
         for _ in range(n):
             block, _ = self.evictable.popitem(last=False)
             del self.block_of_hash[self.hash_of_block.pop(block)]
+            self.is_cached[block] = False
 
     # ---- sequences ----
 
@@ -152,12 +155,12 @@ class BlockManager:
         return ids
 
     def pick_fresh(self, n: int, after: int | None) -> list[int]:
-        fresh = self.is_free.copy()
-        if self.evictable:
-            fresh[list(self.evictable)] = False
-        if after is not None and after + n < self.num_blocks and fresh[after + 1: after + 1 + n].all():
-            return list(range(after + 1, after + 1 + n))
-        return _from_stretches(fresh, n)
+        """`n` free blocks that are not cached (there are enough)."""
+        if after is not None and after + n < self.num_blocks:
+            following = slice(after + 1, after + 1 + n)
+            if (self.is_free[following] & ~self.is_cached[following]).all():
+                return list(range(after + 1, after + 1 + n))
+        return _from_stretches(self.is_free & ~self.is_cached, n)
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block (taken by `take` or held in a block table). The last

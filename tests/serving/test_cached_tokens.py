@@ -67,10 +67,11 @@ def test_split_workers_report_what_the_prompt_worker_found_cached(split):
     """Three completions of one prompt over two prompt workers: at least one lands where it ran before."""
     salt = uuid.uuid4().hex
     with client_of(split) as client:
-        usages = [client.completions.create(model="tiny", prompt=PROMPT, max_tokens=3, temperature=0,
-                                            extra_body={"cache_salt": salt}).usage for _ in range(3)]
-    cached = [u.prompt_tokens_details.cached_tokens for u in usages]
+        replies = [client.completions.create(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0,
+                                             extra_body={"cache_salt": salt, "ignore_eos": True}) for _ in range(3)]
+    cached = [reply.usage.prompt_tokens_details.cached_tokens for reply in replies]
     assert cached[0] == 0 and max(cached) > 0, cached
+    assert len({reply.choices[0].text for reply in replies}) == 1  # the cached KV sent on gives the same text
 
 
 @pytest.mark.parametrize(("salt", "message"), [
