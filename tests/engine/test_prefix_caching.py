@@ -111,6 +111,9 @@ def test_a_second_request_computes_only_the_tail_after_the_shared_blocks(make_en
         return outputs[rid][0].num_cached_tokens
 
     assert serve("first", preamble) == 0
+    engine.add_request("queued", preamble[:36] + tokens(9, 2), params)
+    assert engine.stats().waiting_tokens == 13  # what the queue will compute, not what the cache holds
+    assert engine.abort("queued")
     steps.clear()
     assert serve("second", preamble[:36] + tokens(9, 1)) == 32  # two full blocks shared, 13 tokens computed
     assert steps[0] == (32, 13)
