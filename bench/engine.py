@@ -83,12 +83,9 @@ def scatter_blocks(block_manager) -> None:
     order = list(range(block_manager.num_blocks))
     random.Random(0).shuffle(order)
 
-    def take(n, after=None):
-        ids = [b for b in order if block_manager.is_free[b]][:n]
-        block_manager.is_free[ids] = False
-        block_manager.num_free_blocks -= n
-        return ids
-    block_manager.take = take
+    def pick_fresh(n, after=None):
+        return [b for b in order if block_manager.is_free[b] and not block_manager.is_cached[b]][:n]
+    block_manager.pick_fresh = pick_fresh
 
 
 def decode_at_context(model_dir: str, args, attention, scattered: bool) -> float:

@@ -1,5 +1,5 @@
 """Tensor parallelism on CPU with gloo: 2 ranks give the same logits (within 1e-4 of transformers) and
-the same greedy tokens as one; each rank holds only its shard; bad sizes are refused by name."""
+the same greedy tokens as one (also from the prefix cache); each rank holds only its shard; bad sizes are refused by name."""
 
 import multiprocessing
 
@@ -29,8 +29,9 @@ def test_two_ranks_match_transformers_and_one_rank_token_for_token(tmp_path, tin
         hf_cls = write_checkpoint(checkpoints[case], case, "classic")
         with torch.no_grad():
             expected[case] = hf_cls.from_pretrained(checkpoints[case], dtype=torch.float32)(input_ids[None]).logits[0]
-    one_rank = tp_ranks.greedy(LLMEngine(EngineConfig(str(tiny_model_dir), block_size=4, max_num_batched_tokens=8)),
-                               PROMPTS, 10)
+    engine = LLMEngine(EngineConfig(str(tiny_model_dir), block_size=4, max_num_batched_tokens=8))
+    one_rank = tp_ranks.greedy(engine, PROMPTS, 10)
+    assert one_rank[len(PROMPTS):] == one_rank[:len(PROMPTS)] and engine.stats().prefix_cache_hits > 0
 
     results = multiprocessing.get_context("spawn").Queue()
     group = RankGroup(2, tp_ranks.logits_and_greedy,

@@ -83,7 +83,7 @@ def test_a_request_through_the_router_takes_the_modelled_time_and_frees_its_kv(t
         reply = complete(cluster.base_url, [9] * PROMPT, OUTPUT)
         elapsed = time.monotonic() - start
         assert reply["usage"] == {"prompt_tokens": PROMPT, "completion_tokens": OUTPUT,
-                                  "total_tokens": PROMPT + OUTPUT}
+                                  "total_tokens": PROMPT + OUTPUT, "prompt_tokens_details": {"cached_tokens": 0}}
         assert reply["choices"][0]["finish_reason"] == "length" and "fleet" in reply["choices"][0]["text"]
         assert elapsed >= 0.95 * (prefill + decode), (elapsed, prefill, decode)
         time.sleep(0.5)

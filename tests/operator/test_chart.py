@@ -147,7 +147,7 @@ def exported_series() -> set[str]:
     from phasesplit.roles.metrics import EngineCollector
     from phasesplit.router.metrics import RouterMetrics
     stats = SimpleNamespace(waiting_requests=1, running_requests=1, used_blocks=1, free_blocks=1, total_blocks=2,
-                            num_preemptions=1)
+                            num_preemptions=1, prefix_cache_queries=2, prefix_cache_hits=1)
     core = SimpleNamespace(loop=SimpleNamespace(stats=stats), settings=SimpleNamespace(served_model_name="m"),
                            role="token")
     workers = CollectorRegistry()
@@ -177,7 +177,8 @@ def test_the_dashboard_queries_only_series_the_router_and_workers_export(helm):
     exported = exported_series()
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for word in ("queue", "workers", "first token", "between tokens", "end-to-end", "kv transfer", "utilisation",
-                 "by outcome", "tokens per second", "engine queue", "kv cache usage", "preemptions"):
+                 "by outcome", "tokens per second", "engine queue", "kv cache usage", "preemptions",
+                 "prefix cache hit rate"):
         assert word in titles, word
     for panel in dashboard["panels"]:
         for target in panel["targets"]:

@@ -32,12 +32,14 @@ def test_the_worker_reads_back_every_setting_its_pool_is_given(path):
     doc["spec"]["kvTransfer"] = {"backend": "tcp", "layerwise": False, "leaseSeconds": 12.5, "tcp": {"port": 29700}}
     doc["spec"]["model"]["simulated"] = {"timeScale": 2.5, "profiles": "p.csv", "poolHardware": {"token": "a100"}}
     first_pool = next(iter(doc["spec"]["pools"]))
-    doc["spec"]["pools"][first_pool].setdefault("engine", {})["chunkedPrefill"] = False
+    doc["spec"]["pools"][first_pool].setdefault("engine", {}).update(chunkedPrefill=False, prefixCaching=False)
     spec = spec_of(doc)
     for role, pool in spec.pools.items():
         config = read_back(spec, role)
         assert config.chunked_prefill is (role != first_pool) is pool.engine.chunked_prefill
         assert config.engine_config("cpu").chunked_prefill is config.chunked_prefill
+        assert config.prefix_caching is (role != first_pool) is pool.engine.prefix_caching
+        assert config.engine_config("cpu").prefix_caching is config.prefix_caching
         assert (config.dtype, config.kv_backend, config.kv_lease, config.kv_transfer_timeout, config.layerwise,
                 config.kv_tcp_port) == (spec.model.dtype, "tcp", 12.5, spec.kv_transfer.timeout_seconds, False, 29700)
         assert (config.block_size, config.max_num_seqs, config.max_num_batched_tokens, config.tensor_parallel) == (
@@ -53,8 +55,9 @@ def test_a_spec_that_leaves_the_kv_settings_out_gives_the_workers_their_own_defa
     spec = spec_of(doc)
     role = next(role for role, _ in spec.pools.items())
     given, own = read_back(spec, role), parse_args(["--role", role, "--model", "/models/model"])
-    assert (given.kv_backend, given.kv_lease, given.kv_transfer_timeout, given.layerwise, given.chunked_prefill) == (
-        own.kv_backend, own.kv_lease, own.kv_transfer_timeout, own.layerwise, own.chunked_prefill is True)
+    assert (given.kv_backend, given.kv_lease, given.kv_transfer_timeout, given.layerwise, given.chunked_prefill,
+            given.prefix_caching) == (own.kv_backend, own.kv_lease, own.kv_transfer_timeout, own.layerwise,
+                                      own.chunked_prefill is True, own.prefix_caching is True)
 
 
 def test_local_mode_rejects_a_backend_the_transport_does_not_know():

@@ -25,13 +25,17 @@ def logits_and_greedy(tp, device, checkpoints, input_ids, engine_dir, prompts, m
     return 0
 
 
-def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Every prompt at once (in chunks of the budget beside the decodes), greedy, `max_tokens` each."""
+def greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: int, rounds: int = 2) -> list[list[int]]:
+    """Every prompt at once (in chunks of the budget beside the decodes), greedy, `max_tokens` each;
+    `rounds` times over (a later round finds its prompts in the prefix cache)."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    out = {str(i): [] for i in range(len(prompts))}
-    for rid, ids in zip(out, prompts):
-        engine.add_request(rid, ids, params)
-    while engine.has_unfinished():
-        for step in engine.step():
-            out[step.request_id] += step.token_ids
-    return list(out.values())
+    tokens = []
+    for r in range(rounds):
+        out = {f"{r}.{i}": [] for i in range(len(prompts))}
+        for rid, ids in zip(out, prompts):
+            engine.add_request(rid, ids, params)
+        while engine.has_unfinished():
+            for step in engine.step():
+                out[step.request_id] += step.token_ids
+        tokens += out.values()
+    return tokens

@@ -261,6 +261,9 @@ class EngineSettings(Spec):
                                         description="token budget per step")
     chunked_prefill: bool = Field(default("chunked_prefill"), description="split long prompts over several steps, "
                                   "each beside the running decodes (prompt workers always prefill whole prompts)")
+    prefix_caching: bool = Field(default("prefix_caching"), description="reuse the KV of prompt blocks earlier "
+                                 "requests computed (full blocks, by a hash of their tokens and the request's "
+                                 "cache_salt); the cache takes only blocks no request holds")
     max_num_seqs: int = Field(default("max_num_seqs"), ge=1, le=4096, description="largest batch")
     num_kv_blocks: int | None = Field(None, ge=1, le=16777216, description="KV cache size in blocks")
     kv_memory_fraction: float | None = Field(None, gt=0, le=1, description="KV cache size as a share of free memory")

@@ -52,6 +52,8 @@ class WorkerConfig:
     max_num_batched_tokens: int = option(engine="max_num_batched_tokens", help="token budget per step")
     chunked_prefill: bool = option(engine="chunked_prefill", help="run each prompt whole in one step instead of "
                                    "in chunks beside the running decodes (prefill-only prompts always run whole)")
+    prefix_caching: bool = option(engine="prefix_caching", help="compute every prompt whole instead of reusing "
+                                  "the KV of cached blocks that earlier requests computed for the same prefix")
     max_num_seqs: int = option(engine="max_num_seqs", help="largest batch")
     max_model_len: int | None = option(engine="max_model_len", help="longest prompt plus output, in tokens "
                                        "(default: the model's max_position_embeddings)")

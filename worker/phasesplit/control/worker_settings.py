@@ -78,6 +78,8 @@ def worker_settings(spec: si.SplitInferenceSpec, role: str, model_dir: str, in_c
     settings = _shared(spec) + _engine(role, pool, in_cluster) + _simulated(spec, role, model_dir)
     if not pool.engine.chunked_prefill:
         settings.append(Setting("chunked_prefill", None))
+    if not pool.engine.prefix_caching:
+        settings.append(Setting("prefix_caching", None))
     settings += literal({"tensor_parallel": pool.tensor_parallel_size if pool.tensor_parallel_size > 1 else None})
     if not kv.layerwise:
         settings.append(Setting("layerwise", None))

@@ -172,6 +172,7 @@ class EngineConfig:
     kv_memory_fraction: float = 0.8  # of the device memory free after loading the model (CUDA)
     max_num_batched_tokens: int = 2048  # tokens one step computes (a prompt not split runs whole, alone)
     chunked_prefill: bool = True  # split prompts across steps, after the running decodes
+    prefix_caching: bool = True  # reuse the KV of full blocks earlier requests computed (block hashes)
     max_num_seqs: int = 64
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     served_model_name: str | None = None
@@ -184,8 +185,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}: got {value!r}, must be an integer > 0 or unset")
-        if not isinstance(self.chunked_prefill, bool):
-            raise ValueError(f"chunked_prefill: got {self.chunked_prefill!r}, must be true or false")
+        for name in ("chunked_prefill", "prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: got {getattr(self, name)!r}, must be true or false")
         if self.chunked_prefill and self.max_num_batched_tokens < self.block_size:
             raise ValueError(f"max_num_batched_tokens: got {self.max_num_batched_tokens}, must be at least block_size "
                              f"({self.block_size}) with chunked prefill (a prompt worker's chunks are whole blocks)")

@@ -42,6 +42,7 @@ class StepOutput:
     # "stop" | "length" | "abort"; None while running, and for a prefill-only request that
     # finished here but continues elsewhere.
     finish_reason: str | None
+    num_cached_tokens: int = 0  # the request's prompt tokens found in the prefix cache, not computed
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ class EngineStats:
     free_blocks: int
     total_blocks: int
     num_preemptions: int
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since the start
+    prefix_cache_hits: int = 0  # of those, the tokens found cached
 
 
 class LLMEngine:
@@ -84,7 +87,7 @@ class LLMEngine:
         log.info("allocating the KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
         self.kv_cache = KVCache(self.layout, num_blocks, self.dtype, self.device)
         self.runner = ModelRunner(self.model, self.kv_cache, config.block_size, self.device)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         eos = set(mc.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len, eos, config.chunked_prefill)
@@ -180,14 +183,15 @@ class LLMEngine:
         live = [*s.waiting, *s.running, *s.ready]
         return EngineStats(
             waiting_requests=len(s.waiting),
-            waiting_tokens=sum(seq.num_uncached_tokens for seq in s.waiting)
+            waiting_tokens=sum(s.tokens_to_compute(seq) for seq in s.waiting)
             + sum(seq.num_uncached_tokens - 1 for seq in s.running),  # and the rest of prompts begun in chunks
             running_requests=len(s.running) + len(s.ready),
             held_requests=sum(seq.status is SequenceStatus.HELD for seq in self.requests.values()),
             reserved_requests=len(self.reserved),
             pending_output_tokens=sum(seq.params.max_tokens - seq.num_output_tokens for seq in live),
             used_blocks=self.num_used_blocks, free_blocks=self.num_free_blocks,
-            total_blocks=self.num_total_blocks, num_preemptions=s.num_preemptions)
+            total_blocks=self.num_total_blocks, num_preemptions=s.num_preemptions,
+            prefix_cache_queries=s.prefix_cache_queries, prefix_cache_hits=s.prefix_cache_hits)
 
     # ---- the KV connector: what a handoff reads and writes ----
 
@@ -294,7 +298,8 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> StepOutput:
         if seq.status is SequenceStatus.FINISHED:
             del self.requests[seq.request_id]
-        return StepOutput(seq.request_id, [seq.last_token], take_text(seq), seq.is_finished, seq.finish_reason)
+        return StepOutput(seq.request_id, [seq.last_token], take_text(seq), seq.is_finished, seq.finish_reason,
+                          seq.num_prefix_cached_tokens or 0)
 
     def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
         """One step: each sequence's scheduled tokens (a decode's one, a prompt's chunk) over its cached

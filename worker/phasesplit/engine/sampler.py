@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from phasesplit.prefix_hash import MAX_CACHE_SALT_LENGTH, valid_cache_salt
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SamplingParams:
@@ -23,6 +25,9 @@ class SamplingParams:
     max_tokens: int = 16
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Not a sampling choice but the request's prefix-cache scope, carried with its parameters to every
+    # worker: only requests with the same salt share cached blocks.
+    cache_salt: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +41,8 @@ class SamplingParams:
         _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop, "non-empty strings")
         _check(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        _check(self.cache_salt is None or valid_cache_salt(self.cache_salt), "cache_salt", self.cache_salt,
+               f"a non-empty string of at most {MAX_CACHE_SALT_LENGTH} characters, or unset")
 
     @property
     def greedy(self) -> bool:

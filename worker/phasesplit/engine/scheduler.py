@@ -4,7 +4,8 @@ Without chunked prefill a step is either a prefill (whole prompts, first) or a d
 running sequence. With it (stall-free batching) every step decodes the running sequences and fills
 the rest of the budget with prompt chunks; a prompt longer than the budget runs over several steps.
 Either way each scheduled sequence's `num_scheduled_tokens` says how many of its tokens the step
-computes, from `num_cached_tokens` on."""
+computes, from `num_cached_tokens` on: with prefix caching a sequence is admitted with the cached
+blocks of its prefix, and its first step starts after them."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ class Scheduler:
         self.running: deque[Sequence] = deque()
         self.ready: deque[Sequence] = deque()  # K/V imported, waiting for a decode slot
         self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # prompt tokens looked up in the prefix cache (at first admission)
+        self.prefix_cache_hits = 0  # of those, the tokens found cached
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -63,8 +66,8 @@ class Scheduler:
         decodes = [seq for seq in running if seq.num_uncached_tokens == 1]
         started = [seq for seq in running if seq.num_uncached_tokens > 1]
         chunks = take_chunks(started, self.waiting, self.max_num_batched_tokens - len(decodes),
-                             self.max_num_seqs - len(self.running), lambda seq: seq.num_uncached_tokens,
-                             self._admit, lambda seq: True, self._chunk_unit)
+                             self.max_num_seqs - len(self.running), self.tokens_to_compute, self._admit,
+                             lambda seq: True, self._chunk_unit)
         self.running.extend(seq for seq, _ in chunks if seq not in started)  # the newly admitted
         for seq in decodes:
             seq.num_scheduled_tokens = 1
@@ -78,15 +81,26 @@ class Scheduler:
 
     def _schedule_prefill(self) -> list[Sequence]:
         seqs = take_prefill(self.waiting, self.max_num_batched_tokens, self.max_num_seqs - len(self.running),
-                            lambda seq: seq.num_tokens, self._admit)
+                            self.tokens_to_compute, self._admit)
         self.running.extend(seqs)
         return seqs
+
+    def tokens_to_compute(self, seq: Sequence) -> int:
+        """The tokens of `seq` that steps still have to compute: a waiting one's less its cached prefix."""
+        if seq.status is SequenceStatus.WAITING:
+            return seq.num_tokens - self.block_manager.num_cached_prefix_tokens(seq)
+        return seq.num_uncached_tokens
 
     def _admit(self, seq: Sequence) -> bool:
         if not self.block_manager.can_allocate(seq):
             return False
         self.block_manager.allocate(seq)
         seq.status = SequenceStatus.RUNNING
+        if seq.num_prefix_cached_tokens is None:  # not on a preempted sequence's return
+            seq.num_prefix_cached_tokens = seq.num_cached_tokens
+            if self.block_manager.prefix_caching:
+                self.prefix_cache_queries += seq.num_tokens
+                self.prefix_cache_hits += seq.num_cached_tokens
         return True
 
     def _schedule_decode(self) -> list[Sequence]:
@@ -119,6 +133,7 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted during the step (e.g. from a layer hook)
             seq.num_cached_tokens += seq.num_scheduled_tokens
+            self.block_manager.cache_full_blocks(seq)
             if token_id is None:
                 continue
             seq.append_token(token_id)

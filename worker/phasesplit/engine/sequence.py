@@ -33,6 +33,11 @@ class Sequence:
         # Tokens whose K/V are in the cache; the rest are computed by the next step.
         self.num_cached_tokens = 0
         self.num_scheduled_tokens = 0  # how many of the rest the current step computes
+        # Prefix caching (the block manager's): the hashes of its full blocks so far, how many of its
+        # blocks are registered, and the prompt tokens its first admission found cached (None before).
+        self.block_hashes: list[int] = []
+        self.num_registered_blocks = 0
+        self.num_prefix_cached_tokens: int | None = None
         self.output_text = ""
         self.num_emitted_chars = 0
         # The stop strings' automaton (held here: a shared one may leave the cache) and its state after output_text.

@@ -58,6 +58,7 @@ class SimEngine(LLMEngine):
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}")
+        # Without prefix caching, whatever the config says: the fleet simulator does not model it yet.
         self.block_manager = BlockManager(num_blocks, config.block_size)
         # Without chunked prefill whatever the config says: the performance model prices a prefill
         # batch and a decode iteration, not yet a step that mixes them.

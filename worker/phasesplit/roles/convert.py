@@ -16,4 +16,5 @@ def sampling_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         max_tokens=int(msg.max_tokens),
         stop=tuple(msg.stop),
         ignore_eos=bool(msg.ignore_eos),
+        cache_salt=msg.cache_salt if msg.HasField("cache_salt") else None,
     )

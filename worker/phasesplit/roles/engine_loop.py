@@ -25,6 +25,7 @@ class Finished:
     finished: bool = True
     token_ids: tuple = ()
     text: str = ""
+    num_cached_tokens: int = 0
 
 
 class EngineLoop:

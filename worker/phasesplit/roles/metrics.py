@@ -1,6 +1,6 @@
-"""A worker's own Prometheus `/metrics` (`--metrics-port`): its engine's queue and batch, its KV cache and
-its preemptions, read from the engine loop's latest stats at each scrape. Labelled by `model_name` (the
-served model) and `role`; Prometheus adds the worker's address as `instance`."""
+"""A worker's own Prometheus `/metrics` (`--metrics-port`): its engine's queue and batch, its KV cache, its
+preemptions and its prefix cache, read from the engine loop's latest stats at each scrape. Labelled by
+`model_name` (the served model) and `role`; Prometheus adds the worker's address as `instance`."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ class EngineCollector:
                      stats.used_blocks / stats.total_blocks if stats.total_blocks else 0.0)
         yield family(CounterMetricFamily, "phasesplit_worker_preemptions",
                      "Requests the engine preempted for lack of KV blocks", stats.num_preemptions)
+        yield family(CounterMetricFamily, "phasesplit_worker_prefix_cache_queries",
+                     "Prompt tokens looked up in the prefix cache", stats.prefix_cache_queries)
+        yield family(CounterMetricFamily, "phasesplit_worker_prefix_cache_hits",
+                     "Prompt tokens found in the prefix cache (not computed)", stats.prefix_cache_hits)
 
 
 def serve_metrics(core: WorkerCore, host: str, port: int):

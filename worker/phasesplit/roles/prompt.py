@@ -130,7 +130,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                                     queue_seconds=max(0.0, (timing.first_layer or timing.first_token) - timing.arrived),
                                     prefill_seconds=timing.first_token - (timing.first_layer or timing.arrived),
                                     transfer_seconds=max(0.0, timing.acknowledged - timing.transfer_opened),
-                                    kv_bytes=timing.kv_bytes)
+                                    kv_bytes=timing.kv_bytes, num_cached_tokens=out.num_cached_tokens)
         finally:
             done.set()
             self._release(rid)

@@ -58,6 +58,7 @@ def stream_tokens(core: WorkerCore, context: grpc.ServicerContext, request_id: s
         if out.finished:
             done = True
             end(out.finish_reason)
-        yield pb.TokenEvent(token_ids=list(out.token_ids), text=out.text, finish_reason=out.finish_reason or "")
+        yield pb.TokenEvent(token_ids=list(out.token_ids), text=out.text, finish_reason=out.finish_reason or "",
+                            num_cached_tokens=out.num_cached_tokens)
         if out.finished:
             return

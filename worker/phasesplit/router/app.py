@@ -269,23 +269,24 @@ def _check_model(router: Router, model: str) -> None:
 async def _answer(request: web.Request, router: Router, req, job: Job, shape: Shape) -> web.StreamResponse:
     async with aclosing(router.dispatcher.run(job)) as deltas:
         if req.stream:
-            return await _stream(request, deltas, shape, len(job.prompt_token_ids), req.include_usage)
+            return await _stream(request, deltas, shape, job, req.include_usage)
         texts, completion_tokens, finish_reason = [], 0, ""
         async for delta in deltas:
             texts.append(delta.text)
             completion_tokens += len(delta.token_ids)
             finish_reason = delta.finish_reason or finish_reason
-        body = shape.full("".join(texts), finish_reason, len(job.prompt_token_ids), completion_tokens)
+        body = shape.full("".join(texts), finish_reason, len(job.prompt_token_ids), completion_tokens,
+                          job.cached_tokens)
         return web.json_response(body)
 
 
-async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int,
+async def _stream(request: web.Request, deltas, shape: Shape, job: Job,
                   include_usage: bool) -> web.StreamResponse:
     first: Delta = await anext(deltas)   # errors before the first token are answered with their HTTP status
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
     try:
-        await _send_events(response, first, deltas, shape, prompt_tokens, include_usage)
+        await _send_events(response, first, deltas, shape, job, include_usage)
     except APIError as e:
         try:
             await _send(response, e.body())
@@ -299,7 +300,7 @@ async def _stream(request: web.Request, deltas, shape: Shape, prompt_tokens: int
     return response
 
 
-async def _send_events(response: web.StreamResponse, delta: Delta, deltas, shape: Shape, prompt_tokens: int,
+async def _send_events(response: web.StreamResponse, delta: Delta, deltas, shape: Shape, job: Job,
                        include_usage: bool) -> None:
     """The stream's chunks from `delta` on, the usage (when asked for) and [DONE]."""
     completion_tokens = 0
@@ -313,7 +314,7 @@ async def _send_events(response: web.StreamResponse, delta: Delta, deltas, shape
             break
         delta = await anext(deltas)
     if include_usage:
-        await _send(response, shape.usage_chunk(prompt_tokens, completion_tokens))
+        await _send(response, shape.usage_chunk(len(job.prompt_token_ids), completion_tokens, job.cached_tokens))
     await _send(response, b"[DONE]")
 
 

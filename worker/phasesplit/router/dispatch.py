@@ -202,6 +202,8 @@ class Dispatcher:
             try:
                 reply = await self._prefill(run, attempt, token_w)
                 assignment.kv_landed()
+                if not run.sent:
+                    run.job.cached_tokens = reply.num_cached_tokens
                 if reply.finish_reason:
                     # Before the yield: a caller that has its last delta closes us right there. The prompt
                     # worker already dropped the transfer; this also frees KV that no Generate will claim.
@@ -255,6 +257,8 @@ class Dispatcher:
             async with aclosing(self._generate(worker, "mixed", request, len(ids), attempt.job)) as events:
                 async for delta in events:
                     assignment.prompt_done()
+                    if not run.sent:
+                        run.job.cached_tokens = delta.cached_tokens
                     yield delta
 
     # ---- one Generate stream ----
@@ -275,7 +279,7 @@ class Dispatcher:
                     if event.finish_reason == "abort":
                         raise WorkerLost(worker, "worker_aborted", worker_failed(worker, "aborted the request"))
                     finished = bool(event.finish_reason)
-                    yield Delta(list(event.token_ids), event.text, event.finish_reason)
+                    yield Delta(list(event.token_ids), event.text, event.finish_reason, event.num_cached_tokens)
                     if finished:
                         return
             raise WorkerLost(worker, "stream_ended", worker_failed(worker, "ended the stream without a finish reason"))

@@ -6,9 +6,10 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
 from phasesplit import validation
+from phasesplit.prefix_hash import MAX_CACHE_SALT_LENGTH
 
 # Bounds of the proto fields the values travel in (worker.proto): a value outside is the request's error.
 INT32_MAX, UINT32_MAX, UINT64_MAX = 2**31 - 1, 2**32 - 1, 2**64 - 1
@@ -26,6 +27,7 @@ def _unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_unicode)]
+CacheSalt = Annotated[str, StringConstraints(min_length=1, max_length=MAX_CACHE_SALT_LENGTH), AfterValidator(_unicode)]
 
 
 def _only(allowed: tuple, message: str) -> AfterValidator:
@@ -80,6 +82,8 @@ class _Generation(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
+    cache_salt: CacheSalt | None = Field(None, description="vLLM's extension: only requests with the same salt "
+                                         "share cached prompt blocks")
     logprobs: Annotated[Any, _only((None, False, 0), "logprobs are not supported")] = None
     presence_penalty: Annotated[float, _only((0,), "penalties are not supported; only 0 is allowed")] = 0.0
     frequency_penalty: Annotated[float, _only((0,), "penalties are not supported; only 0 is allowed")] = 0.0

@@ -74,4 +74,6 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompt_len: 
                                max_tokens=max_tokens, stop=req.stop, ignore_eos=req.ignore_eos)
     if req.seed is not None:
         params.seed = req.seed
+    if req.cache_salt is not None:
+        params.cache_salt = req.cache_salt
     return params

@@ -17,6 +17,7 @@ class Job:
     tokenizer: str = ""   # digest of the tokenizer that made prompt_token_ids ("": not known)
     log_id: str = ""      # the X-Request-Id, which the router's and the workers' log lines about the job carry
     completion_tokens: int = 0   # sent to the client so far
+    cached_tokens: int = 0   # prompt tokens the prompt phase that gave the output found in a prefix cache
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Delta:
     token_ids: list[int]
     text: str
     finish_reason: str = ""
+    cached_tokens: int = 0   # a mixed worker's: the prompt tokens it found in its prefix cache
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """`cached_tokens`: the prompt tokens found in a prefix cache, which no worker computed."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": min(cached_tokens, prompt_tokens)}}
 
 
 @dataclass
@@ -23,7 +25,8 @@ class Shape:
     def _envelope(self, object_: str) -> dict:
         return {"id": self.id, "object": object_, "created": self.created, "model": self.model}
 
-    def full(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    def full(self, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+             cached_tokens: int = 0) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                       "finish_reason": finish_reason}
@@ -31,7 +34,7 @@ class Shape:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             body = self._envelope("text_completion")
-        return body | {"choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+        return body | {"choices": [choice], "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     def chunk(self, text: str | None, finish_reason: str | None, include_usage: bool, role: bool = False) -> dict:
         """One stream chunk with one choice; `role` opens a chat stream."""
@@ -49,6 +52,7 @@ class Shape:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         object_ = "chat.completion.chunk" if self.chat else "text_completion"
-        return self._envelope(object_) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+        return self._envelope(object_) | {"choices": [], "usage": usage(prompt_tokens, completion_tokens,
+                                                                        cached_tokens)}
