@@ -91,7 +91,8 @@ class PieceLog:
 def test_a_chunked_prefill_sends_each_chunks_kv_as_it_is_computed(tiny_model_dir, backend):
     """A 40-token prompt on a prompt worker whose step budget is one 16-token block: three chunks, each
     chunk's blocks of every layer queued right after that layer of that chunk ran; the token worker
-    commits once the last piece arrived, and the tokens are one engine's."""
+    commits once the last piece arrived, and the tokens are one engine's. Sent again, the prompt's
+    cached blocks go with its one computed chunk."""
     flags = ("--max-num-batched-tokens", "16", "--kv-backend", backend)
     prompt, token = start("prompt", tiny_model_dir, *flags), start("token", tiny_model_dir, *flags)
     log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
@@ -100,9 +101,15 @@ def test_a_chunked_prefill_sends_each_chunks_kv_as_it_is_computed(tiny_model_dir
         stubs = (pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1]))
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         sampling = pb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-        assert split_run((prompt, token, *stubs), "chunked", PROMPT, sampling) == alone(tiny_model_dir, PROMPT, params)
+        expected = alone(tiny_model_dir, PROMPT, params)
+        assert split_run((prompt, token, *stubs), "chunked", PROMPT, sampling) == expected
         layers = prompt.core.engine.layout.num_layers
         assert log.pieces == [(layer, first, 1) for first in range(3) for layer in range(layers)]
+        # the same prompt again: its first two blocks come from the prompt worker's prefix cache, and
+        # go with the one chunk computed (the token worker needs every block)
+        log.pieces.clear()
+        assert split_run((prompt, token, *stubs), "chunked-again", PROMPT, sampling) == expected
+        assert log.pieces == [(layer, 0, 3) for layer in range(layers)]
         wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")
     finally:
         for channel in channels:

@@ -211,10 +211,11 @@ class LLMEngine:
             raise ValueError(f"request_id: {request_id!r} holds no KV blocks")
         return seq
 
-    def prefill_piece(self, request_id: str) -> tuple[int, list[int]]:
+    def prefill_piece(self, request_id: str, since: int | None = None) -> tuple[int, list[int]]:
         """Any rank, inside `layer_hook`: the blocks the running prefill (or chunk of it) writes the
-        request's KV to, as (position of the first in the request's blocks, block ids)."""
-        return self.runner.batch.prefill_piece(request_id, self.config.block_size)
+        request's KV to, as (position of the first in the request's blocks, block ids); with `since`,
+        every block from that position on (a sender that has not sent the cached prefix yet)."""
+        return self.runner.batch.prefill_piece(request_id, self.config.block_size, since)
 
     def kv_layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """Views of one layer's whole K and V cache: [num_blocks, block_size, num_kv_heads, head_dim] each."""

@@ -37,13 +37,15 @@ class ForwardBatch:
     block_tables: list[list[int]]  # each sequence's blocks
     prefill_ids: list[str]  # the sequences whose prompt tokens this step computes (the layer hook's)
 
-    def prefill_piece(self, request_id: str, block_size: int) -> tuple[int, list[int]]:
-        """The blocks this step writes a sequence's prompt KV to: the position of the first in its
-        block table, and their ids. A chunk that does not end its prompt ends on a block boundary
-        (`batching.take_chunks`), so the pieces of a prompt never share a block."""
+    def prefill_piece(self, request_id: str, block_size: int, since: int | None = None) -> tuple[int, list[int]]:
+        """The blocks of a sequence's prompt KV up to what this step writes, from position `since` in
+        its block table (by default the first block this step writes): that position and the ids.
+        A chunk that does not end its prompt ends on a block boundary (`batching.take_chunks`), so
+        the pieces of a prompt never share a block; blocks before the step's first were computed
+        earlier or found in the prefix cache."""
         i = self.request_ids.index(request_id)
         num_cached = self.context_lens[i] - (self.cu_seqlens[i + 1] - self.cu_seqlens[i])
-        first = num_cached // block_size
+        first = num_cached // block_size if since is None else since
         return first, self.block_tables[i][first:-(-self.context_lens[i] // block_size)]
 
 

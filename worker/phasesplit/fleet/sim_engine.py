@@ -97,7 +97,7 @@ class SimEngine(LLMEngine):
         _sleep_until(start + self.perf.token_time(len(seqs)) * self.time_scale)
         return [self._token(seq) for seq in seqs]
 
-    def prefill_piece(self, request_id: str) -> tuple[int, list[int]]:
+    def prefill_piece(self, request_id: str, since: int | None = None) -> tuple[int, list[int]]:
         """Prompts are prefilled whole here: every block of the request, from the first."""
         return 0, self.blocks_of(request_id)
 

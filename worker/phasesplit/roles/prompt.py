@@ -50,6 +50,7 @@ class _Transfer:
     layerwise: bool
     sender: KVSender | None = None
     shards: ShardRun | None = None  # the other tensor-parallel ranks' transfers
+    blocks_sent: dict[int, int] = field(default_factory=dict)  # by layer: the blocks queued so far
 
 
 class PromptService(pb_grpc.PromptWorkerServicer):
@@ -76,8 +77,10 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                 transfer.timing.first_layer = now
             transfer.timing.last_layer = now
             if transfer.layerwise and transfer.sender is not None:
-                first, block_ids = engine.prefill_piece(rid)
+                # from the first block not sent yet: a prefix found in the cache goes with the first chunk
+                first, block_ids = engine.prefill_piece(rid, transfer.blocks_sent.get(layer, 0))
                 transfer.sender.send_layer(layer, *engine.kv_layer(layer), block_ids, first)
+                transfer.blocks_sent[layer] = first + len(block_ids)
 
     # ---- gRPC threads ----
 

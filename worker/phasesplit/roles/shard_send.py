@@ -60,6 +60,7 @@ class _Shard:
 
     def __init__(self, sender, number: int, num_layers: int, num_blocks: int):
         self.sender, self.number, self.num_layers, self.num_blocks = sender, number, num_layers, num_blocks
+        self.blocks_sent: dict[int, int] = {}  # by layer: the blocks queued so far
         self._reported = False
         self._lock = threading.Lock()
 
@@ -106,7 +107,7 @@ class ShardSenders:
             with self._lock:
                 shard = self._shards.get(rid)
             if shard is not None:
-                self._send(rid, shard, layer, *self.engine.prefill_piece(rid))
+                self._send(rid, shard, layer, *self.engine.prefill_piece(rid, shard.blocks_sent.get(layer, 0)))
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -121,6 +122,7 @@ class ShardSenders:
 
     def _send(self, rid: str, shard: _Shard, layer: int, first: int, block_ids: list[int]) -> None:
         shard.sender.send_layer(layer, *self.engine.kv_layer(layer), block_ids, first)
+        shard.blocks_sent[layer] = first + len(block_ids)
         if layer == shard.num_layers - 1 and first + len(block_ids) >= shard.num_blocks:
             threading.Thread(target=self._end, args=(rid, shard, False), name=f"kv-shard-{rid}", daemon=True).start()
 
