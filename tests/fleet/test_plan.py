@@ -40,7 +40,8 @@ def test_a_bigger_budget_buys_a_higher_rate(toy_profiles):
 
 def test_designs_cover_baselines_and_every_pairing():
     names = [str(d) for d in designs(["a", "b"])]
-    assert names == ["baseline a", "baseline b", "split a -> a", "split a -> b", "split b -> a", "split b -> b"]
+    assert names == ["baseline a", "chunked a", "baseline b", "chunked b", "split a -> a", "split a -> b",
+                     "split b -> a", "split b -> b"]
 
 
 def test_plan_command_ranks_by_cost_and_emits_a_valid_splitinference(tmp_path, capsys):
@@ -49,8 +50,8 @@ def test_plan_command_ranks_by_cost_and_emits_a_valid_splitinference(tmp_path, c
                 "--emit", str(out), "--name", "conv-plan"]) == 0
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines()[1:] if line[:2].strip().isdigit()]
-    costs = [float(line.split()[-7]) for line in rows]
-    assert len(rows) == 6 and costs == sorted(costs) and "met" in rows[0]
+    costs = [float(line.split()[-9]) for line in rows]
+    assert len(rows) == 8 and costs == sorted(costs) and "met" in rows[0]
     doc = yaml.safe_load(out.read_text())
     spec = SplitInference.model_validate(doc).spec
     assert doc["metadata"]["name"] == "conv-plan"
@@ -93,3 +94,65 @@ def test_plan_command_reads_a_mixed_size_range_and_refuses_a_bad_one(capsys):
             assert "--mixed" in str(e)
         else:
             raise AssertionError(bad)
+
+
+def test_plan_json_is_one_document_with_every_candidate_and_the_best_marked(tmp_path, capsys):
+    import json
+    out = tmp_path / "best.yaml"
+    assert cli(["plan", "--trace", "code", "--rate", "3", "--sample", "200", "--hardware", "h100-80gb",
+                "--json", "--emit", str(out), "--source", "pvc:llama/70b"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    candidates = doc["candidates"]
+    assert [c["design"] for c in candidates if c["best"]] == [candidates[0]["design"]] and candidates[0]["rank"] == 1
+    assert {c["kind"] for c in candidates} == {"baseline", "chunked", "split"}
+    for c in candidates:
+        assert c["cost_per_hour"] == sum(c["machines"].values()) * 38.0 and c["power_w"] > 0
+        assert set(c["slos"]) == {str(s) for s in __import__("phasesplit.fleet.report").fleet.report.PAPER_SLOS}
+        assert c["met"] == all(v["met"] for v in c["slos"].values()) and c["sized_at_rps"] == 3.0
+    assert doc["emitted"].startswith(f"wrote {out}: SplitInference planned") and "NOTE" not in doc["emitted"]
+    assert cli(["plan", "--trace", "code", "--rate", "3", "--json", "--emit", "-"]) == 2
+    assert "--json and --emit -" in capsys.readouterr().err
+
+
+def test_emit_says_what_it_wrote_marks_a_placeholder_source_and_requests_cpu_and_memory(tmp_path, capsys):
+    out = tmp_path / "p.yaml"
+    assert cli(["plan", "--trace", "code", "--rate", "3", "--sample", "200", "--hardware", "h100-80gb",
+                "--no-split", "--emit", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}: SplitInference planned" in said and "placeholder" in said and "--source" in said
+    doc = yaml.safe_load(out.read_text())
+    assert "phasesplit.io/placeholder-source" in doc["metadata"]["annotations"]
+    requests = doc["spec"]["pools"]["mixed"]["resources"]["requests"]
+    assert requests["cpu"] == "16" and requests["memory"] == "256Gi" and requests["nvidia.com/gpu"] == 8
+
+
+def test_max_machines_caps_every_candidate(capsys):
+    import json
+    assert cli(["plan", "--trace", "code", "--rate", "3", "--sample", "200", "--hardware", "h100-80gb,a100-80gb",
+                "--max-machines", "3", "--json"]) == 0
+    candidates = json.loads(capsys.readouterr().out)["candidates"]
+    assert candidates and all(c["total_machines"] <= 3 for c in candidates)
+    assert cli(["plan", "--trace", "code", "--rate", "3", "--max-machines", "0"]) == 2
+    assert "--max-machines: must be >= 1" in capsys.readouterr().err
+
+
+def test_under_a_budget_the_answer_does_not_depend_on_the_starting_rate(toy_profiles):
+    p = planner(toy_profiles)
+    design = Design("split", "toy-big", "toy-gpu")
+    slow, fast = p.best_rate(design, "cost_per_hour", 60.0, 0.5), p.best_rate(design, "cost_per_hour", 60.0, 20.0)
+    assert slow.met and fast.met
+    assert abs(slow.rate - fast.rate) <= 0.15 * max(slow.rate, fast.rate)
+    assert abs(slow.sized_at - fast.sized_at) <= 0.25 * max(slow.sized_at, fast.sized_at)
+    assert p.price(design, slow.prompt, slow.token, "cost_per_hour") > 0.8 * 60
+
+
+def test_plan_ranks_the_same_with_or_without_a_rate_under_a_budget(capsys):
+    import json
+    base = ["plan", "--trace", "conv", "--objective", "throughput", "--max-cost", "760", "--sample", "300",
+            "--hardware", "h100-80gb", "--json"]
+    assert cli(base) == 0
+    without = json.loads(capsys.readouterr().out)["candidates"]
+    assert cli(base + ["--rate", "30"]) == 0
+    with_rate = json.loads(capsys.readouterr().out)["candidates"]
+    assert [c["design"] for c in without][:2] == [c["design"] for c in with_rate][:2]
+    assert all(c["total_machines"] <= 20 for c in without + with_rate)

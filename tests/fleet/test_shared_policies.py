@@ -112,3 +112,61 @@ def test_router_and_simulator_lend_the_mixed_pool_with_the_same_functions():
     for name in ("prompt_candidates", "token_candidates"):
         assert getattr(dispatch, name) is getattr(lending, name), f"the router no longer uses {name}"
         assert getattr(sim_module, name) is getattr(lending, name), f"the simulator no longer uses {name}"
+
+
+def engine_chunked_steps(prompts, outputs, num_blocks, max_num_seqs, budget):
+    """The engine's scheduler with chunked prefill: ("step", decodes, [(id, chunk tokens)]) or ("decode", n)."""
+    sched = Scheduler(BlockManager(num_blocks, 1), max_num_seqs, budget, num_blocks, {0}, chunked_prefill=True)
+    for i, (n, out) in enumerate(zip(prompts, outputs)):
+        sched.add(Sequence(str(i), [7] * n, SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)))
+    log = []
+    while sched.has_unfinished():
+        seqs, _ = sched.schedule()
+        chunks = [(int(s.request_id), s.num_scheduled_tokens) for s in seqs if s.num_output_tokens == 0]
+        log.append(("step", len(seqs) - len(chunks), chunks) if chunks else ("decode", len(seqs)))
+        sched.postprocess(seqs, [5 if s.num_cached_tokens + s.num_scheduled_tokens >= s.num_prompt_tokens
+                                 or s.num_output_tokens else None for s in seqs])
+    assert sched.num_preemptions == 0
+    return log
+
+
+def simulated_chunked_steps(tmp_path, monkeypatch, prompts, outputs, num_blocks, max_num_seqs, budget):
+    profile = write_profile(tmp_path / "p.csv", toy_rows(kv_tokens=num_blocks))
+    (tmp_path / "c.yaml").write_text(CATALOG)
+    log = []
+    start_mixed, start_decode = Instance._start_mixed, Instance._start_decode
+
+    def mixed(self, chunks, now):
+        log.append(("step", self.num_running, list(chunks)))
+        start_mixed(self, chunks, now)
+
+    def decode(self, now):
+        start_decode(self, now)
+        log.extend([("decode", self.num_running)] * self.stretch[2])
+
+    monkeypatch.setattr(Instance, "_start_mixed", mixed)
+    monkeypatch.setattr(Instance, "_start_decode", decode)
+    config = SimConfig("toy", 1, (PoolSpec("mixed", "toy-gpu", 1),), block_size=1, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=budget, chunked_prefill=budget)
+    trace = Trace(np.zeros(len(prompts)), np.array(prompts), np.array(outputs))
+    Simulation(config, Profiles(profile, tmp_path / "c.yaml"), trace).run()
+    return log
+
+
+@pytest.mark.parametrize("case", [
+    ([300, 500, 1500, 100, 2500, 40, 40, 700], [3, 1, 9, 4, 2, 12, 5, 1], 100_000, 3, 512),
+    ([900, 900, 900, 900, 200], [20, 5, 1, 8, 3], 3000, 8, 256),
+    ([10] * 12, list(range(1, 13)), 1000, 4, 25),
+])
+def test_simulated_instance_runs_chunked_prefill_steps_as_the_engine_scheduler(tmp_path, monkeypatch, case):
+    prompts, outputs, blocks, seqs, budget = case
+    real = engine_chunked_steps(prompts, outputs, blocks, seqs, budget)
+    assert any(kind == "step" and decodes for kind, decodes, *_ in real)   # chunks rode beside decodes
+    assert simulated_chunked_steps(tmp_path, monkeypatch, prompts, outputs, blocks, seqs, budget) == real
+
+
+def test_the_simulator_routes_cache_aware_with_the_importable_pure_functions():
+    from phasesplit.fleet import cache_routing
+    for name in ("pick_cache_aware", "pick_cache_aware_token", "prefill_locally"):
+        assert getattr(sim_module, name) is getattr(cache_routing, name)
+    assert cache_routing.POLICIES == ("cacheAware", "leastLoaded")

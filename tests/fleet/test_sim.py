@@ -108,3 +108,38 @@ def test_simulate_command_names_the_bad_field(capsys, args, message):
     from phasesplit.cli import main as cli
     assert cli(["simulate", "--trace", "code", "--requests", "10", *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_simulate_shows_the_offered_rate_beside_the_completed_one(capsys):
+    from phasesplit.cli import main as cli
+    assert cli(["simulate", "--trace", "code", "--rate", "30", "--requests", "300", "--baseline", "h100-80gb:1"]) == 0
+    text = capsys.readouterr().out
+    assert "offered 2" in text and "drained after the last arrival" in text
+    assert cli(["simulate", "--trace", "code", "--rate", "30", "--requests", "300", "--baseline", "h100-80gb:1",
+                "--json"]) == 0
+    import json
+    s = json.loads(capsys.readouterr().out)
+    assert 25 < s["offered_rps"] < 35 and s["throughput_rps"] < s["offered_rps"] / 2 and s["drain_s"] > 10
+
+
+def test_decode_batches_beyond_the_measured_ones_are_flagged(toy_profiles):
+    trace = poisson(rate=50, n=300, output=(50, 100))
+    wide = SimConfig("toy", 1, (PoolSpec("mixed", "toy-gpu", 1),), max_num_seqs=16)
+    s = summarize(simulate(wide, toy_profiles, trace))
+    assert s["extrapolated"]["decode_batch"]["largest_measured"] == 8
+    assert 8 < s["extrapolated"]["decode_batch"]["largest_run"] <= 16
+    assert any("decode batches of up to" in w and "extrapolated" in w for w in s["warnings"])
+    narrow = summarize(simulate(cluster(mixed="toy-gpu:1"), toy_profiles, poisson(rate=1, n=20, prompt=(50, 60))))
+    assert narrow["warnings"] == [] and narrow["extrapolated"] == {}
+
+
+def test_the_timeline_samples_each_pools_load_for_the_plots(toy_profiles):
+    from dataclasses import replace
+    config = replace(cluster(prompt="toy-gpu:1", token="toy-gpu:1"), timeline_interval=0.5)
+    out = simulate(config, toy_profiles, poisson(rate=3, n=400, prompt=(300, 900)))
+    s = summarize(out)
+    for role in ("prompt", "token"):
+        line = out.timeline[role]
+        assert line["time"] == sorted(line["time"]) and line["time"][-1] >= out.duration - 0.5
+        assert np.mean(line["utilization"]) == pytest.approx(s["pools"][role]["utilization"], abs=0.05)
+    assert max(out.timeline["prompt"]["queue"]) > 0

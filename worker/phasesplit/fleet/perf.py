@@ -14,6 +14,16 @@ below the smallest point an iteration costs what the smallest measured one costs
 cost of launching a step); above the largest it grows along the slope of the last two measured
 points (prefill is compute-bound and grows linearly with tokens; a decode batch grows linearly
 with its sequences once the weights' read is amortised).
+
+Mixed steps (chunked prefill: prompt chunks beside decodes) are priced from the table that
+`phasesplit profile --mixed-out` writes (`chunk_tokens`, `num_decodes`, `step_time` ms), read
+with `mixed=` (`--mixed-profiles`): linear over chunk tokens for each measured decode count, then
+linear between decode counts, with the same rule outside. Without one, a documented model derived
+from the two curves above: the decodes ride the chunk's compute-bound pass as that many more
+prompt tokens (Sarathi-Serve's piggybacking), `prompt_time(chunk + decodes)`, and a step is never
+cheaper than the decodes alone, `token_time(decodes)`. Either way a chunk that follows `done`
+tokens of its prompt also pays for attending to them: what extending a whole prefill from `done`
+to `done + chunk` tokens costs beyond a prefill of `chunk` tokens (zero or more).
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ REQUIRED_COLUMNS = ("model", "hardware", "tensor_parallel", "prompt_size", "batc
 PROFILE_COLUMNS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "peak_power", "average_power",
                    "prompt_time", "token_time", "e2e_time", "tensor_parallel", "kv_bytes_per_token",
                    "kv_capacity_tokens", "num_layers")
+MIXED_COLUMNS = ("model", "hardware", "chunk_tokens", "num_decodes", "step_time", "tensor_parallel")
 KV_MEMORY_FRACTION = 0.9  # of the GPUs' memory left for weights and KV (the rest: activations, runtime)
 
 
@@ -107,6 +118,7 @@ class PerfModel:
     token_ms: Curve           # sequences in the decode batch -> ms
     kv_bytes_per_token: float
     kv_capacity_tokens: int   # per instance
+    mixed_ms: MixedSurface | None = None   # (chunk tokens, decodes) -> ms, from a mixed profile
 
     @property
     def instances_per_machine(self) -> int:
@@ -121,9 +133,49 @@ class PerfModel:
         return self.token_ms(batch_size) / 1000.0
 
     @property
+    def largest_measured_batch(self) -> int:
+        return int(self.token_ms.xs[-1])
+
+    @property
+    def largest_measured_prefill(self) -> int:
+        return int(self.prompt_ms.xs[-1])
+
+    def mixed_time(self, chunks: list[tuple[int, int]], num_decodes: int) -> float:
+        """Seconds for one chunked-prefill step: `chunks` as (tokens done before, tokens now) of each
+        prompt, beside `num_decodes` decoding sequences (the module's docstring says how)."""
+        tokens = sum(n for _, n in chunks)
+        if self.mixed_ms is not None:
+            ms = self.mixed_ms(tokens, num_decodes)
+        else:
+            ms = max(self.prompt_ms(tokens + num_decodes), self.token_ms(num_decodes) if num_decodes else 0.0)
+        for done, n in chunks:
+            if done:
+                ms += max(0.0, self.prompt_ms(done + n) - self.prompt_ms(done) - self.prompt_ms(n))
+        return ms / 1000.0
+
+    @property
     def link_bytes_per_s(self) -> float:
         """Each GPU of the tensor-parallel group sends its own shard of the KV over its own link."""
         return self.hardware.link_gbps_per_gpu * 1e9 / 8 * self.tensor_parallel
+
+
+@dataclass(frozen=True, slots=True)
+class MixedSurface:
+    """ms of a mixed step: a `Curve` over chunk tokens for each measured decode count, linear between."""
+    decodes: tuple[float, ...]
+    curves: tuple[Curve, ...]
+
+    @classmethod
+    def from_rows(cls, rows: list[dict[str, str]]) -> MixedSurface:
+        points: dict[float, dict[float, list[float]]] = {}
+        for r in rows:
+            points.setdefault(float(r["num_decodes"]), {}).setdefault(float(r["chunk_tokens"]), []).append(
+                float(r["step_time"]))
+        decodes = sorted(points)
+        return cls(tuple(decodes), tuple(Curve.from_points(points[d]) for d in decodes))
+
+    def __call__(self, chunk_tokens: float, num_decodes: float) -> float:
+        return Curve(self.decodes, tuple(c(chunk_tokens) for c in self.curves))(num_decodes)
 
 
 def kv_transfer_time(num_tokens: int, prefill_s: float, kv_bytes_per_token: float, bytes_per_s: float,
@@ -149,12 +201,27 @@ def read_profile_rows(path: str | Path | None = None) -> list[dict[str, str]]:
         return list(reader)
 
 
+def read_mixed_rows(path: str | Path) -> list[dict[str, str]]:
+    """A mixed-step table as `phasesplit profile --mixed-out` writes it."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"--mixed-profiles: {path}: no such file")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MIXED_COLUMNS if c not in (reader.fieldnames or ())]
+        if missing:
+            raise ValueError(f"mixed profile {path}: missing column(s) {', '.join(missing)}; "
+                             f"the schema is {', '.join(MIXED_COLUMNS)} (phasesplit profile --mixed-out)")
+        return list(reader)
+
+
 class Profiles:
     """A profile table, the machine catalog and model shapes: builds `PerfModel`s on demand."""
 
     def __init__(self, profile: str | Path | None = None, catalog: str | Path | None = None,
-                 shapes: str | Path | None = None):
+                 shapes: str | Path | None = None, mixed: str | Path | None = None):
         self.rows = read_profile_rows(profile)
+        self.mixed_rows = read_mixed_rows(mixed) if mixed else []
         self.catalog = load_catalog(catalog)
         self.shapes = load_model_shapes(shapes)
         self._cache: dict[tuple, PerfModel] = {}
@@ -187,7 +254,10 @@ class Profiles:
             prompt.setdefault(int(r["prompt_size"]) * batch, []).append(float(r["prompt_time"]))
             token.setdefault(batch, []).append(float(r["token_time"]))
         kv_bytes, capacity = self._kv(model, hw, tp, rows[0])
-        return PerfModel(model, hw, tp, Curve.from_points(prompt), Curve.from_points(token), kv_bytes, capacity)
+        mixed = [r for r in self.mixed_rows
+                 if r["model"] == model and r["hardware"] == hardware and int(r["tensor_parallel"]) == tp]
+        return PerfModel(model, hw, tp, Curve.from_points(prompt), Curve.from_points(token), kv_bytes, capacity,
+                         MixedSurface.from_rows(mixed) if mixed else None)
 
     def _kv(self, model: str, hw: Hardware, tp: int, row: dict[str, str]) -> tuple[float, int]:
         if row.get("kv_bytes_per_token") and row.get("kv_capacity_tokens", "num_layers"):

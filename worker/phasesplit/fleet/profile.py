@@ -20,9 +20,8 @@ import time
 from pathlib import Path
 
 from phasesplit.cli_format import HelpFormatter
-from phasesplit.fleet.perf import PROFILE_COLUMNS, load_catalog
+from phasesplit.fleet.perf import MIXED_COLUMNS, PROFILE_COLUMNS, load_catalog
 
-MIXED_COLUMNS = ("model", "hardware", "chunk_tokens", "num_decodes", "step_time", "tensor_parallel")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

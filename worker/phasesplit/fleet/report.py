@@ -42,18 +42,26 @@ def _percentiles(values: np.ndarray) -> dict[str, float | None]:
 def summarize(outcome: Outcome, reference: PerfModel | None = None) -> dict:
     lat = latencies(outcome)
     completed = int(len(lat["e2e"]))
-    span = outcome.duration - (min(outcome.arrival) if outcome.arrival else 0.0)
+    first_arrival, last_arrival = (min(outcome.arrival), max(outcome.arrival)) if outcome.arrival else (0.0, 0.0)
+    span = outcome.duration - first_arrival
+    arriving = last_arrival - first_arrival
     summary = {
         "requests": len(outcome.arrival),
         "completed": completed,
         "unfinished": len(outcome.arrival) - completed - outcome.rejected,
         "rejected": outcome.rejected,
         "duration_s": round(outcome.duration, 3),
+        "offered_rps": round((len(outcome.arrival) - 1) / arriving, 4) if arriving > 0 else 0.0,
         "throughput_rps": round(completed / span, 4) if span > 0 else 0.0,
+        "drain_s": round(max(outcome.duration - last_arrival, 0.0), 3),
         **{f"{m}_s": _percentiles(lat[m]) for m in METRICS},
         "pools": outcome.pools,
         "cost_per_hour": round(sum(p["cost_per_hour"] for p in outcome.pools.values()), 2),
         "power_w": round(sum(p["power_w"] for p in outcome.pools.values()), 1),
+        "prefix_caching": outcome.prefix_caching,
+        "prefix_hit_ratio": round(outcome.cached_tokens / outcome.prefilled_tokens, 4) if outcome.prefilled_tokens
+        else 0.0,
+        "kv_bytes_moved": int(outcome.kv_bytes_moved),
     }
     if reference is not None:
         base = uncontended(outcome, reference)
@@ -61,7 +69,24 @@ def summarize(outcome: Outcome, reference: PerfModel | None = None) -> dict:
         summary["slowdown_reference"] = reference.hardware.name
     if outcome.scaling:
         summary["scaling"] = outcome.scaling
+    summary["extrapolated"] = outcome.extrapolated
+    summary["warnings"] = warnings(outcome.extrapolated)
     return summary
+
+
+EXTRAPOLATED = {"decode_batch": ("decode batches of up to {run} sequences", "batch ({measured})"),
+                "prefill_tokens": ("prefill batches of up to {run} tokens", "prefill ({measured} tokens)")}
+
+
+def warnings(extrapolated: dict[str, dict[str, int]]) -> list[str]:
+    """A sentence for each kind of iteration the run priced beyond the profile's measured points."""
+    out = []
+    for kind, seen in extrapolated.items():
+        what, limit = EXTRAPOLATED[kind]
+        out.append(f"{what.format(run=seen['largest_run'])} ran beyond the profile's largest measured "
+                   f"{limit.format(measured=seen['largest_measured'])}: their times are extrapolated along "
+                   "the last two points' slope")
+    return out
 
 
 @dataclass(frozen=True)
@@ -114,7 +139,9 @@ def slos_met(summary: dict, slos: tuple[Slo, ...]) -> bool:
 
 def table(summary: dict) -> str:
     lines = [f"requests {summary['requests']}  completed {summary['completed']}  unfinished {summary['unfinished']}"
-             f"  rejected {summary['rejected']}  throughput {summary['throughput_rps']:.3f} req/s",
+             f"  rejected {summary['rejected']}",
+             f"offered {summary['offered_rps']:.3f} req/s; completed {summary['throughput_rps']:.3f} req/s over "
+             f"{summary['duration_s']:.1f} s, of which {summary['drain_s']:.1f} s drained after the last arrival",
              f"{'':8}{'P50':>10}{'P90':>10}{'P99':>10}"]
     for m in METRICS:
         row = summary[f"{m}_s"]
@@ -124,11 +151,16 @@ def table(summary: dict) -> str:
             row = summary["slowdown"][m]
             lines.append(f"{m.upper() + ' x':8}" + "".join(_cell(row[q]) for q in QUANTILES))
         lines.append(f"(x: slowdown against the request alone on {summary['slowdown_reference']})")
-    lines.append(f"{'pool':8}{'hardware':>16}{'machines':>10}{'util':>8}{'$/h':>10}{'power W':>10}")
+    lines.append(f"{'pool':8}{'hardware':>16}{'machines':>10}{'util':>8}{'$/h':>10}{'power W':>10}{'KV tokens':>12}")
     for role, p in summary["pools"].items():
         lines.append(f"{role:8}{p['hardware']:>16}{p['machines']:>10g}{p['utilization']:>8.1%}"
-                     f"{p['cost_per_hour']:>10.2f}{p['power_w']:>10.0f}")
+                     f"{p['cost_per_hour']:>10.2f}{p['power_w']:>10.0f}{p['kv_capacity_tokens']:>12,}")
     lines.append(f"{'total':8}{'':>16}{'':>10}{'':>8}{summary['cost_per_hour']:>10.2f}{summary['power_w']:>10.0f}")
+    if summary["prefix_caching"]:
+        lines.append(f"prefix cache: {summary['prefix_hit_ratio']:.1%} of prompt tokens served from a cache")
+    if summary["kv_bytes_moved"]:
+        lines.append(f"KV handed off: {summary['kv_bytes_moved'] / 1e9:,.1f} GB")
+    lines += [f"WARNING: {w}" for w in summary.get("warnings", ())]
     return "\n".join(lines)
 
 
