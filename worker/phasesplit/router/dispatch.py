@@ -227,6 +227,7 @@ class Dispatcher:
             try:
                 reply = await self._prefill(run, attempt, token_w, hashes)
                 assignment.kv_landed()
+                token_w.expect_cached(hashes.full(token_w.block_size))   # its decode keeps the prompt's blocks
                 if not run.sent:
                     run.job.cached_tokens = reply.num_cached_tokens
                 if reply.finish_reason:
