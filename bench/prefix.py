@@ -169,7 +169,8 @@ def row(turns: list[Turn], seconds: float, moved: float) -> dict:
     return {"TTFT P50": pct([t.ttft for t in turns], 50), "TTFT P90": pct([t.ttft for t in turns], 90),
             "later P50": pct(later, 50), "later P90": pct(later, 90), "computed": prompt - cached,
             "cached": cached, "cached %": 100 * cached / prompt,
-            "of cacheable %": 100 * cached / cacheable if cacheable else float("nan"), "KV MiB": moved / 2**20, "seconds": seconds}
+            "of cacheable %": 100 * cached / cacheable if cacheable else float("nan"),
+            "KV MiB": moved / 2**20, "seconds": seconds}
 
 
 def main(argv: list[str] | None = None) -> int:
