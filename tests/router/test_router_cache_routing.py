@@ -77,6 +77,16 @@ async def test_a_worker_hashing_otherwise_is_not_routed_by_its_cache(make_cluste
     assert sorted(w.split()[1] for w in warnings) == sorted(w.address for w in cluster.all_workers())   # one each
 
 
+async def test_the_token_worker_holding_the_prompt_takes_it_though_it_has_less_room(make_cluster, tiny_model_dir):
+    cluster = await make_cluster(prompt=1, token=2, worker_options={"prefix_hash": HASH_NAME})
+    holder, roomy = cluster.workers["token"]
+    holder.cached_hashes.update(prompt_hashes(tiny_model_dir))
+    holder.num_kv_blocks = 500   # a leastLoaded pick takes the worker with more free blocks
+    await cluster.polled()
+    await complete(cluster)
+    assert (len(holder.generates), len(roomy.generates)) == (1, 0)
+
+
 def summary(full: bool, stored=(), removed=(), epoch="e1", sequence=1) -> pb.PrefixCacheSummary:
     return pb.PrefixCacheSummary(epoch=epoch, sequence=sequence, full=full, stored=stored, removed=removed)
 
