@@ -95,7 +95,7 @@ class WorkerState:
 
     @property
     def caches_prefixes(self) -> bool:
-        """Whether its prefix cache hashes blocks as the router does (which hashes them with this worker's block size)."""
+        """Whether its prefix cache hashes blocks as the router does (the router uses this worker's block size)."""
         return self.info is not None and self.info.prefix_hash == HASH_NAME
 
     def cached_tokens(self, hashes: list[int]) -> int:
