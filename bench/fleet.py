@@ -26,7 +26,7 @@ from phasesplit.fleet.perf import Profiles
 from phasesplit.fleet.report import PAPER_SLOS, summarize
 from dataclasses import replace
 
-from phasesplit.fleet.cache_routing import CACHE_AWARE, LEAST_LOADED
+from phasesplit.router.cache_routing import CACHE_AWARE, LEAST_LOADED
 from phasesplit.fleet.search import Design, Planner
 from phasesplit.fleet.sim import PoolSpec, SimConfig, simulate
 from phasesplit.fleet.trace import Trace, load_trace, redraw

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from phasesplit.cli import main as cli
-from phasesplit.fleet.cache_routing import pick_cache_aware, pick_cache_aware_token, prefill_locally
+from phasesplit.router.cache_routing import pick_cache_aware, pick_cache_aware_token, prefill_locally
 from phasesplit.fleet.perf import Profiles
 from phasesplit.fleet.prefix_cache import PrefixCache, cached_tokens, pooled_hit_ratio
 from phasesplit.fleet.report import summarize

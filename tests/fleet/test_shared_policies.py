@@ -165,8 +165,8 @@ def test_simulated_instance_runs_chunked_prefill_steps_as_the_engine_scheduler(t
     assert simulated_chunked_steps(tmp_path, monkeypatch, prompts, outputs, blocks, seqs, budget) == real
 
 
-def test_the_simulator_routes_cache_aware_with_the_importable_pure_functions():
-    from phasesplit.fleet import cache_routing
+def test_the_simulator_routes_cache_aware_with_the_routers_functions():
+    from phasesplit.router import cache_routing
     for name in ("pick_cache_aware", "pick_cache_aware_token", "prefill_locally"):
         assert getattr(sim_module, name) is getattr(cache_routing, name)
     assert cache_routing.POLICIES == ("cacheAware", "leastLoaded")

@@ -19,6 +19,7 @@ import grpc
 
 from phasesplit.engine.tokenizer import tokenizer_digest
 from phasesplit.logs import request_id_from_metadata
+from phasesplit.prefix_hash import block_hashes
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1.conventions import KV_PEER_FAILED
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -43,7 +44,7 @@ def expected_output(prompt: list[int], max_tokens: int, eos: set[int] = frozense
 
 class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_grpc.WorkerServicer):
     def __init__(self, role: str, tokenizer, *, num_kv_blocks: int = 1000, prefill_delay: float = 0.0,
-                 token_delay: float = 0.0, tokenizer_files: dict[str, bytes] | None = None):
+                 token_delay: float = 0.0, tokenizer_files: dict[str, bytes] | None = None, prefix_hash: str = ""):
         self.role, self.tokenizer = role, tokenizer
         self.tokenizer_files = tokenizer_files     # served by TokenizerFiles, with their digest in Info
         self.tokenizer_reads = 0
@@ -62,6 +63,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.refuse_prefill = False               # answer Prefill with UNAVAILABLE, as a draining worker does
         self.fail_after_push = False              # push the KV, then fail Prefill as a worker dying right then
         self.draining = False
+        self.prefix_hash = prefix_hash             # Info's prefix_hash: "" reports no prefix cache
+        self.cached_hashes: set[int] = set()       # the blocks its pretend prefix cache holds, as Load reports them
         self.fail_after_tokens: int | None = None  # break the next Generate stream after this many tokens
         self.failure = "kill"                      # how: kill | stall | end (no finish reason) | abort (event) | pause
         self.pause_seconds = 0.0                   # how long a "pause" holds the stream
@@ -137,10 +140,23 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "connection lost")
             return pb.PrefillReply(first_token=first, first_text=self._text(first), finish_reason=finish,
                                    prefill_seconds=self.prefill_delay, transfer_seconds=0.001,
-                                   kv_bytes=1024 * len(prompt))
+                                   kv_bytes=1024 * len(prompt), num_cached_tokens=self._cached(request))
         finally:
             self.active.discard(rid)
             self._prefilling.pop(rid, None)
+
+    def _cached(self, request: pb.PrefillRequest) -> int:
+        """Its pretend prefix cache's hit on the prompt (counted when it reports one), then holding it all."""
+        if not self.prefix_hash:
+            return 0
+        salt = request.sampling.cache_salt if request.sampling.HasField("cache_salt") else None
+        hashes = block_hashes(list(request.prompt_token_ids), BLOCK_SIZE, salt)
+        hits = 0
+        while hits < min(len(hashes), (len(request.prompt_token_ids) - 1) // BLOCK_SIZE) \
+                and hashes[hits] in self.cached_hashes:
+            hits += 1
+        self.cached_hashes.update(hashes)
+        return hits * BLOCK_SIZE
 
     # ---- TokenWorker ----
     async def PushKV(self, request_iterator, context) -> pb.PushKVReply:
@@ -224,7 +240,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                              block_size=BLOCK_SIZE)
         digest = tokenizer_digest(self.tokenizer_files) if self.tokenizer_files else ""
         return pb.WorkerInfo(role=self.role, model="tiny", layout=layout, max_model_len=2048,
-                             num_kv_blocks=self.num_kv_blocks, version="fake", tokenizer_digest=digest)
+                             num_kv_blocks=self.num_kv_blocks, version="fake", tokenizer_digest=digest,
+                             prefix_hash=self.prefix_hash)
 
     async def TokenizerFiles(self, request, context):
         await self._alive()
@@ -243,7 +260,9 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                              running_requests=len(self.active) + self.extra_running, kv_blocks_used=used,
                              max_running_requests=self.max_running_requests,
                              kv_blocks_free=self.num_kv_blocks - used, pending_transfers=len(self.kv),
-                             draining=self.draining, streams_ended=self.streams_ended)
+                             draining=self.draining, streams_ended=self.streams_ended,
+                             prefix_cache=pb.PrefixCacheSummary(epoch="fake", full=True, stored=self.cached_hashes)
+                             if self.prefix_hash else None)
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortReply:
         await self._alive()

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aphasesplit/v1/worker.proto\x12\rphasesplit.v1\"\xb4\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x07 \x01(\r\x12\x1c\n\x14tensor_parallel_rank\x18\x08 \x01(\r\"\xbd\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\ncache_salt\x18\x08 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_cache_salt\"\x85\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.phasesplit.v1.SamplingParams\x12\x14\n\x0ctoken_worker\x18\x04 \x01(\t\"\xc5\x01\n\x0cPrefillReply\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\"\xc8\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.phasesplit.v1.KVLayout\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x0b\x66irst_token\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\rB\x0e\n\x0c_first_tokenJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\x99\x01\n\x07KVChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.phasesplit.v1.KVHeader\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_count\x18\x05 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\">\n\x0bPushKVReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\"\x9a\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08sampling\x18\x02 \x01(\x0b\x32\x1d.phasesplit.v1.SamplingParams\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x0b\x66irst_token\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_first_token\"_\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\"\r\n\x0bInfoRequest\"\xab\x01\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.phasesplit.v1.KVLayout\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\r\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x18\n\x10tokenizer_digest\x18\x07 \x01(\t\"\r\n\x0bLoadRequest\"\xcc\x02\n\nWorkerLoad\x12\x18\n\x10waiting_requests\x18\x01 \x01(\r\x12\x16\n\x0ewaiting_tokens\x18\x02 \x01(\x04\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x19\n\x11pending_transfers\x18\x06 \x01(\r\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\r\x12\x42\n\rstreams_ended\x18\t \x03(\x0b\x32+.phasesplit.v1.WorkerLoad.StreamsEndedEntry\x1a\x33\n\x11StreamsEndedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x17\n\x15TokenizerFilesRequest\"\'\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"j\n\x0eKVGroupConnect\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.phasesplit.v1.KVLayout\x12\x0c\n\x04host\x18\x04 \x01(\t\"%\n\x0fKVGroupEndpoint\x12\x12\n\nstore_port\x18\x01 \x01(\r\"]\n\x0bKVGroupPush\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\'\n\x06header\x18\x03 \x01(\x0b\x32\x17.phasesplit.v1.KVHeader\"K\n\x0cKVGroupEvent\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x32U\n\x0cPromptWorker\x12\x45\n\x07Prefill\x12\x1d.phasesplit.v1.PrefillRequest\x1a\x1b.phasesplit.v1.PrefillReply2\x96\x01\n\x0bTokenWorker\x12>\n\x06PushKV\x12\x16.phasesplit.v1.KVChunk\x1a\x1a.phasesplit.v1.PushKVReply(\x01\x12G\n\x08Generate\x12\x1e.phasesplit.v1.GenerateRequest\x1a\x19.phasesplit.v1.TokenEvent0\x01\x32\x9b\x02\n\x06Worker\x12=\n\x04Info\x12\x1a.phasesplit.v1.InfoRequest\x1a\x19.phasesplit.v1.WorkerInfo\x12=\n\x04Load\x12\x1a.phasesplit.v1.LoadRequest\x1a\x19.phasesplit.v1.WorkerLoad\x12?\n\x05\x41\x62ort\x12\x1b.phasesplit.v1.AbortRequest\x1a\x19.phasesplit.v1.AbortReply\x12R\n\x0eTokenizerFiles\x12$.phasesplit.v1.TokenizerFilesRequest\x1a\x18.phasesplit.v1.FileChunk0\x01\x32\x96\x01\n\x07KVGroup\x12H\n\x07\x43onnect\x12\x1d.phasesplit.v1.KVGroupConnect\x1a\x1e.phasesplit.v1.KVGroupEndpoint\x12\x41\n\x04Push\x12\x1a.phasesplit.v1.KVGroupPush\x1a\x1b.phasesplit.v1.KVGroupEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aphasesplit/v1/worker.proto\x12\rphasesplit.v1\"\xb4\x01\n\x08KVLayout\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x04 \x01(\r\x12\x10\n\x08head_dim\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x1c\n\x14tensor_parallel_size\x18\x07 \x01(\r\x12\x1c\n\x14tensor_parallel_rank\x18\x08 \x01(\r\"\xbd\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x17\n\ncache_salt\x18\x08 \x01(\tH\x01\x88\x01\x01\x42\x07\n\x05_seedB\r\n\x0b_cache_salt\"\x85\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.phasesplit.v1.SamplingParams\x12\x14\n\x0ctoken_worker\x18\x04 \x01(\t\"\xc5\x01\n\x0cPrefillReply\x12\x13\n\x0b\x66irst_token\x18\x01 \x01(\r\x12\x12\n\nfirst_text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rqueue_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x10\n\x08kv_bytes\x18\x07 \x01(\x04\x12\x19\n\x11num_cached_tokens\x18\x08 \x01(\r\"\xc8\x01\n\x08KVHeader\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.phasesplit.v1.KVLayout\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x0b\x66irst_token\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x14\n\x0c\x62lock_hashes\x18\x07 \x03(\x04\x12\x19\n\x11num_cached_blocks\x18\x08 \x01(\rB\x0e\n\x0c_first_tokenJ\x04\x08\x05\x10\x06J\x04\x08\x06\x10\x07\"\x99\x01\n\x07KVChunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.phasesplit.v1.KVHeader\x12\r\n\x05layer\x18\x02 \x01(\r\x12\x0c\n\x04kind\x18\x03 \x01(\r\x12\x13\n\x0b\x62lock_start\x18\x04 \x01(\r\x12\x13\n\x0b\x62lock_count\x18\x05 \x01(\r\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x07 \x01(\x0c\">\n\x0bPushKVReply\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x17\n\x0f\x63hunks_received\x18\x02 \x01(\r\"\x9a\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x08sampling\x18\x02 \x01(\x0b\x32\x1d.phasesplit.v1.SamplingParams\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x18\n\x0b\x66irst_token\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_first_token\"_\n\nTokenEvent\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\"\r\n\x0bInfoRequest\"\xc0\x01\n\nWorkerInfo\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.phasesplit.v1.KVLayout\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x15\n\rnum_kv_blocks\x18\x05 \x01(\r\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x18\n\x10tokenizer_digest\x18\x07 \x01(\t\x12\x13\n\x0bprefix_hash\x18\x08 \x01(\t\":\n\x0bLoadRequest\x12\x13\n\x0b\x63\x61\x63he_epoch\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61\x63he_sequence\x18\x02 \x01(\x04\"d\n\x12PrefixCacheSummary\x12\r\n\x05\x65poch\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x0c\n\x04\x66ull\x18\x03 \x01(\x08\x12\x0e\n\x06stored\x18\x04 \x03(\x04\x12\x0f\n\x07removed\x18\x05 \x03(\x04\"\x85\x03\n\nWorkerLoad\x12\x18\n\x10waiting_requests\x18\x01 \x01(\r\x12\x16\n\x0ewaiting_tokens\x18\x02 \x01(\x04\x12\x18\n\x10running_requests\x18\x03 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x04 \x01(\r\x12\x16\n\x0ekv_blocks_free\x18\x05 \x01(\r\x12\x19\n\x11pending_transfers\x18\x06 \x01(\r\x12\x10\n\x08\x64raining\x18\x07 \x01(\x08\x12\x1c\n\x14max_running_requests\x18\x08 \x01(\r\x12\x42\n\rstreams_ended\x18\t \x03(\x0b\x32+.phasesplit.v1.WorkerLoad.StreamsEndedEntry\x12\x37\n\x0cprefix_cache\x18\n \x01(\x0b\x32!.phasesplit.v1.PrefixCacheSummary\x1a\x33\n\x11StreamsEndedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1b\n\nAbortReply\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x17\n\x15TokenizerFilesRequest\"\'\n\tFileChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"j\n\x0eKVGroupConnect\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\'\n\x06layout\x18\x03 \x01(\x0b\x32\x17.phasesplit.v1.KVLayout\x12\x0c\n\x04host\x18\x04 \x01(\t\"%\n\x0fKVGroupEndpoint\x12\x12\n\nstore_port\x18\x01 \x01(\r\"]\n\x0bKVGroupPush\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12\x13\n\x0btransfer_id\x18\x02 \x01(\x04\x12\'\n\x06header\x18\x03 \x01(\x0b\x32\x17.phasesplit.v1.KVHeader\"K\n\x0cKVGroupEvent\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x11\n\tcommitted\x18\x02 \x01(\x08\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x04\x32U\n\x0cPromptWorker\x12\x45\n\x07Prefill\x12\x1d.phasesplit.v1.PrefillRequest\x1a\x1b.phasesplit.v1.PrefillReply2\x96\x01\n\x0bTokenWorker\x12>\n\x06PushKV\x12\x16.phasesplit.v1.KVChunk\x1a\x1a.phasesplit.v1.PushKVReply(\x01\x12G\n\x08Generate\x12\x1e.phasesplit.v1.GenerateRequest\x1a\x19.phasesplit.v1.TokenEvent0\x01\x32\x9b\x02\n\x06Worker\x12=\n\x04Info\x12\x1a.phasesplit.v1.InfoRequest\x1a\x19.phasesplit.v1.WorkerInfo\x12=\n\x04Load\x12\x1a.phasesplit.v1.LoadRequest\x1a\x19.phasesplit.v1.WorkerLoad\x12?\n\x05\x41\x62ort\x12\x1b.phasesplit.v1.AbortRequest\x1a\x19.phasesplit.v1.AbortReply\x12R\n\x0eTokenizerFiles\x12$.phasesplit.v1.TokenizerFilesRequest\x1a\x18.phasesplit.v1.FileChunk0\x01\x32\x96\x01\n\x07KVGroup\x12H\n\x07\x43onnect\x12\x1d.phasesplit.v1.KVGroupConnect\x1a\x1e.phasesplit.v1.KVGroupEndpoint\x12\x41\n\x04Push\x12\x1a.phasesplit.v1.KVGroupPush\x1a\x1b.phasesplit.v1.KVGroupEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -54,35 +54,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=1433
   _globals['_INFOREQUEST']._serialized_end=1446
   _globals['_WORKERINFO']._serialized_start=1449
-  _globals['_WORKERINFO']._serialized_end=1620
-  _globals['_LOADREQUEST']._serialized_start=1622
-  _globals['_LOADREQUEST']._serialized_end=1635
-  _globals['_WORKERLOAD']._serialized_start=1638
-  _globals['_WORKERLOAD']._serialized_end=1970
-  _globals['_WORKERLOAD_STREAMSENDEDENTRY']._serialized_start=1919
-  _globals['_WORKERLOAD_STREAMSENDEDENTRY']._serialized_end=1970
-  _globals['_ABORTREQUEST']._serialized_start=1972
-  _globals['_ABORTREQUEST']._serialized_end=2006
-  _globals['_ABORTREPLY']._serialized_start=2008
-  _globals['_ABORTREPLY']._serialized_end=2035
-  _globals['_TOKENIZERFILESREQUEST']._serialized_start=2037
-  _globals['_TOKENIZERFILESREQUEST']._serialized_end=2060
-  _globals['_FILECHUNK']._serialized_start=2062
-  _globals['_FILECHUNK']._serialized_end=2101
-  _globals['_KVGROUPCONNECT']._serialized_start=2103
-  _globals['_KVGROUPCONNECT']._serialized_end=2209
-  _globals['_KVGROUPENDPOINT']._serialized_start=2211
-  _globals['_KVGROUPENDPOINT']._serialized_end=2248
-  _globals['_KVGROUPPUSH']._serialized_start=2250
-  _globals['_KVGROUPPUSH']._serialized_end=2343
-  _globals['_KVGROUPEVENT']._serialized_start=2345
-  _globals['_KVGROUPEVENT']._serialized_end=2420
-  _globals['_PROMPTWORKER']._serialized_start=2422
-  _globals['_PROMPTWORKER']._serialized_end=2507
-  _globals['_TOKENWORKER']._serialized_start=2510
-  _globals['_TOKENWORKER']._serialized_end=2660
-  _globals['_WORKER']._serialized_start=2663
-  _globals['_WORKER']._serialized_end=2946
-  _globals['_KVGROUP']._serialized_start=2949
-  _globals['_KVGROUP']._serialized_end=3099
+  _globals['_WORKERINFO']._serialized_end=1641
+  _globals['_LOADREQUEST']._serialized_start=1643
+  _globals['_LOADREQUEST']._serialized_end=1701
+  _globals['_PREFIXCACHESUMMARY']._serialized_start=1703
+  _globals['_PREFIXCACHESUMMARY']._serialized_end=1803
+  _globals['_WORKERLOAD']._serialized_start=1806
+  _globals['_WORKERLOAD']._serialized_end=2195
+  _globals['_WORKERLOAD_STREAMSENDEDENTRY']._serialized_start=2144
+  _globals['_WORKERLOAD_STREAMSENDEDENTRY']._serialized_end=2195
+  _globals['_ABORTREQUEST']._serialized_start=2197
+  _globals['_ABORTREQUEST']._serialized_end=2231
+  _globals['_ABORTREPLY']._serialized_start=2233
+  _globals['_ABORTREPLY']._serialized_end=2260
+  _globals['_TOKENIZERFILESREQUEST']._serialized_start=2262
+  _globals['_TOKENIZERFILESREQUEST']._serialized_end=2285
+  _globals['_FILECHUNK']._serialized_start=2287
+  _globals['_FILECHUNK']._serialized_end=2326
+  _globals['_KVGROUPCONNECT']._serialized_start=2328
+  _globals['_KVGROUPCONNECT']._serialized_end=2434
+  _globals['_KVGROUPENDPOINT']._serialized_start=2436
+  _globals['_KVGROUPENDPOINT']._serialized_end=2473
+  _globals['_KVGROUPPUSH']._serialized_start=2475
+  _globals['_KVGROUPPUSH']._serialized_end=2568
+  _globals['_KVGROUPEVENT']._serialized_start=2570
+  _globals['_KVGROUPEVENT']._serialized_end=2645
+  _globals['_PROMPTWORKER']._serialized_start=2647
+  _globals['_PROMPTWORKER']._serialized_end=2732
+  _globals['_TOKENWORKER']._serialized_start=2735
+  _globals['_TOKENWORKER']._serialized_end=2885
+  _globals['_WORKER']._serialized_start=2888
+  _globals['_WORKER']._serialized_end=3171
+  _globals['_KVGROUP']._serialized_start=3174
+  _globals['_KVGROUP']._serialized_end=3324
 # @@protoc_insertion_point(module_scope)

@@ -149,7 +149,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("role", "model", "layout", "max_model_len", "num_kv_blocks", "version", "tokenizer_digest")
+    __slots__ = ("role", "model", "layout", "max_model_len", "num_kv_blocks", "version", "tokenizer_digest", "prefix_hash")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +157,7 @@ class WorkerInfo(_message.Message):
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_HASH_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     layout: KVLayout
@@ -164,14 +165,33 @@ class WorkerInfo(_message.Message):
     num_kv_blocks: int
     version: str
     tokenizer_digest: str
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., max_model_len: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., version: _Optional[str] = ..., tokenizer_digest: _Optional[str] = ...) -> None: ...
+    prefix_hash: str
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., max_model_len: _Optional[int] = ..., num_kv_blocks: _Optional[int] = ..., version: _Optional[str] = ..., tokenizer_digest: _Optional[str] = ..., prefix_hash: _Optional[str] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("cache_epoch", "cache_sequence")
+    CACHE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CACHE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    cache_epoch: str
+    cache_sequence: int
+    def __init__(self, cache_epoch: _Optional[str] = ..., cache_sequence: _Optional[int] = ...) -> None: ...
+
+class PrefixCacheSummary(_message.Message):
+    __slots__ = ("epoch", "sequence", "full", "stored", "removed")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    sequence: int
+    full: bool
+    stored: _containers.RepeatedScalarFieldContainer[int]
+    removed: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, epoch: _Optional[str] = ..., sequence: _Optional[int] = ..., full: _Optional[bool] = ..., stored: _Optional[_Iterable[int]] = ..., removed: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerLoad(_message.Message):
-    __slots__ = ("waiting_requests", "waiting_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "pending_transfers", "draining", "max_running_requests", "streams_ended")
+    __slots__ = ("waiting_requests", "waiting_tokens", "running_requests", "kv_blocks_used", "kv_blocks_free", "pending_transfers", "draining", "max_running_requests", "streams_ended", "prefix_cache")
     class StreamsEndedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +208,7 @@ class WorkerLoad(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MAX_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     waiting_requests: int
     waiting_tokens: int
     running_requests: int
@@ -197,7 +218,8 @@ class WorkerLoad(_message.Message):
     draining: bool
     max_running_requests: int
     streams_ended: _containers.ScalarMap[str, int]
-    def __init__(self, waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., draining: _Optional[bool] = ..., max_running_requests: _Optional[int] = ..., streams_ended: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    prefix_cache: PrefixCacheSummary
+    def __init__(self, waiting_requests: _Optional[int] = ..., waiting_tokens: _Optional[int] = ..., running_requests: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., pending_transfers: _Optional[int] = ..., draining: _Optional[bool] = ..., max_running_requests: _Optional[int] = ..., streams_ended: _Optional[_Mapping[str, int]] = ..., prefix_cache: _Optional[_Union[PrefixCacheSummary, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -185,6 +185,17 @@ class Admission(Spec):
                                      "0: no limit")
 
 
+class Routing(Spec):
+    policy: Literal["cacheAware", "leastLoaded"] = Field("cacheAware", description="cacheAware: each request goes "
+                                                         "to the workers whose prefix caches hold most of its prompt, "
+                                                         "weighed against their load (the token worker first, then "
+                                                         "the prompt worker); leastLoaded: join-the-shortest-queue")
+    cache_threshold: float = Field(0.5, ge=0, le=1, description="cacheAware: the share of a prompt a worker must "
+                                   "hold cached for its cache to steer the pick (below it: the least loaded worker)")
+    balance_slack: int = Field(8, ge=0, le=1000000, description="cacheAware: requests in flight above the least "
+                               "busy prompt worker that a worker holding the prompt may have and still be picked")
+
+
 EXPOSED_SERVICE_TYPES = ("NodePort", "LoadBalancer")  # reachable from outside the cluster
 UNAUTHENTICATED_MESSAGE = ("apiKeySecret: a NodePort or LoadBalancer router is reachable from outside the cluster "
                            "and needs an API key (or allowUnauthenticated: true)")
@@ -196,6 +207,7 @@ class Router(Spec):
         UNAUTHENTICATED_MESSAGE, ".apiKeySecret"))
     replicas: int = Field(1, ge=0, le=100)
     migration: Migration = Field(default_factory=Migration)
+    routing: Routing = Field(default_factory=Routing, description="how the router picks the workers of a request")
     admission: Admission = Field(default_factory=Admission, description="what the router admits when the workers' "
                                  "batches are full (each router replica counts its own requests)")
     service: RouterService = Field(default_factory=RouterService)
@@ -221,6 +233,9 @@ def router_flags(spec: "SplitInferenceSpec") -> list[str]:
              "--max-queue-wait", f"{admission.max_queue_wait_seconds:g}",
              "--max-queue-length", str(admission.max_queue_length),
              "--max-streams-per-key", str(admission.max_streams_per_key)]
+    routing = spec.router.routing
+    flags += ["--routing", routing.policy, "--routing-cache-threshold", f"{routing.cache_threshold:g}",
+              "--routing-balance-slack", str(routing.balance_slack)]
     if spec.model.max_model_len:
         flags += ["--max-model-len", str(spec.model.max_model_len)]
     return flags

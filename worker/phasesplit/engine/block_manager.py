@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy
 
+from phasesplit.engine.cache_events import CacheEvents
 from phasesplit.prefix_hash import block_hashes
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ class BlockManager:
         self.hash_of_block: dict[int, int] = {}
         self.block_of_hash: dict[int, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free cached blocks, the next to evict first
+        self.events = CacheEvents()  # what the cache holds, as the router learns it
 
     @property
     def num_used_blocks(self) -> int:
@@ -90,13 +92,16 @@ class BlockManager:
                 self.block_of_hash[block_hash] = block
                 self.hash_of_block[block] = block_hash
                 self.is_cached[block] = True
+                self.events.stored(block_hash)
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
 
     def _evict(self, n: int) -> None:
         for _ in range(n):
             block, _ = self.evictable.popitem(last=False)
-            del self.block_of_hash[self.hash_of_block.pop(block)]
+            block_hash = self.hash_of_block.pop(block)
+            del self.block_of_hash[block_hash]
             self.is_cached[block] = False
+            self.events.removed(block_hash)
 
     # ---- sequences ----
 

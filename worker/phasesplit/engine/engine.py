@@ -199,7 +199,7 @@ class LLMEngine:
         """What the prompt phase of `request_id` hands on (its first token, once sampled)."""
         seq = self._holding(request_id)
         first = seq.output_token_ids[0] if seq.num_output_tokens else None
-        return KVHandoff(request_id, seq.prompt_token_ids, self.layout, first)
+        return KVHandoff.of_prompt(request_id, seq.prompt_token_ids, self.layout, seq.params.cache_salt, first)
 
     def blocks_of(self, request_id: str) -> list[int]:
         """The cache blocks holding the request's KV, in its token order."""

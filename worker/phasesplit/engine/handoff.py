@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from phasesplit.prefix_hash import block_hashes
 from phasesplit.transport.layout import KVLayout
 from phasesplit.v1 import worker_pb2 as pb
 
@@ -16,8 +17,15 @@ class KVHandoff:
     prompt_token_ids: list[int]
     layout: KVLayout  # the sending rank's
     first_token: int | None = None  # None while the prefill still runs (a layer-wise transfer opens first)
-    block_hashes: list[int] = dataclasses.field(default_factory=list)  # one per full prompt block; empty today
+    block_hashes: list[int] = dataclasses.field(default_factory=list)  # one per full prompt block (prefix_hash)
     num_cached_blocks: int = 0  # leading blocks the receiver already holds, which do not move; 0 today
+
+    @classmethod
+    def of_prompt(cls, request_id: str, prompt_token_ids: list[int], layout: KVLayout, cache_salt: str | None = None,
+                  first_token: int | None = None) -> KVHandoff:
+        """The handoff of a prompt, with the prefix-cache hashes of its full blocks (as its engine keys them)."""
+        return cls(request_id, list(prompt_token_ids), layout, first_token,
+                   block_hashes(prompt_token_ids, layout.block_size, cache_salt))
 
     def to_proto(self) -> pb.KVHeader:
         header = pb.KVHeader(request_id=self.request_id, layout=self.layout.to_proto(),

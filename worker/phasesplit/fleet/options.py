@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from phasesplit.fleet.cache_routing import LEAST_LOADED, POLICIES
+from phasesplit.router.cache_routing import LEAST_LOADED, POLICIES
 from phasesplit.fleet.perf import Profiles
 from phasesplit.fleet.report import PAPER_SLOS, Slo
 from phasesplit.fleet.trace import Trace, load_trace, redraw, synthetic

@@ -7,7 +7,7 @@ pools are sized by `phasesplit.control.scaling` (what the operator and local mod
 iteration takes the time the performance model gives. With a trace of prompt block hashes
 (Mooncake format) every instance keeps an LRU prefix cache of 512-token blocks as large as its KV
 memory (`fleet.prefix_cache`): a prefill computes only what its cache lacks, a handoff moves only
-the blocks the token instance lacks, and `cacheAware` routing (`fleet.cache_routing`) sends a
+the blocks the token instance lacks, and `cacheAware` routing (`router.cache_routing`) sends a
 request where its prefix is. What it leaves out: the router sees each
 worker's load at once (the real one polls), network latency other than the KV handoff, KV
 preemption (admission checks the prompt's blocks, as the engine does; decode growth is not
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from phasesplit.control.scaling import PoolMetrics, SplitScaler
 from phasesplit.control.spec import PoolAutoscaling
-from phasesplit.fleet.cache_routing import (CACHE_AWARE, LEAST_LOADED, LOCAL_PREFILL_TOKENS, check_policy,
+from phasesplit.router.cache_routing import (CACHE_AWARE, LEAST_LOADED, LOCAL_PREFILL_TOKENS, check_policy,
                                              pick_cache_aware, pick_cache_aware_token, prefill_locally)
 from phasesplit.fleet.instance import Instance
 from phasesplit.fleet.perf import Profiles, kv_transfer_time

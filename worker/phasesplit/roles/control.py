@@ -12,6 +12,7 @@ import grpc
 import phasesplit
 from phasesplit import auth
 from phasesplit.engine.tokenizer import tokenizer_digest
+from phasesplit.prefix_hash import HASH_NAME
 from phasesplit.roles.core import WorkerCore
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
@@ -35,7 +36,8 @@ class WorkerService(pb_grpc.WorkerServicer):
         return pb.WorkerInfo(role=self.core.role, model=self.core.settings.served_model_name,
                              layout=engine.layout.to_proto(), max_model_len=engine.max_model_len,
                              num_kv_blocks=engine.num_total_blocks, version=phasesplit.__version__,
-                             tokenizer_digest=self.tokenizer_digest)
+                             tokenizer_digest=self.tokenizer_digest,
+                             prefix_hash=HASH_NAME if engine.block_manager.prefix_caching else "")
 
     def Load(self, request, context):
         stats = self.core.loop.stats
@@ -44,7 +46,15 @@ class WorkerService(pb_grpc.WorkerServicer):
             running_requests=stats.running_requests, kv_blocks_used=stats.used_blocks,
             kv_blocks_free=stats.free_blocks, pending_transfers=self.pending_transfers(),
             draining=self.core.draining.is_set(), max_running_requests=self.core.engine.config.max_num_seqs,
-            streams_ended=self.core.streams_ended())
+            streams_ended=self.core.streams_ended(), prefix_cache=self._prefix_cache(request))
+
+    def _prefix_cache(self, request: pb.LoadRequest) -> pb.PrefixCacheSummary | None:
+        blocks = self.core.engine.block_manager
+        if not blocks.prefix_caching:
+            return None
+        summary = blocks.events.since(request.cache_epoch, request.cache_sequence)
+        return pb.PrefixCacheSummary(epoch=summary.epoch, sequence=summary.sequence, full=summary.full,
+                                     stored=summary.stored, removed=summary.removed)
 
     def Abort(self, request, context):
         if not request.request_id:

@@ -101,7 +101,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         with self._lock:
             self._transfers[rid] = transfer
         if transfer.layerwise:
-            self._open(request, context, transfer, KVHandoff(rid, ids, self.core.engine.layout))
+            handoff = KVHandoff.of_prompt(rid, ids, self.core.engine.layout, params.cache_salt)
+            self._open(request, context, transfer, handoff)
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         engine = self.core.engine
         try:

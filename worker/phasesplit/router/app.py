@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from phasesplit.engine.tokenizer import Tokenizer
+from phasesplit.router.cache_routing import RoutingSettings
 from phasesplit.router.access_log import JOB, access_log, add_request_id_header, request_id
 from phasesplit.router.admission import AdmissionSettings, KeyStreams
 from phasesplit.router.dispatch import Dispatcher, TokenizerChanged
@@ -46,6 +47,7 @@ class RouterSettings:
     migration: MigrationPolicy = field(default_factory=MigrationPolicy)
     queue: QueueSettings = field(default_factory=QueueSettings)   # requests held for a pool with no worker
     admission: AdmissionSettings = field(default_factory=AdmissionSettings)   # requests held until there is room
+    routing: RoutingSettings = field(default_factory=RoutingSettings)   # cacheAware or leastLoaded, and its knobs
     pools: tuple[str, ...] | None = None   # the pools served, even at 0 workers; None: those given workers
     header_timeout: float = 30.0   # seconds a connection may take to send a request's headers (and may idle)
     body_timeout: float = 60.0     # seconds a request may take to send its body
@@ -105,7 +107,7 @@ def create_app(settings: RouterSettings, tokenizer: TokenizerSource | Tokenizer 
     app = web.Application(middlewares=[access_log, openai_errors, require_api_key],
                           client_max_size=BODY_LIMIT_MIB * 2**20)
     app.on_response_prepare.append(add_request_id_header)
-    dispatcher = Dispatcher(pools, metrics, settings.migration, settings.queue, settings.admission)
+    dispatcher = Dispatcher(pools, metrics, settings.migration, settings.queue, settings.admission, settings.routing)
     app[ROUTER] = Router(settings, source, metrics, pools, dispatcher,
                          KeyStreams(settings.admission.max_streams_per_key, metrics),
                          ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="tokenize"))

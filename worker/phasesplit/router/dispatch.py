@@ -15,6 +15,8 @@ import grpc
 
 from phasesplit.logs import REQUEST_ID_METADATA
 from phasesplit.router.admission import Admission, AdmissionSettings
+from phasesplit.router.cache_routing import RoutingSettings, pick_cache_aware, pick_cache_aware_token
+from phasesplit.router.cache_view import PromptHashes
 from phasesplit.router.failures import (WorkerLost, lost_in_prefill, lost_in_stream, no_worker, request_lost,
                                         worker_failed)
 from phasesplit.router.lending import prompt_candidates, token_candidates
@@ -37,8 +39,9 @@ class TokenizerChanged(Exception):
 
 class Dispatcher:
     def __init__(self, pools: Pools, metrics: RouterMetrics, policy: MigrationPolicy = MigrationPolicy(),
-                 queue: QueueSettings = QueueSettings(), admission: AdmissionSettings = AdmissionSettings()):
-        self.pools, self.metrics, self.policy = pools, metrics, policy
+                 queue: QueueSettings = QueueSettings(), admission: AdmissionSettings = AdmissionSettings(),
+                 routing: RoutingSettings = RoutingSettings()):
+        self.pools, self.metrics, self.policy, self.routing = pools, metrics, policy, routing
         self.queue = EmptyPoolQueue(pools, metrics, queue)
         self.admission = Admission(pools, metrics, admission)
         self._cleanup: set[asyncio.Task] = set()
@@ -172,36 +175,59 @@ class Dispatcher:
             raise no_worker(pool, run.failed)
         return self.pools.turns.take(worker)
 
-    def _pick_token_worker(self, run: RequestRun, tokens: int) -> WorkerState:
+    def _pick_token_worker(self, run: RequestRun, hashes: PromptHashes) -> WorkerState:
+        """cacheAware: the one whose cache holds most of the prompt, where that steers; else the least loaded."""
+        tokens = len(hashes.token_ids) + 1
         candidates = token_candidates(self.pools["token"].workers.values(), self.pools["mixed"].workers.values(),
                                       tokens)
-        worker = self._pick("token", pick_token_worker(candidates, exclude=run.failed, tokens=tokens), run)
+        if self.routing.cache_aware:
+            picked = pick_cache_aware_token(candidates, _cached(hashes), tokens, exclude=run.failed,
+                                            threshold=self.routing.cache_threshold)
+        else:
+            picked = pick_token_worker(candidates, exclude=run.failed, tokens=tokens)
+        worker = self._pick("token", picked, run)
         if run.token_worker and worker.address != run.token_worker:
             log.info("request %s: token worker %s -> %s", run.job.request_id, run.token_worker, worker.address)
         run.token_worker, run.token_pool = worker.address, worker.pool
         return worker
 
-    def _pick_prompt_worker(self, run: RequestRun) -> WorkerState:
+    def _pick_prompt_worker(self, run: RequestRun, hashes: PromptHashes) -> WorkerState:
         candidates = prompt_candidates(self.pools["prompt"].workers.values(), self.pools["mixed"].workers.values())
-        worker = self._pick("prompt", pick_prompt_worker(candidates, exclude=run.failed), run)
+        picked = self._pick_by_cache(candidates, hashes, run, pick_prompt_worker)
+        worker = self._pick("prompt", picked, run)
         run.prompt_worker, run.prompt_pool = worker.address, worker.pool
         return worker
 
-    def _pick_mixed_worker(self, run: RequestRun) -> WorkerState:
-        worker = self._pick("mixed", pick_mixed_worker(self.pools["mixed"].workers.values(), exclude=run.failed), run)
+    def _pick_mixed_worker(self, run: RequestRun, hashes: PromptHashes) -> WorkerState:
+        picked = self._pick_by_cache(self.pools["mixed"].workers.values(), hashes, run, pick_mixed_worker)
+        worker = self._pick("mixed", picked, run)
         run.prompt_worker = run.token_worker = worker.address
         run.prompt_pool = run.token_pool = worker.pool
         return worker
 
+    def _pick_by_cache(self, candidates, hashes: PromptHashes, run: RequestRun, least_loaded) -> WorkerState | None:
+        """A worker to compute the prompt: cacheAware weighs its cache against its queue; else the least loaded."""
+        if not self.routing.cache_aware:
+            return least_loaded(candidates, exclude=run.failed)
+        return pick_cache_aware(candidates, _cached(hashes), len(hashes.token_ids), least_loaded, exclude=run.failed,
+                                threshold=self.routing.cache_threshold, slack=self.routing.balance_slack)
+
+    def _prompt_computed(self, worker: WorkerState, hashes: PromptHashes, cached_tokens: int) -> None:
+        """A worker answered a prompt phase: count its cache's hit, and expect the prompt's blocks there."""
+        self.metrics.prefix_cache(worker.address, len(hashes.token_ids), cached_tokens)
+        worker.expect_cached(hashes.full(worker.block_size))
+
     # ---- split: prompt worker then token worker ----
     async def _split(self, run: RequestRun, attempt: Attempt) -> AsyncIterator[Delta]:
         n, rid = len(attempt.prompt_token_ids), attempt.request_id
-        token_w = self._pick_token_worker(run, n + 1)
+        hashes = _prompt_hashes(attempt)
+        token_w = self._pick_token_worker(run, hashes)
         finished = False
         with token_w.assign(rid, kv_blocks=math.ceil((n + 1) / token_w.block_size)) as assignment:
             try:
-                reply = await self._prefill(run, attempt, token_w)
+                reply = await self._prefill(run, attempt, token_w, hashes)
                 assignment.kv_landed()
+                token_w.expect_cached(hashes.full(token_w.block_size))   # its decode keeps the prompt's blocks
                 if not run.sent:
                     run.job.cached_tokens = reply.num_cached_tokens
                 if reply.finish_reason:
@@ -223,9 +249,10 @@ class Dispatcher:
                 if not finished:
                     self._abort_later(token_w, rid)
 
-    async def _prefill(self, run: RequestRun, attempt: Attempt, token_w: WorkerState) -> pb.PrefillReply:
+    async def _prefill(self, run: RequestRun, attempt: Attempt, token_w: WorkerState,
+                       hashes: PromptHashes) -> pb.PrefillReply:
         ids = attempt.prompt_token_ids
-        prompt_w = self._pick_prompt_worker(run)
+        prompt_w = self._pick_prompt_worker(run, hashes)
         request = pb.PrefillRequest(request_id=attempt.request_id, prompt_token_ids=ids, sampling=attempt.sampling,
                                     token_worker=token_w.address)
         phase = self.metrics.phase("prompt", len(ids))
@@ -242,6 +269,7 @@ class Dispatcher:
                 raise
             finally:
                 phase.close()
+        self._prompt_computed(prompt_w, hashes, reply.num_cached_tokens)
         run.prefill = (f"queue={reply.queue_seconds:.4f} prefill={reply.prefill_seconds:.4f} "
                        f"transfer={reply.transfer_seconds:.4f} kv_bytes={reply.kv_bytes}")
         self.metrics.kv_transfer_bytes.inc(reply.kv_bytes)
@@ -250,12 +278,14 @@ class Dispatcher:
 
     # ---- mixed: both phases on one worker ----
     async def _mixed(self, run: RequestRun, attempt: Attempt) -> AsyncIterator[Delta]:
-        ids = attempt.prompt_token_ids
-        worker = self._pick_mixed_worker(run)
+        ids, hashes = attempt.prompt_token_ids, _prompt_hashes(attempt)
+        worker = self._pick_mixed_worker(run, hashes)
         request = pb.GenerateRequest(request_id=attempt.request_id, sampling=attempt.sampling, prompt_token_ids=ids)
         with worker.assign(attempt.request_id, prompt_tokens=len(ids)) as assignment:
             async with aclosing(self._generate(worker, "mixed", request, len(ids), attempt.job)) as events:
                 async for delta in events:
+                    if assignment.prompt_tokens:
+                        self._prompt_computed(worker, hashes, delta.cached_tokens)
                     assignment.prompt_done()
                     if not run.sent:
                         run.job.cached_tokens = delta.cached_tokens
@@ -321,6 +351,16 @@ class Dispatcher:
     async def drain_cleanup(self) -> None:
         while self._cleanup:
             await asyncio.gather(*list(self._cleanup), return_exceptions=True)
+
+
+def _prompt_hashes(attempt: Attempt) -> PromptHashes:
+    sampling = attempt.sampling
+    return PromptHashes(attempt.prompt_token_ids, sampling.cache_salt if sampling.HasField("cache_salt") else None)
+
+
+def _cached(hashes: PromptHashes):
+    """`cached(worker)` for the cache-aware picks: the prompt tokens the router believes the worker holds."""
+    return lambda worker: worker.cached_tokens(hashes.lookup(worker.block_size))
 
 
 def _log_metadata(job: Job) -> tuple[tuple[str, str], ...] | None:

@@ -17,6 +17,7 @@ from phasesplit.heap import freeze_loaded_objects
 from phasesplit.logs import add_logging_flags, announce, configure_logging
 from phasesplit.router.admission import AdmissionSettings
 from phasesplit.router.app import ROUTER, RouterSettings, create_app
+from phasesplit.router.cache_routing import POLICIES, RoutingSettings
 from phasesplit.router.dispatch import MigrationPolicy
 from phasesplit.router.metrics import POOLS
 from phasesplit.router.pools import parse_worker_list
@@ -64,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="times a request may move to another worker once output has started (0: never)")
     p.add_argument("--stall-timeout", type=float, default=MigrationPolicy.stall_timeout,
                    help="seconds without a token, once output has started, before the worker counts as stalled")
+    p.add_argument("--routing", choices=POLICIES, default=RoutingSettings.policy,
+                   help="cacheAware: a prompt goes where the workers' prefix caches hold most of it, weighed against "
+                   "their load; leastLoaded: join-the-shortest-queue only")
+    p.add_argument("--routing-cache-threshold", type=float, default=RoutingSettings.cache_threshold,
+                   help="cacheAware: the share of a prompt a worker must hold for its cache to steer the pick")
+    p.add_argument("--routing-balance-slack", type=int, default=RoutingSettings.balance_slack,
+                   help="cacheAware: requests in flight above the least busy worker that a cache hit may add")
     p.add_argument("--pools", help="comma-separated pools this router serves, also while they have no worker "
                    "(scaled to zero): requests wait for them (default: the pools given workers)")
     for flag, kind, default, help_text in LIMITS:
@@ -100,6 +108,9 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                          "--max-queue-wait > 0 seconds")
     if not (args.header_timeout > 0 and args.body_timeout > 0):
         raise SystemExit("phasesplit router: --header-timeout and --body-timeout must be > 0 seconds")
+    if not 0 <= args.routing_cache_threshold <= 1 or args.routing_balance_slack < 0:
+        raise SystemExit("phasesplit router: --routing-cache-threshold must be in [0, 1] and --routing-balance-slack "
+                         ">= 0")
     served = tuple(p.strip() for p in args.pools.split(",") if p.strip()) if args.pools is not None else None
     if served is not None and (unknown := set(served) - set(POOLS)):
         raise SystemExit(f"phasesplit router: --pools: unknown pool {', '.join(sorted(unknown))}; "
@@ -117,6 +128,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                           queue=QueueSettings(args.queue_size, args.queue_timeout),
                           admission=AdmissionSettings(args.max_queue_wait, args.max_queue_length,
                                                       args.max_streams_per_key),
+                          routing=RoutingSettings(args.routing, args.routing_cache_threshold,
+                                                  args.routing_balance_slack),
                           pools=served, header_timeout=args.header_timeout, body_timeout=args.body_timeout)
 
 

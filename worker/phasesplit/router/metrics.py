@@ -64,6 +64,10 @@ class RouterMetrics:
             ["model_name"], registry=r))
         self.generation_tokens = self._per_model(Counter(
             "phasesplit_generation_tokens", "Output tokens sent to clients", ["model_name"], registry=r))
+        self.prefix_cache_queries = Counter("phasesplit_prefix_cache_queries", "Prompt tokens a worker's prefix "
+                                            "cache was asked for (each prompt phase's prompt)", ["worker"], registry=r)
+        self.prefix_cache_hits = Counter("phasesplit_prefix_cache_hits", "Of those, the prompt tokens the worker "
+                                         "found cached and did not compute", ["worker"], registry=r)
         self.kv_transfer_bytes = Counter("phasesplit_kv_transfer_bytes", "KV bytes moved prompt -> token",
                                          registry=r)
         self.kv_transfer_seconds = Counter("phasesplit_kv_transfer_seconds", "Seconds spent moving KV",
@@ -134,8 +138,13 @@ class RouterMetrics:
         self.kv_blocks_free.labels(worker=worker).set(load.kv_blocks_free)
         self.worker_streams.by_worker[worker] = dict(load.streams_ended)
 
+    def prefix_cache(self, worker: str, prompt_tokens: int, cached_tokens: int) -> None:
+        """A prompt phase's reply: of its `prompt_tokens`, `cached_tokens` came from the worker's prefix cache."""
+        self.prefix_cache_queries.labels(worker=worker).inc(prompt_tokens)
+        self.prefix_cache_hits.labels(worker=worker).inc(cached_tokens)
+
     def forget_worker(self, worker: str) -> None:
-        for gauge in (self.kv_blocks_used, self.kv_blocks_free):
+        for gauge in (self.kv_blocks_used, self.kv_blocks_free, self.prefix_cache_queries, self.prefix_cache_hits):
             try:
                 gauge.remove(worker)
             except KeyError:

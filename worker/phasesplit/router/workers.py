@@ -9,6 +9,8 @@ from collections.abc import Callable
 import grpc
 
 from phasesplit import auth
+from phasesplit.prefix_hash import HASH_NAME
+from phasesplit.router.cache_view import CacheView
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -43,6 +45,7 @@ class WorkerState:
         self.answered_at = 0.0           # monotonic time of the last Load poll answered
         self._reserved: dict[str, int] = {}   # request id -> KV blocks not yet visible in `load`
         self._settling: dict[str, int] = {}   # request id -> polls begun before its KV landed
+        self.cache = CacheView()              # the block hashes its prefix cache holds
 
     # ---- state the scheduler reads ----
     @property
@@ -90,6 +93,20 @@ class WorkerState:
     def block_size(self) -> int:
         return (self.info.layout.block_size if self.info else 0) or 16
 
+    @property
+    def caches_prefixes(self) -> bool:
+        """Whether its prefix cache hashes blocks as the router does (the router uses this worker's block size)."""
+        return self.info is not None and self.info.prefix_hash == HASH_NAME
+
+    def cached_tokens(self, hashes: list[int]) -> int:
+        """The prompt tokens its cache holds of a prompt whose full blocks (of this worker's size) have `hashes`."""
+        return self.cache.cached_blocks(hashes) * self.block_size if self.caches_prefixes else 0
+
+    def expect_cached(self, hashes: list[int]) -> None:
+        """A prompt phase ran here: its full blocks are cached now, whatever the last poll said."""
+        if self.caches_prefixes:
+            self.cache.expect(hashes, self.polls)
+
     # ---- the router's KV reservations ----
     def reserve(self, request_id: str, blocks: int) -> None:
         self._reserved[request_id] = blocks
@@ -118,7 +135,14 @@ class WorkerState:
                 if not self.serves_pool:
                     log.warning("worker %s has role %r and cannot serve the %s pool",
                                 self.address, self.info.role, self.pool)
-            self.load = await self.worker.Load(pb.LoadRequest(), timeout=timeout, metadata=self.metadata)
+                if self.info.prefix_hash and not self.caches_prefixes:
+                    log.warning("worker %s hashes its prefix-cache blocks with %r, this router with %r: requests "
+                                "are not routed by its cache", self.address, self.info.prefix_hash, HASH_NAME)
+            self.load = await self.worker.Load(self.cache.request(), timeout=timeout, metadata=self.metadata)
+            if self.caches_prefixes and self.load.HasField("prefix_cache"):
+                self.cache.apply(self.load.prefix_cache, index)
+            else:
+                self.cache.clear()
             self.answered_at = time.monotonic()
             self.error = "draining" if self.load.draining else ""
         except grpc.aio.AioRpcError as e:

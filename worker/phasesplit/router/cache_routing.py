@@ -2,8 +2,9 @@
 
 The names are those of `spec.router.routing.policy`. The functions read the attributes of
 `phasesplit.router.workers.WorkerState` and take the prefix a worker's cache holds as a callable
-(`cached(worker)`: prompt tokens of this request it would not compute), so the router and the
-fleet simulator can both call them, each with its own view of the workers' caches.
+(`cached(worker)`: prompt tokens of this request it would not compute), so the router (its view:
+`router.cache_view`, from the workers' polls) and the fleet simulator (its `PrefixCache`) run the
+same choices. `CACHE_THRESHOLD` and `BALANCE_SLACK` are the defaults of `spec.router.routing`.
 
 - A prompt or mixed worker: when some worker holds at least `CACHE_THRESHOLD` of the prompt (an
   earlier turn of its conversation ran there), among the workers within `BALANCE_SLACK` requests
@@ -25,6 +26,7 @@ fleet simulator can both call them, each with its own view of the workers' cache
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from phasesplit.router.lending import has_room
@@ -38,6 +40,19 @@ BALANCE_SLACK = 8          # requests in flight above the least busy worker that
 CACHE_THRESHOLD = 0.5      # share of the prompt a worker must hold for the cache to steer the pick
 
 
+@dataclass(frozen=True)
+class RoutingSettings:
+    """The router's choice of workers (`spec.router.routing`)."""
+
+    policy: str = CACHE_AWARE
+    cache_threshold: float = CACHE_THRESHOLD
+    balance_slack: int = BALANCE_SLACK
+
+    @property
+    def cache_aware(self) -> bool:
+        return self.policy == CACHE_AWARE
+
+
 def check_policy(policy: str) -> str:
     if policy not in POLICIES:
         raise ValueError(f"--routing: {policy!r} is not one of {', '.join(POLICIES)}")
@@ -45,27 +60,28 @@ def check_policy(policy: str) -> str:
 
 
 def pick_cache_aware(workers: Iterable[W], cached: Callable[[W], int], num_tokens: int,
-                     least_loaded: Callable[..., W | None], exclude: Iterable[str] = ()) -> W | None:
+                     least_loaded: Callable[..., W | None], exclude: Iterable[str] = (),
+                     threshold: float = CACHE_THRESHOLD, slack: int = BALANCE_SLACK) -> W | None:
     """The prompt (or mixed) worker that would finish this `num_tokens`-token prompt first, where the
     cache matters; else `least_loaded` (the pool's join-the-shortest-queue pick)."""
     excluded = set(exclude)
     candidates = [w for w in workers if w.routable and w.address not in excluded]
-    if not any(cached(w) >= CACHE_THRESHOLD * num_tokens for w in candidates):
+    if not any(cached(w) > 0 and cached(w) >= threshold * num_tokens for w in candidates):
         return least_loaded(candidates)
     least = min((w.inflight for w in candidates), default=0)
-    candidates = [w for w in candidates if w.inflight <= least + BALANCE_SLACK]
+    candidates = [w for w in candidates if w.inflight <= least + slack]
     return min(candidates, key=lambda w: (w.queued_prompt_tokens + num_tokens - cached(w), w.inflight,
                                           -w.free_blocks, w.last_picked), default=None)
 
 
 def pick_cache_aware_token(workers: Iterable[W], cached: Callable[[W], int], num_tokens: int,
-                           exclude: Iterable[str] = ()) -> W | None:
+                           exclude: Iterable[str] = (), threshold: float = CACHE_THRESHOLD) -> W | None:
     """The token worker holding most of the prompt (at least `CACHE_THRESHOLD`), else join-the-shortest-queue."""
     excluded = set(exclude)
     roomy = [w for w in workers if w.routable and w.address not in excluded and has_room(w, num_tokens)]
     held = [(cached(w), w) for w in roomy]
     best = max((c for c, _ in held), default=0)
-    if best >= CACHE_THRESHOLD * num_tokens and best > 0:
+    if best >= threshold * num_tokens and best > 0:
         return min((w for c, w in held if c == best), key=lambda w: (w.inflight, -w.free_blocks, w.last_picked))
     return pick_token_worker(workers, exclude, num_tokens)
 
