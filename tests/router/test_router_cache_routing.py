@@ -2,11 +2,13 @@
 to the prompt worker holding it even when that one is busier, leastLoaded ignores the caches, a worker
 hashing otherwise is never routed by its cache (one warning), and the router counts each worker's hits."""
 
+import asyncio
 import logging
 
 import openai
 import pytest
 from support.fake_worker import BLOCK_SIZE, MODEL
+from support.polling import eventually
 
 from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.prefix_hash import HASH_NAME, block_hashes
@@ -51,6 +53,24 @@ async def test_a_prompt_goes_to_the_worker_whose_cache_holds_it(make_cluster, ti
     hits = metrics[("phasesplit_prefix_cache_hits_total", (("worker", holder.address),))]
     queries = metrics[("phasesplit_prefix_cache_queries_total", (("worker", holder.address),))]
     assert hits == sum(cached) and queries == 3 * len(holder.prefills[0].prompt_token_ids)
+
+
+async def test_the_prompt_queue_counts_only_the_tokens_the_worker_will_compute(make_cluster, tiny_model_dir):
+    """The autoscaler's queueTokens: a prompt the chosen worker holds cached (all but its last block)
+    queues only its uncached tail."""
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME, "prefill_delay": 1.0})
+    holder = cluster.workers["prompt"][0]
+    holder.cached_hashes.update(prompt_hashes(tiny_model_dir))
+    await cluster.polled()
+    request = asyncio.create_task(complete(cluster))
+    prompt_pool = (("pool", "prompt"),)
+
+    async def queued_requests():
+        return (await cluster.metrics())[("phasesplit_queue_requests", prompt_pool)] == 1
+    await eventually(queued_requests, what="the prompt in the prompt phase")
+    queued = (await cluster.metrics())[("phasesplit_queue_tokens", prompt_pool)]
+    cached = await request
+    assert 0 < cached and 0 < queued == len(holder.prefills[0].prompt_token_ids) - cached
 
 
 async def test_another_salt_finds_no_cache_and_goes_by_load(make_cluster, tiny_model_dir):

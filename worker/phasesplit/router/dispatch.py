@@ -255,8 +255,9 @@ class Dispatcher:
         prompt_w = self._pick_prompt_worker(run, hashes)
         request = pb.PrefillRequest(request_id=attempt.request_id, prompt_token_ids=ids, sampling=attempt.sampling,
                                     token_worker=token_w.address)
-        phase = self.metrics.phase("prompt", len(ids))
-        with prompt_w.assign(attempt.request_id, prompt_tokens=len(ids)):
+        to_compute = _to_compute(hashes, prompt_w)
+        phase = self.metrics.phase("prompt", to_compute)
+        with prompt_w.assign(attempt.request_id, prompt_tokens=to_compute):
             call = prompt_w.prompt.Prefill(request,
                                            metadata=prompt_w.metadata + (_log_metadata(attempt.job) or ()))
             try:
@@ -281,8 +282,9 @@ class Dispatcher:
         ids, hashes = attempt.prompt_token_ids, _prompt_hashes(attempt)
         worker = self._pick_mixed_worker(run, hashes)
         request = pb.GenerateRequest(request_id=attempt.request_id, sampling=attempt.sampling, prompt_token_ids=ids)
-        with worker.assign(attempt.request_id, prompt_tokens=len(ids)) as assignment:
-            async with aclosing(self._generate(worker, "mixed", request, len(ids), attempt.job)) as events:
+        to_compute = _to_compute(hashes, worker)
+        with worker.assign(attempt.request_id, prompt_tokens=to_compute) as assignment:
+            async with aclosing(self._generate(worker, "mixed", request, to_compute, attempt.job)) as events:
                 async for delta in events:
                     if assignment.prompt_tokens:
                         self._prompt_computed(worker, hashes, delta.cached_tokens)
@@ -361,6 +363,12 @@ def _prompt_hashes(attempt: Attempt) -> PromptHashes:
 def _cached(hashes: PromptHashes):
     """`cached(worker)` for the cache-aware picks: the prompt tokens the router believes the worker holds."""
     return lambda worker: worker.cached_tokens(hashes.lookup(worker.block_size))
+
+
+def _to_compute(hashes: PromptHashes, worker: WorkerState) -> int:
+    """The prompt tokens `worker` will compute, as far as the router knows its cache (at least one: a
+    prompt cached whole still computes its last token). What the queue metrics and the load balance count."""
+    return max(1, len(hashes.token_ids) - _cached(hashes)(worker))
 
 
 def _log_metadata(job: Job) -> tuple[tuple[str, str], ...] | None:

@@ -4,7 +4,8 @@ Per pool (`prompt`, `token`, `mixed`), as the router sees its own traffic:
 - inflight_requests: requests in that pool's phase (sent to a worker, not finished there);
 - queue_requests: of those, the ones the pool has not started answering yet
   (prompt: Prefill unanswered; token, mixed: no token received yet);
-- queue_tokens: prompt pool and mixed pool: prompt tokens not yet prefilled;
+- queue_tokens: prompt pool and mixed pool: prompt tokens not yet prefilled, less those the chosen
+  worker's prefix cache holds as far as the router knows (what the worker will compute);
   token pool: tokens still to generate.
 A request waiting in the router (for a pool's first worker, or for admission) counts in the queue and
 in-flight gauges of the pools it waits for, as it would queued on a worker.
@@ -41,7 +42,8 @@ class RouterMetrics:
         self.queue_requests = Gauge("phasesplit_queue_requests", "Requests waiting for a worker of the pool",
                                     ["pool"], registry=r)
         self.queue_tokens = Gauge("phasesplit_queue_tokens",
-                                  "Prompt tokens waiting (prompt, mixed pools); tokens still to generate (token pool)",
+                                  "Prompt tokens waiting to be computed, cached ones not counted (prompt, mixed pools); "
+                                  "tokens still to generate (token pool)",
                                   ["pool"], registry=r)
         self.inflight_requests = Gauge("phasesplit_inflight_requests", "Requests in the pool's phase",
                                        ["pool"], registry=r)
