@@ -9,11 +9,10 @@ import os
 import uuid
 
 import grpc
-import openai
 import pytest
 from support import prom
 from support.serving import WORKER_TOKEN, manifest, metrics, start_cluster, wait_quiet, worker_channel
-from support.words import WORDS
+from support.turns import conversation, turn, words
 
 from phasesplit import auth
 from phasesplit.engine.tokenizer import Tokenizer
@@ -45,37 +44,6 @@ def pair(request, tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     return Tokenizer.from_dir(tiny_model_dir)
-
-
-def client_at(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=60)
-
-
-def words(seed: int, n: int) -> str:
-    return " ".join(WORDS[(seed * 7 + i * 3) % len(WORDS)] for i in range(n))
-
-
-TRANSFER = ("phasesplit_kv_transfer_bytes_total", "phasesplit_kv_blocks_sent_total", "phasesplit_kv_blocks_held_total")
-
-
-def transfer_counts(base_url: str) -> tuple[float, ...]:
-    samples = metrics(base_url)
-    return tuple(prom.value(samples, name) for name in TRANSFER)
-
-
-def turn(base_url: str, history: list[dict], salt: str) -> tuple[str, tuple[float, ...]]:
-    """One greedy chat turn: its text, and what its KV transfer moved (bytes, blocks sent, blocks held)."""
-    before = transfer_counts(base_url)
-    with client_at(base_url) as client:
-        reply = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0,
-                                               extra_body={"cache_salt": salt, "ignore_eos": True})
-    after = transfer_counts(base_url)
-    return reply.choices[0].message.content, tuple(a - b for a, b in zip(after, before))
-
-
-def conversation(seed: int) -> list[dict]:
-    return [{"role": "system", "content": f"conversation {seed}: " + words(seed, 60)},
-            {"role": "user", "content": "turn 1: " + words(seed + 1, 12)}]
 
 
 def test_the_second_turn_moves_only_the_blocks_the_token_worker_lacks(pair):
