@@ -25,8 +25,8 @@ import grpc
 import torch
 
 from phasesplit.transport.errors import (  # noqa: F401  (the contract's errors, re-exported)
-    STATUS, CachedBlocksGone, CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError, TransferTimeout,
-    error_from_status, status_of,
+    STATUS, CachedBlocksGone, CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError,
+    TransferTimeout, error_from_status, status_of,
 )
 from phasesplit.transport.layout import (  # noqa: F401  (re-exported)
     DTYPES, KVLayout, block_bytes, check_layout, validate_layout,
