@@ -162,12 +162,13 @@ def test_the_workers_lines_about_a_request_carry_the_routers_request_id(roles, c
     assert len(untraced) == 2 and all(r.request_id == "untraced" for r in untraced)
 
 
-@pytest.mark.parametrize("backend", ["grpc", "tcp", "nccl"])
-def test_chunks_inside_the_blocks_the_token_worker_holds_send_nothing(tiny_model_dir, backend):
+@pytest.mark.parametrize(("backend", "layerwise"), [("grpc", True), ("tcp", True), ("nccl", True), ("grpc", False)],
+                         ids=["grpc", "tcp", "nccl", "grpc-serialized"])
+def test_chunks_inside_the_blocks_the_token_worker_holds_send_nothing(tiny_model_dir, backend, layerwise):
     """The prompt worker computes the whole prompt (its prefix cache off), one block per chunk; the token
-    worker holds the prompt's first two blocks from its last run: only the third chunk's block moves, and the
-    tokens are one engine's."""
-    flags = ("--max-num-batched-tokens", "16", "--kv-backend", backend)
+    worker holds the prompt's first two blocks from its last run: only the third block moves (layer by layer
+    with its chunk, or after the prompt phase), and the tokens are one engine's."""
+    flags = ("--max-num-batched-tokens", "16", "--kv-backend", backend, *(() if layerwise else ("--no-layerwise",)))
     prompt = start("prompt", tiny_model_dir, *flags, "--no-prefix-caching")
     token = start("token", tiny_model_dir, *flags)
     log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
