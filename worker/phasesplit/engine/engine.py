@@ -250,7 +250,11 @@ class LLMEngine:
         self._check_new_id(request_id)
         if not isinstance(num_tokens, int) or not 0 < num_tokens < self.max_model_len:
             raise ValueError(f"num_tokens: got {num_tokens!r}, must be in [1, {self.max_model_len - 1}]")
-        blocks = self.block_manager.take_with_prefix(list(cached_hashes), self.block_manager.blocks_for(num_tokens))
+        num_blocks = self.block_manager.blocks_for(num_tokens)
+        if len(cached_hashes) >= num_blocks:
+            raise ValueError(f"cached_hashes: {len(cached_hashes)} blocks, must be fewer than the {num_blocks} the "
+                             f"{num_tokens} tokens fill (the last token's block always arrives)")
+        blocks = self.block_manager.take_with_prefix(list(cached_hashes), num_blocks)
         self.reserved[request_id] = blocks
         return list(blocks)
 
