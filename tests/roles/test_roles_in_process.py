@@ -47,10 +47,11 @@ def alone(model_dir, ids: list[int], params: SamplingParams) -> list[int]:
     return out
 
 
-def split_run(roles, rid: str, ids: list[int], sampling: pb.SamplingParams) -> list[int]:
+def split_run(roles, rid: str, ids: list[int], sampling: pb.SamplingParams, token_cached_blocks: int = 0) -> list[int]:
     prompt, token, prompt_stub, token_stub = roles
     reply = prompt_stub.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=ids, sampling=sampling,
-                                                  token_worker=f"127.0.0.1:{token.port}"), timeout=30)
+                                                  token_worker=f"127.0.0.1:{token.port}",
+                                                  token_cached_blocks=token_cached_blocks), timeout=30)
     events = token_stub.Generate(pb.GenerateRequest(request_id=rid, sampling=sampling,
                                                     first_token=reply.first_token), timeout=30)
     return [reply.first_token] + [t for e in events for t in e.token_ids]
@@ -159,3 +160,30 @@ def test_the_workers_lines_about_a_request_carry_the_routers_request_id(roles, c
     assert all("request traced: " in r.getMessage() for r in traced)
     untraced = [r for r in caplog.records if "request untraced: " in r.getMessage()]
     assert len(untraced) == 2 and all(r.request_id == "untraced" for r in untraced)
+
+
+@pytest.mark.parametrize(("backend", "layerwise"), [("grpc", True), ("tcp", True), ("nccl", True), ("grpc", False)],
+                         ids=["grpc", "tcp", "nccl", "grpc-serialized"])
+def test_chunks_inside_the_blocks_the_token_worker_holds_send_nothing(tiny_model_dir, backend, layerwise):
+    """The prompt worker computes the whole prompt (its prefix cache off), one block per chunk; the token
+    worker holds the prompt's first two blocks from its last run: only the third block moves (layer by layer
+    with its chunk, or after the prompt phase), and the tokens are one engine's."""
+    flags = ("--max-num-batched-tokens", "16", "--kv-backend", backend, *(() if layerwise else ("--no-layerwise",)))
+    prompt = start("prompt", tiny_model_dir, *flags, "--no-prefix-caching")
+    token = start("token", tiny_model_dir, *flags)
+    log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in (prompt, token)]
+    try:
+        roles = (prompt, token, pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1]))
+        sampling = pb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+        expected = alone(tiny_model_dir, PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+        assert split_run(roles, "all-blocks", PROMPT, sampling) == expected
+        log.pieces.clear()
+        assert split_run(roles, "held-blocks", PROMPT, sampling, token_cached_blocks=2) == expected
+        assert log.pieces == [(layer, 2, 1) for layer in range(prompt.core.engine.layout.num_layers)]
+        wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")
+    finally:
+        for channel in channels:
+            channel.close()
+        for server in (prompt, token):
+            server.stop()

@@ -107,6 +107,32 @@ async def test_the_token_worker_holding_the_prompt_takes_it_though_it_has_less_r
     assert (len(holder.generates), len(roomy.generates)) == (1, 0)
 
 
+async def test_the_prompt_worker_is_told_the_blocks_the_token_worker_holds(make_cluster, tiny_model_dir):
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME})
+    (token,), (prompt,) = cluster.workers["token"], cluster.workers["prompt"]
+    held = prompt_hashes(tiny_model_dir)[:3]
+    token.cached_hashes.update(held)
+    await cluster.polled()
+    await complete(cluster)
+    await complete(cluster, salt="another tenant")
+    assert [p.token_cached_blocks for p in prompt.prefills] == [3, 0]
+
+
+async def test_blocks_evicted_since_the_poll_are_sent_after_all(make_cluster, tiny_model_dir):
+    """The token worker refuses KV that counts on blocks it no longer holds: the router retries the request with
+    every block, on the same token worker, and counts a kv_cache_miss."""
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME})
+    (token,), (prompt,) = cluster.workers["token"], cluster.workers["prompt"]
+    token.cached_hashes.update(prompt_hashes(tiny_model_dir))
+    token.evicted = True
+    await cluster.polled()
+    await complete(cluster)
+    assert [p.token_cached_blocks > 0 for p in prompt.prefills] == [True, False]
+    assert len(token.generates) == 1
+    metrics = await cluster.metrics()
+    assert metrics[("phasesplit_migrations_total", (("reason", "kv_cache_miss"), ("stage", "before_output")))] == 1
+
+
 def summary(full: bool, stored=(), removed=(), epoch="e1", sequence=1) -> pb.PrefixCacheSummary:
     return pb.PrefixCacheSummary(epoch=epoch, sequence=sequence, full=full, stored=stored, removed=removed)
 

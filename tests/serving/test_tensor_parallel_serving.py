@@ -7,9 +7,13 @@ import pathlib
 import signal
 import time
 
+import uuid
+
 import pytest
 from support.completions import complete_all, prompts
+from support.polling import poll
 from support.serving import manifest, start_cluster, start_worker, worker_load
+from support.turns import conversation, turn, words
 
 pytestmark = pytest.mark.slow
 
@@ -75,3 +79,18 @@ def test_split_pools_of_two_ranks_each_match_one_mixed_rank_and_leak_nothing(spl
     assert through_split == asyncio.run(complete_all(mixed.base_url, jobs))
     for address in split_tp2.addresses("prompt") + split_tp2.addresses("token"):
         assert worker_load(address).kv_blocks_used == 0
+
+
+def test_each_rank_sends_only_the_blocks_its_token_rank_lacks(split_tp2):
+    """A second turn: every rank's transfer skips the first turn's blocks, which its token rank holds (the
+    prompt is prefilled in chunks, the first ones inside those blocks)."""
+    salt, history = uuid.uuid4().hex, conversation(4)
+    first, _ = turn(split_tp2.base_url, history, salt)
+    history += [{"role": "assistant", "content": first}, {"role": "user", "content": "turn 2: " + words(8, 12)}]
+    second, (moved, sent, held) = turn(split_tp2.base_url, history, salt)
+    every, (moved_all, sent_all, _) = turn(split_tp2.base_url, history, uuid.uuid4().hex)
+    assert second == every
+    assert held > 4 and sent + held == sent_all and moved * sent_all == moved_all * sent
+    addresses = split_tp2.addresses("prompt") + split_tp2.addresses("token")
+    used = poll(lambda: [worker_load(a).kv_blocks_used for a in addresses], lambda u: not any(u), 10, interval=0.2)
+    assert not any(used), used

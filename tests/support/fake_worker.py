@@ -65,6 +65,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.draining = False
         self.prefix_hash = prefix_hash             # Info's prefix_hash: "" reports no prefix cache
         self.cached_hashes: set[int] = set()       # the blocks its pretend prefix cache holds, as Load reports them
+        self.evicted = False                       # a token worker whose cache lost them since: KV counting on
+                                                   # held blocks is refused (NOT_FOUND), as a real one does
         self.fail_after_tokens: int | None = None  # break the next Generate stream after this many tokens
         self.failure = "kill"                      # how: kill | stall | end (no finish reason) | abort (event) | pause
         self.pause_seconds = 0.0                   # how long a "pause" holds the stream
@@ -129,7 +131,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
             first = next_token(prompt)
             finish = self._finish(first, 1, request.sampling)
             if not finish:
-                header = pb.KVHeader(request_id=rid, prompt_token_ids=prompt, first_token=first)
+                header = pb.KVHeader(request_id=rid, prompt_token_ids=prompt, first_token=first,
+                                     num_cached_blocks=request.token_cached_blocks)
                 async with grpc.aio.insecure_channel(request.token_worker) as channel:
                     try:
                         await pb_grpc.TokenWorkerStub(channel).PushKV(iter([pb.KVChunk(header=header)]))
@@ -168,6 +171,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                 if chunk.header.request_id in self.tombstones:
                     await context.abort(grpc.StatusCode.ABORTED, f"request {chunk.header.request_id} was aborted; "
                                                                  "its KV is refused")
+                if chunk.header.num_cached_blocks and self.evicted:
+                    await context.abort(grpc.StatusCode.NOT_FOUND, "the leading blocks are no longer cached")
                 self.kv[chunk.header.request_id] = chunk.header
         self._kv_arrived.set()
         return pb.PushKVReply(chunks_received=chunks)

@@ -192,3 +192,56 @@ def test_bad_headers_name_the_field(backend):
             transport.open("127.0.0.1:1", make_header(make_layout("int8"), 4))
         with pytest.raises(ValueError, match="header.request_id must not be empty"):
             transport.open("127.0.0.1:1", make_header(make_layout(), 4, request_id=""))
+
+
+def _snapshot(sink):
+    return [t.clone() for t in sink.k], [t.clone() for t in sink.v]
+
+
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_blocks_the_token_worker_holds_are_neither_sent_nor_written(backend, per_sequence):
+    """num_cached_blocks = 4 of a 12-block prompt: only blocks [4, 12) move, in pieces from position 4;
+    the receiver's first 4 blocks keep what they held."""
+    layout = make_layout()
+    server = backend.serve(TensorSink(layout))
+    k, v = make_cache(layout, 32 if not per_sequence else 12, seed=5)
+    held_k, held_v = _snapshot(server.sink)
+    header = make_header(layout, 45)
+    header.num_cached_blocks = 4
+    with backend.transport() as transport:
+        sender = transport.open(server.addr, header)
+        if per_sequence:  # the whole sequence's blocks, sent from position 4
+            for layer in range(layout.num_layers):
+                sender.send_layer(layer, k[layer], v[layer], None, first=4)
+        else:
+            for first, end in [(4, 9), (9, 12)]:
+                for layer in range(layout.num_layers):
+                    sender.send_layer(layer, k[layer], v[layer], SENDER_BLOCKS[first:end], first=first)
+        result = sender.finish()
+    assert result.bytes == 2 * layout.num_layers * 8 * block_bytes(layout)
+    dest_ids = server.sink.committed["req-1"]
+    sent = list(range(12)) if per_sequence else SENDER_BLOCKS
+    for layer in range(layout.num_layers):
+        for src, dst, held in ((k, server.sink.k, held_k), (v, server.sink.v, held_v)):
+            assert torch.equal(dst[layer][dest_ids[:4]], held[layer][dest_ids[:4]])
+            assert torch.equal(dst[layer][dest_ids[4:]], src[layer][sent[4:12]])
+
+
+def test_a_piece_before_the_blocks_the_token_worker_lacks_is_refused(backend):
+    layout = make_layout()
+    server = backend.serve(TensorSink(layout))
+    k, v = make_cache(layout, 32, seed=5)
+    header = make_header(layout, 45)
+    header.num_cached_blocks = 4
+    with backend.transport() as transport:
+        sender = transport.open(server.addr, header)
+        with pytest.raises(ValueError, match="first must be 4"):
+            sender.send_layer(0, k[0], v[0], SENDER_BLOCKS, first=0)
+        sender.abort()
+
+
+def test_a_header_may_not_count_the_last_tokens_block_as_held(backend):
+    header = make_header(make_layout(), 45)   # 12 blocks, the last partly full: at most 11 held
+    header.num_cached_blocks = 12
+    with backend.transport() as transport, pytest.raises(ValueError, match=r"num_cached_blocks must be in \[0, 11\]"):
+        transport.open("127.0.0.1:1", header)

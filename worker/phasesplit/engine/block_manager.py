@@ -29,6 +29,10 @@ class KVCapacityError(RuntimeError):
     """The cache has too few free blocks for the request."""
 
 
+class CachedPrefixGone(LookupError):
+    """Blocks a caller counted on finding in the prefix cache are no longer there (evicted)."""
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False):
         self.num_blocks = num_blocks
@@ -121,6 +125,20 @@ class BlockManager:
         seq.block_table = hits + fresh
         seq.num_registered_blocks = len(hits)
         seq.num_cached_tokens = len(hits) * self.block_size
+
+    def take_with_prefix(self, hashes: list[int], n: int) -> list[int]:
+        """`n` blocks whose first ones are the cached blocks of `hashes` (shared: one more reference each),
+        the rest fresh. Raises CachedPrefixGone when the cache no longer holds every one of `hashes`."""
+        cached = [self.block_of_hash.get(h) for h in hashes]
+        if None in cached:
+            raise CachedPrefixGone(f"{cached.count(None)} of the {len(hashes)} leading blocks are no longer cached")
+        for block in cached:
+            self._hold(block)
+        try:
+            return cached + self.take(n - len(cached), after=cached[-1] if cached else None)
+        except KVCapacityError:
+            self.free(cached)
+            raise
 
     def _hold(self, block: int) -> None:
         if self.ref_count[block] == 0:

@@ -243,12 +243,18 @@ class LLMEngine:
         seq.status = SequenceStatus.FINISHED
         return True
 
-    def reserve_kv(self, request_id: str, num_tokens: int) -> list[int]:
-        """Blocks to receive `num_tokens` tokens of prompt KV; raises KVCapacityError when full."""
+    def reserve_kv(self, request_id: str, num_tokens: int, cached_hashes: list[int] = ()) -> list[int]:
+        """Blocks to receive `num_tokens` tokens of prompt KV; raises KVCapacityError when full. The first
+        ones are the cached blocks of `cached_hashes` (the prompt's leading block hashes, which the sender
+        does not send), shared; raises CachedPrefixGone when the cache no longer holds them all."""
         self._check_new_id(request_id)
         if not isinstance(num_tokens, int) or not 0 < num_tokens < self.max_model_len:
             raise ValueError(f"num_tokens: got {num_tokens!r}, must be in [1, {self.max_model_len - 1}]")
-        blocks = self.block_manager.take(self.block_manager.blocks_for(num_tokens))
+        num_blocks = self.block_manager.blocks_for(num_tokens)
+        if len(cached_hashes) >= num_blocks:
+            raise ValueError(f"cached_hashes: {len(cached_hashes)} blocks, must be fewer than the {num_blocks} the "
+                             f"{num_tokens} tokens fill (the last token's block always arrives)")
+        blocks = self.block_manager.take_with_prefix(list(cached_hashes), num_blocks)
         self.reserved[request_id] = blocks
         return list(blocks)
 

@@ -23,6 +23,7 @@ import time
 import torch
 
 from phasesplit import auth
+from phasesplit.engine.block_manager import CachedPrefixGone
 from phasesplit.engine.engine import KVCapacityError
 from phasesplit.engine.handoff import KVHandoff
 from phasesplit.roles.core import WorkerCore
@@ -125,6 +126,10 @@ class KVInbox(base.KVSink):
             return self.core.loop.run(self._reserve, header, caller)
         except KVCapacityError as exc:
             raise base.CapacityError(f"request {header.request_id}: {exc}") from exc
+        except CachedPrefixGone as exc:
+            raise base.CachedBlocksGone(f"request {header.request_id}: the header counts on "
+                                        f"{header.num_cached_blocks} blocks of this token worker's prefix cache: "
+                                        f"{exc}; send it again with num_cached_blocks 0") from exc
         except ValueError as exc:
             raise base.TransferError(f"request {header.request_id}: {exc}") from exc
 
@@ -140,8 +145,7 @@ class KVInbox(base.KVSink):
                     log.warning("request %s: KV refused: the request was aborted here within the last %g s "
                                 "(a retry must use a new request id)", rid, self.lease)
                     raise base.TransferAborted(f"request {rid} was aborted; its KV is refused")
-                entry = ReceivedKV(self, header, self._reserve_blocks(rid, len(header.prompt_token_ids), caller),
-                                   caller)
+                entry = ReceivedKV(self, header, self._reserve_blocks(rid, header, caller), caller)
                 self._entries[rid] = entry
                 self._changed.notify_all()
         except BaseException:
@@ -151,14 +155,20 @@ class KVInbox(base.KVSink):
         self.engine.send_to_ranks(ExpectShard(rid, entry.block_ids))
         return entry
 
-    def _reserve_blocks(self, rid: str, num_tokens: int, caller: auth.Caller | None) -> list[int]:
-        """Engine thread, under `_changed`: the blocks, made room for by other callers' idle excess if need be."""
+    def _reserve_blocks(self, rid: str, header: pb.KVHeader, caller: auth.Caller | None) -> list[int]:
+        """Engine thread, under `_changed`: the blocks, made room for by other callers' idle excess if need be.
+        The header's leading cached blocks are this worker's own, shared from its prefix cache."""
+        num_tokens, cached = len(header.prompt_token_ids), header.num_cached_blocks
+        if len(header.block_hashes) < cached:
+            raise ValueError(f"header.block_hashes: {len(header.block_hashes)} hashes, num_cached_blocks needs "
+                             f"{cached}")
+        hashes = list(header.block_hashes[:cached])
         try:
-            return self.engine.reserve_kv(rid, num_tokens)
+            return self.engine.reserve_kv(rid, num_tokens, hashes)
         except KVCapacityError:
             if not self._free_idle_excess(caller):
                 raise
-            return self.engine.reserve_kv(rid, num_tokens)
+            return self.engine.reserve_kv(rid, num_tokens, hashes)
 
     def _free_idle_excess(self, caller: auth.Caller | None) -> bool:
         """Frees other callers' reservations that no data reached yet, beyond half the cache each; True if any."""

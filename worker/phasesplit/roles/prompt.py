@@ -3,10 +3,14 @@
 The request joins the engine's batches as a prefill-only request. While the batch runs, the
 engine's `layer_hook` hands each finished layer's blocks to the request's KV sender, so the
 transfer overlaps the rest of the prefill. The blocks stay held until the token worker has
-acknowledged every chunk (or the transfer is aborted), then they are released."""
+acknowledged every chunk (or the transfer is aborted), then they are released.
+
+The router may say that the token worker already holds the prompt's first blocks in its prefix cache
+(`token_cached_blocks`): the header says so (`num_cached_blocks`) and only the blocks after them move."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -24,7 +28,7 @@ from phasesplit.roles.engine_loop import Finished
 from phasesplit.roles.remote_abort import RemoteAborts
 from phasesplit.roles.shard_send import LeaderShards, ShardRun
 from phasesplit.roles.streaming import submit_or_abort
-from phasesplit.transport.base import KVSender, TransferError, status_of
+from phasesplit.transport.base import KVSender, TransferError, max_cached_blocks, status_of
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -51,6 +55,7 @@ class _Transfer:
     sender: KVSender | None = None
     shards: ShardRun | None = None  # the other tensor-parallel ranks' transfers
     blocks_sent: dict[int, int] = field(default_factory=dict)  # by layer: the blocks queued so far
+    held_blocks: int = 0  # leading blocks the token worker holds already: each layer is sent from there
 
 
 class PromptService(pb_grpc.PromptWorkerServicer):
@@ -78,7 +83,9 @@ class PromptService(pb_grpc.PromptWorkerServicer):
             transfer.timing.last_layer = now
             if transfer.layerwise and transfer.sender is not None:
                 # from the first block not sent yet: a prefix found in the cache goes with the first chunk
-                first, block_ids = engine.prefill_piece(rid, transfer.blocks_sent.get(layer, 0))
+                first, block_ids = engine.prefill_piece(rid, transfer.blocks_sent.get(layer, transfer.held_blocks))
+                if not block_ids:  # a chunk that ends inside the blocks the token worker holds
+                    continue
                 transfer.sender.send_layer(layer, *engine.kv_layer(layer), block_ids, first)
                 transfer.blocks_sent[layer] = first + len(block_ids)
 
@@ -97,11 +104,13 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         log.info("request %s: prefill of %d prompt tokens", rid, len(ids),
                  extra={"request_id": request_id_from_metadata(context, rid)})
         # A request that cannot outlive its first token (max_tokens=1) has no token phase: no KV moves.
-        transfer = _Transfer(timing, self.core.settings.layerwise and params.max_tokens > 1)
+        transfer = _Transfer(timing, self.core.settings.layerwise and params.max_tokens > 1,
+                             held_blocks=request.token_cached_blocks)
         with self._lock:
             self._transfers[rid] = transfer
         if transfer.layerwise:
-            handoff = KVHandoff.of_prompt(rid, ids, self.core.engine.layout, params.cache_salt)
+            handoff = dataclasses.replace(KVHandoff.of_prompt(rid, ids, self.core.engine.layout, params.cache_salt),
+                                          num_cached_blocks=transfer.held_blocks)
             self._open(request, context, transfer, handoff)
         outputs: queue.SimpleQueue = queue.SimpleQueue()
         engine = self.core.engine
@@ -127,6 +136,7 @@ class PromptService(pb_grpc.PromptWorkerServicer):
             else:
                 if transfer.sender is None:
                     handoff, block_ids = self.core.loop.run(lambda: (engine.handoff(rid), engine.blocks_of(rid)))
+                    handoff = dataclasses.replace(handoff, num_cached_blocks=transfer.held_blocks)
                     self._open(request, context, transfer, handoff, block_ids)
                     self._send_all_layers(transfer, block_ids)
                 self._finish(request, transfer, context, timing)
@@ -134,7 +144,8 @@ class PromptService(pb_grpc.PromptWorkerServicer):
                                     queue_seconds=max(0.0, (timing.first_layer or timing.first_token) - timing.arrived),
                                     prefill_seconds=timing.first_token - (timing.first_layer or timing.arrived),
                                     transfer_seconds=max(0.0, timing.acknowledged - timing.transfer_opened),
-                                    kv_bytes=timing.kv_bytes, num_cached_tokens=out.num_cached_tokens)
+                                    kv_bytes=timing.kv_bytes, num_cached_tokens=out.num_cached_tokens,
+                                    **_blocks_moved(transfer, len(ids), engine.layout.block_size))
         finally:
             done.set()
             self._release(rid)
@@ -157,6 +168,11 @@ class PromptService(pb_grpc.PromptWorkerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id: must be a non-empty string")
         if not request.token_worker:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token_worker: must be host:port of the token worker")
+        most = max_cached_blocks(len(request.prompt_token_ids), self.core.engine.layout.block_size)
+        if request.token_cached_blocks > most:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"token_cached_blocks: must be in [0, {most}] (the prompt's full blocks short of the one "
+                          f"holding its last token), got {request.token_cached_blocks}")
         try:
             return sampling_from_proto(request.sampling)
         except ValueError as exc:
@@ -176,9 +192,9 @@ class PromptService(pb_grpc.PromptWorkerServicer):
 
     def _send_all_layers(self, transfer: _Transfer, block_ids: list[int]) -> None:
         """Serialized transfer: every layer after the prompt phase (the blocks are held, untouched)."""
-        engine = self.core.engine
+        engine, first = self.core.engine, transfer.held_blocks
         for layer in range(engine.layout.num_layers):
-            transfer.sender.send_layer(layer, *engine.kv_layer(layer), block_ids)
+            transfer.sender.send_layer(layer, *engine.kv_layer(layer), block_ids[first:], first)
 
     def _finish(self, request, transfer: _Transfer, context, timing: PrefillTiming) -> None:
         rid = request.request_id
@@ -214,3 +230,12 @@ class PromptService(pb_grpc.PromptWorkerServicer):
         # Only after the sender stopped reading the blocks (finish or abort returned). Queued, not
         # awaited: the reply must not wait for the engine's current step (another batch's prefill).
         self.core.loop.call(self.core.engine.release, rid)
+
+
+def _blocks_moved(transfer: _Transfer, num_tokens: int, block_size: int) -> dict[str, int]:
+    """PrefillReply's counts of the prompt blocks the transfer moved and those the token worker held (none
+    when no KV moved)."""
+    if not transfer.timing.kv_bytes:
+        return {}
+    num_blocks = -(-num_tokens // block_size)
+    return {"kv_blocks_sent": num_blocks - transfer.held_blocks, "kv_blocks_held": transfer.held_blocks}

@@ -58,8 +58,9 @@ def _key(number: int, rank: int) -> str:
 class _Shard:
     """One follower transfer; `report` writes how it ended, once."""
 
-    def __init__(self, sender, number: int, num_layers: int, num_blocks: int):
+    def __init__(self, sender, number: int, num_layers: int, num_blocks: int, held_blocks: int = 0):
         self.sender, self.number, self.num_layers, self.num_blocks = sender, number, num_layers, num_blocks
+        self.held_blocks = held_blocks  # leading blocks the token rank holds already: each layer starts there
         self.blocks_sent: dict[int, int] = {}  # by layer: the blocks queued so far
         self._reported = False
         self._lock = threading.Lock()
@@ -94,20 +95,25 @@ class ShardSenders:
         except (ValueError, TransferError) as exc:
             self._report(message.number, exc)
             return
-        shard = _Shard(sender, message.number, handoff.layout.num_layers, handoff.num_blocks)
+        shard = _Shard(sender, message.number, handoff.layout.num_layers, handoff.num_blocks,
+                       handoff.num_cached_blocks)
         with self._lock:
             self._shards[message.request_id] = shard
         if message.block_ids is not None:
+            first = shard.held_blocks
             for layer in range(shard.num_layers):
-                self._send(message.request_id, shard, layer, 0, message.block_ids)
+                self._send(message.request_id, shard, layer, first, message.block_ids[first:])
 
     def on_layer(self, layer: int, request_ids: list[str]) -> None:
         """The layer hook: this rank's prefill wrote `layer` of these requests."""
         for rid in request_ids:
             with self._lock:
                 shard = self._shards.get(rid)
-            if shard is not None:
-                self._send(rid, shard, layer, *self.engine.prefill_piece(rid, shard.blocks_sent.get(layer, 0)))
+            if shard is None:
+                continue
+            first, block_ids = self.engine.prefill_piece(rid, shard.blocks_sent.get(layer, shard.held_blocks))
+            if block_ids:  # (none: a chunk that ends inside the blocks the token rank holds)
+                self._send(rid, shard, layer, first, block_ids)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

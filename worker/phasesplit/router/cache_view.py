@@ -45,6 +45,12 @@ class CacheView:
         for block_hash in hashes:
             self._expected[block_hash] = polls_begun
 
+    def forget(self, hashes: Sequence[int]) -> None:
+        """Blocks the worker turned out not to hold: until a poll reports them again."""
+        self.held.difference_update(hashes)
+        for block_hash in hashes:
+            self._expected.pop(block_hash, None)
+
     def cached_blocks(self, hashes: Sequence[int]) -> int:
         """How many leading blocks of a prompt with these block hashes the worker holds."""
         count = 0

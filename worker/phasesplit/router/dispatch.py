@@ -17,8 +17,8 @@ from phasesplit.logs import REQUEST_ID_METADATA
 from phasesplit.router.admission import Admission, AdmissionSettings
 from phasesplit.router.cache_routing import RoutingSettings, pick_cache_aware, pick_cache_aware_token
 from phasesplit.router.cache_view import PromptHashes
-from phasesplit.router.failures import (WorkerLost, lost_in_prefill, lost_in_stream, no_worker, request_lost,
-                                        worker_failed)
+from phasesplit.router.failures import (WorkerLost, is_cache_miss, lost_in_prefill, lost_in_stream, no_worker,
+                                        request_lost, worker_failed)
 from phasesplit.router.lending import prompt_candidates, token_candidates
 from phasesplit.router.metrics import RouterMetrics
 from phasesplit.router.openai_api import APIError
@@ -148,7 +148,7 @@ class Dispatcher:
     def _replace(self, run: RequestRun, attempt: Attempt, lost: WorkerLost) -> None:
         """Counts the failure towards a retry or a migration; raises the worker's error when none is left."""
         stage = run.stage
-        allowed = run.fail(lost.worker.address, lost.reason)
+        allowed = run.fail(lost.worker.address, lost.reason, exclude=lost.blame)
         if lost.down:
             lost.worker.mark_down(f"failed request {attempt.request_id}: {lost.reason}")
         if not allowed:
@@ -254,7 +254,8 @@ class Dispatcher:
         ids = attempt.prompt_token_ids
         prompt_w = self._pick_prompt_worker(run, hashes)
         request = pb.PrefillRequest(request_id=attempt.request_id, prompt_token_ids=ids, sampling=attempt.sampling,
-                                    token_worker=token_w.address)
+                                    token_worker=token_w.address,
+                                    token_cached_blocks=self._held_by_token_worker(run, token_w, hashes))
         to_compute = _to_compute(hashes, prompt_w)
         phase = self.metrics.phase("prompt", to_compute)
         with prompt_w.assign(attempt.request_id, prompt_tokens=to_compute):
@@ -263,6 +264,9 @@ class Dispatcher:
             try:
                 reply = await call
             except grpc.aio.AioRpcError as e:
+                if is_cache_miss(e):   # the next attempt sends it every block
+                    run.stale_caches.add(token_w.address)
+                    token_w.forget_cached(hashes.full(token_w.block_size))
                 raise lost_in_prefill(e, prompt_w, token_w) from None
             except BaseException:   # cancelled before the worker answered
                 call.cancel()
@@ -275,7 +279,17 @@ class Dispatcher:
                        f"transfer={reply.transfer_seconds:.4f} kv_bytes={reply.kv_bytes}")
         self.metrics.kv_transfer_bytes.inc(reply.kv_bytes)
         self.metrics.kv_transfer_seconds.inc(reply.transfer_seconds)
+        self.metrics.kv_blocks_sent.inc(reply.kv_blocks_sent)
+        self.metrics.kv_blocks_held.inc(reply.kv_blocks_held)
         return reply
+
+    @staticmethod
+    def _held_by_token_worker(run: RequestRun, token_w: WorkerState, hashes: PromptHashes) -> int:
+        """The prompt's leading blocks the router believes the token worker holds: the prompt worker sends only
+        the rest. 0 once that worker lacked such blocks for this request (then every block moves)."""
+        if token_w.address in run.stale_caches or not token_w.caches_prefixes:
+            return 0
+        return token_w.cache.cached_blocks(hashes.lookup(token_w.block_size))
 
     # ---- mixed: both phases on one worker ----
     async def _mixed(self, run: RequestRun, attempt: Attempt) -> AsyncIterator[Delta]:

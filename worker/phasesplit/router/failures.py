@@ -15,9 +15,10 @@ from phasesplit.v1.conventions import KV_PEER_FAILED
 class WorkerLost(Exception):
     """A worker failed a request in a way another worker can take over. `down`: it looks dead or stalled."""
 
-    def __init__(self, worker: WorkerState, reason: str, error: APIError, down: bool = False):
+    def __init__(self, worker: WorkerState, reason: str, error: APIError, down: bool = False, blame: bool = True):
         super().__init__(error.message)
         self.worker, self.reason, self.error, self.down = worker, reason, error, down
+        self.blame = blame  # False: the worker may take the request's next attempt
 
 
 def worker_failed(worker: WorkerState, what: str) -> APIError:
@@ -49,11 +50,24 @@ def lost_in_stream(e: grpc.aio.AioRpcError, worker: WorkerState) -> WorkerLost |
 def lost_in_prefill(e: grpc.aio.AioRpcError, prompt_w: WorkerState, token_w: WorkerState) -> WorkerLost | APIError:
     """What a failed Prefill means: the KV push to the token worker failed, the prompt worker is gone, or the
     request is refused."""
-    if any(key == KV_PEER_FAILED for key, _ in e.trailing_metadata() or ()):
+    if _peer_failed(e):
+        if is_cache_miss(e):
+            return WorkerLost(token_w, "kv_cache_miss", worker_error(e, token_w), blame=False)
         return WorkerLost(token_w, "kv_transfer_failed", worker_error(e, token_w))
     if e.code() == grpc.StatusCode.UNAVAILABLE:
         return WorkerLost(prompt_w, "prompt_worker_unavailable", worker_error(e, prompt_w), down=True)
     return worker_error(e, prompt_w)
+
+
+def is_cache_miss(e: grpc.aio.AioRpcError) -> bool:
+    """Whether a Prefill failed because the token worker no longer holds the blocks it was said to hold (its
+    prefix cache evicted them since its last poll): sent again with every block, the request goes through."""
+    return e.code() == grpc.StatusCode.NOT_FOUND and _peer_failed(e)
+
+
+def _peer_failed(e: grpc.aio.AioRpcError) -> bool:
+    """Whether the prompt worker says the KV could not be handed to the token worker."""
+    return any(key == KV_PEER_FAILED for key, _ in e.trailing_metadata() or ())
 
 
 def no_worker(pool: str, failed: Iterable[str]) -> APIError:

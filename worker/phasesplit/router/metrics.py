@@ -27,8 +27,8 @@ OUTCOMES = ("success", "error", "cancelled", "rejected")
 # Why admission refused a request with a 429: too many waiting, waited too long, too many on its API key.
 REFUSALS = ("queue_full", "queue_wait", "key_limit")
 # Why a request moved to another worker (failures.WorkerLost): before its first token a retry, after it a migration.
-FAILOVER_REASONS = ("prompt_worker_unavailable", "kv_transfer_failed", "worker_unavailable", "worker_error",
-                    "worker_full", "worker_aborted", "stream_ended", "stalled")
+FAILOVER_REASONS = ("prompt_worker_unavailable", "kv_transfer_failed", "kv_cache_miss", "worker_unavailable",
+                    "worker_error", "worker_full", "worker_aborted", "stream_ended", "stalled")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _TBT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -74,6 +74,10 @@ class RouterMetrics:
                                          registry=r)
         self.kv_transfer_seconds = Counter("phasesplit_kv_transfer_seconds", "Seconds spent moving KV",
                                            registry=r)
+        self.kv_blocks_sent = Counter("phasesplit_kv_blocks_sent", "Prompt KV blocks moved prompt -> token "
+                                      "(per layer and tensor-parallel rank)", registry=r)
+        self.kv_blocks_held = Counter("phasesplit_kv_blocks_held", "Prompt KV blocks not moved: the token worker "
+                                      "held them already in its prefix cache", registry=r)
         self.requests = self._per_model(Counter("phasesplit_requests", "Requests by outcome",
                                                 ["model_name", "outcome"], registry=r))
         self.migrations = Counter("phasesplit_migrations", "Requests moved to another worker after a worker failed "

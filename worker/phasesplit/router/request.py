@@ -74,6 +74,7 @@ class RequestRun:
     sent: list[int] = field(default_factory=list)    # tokens whose text reached the client
     held: list[int] = field(default_factory=list)    # this attempt's tokens whose text is held back
     failed: set[str] = field(default_factory=set)    # addresses of the workers that failed it
+    stale_caches: set[str] = field(default_factory=set)   # token workers that lacked blocks said to be cached
     failures: list[str] = field(default_factory=list)   # "worker (reason)" for each failure
     retries: int = 0
     migrations: int = 0
@@ -108,9 +109,11 @@ class RequestRun:
         seconds, self.failed_at = time.monotonic() - self.failed_at, None
         return seconds
 
-    def fail(self, address: str, reason: str) -> bool:
-        """Records a worker failing the run; whether the policy allows another attempt (then it is counted)."""
-        self.failed.add(address)
+    def fail(self, address: str, reason: str, exclude: bool = True) -> bool:
+        """Records a worker failing the run (`exclude`: no later attempt goes to it); whether the policy allows
+        another attempt (then it is counted)."""
+        if exclude:
+            self.failed.add(address)
         self.failures.append(f"{address} ({reason})")
         if self.sent:
             if self.migrations >= self.policy.max_attempts:

@@ -107,6 +107,10 @@ class WorkerState:
         if self.caches_prefixes:
             self.cache.expect(hashes, self.polls)
 
+    def forget_cached(self, hashes: list[int]) -> None:
+        """It turned out not to hold these blocks (evicted since the last poll said otherwise)."""
+        self.cache.forget(hashes)
+
     # ---- the router's KV reservations ----
     def reserve(self, request_id: str, blocks: int) -> None:
         self._reserved[request_id] = blocks

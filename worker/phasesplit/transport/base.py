@@ -25,8 +25,8 @@ import grpc
 import torch
 
 from phasesplit.transport.errors import (  # noqa: F401  (the contract's errors, re-exported)
-    STATUS, CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError, TransferTimeout,
-    error_from_status, status_of,
+    STATUS, CachedBlocksGone, CapacityError, KVDataLoss, LayoutMismatch, TransferAborted, TransferError,
+    TransferTimeout, error_from_status, status_of,
 )
 from phasesplit.transport.layout import (  # noqa: F401  (re-exported)
     DTYPES, KVLayout, block_bytes, check_layout, validate_layout,
@@ -50,7 +50,8 @@ class KVSender(Protocol):
         sequence's blocks in order; or, with `block_ids`, whole layer caches [num_blocks, ...]
         from which blocks `block_ids` are sent in that order, as the sequence's blocks from
         position `first` on (a chunked prefill sends each layer in pieces, in order: each piece
-        starts where the layer's last one ended). The tensors are read later, by the
+        starts where the layer's last one ended). With header.num_cached_blocks = c the receiver
+        holds blocks [0, c) already: each layer starts at position c. The tensors are read later, by the
         sender's thread: leave those blocks untouched until finish() or abort() returns.
         Blocks while the queue is full (backpressure). Never raises for a failed transfer:
         finish() reports it."""
@@ -97,7 +98,9 @@ class KVDestination(Protocol):
 class KVSink(Protocol):
     def begin(self, header: pb.KVHeader) -> KVDestination:
         """Check the layout (raise LayoutMismatch, see check_layout) and reserve blocks for
-        header.prompt_token_ids (raise CapacityError when they do not fit)."""
+        header.prompt_token_ids (raise CapacityError when they do not fit). The first
+        header.num_cached_blocks of them are the receiver's own cached blocks, shared (raise
+        CachedBlocksGone when it no longer holds them all); writes go to the others."""
 
 
 class KVReceiver(Protocol):
@@ -115,6 +118,10 @@ def check_header(header: pb.KVHeader) -> None:
         raise ValueError("header.request_id must not be empty")
     if not header.prompt_token_ids:
         raise ValueError("header.prompt_token_ids must not be empty")
+    most = max_cached_blocks(len(header.prompt_token_ids), header.layout.block_size)
+    if header.num_cached_blocks > most:
+        raise ValueError(f"header.num_cached_blocks must be in [0, {most}] (the prompt's full blocks short of "
+                         f"its last token's), got {header.num_cached_blocks}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,15 +129,22 @@ class LayerShape:
     """What send_layer takes for one header: see `check`."""
 
     num_layers: int
-    num_blocks: int  # the prompt's blocks: what each layer's K and V carry
+    num_blocks: int  # the prompt's blocks
     block_shape: tuple[int, int, int]
     dtype: torch.dtype
+    first_block: int = 0  # the leading blocks the receiver holds already: each layer sends [first_block, num_blocks)
 
     @classmethod
     def of(cls, header: pb.KVHeader) -> LayerShape:
         layout = header.layout
         return cls(layout.num_layers, num_prompt_blocks(header),
-                   (layout.block_size, layout.num_kv_heads, layout.head_dim), DTYPES[layout.dtype])
+                   (layout.block_size, layout.num_kv_heads, layout.head_dim), DTYPES[layout.dtype],
+                   header.num_cached_blocks)
+
+    @property
+    def blocks_to_send(self) -> int:
+        """What each layer's K and V carry."""
+        return self.num_blocks - self.first_block
 
     def check(self, layer: int, k: torch.Tensor, v: torch.Tensor, block_ids: Sequence[int] | None,
               sent: list[int], device: torch.device | None = None, first: int = 0) -> list[int]:
@@ -150,10 +164,10 @@ class LayerShape:
                 raise ValueError(f"{name} must be on {device} (the transport's device), got {t.device}")
         if k.shape[0] != v.shape[0]:
             raise ValueError(f"k and v must hold the same blocks, got {k.shape[0]} and {v.shape[0]}")
-        if block_ids is None:
-            if first or k.shape[0] < self.num_blocks:
+        if block_ids is None:  # the whole sequence's blocks: those from first_block on are sent
+            if k.shape[0] < self.num_blocks:
                 raise ValueError(f"k holds {k.shape[0]} blocks, the prompt needs {self.num_blocks}")
-            return list(range(self.num_blocks))
+            return list(range(first, self.num_blocks))
         ids = [int(i) for i in block_ids[:self.num_blocks - first]]
         if not ids:
             raise ValueError("block_ids must not be empty")
@@ -163,11 +177,12 @@ class LayerShape:
 
 
 class Progress:
-    """How many blocks of each layer a sender has queued (pieces arrive in order)."""
+    """How many blocks of each layer a sender has queued (pieces arrive in order), counting the leading
+    blocks the receiver holds already as sent."""
 
     def __init__(self, shape: LayerShape):
         self.shape = shape
-        self.sent = [0] * shape.num_layers
+        self.sent = [shape.first_block] * shape.num_layers
 
     def add(self, layer: int, num_blocks: int) -> None:
         self.sent[layer] += num_blocks
@@ -178,5 +193,11 @@ class Progress:
 
 
 def num_prompt_blocks(header: pb.KVHeader) -> int:
-    """Blocks holding the prompt's KV: what a transfer moves for each layer's K and V."""
+    """Blocks holding the prompt's KV; a transfer moves those from `header.num_cached_blocks` on."""
     return math.ceil(len(header.prompt_token_ids) / header.layout.block_size)
+
+
+def max_cached_blocks(num_tokens: int, block_size: int) -> int:
+    """The most leading blocks of a prompt a token worker may hold instead of receiving: its full blocks
+    short of the one holding its last token (as the prefix cache looks prompts up)."""
+    return max(0, (num_tokens - 1) // block_size)

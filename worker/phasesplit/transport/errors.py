@@ -29,6 +29,11 @@ class CapacityError(TransferError):
     """The token worker cannot hold the KV (not enough free blocks, or draining)."""
 
 
+class CachedBlocksGone(TransferError):
+    """The header counts on leading blocks the token worker's prefix cache no longer holds (evicted):
+    send the request again with num_cached_blocks = 0."""
+
+
 class KVDataLoss(TransferError):
     """A chunk failed its checksum, or the stream ended before every block arrived."""
 
@@ -47,6 +52,7 @@ class TransferAborted(TransferError):
 STATUS = (
     (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
     (CapacityError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (CachedBlocksGone, grpc.StatusCode.NOT_FOUND),
     (KVDataLoss, grpc.StatusCode.DATA_LOSS),
     (TransferTimeout, grpc.StatusCode.DEADLINE_EXCEEDED),
     (TransferAborted, grpc.StatusCode.ABORTED),

@@ -126,6 +126,7 @@ class _Receiver:
         layout = header.layout
         num_blocks = num_prompt_blocks(header)
         received = np.zeros((layout.num_layers, 2, num_blocks), dtype=bool)
+        received[:, :, :header.num_cached_blocks] = True  # held here already: a chunk for them is refused
         size = block_bytes(layout)
         complete = False
         for raw in requests:

@@ -169,7 +169,7 @@ class PairKVSender:
 
     @property
     def _total_blocks(self) -> int:
-        return self.num_layers * self._shape.num_blocks
+        return self.num_layers * self._shape.blocks_to_send
 
     def release(self) -> None:
         self._released.set()

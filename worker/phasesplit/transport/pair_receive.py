@@ -39,14 +39,15 @@ def check_options(timeout: float, port: int) -> None:
 
 class Incoming:
     """One transfer's progress: how many blocks of each layer arrived into its destination (a layer
-    comes whole or in pieces, in order)."""
+    comes whole or in pieces, in order, from the first block the token worker does not hold)."""
 
     def __init__(self, dest: KVDestination, header: pb.KVHeader):
         self.dest = dest
         self.request_id = header.request_id
         self.num_layers = header.layout.num_layers
         self.num_blocks = num_prompt_blocks(header)
-        self.received = [0] * self.num_layers
+        self.first_block = header.num_cached_blocks  # blocks before it are held here already: they do not come
+        self.received = [self.first_block] * self.num_layers
         self.bytes = 0
         self.error: TransferError | None = None
         self.progress = time.monotonic()
@@ -65,7 +66,8 @@ class Incoming:
             if (not 0 <= layer < self.num_layers or first != self.received[layer] or num_blocks < 1
                     or first + num_blocks > self.num_blocks):
                 self._fail(TransferError(f"bad frame: layer {layer} blocks [{first}, {first + num_blocks}) (expected "
-                                         f"each of {self.num_layers} layers' {self.num_blocks} blocks once, in order)"))
+                                         f"each of {self.num_layers} layers' blocks [{self.first_block}, "
+                                         f"{self.num_blocks}) once, in order)"))
                 return False
             return True
 
