@@ -111,6 +111,7 @@ async def client(session, url: str, load: dict, stop: asyncio.Event, traffic: Tr
             "temperature": 0}
     while not stop.is_set():
         traffic.sent += 1
+        body["cache_salt"] = f"request-{traffic.sent}"  # every prompt computed whole: the prefix cache shares none
         try:
             async with session.post(f"{url}/v1/completions", json=body) as resp:
                 reply = await resp.json()

@@ -119,6 +119,17 @@ def test_a_chunked_prefill_sends_each_chunks_kv_as_it_is_computed(tiny_model_dir
             server.stop()
 
 
+def test_a_token_worker_computes_a_prompt_itself_when_the_router_asks(roles, tiny_model_dir):
+    """Conditional disaggregation: Generate with the prompt's ids on a token worker prefills it there."""
+    _, token, _, token_stub = roles
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    sampling = pb.SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    events = token_stub.Generate(pb.GenerateRequest(request_id="local", sampling=sampling, prompt_token_ids=PROMPT),
+                                 timeout=30)
+    assert [t for e in events for t in e.token_ids] == alone(tiny_model_dir, PROMPT, params)
+    wait_for(lambda: used_blocks(token) == 0, timeout=5, what="every block free")
+
+
 def test_kv_for_an_aborted_request_id_is_refused_with_a_reason_in_the_log(roles, caplog):
     prompt, token, prompt_stub, _ = roles
     with grpc.insecure_channel(f"127.0.0.1:{token.port}") as channel:

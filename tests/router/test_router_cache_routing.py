@@ -107,6 +107,20 @@ async def test_the_token_worker_holding_the_prompt_takes_it_though_it_has_less_r
     assert (len(holder.generates), len(roomy.generates)) == (1, 0)
 
 
+async def test_a_token_worker_holding_all_but_a_short_tail_computes_it_itself(make_cluster, tiny_model_dir):
+    """Conditional disaggregation (localPrefillTokens): no prompt worker, no KV transfer; a longer tail, or
+    the setting at 0, goes through the prompt worker as before."""
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME},
+                                 routing=RoutingSettings(local_prefill_tokens=64))
+    (token,), (prompt,) = cluster.workers["token"], cluster.workers["prompt"]
+    token.cached_hashes.update(prompt_hashes(tiny_model_dir))   # all but the block of the last token
+    await cluster.polled()
+    await complete(cluster)
+    assert (len(prompt.prefills), [list(g.prompt_token_ids) != [] for g in token.generates]) == (0, [True])
+    await complete(cluster, salt="another tenant")   # nothing cached under this salt: split as before
+    assert (len(prompt.prefills), [list(g.prompt_token_ids) != [] for g in token.generates]) == (1, [True, False])
+
+
 async def test_the_prompt_worker_is_told_the_blocks_the_token_worker_holds(make_cluster, tiny_model_dir):
     cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME})
     (token,), (prompt,) = cluster.workers["token"], cluster.workers["prompt"]

@@ -194,6 +194,10 @@ class Routing(Spec):
                                    "hold cached for its cache to steer the pick (below it: the least loaded worker)")
     balance_slack: int = Field(8, ge=0, le=1000000, description="cacheAware: requests in flight above the least "
                                "busy prompt worker that a worker holding the prompt may have and still be picked")
+    local_prefill_tokens: int = Field(0, ge=0, le=1048576, description="cacheAware, conditional disaggregation: "
+                                      "when the chosen token worker's cache holds all of a prompt but at most this "
+                                      "many tokens, it computes them itself (no prompt worker, no KV transfer); "
+                                      "0: never")
 
 
 EXPOSED_SERVICE_TYPES = ("NodePort", "LoadBalancer")  # reachable from outside the cluster
@@ -236,6 +240,8 @@ def router_flags(spec: "SplitInferenceSpec") -> list[str]:
     routing = spec.router.routing
     flags += ["--routing", routing.policy, "--routing-cache-threshold", f"{routing.cache_threshold:g}",
               "--routing-balance-slack", str(routing.balance_slack)]
+    if routing.local_prefill_tokens:  # only when set, so that routers of specs without it do not restart
+        flags += ["--routing-local-prefill-tokens", str(routing.local_prefill_tokens)]
     if spec.model.max_model_len:
         flags += ["--max-model-len", str(spec.model.max_model_len)]
     return flags

@@ -49,10 +49,8 @@ class TokenService(pb_grpc.TokenWorkerServicer):
                 yield from self._from_received_kv(request, params, context)
 
     def _both_phases(self, request, params, context):
-        if self.core.role != "mixed":
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          "prompt_token_ids: only a mixed worker runs the prompt phase in Generate; "
-                          "a token worker decodes KV pushed by a prompt worker")
+        """A mixed worker's requests; on a token worker, one whose prompt its prefix cache holds all but a
+        short tail of (the router's conditional disaggregation)."""
         self.core.refuse_if_draining(context)
         rid, ids, engine = request.request_id, list(request.prompt_token_ids), self.core.engine
         yield from stream_tokens(self.core, context, rid, lambda: engine.add_request(rid, ids, params))

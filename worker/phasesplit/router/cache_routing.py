@@ -47,6 +47,7 @@ class RoutingSettings:
     policy: str = CACHE_AWARE
     cache_threshold: float = CACHE_THRESHOLD
     balance_slack: int = BALANCE_SLACK
+    local_prefill_tokens: int = LOCAL_PREFILL_TOKENS
 
     @property
     def cache_aware(self) -> bool:

@@ -15,7 +15,7 @@ import grpc
 
 from phasesplit.logs import REQUEST_ID_METADATA
 from phasesplit.router.admission import Admission, AdmissionSettings
-from phasesplit.router.cache_routing import RoutingSettings, pick_cache_aware, pick_cache_aware_token
+from phasesplit.router.cache_routing import RoutingSettings, pick_cache_aware, pick_cache_aware_token, prefill_locally
 from phasesplit.router.cache_view import PromptHashes
 from phasesplit.router.failures import (WorkerLost, is_cache_miss, lost_in_prefill, lost_in_stream, no_worker,
                                         request_lost, worker_failed)
@@ -222,6 +222,12 @@ class Dispatcher:
         n, rid = len(attempt.prompt_token_ids), attempt.request_id
         hashes = _prompt_hashes(attempt)
         token_w = self._pick_token_worker(run, hashes)
+        if self.routing.cache_aware and prefill_locally(_cached(hashes)(token_w), n, self.routing.local_prefill_tokens):
+            run.prompt_worker, run.prompt_pool = token_w.address, token_w.pool
+            async with aclosing(self._both_phases(run, attempt, token_w, "token", hashes)) as deltas:
+                async for delta in deltas:
+                    yield delta
+            return
         finished = False
         with token_w.assign(rid, kv_blocks=math.ceil((n + 1) / token_w.block_size)) as assignment:
             try:
@@ -293,12 +299,22 @@ class Dispatcher:
 
     # ---- mixed: both phases on one worker ----
     async def _mixed(self, run: RequestRun, attempt: Attempt) -> AsyncIterator[Delta]:
-        ids, hashes = attempt.prompt_token_ids, _prompt_hashes(attempt)
+        hashes = _prompt_hashes(attempt)
         worker = self._pick_mixed_worker(run, hashes)
+        async with aclosing(self._both_phases(run, attempt, worker, "mixed", hashes)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    async def _both_phases(self, run: RequestRun, attempt: Attempt, worker: WorkerState, pool: str,
+                           hashes: PromptHashes) -> AsyncIterator[Delta]:
+        """One Generate stream computes the prompt and decodes: on a mixed worker, or on a token worker
+        whose cache holds all but a short tail of the prompt (conditional disaggregation)."""
+        ids = attempt.prompt_token_ids
         request = pb.GenerateRequest(request_id=attempt.request_id, sampling=attempt.sampling, prompt_token_ids=ids)
         to_compute = _to_compute(hashes, worker)
+        queued = to_compute if pool == "mixed" else attempt.sampling.max_tokens   # a token pool queues its output
         with worker.assign(attempt.request_id, prompt_tokens=to_compute) as assignment:
-            async with aclosing(self._generate(worker, "mixed", request, to_compute, attempt.job)) as events:
+            async with aclosing(self._generate(worker, pool, request, queued, attempt.job)) as events:
                 async for delta in events:
                     if assignment.prompt_tokens:
                         self._prompt_computed(worker, hashes, delta.cached_tokens)

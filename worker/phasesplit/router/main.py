@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cacheAware: the share of a prompt a worker must hold for its cache to steer the pick")
     p.add_argument("--routing-balance-slack", type=int, default=RoutingSettings.balance_slack,
                    help="cacheAware: requests in flight above the least busy worker that a cache hit may add")
+    p.add_argument("--routing-local-prefill-tokens", type=int, default=RoutingSettings.local_prefill_tokens,
+                   help="cacheAware: a token worker whose cache holds all of a prompt but at most this many tokens "
+                   "computes them itself, with no prompt worker (conditional disaggregation; 0: never)")
     p.add_argument("--pools", help="comma-separated pools this router serves, also while they have no worker "
                    "(scaled to zero): requests wait for them (default: the pools given workers)")
     for flag, kind, default, help_text in LIMITS:
@@ -108,9 +111,10 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                          "--max-queue-wait > 0 seconds")
     if not (args.header_timeout > 0 and args.body_timeout > 0):
         raise SystemExit("phasesplit router: --header-timeout and --body-timeout must be > 0 seconds")
-    if not 0 <= args.routing_cache_threshold <= 1 or args.routing_balance_slack < 0:
-        raise SystemExit("phasesplit router: --routing-cache-threshold must be in [0, 1] and --routing-balance-slack "
-                         ">= 0")
+    if (not 0 <= args.routing_cache_threshold <= 1 or args.routing_balance_slack < 0
+            or args.routing_local_prefill_tokens < 0):
+        raise SystemExit("phasesplit router: --routing-cache-threshold must be in [0, 1], --routing-balance-slack "
+                         "and --routing-local-prefill-tokens >= 0")
     served = tuple(p.strip() for p in args.pools.split(",") if p.strip()) if args.pools is not None else None
     if served is not None and (unknown := set(served) - set(POOLS)):
         raise SystemExit(f"phasesplit router: --pools: unknown pool {', '.join(sorted(unknown))}; "
@@ -129,7 +133,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                           admission=AdmissionSettings(args.max_queue_wait, args.max_queue_length,
                                                       args.max_streams_per_key),
                           routing=RoutingSettings(args.routing, args.routing_cache_threshold,
-                                                  args.routing_balance_slack),
+                                                  args.routing_balance_slack, args.routing_local_prefill_tokens),
                           pools=served, header_timeout=args.header_timeout, body_timeout=args.body_timeout)
 
 

@@ -172,8 +172,8 @@ class Group:
         with self.lock:
             self.error = error
             transfers, self.transfers = list(self.transfers.values()), {}
-        for incoming in transfers:
-            incoming.fail(TransferAborted(f"KV group failed: {error}"))
+        for incoming in transfers:  # UNAVAILABLE: the prompt worker drops the pair before it opens another transfer
+            incoming.fail(kv_group.GroupBroken(f"KV group failed: {error}"))
 
     def _run(self) -> None:
         try:
