@@ -223,7 +223,7 @@ def test_progress_shows_each_worker_loading_then_serving(tiny_model_dir, tmp_pat
 
 def test_in_json_mode_local_modes_own_lines_are_json_too(tiny_model_dir, tmp_path, launchers):
     launcher = launchers(str(write_manifest(tmp_path, {})), "--model", str(tiny_model_dir), "--port", "0",
-                         "--log-format", "json")
+                         "--log-format", "json", "--drain-timeout", "5")  # stopped within the fixture's wait
     ready = launcher.wait_line(r"OpenAI endpoint")
     line = json.loads(ready.string)
     assert line["message"].startswith("phasesplit local: ready") and line["level"] == "INFO"

@@ -192,13 +192,7 @@ def kv_transfer_time(num_tokens: int, prefill_s: float, kv_bytes_per_token: floa
 
 def read_profile_rows(path: str | Path | None = None) -> list[dict[str, str]]:
     path = Path(path or bundled("perf_model.csv"))
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or ())]
-        if missing:
-            raise ValueError(f"profile {path}: missing column(s) {', '.join(missing)}; "
-                             f"the schema is {', '.join(PROFILE_COLUMNS)}")
-        return list(reader)
+    return _read_table(path, "profile", REQUIRED_COLUMNS, PROFILE_COLUMNS)
 
 
 def read_mixed_rows(path: str | Path) -> list[dict[str, str]]:
@@ -206,12 +200,16 @@ def read_mixed_rows(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"--mixed-profiles: {path}: no such file")
+    return _read_table(path, "mixed profile", MIXED_COLUMNS, MIXED_COLUMNS, " (phasesplit profile --mixed-out)")
+
+
+def _read_table(path: Path, what: str, required, schema, hint: str = "") -> list[dict[str, str]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in MIXED_COLUMNS if c not in (reader.fieldnames or ())]
+        missing = [c for c in required if c not in (reader.fieldnames or ())]
         if missing:
-            raise ValueError(f"mixed profile {path}: missing column(s) {', '.join(missing)}; "
-                             f"the schema is {', '.join(MIXED_COLUMNS)} (phasesplit profile --mixed-out)")
+            raise ValueError(f"{what} {path}: missing column(s) {', '.join(missing)}; "
+                             f"the schema is {', '.join(schema)}{hint}")
         return list(reader)
 
 
