@@ -19,6 +19,7 @@ same run. Target: exposed <= 10% layer-wise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import statistics
 import sys
@@ -38,7 +39,7 @@ from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
 def measure(stub, server: WorkerServer, timings: dict, token_worker: str, prompt: list[int], layerwise: bool,
             run: int) -> SimpleNamespace:
-    server.settings.layerwise = layerwise
+    server.core.settings = dataclasses.replace(server.core.settings, layerwise=layerwise)
     rid = f"{'layerwise' if layerwise else 'serialized'}-{run}"
     sampling = pb.SamplingParams(temperature=0, top_p=1, max_tokens=2, ignore_eos=True)
     reply = stub.Prefill(pb.PrefillRequest(request_id=rid, prompt_token_ids=prompt, sampling=sampling,
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or str(make_tiny_model(f"{tmp}/small", seed=0, preset="small"))
         common = ["--model", model, "--served-model-name", "small", "--device", args.device,
                   "--max-model-len", "4096", "--num-kv-blocks", "512", "--max-num-batched-tokens", "4096",
-                  "--kv-backend", args.backend]
+                  "--kv-backend", args.backend, "--no-prefix-caching"]  # every run prefills and sends it all
         port = free_port()
         token = ManagedProcess("token", phasesplit_argv("worker", "--role", "token", *common, "--host", "127.0.0.1",
                                                          "--port", str(port)), pathlib.Path(tmp)).start()
