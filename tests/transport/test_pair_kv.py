@@ -15,7 +15,7 @@ from support.kv_sink import (
 )
 
 from phasesplit.transport import sockets, tcp_receive
-from phasesplit.transport.base import KVDataLoss, TransferError, block_bytes
+from phasesplit.transport.base import CachedBlocksGone, KVDataLoss, TransferError, block_bytes
 from phasesplit.transport.nccl_kv import NcclKVTransport
 from phasesplit.transport.kv_group import host_store
 from phasesplit.transport.tcp_kv import TcpKVTransport
@@ -88,6 +88,30 @@ def test_a_broken_tcp_connection_fails_only_its_transfers_and_the_next_one_recon
     assert_received(server.sink, k, v, SENDER_BLOCKS)
     assert "cut" not in server.sink.committed
     assert eventually(lambda: len(server.sink.free) == 128 - 2 * 12)  # "before" and the last one hold theirs
+
+
+def test_a_transfer_refused_for_evicted_cached_blocks_keeps_the_connection(backend_tcp, monkeypatch):
+    """NOT_FOUND for blocks the token worker no longer holds fails that transfer only: the next one goes
+    over the same pair (a group the token worker forgot, also NOT_FOUND, makes a new one: see above)."""
+    layout = make_layout()
+    server = backend_tcp.serve(TensorSink(layout))
+    k, v = make_cache(layout, 32)
+    begin = server.sink.begin
+
+    def evicted_once(header):
+        if header.request_id == "evicted":
+            raise CachedBlocksGone("request evicted: the header counts on blocks this worker no longer holds")
+        return begin(header)
+
+    monkeypatch.setattr(server.sink, "begin", evicted_once)
+    with backend_tcp.transport() as transport:
+        send_all(transport.open(server.addr, make_header(layout, 45, request_id="first")), k, v)
+        groups = set(server.service._groups)
+        with pytest.raises(CachedBlocksGone):
+            send_all(transport.open(server.addr, make_header(layout, 45, request_id="evicted")), k, v)
+        send_all(transport.open(server.addr, make_header(layout, 45)), k, v)
+        assert set(server.service._groups) == groups
+    assert_received(server.sink, k, v, SENDER_BLOCKS)
 
 
 def test_corrupted_tcp_bytes_fail_their_transfer_and_the_connection_stays_usable(backend_tcp, monkeypatch):

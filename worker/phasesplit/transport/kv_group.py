@@ -30,6 +30,7 @@ from phasesplit.transport.base import TransferError
 TOKEN_RANK, PROMPT_RANK = 0, 1
 DATA, ABORT, CLOSE = 0, 1, 2  # frame ops
 META_LEN = 5
+GROUP_GONE = "group_id: no KV group"  # how a token worker refuses a Push for a group it does not have
 _TAG = 0
 
 

@@ -186,7 +186,7 @@ class PairKVSender:
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             code, details = exc.code(), exc.details() or ""
-            if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):  # the peer restarted or is gone
+            if _pair_lost(code, details):
                 self._pair.broken(kv_group.GroupBroken(f"token worker {self._pair.addr}: {details}"))
             with self._cond:
                 if self._error is None:
@@ -197,6 +197,13 @@ class PairKVSender:
                 if self._error is None and not self._committed:
                     self._error = KVDataLoss("the token worker ended the transfer without committing it")
                 self._cond.notify_all()
+
+
+def _pair_lost(code: grpc.StatusCode, details: str) -> bool:
+    """Whether a refused Push means the pair itself is gone (the token worker restarted and forgot the
+    group, or the group failed), not only this transfer (e.g. a NOT_FOUND for cached blocks it evicted)."""
+    gone = code is grpc.StatusCode.NOT_FOUND and details.startswith(kv_group.GROUP_GONE)
+    return gone or code is grpc.StatusCode.UNAVAILABLE
 
 
 _transfer_ids = itertools.count(1)

@@ -253,7 +253,7 @@ class KVGroupService(pb_grpc.KVGroupServicer):
         with self._lock:
             group = self._groups.get(request.group_id)
         if group is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"group_id: no KV group {request.group_id!r} on this worker")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"{kv_group.GROUP_GONE} {request.group_id!r} on this worker")
         header = request.header
         try:
             check_header(header)
