@@ -4,6 +4,7 @@ refuses KV for an aborted request id says why in its log and leaks nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import grpc
@@ -26,15 +27,24 @@ def start(role: str, model_dir, *flags: str) -> WorkerServer:
     return WorkerServer(load_engine(args), args).start()
 
 
+@contextlib.contextmanager
+def split_pair(model_dir, prompt_flags: tuple[str, ...] = (), token_flags: tuple[str, ...] = ()):
+    """A prompt and a token worker in this process: (prompt, token, prompt stub, token stub)."""
+    servers = start("prompt", model_dir, *prompt_flags), start("token", model_dir, *token_flags)
+    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in servers]
+    try:
+        yield (*servers, pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1]))
+    finally:
+        for channel in channels:
+            channel.close()
+        for server in servers:
+            server.stop()
+
+
 @pytest.fixture(scope="module")
 def roles(tiny_model_dir):
-    prompt, token = start("prompt", tiny_model_dir), start("token", tiny_model_dir)
-    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in (prompt, token)]
-    yield prompt, token, pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1])
-    for channel in channels:
-        channel.close()
-    for server in (prompt, token):
-        server.stop()
+    with split_pair(tiny_model_dir) as pair:
+        yield pair
 
 
 def alone(model_dir, ids: list[int], params: SamplingParams) -> list[int]:
@@ -95,28 +105,21 @@ def test_a_chunked_prefill_sends_each_chunks_kv_as_it_is_computed(tiny_model_dir
     commits once the last piece arrived, and the tokens are one engine's. Sent again, the prompt's
     cached blocks go with its one computed chunk."""
     flags = ("--max-num-batched-tokens", "16", "--kv-backend", backend)
-    prompt, token = start("prompt", tiny_model_dir, *flags), start("token", tiny_model_dir, *flags)
-    log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
-    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in (prompt, token)]
-    try:
-        stubs = (pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1]))
+    with split_pair(tiny_model_dir, flags, flags) as roles:
+        prompt, token = roles[:2]
+        log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
         params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         sampling = pb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         expected = alone(tiny_model_dir, PROMPT, params)
-        assert split_run((prompt, token, *stubs), "chunked", PROMPT, sampling) == expected
+        assert split_run(roles, "chunked", PROMPT, sampling) == expected
         layers = prompt.core.engine.layout.num_layers
         assert log.pieces == [(layer, first, 1) for first in range(3) for layer in range(layers)]
         # the same prompt again: its first two blocks come from the prompt worker's prefix cache, and
         # go with the one chunk computed (the token worker needs every block)
         log.pieces.clear()
-        assert split_run((prompt, token, *stubs), "chunked-again", PROMPT, sampling) == expected
+        assert split_run(roles, "chunked-again", PROMPT, sampling) == expected
         assert log.pieces == [(layer, 0, 3) for layer in range(layers)]
         wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")
-    finally:
-        for channel in channels:
-            channel.close()
-        for server in (prompt, token):
-            server.stop()
 
 
 def test_a_token_worker_computes_a_prompt_itself_when_the_router_asks(roles, tiny_model_dir):
@@ -180,12 +183,9 @@ def test_chunks_inside_the_blocks_the_token_worker_holds_send_nothing(tiny_model
     worker holds the prompt's first two blocks from its last run: only the third block moves (layer by layer
     with its chunk, or after the prompt phase), and the tokens are one engine's."""
     flags = ("--max-num-batched-tokens", "16", "--kv-backend", backend, *(() if layerwise else ("--no-layerwise",)))
-    prompt = start("prompt", tiny_model_dir, *flags, "--no-prefix-caching")
-    token = start("token", tiny_model_dir, *flags)
-    log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
-    channels = [grpc.insecure_channel(f"127.0.0.1:{s.port}") for s in (prompt, token)]
-    try:
-        roles = (prompt, token, pb_grpc.PromptWorkerStub(channels[0]), pb_grpc.TokenWorkerStub(channels[1]))
+    with split_pair(tiny_model_dir, (*flags, "--no-prefix-caching"), flags) as roles:
+        prompt, token = roles[:2]
+        log = prompt.prompt.transport = PieceLog(prompt.prompt.transport)
         sampling = pb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
         expected = alone(tiny_model_dir, PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
         assert split_run(roles, "all-blocks", PROMPT, sampling) == expected
@@ -193,8 +193,3 @@ def test_chunks_inside_the_blocks_the_token_worker_holds_send_nothing(tiny_model
         assert split_run(roles, "held-blocks", PROMPT, sampling, token_cached_blocks=2) == expected
         assert log.pieces == [(layer, 2, 1) for layer in range(prompt.core.engine.layout.num_layers)]
         wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")
-    finally:
-        for channel in channels:
-            channel.close()
-        for server in (prompt, token):
-            server.stop()
