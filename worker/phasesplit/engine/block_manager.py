@@ -119,10 +119,7 @@ class BlockManager:
         Sets `seq.num_cached_tokens` to the tokens the cache already holds."""
         assert not seq.block_table, f"{seq.request_id} already holds blocks"
         hits = self.cached_prefix(seq)
-        for block in hits:
-            self._hold(block)
-        fresh = self.take(self.blocks_for(seq.num_tokens) - len(hits), after=hits[-1] if hits else None)
-        seq.block_table = hits + fresh
+        seq.block_table = self._share_then_take(hits, self.blocks_for(seq.num_tokens))
         seq.num_registered_blocks = len(hits)
         seq.num_cached_tokens = len(hits) * self.block_size
 
@@ -132,6 +129,10 @@ class BlockManager:
         cached = [self.block_of_hash.get(h) for h in hashes]
         if None in cached:
             raise CachedPrefixGone(f"{cached.count(None)} of the {len(hashes)} leading blocks are no longer cached")
+        return self._share_then_take(cached, n)
+
+    def _share_then_take(self, cached: list[int], n: int) -> list[int]:
+        """`n` blocks: the `cached` ones shared (one more reference each), then fresh ones after them."""
         for block in cached:
             self._hold(block)
         try:
