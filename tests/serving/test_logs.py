@@ -36,7 +36,7 @@ def lines_with(path, request_id: str) -> list[dict]:
 
 
 def test_router_and_workers_log_json_lines_with_the_request_id(json_cluster, tmp_path):
-    body = json.dumps({"model": "tiny", "prompt": "Hello there", "max_tokens": 4}).encode()
+    body = json.dumps({"model": "tiny", "prompt": "Hello there", "max_tokens": 4, "ignore_eos": True}).encode()
     request = urllib.request.Request(f"{json_cluster.endpoint}/completions", data=body, method="POST",
                                      headers={"Content-Type": "application/json", "X-Request-Id": "local-json-1"})
     with urllib.request.urlopen(request, timeout=60) as reply:
