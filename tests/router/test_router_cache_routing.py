@@ -132,6 +132,22 @@ async def test_the_prompt_worker_is_told_the_blocks_the_token_worker_holds(make_
     assert [p.token_cached_blocks for p in prompt.prefills] == [3, 0]
 
 
+async def test_the_next_turn_counts_on_blocks_the_token_worker_reported_only_after_decoding(make_cluster,
+                                                                                          tiny_model_dir):
+    """Polls answered while the first request decodes report none of its prompt's blocks yet (the worker
+    caches them as it decodes): the next request with the prompt still counts on them."""
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME, "token_delay": 1.0})
+    (token,), (prompt,) = cluster.workers["token"], cluster.workers["prompt"]
+    first = asyncio.create_task(complete(cluster))
+    await eventually(lambda: token.active, what="the first request decoding")
+    await cluster.polled()
+    assert not token.cached_hashes and not first.done()
+    await first
+    await complete(cluster)
+    full_blocks_before_the_last_token = (len(prompt.prefills[0].prompt_token_ids) - 1) // BLOCK_SIZE
+    assert [p.token_cached_blocks for p in prompt.prefills] == [0, full_blocks_before_the_last_token]
+
+
 async def test_blocks_evicted_since_the_poll_are_sent_after_all(make_cluster, tiny_model_dir):
     """The token worker refuses KV that counts on blocks it no longer holds: the router retries the request with
     every block, on the same token worker, and counts a kv_cache_miss."""

@@ -42,6 +42,11 @@ def expected_output(prompt: list[int], max_tokens: int, eos: set[int] = frozense
     return sequence[len(prompt):]
 
 
+def _prompt_hashes(prompt_token_ids, sampling: pb.SamplingParams) -> list[int]:
+    salt = sampling.cache_salt if sampling.HasField("cache_salt") else None
+    return block_hashes(list(prompt_token_ids), BLOCK_SIZE, salt)
+
+
 class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_grpc.WorkerServicer):
     def __init__(self, role: str, tokenizer, *, num_kv_blocks: int = 1000, prefill_delay: float = 0.0,
                  token_delay: float = 0.0, tokenizer_files: dict[str, bytes] | None = None, prefix_hash: str = ""):
@@ -152,8 +157,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         """Its pretend prefix cache's hit on the prompt (counted when it reports one), then holding it all."""
         if not self.prefix_hash:
             return 0
-        salt = request.sampling.cache_salt if request.sampling.HasField("cache_salt") else None
-        hashes = block_hashes(list(request.prompt_token_ids), BLOCK_SIZE, salt)
+        hashes = _prompt_hashes(request.prompt_token_ids, request.sampling)
         hits = 0
         while hits < min(len(hashes), (len(request.prompt_token_ids) - 1) // BLOCK_SIZE) \
                 and hashes[hits] in self.cached_hashes:
@@ -189,6 +193,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
             if header is None:
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"no KV arrived for {rid}")
             sequence, produced = list(header.prompt_token_ids) + [header.first_token], 1
+        prompt = sequence[:len(sequence) - produced]
         fail_after, self.fail_after_tokens = self.fail_after_tokens, None
         self.active.add(rid)
         try:
@@ -211,6 +216,8 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                 finish = self._finish(token, i + 1, sampling)
                 if finish:
                     self.streams_ended[finish] += 1
+                    if self.prefix_hash:   # its decode leaves the prompt cached: reported this late at the latest
+                        self.cached_hashes.update(_prompt_hashes(prompt, sampling))
                 yield pb.TokenEvent(token_ids=[token], text=self._text(token), finish_reason=finish)
                 if finish:
                     return

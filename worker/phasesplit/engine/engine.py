@@ -277,6 +277,7 @@ class LLMEngine:
             raise
         seq.block_table = blocks
         seq.num_cached_tokens = seq.num_tokens
+        self.block_manager.cache_full_blocks(seq)   # its KV is written: a next turn may share the blocks now
         seq.append_token(first_token)
         # The prompt worker already returned the first token and its text.
         seq.finish_reason = self.scheduler.finish_reason(seq, first_token)

@@ -228,12 +228,11 @@ class Dispatcher:
                 async for delta in deltas:
                     yield delta
             return
-        finished = False
+        finished = decoded = False
         with token_w.assign(rid, kv_blocks=math.ceil((n + 1) / token_w.block_size)) as assignment:
             try:
                 reply = await self._prefill(run, attempt, token_w, hashes)
                 assignment.kv_landed()
-                token_w.expect_cached(hashes.full(token_w.block_size))   # its decode keeps the prompt's blocks
                 if not run.sent:
                     run.job.cached_tokens = reply.num_cached_tokens
                 if reply.finish_reason:
@@ -243,15 +242,18 @@ class Dispatcher:
                     self._abort_later(token_w, rid)
                     yield Delta([reply.first_token], reply.first_text, reply.finish_reason)
                     return
+                token_w.expect_cached(hashes.full(token_w.block_size))   # its decode keeps the prompt's blocks
                 yield Delta([reply.first_token], reply.first_text)
                 sampling = attempt.sampling
                 request = pb.GenerateRequest(request_id=rid, sampling=sampling, first_token=reply.first_token)
                 remaining = max(sampling.max_tokens - 1, 0)
                 async with aclosing(self._generate(token_w, "token", request, remaining, attempt.job)) as events:
                     async for delta in events:
-                        finished = bool(delta.finish_reason)
+                        finished = decoded = bool(delta.finish_reason)
                         yield delta
             finally:
+                if decoded:   # again: a poll begun before the decode started may not have reported the blocks
+                    token_w.expect_cached(hashes.full(token_w.block_size))
                 if not finished:
                     self._abort_later(token_w, rid)
 
