@@ -9,7 +9,13 @@ the first token of the first batch's worth (the streams admitted at once), the
 refusals' latency, the CPU seconds the router and the workers spent, and the load average; then the
 ratios burst / baseline of the served latencies.
 
-    python bench/overload.py [--model DIR] [--burst 120] [--max-tokens 400] [--rounds 2]
+In a cluster the router and the clients run on other machines than the workers. Here, by default
+(`--pin`, on a machine of two CPUs or more), the router and this client share CPU 0 and the workers get
+the others (each with as many torch threads as they have CPUs), so that the work of reading and refusing
+the excess does not take CPU from the decoding workers, as it would not in a cluster. `--no-pin` shares
+every CPU among them all.
+
+    python bench/overload.py [--model DIR] [--burst 120] [--max-tokens 400] [--rounds 2] [--no-pin]
 """
 
 from __future__ import annotations
@@ -49,6 +55,19 @@ def cpu_by_process(cluster) -> dict[str, float]:
     return {proc.name: cpu_seconds(proc.pid) for proc in cluster.processes()}
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of a process onto `cpus` (threads it starts later inherit that)."""
+    for task in pathlib.Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
+
+
+def pin_apart(cluster, front: set[int], back: set[int]) -> None:
+    """The router and this process on `front`, the workers on `back`."""
+    for proc in cluster.processes():
+        pin(proc.pid, front if proc.name == "router" else back)
+    pin(os.getpid(), front)
+
+
 @dataclass
 class Run:
     served: list[float]   # end to end, seconds
@@ -82,12 +101,22 @@ def main() -> None:
     p.add_argument("--burst", type=int, default=120, help="streams sent at once in the burst run")
     p.add_argument("--max-tokens", type=int, default=400, help="tokens each stream generates")
     p.add_argument("--rounds", type=int, default=2, help="burst and baseline pairs, in turn")
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=len(os.sched_getaffinity(0)) > 1,
+                   help="the router and the client on one CPU, the workers on the others (default: with 2+ CPUs)")
     args = p.parse_args()
+    cpus = sorted(os.sched_getaffinity(0))
+    front, back = {cpus[0]}, set(cpus[1:])
+    if args.pin:
+        os.environ["OMP_NUM_THREADS"] = str(len(back))   # the workers' torch threads: the CPUs they get
+    print(f"router and client on CPU {cpus[0]}, workers on CPUs {sorted(back)}" if args.pin
+          else f"router, client and workers share CPUs {cpus}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = pathlib.Path(tmp)
         model_dir = args.model or str(make_tiny_model(work / "model", seed=0, preset="tiny"))
         cluster = start_cluster(overload_manifest("overload", MAX_QUEUE_WAIT), model_dir, work / "logs")
         try:
+            if args.pin:
+                pin_apart(cluster, front, back)
             asyncio.run(burst(cluster.base_url, 2, 8))  # warm up both workers
             for _ in range(args.rounds):
                 loaded = run("burst", cluster, args.burst, args.max_tokens)
