@@ -190,7 +190,9 @@ def serve(config: WorkerConfig, tp=None, device: str | None = None) -> int:
     except ImportError:
         pass
     try:
-        log.info("loading model %s (weights, then the KV cache)", config.model)
+        from phasesplit.engine.cpu_threads import size_torch_threads
+        log.info("loading model %s (weights, then the KV cache; %d torch CPU threads)", config.model,
+                 size_torch_threads(config.tensor_parallel))
         engine = load_engine(config, tp, device)
         freeze_loaded_objects()
         if not leader:
