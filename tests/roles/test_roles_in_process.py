@@ -1,11 +1,14 @@
 """The prompt and token roles in this process, each on a tiny engine, over real gRPC: the split path
-gives the same tokens as one engine alone, aborts free KV on both sides, and a token worker that
-refuses KV for an aborted request id says why in its log and leaks nothing."""
+gives the same tokens as one engine alone, aborts free KV on both sides, a token worker that
+refuses KV for an aborted request id says why in its log and leaks nothing, and a prompt that waits
+in the prompt worker's queue longer than the KV timeout still moves its KV."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import time
 
 import grpc
 import pytest
@@ -192,4 +195,31 @@ def test_chunks_inside_the_blocks_the_token_worker_holds_send_nothing(tiny_model
         log.pieces.clear()
         assert split_run(roles, "held-blocks", PROMPT, sampling, token_cached_blocks=2) == expected
         assert log.pieces == [(layer, 2, 1) for layer in range(prompt.core.engine.layout.num_layers)]
+        wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")
+
+
+@pytest.mark.parametrize("backend", ["grpc", "tcp", "nccl"])
+def test_a_prompt_queued_longer_than_the_kv_timeout_still_moves_its_kv(tiny_model_dir, backend, caplog):
+    """The prompt worker's engine is busy for three KV timeouts before it takes the prompt: the token
+    worker hears of the transfer only with its first layer, so nothing there times out meanwhile."""
+    timeout = 1.0
+    flags = ("--kv-backend", backend, "--kv-transfer-timeout", str(timeout))
+    with split_pair(tiny_model_dir, flags, flags) as roles:
+        prompt, token, prompt_stub, token_stub = roles
+        sampling = pb.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        busy = threading.Event()
+        prompt.core.loop.call(busy.wait)
+        with caplog.at_level(logging.INFO, logger="phasesplit.roles.prompt"):
+            reply = prompt_stub.Prefill.future(pb.PrefillRequest(
+                request_id="queued", prompt_token_ids=PROMPT, sampling=sampling,
+                token_worker=f"127.0.0.1:{token.port}"), timeout=30)
+            wait_for(lambda: any("request queued: prefill" in r.getMessage() for r in caplog.records),
+                     timeout=10, what="the prefill queued on the prompt worker")
+        time.sleep(3 * timeout)   # what is under test: time passing while the prompt waits
+        busy.set()
+        first = reply.result().first_token
+        events = token_stub.Generate(pb.GenerateRequest(request_id="queued", sampling=sampling, first_token=first),
+                                     timeout=30)
+        expected = alone(tiny_model_dir, PROMPT, SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True))
+        assert [first] + [t for e in events for t in e.token_ids] == expected
         wait_for(lambda: used_blocks(prompt) == used_blocks(token) == 0, timeout=5, what="every block free")

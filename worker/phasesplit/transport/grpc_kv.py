@@ -5,6 +5,10 @@ Synchronous gRPC throughout: the prompt worker's engine thread calls `send_layer
 queues the layer; gRPC's request thread reads the blocks, checksums them and encodes each chunk
 (one copy, see `wire`) as the stream takes it. The queue is bounded in chunks: a slow token
 worker blocks `send_layer` (backpressure), never memory.
+
+The stream starts with the first layer queued, not when the transfer is opened: a request that waits
+in the prompt worker's queue holds no blocks and no stream on the token worker meanwhile (which
+would free a reservation that gets no data within its timeout).
 """
 
 from __future__ import annotations
@@ -68,10 +72,15 @@ class GrpcKVSender:
         self._progress = time.monotonic()
         self._started = time.perf_counter()
         self._done = threading.Event()
-        push_kv = channel.stream_unary(PUSH_KV, request_serializer=None,
-                                       response_deserializer=pb.PushKVReply.FromString)
-        self._call = push_kv.future(self._requests())
-        self._call.add_done_callback(self._on_done)
+        self._push_kv = channel.stream_unary(PUSH_KV, request_serializer=None,
+                                             response_deserializer=pb.PushKVReply.FromString)
+        self._call: grpc.Future | None = None
+
+    def _start(self) -> None:
+        """The PushKV stream, once (called with `_cond` held)."""
+        if self._call is None:
+            self._call = self._push_kv.future(self._requests())
+            self._call.add_done_callback(self._on_done)
 
     @property
     def error(self) -> TransferError | None:
@@ -104,6 +113,7 @@ class GrpcKVSender:
                     self._pending.append(item)
                     self._queued += chunks
                     self._progress = time.monotonic()
+                    self._start()
                     self._cond.notify_all()
                 return
         self._fail(TransferTimeout(f"send_layer: the token worker took no chunk for {self._timeout:g}s"))
@@ -112,6 +122,8 @@ class GrpcKVSender:
         with self._cond:
             missing = self._queued_blocks.missing()
             self._closing = True
+            if not missing and self._error is None:
+                self._start()   # none queued: the stream still carries the header and its end
             self._cond.notify_all()
         if missing:
             self._fail(KVDataLoss(f"finish() before every block was sent of layers {missing}"))
@@ -174,7 +186,11 @@ class GrpcKVSender:
                 self._error = error
             self._pending.clear()
             self._cond.notify_all()
-        self._call.cancel()
+            call = self._call
+        if call is None:   # never started: the token worker has nothing of this transfer
+            self._done.set()
+        else:
+            call.cancel()
 
     def _on_done(self, call) -> None:
         code = call.code()

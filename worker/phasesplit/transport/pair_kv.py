@@ -10,6 +10,10 @@ sequence's blocks in one frame), the token worker answers `committed` once every
 `send_layer` only queues references to the cache (the engine thread never waits on the
 network); the pair's thread reads the blocks when it sends them, so the transfer of layer i
 overlaps the prefill of layers i+1... The token worker's side is `pair_receive`.
+
+The pair is made when the transfer is opened, the Push call only with the first layer queued: a
+request that waits in the prompt worker's queue holds no blocks on the token worker meanwhile
+(which would free a reservation that gets no data within its timeout).
 """
 
 from __future__ import annotations
@@ -85,14 +89,18 @@ class PairKVSender:
         self._released = threading.Event()  # the pair's thread will read none of our blocks again
         self._error = error
         self._started = time.perf_counter()
+        self._header = header
         self._call = None
         if error is not None or pair is None:
             self._ended = True
             self._released.set()
-            return
-        self._call = pair.stub.Push(pb.KVGroupPush(group_id=pair.group_id, transfer_id=self.transfer_id,
-                                                   header=header), wait_for_ready=False)
-        threading.Thread(target=self._watch_call, name=f"kv-push-{self.transfer_id}", daemon=True).start()
+
+    def _start(self) -> None:
+        """The Push call, once (called with `_cond` held)."""
+        if self._call is None and self._error is None:
+            push = pb.KVGroupPush(group_id=self._pair.group_id, transfer_id=self.transfer_id, header=self._header)
+            self._call = self._pair.stub.Push(push, wait_for_ready=False)
+            threading.Thread(target=self._watch_call, name=f"kv-push-{self.transfer_id}", daemon=True).start()
 
     @property
     def error(self) -> TransferError | None:
@@ -108,6 +116,7 @@ class PairKVSender:
             self._queued_blocks.add(layer, len(ids))
             if self._error is not None:
                 return
+            self._start()
         ready = None
         if k.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -119,6 +128,7 @@ class PairKVSender:
         if missing:
             self.fail(KVDataLoss(f"finish() before every block was sent of layers {missing}"))
         with self._cond:
+            self._start()   # none queued: the call still carries the header and the commit
             if not self._cond.wait_for(lambda: self._ended or self._error is not None, self._timeout * 2):
                 self._error = self._error or TransferTimeout(  # the pair's queue, then the token worker's commit
                     f"the token worker did not acknowledge the KV within {self._timeout:g} s")
