@@ -226,3 +226,22 @@ def test_fresh_blocks_are_taken_before_cached_ones_and_a_hit_grows_after_its_pre
     bm.allocate(b)
     assert b.block_table[:2] == a_blocks and b.num_cached_tokens == 8
     assert b.block_table[2:] == [a_blocks[1] + 1, a_blocks[1] + 2]  # its fresh blocks follow its cached ones
+
+
+def test_a_waiting_prompts_cached_prefix_is_counted_again_as_the_cache_grows_and_evicts():
+    """What the queue's token count reads after every step: remembered between calls, never stale."""
+    bm = BlockManager(8, 4, prefix_caching=True)
+    waiting = seq_of("waiting", list(range(17)))
+    assert bm.num_cached_prefix_tokens(waiting) == 0
+    first = seq_of("first", list(range(8)))   # computes the waiting prompt's first 2 blocks
+    bm.allocate(first)
+    computed(bm, first)
+    bm.deallocate(first)
+    assert bm.num_cached_prefix_tokens(waiting) == 8
+    longer = seq_of("longer", list(range(17)))   # and then all 4 it may find cached
+    bm.allocate(longer)
+    computed(bm, longer)
+    bm.deallocate(longer)
+    assert bm.num_cached_prefix_tokens(waiting) == 16
+    bm.take(8)   # evicts every cached block
+    assert bm.num_cached_prefix_tokens(waiting) == 0 == len(bm.cached_prefix(waiting))

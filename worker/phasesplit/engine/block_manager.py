@@ -45,6 +45,7 @@ class BlockManager:
         self.hash_of_block: dict[int, int] = {}
         self.block_of_hash: dict[int, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()  # free cached blocks, the next to evict first
+        self.num_evicted = 0  # blocks evicted so far: until the next, every cached prefix only grows
         self.events = CacheEvents()  # what the cache holds, as the router learns it
 
     @property
@@ -75,7 +76,18 @@ class BlockManager:
         return blocks
 
     def num_cached_prefix_tokens(self, seq: Sequence) -> int:
-        return len(self.cached_prefix(seq)) * self.block_size
+        """`len(cached_prefix(seq)) * block_size`, walked on from where the last call on `seq` stopped
+        unless a block was evicted since (a waiting queue is counted after every step)."""
+        if not self.prefix_caching:
+            return 0
+        evicted, found = seq.cached_prefix_probe
+        if evicted != self.num_evicted:
+            found = 0
+        hashes, lookable = self.hashes(seq), (seq.num_tokens - 1) // self.block_size
+        while found < lookable and hashes[found] in self.block_of_hash:
+            found += 1
+        seq.cached_prefix_probe = (self.num_evicted, found)
+        return found * self.block_size
 
     def hashes(self, seq: Sequence) -> list[int]:
         """The hashes of `seq`'s full blocks (kept on it: its tokens only grow)."""
@@ -102,6 +114,7 @@ class BlockManager:
     def _evict(self, n: int) -> None:
         for _ in range(n):
             block, _ = self.evictable.popitem(last=False)
+            self.num_evicted += 1
             block_hash = self.hash_of_block.pop(block)
             del self.block_of_hash[block_hash]
             self.is_cached[block] = False

@@ -38,6 +38,7 @@ class Sequence:
         self.block_hashes: list[int] = []
         self.num_registered_blocks = 0
         self.num_prefix_cached_tokens: int | None = None
+        self.cached_prefix_probe = (-1, 0)  # (the block manager's evictions then, leading blocks found cached)
         self.output_text = ""
         self.num_emitted_chars = 0
         # The stop strings' automaton (held here: a shared one may leave the cache) and its state after output_text.
