@@ -14,6 +14,7 @@ from phasesplit.engine.tokenizer import Tokenizer
 from phasesplit.prefix_hash import HASH_NAME, block_hashes
 from phasesplit.router.cache_routing import LEAST_LOADED, RoutingSettings
 from phasesplit.router.cache_view import CacheView, PromptHashes
+from phasesplit.router.request import MigrationPolicy
 from phasesplit.v1 import worker_pb2 as pb
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 12
@@ -150,8 +151,10 @@ async def test_the_next_turn_counts_on_blocks_the_token_worker_reported_only_aft
 
 async def test_blocks_evicted_since_the_poll_are_sent_after_all(make_cluster, tiny_model_dir):
     """The token worker refuses KV that counts on blocks it no longer holds: the router retries the request with
-    every block, on the same token worker, and counts a kv_cache_miss."""
-    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME})
+    every block, on the same token worker, and counts a kv_cache_miss; the retry is not a failure's (a router
+    that retries no failure before output still makes it)."""
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME},
+                                 migration=MigrationPolicy(stall_timeout=1.0, retries_before_output=0))
     (token,), (prompt,) = cluster.workers["token"], cluster.workers["prompt"]
     token.cached_hashes.update(prompt_hashes(tiny_model_dir))
     token.evicted = True

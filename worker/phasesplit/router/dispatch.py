@@ -148,7 +148,7 @@ class Dispatcher:
     def _replace(self, run: RequestRun, attempt: Attempt, lost: WorkerLost) -> None:
         """Counts the failure towards a retry or a migration; raises the worker's error when none is left."""
         stage = run.stage
-        allowed = run.fail(lost.worker.address, lost.reason, exclude=lost.blame)
+        allowed = run.fail(lost.worker.address, lost.reason, blame=lost.blame)
         if lost.down:
             lost.worker.mark_down(f"failed request {attempt.request_id}: {lost.reason}")
         if not allowed:

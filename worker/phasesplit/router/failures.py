@@ -18,7 +18,7 @@ class WorkerLost(Exception):
     def __init__(self, worker: WorkerState, reason: str, error: APIError, down: bool = False, blame: bool = True):
         super().__init__(error.message)
         self.worker, self.reason, self.error, self.down = worker, reason, error, down
-        self.blame = blame  # False: the worker may take the request's next attempt
+        self.blame = blame  # False: the worker may take the request's next attempt, which is not counted
 
 
 def worker_failed(worker: WorkerState, what: str) -> APIError:

@@ -91,7 +91,7 @@ class RequestRun:
     def next_attempt(self) -> Attempt:
         """The next attempt; the tokens an earlier one held back were never sent, so it runs them again."""
         self.held = []
-        return Attempt(self.job, tuple(self.sent), self.retries + self.migrations)
+        return Attempt(self.job, tuple(self.sent), len(self.failures))   # a new request id after each failure
 
     def release(self, delta: Delta) -> Delta | None:
         """What the client gets of `delta` now: held tokens pass on with the next text (None: no text yet)."""
@@ -109,12 +109,14 @@ class RequestRun:
         seconds, self.failed_at = time.monotonic() - self.failed_at, None
         return seconds
 
-    def fail(self, address: str, reason: str, exclude: bool = True) -> bool:
-        """Records a worker failing the run (`exclude`: no later attempt goes to it); whether the policy allows
-        another attempt (then it is counted)."""
-        if exclude:
-            self.failed.add(address)
+    def fail(self, address: str, reason: str, blame: bool = True) -> bool:
+        """Records a worker failing the run; whether the policy allows another attempt (then it is counted).
+        Without `blame` (a token worker that no longer held the blocks it was said to hold: the next attempt
+        sends it every block) the worker may take the next attempt, and that attempt is not counted."""
         self.failures.append(f"{address} ({reason})")
+        if not blame:
+            return True
+        self.failed.add(address)
         if self.sent:
             if self.migrations >= self.policy.max_attempts:
                 return False
