@@ -5,12 +5,9 @@ cgroup's quota (cgroup v2 `cpu.max`, or v1 `cpu.cfs_quota_us` over `cpu.cfs_peri
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import pathlib
-
-log = logging.getLogger(__name__)
 
 CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
 
