@@ -46,7 +46,10 @@ def manifest(pools: dict[str, PoolSpec], instances: dict[str, int], max_len: int
                       "simulated": {"model": MODEL, "tensorParallel": TP, "timeScale": scale,
                                     "hardware": next(iter(hardware.values())), "poolHardware": hardware}},
             "pools": {role: {"replicas": n, "autoscaling": {"minReplicas": n, "maxReplicas": n},
-                             "engine": {"maxNumSeqs": 64, "maxNumBatchedTokens": 2048}}
+                             # as `simulate` models a split design: whole prefills, no prefix cache (the
+                             # trace's prompts are all alike, and would all hit it)
+                             "engine": {"maxNumSeqs": 64, "maxNumBatchedTokens": 2048, "chunkedPrefill": False,
+                                        "prefixCaching": False}}
                       for role, n in instances.items()},
             "kvTransfer": {"timeoutSeconds": 600, "leaseSeconds": 600},
             "autoscaling": {"mode": "none"},

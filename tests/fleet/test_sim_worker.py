@@ -73,6 +73,28 @@ def test_sim_engine_batches_with_the_engine_scheduler_and_frees_its_blocks(tiny_
     assert engine.num_used_blocks == 0 and engine.num_total_blocks == perf.kv_capacity_tokens // 16
 
 
+def test_sim_engine_chunks_a_long_prompt_and_computes_only_what_its_prefix_cache_lacks(tiny_model_dir):
+    """A 5,000-token prompt with a 2,048-token budget takes three steps priced as chunks over their
+    context; the same prompt again is served from the prefix cache but for its last block."""
+    perf = Profiles().get(MODEL, HARDWARE, TP)
+    engine = SimEngine(EngineConfig(str(tiny_model_dir), max_model_len=8192, max_num_batched_tokens=2048), perf,
+                       num_layers=80, time_scale=0.001)
+    prompt, params = [i % 500 for i in range(5000)], SamplingParams(max_tokens=1)
+    engine.add_request("first", prompt, params, prefill_only=True)
+    steps = [engine.step() for _ in range(3)]
+    assert [[out.request_id for out in step] for step in steps] == [[], [], ["first"]]
+    assert engine.prefilled["first"][1] == pytest.approx(
+        perf.prompt_time(2048) + perf.mixed_time([(2048, 2048)], 0) + perf.mixed_time([(4096, 904)], 0))
+    engine.add_request("again", prompt, params, prefill_only=True)
+    (again,) = engine.step()
+    cached = (len(prompt) - 1) // 16 * 16
+    assert again.num_cached_tokens == cached
+    assert engine.prefilled["again"][1] == pytest.approx(perf.mixed_time([(cached, len(prompt) - cached)], 0))
+    for rid in ("first", "again"):
+        engine.release(rid)
+    assert engine.num_used_blocks == 0
+
+
 def test_a_request_through_the_router_takes_the_modelled_time_and_frees_its_kv(tiny_model_dir, tmp_path):
     cluster = start_cluster(sim_manifest({"prompt": 1, "token": 1}), tiny_model_dir, tmp_path / "logs")
     try:

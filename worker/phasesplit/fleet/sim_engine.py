@@ -1,11 +1,13 @@
 """`phasesplit worker --engine sim`: the engine's own scheduler and KV block accounting, with each
 iteration's time taken from the performance model and deterministic tokens instead of a model.
 
-`SimEngine` is an `LLMEngine` (requests, batching, blocks, preemption, the split handoff's
-reserve/commit are the engine's code) that loads no weights and allocates no KV tensors: a prefill
-batch takes `prompt_time(its prompt tokens)` and a decode iteration `token_time(its sequences)` of
-the simulated model on the simulated hardware, both times `time_scale` (slow motion, so that the
-real cost of gRPC and HTTP per token stays small next to the modelled times). Its KV pool holds the
+`SimEngine` is an `LLMEngine` (requests, batching, chunked prefill, prefix caching, blocks,
+preemption, the split handoff's reserve/commit are the engine's code) that loads no weights and
+allocates no KV tensors: a prefill batch takes `prompt_time(its tokens to compute)`, a step with
+prompt chunks or cached context `mixed_time(its chunks, its decodes)` and a decode iteration
+`token_time(its sequences)` of the simulated model on the simulated hardware, all times `time_scale`
+(slow motion, so that the real cost of gRPC and HTTP per token stays small next to the modelled
+times). Its KV pool holds the
 blocks the simulated instance would (`kv_capacity_tokens`). The model directory gives only the
 tokenizer and config.json (what the router reads too); the tokens cycle through a fixed sentence
 and never hit end-of-sequence, so a request runs to its `max_tokens`."""
@@ -58,15 +60,13 @@ class SimEngine(LLMEngine):
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(f"num_kv_blocks: {num_blocks} blocks of {config.block_size} tokens cannot hold one "
                              f"sequence of max_model_len={self.max_model_len}")
-        # Without prefix caching, whatever the config says: the fleet simulator does not model it yet.
-        self.block_manager = BlockManager(num_blocks, config.block_size)
-        # Without chunked prefill whatever the config says: the performance model prices a prefill
-        # batch and a decode iteration, not yet a step that mixes them.
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len, set(), chunked_prefill=False)
+                                   self.max_model_len, set(), config.chunked_prefill)
         self.requests, self.reserved, self.pending = {}, {}, []
         self.layer_hook = None
         self.prefilled: dict[str, tuple[float, float]] = {}  # prefill-only request -> (end, modelled seconds)
+        self._prefilling: dict[str, float] = {}   # modelled seconds of the steps a prompt has had chunks in
         eos = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.cycle = [t for t in self.tokenizer.encode(SENTENCE, add_special_tokens=False) if t not in eos]
         if not self.cycle:
@@ -74,14 +74,20 @@ class SimEngine(LLMEngine):
 
     # ---- the two iterations, timed by the model ----
 
-    def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def execute(self, seqs: list[Sequence], is_prefill: bool) -> list[int | None]:
         return self.prefill(seqs) if is_prefill else self.decode_one_token(seqs)
 
-    def prefill(self, seqs: list[Sequence]) -> list[int]:
+    def prefill(self, seqs: list[Sequence]) -> list[int | None]:
+        """A step that computes prompt tokens: whole prompts, or chunks beside the running decodes."""
         start = time.perf_counter()
-        ids = [seq.request_id for seq in seqs]
-        modelled = self.perf.prompt_time(sum(seq.num_tokens for seq in seqs))
-        seconds, layers = modelled * self.time_scale, self.layout.num_layers
+        decodes = [seq for seq in seqs if _decodes(seq)]
+        prompts = [seq for seq in seqs if not _decodes(seq)]
+        chunks = [(seq.num_cached_tokens, seq.num_scheduled_tokens) for seq in prompts]
+        if decodes or any(done for done, _ in chunks):
+            modelled = self.perf.mixed_time(chunks, len(decodes))
+        else:
+            modelled = self.perf.prompt_time(sum(n for _, n in chunks))
+        seconds, layers, ids = modelled * self.time_scale, self.layout.num_layers, [seq.request_id for seq in prompts]
         for layer in range(layers):
             # Layer by layer, so that a layer-wise handoff sees each layer finish when the model says it does.
             if self.layer_hook is not None:
@@ -89,8 +95,17 @@ class SimEngine(LLMEngine):
             if self.layerwise or layer == layers - 1:
                 _sleep_until(start + seconds * (layer + 1) / layers)
         end = time.perf_counter()
-        self.prefilled.update((seq.request_id, (end, modelled)) for seq in seqs if seq.prefill_only)
-        return [self._token(seq) for seq in seqs]
+        tokens: list[int | None] = []
+        for seq in seqs:
+            last = seq.num_scheduled_tokens == seq.num_uncached_tokens
+            if seq.prefill_only:
+                spent = self._prefilling.pop(seq.request_id, 0.0) + modelled
+                if last:
+                    self.prefilled[seq.request_id] = (end, spent)
+                else:
+                    self._prefilling[seq.request_id] = spent
+            tokens.append(self._token(seq) if last else None)
+        return tokens
 
     def decode_one_token(self, seqs: list[Sequence]) -> list[int]:
         start = time.perf_counter()
@@ -98,8 +113,11 @@ class SimEngine(LLMEngine):
         return [self._token(seq) for seq in seqs]
 
     def prefill_piece(self, request_id: str, since: int | None = None) -> tuple[int, list[int]]:
-        """Prompts are prefilled whole here: every block of the request, from the first."""
-        return 0, self.blocks_of(request_id)
+        """As the engine's, from the request's sequence in the running step: the blocks its chunk writes."""
+        seq, size = self.requests[request_id], self.config.block_size
+        end = seq.num_cached_tokens + seq.num_scheduled_tokens
+        first = seq.num_cached_tokens // size if since is None else since
+        return first, seq.block_table[first:-(-end // size)]
 
     def kv_layer(self, layer: int) -> tuple[None, None]:
         """No KV is stored: the handoff's sender (`sim_handoff`) takes placeholders."""
@@ -107,10 +125,12 @@ class SimEngine(LLMEngine):
 
     def release(self, request_id: str) -> bool:
         self.prefilled.pop(request_id, None)
+        self._prefilling.pop(request_id, None)
         return super().release(request_id)
 
     def abort(self, request_id: str) -> bool:
         self.prefilled.pop(request_id, None)
+        self._prefilling.pop(request_id, None)
         return super().abort(request_id)
 
     def _token(self, seq: Sequence) -> int:
@@ -122,6 +142,11 @@ class SimEngine(LLMEngine):
     def kv_bytes(self, num_tokens: int) -> int:
         """What the handoff of `num_tokens` tokens would move on the simulated hardware."""
         return int(num_tokens * self.perf.kv_bytes_per_token)
+
+
+def _decodes(seq: Sequence) -> bool:
+    """Whether a sequence in a step computes the token after one it was given (not a prompt token)."""
+    return seq.num_output_tokens > 0 and seq.num_uncached_tokens == 1
 
 
 def _sleep_until(deadline: float) -> None:
