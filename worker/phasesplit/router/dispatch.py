@@ -228,7 +228,7 @@ class Dispatcher:
                 async for delta in deltas:
                     yield delta
             return
-        finished = decoded = False
+        finished = decoded = generating = False
         with token_w.assign(rid, kv_blocks=math.ceil((n + 1) / token_w.block_size)) as assignment:
             try:
                 reply = await self._prefill(run, attempt, token_w, hashes)
@@ -247,6 +247,7 @@ class Dispatcher:
                 sampling = attempt.sampling
                 request = pb.GenerateRequest(request_id=rid, sampling=sampling, first_token=reply.first_token)
                 remaining = max(sampling.max_tokens - 1, 0)
+                generating = True   # from here on `_generate` aborts the request on the token worker itself
                 async with aclosing(self._generate(token_w, "token", request, remaining, attempt.job)) as events:
                     async for delta in events:
                         finished = decoded = bool(delta.finish_reason)
@@ -254,7 +255,7 @@ class Dispatcher:
             finally:
                 if decoded:   # again: a poll begun before the decode started may not have reported the blocks
                     token_w.expect_cached(hashes.full(token_w.block_size))
-                if not finished:
+                if not finished and not generating:
                     self._abort_later(token_w, rid)
 
     async def _prefill(self, run: RequestRun, attempt: Attempt, token_w: WorkerState,
