@@ -1,7 +1,8 @@
 """The KV handoff between simulated workers: the real PushKV stream with the real header, and no data.
 
-The prompt side opens `TokenWorker.PushKV` with the request's `KVHeader` (the token side checks the
-layout and reserves the prompt's blocks in its engine, as for real KV), waits the modelled
+The prompt side opens `TokenWorker.PushKV` with the request's `KVHeader` when its first layer is
+computed, as the real senders do (the token side checks the layout and reserves the prompt's blocks in
+its engine, as for real KV), waits the modelled
 transfer time (`perf.kv_transfer_time`: the link of its hardware, layer-wise overlap with the
 prefill), then ends the stream; the token side commits the reserved blocks on that END and
 Generate claims them. Refusals, aborts and cancellations take the real paths and status codes."""
@@ -53,9 +54,17 @@ class SimSender:
         self._opened = time.perf_counter()
         self._end = threading.Event()
         self._aborted = False
-        push_kv = channel.stream_unary(PUSH_KV, request_serializer=None,
-                                       response_deserializer=pb.PushKVReply.FromString)
-        self._call = push_kv.future(self._requests(header))
+        self._header = header
+        self._push_kv = channel.stream_unary(PUSH_KV, request_serializer=None,
+                                             response_deserializer=pb.PushKVReply.FromString)
+        self._call: grpc.Future | None = None
+        self._lock = threading.Lock()
+
+    def _start(self) -> grpc.Future:
+        with self._lock:
+            if self._call is None:
+                self._call = self._push_kv.future(self._requests(self._header))
+            return self._call
 
     def _requests(self, header: pb.KVHeader):
         yield wire.encode_header(header)
@@ -64,21 +73,23 @@ class SimSender:
             yield wire.encode_end()
 
     def send_layer(self, layer, k, v, block_ids=None, first=0) -> None:
-        """Nothing to queue: the engine's layer hook marks the prefill's progress itself."""
+        """Nothing to queue (the engine's layer hook marks the prefill's progress itself); the first opens
+        the stream."""
+        self._start()
 
     def finish(self) -> TransferResult:
-        engine = self.handoff.engine
+        call, engine = self._start(), self.handoff.engine
         ended, prefill_s = engine.prefilled.get(self.request_id, (time.perf_counter(), 0.0))
         wait = self.handoff.transfer_seconds(self.num_tokens, prefill_s) * engine.time_scale
         left = ended + wait - time.perf_counter()
         if left > 0:
             try:  # the token side may refuse (capacity, layout, abort) while the modelled bytes move
-                self._call.exception(timeout=left)
+                call.exception(timeout=left)
             except grpc.FutureTimeoutError:
                 pass
         self._end.set()
         try:
-            self._call.result(timeout=self.handoff.timeout)
+            call.result(timeout=self.handoff.timeout)
         except grpc.FutureTimeoutError:
             self.abort()
             raise TransferTimeout(f"the token worker did not acknowledge within {self.handoff.timeout:g}s") from None
@@ -91,7 +102,10 @@ class SimSender:
     def abort(self) -> None:
         self._aborted = True
         self._end.set()
-        self._call.cancel()
+        with self._lock:
+            call = self._call
+        if call is not None:
+            call.cancel()
 
 
 def receive(request_iterator, context: grpc.ServicerContext, sink, *, timeout: float = TIMEOUT) -> pb.PushKVReply:

@@ -327,8 +327,18 @@ class _Stop(Exception):
     pass
 
 
-def _raise_stop(signum, frame):
-    raise _Stop(signal.Signals(signum).name)
+class _StopSignal:
+    """The SIGTERM/SIGINT handler: raises `_Stop` to cut short whatever the main thread waits on, and
+    records the signal. The exception lands wherever the main thread is, and code there may swallow it
+    (a logging handler does), so the watch loop also reads the record. (A plain attribute: a lock taken
+    in a signal handler can deadlock against the main thread it interrupted.)"""
+
+    def __init__(self):
+        self.name = ""   # the signal's, once one came
+
+    def __call__(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
+        raise _Stop(self.name)
 
 
 def _positive_seconds(text: str) -> float:
@@ -380,8 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = pathlib.Path(args.log_dir or tempfile.mkdtemp(prefix="phasesplit-local-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(the_plan, log_dir, args.ready_timeout, key, logging_argv(args))
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGINT, _raise_stop)
+    stop_signal = _StopSignal()
+    signal.signal(signal.SIGTERM, stop_signal)
+    signal.signal(signal.SIGINT, stop_signal)
     code = 0
     progress = Progress(cluster.processes, lambda line: announce(f"phasesplit local: {line}")).start()
     try:
@@ -392,10 +403,11 @@ def main(argv: list[str] | None = None) -> int:
         announce(f"phasesplit local: ready ({pools}); OpenAI endpoint {cluster.endpoint}")
         autoscaler = _start_autoscaler(cluster, args.autoscale_interval)
         try:
-            _watch(cluster)
+            _watch(cluster, stop_signal)
         finally:
             if autoscaler is not None:
                 autoscaler.stop()
+        announce(f"phasesplit local: {stop_signal.name}, stopping")
     except _Stop as stop:
         announce(f"phasesplit local: {stop}, stopping")
     except ProcessFailed as exc:
@@ -420,8 +432,9 @@ def _start_autoscaler(cluster: LocalCluster, interval: float | None):
     return local_autoscaler.LocalAutoscaler(cluster, interval).start()
 
 
-def _watch(cluster: LocalCluster) -> None:
-    while True:
+def _watch(cluster: LocalCluster, stop: _StopSignal) -> None:
+    """Replaces dead processes every second until a stop signal came (its `_Stop` may have been swallowed)."""
+    while not stop.name:
         time.sleep(1.0)
         try:
             cluster.replace_dead()
