@@ -36,14 +36,24 @@ def test_a_quota_below_the_visible_cores_caps_the_cpus_and_never_below_one(tmp_p
     assert cpu_threads.usable_cpus(tmp_path) == visible
 
 
-def test_torch_gets_each_rank_its_share_unless_omp_num_threads_says(monkeypatch):
+@pytest.mark.parametrize("usable, default, processes, threads", [
+    (4, 32, 1, 4),     # a container limited to 4 CPUs on a 32-core node
+    (8, 32, 2, 4),     # two tensor-parallel ranks share them
+    (3, 32, 2, 1),
+    (1, 32, 4, 1),     # never none
+    (16, 8, 1, 8),     # 16 hyperthreads of 8 cores: torch's default, the cores, stays
+])
+def test_a_process_gets_its_share_of_the_usable_cpus_up_to_torchs_default(usable, default, processes, threads):
+    assert cpu_threads.share(usable, default, processes) == threads
+
+
+def test_torch_threads_are_set_unless_omp_num_threads_says(monkeypatch):
     import torch
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 8)
-        assert cpu_threads.size_torch_threads(processes=2) == 4 == torch.get_num_threads()
-        assert cpu_threads.size_torch_threads(processes=16) == 1 == torch.get_num_threads()
+        monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 1)
+        assert cpu_threads.size_torch_threads() == 1 == torch.get_num_threads()
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         torch.set_num_threads(3)
         assert cpu_threads.size_torch_threads() == 3

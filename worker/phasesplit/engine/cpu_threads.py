@@ -38,12 +38,18 @@ def usable_cpus(root: pathlib.Path = CGROUP_ROOT) -> int:
     return max(cpus, 1)
 
 
+def share(usable: int, default: int, processes: int) -> int:
+    """One process's torch threads: its share of the usable CPUs, never more than torch's own default
+    (the machine's physical cores: hyperthreads slow its kernels down), at least 1."""
+    return max(min(usable, default) // processes, 1)
+
+
 def size_torch_threads(processes: int = 1) -> int:
-    """Sets torch's intra-op threads to this process's share of the usable CPUs (`processes` share them:
+    """Sets torch's intra-op threads to this process's `share` (`processes` share the CPUs: the
     tensor-parallel ranks of one pod) and returns it; OMP_NUM_THREADS, when set, is left to decide."""
     import torch
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    threads = max(usable_cpus() // processes, 1)
+    threads = share(usable_cpus(), torch.get_num_threads(), processes)
     torch.set_num_threads(threads)
     return threads
