@@ -161,3 +161,21 @@ async def test_a_request_for_a_pool_at_zero_waits_for_its_worker_beyond_the_admi
     await cluster.router.pools.set_members("token", [WorkerSpec.parse(worker.address)])
     reply = await asyncio.wait_for(waiting, 10)
     assert reply.usage.completion_tokens == 3
+
+
+async def test_each_of_two_router_replicas_admits_its_share_of_the_batches(make_cluster):
+    """Two routers in front of the same workers (`--replicas 2`): each admits half the room (rounded up),
+    so together they send the workers no more than their batches hold."""
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"token_delay": TOKEN_DELAY},
+                                 admission=AdmissionSettings(max_queue_wait=WAIT, max_queue_length=QUEUE, replicas=2))
+    token = cluster.workers["token"][0]
+    token.max_running_requests = 3
+    await cluster.polled()
+    assert cluster.router.dispatcher.admission.room() == 2
+    token.max_running_requests = 4
+    await cluster.polled()
+    assert cluster.router.dispatcher.admission.room() == 2
+    outcomes = await asyncio.gather(*(timed_completion(client(cluster), stream=True) for _ in range(3)))
+    served = [text for _, text in outcomes if isinstance(text, str)]
+    refused = [error for _, error in outcomes if isinstance(error, openai.RateLimitError)]
+    assert (len(served), len(refused)) == (2, 1)

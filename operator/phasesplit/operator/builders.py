@@ -372,6 +372,8 @@ def router_args(owner: Owner, spec: si.SplitInferenceSpec) -> list[str]:
     args = ["router", "--served-model-name", spec.model.name, "--host", "0.0.0.0", "--port", str(ROUTER_PORT)]
     for role, _ in spec.pools.items():
         args += [f"--{role}-workers", f"dns:{service_host(owner, pool_name(owner, role))}:{WORKER_PORT}"]
+    if spec.router.replicas > 1:   # each admits its share of the workers' batches (only then: no restart)
+        args += ["--replicas", str(spec.router.replicas)]
     return args + si.router_flags(spec) + si.logging_flags(spec)
 
 

@@ -6,7 +6,9 @@ deployment, instead of all of them queueing on the workers without bound.
 The room is the batch limit the workers report (`max_running_requests`, their `max_num_seqs`) summed over
 the ready workers that decode for the current route (token and mixed workers on the split route, mixed on
 the mixed route); a worker that reports none leaves the room unbounded, and so does a route gone (the
-dispatcher answers that with its 503). Each router counts only its own requests. A request admitted holds
+dispatcher answers that with its 503). Each router counts only its own requests, so `replicas` routers
+in front of the same workers each admit their share of the room (rounded up): together no more than
+the batches hold, as long as the clients' requests spread evenly over them (a Service's does). A request admitted holds
 its place until it ends, across retries and migrations. While it waits it counts in the queue gauges of
 the pool whose batches it waits for (token, or mixed), the demand the autoscaler reads, as it would
 queued on a worker of that pool. Requests for a pool with no ready worker first wait in the
@@ -34,6 +36,7 @@ class AdmissionSettings:
     max_queue_wait: float = 30.0      # seconds a request may wait for room in a batch before a 429
     max_queue_length: int = 1024      # requests that may wait at once; one more is a 429 at once
     max_streams_per_key: int = 1024   # requests one API key may have in flight (no key set: all clients together)
+    replicas: int = 1                 # routers in front of the same workers, each admitting its share of the room
 
 
 class Admission:
@@ -51,7 +54,7 @@ class Admission:
         workers = [w for pool in DECODE_POOLS[route] for w in self.pools[pool].routable()]
         if any(not w.max_batch for w in workers):
             return None
-        return sum(w.max_batch for w in workers)
+        return -(-sum(w.max_batch for w in workers) // self.settings.replicas)
 
     def _has_room(self) -> bool:
         room = self.room()

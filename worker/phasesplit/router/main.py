@@ -40,6 +40,8 @@ LIMITS = (
      "requests that may wait for room in the workers' batches; one more is a 429 at once"),
     ("--max-streams-per-key", int, AdmissionSettings.max_streams_per_key,
      "requests one API key may have in flight (no key set: all clients together; 0: no limit)"),
+    ("--replicas", int, AdmissionSettings.replicas,
+     "routers in front of the same workers: each admits its share of the workers' batch room"),
     ("--header-timeout", float, RouterSettings.header_timeout,
      "seconds a connection may take to send a request's headers, and may stay idle"),
     ("--body-timeout", float, RouterSettings.body_timeout,
@@ -109,6 +111,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
     if args.max_queue_length < 0 or args.max_streams_per_key < 0 or not args.max_queue_wait > 0:
         raise SystemExit("phasesplit router: --max-queue-length and --max-streams-per-key must be >= 0 and "
                          "--max-queue-wait > 0 seconds")
+    if args.replicas < 1:
+        raise SystemExit(f"phasesplit router: --replicas must be >= 1, got {args.replicas}")
     if not (args.header_timeout > 0 and args.body_timeout > 0):
         raise SystemExit("phasesplit router: --header-timeout and --body-timeout must be > 0 seconds")
     if (not 0 <= args.routing_cache_threshold <= 1 or args.routing_balance_slack < 0
@@ -131,7 +135,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
                           migration=MigrationPolicy(args.max_migrations, args.stall_timeout),
                           queue=QueueSettings(args.queue_size, args.queue_timeout),
                           admission=AdmissionSettings(args.max_queue_wait, args.max_queue_length,
-                                                      args.max_streams_per_key),
+                                                      args.max_streams_per_key, args.replicas),
                           routing=RoutingSettings(args.routing, args.routing_cache_threshold,
                                                   args.routing_balance_slack, args.routing_local_prefill_tokens),
                           pools=served, header_timeout=args.header_timeout, body_timeout=args.body_timeout)
