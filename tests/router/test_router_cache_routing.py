@@ -166,6 +166,19 @@ async def test_blocks_evicted_since_the_poll_are_sent_after_all(make_cluster, ti
     assert metrics[("phasesplit_migrations_total", (("reason", "kv_cache_miss"), ("stage", "before_output")))] == 1
 
 
+async def test_a_refused_push_that_counted_on_no_held_blocks_is_a_failure_like_any_other(make_cluster):
+    """NOT_FOUND from a token worker the router said nothing was held on is no cache miss: each retry counts,
+    and the request fails once they are spent instead of retrying for ever."""
+    cluster = await make_cluster(prompt=1, token=1, worker_options={"prefix_hash": HASH_NAME})
+    (token,), (prompt,) = cluster.workers["token"], cluster.workers["prompt"]
+    token.refuse_pushes = True
+    with pytest.raises(openai.APIStatusError):
+        await complete(cluster)
+    assert [p.token_cached_blocks for p in prompt.prefills] == [0]   # its one token worker was then excluded
+    metrics = await cluster.metrics()
+    assert metrics[("phasesplit_migrations_total", (("reason", "kv_cache_miss"), ("stage", "before_output")))] == 0
+
+
 def summary(full: bool, stored=(), removed=(), epoch="e1", sequence=1) -> pb.PrefixCacheSummary:
     return pb.PrefixCacheSummary(epoch=epoch, sequence=sequence, full=full, stored=stored, removed=removed)
 

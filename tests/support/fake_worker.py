@@ -72,6 +72,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
         self.cached_hashes: set[int] = set()       # the blocks its pretend prefix cache holds, as Load reports them
         self.evicted = False                       # a token worker whose cache lost them since: KV counting on
                                                    # held blocks is refused (NOT_FOUND), as a real one does
+        self.refuse_pushes = False                 # every push refused with NOT_FOUND, whatever it counts on
         self.fail_after_tokens: int | None = None  # break the next Generate stream after this many tokens
         self.failure = "kill"                      # how: kill | stall | end (no finish reason) | abort (event) | pause
         self.pause_seconds = 0.0                   # how long a "pause" holds the stream
@@ -175,7 +176,7 @@ class FakeWorker(pb_grpc.PromptWorkerServicer, pb_grpc.TokenWorkerServicer, pb_g
                 if chunk.header.request_id in self.tombstones:
                     await context.abort(grpc.StatusCode.ABORTED, f"request {chunk.header.request_id} was aborted; "
                                                                  "its KV is refused")
-                if chunk.header.num_cached_blocks and self.evicted:
+                if (chunk.header.num_cached_blocks and self.evicted) or self.refuse_pushes:
                     await context.abort(grpc.StatusCode.NOT_FOUND, "the leading blocks are no longer cached")
                 self.kv[chunk.header.request_id] = chunk.header
         self._kv_arrived.set()

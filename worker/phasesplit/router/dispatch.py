@@ -273,10 +273,10 @@ class Dispatcher:
             try:
                 reply = await call
             except grpc.aio.AioRpcError as e:
-                if is_cache_miss(e):   # the next attempt sends it every block
+                if request.token_cached_blocks and is_cache_miss(e):   # the next attempt sends it every block
                     run.stale_caches.add(token_w.address)
                     token_w.forget_cached(hashes.full(token_w.block_size))
-                raise lost_in_prefill(e, prompt_w, token_w) from None
+                raise lost_in_prefill(e, prompt_w, token_w, request.token_cached_blocks) from None
             except BaseException:   # cancelled before the worker answered
                 call.cancel()
                 self._abort_later(prompt_w, attempt.request_id)

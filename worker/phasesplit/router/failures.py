@@ -47,11 +47,12 @@ def lost_in_stream(e: grpc.aio.AioRpcError, worker: WorkerState) -> WorkerLost |
     return WorkerLost(worker, "worker_error", worker_error(e, worker))
 
 
-def lost_in_prefill(e: grpc.aio.AioRpcError, prompt_w: WorkerState, token_w: WorkerState) -> WorkerLost | APIError:
-    """What a failed Prefill means: the KV push to the token worker failed, the prompt worker is gone, or the
-    request is refused."""
+def lost_in_prefill(e: grpc.aio.AioRpcError, prompt_w: WorkerState, token_w: WorkerState,
+                    held_blocks: int) -> WorkerLost | APIError:
+    """What a failed Prefill means: the KV push to the token worker failed (`held_blocks`: the leading blocks
+    it was said to hold), the prompt worker is gone, or the request is refused."""
     if _peer_failed(e):
-        if is_cache_miss(e):
+        if held_blocks and is_cache_miss(e):
             return WorkerLost(token_w, "kv_cache_miss", worker_error(e, token_w), blame=False)
         return WorkerLost(token_w, "kv_transfer_failed", worker_error(e, token_w))
     if e.code() == grpc.StatusCode.UNAVAILABLE:
