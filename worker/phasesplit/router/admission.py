@@ -8,10 +8,10 @@ the ready workers that decode for the current route (token and mixed workers on 
 the mixed route); a worker that reports none leaves the room unbounded, and so does a route gone (the
 dispatcher answers that with its 503). Each router counts only its own requests, so `replicas` routers
 in front of the same workers each admit their share of the room (rounded up): together no more than
-the batches hold, as long as the clients' requests spread evenly over them (a Service's does). A request admitted holds
-its place until it ends, across retries and migrations. While it waits it counts in the queue gauges of
-the pool whose batches it waits for (token, or mixed), the demand the autoscaler reads, as it would
-queued on a worker of that pool. Requests for a pool with no ready worker first wait in the
+the batches hold, as long as the clients' requests spread evenly over them (a Service's do). A request
+admitted holds its place until it ends, across retries and migrations. While it waits it counts in the
+queue gauges of the pool whose batches it waits for (token, or mixed), the demand the autoscaler reads,
+as it would queued on a worker of that pool. Requests for a pool with no ready worker first wait in the
 `EmptyPoolQueue` (scale-from-zero), under its own, longer bounds.
 """
 
