@@ -4,18 +4,15 @@ by turn, find at least 80% of their cacheable prompt tokens cached (`usage.promp
 workers with `--routing leastLoaded`; a turn under another `cache_salt` finds none. Each run salts its
 requests afresh, so that the runs and earlier tests share no cached block."""
 
-import os
 import uuid
 
 import openai
 import pytest
 from support import prom
-from support.serving import WORKER_TOKEN, metrics
+from support.serving import another_router, metrics
 from support.words import WORDS
 
-from phasesplit import auth
 from phasesplit.engine.tokenizer import Tokenizer
-from phasesplit.local.processes import ManagedProcess, free_port, wait_http_ok
 
 pytestmark = pytest.mark.slow
 
@@ -27,15 +24,9 @@ TURNS = 4
 @pytest.fixture(scope="module")
 def least_loaded_router(clusters, tmp_path_factory):
     """A second router over the split cluster's workers, routing by load alone."""
-    split, port = clusters[0], free_port()
-    env = {**os.environ, auth.TOKEN_ENV: WORKER_TOKEN}
-    argv = split.router_argv(port) + ["--routing", "leastLoaded"]
-    proc = ManagedProcess("router-least-loaded", argv, tmp_path_factory.mktemp("router-ll"), env=env).start()
-    try:
-        wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop(10)
+    with another_router(clusters[0], "router-least-loaded", tmp_path_factory.mktemp("router-ll"),
+                        ("--routing", "leastLoaded")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

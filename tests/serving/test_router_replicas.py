@@ -18,11 +18,9 @@ import pytest
 from support import prom
 from support.polling import eventually, wait_for
 from support.completions import body, stream
-from support.serving import WORKER_TOKEN, metrics, wait_pool_restored, wait_quiet
+from support.serving import another_router, metrics, wait_pool_restored, wait_quiet
 from support.words import WORDS
 
-from phasesplit import auth
-from phasesplit.local.processes import ManagedProcess, free_port, wait_http_ok
 
 pytestmark = pytest.mark.slow
 
@@ -32,17 +30,9 @@ KV_TRANSFER_TIMEOUT = 10.0   # kvTransfer.timeoutSeconds of the session clusters
 
 @pytest.fixture(scope="module")
 def second_router_proc(clusters, tmp_path_factory):
-    port = free_port()
-    env = {**os.environ, "PHASESPLIT_ADMIN_TOKEN": ADMIN_TOKEN, auth.TOKEN_ENV: WORKER_TOKEN}  # the workers' token
-    argv = clusters[0].router_argv(port)
-    at = argv.index("--model")
-    argv = argv[:at] + argv[at + 2:]   # as in a cluster: the tokenizer comes from a worker
-    proc = ManagedProcess("router-2", argv, tmp_path_factory.mktemp("router-2"), env=env).start()
-    try:
-        wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 60)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.stop(10)
+    with another_router(clusters[0], "router-2", tmp_path_factory.mktemp("router-2"),
+                        env={"PHASESPLIT_ADMIN_TOKEN": ADMIN_TOKEN}, without_model=True) as url:
+        yield url
 
 
 @pytest.fixture

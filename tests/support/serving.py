@@ -3,7 +3,9 @@ worker processes, and what the router and workers report (metrics, load, leaks).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pathlib
 import urllib.error
 import urllib.request
@@ -17,7 +19,7 @@ from phasesplit import auth
 from phasesplit.grpc_auth import Credential
 from phasesplit.local import plan as local_plan
 from phasesplit.local.launcher import LocalCluster
-from phasesplit.local.processes import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving
+from phasesplit.local.processes import ManagedProcess, free_port, phasesplit_argv, wait_grpc_serving, wait_http_ok
 from phasesplit.v1 import worker_pb2 as pb
 from phasesplit.v1 import worker_pb2_grpc as pb_grpc
 
@@ -52,6 +54,23 @@ def start_cluster(doc: dict, model_dir, log_dir: pathlib.Path) -> LocalCluster:
         cluster.stop(5)
         raise
     return cluster
+
+
+@contextlib.contextmanager
+def another_router(cluster: LocalCluster, name: str, log_dir: pathlib.Path, extra_argv: tuple[str, ...] = (),
+                   env: dict | None = None, without_model: bool = False):
+    """One more router process over the cluster's workers, with the workers' token: its base URL."""
+    port = free_port()
+    argv = cluster.router_argv(port) + list(extra_argv)
+    if without_model:   # as in a cluster: the tokenizer comes from a worker
+        at = argv.index("--model")
+        argv = argv[:at] + argv[at + 2:]
+    proc = ManagedProcess(name, argv, log_dir, env={**os.environ, **(env or {}), auth.TOKEN_ENV: WORKER_TOKEN}).start()
+    try:
+        wait_http_ok(proc, f"http://127.0.0.1:{port}/health", 60)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.stop(10)
 
 
 def start_worker(model_dir, log_dir: pathlib.Path, role: str, *extra: str) -> tuple[ManagedProcess, str]:
