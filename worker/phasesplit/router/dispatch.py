@@ -17,8 +17,8 @@ from phasesplit.logs import REQUEST_ID_METADATA
 from phasesplit.router.admission import Admission, AdmissionSettings
 from phasesplit.router.cache_routing import RoutingSettings, pick_cache_aware, pick_cache_aware_token, prefill_locally
 from phasesplit.router.cache_view import PromptHashes
-from phasesplit.router.failures import (WorkerLost, is_cache_miss, lost_in_prefill, lost_in_stream, no_worker,
-                                        request_lost, worker_failed)
+from phasesplit.router.failures import (WorkerLost, lost_in_prefill, lost_in_stream, no_worker, request_lost,
+                                        worker_failed)
 from phasesplit.router.lending import prompt_candidates, token_candidates
 from phasesplit.router.metrics import RouterMetrics
 from phasesplit.router.openai_api import APIError
@@ -273,10 +273,11 @@ class Dispatcher:
             try:
                 reply = await call
             except grpc.aio.AioRpcError as e:
-                if request.token_cached_blocks and is_cache_miss(e):   # the next attempt sends it every block
+                lost = lost_in_prefill(e, prompt_w, token_w, request.token_cached_blocks)
+                if isinstance(lost, WorkerLost) and not lost.blame:   # a cache miss: the next attempt sends every block
                     run.stale_caches.add(token_w.address)
                     token_w.forget_cached(hashes.full(token_w.block_size))
-                raise lost_in_prefill(e, prompt_w, token_w, request.token_cached_blocks) from None
+                raise lost from None
             except BaseException:   # cancelled before the worker answered
                 call.cancel()
                 self._abort_later(prompt_w, attempt.request_id)

@@ -49,21 +49,17 @@ def lost_in_stream(e: grpc.aio.AioRpcError, worker: WorkerState) -> WorkerLost |
 
 def lost_in_prefill(e: grpc.aio.AioRpcError, prompt_w: WorkerState, token_w: WorkerState,
                     held_blocks: int) -> WorkerLost | APIError:
-    """What a failed Prefill means: the KV push to the token worker failed (`held_blocks`: the leading blocks
-    it was said to hold), the prompt worker is gone, or the request is refused."""
+    """What a failed Prefill means: the KV push to the token worker failed, the prompt worker is gone, or the
+    request is refused. A push that counted on `held_blocks` the token worker no longer holds (its prefix
+    cache evicted them since its last poll: NOT_FOUND) is a cache miss, no fault of the worker's: sent
+    again with every block, the request goes through."""
     if _peer_failed(e):
-        if held_blocks and is_cache_miss(e):
+        if held_blocks and e.code() == grpc.StatusCode.NOT_FOUND:
             return WorkerLost(token_w, "kv_cache_miss", worker_error(e, token_w), blame=False)
         return WorkerLost(token_w, "kv_transfer_failed", worker_error(e, token_w))
     if e.code() == grpc.StatusCode.UNAVAILABLE:
         return WorkerLost(prompt_w, "prompt_worker_unavailable", worker_error(e, prompt_w), down=True)
     return worker_error(e, prompt_w)
-
-
-def is_cache_miss(e: grpc.aio.AioRpcError) -> bool:
-    """Whether a Prefill failed because the token worker no longer holds the blocks it was said to hold (its
-    prefix cache evicted them since its last poll): sent again with every block, the request goes through."""
-    return e.code() == grpc.StatusCode.NOT_FOUND and _peer_failed(e)
 
 
 def _peer_failed(e: grpc.aio.AioRpcError) -> bool:
